@@ -1,0 +1,547 @@
+//! The client verbs: thin HTTP calls to a Leash server, with one-line errors.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::Subcommand;
+use leash_core::client::AgentKey;
+use leash_core::jws::Alg;
+use serde_json::{Value, json};
+
+use crate::Remote;
+
+const GRANT_TOKEN_TYPE: &str = "urn:leash:params:oauth:token-type:grant";
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// `leash user …`.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a human user and print their API key (shown once).
+    Add {
+        /// The user's unique name.
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List users.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// `leash agent …`.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Generate an agent key pair and write the private JWK to a file (mode 0600).
+    Keygen {
+        /// Where to write the private JWK.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Signature algorithm: EdDSA, Ed25519 or ES256.
+        #[arg(long, default_value = "EdDSA")]
+        alg: String,
+    },
+    /// Register an agent with the public part of its key (admin key).
+    Register {
+        /// The agent's URI, e.g. spiffe://example.org/agent/mailbot.
+        #[arg(long)]
+        id: String,
+        /// The agent's private JWK file (only the public part is sent).
+        #[arg(long)]
+        key: PathBuf,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List agents (admin key).
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Disable an agent: no new tokens, every grant revoked (admin key).
+    Disable {
+        /// The agent's URI.
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Exchange a grant handle for a DPoP-bound access token; saves token and proof key.
+    Token {
+        /// The agent's URI.
+        #[arg(long)]
+        id: String,
+        /// The agent's private JWK file.
+        #[arg(long)]
+        key: PathBuf,
+        /// The grant handle (lgh_…); also LEASH_GRANT_HANDLE.
+        #[arg(long, env = "LEASH_GRANT_HANDLE", hide_env_values = true)]
+        handle: String,
+        /// Space-separated subset of the grant's actions.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Where to save the session (token + DPoP key), mode 0600.
+        #[arg(long, default_value = "leash-session.json")]
+        out: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Send one request with the saved token and a fresh DPoP proof; prints the body.
+    Curl {
+        /// HTTP method.
+        method: String,
+        /// Full URL, e.g. http://127.0.0.1:8470/gw/mail/messages.
+        url: String,
+        /// Request body.
+        #[arg(long, short)]
+        data: Option<String>,
+        /// Extra header `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// The session file written by `leash agent token`.
+        #[arg(long, default_value = "leash-session.json")]
+        session: PathBuf,
+    },
+}
+
+/// `leash grant …`.
+#[derive(Debug, Subcommand)]
+pub enum GrantCommand {
+    /// Delegate one task to one agent; prints the grant and its handle (shown once).
+    Create {
+        /// The agent's URI.
+        #[arg(long)]
+        agent: String,
+        /// What the task is for.
+        #[arg(long)]
+        purpose: String,
+        /// Upstream the agent may reach (repeatable).
+        #[arg(long = "upstream", required = true)]
+        upstreams: Vec<String>,
+        /// Action the agent may take, e.g. mail:read (repeatable).
+        #[arg(long = "action", required = true)]
+        actions: Vec<String>,
+        /// Action that needs your approval each time (repeatable).
+        #[arg(long = "approval-required")]
+        approval_required: Vec<String>,
+        /// Time limit in seconds.
+        #[arg(long, default_value_t = 1800)]
+        ttl: i64,
+        /// Request budget at the gateway.
+        #[arg(long)]
+        max_requests: Option<i64>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List grants (yours; all with the admin key).
+    List {
+        /// Only grants with this status: active, completed, revoked, expired.
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show one grant.
+    Show {
+        /// Grant id (grt_…).
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Revoke a grant: every token of it dies at once.
+    Revoke {
+        /// Grant id (grt_…).
+        id: String,
+        /// Why, for the record.
+        #[arg(long)]
+        reason: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Mark a grant's task as done: every token of it dies at once.
+    Complete {
+        /// Grant id (grt_…).
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn http() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent("leash-cli")
+        .build()
+        .context("cannot build HTTP client")
+}
+
+fn base(remote: &Remote) -> String {
+    remote.server.trim_end_matches('/').to_owned()
+}
+
+fn bearer(remote: &Remote) -> anyhow::Result<String> {
+    remote
+        .token
+        .clone()
+        .ok_or_else(|| anyhow!("no API key: pass --token or set LEASH_TOKEN"))
+}
+
+/// Turns a response into its JSON body, or an error naming the server's error code.
+async fn json_or_error(response: reqwest::Response) -> anyhow::Result<Value> {
+    let status = response.status();
+    let text = response.text().await.context("cannot read the response")?;
+    let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    if status.is_success() {
+        return Ok(body);
+    }
+    let code = body.get("error").and_then(Value::as_str).unwrap_or("error");
+    let description = body
+        .get("error_description")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    bail!("server answered {status}: {code}: {description}")
+}
+
+async fn call(
+    remote: &Remote,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    let url = format!("{}{path}", base(remote));
+    let mut request = http()?.request(method, &url).bearer_auth(bearer(remote)?);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    json_or_error(response).await
+}
+
+fn print(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn write_private(path: &Path, value: &Value) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    file.write_all(serde_json::to_string_pretty(value)?.as_bytes())?;
+    Ok(())
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+fn read_key(path: &Path) -> anyhow::Result<AgentKey> {
+    AgentKey::from_private_jwk(&read_json(path)?).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+fn encode_path(segment: &str) -> String {
+    url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+/// Runs a `leash user` verb.
+pub async fn user(cmd: UserCommand) -> anyhow::Result<()> {
+    match cmd {
+        UserCommand::Add { name, remote } => {
+            let user = call(
+                &remote,
+                reqwest::Method::POST,
+                "/v1/users",
+                Some(json!({"name": name})),
+            )
+            .await?;
+            print(&user);
+            eprintln!("the api_key is shown once: give it to {name} (LEASH_TOKEN)");
+        }
+        UserCommand::List { remote } => {
+            print(&call(&remote, reqwest::Method::GET, "/v1/users", None).await?)
+        }
+    }
+    Ok(())
+}
+
+/// Runs a `leash grant` verb.
+pub async fn grant(cmd: GrantCommand) -> anyhow::Result<()> {
+    let value = match cmd {
+        GrantCommand::Create {
+            agent,
+            purpose,
+            upstreams,
+            actions,
+            approval_required,
+            ttl,
+            max_requests,
+            remote,
+        } => {
+            let body = json!({
+                "agent": agent, "purpose": purpose, "upstreams": upstreams, "actions": actions,
+                "approval_required": approval_required, "ttl_seconds": ttl, "max_requests": max_requests,
+            });
+            let grant = call(&remote, reqwest::Method::POST, "/v1/grants", Some(body)).await?;
+            eprintln!(
+                "the handle is shown once: hand it to the agent (leash agent token --handle …)"
+            );
+            grant
+        }
+        GrantCommand::List { status, remote } => {
+            let path = match status {
+                Some(s) => format!("/v1/grants?status={}", encode_path(&s)),
+                None => "/v1/grants".into(),
+            };
+            call(&remote, reqwest::Method::GET, &path, None).await?
+        }
+        GrantCommand::Show { id, remote } => {
+            call(
+                &remote,
+                reqwest::Method::GET,
+                &format!("/v1/grants/{}", encode_path(&id)),
+                None,
+            )
+            .await?
+        }
+        GrantCommand::Revoke { id, reason, remote } => {
+            let body = reason.map(|r| json!({"reason": r}));
+            call(
+                &remote,
+                reqwest::Method::POST,
+                &format!("/v1/grants/{}/revoke", encode_path(&id)),
+                body,
+            )
+            .await?
+        }
+        GrantCommand::Complete { id, remote } => {
+            call(
+                &remote,
+                reqwest::Method::POST,
+                &format!("/v1/grants/{}/complete", encode_path(&id)),
+                None,
+            )
+            .await?
+        }
+    };
+    print(&value);
+    Ok(())
+}
+
+/// Runs a `leash agent` verb.
+pub async fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
+    match cmd {
+        AgentCommand::Keygen { out, alg } => {
+            let alg = Alg::parse(&alg).map_err(|e| anyhow!("{e}"))?;
+            if out.exists() {
+                bail!("{} exists; refusing to overwrite a key", out.display());
+            }
+            let key = AgentKey::generate(alg);
+            write_private(&out, &key.to_private_jwk())?;
+            println!(
+                "wrote {} (private, mode 0600); public key thumbprint {}",
+                out.display(),
+                key.public().thumbprint()
+            );
+        }
+        AgentCommand::Register {
+            id,
+            key,
+            name,
+            remote,
+        } => {
+            let key = read_key(&key)?;
+            let mut public = key.public().to_value();
+            public["alg"] = json!(key.alg().name());
+            let body = json!({"id": id, "name": name.unwrap_or_else(|| id.clone()), "jwks": {"keys": [public]}});
+            print(&call(&remote, reqwest::Method::POST, "/v1/agents", Some(body)).await?);
+        }
+        AgentCommand::List { remote } => {
+            print(&call(&remote, reqwest::Method::GET, "/v1/agents", None).await?)
+        }
+        AgentCommand::Disable { id, remote } => {
+            let path = format!("/v1/agents/{}/disable", encode_path(&id));
+            print(&call(&remote, reqwest::Method::POST, &path, None).await?);
+        }
+        AgentCommand::Token {
+            id,
+            key,
+            handle,
+            scope,
+            out,
+            remote,
+        } => {
+            let session =
+                exchange(&remote, &id, &read_key(&key)?, &handle, scope.as_deref()).await?;
+            write_private(&out, &session)?;
+            println!(
+                "token saved to {} (scope: {}, expires in {} s)",
+                out.display(),
+                session["scope"].as_str().unwrap_or(""),
+                session["expires_in"]
+            );
+        }
+        AgentCommand::Curl {
+            method,
+            url,
+            data,
+            headers,
+            session,
+        } => {
+            curl(&method, &url, data, &headers, &session).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Does the token exchange with a fresh DPoP key; returns the session to save.
+pub async fn exchange(
+    remote: &Remote,
+    agent: &str,
+    key: &AgentKey,
+    handle: &str,
+    scope: Option<&str>,
+) -> anyhow::Result<Value> {
+    let token_url = format!("{}/oauth2/token", base(remote));
+    let dpop_key = AgentKey::generate(Alg::EdDsa);
+    let client = http()?;
+    let mut nonce: Option<String> = None;
+    for _ in 0..2 {
+        let mut form = vec![
+            ("grant_type", TOKEN_EXCHANGE.to_owned()),
+            ("subject_token", handle.to_owned()),
+            ("subject_token_type", GRANT_TOKEN_TYPE.to_owned()),
+            ("client_assertion_type", JWT_BEARER.to_owned()),
+            (
+                "client_assertion",
+                key.client_assertion(agent, &token_url, now()),
+            ),
+        ];
+        if let Some(scope) = scope {
+            form.push(("scope", scope.to_owned()));
+        }
+        let proof = dpop_key.dpop_proof("POST", &token_url, None, nonce.as_deref(), now());
+        let response = client
+            .post(&token_url)
+            .header("DPoP", proof)
+            .form(&form)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {token_url}"))?;
+        let fresh_nonce = response
+            .headers()
+            .get("dpop-nonce")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match json_or_error(response).await {
+            Ok(body) => {
+                return Ok(json!({
+                    "access_token": body["access_token"],
+                    "scope": body["scope"],
+                    "expires_in": body["expires_in"],
+                    "expires_at": now() + body["expires_in"].as_i64().unwrap_or(0),
+                    "agent": agent,
+                    "dpop_key": dpop_key.to_private_jwk(),
+                    "dpop_nonce": fresh_nonce,
+                }));
+            }
+            Err(e)
+                if e.to_string().contains("use_dpop_nonce")
+                    && fresh_nonce.is_some()
+                    && nonce.is_none() =>
+            {
+                nonce = fresh_nonce;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    bail!("the server kept asking for a DPoP nonce")
+}
+
+async fn curl(
+    method: &str,
+    url: &str,
+    data: Option<String>,
+    headers: &[String],
+    session: &Path,
+) -> anyhow::Result<()> {
+    let session_value = read_json(session)?;
+    let token = session_value["access_token"].as_str().ok_or_else(|| {
+        anyhow!(
+            "{} has no access_token; run `leash agent token`",
+            session.display()
+        )
+    })?;
+    let key = AgentKey::from_private_jwk(&session_value["dpop_key"])
+        .map_err(|e| anyhow!("{}: {e}", session.display()))?;
+    let method = reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        .context("not an HTTP method")?;
+    let client = http()?;
+    let mut nonce = session_value["dpop_nonce"].as_str().map(str::to_owned);
+    for attempt in 0..2 {
+        let proof = key.dpop_proof(method.as_str(), url, Some(token), nonce.as_deref(), now());
+        let mut request = client
+            .request(method.clone(), url)
+            .header("Authorization", format!("DPoP {token}"))
+            .header("DPoP", proof);
+        for header in headers {
+            let (name, value) = header
+                .split_once(':')
+                .ok_or_else(|| anyhow!("header {header:?} must be `Name: value`"))?;
+            request = request.header(name.trim(), value.trim());
+        }
+        if let Some(data) = &data {
+            request = request.body(data.clone());
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        let status = response.status();
+        let fresh_nonce = response
+            .headers()
+            .get("dpop-nonce")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let www = response
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        if status == reqwest::StatusCode::UNAUTHORIZED
+            && www.contains("use_dpop_nonce")
+            && attempt == 0
+            && fresh_nonce.is_some()
+        {
+            nonce = fresh_nonce;
+            continue;
+        }
+        let body = response.text().await.context("cannot read the response")?;
+        eprintln!("{status}");
+        println!("{body}");
+        if !status.is_success() {
+            bail!("request refused with {status}");
+        }
+        return Ok(());
+    }
+    bail!("the server kept asking for a DPoP nonce")
+}

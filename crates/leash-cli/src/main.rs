@@ -1,0 +1,165 @@
+//! `leash`: the one binary. `serve` runs the broker and gateway; the other verbs are a small
+//! client for admins, humans and agents so Leash can be tried without writing code.
+
+mod client;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use leash_server::config::{self, Config, Flags};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "leash",
+    version,
+    about = "Safe delegation for AI agents: task-scoped, key-bound tokens, a policy gateway, approvals and an audit trail."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the server is and whose API key to use (for every client verb).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Remote {
+    /// Leash server base URL.
+    #[arg(
+        long,
+        env = "LEASH_URL",
+        default_value = "http://127.0.0.1:8470",
+        global = true
+    )]
+    pub server: String,
+    /// API key (admin or human) sent as `Authorization: Bearer`.
+    #[arg(long, env = "LEASH_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the Leash server (embedded SQLite by default).
+    Serve(ServeArgs),
+    /// Manage human users (admin key).
+    #[command(subcommand)]
+    User(client::UserCommand),
+    /// Agent identity and agent-side calls.
+    #[command(subcommand)]
+    Agent(client::AgentCommand),
+    /// Delegate tasks to agents, list, revoke and complete them (human key).
+    #[command(subcommand)]
+    Grant(client::GrantCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Config file (TOML); also LEASH_CONFIG.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8470]; also LEASH_LISTEN.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Database URL [default: sqlite://<data dir>/leash.db]; also LEASH_DATABASE.
+    #[arg(long)]
+    database: Option<String>,
+    /// Data directory [default: ./.leash]; also LEASH_DATA_DIR.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(config::ENV_LOG)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    tracing::info!("shutting down");
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_json);
+    let flags = Flags {
+        config: args.config,
+        listen: args.listen,
+        database: args.database,
+        data_dir: args.data_dir,
+    };
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let config = Config::load(&flags, env)?;
+    if args.check {
+        println!(
+            "configuration is valid ({} upstreams)",
+            config.upstreams.len()
+        );
+        return Ok(());
+    }
+    let secrets = leash_server::Secrets {
+        admin_token: env(config::ENV_ADMIN_TOKEN).map(leash_core::secret::Secret::new),
+        master_key: env(config::ENV_MASTER_KEY),
+    };
+    leash_server::run(
+        config,
+        secrets,
+        Arc::new(leash_core::SystemClock),
+        |started| {
+            if let Some(key) = &started.generated_admin_key {
+                // Shown once, by design: it is stored only as a hash.
+                println!("admin API key (shown once, store it now): {}", key.expose());
+            }
+            println!(
+                "leash listening on {} (issuer {})",
+                started.addr, started.issuer
+            );
+            tracing::info!(addr = %started.addr, issuer = %started.issuer, "listening");
+        },
+        shutdown_signal(),
+    )
+    .await
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::User(cmd) => client::user(cmd).await,
+        Command::Agent(cmd) => client::agent(cmd).await,
+        Command::Grant(cmd) => client::grant(cmd).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leash: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

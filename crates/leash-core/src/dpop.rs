@@ -1,0 +1,281 @@
+//! DPoP proof verification (RFC 9449 §4.3) and stateless server nonces (§8). Replay of a proof's
+//! `jti` is checked by the caller against the shared store, with the key [`VerifiedProof::replay_key`].
+
+use hmac::{Hmac, Mac as _};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::b64;
+use crate::jwk::PublicJwk;
+use crate::jws::{JoseError, Jws};
+
+/// How far a proof's `iat` may lie in the past or the future.
+pub const IAT_WINDOW_SECS: i64 = 60;
+/// The longest `jti` accepted (longer ones could bloat the replay store).
+pub const MAX_JTI_LEN: usize = 256;
+/// How long a server nonce stays acceptable.
+pub const NONCE_LIFETIME_SECS: i64 = 300;
+
+/// Why a proof was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    /// The proof is malformed or fails a check.
+    #[error("{0}")]
+    Invalid(String),
+    /// Nonces are required and the proof has none, or a stale or foreign one.
+    #[error("a fresh server nonce is required in the DPoP proof")]
+    UseNonce,
+}
+
+impl From<JoseError> for ProofError {
+    fn from(e: JoseError) -> Self {
+        Self::Invalid(format!("dpop proof: {e}"))
+    }
+}
+
+fn invalid(message: &str) -> ProofError {
+    ProofError::Invalid(format!("dpop proof: {message}"))
+}
+
+/// What the request the proof accompanies looks like.
+#[derive(Debug, Clone, Copy)]
+pub struct ProofContext<'a> {
+    /// The request method, e.g. `POST`.
+    pub method: &'a str,
+    /// The external URL of the request without query or fragment.
+    pub url: &'a url::Url,
+    /// At a resource: the access token the proof must be bound to through `ath`.
+    pub access_token: Option<&'a str>,
+    /// The current time.
+    pub now: i64,
+    /// Whether a server nonce is required, and the key that made it.
+    pub nonces: Option<&'a NonceKey>,
+}
+
+/// A proof that passed every check but replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedProof {
+    /// RFC 7638 thumbprint of the proof's key.
+    pub jkt: String,
+    /// The proof's `jti`.
+    pub jti: String,
+    /// The proof's `iat`.
+    pub iat: i64,
+}
+
+impl VerifiedProof {
+    /// The replay-store key: `jti` is unique per key (RFC 9449 §11.1), hashed to a fixed size.
+    pub fn replay_key(&self) -> String {
+        replay_key("dpop", &self.jkt, &self.jti)
+    }
+
+    /// Until when the replay entry must be kept.
+    pub fn replay_until(&self) -> i64 {
+        self.iat + IAT_WINDOW_SECS + 1
+    }
+}
+
+/// A fixed-size replay-store key for a `jti` of some kind and issuer.
+pub fn replay_key(kind: &str, issuer: &str, jti: &str) -> String {
+    let mut hasher = Sha256::new();
+    for part in [kind, issuer, jti] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// `ath`: base64url(SHA-256(access token)).
+pub fn access_token_hash(token: &str) -> String {
+    b64::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Verifies a DPoP proof against the request, everything except `jti` replay.
+pub fn verify_proof(proof: &str, cx: &ProofContext<'_>) -> Result<VerifiedProof, ProofError> {
+    let jws = Jws::parse(proof)?;
+    jws.require_typ("dpop+jwt")?;
+    let jwk = jws
+        .header
+        .get("jwk")
+        .ok_or_else(|| invalid("header `jwk` is missing"))?;
+    let key = PublicJwk::from_value(jwk)?;
+    jws.verify(&key)?;
+
+    let htm = jws.str_claim("htm")?;
+    if htm != cx.method {
+        return Err(invalid("htm does not match the request method"));
+    }
+    let htu = jws.str_claim("htu")?;
+    let mut htu = url::Url::parse(htu).map_err(|_| invalid("htu is not a URL"))?;
+    htu.set_query(None);
+    htu.set_fragment(None);
+    let mut expected = cx.url.clone();
+    expected.set_query(None);
+    expected.set_fragment(None);
+    if htu != expected {
+        return Err(invalid("htu does not match the request URL"));
+    }
+    let iat = jws
+        .time_claim("iat")?
+        .ok_or_else(|| invalid("claim `iat` is missing"))?;
+    if iat < cx.now - IAT_WINDOW_SECS {
+        return Err(invalid("iat is too old"));
+    }
+    if iat > cx.now + IAT_WINDOW_SECS {
+        return Err(invalid("iat is in the future"));
+    }
+    let jti = jws.str_claim("jti")?;
+    if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+        return Err(invalid("jti must be 1 to 256 bytes"));
+    }
+    if let Some(token) = cx.access_token {
+        match jws.claims.get("ath") {
+            Some(Value::String(ath)) if *ath == access_token_hash(token) => {}
+            Some(_) => return Err(invalid("ath does not match the access token")),
+            None => return Err(invalid("claim `ath` is missing")),
+        }
+    }
+    if let Some(nonces) = cx.nonces {
+        match jws.claims.get("nonce") {
+            Some(Value::String(nonce)) if nonces.accepts(nonce, cx.now) => {}
+            _ => return Err(ProofError::UseNonce),
+        }
+    }
+    Ok(VerifiedProof {
+        jkt: key.thumbprint(),
+        jti: jti.to_owned(),
+        iat,
+    })
+}
+
+/// The key of stateless server nonces: a nonce is its issue time and a MAC over it, so every
+/// node sharing the key accepts every other node's nonces without shared state.
+pub struct NonceKey([u8; 32]);
+
+impl NonceKey {
+    /// A nonce key from 32 secret bytes.
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    fn tag(&self, issued: i64) -> [u8; 16] {
+        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.0) {
+            Ok(mac) => mac,
+            // INVARIANT: HMAC takes keys of any length.
+            Err(_) => return [0; 16],
+        };
+        mac.update(b"leash dpop nonce");
+        mac.update(&issued.to_be_bytes());
+        let full = mac.finalize().into_bytes();
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&full[..16]);
+        tag
+    }
+
+    /// A fresh nonce issued at `now`.
+    pub fn issue(&self, now: i64) -> String {
+        let mut bytes = now.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&self.tag(now));
+        b64::encode(bytes)
+    }
+
+    /// Whether `nonce` was made with this key within [`NONCE_LIFETIME_SECS`].
+    pub fn accepts(&self, nonce: &str, now: i64) -> bool {
+        use subtle::ConstantTimeEq as _;
+        let Ok(bytes) = b64::decode(nonce) else {
+            return false;
+        };
+        if bytes.len() != 24 {
+            return false;
+        }
+        let mut ts = [0u8; 8];
+        ts.copy_from_slice(&bytes[..8]);
+        let issued = i64::from_be_bytes(ts);
+        let fresh = issued <= now + 5 && now - issued <= NONCE_LIFETIME_SECS;
+        fresh && bool::from(self.tag(issued).ct_eq(&bytes[8..]))
+    }
+}
+
+impl std::fmt::Debug for NonceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NonceKey(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // RFC 9449 §4.1 Figure 2, §5 Figure 7 and §7.1 Figure 13 proofs (ES256).
+    const FIG2: &str = "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19.eyJqdGkiOiItQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUuY29tL3Rva2VuIiwiaWF0IjoxNTYyMjYyNjE2fQ.2-GxA6T8lP4vfrg8v-FdWP0A0zdrj8igiMLvqRMUvwnQg4PtFLbdLXiOSsX0x7NVY-FNyJK70nfbV37xRZT3Lg";
+    const FIG7: &str = "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19.eyJqdGkiOiItQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUuY29tL3Rva2VuIiwiaWF0IjoxNTYyMjY1Mjk2fQ.pAqut2IRDm_De6PR93SYmGBPXpwrAk90e8cP2hjiaG5QsGSuKDYW7_X620BxqhvYC8ynrrvZLTk41mSRroapUA";
+    const FIG13: &str = "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19.eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFFbyJ9.2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA";
+    const JKT: &str = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I";
+    const RFC_TOKEN: &str = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU";
+
+    fn cx<'a>(method: &'a str, url: &'a url::Url, now: i64) -> ProofContext<'a> {
+        ProofContext {
+            method,
+            url,
+            access_token: None,
+            now,
+            nonces: None,
+        }
+    }
+
+    #[test]
+    fn rfc9449_token_request_proofs_verify_with_fixed_clock() {
+        let url = url::Url::parse("https://server.example.com/token").unwrap();
+        let p = verify_proof(FIG2, &cx("POST", &url, 1_562_262_616)).unwrap();
+        assert_eq!(p.jkt, JKT);
+        assert_eq!(p.jti, "-BwC3ESc6acc2lTc");
+        let p7 = verify_proof(FIG7, &cx("POST", &url, 1_562_265_296)).unwrap();
+        // Same key and jti: the replay key is equal, so the store refuses the second use.
+        assert_eq!(p7.replay_key(), p.replay_key());
+    }
+
+    #[test]
+    fn rfc9449_resource_proof_with_ath() {
+        assert_eq!(
+            access_token_hash(RFC_TOKEN),
+            "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
+        );
+        let url = url::Url::parse("https://resource.example.org/protectedresource").unwrap();
+        let mut c = cx("GET", &url, 1_562_262_618);
+        c.access_token = Some(RFC_TOKEN);
+        assert_eq!(verify_proof(FIG13, &c).unwrap().jkt, JKT);
+        c.access_token = Some("another-token");
+        assert!(matches!(
+            verify_proof(FIG13, &c),
+            Err(ProofError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn rfc9449_proof_refused_on_method_url_and_time() {
+        let url = url::Url::parse("https://server.example.com/token").unwrap();
+        let other = url::Url::parse("https://server.example.com/other").unwrap();
+        let now = 1_562_262_616;
+        assert!(verify_proof(FIG2, &cx("GET", &url, now)).is_err());
+        assert!(verify_proof(FIG2, &cx("POST", &other, now)).is_err());
+        assert!(verify_proof(FIG2, &cx("POST", &url, now + 61)).is_err());
+        assert!(verify_proof(FIG2, &cx("POST", &url, now - 61)).is_err());
+        let with_query = url::Url::parse("https://server.example.com/token?x=1").unwrap();
+        assert!(verify_proof(FIG2, &cx("POST", &with_query, now)).is_ok());
+    }
+
+    #[test]
+    fn nonces_round_trip_and_expire() {
+        let key = NonceKey::new([9; 32]);
+        let nonce = key.issue(1000);
+        assert!(key.accepts(&nonce, 1000));
+        assert!(key.accepts(&nonce, 1000 + NONCE_LIFETIME_SECS));
+        assert!(!key.accepts(&nonce, 1001 + NONCE_LIFETIME_SECS));
+        assert!(!NonceKey::new([8; 32]).accepts(&nonce, 1000));
+        assert!(!key.accepts("garbage", 1000));
+        let url = url::Url::parse("https://server.example.com/token").unwrap();
+        let mut c = cx("POST", &url, 1_562_262_616);
+        c.nonces = Some(&key);
+        assert_eq!(verify_proof(FIG2, &c), Err(ProofError::UseNonce));
+    }
+}

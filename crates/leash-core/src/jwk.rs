@@ -1,0 +1,234 @@
+//! Public JSON Web Keys of the two supported kinds (Ed25519 and P-256), parsed strictly, with
+//! RFC 7638 thumbprints. Private keys and symmetric keys are refused wherever a public key is
+//! expected.
+
+use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
+
+use crate::b64;
+use crate::jws::{Alg, JoseError};
+
+/// A public key that Leash can verify signatures with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum PublicJwk {
+    /// `OKP` / `Ed25519`: `x` is the 32-byte public key.
+    Ed25519 {
+        /// base64url of the 32-byte public key, as received.
+        x: String,
+        /// The decoded key.
+        key: ed25519_dalek::VerifyingKey,
+    },
+    /// `EC` / `P-256`: `x` and `y` are the 32-byte affine coordinates.
+    P256 {
+        /// base64url of the x coordinate, as received.
+        x: String,
+        /// base64url of the y coordinate, as received.
+        y: String,
+        /// The decoded key.
+        key: p256::ecdsa::VerifyingKey,
+    },
+}
+
+impl std::fmt::Debug for PublicJwk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicJwk({})", self.thumbprint())
+    }
+}
+
+fn str_member<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, JoseError> {
+    match obj.get(name) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(JoseError::BadKey(format!(
+            "jwk member `{name}` must be a string"
+        ))),
+        None => Err(JoseError::BadKey(format!("jwk member `{name}` is missing"))),
+    }
+}
+
+fn coordinate(obj: &Map<String, Value>, name: &str) -> Result<[u8; 32], JoseError> {
+    let text = str_member(obj, name)?;
+    let bytes = b64::decode(text)
+        .map_err(|_| JoseError::BadKey(format!("jwk member `{name}` is not base64url")))?;
+    bytes
+        .try_into()
+        .map_err(|_| JoseError::BadKey(format!("jwk member `{name}` must be 32 bytes")))
+}
+
+impl PublicJwk {
+    /// Parses a JWK object; refuses private keys (`d`, `p`, `q`, `k`…), symmetric keys and
+    /// curves other than Ed25519 and P-256.
+    pub fn from_value(value: &Value) -> Result<Self, JoseError> {
+        let Value::Object(obj) = value else {
+            return Err(JoseError::BadKey("jwk must be a JSON object".into()));
+        };
+        for private in ["d", "p", "q", "dp", "dq", "qi", "k"] {
+            if obj.contains_key(private) {
+                return Err(JoseError::BadKey(
+                    "jwk contains private key material; send only the public key".into(),
+                ));
+            }
+        }
+        if let Some(use_) = obj.get("use")
+            && use_ != "sig"
+        {
+            return Err(JoseError::BadKey("jwk `use` must be \"sig\"".into()));
+        }
+        match (str_member(obj, "kty")?, str_member(obj, "crv")) {
+            ("OKP", Ok("Ed25519")) => {
+                let x = coordinate(obj, "x")?;
+                let key = ed25519_dalek::VerifyingKey::from_bytes(&x)
+                    .map_err(|_| JoseError::BadKey("jwk `x` is not an Ed25519 point".into()))?;
+                if key.is_weak() {
+                    return Err(JoseError::BadKey("jwk `x` is a small-order point".into()));
+                }
+                Ok(Self::Ed25519 {
+                    x: str_member(obj, "x")?.to_owned(),
+                    key,
+                })
+            }
+            ("EC", Ok("P-256")) => {
+                let x = coordinate(obj, "x")?;
+                let y = coordinate(obj, "y")?;
+                let point =
+                    p256::EncodedPoint::from_affine_coordinates(&x.into(), &y.into(), false);
+                let key = p256::ecdsa::VerifyingKey::from_encoded_point(&point)
+                    .map_err(|_| JoseError::BadKey("jwk is not a point on P-256".into()))?;
+                Ok(Self::P256 {
+                    x: str_member(obj, "x")?.to_owned(),
+                    y: str_member(obj, "y")?.to_owned(),
+                    key,
+                })
+            }
+            (kty, crv) => Err(JoseError::BadKey(format!(
+                "unsupported key type {kty}/{}: use OKP/Ed25519 or EC/P-256",
+                crv.unwrap_or("-")
+            ))),
+        }
+    }
+
+    /// The public key as a JWK object with only its required members.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Self::Ed25519 { x, .. } => serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": x}),
+            Self::P256 { x, y, .. } => {
+                serde_json::json!({"kty": "EC", "crv": "P-256", "x": x, "y": y})
+            }
+        }
+    }
+
+    /// The RFC 7638 SHA-256 thumbprint, base64url.
+    pub fn thumbprint(&self) -> String {
+        // Members in lexicographic order, no whitespace (RFC 7638 §3.2); the values are
+        // base64url and so need no JSON escaping.
+        let canonical = match self {
+            Self::Ed25519 { x, .. } => format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#),
+            Self::P256 { x, y, .. } => {
+                format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#)
+            }
+        };
+        b64::encode(Sha256::digest(canonical.as_bytes()))
+    }
+
+    /// Whether a JWS with `alg` may be verified with this key.
+    pub fn accepts(&self, alg: Alg) -> bool {
+        matches!(
+            (self, alg),
+            (Self::Ed25519 { .. }, Alg::EdDsa | Alg::Ed25519) | (Self::P256 { .. }, Alg::Es256)
+        )
+    }
+
+    /// Verifies `signature` over `input`: strict Ed25519 (canonical S, no small-order keys)
+    /// or ES256 with a fixed 64-byte r‖s (r, s in 1..n).
+    pub fn verify(&self, alg: Alg, input: &[u8], signature: &[u8]) -> Result<(), JoseError> {
+        if !self.accepts(alg) {
+            return Err(JoseError::AlgKeyMismatch);
+        }
+        match self {
+            Self::Ed25519 { key, .. } => {
+                let sig = ed25519_dalek::Signature::from_slice(signature)
+                    .map_err(|_| JoseError::BadSignature)?;
+                key.verify_strict(input, &sig)
+                    .map_err(|_| JoseError::BadSignature)
+            }
+            Self::P256 { key, .. } => {
+                use p256::ecdsa::signature::Verifier as _;
+                let sig = p256::ecdsa::Signature::from_slice(signature)
+                    .map_err(|_| JoseError::BadSignature)?;
+                key.verify(input, &sig).map_err(|_| JoseError::BadSignature)
+            }
+        }
+    }
+}
+
+/// A JWK set as registered for an agent.
+pub fn parse_jwks(value: &Value) -> Result<Vec<PublicJwk>, JoseError> {
+    let keys = value
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| JoseError::BadKey("jwks must be an object with a `keys` array".into()))?;
+    if keys.is_empty() || keys.len() > 16 {
+        return Err(JoseError::BadKey(
+            "jwks must hold between 1 and 16 keys".into(),
+        ));
+    }
+    keys.iter().map(PublicJwk::from_value).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc8037_ed25519_thumbprint() {
+        let jwk = serde_json::json!({"kty":"OKP","crv":"Ed25519",
+            "x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"});
+        let key = PublicJwk::from_value(&jwk).unwrap();
+        assert_eq!(
+            key.thumbprint(),
+            "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+        );
+    }
+
+    #[test]
+    fn rfc9449_p256_thumbprint() {
+        let jwk = serde_json::json!({"kty":"EC","x":"l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs",
+            "y":"9VE4jf_Ok_o64zbTTlcuNJajHmt6v9TDVrU0CdvGRDA","crv":"P-256"});
+        let key = PublicJwk::from_value(&jwk).unwrap();
+        assert_eq!(
+            key.thumbprint(),
+            "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"
+        );
+    }
+
+    #[test]
+    fn private_and_symmetric_keys_refused() {
+        let private = serde_json::json!({"kty":"OKP","crv":"Ed25519",
+            "d":"nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A",
+            "x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"});
+        assert!(matches!(
+            PublicJwk::from_value(&private),
+            Err(JoseError::BadKey(_))
+        ));
+        let oct = serde_json::json!({"kty":"oct","k":"c2VjcmV0"});
+        assert!(PublicJwk::from_value(&oct).is_err());
+        let rsa = serde_json::json!({"kty":"RSA","n":"AQAB","e":"AQAB"});
+        assert!(PublicJwk::from_value(&rsa).is_err());
+    }
+
+    #[test]
+    fn small_order_ed25519_key_refused() {
+        // The identity point encoding: a small-order public key.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let jwk = serde_json::json!({"kty":"OKP","crv":"Ed25519","x": b64::encode(identity)});
+        assert!(PublicJwk::from_value(&jwk).is_err());
+    }
+
+    #[test]
+    fn off_curve_p256_refused() {
+        let jwk = serde_json::json!({"kty":"EC","crv":"P-256",
+            "x":"l8tFrhx-34tV3hRICRDY9zCkDlpBhF42UQUfWVAWBFs",
+            "y":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"});
+        assert!(PublicJwk::from_value(&jwk).is_err());
+    }
+}

@@ -1,0 +1,508 @@
+//! The one typed configuration, and the one place that combines its sources with the
+//! precedence flags > environment > file > defaults (API §12).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variable: listen address.
+pub const ENV_LISTEN: &str = "LEASH_LISTEN";
+/// Environment variable: database URL.
+pub const ENV_DATABASE: &str = "LEASH_DATABASE";
+/// Environment variable: data directory.
+pub const ENV_DATA_DIR: &str = "LEASH_DATA_DIR";
+/// Environment variable: issuer URL.
+pub const ENV_ISSUER: &str = "LEASH_ISSUER";
+/// Environment variable: external base URL used for DPoP `htu` at resources.
+pub const ENV_PUBLIC_URL: &str = "LEASH_PUBLIC_URL";
+/// Environment variable: config file path.
+pub const ENV_CONFIG: &str = "LEASH_CONFIG";
+/// Environment variable: the admin API key (otherwise generated and printed once).
+pub const ENV_ADMIN_TOKEN: &str = "LEASH_ADMIN_TOKEN";
+/// Environment variable: base64 of the 32-byte vault master key.
+pub const ENV_MASTER_KEY: &str = "LEASH_MASTER_KEY";
+/// Environment variable: log filter (tracing `EnvFilter` syntax) for `leash serve`.
+pub const ENV_LOG: &str = "LEASH_LOG";
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./.leash";
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape (unknown keys included).
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid {
+        /// The setting.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The config file as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    issuer: Option<String>,
+    public_url: Option<String>,
+    listen: Option<String>,
+    database: Option<String>,
+    data_dir: Option<PathBuf>,
+    max_token_ttl: Option<i64>,
+    max_grant_ttl: Option<i64>,
+    approval_ttl: Option<i64>,
+    policy_dir: Option<PathBuf>,
+    dpop_nonce: Option<bool>,
+    #[serde(default)]
+    upstream: Vec<UpstreamFile>,
+    approvals: Option<ApprovalsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFile {
+    name: String,
+    url: String,
+    #[serde(default)]
+    route: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    method: String,
+    path: String,
+    action: String,
+    risk: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApprovalsFile {
+    webhook_url: Option<String>,
+    webhook_secret: Option<String>,
+}
+
+/// Values given on the command line.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    /// `--config`.
+    pub config: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--database`.
+    pub database: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// How risky an action is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Risk {
+    /// Ordinary.
+    Normal,
+    /// Needs a human approval unless policy says otherwise.
+    High,
+}
+
+/// One route of an upstream.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Route {
+    /// HTTP method, upper case, or `*` for any.
+    pub method: String,
+    /// Path pattern: `*` one segment, `**` any number.
+    pub path: String,
+    /// The action it names, `app:verb`.
+    pub action: String,
+    /// Its risk.
+    pub risk: Risk,
+}
+
+/// An application behind the gateway.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Upstream {
+    /// Its name in `/gw/{name}/…` and in grants.
+    pub name: String,
+    /// Base URL requests are forwarded to.
+    pub url: url::Url,
+    /// Routes in order; the first match names the action.
+    pub routes: Vec<Route>,
+}
+
+impl Upstream {
+    /// The actions its routes define.
+    pub fn actions(&self) -> BTreeSet<&str> {
+        self.routes.iter().map(|r| r.action.as_str()).collect()
+    }
+}
+
+/// Webhook settings for approvals.
+#[derive(Clone, Default)]
+pub struct ApprovalsConfig {
+    /// Where to POST new approvals.
+    pub webhook_url: Option<url::Url>,
+    /// HMAC key for `Leash-Signature`.
+    pub webhook_secret: Option<leash_core::secret::Secret>,
+}
+
+impl std::fmt::Debug for ApprovalsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApprovalsConfig")
+            .field(
+                "webhook_url",
+                &self.webhook_url.as_ref().map(url::Url::as_str),
+            )
+            .field("webhook_secret", &self.webhook_secret)
+            .finish()
+    }
+}
+
+/// The resolved configuration of `leash serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Issuer URL without a trailing slash; `None` until the listen address is known.
+    pub issuer: Option<String>,
+    /// External base URL for DPoP `htu` at resources; defaults to the issuer.
+    pub public_url: Option<String>,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Database URL.
+    pub database: String,
+    /// Data directory (key files, default database).
+    pub data_dir: PathBuf,
+    /// Longest access-token lifetime, seconds.
+    pub max_token_ttl: i64,
+    /// Longest grant lifetime, seconds.
+    pub max_grant_ttl: i64,
+    /// How long an approval waits, seconds.
+    pub approval_ttl: i64,
+    /// Operator Cedar policies.
+    pub policy_dir: Option<PathBuf>,
+    /// Whether DPoP proofs must carry a server nonce.
+    pub dpop_nonce: bool,
+    /// Upstreams by name.
+    pub upstreams: BTreeMap<String, Upstream>,
+    /// Approval notifications.
+    pub approvals: ApprovalsConfig,
+}
+
+fn positive(key: &str, value: Option<i64>, default: i64) -> Result<i64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) if v > 0 => Ok(v),
+        Some(_) => Err(invalid(key, "must be a positive number of seconds")),
+    }
+}
+
+fn base_url(key: &str, value: String) -> Result<String, ConfigError> {
+    let parsed = url::Url::parse(&value).map_err(|e| invalid(key, e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.query().is_some() {
+        return Err(invalid(key, "must be an http(s) URL without a query"));
+    }
+    Ok(value.trim_end_matches('/').to_owned())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Whether `action` looks like `app:verb`.
+pub fn valid_action(action: &str) -> bool {
+    let mut parts = action.split(':');
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if valid_name(a) && valid_name(b))
+}
+
+fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for file in files {
+        let key = format!("upstream.{}", file.name);
+        if !valid_name(&file.name) {
+            return Err(invalid("upstream.name", "use 1-64 of a-z, 0-9, - and _"));
+        }
+        let url = url::Url::parse(&file.url).map_err(|e| invalid(&key, e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(&key, "url must be http or https"));
+        }
+        let mut routes = Vec::new();
+        for route in file.route {
+            let method = route.method.to_ascii_uppercase();
+            if method != "*" && !method.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(invalid(
+                    &key,
+                    format!("route method {:?} is not a method", route.method),
+                ));
+            }
+            if !route.path.starts_with('/') {
+                return Err(invalid(
+                    &key,
+                    format!("route path {:?} must start with /", route.path),
+                ));
+            }
+            if !valid_action(&route.action) {
+                return Err(invalid(
+                    &key,
+                    format!("route action {:?} must be app:verb", route.action),
+                ));
+            }
+            let risk = match route.risk.as_deref() {
+                None | Some("normal") | Some("low") => Risk::Normal,
+                Some("high") => Risk::High,
+                Some(other) => {
+                    return Err(invalid(&key, format!("risk {other:?}: use normal or high")));
+                }
+            };
+            routes.push(Route {
+                method,
+                path: route.path,
+                action: route.action,
+                risk,
+            });
+        }
+        if out
+            .insert(
+                file.name.clone(),
+                Upstream {
+                    name: file.name,
+                    url,
+                    routes,
+                },
+            )
+            .is_some()
+        {
+            return Err(invalid(key, "defined twice"));
+        }
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Reads the file named by `--config` or `LEASH_CONFIG` (if any) and combines it with the
+    /// environment (`env` looks a variable up) and the flags.
+    pub fn load(flags: &Flags, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let path = flags
+            .config
+            .clone()
+            .or_else(|| env(ENV_CONFIG).map(PathBuf::from));
+        let file = match &path {
+            Some(path) => Self::read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let listen_text = flags
+            .listen
+            .clone()
+            .or_else(|| env(ENV_LISTEN))
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|_| invalid("listen", format!("{listen_text:?} is not HOST:PORT")))?;
+        let data_dir = flags
+            .data_dir
+            .clone()
+            .or_else(|| env(ENV_DATA_DIR).map(PathBuf::from))
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let database = flags
+            .database
+            .clone()
+            .or_else(|| env(ENV_DATABASE))
+            .or(file.database)
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("leash.db").display()));
+        let issuer = env(ENV_ISSUER)
+            .or(file.issuer)
+            .map(|v| base_url("issuer", v))
+            .transpose()?;
+        let public_url = env(ENV_PUBLIC_URL)
+            .or(file.public_url)
+            .map(|v| base_url("public_url", v))
+            .transpose()?;
+        let approvals = match file.approvals {
+            None => ApprovalsConfig::default(),
+            Some(a) => ApprovalsConfig {
+                webhook_url: a
+                    .webhook_url
+                    .map(|u| {
+                        url::Url::parse(&u)
+                            .map_err(|e| invalid("approvals.webhook_url", e.to_string()))
+                    })
+                    .transpose()?,
+                webhook_secret: a.webhook_secret.map(leash_core::secret::Secret::new),
+            },
+        };
+        Ok(Self {
+            issuer,
+            public_url,
+            listen,
+            database,
+            data_dir,
+            max_token_ttl: positive("max_token_ttl", file.max_token_ttl, 300)?,
+            max_grant_ttl: positive("max_grant_ttl", file.max_grant_ttl, 8 * 3600)?,
+            approval_ttl: positive("approval_ttl", file.approval_ttl, 15 * 60)?,
+            policy_dir: file.policy_dir,
+            dpop_nonce: file.dpop_nonce.unwrap_or(false),
+            upstreams: upstreams(file.upstream)?,
+            approvals,
+        })
+    }
+
+    fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.message().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(&Flags::default(), env(&[])).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.database, "sqlite://./.leash/leash.db");
+        assert_eq!(c.max_token_ttl, 300);
+        assert_eq!(c.max_grant_ttl, 8 * 3600);
+        assert!(c.issuer.is_none());
+    }
+
+    #[test]
+    fn flags_beat_environment_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leash.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\ndata_dir = \"/file\"\ndatabase = \"sqlite:///file.db\"\nissuer = \"http://file\"\n").unwrap();
+        let flags = Flags {
+            config: Some(path.clone()),
+            listen: Some("127.0.0.1:3".into()),
+            ..Flags::default()
+        };
+        let c = Config::load(
+            &flags,
+            env(&[(ENV_LISTEN, "127.0.0.1:2"), (ENV_DATA_DIR, "/env")]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 3);
+        assert_eq!(c.data_dir, PathBuf::from("/env"));
+        assert_eq!(c.database, "sqlite:///file.db");
+        assert_eq!(c.issuer.as_deref(), Some("http://file"));
+        let flags = Flags {
+            config: Some(path),
+            ..Flags::default()
+        };
+        let c = Config::load(&flags, env(&[(ENV_ISSUER, "http://env/")])).unwrap();
+        assert_eq!(c.listen.port(), 1);
+        assert_eq!(c.issuer.as_deref(), Some("http://env"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leash.toml");
+        for text in [
+            "listne = \"x\"",
+            "max_token_ttl = -1",
+            "[[upstream]]\nname = \"Mail\"\nurl = \"http://x\"",
+            "issuer = \"ftp://x\"",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let flags = Flags {
+                config: Some(path.clone()),
+                ..Flags::default()
+            };
+            assert!(Config::load(&flags, env(&[])).is_err(), "{text}");
+        }
+        let flags = Flags {
+            config: Some(dir.path().join("missing.toml")),
+            ..Flags::default()
+        };
+        assert!(matches!(
+            Config::load(&flags, env(&[])),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn upstream_actions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leash.toml");
+        std::fs::write(
+            &path,
+            r#"
+[[upstream]]
+name = "mail"
+url = "http://127.0.0.1:9001"
+[[upstream.route]]
+method = "GET"
+path = "/messages/**"
+action = "mail:read"
+[[upstream.route]]
+method = "POST"
+path = "/messages/*/send"
+action = "mail:send"
+risk = "high"
+"#,
+        )
+        .unwrap();
+        let c = Config::load(
+            &Flags {
+                config: Some(path),
+                ..Flags::default()
+            },
+            env(&[]),
+        )
+        .unwrap();
+        let mail = &c.upstreams["mail"];
+        assert_eq!(
+            mail.actions().into_iter().collect::<Vec<_>>(),
+            vec!["mail:read", "mail:send"]
+        );
+        assert_eq!(mail.routes[1].risk, Risk::High);
+    }
+}

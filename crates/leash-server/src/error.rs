@@ -1,0 +1,166 @@
+//! The one mapping from every error Leash answers with to its HTTP status, headers and
+//! `{"error", "error_description"}` body. The match is exhaustive on purpose.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use leash_store::StoreError;
+
+/// An error answered to a caller. Descriptions never contain secrets or tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400 `invalid_request`.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// 413 `invalid_request`: the body is over the endpoint's limit.
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// 415 `invalid_request`.
+    #[error("content type must be {0}")]
+    UnsupportedMediaType(&'static str),
+    /// 401 `unauthorized`: no or unknown API key at a /v1 endpoint.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 403 `forbidden`.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 404 `not_found`.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405 `method_not_allowed`.
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// 409 `conflict`.
+    #[error("{0}")]
+    Conflict(String),
+    /// 401 `invalid_client` (RFC 6749 §5.2).
+    #[error("{0}")]
+    InvalidClient(String),
+    /// 400 `invalid_grant`.
+    #[error("{0}")]
+    InvalidGrant(String),
+    /// 400 `invalid_scope`.
+    #[error("{0}")]
+    InvalidScope(String),
+    /// 400 `unsupported_grant_type`.
+    #[error("{0}")]
+    UnsupportedGrantType(String),
+    /// 400 `invalid_dpop_proof` at the token endpoint.
+    #[error("{0}")]
+    InvalidDpopProof(String),
+    /// 400 `use_dpop_nonce` at the token endpoint, with a fresh `DPoP-Nonce`.
+    #[error("authorization server requires nonce in DPoP proof")]
+    UseDpopNonce(String),
+    /// 401 `invalid_token` at a resource, with a DPoP challenge.
+    #[error("{0}")]
+    InvalidToken(String),
+    /// 401 `invalid_dpop_proof` at a resource, with a DPoP challenge.
+    #[error("{0}")]
+    ResourceInvalidProof(String),
+    /// 401 `use_dpop_nonce` at a resource, with a fresh `DPoP-Nonce`.
+    #[error("resource server requires nonce in DPoP proof")]
+    ResourceUseNonce(String),
+    /// 503 `temporarily_unavailable`: the store failed; nothing was decided.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::Conflict("already exists".into()),
+            StoreError::Unavailable(_) | StoreError::Corrupt(_) | StoreError::UnsupportedUrl(_) => {
+                tracing::error!(error = %e, "storage failure");
+                Self::Unavailable("storage is unavailable; try again".into())
+            }
+        }
+    }
+}
+
+fn challenge(error: &str, description: &str) -> HeaderValue {
+    let algs = leash_core::jws::SUPPORTED_ALGS.join(" ");
+    let description = description.replace(['"', '\\'], "'");
+    HeaderValue::from_str(&format!(
+        "DPoP error=\"{error}\", error_description=\"{description}\", algs=\"{algs}\""
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("DPoP"))
+}
+
+impl ApiError {
+    /// The status and OAuth-style error code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
+            Self::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request")
+            }
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::InvalidClient(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
+            Self::InvalidGrant(_) => (StatusCode::BAD_REQUEST, "invalid_grant"),
+            Self::InvalidScope(_) => (StatusCode::BAD_REQUEST, "invalid_scope"),
+            Self::UnsupportedGrantType(_) => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
+            Self::InvalidDpopProof(_) => (StatusCode::BAD_REQUEST, "invalid_dpop_proof"),
+            Self::UseDpopNonce(_) => (StatusCode::BAD_REQUEST, "use_dpop_nonce"),
+            Self::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            Self::ResourceInvalidProof(_) => (StatusCode::UNAUTHORIZED, "invalid_dpop_proof"),
+            Self::ResourceUseNonce(_) => (StatusCode::UNAUTHORIZED, "use_dpop_nonce"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let description = self.to_string();
+        let body = serde_json::json!({"error": code, "error_description": description});
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match &self {
+            Self::UseDpopNonce(nonce) => {
+                if let Ok(v) = HeaderValue::from_str(nonce) {
+                    headers.insert("dpop-nonce", v);
+                }
+            }
+            Self::ResourceUseNonce(nonce) => {
+                if let Ok(v) = HeaderValue::from_str(nonce) {
+                    headers.insert("dpop-nonce", v);
+                }
+                headers.insert(header::WWW_AUTHENTICATE, challenge(code, &description));
+            }
+            Self::InvalidToken(_) | Self::ResourceInvalidProof(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, challenge(code, &description));
+            }
+            Self::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::InvalidClient(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_client\""),
+                );
+            }
+            Self::InvalidRequest(_)
+            | Self::TooLarge(_)
+            | Self::UnsupportedMediaType(_)
+            | Self::Forbidden(_)
+            | Self::NotFound(_)
+            | Self::MethodNotAllowed
+            | Self::Conflict(_)
+            | Self::InvalidGrant(_)
+            | Self::InvalidScope(_)
+            | Self::UnsupportedGrantType(_)
+            | Self::InvalidDpopProof(_)
+            | Self::Unavailable(_) => {}
+        }
+        response
+    }
+}
+
+/// Result of handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

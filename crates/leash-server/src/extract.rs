@@ -1,0 +1,290 @@
+//! Request extractors: strict JSON and form bodies with per-endpoint size limits, and the
+//! caller's identity (admin or human by API key; agent by DPoP-bound token and proof).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, Uri, header};
+use leash_core::dpop::{ProofContext, ProofError, verify_proof};
+use leash_core::secret::SecretDigest;
+use leash_core::token::{AccessClaims, verify_access_token};
+use leash_store::User;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// Largest JSON body of the management API.
+pub const JSON_LIMIT: usize = 64 * 1024;
+/// Largest form body of the OAuth endpoints.
+pub const FORM_LIMIT: usize = 64 * 1024;
+
+async fn read_body(body: Body, limit: usize) -> ApiResult<axum::body::Bytes> {
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::TooLarge(limit))
+}
+
+fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
+}
+
+/// A JSON body, parsed strictly into `T`.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> ApiResult<Self> {
+        if !content_type_is(req.headers(), "application/json") {
+            return Err(ApiError::UnsupportedMediaType("application/json"));
+        }
+        let bytes = read_body(req.into_body(), JSON_LIMIT).await?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            // serde's messages can quote the offending value; never echo values back.
+            let message = e.to_string();
+            let detail = if message.contains('"') && !message.contains('`') {
+                format!("line {} column {}", e.line(), e.column())
+            } else {
+                message
+            };
+            ApiError::InvalidRequest(format!("request body is not the expected JSON: {detail}"))
+        })
+    }
+}
+
+/// An `application/x-www-form-urlencoded` body (RFC 6749 §3.2): UTF-8 after percent-decoding,
+/// each parameter at most once.
+#[derive(Debug)]
+pub struct Form(pub HashMap<String, String>);
+
+impl Form {
+    /// Parses a form body strictly.
+    pub fn parse(body: &[u8]) -> ApiResult<Self> {
+        let text = std::str::from_utf8(body)
+            .map_err(|_| ApiError::InvalidRequest("form body is not UTF-8".into()))?;
+        let mut params = HashMap::new();
+        for pair in text.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| {
+                let plus = s.replace('+', " ");
+                percent_encoding::percent_decode_str(&plus)
+                    .decode_utf8()
+                    .map(|c| c.into_owned())
+                    .map_err(|_| ApiError::InvalidRequest("form parameter is not UTF-8".into()))
+            };
+            let name = decode(name)?;
+            if params.contains_key(&name) {
+                return Err(ApiError::InvalidRequest(format!(
+                    "parameter `{}` is repeated",
+                    name.chars().take(64).collect::<String>()
+                )));
+            }
+            params.insert(name, decode(value)?);
+        }
+        Ok(Self(params))
+    }
+
+    /// A parameter, `None` if absent or empty.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// A required, non-empty parameter.
+    pub fn require(&self, name: &str) -> ApiResult<&str> {
+        self.get(name)
+            .ok_or_else(|| ApiError::InvalidRequest(format!("parameter `{name}` is required")))
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for Form {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> ApiResult<Self> {
+        if !content_type_is(req.headers(), "application/x-www-form-urlencoded") {
+            return Err(ApiError::UnsupportedMediaType(
+                "application/x-www-form-urlencoded",
+            ));
+        }
+        let bytes = read_body(req.into_body(), FORM_LIMIT).await?;
+        Self::parse(&bytes)
+    }
+}
+
+/// The `Authorization` header split into scheme and credentials; more than one header, or a
+/// value that is not `scheme SP credentials`, is `invalid_request`.
+pub fn authorization(headers: &HeaderMap) -> ApiResult<Option<(String, String)>> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::InvalidRequest(
+            "more than one Authorization header".into(),
+        ));
+    }
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::InvalidRequest("Authorization header is not ASCII".into()))?;
+    let (scheme, credentials) = text.split_once(' ').ok_or_else(|| {
+        ApiError::InvalidRequest("Authorization must be `scheme credentials`".into())
+    })?;
+    let credentials = credentials.trim();
+    if credentials.is_empty() || credentials.contains([' ', ',']) {
+        return Err(ApiError::InvalidRequest(
+            "Authorization carries more than one credential".into(),
+        ));
+    }
+    Ok(Some((scheme.to_ascii_lowercase(), credentials.to_owned())))
+}
+
+/// Who called, by API key.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// The holder of the admin key.
+    Admin,
+    /// A human user.
+    Human(User),
+}
+
+impl Caller {
+    /// Whether the caller may act on data of human `subject`.
+    pub fn may_act_for(&self, subject: &str) -> bool {
+        match self {
+            Self::Admin => true,
+            Self::Human(user) => user.id == subject,
+        }
+    }
+}
+
+/// Resolves a Bearer API key to a caller.
+pub async fn caller_from_key(state: &AppState, key: &str) -> ApiResult<Option<Caller>> {
+    let digest = SecretDigest::of(key);
+    if digest.ct_eq(&state.admin_key) {
+        return Ok(Some(Caller::Admin));
+    }
+    Ok(state.store.user_by_key(&digest).await?.map(Caller::Human))
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> ApiResult<Self> {
+        match authorization(&parts.headers)? {
+            Some((scheme, key)) if scheme == "bearer" => caller_from_key(state, &key)
+                .await?
+                .ok_or_else(|| ApiError::Unauthorized("unknown API key".into())),
+            Some(_) => Err(ApiError::Unauthorized(
+                "use Authorization: Bearer <api key>".into(),
+            )),
+            None => Err(ApiError::Unauthorized(
+                "Authorization: Bearer <api key> is required".into(),
+            )),
+        }
+    }
+}
+
+/// The admin, and only the admin.
+#[derive(Debug, Clone, Copy)]
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> ApiResult<Self> {
+        match Caller::from_request_parts(parts, state).await? {
+            Caller::Admin => Ok(Admin),
+            Caller::Human(_) => Err(ApiError::Forbidden("this call needs the admin key".into())),
+        }
+    }
+}
+
+/// An agent authenticated by a live DPoP-bound access token and a fresh proof.
+#[derive(Debug, Clone)]
+pub struct AgentAuth {
+    /// The verified token's claims.
+    pub claims: AccessClaims,
+}
+
+fn single_dpop_header(headers: &HeaderMap) -> ApiResult<Option<&str>> {
+    let mut values = headers.get_all("dpop").iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::InvalidRequest("more than one DPoP header".into()));
+    }
+    first
+        .to_str()
+        .map(Some)
+        .map_err(|_| ApiError::ResourceInvalidProof("dpop proof is not ASCII".into()))
+}
+
+/// Authenticates an agent at a resource (RFC 9449 §7): token signature and claims, grant and
+/// token liveness, then the proof (method, URL, `ath`, key binding) and its one-time `jti`.
+pub async fn authenticate_agent(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> ApiResult<AgentAuth> {
+    let token = match authorization(headers)? {
+        Some((scheme, token)) if scheme == "dpop" => token,
+        Some((scheme, _)) if scheme == "bearer" => {
+            return Err(ApiError::InvalidToken(
+                "a DPoP-bound token must be sent with the DPoP scheme, not Bearer".into(),
+            ));
+        }
+        _ => {
+            return Err(ApiError::InvalidToken(
+                "Authorization: DPoP <token> is required".into(),
+            ));
+        }
+    };
+    let now = state.clock.now();
+    let claims = verify_access_token(&token, |kid| state.verify_key(kid), &state.issuer, now)
+        .map_err(|e| ApiError::InvalidToken(format!("access token refused: {e}")))?;
+    state.check_token_live(&claims, now).await?;
+
+    let proof = single_dpop_header(headers)?
+        .ok_or_else(|| ApiError::InvalidToken("DPoP proof header is missing".into()))?;
+    let url = state.resource_url(uri)?;
+    let cx = ProofContext {
+        method: method.as_str(),
+        url: &url,
+        access_token: Some(&token),
+        now,
+        nonces: state.required_nonces(),
+    };
+    let proof = verify_proof(proof, &cx).map_err(|e| match e {
+        ProofError::UseNonce => ApiError::ResourceUseNonce(state.nonce_key.issue(now)),
+        ProofError::Invalid(m) => ApiError::ResourceInvalidProof(m),
+    })?;
+    if proof.jkt != claims.cnf.jkt {
+        return Err(ApiError::ResourceInvalidProof(
+            "dpop proof is signed by a key other than the one the token is bound to".into(),
+        ));
+    }
+    if state
+        .store
+        .consume_once(&[(proof.replay_key(), proof.replay_until())])
+        .await?
+        .is_some()
+    {
+        return Err(ApiError::ResourceInvalidProof(
+            "dpop proof jti was already used".into(),
+        ));
+    }
+    Ok(AgentAuth { claims })
+}

@@ -1,0 +1,74 @@
+//! Discovery and operations: RFC 8414 metadata, JWKS, health, readiness and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::oauth::TOKEN_EXCHANGE;
+use crate::state::AppState;
+
+/// `GET /.well-known/oauth-authorization-server`.
+pub async fn metadata(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let issuer = &state.issuer;
+    Json(json!({
+        "issuer": issuer,
+        "token_endpoint": state.token_endpoint.as_str(),
+        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
+        "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
+        "grant_types_supported": [TOKEN_EXCHANGE],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": leash_core::jws::SUPPORTED_ALGS,
+        "revocation_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "introspection_endpoint_auth_methods_supported": ["bearer"],
+        "dpop_signing_alg_values_supported": leash_core::jws::SUPPORTED_ALGS,
+        "response_types_supported": [],
+        "scopes_supported": [],
+    }))
+}
+
+/// `GET /.well-known/jwks.json`.
+pub async fn jwks(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"keys": [state.signing.jwks_entry()]}))
+}
+
+/// `GET /healthz`: the process answers.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the store answers.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    state
+        .store
+        .ping()
+        .await
+        .map_err(|_| ApiError::Unavailable("the database is unreachable".into()))?;
+    Ok(Json(json!({"status": "ready"})))
+}
+
+/// `GET /metrics` in Prometheus text format.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    let m = &state.metrics;
+    let body = format!(
+        "# HELP leash_tokens_issued_total Access tokens issued.\n\
+         # TYPE leash_tokens_issued_total counter\n\
+         leash_tokens_issued_total {}\n\
+         # HELP leash_token_refusals_total Token requests refused.\n\
+         # TYPE leash_token_refusals_total counter\n\
+         leash_token_refusals_total {}\n",
+        m.tokens_issued.load(Ordering::Relaxed),
+        m.token_refusals.load(Ordering::Relaxed),
+    );
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+}

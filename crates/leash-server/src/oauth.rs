@@ -1,0 +1,349 @@
+//! The OAuth endpoints: token exchange (RFC 8693) with private_key_jwt and DPoP, revocation
+//! (RFC 7009) and introspection (RFC 7662).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use leash_core::assertion::{JWT_BEARER, claimed_agent, verify_assertion};
+use leash_core::dpop::{ProofContext, ProofError, verify_proof};
+use leash_core::grant::{GrantStatus, narrow_scope};
+use leash_core::jwk::parse_jwks;
+use leash_core::secret::{SecretDigest, random_id};
+use leash_core::token::{AccessClaims, Actor, Confirmation, verify_access_token};
+use serde_json::json;
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, Form, authorization, caller_from_key};
+use crate::state::{AppState, Metrics};
+
+/// The token-exchange grant type.
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The subject token type of grant handles.
+pub const GRANT_TOKEN_TYPE: &str = "urn:leash:params:oauth:token-type:grant";
+/// The issued token type.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Authenticates an agent by its client assertion; returns its id and the assertion's
+/// replay entry, which the caller consumes together with its other one-time values.
+async fn authenticate_client(
+    state: &AppState,
+    form: &Form,
+    audiences: &[&str],
+) -> ApiResult<(String, (String, i64))> {
+    match form.get("client_assertion_type") {
+        Some(JWT_BEARER) => {}
+        Some(_) => {
+            return Err(ApiError::InvalidClient(format!(
+                "client_assertion_type must be {JWT_BEARER}"
+            )));
+        }
+        None => {
+            return Err(ApiError::InvalidClient(
+                "client authentication with private_key_jwt is required".into(),
+            ));
+        }
+    }
+    let assertion = form
+        .get("client_assertion")
+        .ok_or_else(|| ApiError::InvalidClient("client_assertion is required".into()))?;
+    let agent_id = claimed_agent(assertion)
+        .map_err(|e| ApiError::InvalidClient(format!("client assertion refused: {e}")))?;
+    if let Some(client_id) = form.get("client_id")
+        && client_id != agent_id
+    {
+        return Err(ApiError::InvalidClient(
+            "client_id does not match the assertion".into(),
+        ));
+    }
+    let agent = state
+        .store
+        .agent(&agent_id)
+        .await?
+        .ok_or_else(|| ApiError::InvalidClient("unknown agent".into()))?;
+    if agent.disabled {
+        return Err(ApiError::InvalidClient("the agent is disabled".into()));
+    }
+    let keys = parse_jwks(&agent.jwks)
+        .map_err(|_| ApiError::InvalidClient("the agent's keys are unusable".into()))?;
+    let verified = verify_assertion(assertion, &agent.id, &keys, audiences, state.clock.now())
+        .map_err(|e| ApiError::InvalidClient(format!("client assertion refused: {e}")))?;
+    Ok((agent.id, (verified.replay_key(), verified.exp)))
+}
+
+/// `POST /oauth2/token`.
+pub async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, form: Form) -> Response {
+    match exchange(&state, &headers, &form).await {
+        Ok(response) => no_store(response),
+        Err(e) => {
+            Metrics::incr(&state.metrics.token_refusals);
+            tracing::info!(error = %e, "token request refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResult<Response> {
+    match form.get("grant_type") {
+        Some(TOKEN_EXCHANGE) => {}
+        Some(_) => {
+            return Err(ApiError::UnsupportedGrantType(format!(
+                "grant_type must be {TOKEN_EXCHANGE}"
+            )));
+        }
+        None => {
+            return Err(ApiError::InvalidRequest(
+                "parameter `grant_type` is required".into(),
+            ));
+        }
+    }
+    let handle = form.require("subject_token")?;
+    if form.require("subject_token_type")? != GRANT_TOKEN_TYPE {
+        return Err(ApiError::InvalidRequest(format!(
+            "subject_token_type must be {GRANT_TOKEN_TYPE}"
+        )));
+    }
+    if form.get("actor_token").is_some() || form.get("actor_token_type").is_some() {
+        return Err(ApiError::InvalidRequest(
+            "actor_token is not used: the agent authenticates with client_assertion".into(),
+        ));
+    }
+
+    let token_endpoint = state.token_endpoint.as_str();
+    let (agent, assertion_entry) =
+        authenticate_client(state, form, &[state.issuer.as_str(), token_endpoint]).await?;
+
+    let now = state.clock.now();
+    let mut proofs = headers.get_all("dpop").iter();
+    let proof = match (proofs.next(), proofs.next()) {
+        (Some(p), None) => p
+            .to_str()
+            .map_err(|_| ApiError::InvalidDpopProof("dpop proof is not ASCII".into()))?,
+        (None, _) => {
+            return Err(ApiError::InvalidDpopProof(
+                "a DPoP proof header is required".into(),
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidDpopProof(
+                "more than one DPoP header".into(),
+            ));
+        }
+    };
+    let cx = ProofContext {
+        method: "POST",
+        url: &state.token_endpoint,
+        access_token: None,
+        now,
+        nonces: state.required_nonces(),
+    };
+    let proof = verify_proof(proof, &cx).map_err(|e| match e {
+        ProofError::UseNonce => ApiError::UseDpopNonce(state.nonce_key.issue(now)),
+        ProofError::Invalid(m) => ApiError::InvalidDpopProof(m),
+    })?;
+
+    let grant = state
+        .store
+        .grant_by_handle(&SecretDigest::of(handle))
+        .await?
+        .filter(|g| g.agent == agent)
+        .ok_or_else(|| {
+            ApiError::InvalidGrant("unknown grant handle, or not issued to this agent".into())
+        })?;
+    if !grant.is_live(now) {
+        let status = grant.status_at(now);
+        let why = if status == GrantStatus::Active {
+            "exhausted"
+        } else {
+            status.as_str()
+        };
+        return Err(ApiError::InvalidGrant(format!("the grant is {why}")));
+    }
+    let actions = narrow_scope(form.0.get("scope").map(String::as_str), &grant.actions)
+        .map_err(|e| ApiError::InvalidScope(e.to_string()))?;
+
+    // Both one-time values are consumed together, and only once every check passed.
+    match state
+        .store
+        .consume_once(&[assertion_entry, (proof.replay_key(), proof.replay_until())])
+        .await?
+    {
+        None => {}
+        Some(0) => {
+            return Err(ApiError::InvalidClient(
+                "client assertion jti was already used".into(),
+            ));
+        }
+        Some(_) => {
+            return Err(ApiError::InvalidDpopProof(
+                "dpop proof jti was already used".into(),
+            ));
+        }
+    }
+
+    let exp = (now + state.config.max_token_ttl).min(grant.expires_at);
+    let scope = actions.join(" ");
+    let claims = AccessClaims {
+        iss: state.issuer.clone(),
+        sub: grant.subject.clone(),
+        aud: state.issuer.clone(),
+        iat: now,
+        exp,
+        jti: random_id("tok_"),
+        client_id: agent.clone(),
+        act: Actor { sub: agent },
+        scope: scope.clone(),
+        cnf: Confirmation { jkt: proof.jkt },
+        grant_id: grant.id.clone(),
+        purpose: grant.purpose.clone(),
+    };
+    let access_token = state.signing.sign(&claims);
+    Metrics::incr(&state.metrics.tokens_issued);
+    tracing::info!(grant_id = %grant.id, agent = %claims.client_id, jti = %claims.jti, "token issued");
+    let mut response = Json(json!({
+        "access_token": access_token,
+        "issued_token_type": ACCESS_TOKEN_TYPE,
+        "token_type": "DPoP",
+        "expires_in": exp - now,
+        "scope": scope,
+    }))
+    .into_response();
+    if state.config.dpop_nonce
+        && let Ok(nonce) = HeaderValue::from_str(&state.nonce_key.issue(now))
+    {
+        response.headers_mut().insert("dpop-nonce", nonce);
+    }
+    Ok(response)
+}
+
+/// Who asks to revoke or introspect.
+enum OAuthCaller {
+    Key(Caller),
+    Agent(String, (String, i64)),
+}
+
+async fn oauth_caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: &Form,
+) -> ApiResult<OAuthCaller> {
+    match authorization(headers)? {
+        Some((scheme, key)) if scheme == "bearer" => caller_from_key(state, &key)
+            .await?
+            .map(OAuthCaller::Key)
+            .ok_or_else(|| ApiError::InvalidClient("unknown API key".into())),
+        Some(_) => Err(ApiError::InvalidClient(
+            "use Bearer or private_key_jwt".into(),
+        )),
+        None => {
+            let revocation = format!("{}/oauth2/revoke", state.issuer);
+            let audiences = [
+                state.issuer.as_str(),
+                state.token_endpoint.as_str(),
+                revocation.as_str(),
+            ];
+            let (agent, entry) = authenticate_client(state, form, &audiences).await?;
+            Ok(OAuthCaller::Agent(agent, entry))
+        }
+    }
+}
+
+/// `POST /oauth2/revoke`: 200 for any well-formed request; the token is dead afterwards if the
+/// caller may revoke it (its agent, its human, or admin).
+pub async fn revoke(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    form: Form,
+) -> ApiResult<Response> {
+    let caller = oauth_caller(&state, &headers, &form).await?;
+    let token = form.require("token")?;
+    if let OAuthCaller::Agent(_, entry) = &caller
+        && state
+            .store
+            .consume_once(std::slice::from_ref(entry))
+            .await?
+            .is_some()
+    {
+        return Err(ApiError::InvalidClient(
+            "client assertion jti was already used".into(),
+        ));
+    }
+    let now = state.clock.now();
+    if let Ok(claims) = verify_access_token(token, |kid| state.verify_key(kid), &state.issuer, now)
+    {
+        let allowed = match &caller {
+            OAuthCaller::Key(c) => c.may_act_for(&claims.sub),
+            OAuthCaller::Agent(agent, _) => *agent == claims.client_id,
+        };
+        if allowed {
+            state
+                .store
+                .revoke_token(&claims.jti, &claims.grant_id, claims.exp)
+                .await?;
+            tracing::info!(jti = %claims.jti, grant_id = %claims.grant_id, "token revoked");
+        }
+    }
+    Ok(no_store(Json(json!({})).into_response()))
+}
+
+/// `POST /oauth2/introspect` (admin): `{"active": false}` and nothing else for any token that
+/// is not live.
+pub async fn introspect(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    form: Form,
+) -> ApiResult<Response> {
+    match oauth_caller(&state, &headers, &Form(Default::default())).await {
+        Ok(OAuthCaller::Key(Caller::Admin)) => {}
+        Ok(_) => {
+            return Err(ApiError::InvalidClient(
+                "introspection needs the admin key".into(),
+            ));
+        }
+        Err(ApiError::InvalidClient(_)) => {
+            return Err(ApiError::InvalidClient(
+                "introspection needs Authorization: Bearer <admin key>".into(),
+            ));
+        }
+        Err(e) => return Err(e),
+    }
+    let token = form.require("token")?;
+    let now = state.clock.now();
+    let inactive = || no_store(Json(json!({"active": false})).into_response());
+    let Ok(claims) = verify_access_token(token, |kid| state.verify_key(kid), &state.issuer, now)
+    else {
+        return Ok(inactive());
+    };
+    match state.check_token_live(&claims, now).await {
+        Ok(()) => {}
+        Err(ApiError::InvalidToken(_)) => return Ok(inactive()),
+        Err(e) => return Err(e),
+    }
+    Ok(no_store(
+        Json(json!({
+            "active": true,
+            "sub": claims.sub,
+            "client_id": claims.client_id,
+            "act": claims.act,
+            "scope": claims.scope,
+            "exp": claims.exp,
+            "iat": claims.iat,
+            "iss": claims.iss,
+            "aud": claims.aud,
+            "jti": claims.jti,
+            "grant_id": claims.grant_id,
+            "cnf": claims.cnf,
+            "token_type": "DPoP",
+        }))
+        .into_response(),
+    ))
+}

@@ -1,0 +1,142 @@
+//! Leash's storage: one [`Store`] interface, implemented over the embedded SQLite database
+//! (and, in cluster mode, PostgreSQL). Migrations live per backend under `migrations/`.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use leash_core::grant::{Grant, GrantStatus};
+use leash_core::secret::SecretDigest;
+
+pub use sqlite::SqliteStore;
+
+/// Storage failures. Callers map `Unavailable` to 503: a store failure never reads as "no".
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or the statement failed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A row with this key exists already.
+    #[error("already exists")]
+    Conflict,
+    /// A stored row could not be read back (corruption or a newer schema).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    /// The database URL is not one this build supports.
+    #[error("unsupported database url {0:?}: use sqlite://PATH")]
+    UnsupportedUrl(String),
+}
+
+/// Result of storage calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A human user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// `usr_…`.
+    pub id: String,
+    /// Unique display name.
+    pub name: String,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// A registered agent (workload identity).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    /// Its URI, normally a SPIFFE ID.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Its public JWK set as registered.
+    pub jwks: serde_json::Value,
+    /// Offboarded: no new tokens.
+    pub disabled: bool,
+    /// Registration time.
+    pub created_at: i64,
+}
+
+/// How a grant ended, for [`Store::end_grant`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantEnd {
+    /// The task is done.
+    Completed,
+    /// Revoked by the human or an admin.
+    Revoked,
+}
+
+impl GrantEnd {
+    fn status(self) -> GrantStatus {
+        match self {
+            Self::Completed => GrantStatus::Completed,
+            Self::Revoked => GrantStatus::Revoked,
+        }
+    }
+}
+
+/// The repository interface; every backend implements all of it with the same behaviour.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Whether the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// A server-wide setting, if set.
+    async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Sets `name` to `value` unless it is set; returns the value that holds afterwards
+    /// (so nodes racing to initialise agree on one value).
+    async fn init_setting(&self, name: &str, value: &[u8]) -> StoreResult<Vec<u8>>;
+
+    /// Adds a user; `Conflict` if the name is taken.
+    async fn create_user(&self, user: &User, key: &SecretDigest) -> StoreResult<()>;
+    /// The user owning an API key.
+    async fn user_by_key(&self, key: &SecretDigest) -> StoreResult<Option<User>>;
+    /// All users.
+    async fn list_users(&self) -> StoreResult<Vec<User>>;
+
+    /// Registers an agent; `Conflict` if the id is taken.
+    async fn create_agent(&self, agent: &Agent) -> StoreResult<()>;
+    /// One agent.
+    async fn agent(&self, id: &str) -> StoreResult<Option<Agent>>;
+    /// All agents.
+    async fn list_agents(&self) -> StoreResult<Vec<Agent>>;
+    /// Disables an agent and revokes its active grants in one transaction; false if unknown.
+    async fn disable_agent(&self, id: &str, now: i64) -> StoreResult<bool>;
+
+    /// Stores a new grant with the digest of its handle.
+    async fn create_grant(&self, grant: &Grant, handle: &SecretDigest) -> StoreResult<()>;
+    /// One grant.
+    async fn grant(&self, id: &str) -> StoreResult<Option<Grant>>;
+    /// The grant a handle was issued for.
+    async fn grant_by_handle(&self, handle: &SecretDigest) -> StoreResult<Option<Grant>>;
+    /// Grants, all or of one human, newest first.
+    async fn list_grants(&self, subject: Option<&str>) -> StoreResult<Vec<Grant>>;
+    /// Moves an active, unexpired grant to a terminal status (a compare-and-set); `None` if it
+    /// was not active any more, else the grant as it now is.
+    async fn end_grant(
+        &self,
+        id: &str,
+        end: GrantEnd,
+        reason: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<Grant>>;
+
+    /// Records one-time values (`jti`s) atomically: either all are new and all are stored, or
+    /// nothing is stored and the index of the first one already seen is returned.
+    async fn consume_once(&self, entries: &[(String, i64)]) -> StoreResult<Option<usize>>;
+    /// Marks a token dead until its expiry.
+    async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()>;
+    /// Whether a token was revoked.
+    async fn is_token_revoked(&self, jti: &str) -> StoreResult<bool>;
+    /// Deletes replay entries and revoked-token rows that can no longer matter.
+    async fn prune(&self, now: i64) -> StoreResult<u64>;
+}
+
+/// Opens the store named by a database URL, creating and migrating it as needed.
+pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(Arc::new(SqliteStore::open(path).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
