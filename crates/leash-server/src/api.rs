@@ -454,12 +454,16 @@ pub async fn complete_grant(
                 .await?
                 .ok_or_else(|| ApiError::NotFound("no such grant".into()))?
         }
-        Some((scheme, key)) if scheme == "bearer" => {
-            let caller = caller_from_key(&state, &key)
-                .await?
-                .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))?;
-            visible_grant(&state, &caller, &id).await?
-        }
+        Some((scheme, key)) if scheme == "bearer" => match caller_from_key(&state, &key).await? {
+            Some(caller) => visible_grant(&state, &caller, &id).await?,
+            // An access token is DPoP-bound: presenting it as Bearer is a downgrade.
+            None if leash_core::jws::Jws::parse(&key).is_ok() => {
+                return Err(ApiError::InvalidToken(
+                    "a DPoP-bound token must be sent with the DPoP scheme, not Bearer".into(),
+                ));
+            }
+            None => return Err(ApiError::Unauthorized("unknown API key".into())),
+        },
         _ => {
             return Err(ApiError::Unauthorized(
                 "use Bearer <api key> or DPoP <access token>".into(),

@@ -391,7 +391,10 @@ mod tests {
         let (_dir, store) = store().await;
         let a = ("a".to_string(), 10);
         let b = ("b".to_string(), 10);
-        assert_eq!(store.consume_once(std::slice::from_ref(&a)).await.unwrap(), None);
+        assert_eq!(
+            store.consume_once(std::slice::from_ref(&a)).await.unwrap(),
+            None
+        );
         // b is new but a is not: nothing is stored, and index 0 is named.
         assert_eq!(
             store.consume_once(&[a.clone(), b.clone()]).await.unwrap(),

@@ -1,1 +1,439 @@
-//! placeholder
+//! Test harness: the real `leash` binary on a random loopback port with a temporary SQLite
+//! store, plus helpers that play the admin, a human and an agent over real HTTP.
+
+#![allow(
+    clippy::expect_used,
+    reason = "test harness: a broken setup should abort the test loudly"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use leash_core::client::AgentKey;
+use leash_core::jws::Alg;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// The admin key every test server starts with.
+pub const ADMIN_KEY: &str = "lsk_test_admin_key_0123456789abcdefghijklmnop";
+/// The grant token type.
+pub const GRANT_TOKEN_TYPE: &str = "urn:leash:params:oauth:token-type:grant";
+/// The token-exchange grant type.
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The private_key_jwt assertion type.
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The default test agent.
+pub const AGENT: &str = "spiffe://example.org/agent/mailbot";
+
+/// Upstreams every test server knows.
+pub const UPSTREAMS: &str = r#"
+[[upstream]]
+name = "mail"
+url = "http://127.0.0.1:9"
+[[upstream.route]]
+method = "GET"
+path = "/messages/**"
+action = "mail:read"
+[[upstream.route]]
+method = "POST"
+path = "/drafts"
+action = "mail:draft"
+[[upstream.route]]
+method = "POST"
+path = "/messages/*/send"
+action = "mail:send"
+risk = "high"
+[[upstream.route]]
+method = "GET"
+path = "/export"
+action = "mail:export"
+
+[[upstream]]
+name = "finance"
+url = "http://127.0.0.1:9"
+[[upstream.route]]
+method = "GET"
+path = "/**"
+action = "finance:read"
+"#;
+
+/// The current Unix time.
+pub fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A running `leash serve` child process.
+pub struct Leash {
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    /// Everything the server printed to stdout and stderr, for log assertions.
+    pub output: std::sync::Arc<std::sync::Mutex<String>>,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    http: reqwest::Client,
+    listen: String,
+}
+
+impl Leash {
+    /// Starts the binary at `bin` with the test upstreams and `extra` config lines.
+    pub async fn start(bin: &Path, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("leash.toml"),
+            format!("{extra}\n{UPSTREAMS}"),
+        )
+        .expect("config");
+        let mut leash = Self {
+            url: String::new(),
+            output: Default::default(),
+            bin: bin.to_owned(),
+            dir,
+            child: None,
+            http: reqwest::Client::new(),
+            listen: "127.0.0.1:0".into(),
+        };
+        leash.spawn().await;
+        leash
+    }
+
+    async fn spawn(&mut self) {
+        let mut child = Command::new(&self.bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.path().join("leash.toml"))
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .arg("--listen")
+            .arg(&self.listen)
+            .env("LEASH_ADMIN_TOKEN", ADMIN_KEY)
+            .env("LEASH_LOG", "debug")
+            .env_remove("LEASH_ISSUER")
+            .env_remove("LEASH_DATABASE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn leash");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let output = self.output.clone();
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.strip_prefix("leash listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let addr = rest.split(' ').next().unwrap_or_default().to_owned();
+                    let _ = tx.send(addr);
+                }
+                output
+                    .lock()
+                    .expect("log lock")
+                    .push_str(&format!("{line}\n"));
+            }
+        });
+        let output = self.output.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                output
+                    .lock()
+                    .expect("log lock")
+                    .push_str(&format!("{line}\n"));
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("leash did not start: {}", self.output.lock().expect("lock"))
+            })
+            .expect("listening line");
+        self.listen = addr.clone();
+        self.url = format!("http://{addr}");
+        self.child = Some(child);
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Kills the server with SIGKILL (no shutdown of any kind).
+    pub async fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill");
+            child.wait().await.expect("wait");
+        }
+    }
+
+    /// Stops the server with SIGTERM and returns its exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().expect("pid");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await
+            .expect("kill -TERM");
+        tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("exits")
+            .expect("wait")
+    }
+
+    /// Starts the server again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.kill9().await;
+        self.spawn().await;
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.output.lock().expect("lock").clone()
+    }
+
+    /// A plain HTTP client.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `METHOD path` with a Bearer key and an optional JSON body; returns status and JSON.
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Adds a human; returns (id, api key).
+    pub async fn create_user(&self, name: &str) -> (String, String) {
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/users",
+                ADMIN_KEY,
+                Some(json!({"name": name})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["id"].as_str().expect("id").into(),
+            body["api_key"].as_str().expect("key").into(),
+        )
+    }
+
+    /// Registers an agent with `key`'s public part.
+    pub async fn register_agent(&self, id: &str, key: &AgentKey) {
+        let body =
+            json!({"id": id, "name": "test agent", "jwks": {"keys": [key.public().to_value()]}});
+        let (status, body) = self
+            .call(reqwest::Method::POST, "/v1/agents", ADMIN_KEY, Some(body))
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// Creates a grant as the human with `user_key`.
+    pub async fn create_grant(&self, user_key: &str, body: Value) -> Value {
+        let (status, body) = self
+            .call(reqwest::Method::POST, "/v1/grants", user_key, Some(body))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body
+    }
+
+    /// The token endpoint URL.
+    pub fn token_url(&self) -> String {
+        format!("{}/oauth2/token", self.url)
+    }
+
+    /// Posts a raw form body to `path` with extra headers.
+    pub async fn post_form(
+        &self,
+        path: &str,
+        body: String,
+        headers: &[(&str, String)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            headers,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+/// Encodes form pairs.
+pub fn form(pairs: &[(&str, &str)]) -> String {
+    let mut out = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        out.append_pair(k, v);
+    }
+    out.finish()
+}
+
+/// A human, an agent and one active grant on a running server.
+pub struct Scenario {
+    /// The human's id.
+    pub user_id: String,
+    /// The human's API key.
+    pub user_key: String,
+    /// The agent's key.
+    pub agent_key: AgentKey,
+    /// The grant as created (with its handle).
+    pub grant: Value,
+}
+
+impl Scenario {
+    /// alice delegates mail:read + mail:draft for 30 minutes to the mailbot agent (Ed25519).
+    pub async fn new(leash: &Leash) -> Self {
+        Self::with_grant(
+            leash,
+            Alg::EdDsa,
+            json!({
+                "agent": AGENT, "purpose": "Summarise my inbox", "upstreams": ["mail"],
+                "actions": ["mail:read", "mail:draft"], "ttl_seconds": 1800,
+            }),
+        )
+        .await
+    }
+
+    /// The same with an agent key of `alg` and a grant body of choice.
+    pub async fn with_grant(leash: &Leash, alg: Alg, grant: Value) -> Self {
+        let (user_id, user_key) = leash.create_user("alice").await;
+        let agent_key = AgentKey::generate(alg);
+        leash.register_agent(AGENT, &agent_key).await;
+        let grant = leash.create_grant(&user_key, grant).await;
+        Self {
+            user_id,
+            user_key,
+            agent_key,
+            grant,
+        }
+    }
+
+    /// The grant's handle.
+    pub fn handle(&self) -> &str {
+        self.grant["handle"].as_str().expect("handle")
+    }
+
+    /// The grant's id.
+    pub fn grant_id(&self) -> &str {
+        self.grant["id"].as_str().expect("id")
+    }
+
+    /// The token-exchange form for this grant, with a fresh assertion.
+    pub fn exchange_form(&self, leash: &Leash) -> Vec<(String, String)> {
+        vec![
+            ("grant_type".into(), TOKEN_EXCHANGE.into()),
+            ("subject_token".into(), self.handle().into()),
+            ("subject_token_type".into(), GRANT_TOKEN_TYPE.into()),
+            ("client_assertion_type".into(), JWT_BEARER.into()),
+            (
+                "client_assertion".into(),
+                self.agent_key
+                    .client_assertion(AGENT, &leash.token_url(), now()),
+            ),
+        ]
+    }
+
+    /// Exchanges with `form` and `proof` (None: no DPoP header).
+    pub async fn exchange_raw(
+        &self,
+        leash: &Leash,
+        form: &[(String, String)],
+        proof: Option<String>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let headers: Vec<(&str, String)> = proof.into_iter().map(|p| ("DPoP", p)).collect();
+        leash
+            .post_form("/oauth2/token", crate::form(&pairs), &headers)
+            .await
+    }
+
+    /// A successful exchange with a fresh DPoP key; returns (token, DPoP key).
+    pub async fn token(&self, leash: &Leash) -> (String, AgentKey) {
+        let dpop = AgentKey::generate(Alg::EdDsa);
+        let proof = dpop.dpop_proof("POST", &leash.token_url(), None, None, now());
+        let (status, _, body) = self
+            .exchange_raw(leash, &self.exchange_form(leash), Some(proof))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        (
+            body["access_token"].as_str().expect("token").to_owned(),
+            dpop,
+        )
+    }
+
+    /// Calls `POST /v1/grants/{id}/complete` as the agent (a resource-side DPoP call).
+    pub async fn agent_call(
+        &self,
+        leash: &Leash,
+        method: reqwest::Method,
+        path: &str,
+        authorization: &str,
+        proof: Option<String>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut request = leash
+            .http()
+            .request(method, format!("{}{path}", leash.url))
+            .header("Authorization", authorization);
+        if let Some(proof) = proof {
+            request = request.header("DPoP", proof);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            headers,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Introspects `token` as admin.
+    pub async fn introspect(&self, leash: &Leash, token: &str) -> Value {
+        let (status, _, body) = leash
+            .post_form(
+                "/oauth2/introspect",
+                form(&[("token", token)]),
+                &[("Authorization", format!("Bearer {ADMIN_KEY}"))],
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}

@@ -1,0 +1,43 @@
+//! Integration tests: the real `leash` binary on a random loopback port, temp SQLite, real
+//! HTTP and real signatures.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "integration tests abort loudly on failure"
+)]
+
+mod cli;
+mod durability;
+mod exchange;
+mod input;
+mod jose_python;
+mod proofs;
+mod resource;
+
+use std::path::Path;
+
+use base64::Engine as _;
+use leash_testkit::Leash;
+use serde_json::Value;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_leash"))
+}
+
+async fn leash() -> Leash {
+    Leash::start(bin(), "").await
+}
+
+/// Decodes one segment of a compact JWS, without checking anything.
+fn segment(jwt: &str, index: usize) -> Value {
+    let part = jwt.split('.').nth(index).expect("segment");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("b64");
+    serde_json::from_slice(&bytes).expect("json")
+}
+
+fn b64(bytes: impl AsRef<[u8]>) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
