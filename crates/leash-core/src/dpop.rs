@@ -265,6 +265,30 @@ mod tests {
     }
 
     #[test]
+    fn overlong_jti_refused() {
+        let key = crate::client::AgentKey::generate(crate::jws::Alg::EdDsa);
+        let url = url::Url::parse("http://127.0.0.1:8470/oauth2/token").unwrap();
+        let mut header = serde_json::Map::new();
+        header.insert("typ".into(), serde_json::json!("dpop+jwt"));
+        header.insert("jwk".into(), key.public().to_value());
+        for (jti, ok) in [
+            ("j".repeat(256), true),
+            ("j".repeat(257), false),
+            (String::new(), false),
+        ] {
+            let claims =
+                serde_json::json!({"jti": jti, "htm": "POST", "htu": url.as_str(), "iat": 1000});
+            let proof = key.sign(header.clone(), &claims);
+            assert_eq!(
+                verify_proof(&proof, &cx("POST", &url, 1000)).is_ok(),
+                ok,
+                "{}",
+                jti.len()
+            );
+        }
+    }
+
+    #[test]
     fn nonces_round_trip_and_expire() {
         let key = NonceKey::new([9; 32]);
         let nonce = key.issue(1000);

@@ -118,15 +118,8 @@ impl PublicJwk {
 
     /// The RFC 7638 SHA-256 thumbprint, base64url.
     pub fn thumbprint(&self) -> String {
-        // Members in lexicographic order, no whitespace (RFC 7638 §3.2); the values are
-        // base64url and so need no JSON escaping.
-        let canonical = match self {
-            Self::Ed25519 { x, .. } => format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#),
-            Self::P256 { x, y, .. } => {
-                format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#)
-            }
-        };
-        b64::encode(Sha256::digest(canonical.as_bytes()))
+        // INVARIANT: to_value holds exactly the required members of the key type.
+        thumbprint(&self.to_value()).unwrap_or_default()
     }
 
     /// Whether a JWS with `alg` may be verified with this key.
@@ -160,6 +153,30 @@ impl PublicJwk {
     }
 }
 
+/// The RFC 7638 SHA-256 thumbprint of any JWK (RSA, EC, OKP or oct): the required members of
+/// its key type, in lexicographic order, without whitespace. `None` for an unknown `kty` or a
+/// missing member.
+pub fn thumbprint(jwk: &Value) -> Option<String> {
+    let required: &[&str] = match jwk.get("kty")?.as_str()? {
+        "RSA" => &["e", "kty", "n"],
+        "EC" => &["crv", "kty", "x", "y"],
+        "OKP" => &["crv", "kty", "x"],
+        "oct" => &["k", "kty"],
+        _ => return None,
+    };
+    // serde_json's Map is ordered by key (no preserve_order feature), and to_string emits no
+    // whitespace: together that is RFC 7638 §3.2's canonical form.
+    let mut members = Map::new();
+    for name in required {
+        members.insert(
+            (*name).to_owned(),
+            Value::String(jwk.get(*name)?.as_str()?.to_owned()),
+        );
+    }
+    let canonical = Value::Object(members).to_string();
+    Some(b64::encode(Sha256::digest(canonical.as_bytes())))
+}
+
 /// A JWK set as registered for an agent.
 pub fn parse_jwks(value: &Value) -> Result<Vec<PublicJwk>, JoseError> {
     let keys = value
@@ -177,6 +194,20 @@ pub fn parse_jwks(value: &Value) -> Result<Vec<PublicJwk>, JoseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc7638_rsa_thumbprint_ignores_alg_and_kid() {
+        let jwk = serde_json::json!({"kty":"RSA","n":"0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw","e":"AQAB","alg":"RS256","kid":"2011-04-29"});
+        assert_eq!(
+            thumbprint(&jwk).unwrap(),
+            "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+        );
+        // The same digest as the RFC's byte list.
+        let bytes = b64::decode("NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs").unwrap();
+        assert_eq!(&bytes[..4], &[55, 54, 203, 177]);
+        // Still refused as a key Leash verifies with.
+        assert!(PublicJwk::from_value(&jwk).is_err());
+    }
 
     #[test]
     fn rfc8037_ed25519_thumbprint() {

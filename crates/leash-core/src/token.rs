@@ -224,6 +224,59 @@ mod tests {
     }
 
     #[test]
+    fn hostile_kids_never_reach_the_key_lookup() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let looked_up = std::cell::RefCell::new(Vec::new());
+        let find = |kid: &str| {
+            looked_up.borrow_mut().push(kid.to_owned());
+            None
+        };
+        for kid in [json!("a".repeat(129)), json!(5), json!(null)] {
+            let header = json!({"alg": "EdDSA", "typ": ACCESS_TOKEN_TYP, "kid": kid});
+            let token = crate::jws::sign_ed25519(
+                &header,
+                &serde_json::to_value(claims(1000)).unwrap(),
+                &key,
+            );
+            assert_eq!(
+                verify_access_token(&token, find, "http://127.0.0.1:8470", 1000),
+                Err(JoseError::UnknownKey)
+            );
+        }
+        assert!(looked_up.borrow().is_empty());
+        // A path-like kid is only ever a map key: unknown, and nothing else happens.
+        let header =
+            json!({"alg": "EdDSA", "typ": ACCESS_TOKEN_TYP, "kid": "../../etc/passwd\u{0}'"});
+        let token =
+            crate::jws::sign_ed25519(&header, &serde_json::to_value(claims(1000)).unwrap(), &key);
+        assert_eq!(
+            verify_access_token(&token, find, "http://127.0.0.1:8470", 1000),
+            Err(JoseError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn key_carrying_headers_refused() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let signing = SigningKey::new(key.clone());
+        let public = signing.public();
+        for extra in ["jku", "x5u", "x5c", "jwk"] {
+            let mut header = json!({"alg": "EdDSA", "typ": ACCESS_TOKEN_TYP, "kid": signing.kid()});
+            header[extra] = json!("https://evil.example/keys");
+            let token = crate::jws::sign_ed25519(
+                &header,
+                &serde_json::to_value(claims(1000)).unwrap(),
+                &key,
+            );
+            assert!(
+                verify_access_token(&token, |_| Some(public.clone()), &claims(0).iss, 1000)
+                    .is_err(),
+                "{extra}"
+            );
+        }
+    }
+
+    #[test]
     fn other_typ_refused() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
         let signing = SigningKey::new(key.clone());

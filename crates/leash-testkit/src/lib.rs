@@ -109,7 +109,7 @@ impl Leash {
             .arg("--listen")
             .arg(&self.listen)
             .env("LEASH_ADMIN_TOKEN", ADMIN_KEY)
-            .env("LEASH_LOG", "debug")
+            .env("LEASH_LOG", "info")
             .env_remove("LEASH_ISSUER")
             .env_remove("LEASH_DATABASE")
             .stdout(Stdio::piped())

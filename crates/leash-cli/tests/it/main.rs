@@ -14,6 +14,7 @@ mod input;
 mod jose_python;
 mod proofs;
 mod resource;
+mod secrets;
 
 use std::path::Path;
 
