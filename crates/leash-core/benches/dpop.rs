@@ -42,6 +42,19 @@ fn bench(c: &mut Criterion) {
                 verify_proof(black_box(&proof), &cx).expect("valid")
             })
         });
+        let jwk = key.public().to_value();
+        group.bench_function("parts/jws_parse", |b| {
+            b.iter(|| leash_core::jws::Jws::parse(black_box(&proof)).expect("parses"))
+        });
+        group.bench_function("parts/jwk_from_value", |b| {
+            b.iter(|| leash_core::jwk::PublicJwk::from_value(black_box(&jwk)).expect("key"))
+        });
+        group.bench_function("parts/thumbprint", |b| {
+            b.iter(|| black_box(&public).thumbprint())
+        });
+        group.bench_function("parts/url_parse", |b| {
+            b.iter(|| url::Url::parse(black_box(url.as_str())).expect("url"))
+        });
         group.finish();
     }
 }

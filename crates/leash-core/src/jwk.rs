@@ -75,16 +75,22 @@ impl PublicJwk {
         }
         match (str_member(obj, "kty")?, str_member(obj, "crv")) {
             ("OKP", Ok("Ed25519")) => {
+                let x_text = str_member(obj, "x")?;
+                if let Some(known) = memo::get(x_text) {
+                    return Ok(known);
+                }
                 let x = coordinate(obj, "x")?;
                 let key = ed25519_dalek::VerifyingKey::from_bytes(&x)
                     .map_err(|_| JoseError::BadKey("jwk `x` is not an Ed25519 point".into()))?;
                 if key.is_weak() {
                     return Err(JoseError::BadKey("jwk `x` is a small-order point".into()));
                 }
-                Ok(Self::Ed25519 {
-                    x: str_member(obj, "x")?.to_owned(),
+                let jwk = Self::Ed25519 {
+                    x: x_text.to_owned(),
                     key,
-                })
+                };
+                memo::put(x_text, &jwk);
+                Ok(jwk)
             }
             ("EC", Ok("P-256")) => {
                 let x = coordinate(obj, "x")?;
@@ -149,6 +155,33 @@ impl PublicJwk {
                     .map_err(|_| JoseError::BadSignature)?;
                 key.verify(input, &sig).map_err(|_| JoseError::BadSignature)
             }
+        }
+    }
+}
+
+/// A bounded memo of decoded Ed25519 keys. Decoding (point decompression and the small-order
+/// check) is a pure function of `x` and costs several microseconds, while a DPoP key is sent
+/// with every request of a session: remembering it keeps the proof check close to the bare
+/// signature verification. Only keys that decoded successfully are remembered.
+mod memo {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+
+    use super::PublicJwk;
+
+    const CAPACITY: usize = 4096;
+    static KEYS: LazyLock<Mutex<HashMap<String, PublicJwk>>> = LazyLock::new(Default::default);
+
+    pub(super) fn get(x: &str) -> Option<PublicJwk> {
+        KEYS.lock().ok()?.get(x).cloned()
+    }
+
+    pub(super) fn put(x: &str, jwk: &PublicJwk) {
+        if let Ok(mut keys) = KEYS.lock() {
+            if keys.len() >= CAPACITY {
+                keys.clear();
+            }
+            keys.insert(x.to_owned(), jwk.clone());
         }
     }
 }

@@ -13,6 +13,7 @@ use leash_core::grant::{GrantStatus, narrow_scope};
 use leash_core::jwk::parse_jwks;
 use leash_core::secret::{SecretDigest, random_id};
 use leash_core::token::{AccessClaims, Actor, Confirmation, verify_access_token};
+use leash_store::Agent;
 use serde_json::json;
 
 use crate::error::{ApiError, ApiResult};
@@ -39,6 +40,7 @@ async fn authenticate_client(
     state: &AppState,
     form: &Form,
     audiences: &[&str],
+    known: Option<&Agent>,
 ) -> ApiResult<(String, (String, i64))> {
     match form.get("client_assertion_type") {
         Some(JWT_BEARER) => {}
@@ -65,11 +67,14 @@ async fn authenticate_client(
             "client_id does not match the assertion".into(),
         ));
     }
-    let agent = state
-        .store
-        .agent(&agent_id)
-        .await?
-        .ok_or_else(|| ApiError::InvalidClient("unknown agent".into()))?;
+    let agent = match known.filter(|a| a.id == agent_id) {
+        Some(agent) => agent.clone(),
+        None => state
+            .store
+            .agent(&agent_id)
+            .await?
+            .ok_or_else(|| ApiError::InvalidClient("unknown agent".into()))?,
+    };
     if agent.disabled {
         return Err(ApiError::InvalidClient("the agent is disabled".into()));
     }
@@ -118,9 +123,15 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         ));
     }
 
+    // One query finds the grant and its agent; the client is authenticated first all the same.
+    let found = state
+        .store
+        .grant_by_handle(&SecretDigest::of(handle))
+        .await?;
     let token_endpoint = state.token_endpoint.as_str();
+    let audiences = [state.issuer.as_str(), token_endpoint];
     let (agent, assertion_entry) =
-        authenticate_client(state, form, &[state.issuer.as_str(), token_endpoint]).await?;
+        authenticate_client(state, form, &audiences, found.as_ref().map(|(_, a)| a)).await?;
 
     let now = state.clock.now();
     let mut proofs = headers.get_all("dpop").iter();
@@ -151,10 +162,8 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         ProofError::Invalid(m) => ApiError::InvalidDpopProof(m),
     })?;
 
-    let grant = state
-        .store
-        .grant_by_handle(&SecretDigest::of(handle))
-        .await?
+    let grant = found
+        .map(|(grant, _)| grant)
         .filter(|g| g.agent == agent)
         .ok_or_else(|| {
             ApiError::InvalidGrant("unknown grant handle, or not issued to this agent".into())
@@ -251,7 +260,7 @@ async fn oauth_caller(
                 state.token_endpoint.as_str(),
                 revocation.as_str(),
             ];
-            let (agent, entry) = authenticate_client(state, form, &audiences).await?;
+            let (agent, entry) = authenticate_client(state, form, &audiences, None).await?;
             Ok(OAuthCaller::Agent(agent, entry))
         }
     }

@@ -107,8 +107,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn create_grant(&self, grant: &Grant, handle: &SecretDigest) -> StoreResult<()>;
     /// One grant.
     async fn grant(&self, id: &str) -> StoreResult<Option<Grant>>;
-    /// The grant a handle was issued for.
-    async fn grant_by_handle(&self, handle: &SecretDigest) -> StoreResult<Option<Grant>>;
+    /// The grant a handle was issued for, with its agent (one round trip for the token
+    /// endpoint's hot path).
+    async fn grant_by_handle(&self, handle: &SecretDigest) -> StoreResult<Option<(Grant, Agent)>>;
     /// Grants, all or of one human, newest first.
     async fn list_grants(&self, subject: Option<&str>) -> StoreResult<Vec<Grant>>;
     /// Moves an active, unexpired grant to a terminal status (a compare-and-set); `None` if it

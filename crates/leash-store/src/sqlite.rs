@@ -3,6 +3,7 @@
 //! `synchronous = NORMAL`: a commit is in the WAL before it returns, so it survives the process
 //! being killed (`kill -9`); only a power cut may lose the last commits.
 
+use std::collections::HashSet;
 use std::str::FromStr as _;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row as _, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{Agent, GrantEnd, Store, StoreError, StoreResult, User};
 
@@ -19,6 +21,7 @@ use crate::{Agent, GrantEnd, Store, StoreError, StoreResult, User};
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    replay: mpsc::Sender<ConsumeRequest>,
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -78,6 +81,117 @@ fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<User> {
     })
 }
 
+/// One caller's one-time values and where to send the verdict.
+type ConsumeRequest = (
+    Vec<(String, i64)>,
+    oneshot::Sender<StoreResult<Option<usize>>>,
+);
+
+/// Most requests committed in one replay transaction.
+const MAX_REPLAY_BATCH: usize = 64;
+
+/// Group commit of one-time values: one task owns replay writes and commits whatever requests
+/// are waiting in one transaction, so concurrent token and gateway calls share a commit.
+async fn replay_writer(pool: SqlitePool, mut requests: mpsc::Receiver<ConsumeRequest>) {
+    while let Some(first) = requests.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_REPLAY_BATCH {
+            match requests.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let entries: Vec<&[(String, i64)]> = batch.iter().map(|(e, _)| e.as_slice()).collect();
+        match consume_batch(&pool, &entries).await {
+            Ok(verdicts) => {
+                for ((_, reply), verdict) in batch.into_iter().zip(verdicts) {
+                    let _ = reply.send(Ok(verdict));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Consumes each request's values all-or-nothing, in one transaction for the whole batch.
+/// Within a batch the earlier of two requests sharing a value claims it, even if that request
+/// then fails on another of its values: the later one is refused (fail closed).
+async fn consume_batch(
+    pool: &SqlitePool,
+    requests: &[&[(String, i64)]],
+) -> StoreResult<Vec<Option<usize>>> {
+    let mut verdicts = vec![None; requests.len()];
+    let mut claimed = HashSet::new();
+    let mut candidates = Vec::new();
+    for (index, entries) in requests.iter().enumerate() {
+        let mut own = HashSet::new();
+        let seen = entries
+            .iter()
+            .position(|(key, _)| claimed.contains(key.as_str()) || !own.insert(key.as_str()));
+        match seen {
+            Some(position) => verdicts[index] = Some(position),
+            None => {
+                claimed.extend(own);
+                candidates.push(index);
+            }
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(verdicts);
+    }
+    let rows: Vec<&(String, i64)> = candidates
+        .iter()
+        .flat_map(|&i| requests[i].iter())
+        .collect();
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let mut sql = String::from("INSERT INTO replay (key, until) VALUES ");
+    sql.push_str(&vec!["(?, ?)"; rows.len()].join(", "));
+    sql.push_str(" ON CONFLICT DO NOTHING RETURNING key");
+    let mut query = sqlx::query(&sql);
+    for (key, until) in &rows {
+        query = query.bind(key).bind(until);
+    }
+    let inserted: HashSet<String> = query
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|row| row.try_get::<String, _>("key"))
+        .collect::<Result<_, _>>()
+        .map_err(unavailable)?;
+    let mut undo = Vec::new();
+    for &index in &candidates {
+        let entries = requests[index];
+        if let Some(position) = entries.iter().position(|(key, _)| !inserted.contains(key)) {
+            verdicts[index] = Some(position);
+            undo.extend(
+                entries
+                    .iter()
+                    .filter(|(key, _)| inserted.contains(key))
+                    .map(|(key, _)| key),
+            );
+        }
+    }
+    if !undo.is_empty() {
+        let sql = format!(
+            "DELETE FROM replay WHERE key IN ({})",
+            vec!["?"; undo.len()].join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for key in undo {
+            query = query.bind(key);
+        }
+        query.execute(&mut *tx).await.map_err(unavailable)?;
+    }
+    tx.commit().await.map_err(unavailable)?;
+    Ok(verdicts)
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) the database file at `path` and applies migrations.
     pub async fn open(path: &str) -> StoreResult<Self> {
@@ -102,7 +216,13 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(unavailable)?;
-        Ok(Self { writer, reader })
+        let (replay, requests) = mpsc::channel(1024);
+        tokio::spawn(replay_writer(writer.clone(), requests));
+        Ok(Self {
+            writer,
+            reader,
+            replay,
+        })
     }
 }
 
@@ -259,15 +379,35 @@ impl Store for SqliteStore {
         row.as_ref().map(grant_from_row).transpose()
     }
 
-    async fn grant_by_handle(&self, handle: &SecretDigest) -> StoreResult<Option<Grant>> {
+    async fn grant_by_handle(&self, handle: &SecretDigest) -> StoreResult<Option<(Grant, Agent)>> {
+        let grant_columns: Vec<String> = GRANT_COLUMNS
+            .split(", ")
+            .map(|c| format!("g.{c}"))
+            .collect();
         let row = sqlx::query(&format!(
-            "SELECT {GRANT_COLUMNS} FROM grants WHERE handle_digest = ?"
+            "SELECT {}, a.name AS agent_name, a.jwks AS agent_jwks, \
+             a.disabled AS agent_disabled, a.created_at AS agent_created_at \
+             FROM grants g JOIN agents a ON a.id = g.agent WHERE g.handle_digest = ?",
+            grant_columns.join(", ")
         ))
         .bind(handle.as_str())
         .fetch_optional(&self.reader)
         .await
         .map_err(unavailable)?;
-        row.as_ref().map(grant_from_row).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let grant = grant_from_row(&row)?;
+        let jwks: String = row.try_get("agent_jwks").map_err(unavailable)?;
+        let agent = Agent {
+            id: grant.agent.clone(),
+            name: row.try_get("agent_name").map_err(unavailable)?,
+            jwks: serde_json::from_str(&jwks).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            disabled: row
+                .try_get::<i64, _>("agent_disabled")
+                .map_err(unavailable)?
+                != 0,
+            created_at: row.try_get("agent_created_at").map_err(unavailable)?,
+        };
+        Ok(Some((grant, agent)))
     }
 
     async fn list_grants(&self, subject: Option<&str>) -> StoreResult<Vec<Grant>> {
@@ -308,31 +448,14 @@ impl Store for SqliteStore {
         if entries.is_empty() {
             return Ok(None);
         }
-        // One multi-row statement: a conflict on any row aborts the whole statement.
-        let mut sql = String::from("INSERT INTO replay (key, until) VALUES ");
-        sql.push_str(&vec!["(?, ?)"; entries.len()].join(", "));
-        let mut query = sqlx::query(&sql);
-        for (key, until) in entries {
-            query = query.bind(key).bind(until);
-        }
-        match query.execute(&self.writer).await.map_err(unavailable) {
-            Ok(_) => Ok(None),
-            Err(StoreError::Conflict) => {
-                for (index, (key, _)) in entries.iter().enumerate() {
-                    let seen = sqlx::query("SELECT 1 FROM replay WHERE key = ?")
-                        .bind(key)
-                        .fetch_optional(&self.writer)
-                        .await
-                        .map_err(unavailable)?;
-                    if seen.is_some() {
-                        return Ok(Some(index));
-                    }
-                }
-                // Duplicates within the batch itself.
-                Ok(Some(entries.len() - 1))
-            }
-            Err(e) => Err(e),
-        }
+        let (reply, answer) = oneshot::channel();
+        self.replay
+            .send((entries.to_vec(), reply))
+            .await
+            .map_err(|_| StoreError::Unavailable("the replay writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the replay writer has stopped".into()))?
     }
 
     async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()> {
@@ -402,6 +525,55 @@ mod tests {
         );
         assert_eq!(store.consume_once(&[b.clone(), a]).await.unwrap(), Some(1));
         assert_eq!(store.consume_once(&[b]).await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_copies_are_consumed_exactly_once() {
+        let (_dir, store) = store().await;
+        let store = std::sync::Arc::new(store);
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let store = store.clone();
+                // Each request shares "proof" and has its own assertion.
+                tokio::spawn(async move {
+                    store
+                        .consume_once(&[(format!("assertion-{i}"), 10), ("proof".into(), 10)])
+                        .await
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for task in tasks {
+            if task.await.unwrap().unwrap().is_none() {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1);
+        // The losers' own assertions were not consumed.
+        let fresh: Vec<_> = (0..32).map(|i| (format!("assertion-{i}"), 10)).collect();
+        let reused = count_already_taken(&store, fresh).await;
+        assert_eq!(reused, 1, "only the winner's assertion is taken");
+    }
+
+    async fn count_already_taken(store: &SqliteStore, entries: Vec<(String, i64)>) -> usize {
+        let mut taken = 0;
+        for entry in entries {
+            if store.consume_once(&[entry]).await.unwrap().is_some() {
+                taken += 1;
+            }
+        }
+        taken
+    }
+
+    #[tokio::test]
+    async fn a_request_repeating_its_own_value_is_refused() {
+        let (_dir, store) = store().await;
+        let a = ("a".to_string(), 10);
+        assert_eq!(
+            store.consume_once(&[a.clone(), a.clone()]).await.unwrap(),
+            Some(1)
+        );
+        assert_eq!(store.consume_once(&[a]).await.unwrap(), None);
     }
 
     #[tokio::test]
