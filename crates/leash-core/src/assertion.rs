@@ -27,7 +27,7 @@ pub struct VerifiedAssertion {
 
 impl VerifiedAssertion {
     /// The replay-store key of this assertion.
-    pub fn replay_key(&self) -> String {
+    pub fn replay_key(&self) -> crate::dpop::ReplayKey {
         replay_key("assertion", &self.agent, &self.jti)
     }
 }

@@ -65,7 +65,7 @@ pub struct VerifiedProof {
 
 impl VerifiedProof {
     /// The replay-store key: `jti` is unique per key (RFC 9449 §11.1), hashed to a fixed size.
-    pub fn replay_key(&self) -> String {
+    pub fn replay_key(&self) -> ReplayKey {
         replay_key("dpop", &self.jkt, &self.jti)
     }
 
@@ -75,14 +75,17 @@ impl VerifiedProof {
     }
 }
 
+/// The store key of a one-time value: SHA-256 over its kind, its issuer and its `jti`.
+pub type ReplayKey = [u8; 32];
+
 /// A fixed-size replay-store key for a `jti` of some kind and issuer.
-pub fn replay_key(kind: &str, issuer: &str, jti: &str) -> String {
+pub fn replay_key(kind: &str, issuer: &str, jti: &str) -> ReplayKey {
     let mut hasher = Sha256::new();
     for part in [kind, issuer, jti] {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
-    hex::encode(hasher.finalize())
+    hasher.finalize().into()
 }
 
 /// `ath`: base64url(SHA-256(access token)).

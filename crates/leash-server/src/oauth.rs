@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use leash_core::assertion::{JWT_BEARER, claimed_agent, verify_assertion};
+use leash_core::dpop::ReplayKey;
 use leash_core::dpop::{ProofContext, ProofError, verify_proof};
 use leash_core::grant::{GrantStatus, narrow_scope};
 use leash_core::jwk::parse_jwks;
@@ -41,7 +42,7 @@ async fn authenticate_client(
     form: &Form,
     audiences: &[&str],
     known: Option<&Agent>,
-) -> ApiResult<(String, (String, i64))> {
+) -> ApiResult<(String, (ReplayKey, i64))> {
     match form.get("client_assertion_type") {
         Some(JWT_BEARER) => {}
         Some(_) => {
@@ -237,7 +238,7 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
 /// Who asks to revoke or introspect.
 enum OAuthCaller {
     Key(Caller),
-    Agent(String, (String, i64)),
+    Agent(String, (ReplayKey, i64)),
 }
 
 async fn oauth_caller(

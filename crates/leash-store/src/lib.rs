@@ -6,6 +6,7 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use leash_core::dpop::ReplayKey;
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 
@@ -124,7 +125,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records one-time values (`jti`s) atomically: either all are new and all are stored, or
     /// nothing is stored and the index of the first one already seen is returned.
-    async fn consume_once(&self, entries: &[(String, i64)]) -> StoreResult<Option<usize>>;
+    async fn consume_once(&self, entries: &[(ReplayKey, i64)]) -> StoreResult<Option<usize>>;
     /// Marks a token dead until its expiry.
     async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()>;
     /// Whether a token was revoked.

@@ -8,6 +8,7 @@ use std::str::FromStr as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use leash_core::dpop::ReplayKey;
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -83,7 +84,7 @@ fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<User> {
 
 /// One caller's one-time values and where to send the verdict.
 type ConsumeRequest = (
-    Vec<(String, i64)>,
+    Vec<(ReplayKey, i64)>,
     oneshot::Sender<StoreResult<Option<usize>>>,
 );
 
@@ -101,7 +102,7 @@ async fn replay_writer(pool: SqlitePool, mut requests: mpsc::Receiver<ConsumeReq
                 Err(_) => break,
             }
         }
-        let entries: Vec<&[(String, i64)]> = batch.iter().map(|(e, _)| e.as_slice()).collect();
+        let entries: Vec<&[(ReplayKey, i64)]> = batch.iter().map(|(e, _)| e.as_slice()).collect();
         match consume_batch(&pool, &entries).await {
             Ok(verdicts) => {
                 for ((_, reply), verdict) in batch.into_iter().zip(verdicts) {
@@ -123,16 +124,16 @@ async fn replay_writer(pool: SqlitePool, mut requests: mpsc::Receiver<ConsumeReq
 /// then fails on another of its values: the later one is refused (fail closed).
 async fn consume_batch(
     pool: &SqlitePool,
-    requests: &[&[(String, i64)]],
+    requests: &[&[(ReplayKey, i64)]],
 ) -> StoreResult<Vec<Option<usize>>> {
     let mut verdicts = vec![None; requests.len()];
-    let mut claimed = HashSet::new();
+    let mut claimed: HashSet<&ReplayKey> = HashSet::new();
     let mut candidates = Vec::new();
     for (index, entries) in requests.iter().enumerate() {
         let mut own = HashSet::new();
         let seen = entries
             .iter()
-            .position(|(key, _)| claimed.contains(key.as_str()) || !own.insert(key.as_str()));
+            .position(|(key, _)| claimed.contains(key) || !own.insert(key));
         match seen {
             Some(position) => verdicts[index] = Some(position),
             None => {
@@ -144,7 +145,7 @@ async fn consume_batch(
     if candidates.is_empty() {
         return Ok(verdicts);
     }
-    let rows: Vec<&(String, i64)> = candidates
+    let rows: Vec<&(ReplayKey, i64)> = candidates
         .iter()
         .flat_map(|&i| requests[i].iter())
         .collect();
@@ -154,25 +155,28 @@ async fn consume_batch(
     sql.push_str(" ON CONFLICT DO NOTHING RETURNING key");
     let mut query = sqlx::query(&sql);
     for (key, until) in &rows {
-        query = query.bind(key).bind(until);
+        query = query.bind(key.as_slice()).bind(until);
     }
-    let inserted: HashSet<String> = query
+    let inserted: HashSet<Vec<u8>> = query
         .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?
         .iter()
-        .map(|row| row.try_get::<String, _>("key"))
+        .map(|row| row.try_get::<Vec<u8>, _>("key"))
         .collect::<Result<_, _>>()
         .map_err(unavailable)?;
-    let mut undo = Vec::new();
+    let mut undo: Vec<&ReplayKey> = Vec::new();
     for &index in &candidates {
         let entries = requests[index];
-        if let Some(position) = entries.iter().position(|(key, _)| !inserted.contains(key)) {
+        if let Some(position) = entries
+            .iter()
+            .position(|(key, _)| !inserted.contains(key.as_slice()))
+        {
             verdicts[index] = Some(position);
             undo.extend(
                 entries
                     .iter()
-                    .filter(|(key, _)| inserted.contains(key))
+                    .filter(|(key, _)| inserted.contains(key.as_slice()))
                     .map(|(key, _)| key),
             );
         }
@@ -184,7 +188,7 @@ async fn consume_batch(
         );
         let mut query = sqlx::query(&sql);
         for key in undo {
-            query = query.bind(key);
+            query = query.bind(key.as_slice());
         }
         query.execute(&mut *tx).await.map_err(unavailable)?;
     }
@@ -444,7 +448,7 @@ impl Store for SqliteStore {
         row.as_ref().map(grant_from_row).transpose()
     }
 
-    async fn consume_once(&self, entries: &[(String, i64)]) -> StoreResult<Option<usize>> {
+    async fn consume_once(&self, entries: &[(ReplayKey, i64)]) -> StoreResult<Option<usize>> {
         if entries.is_empty() {
             return Ok(None);
         }
@@ -502,6 +506,10 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    fn k(name: &str) -> ReplayKey {
+        leash_core::dpop::replay_key("test", "", name)
+    }
+
     async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
@@ -512,18 +520,15 @@ mod tests {
     #[tokio::test]
     async fn consume_once_is_all_or_nothing() {
         let (_dir, store) = store().await;
-        let a = ("a".to_string(), 10);
-        let b = ("b".to_string(), 10);
+        let a = (k("a"), 10);
+        let b = (k("b"), 10);
         assert_eq!(
             store.consume_once(std::slice::from_ref(&a)).await.unwrap(),
             None
         );
         // b is new but a is not: nothing is stored, and index 0 is named.
-        assert_eq!(
-            store.consume_once(&[a.clone(), b.clone()]).await.unwrap(),
-            Some(0)
-        );
-        assert_eq!(store.consume_once(&[b.clone(), a]).await.unwrap(), Some(1));
+        assert_eq!(store.consume_once(&[a, b]).await.unwrap(), Some(0));
+        assert_eq!(store.consume_once(&[b, a]).await.unwrap(), Some(1));
         assert_eq!(store.consume_once(&[b]).await.unwrap(), None);
     }
 
@@ -537,7 +542,7 @@ mod tests {
                 // Each request shares "proof" and has its own assertion.
                 tokio::spawn(async move {
                     store
-                        .consume_once(&[(format!("assertion-{i}"), 10), ("proof".into(), 10)])
+                        .consume_once(&[(k(&format!("assertion-{i}")), 10), (k("proof"), 10)])
                         .await
                 })
             })
@@ -550,12 +555,14 @@ mod tests {
         }
         assert_eq!(winners, 1);
         // The losers' own assertions were not consumed.
-        let fresh: Vec<_> = (0..32).map(|i| (format!("assertion-{i}"), 10)).collect();
+        let fresh: Vec<_> = (0..32)
+            .map(|i| (k(&format!("assertion-{i}")), 10))
+            .collect();
         let reused = count_already_taken(&store, fresh).await;
         assert_eq!(reused, 1, "only the winner's assertion is taken");
     }
 
-    async fn count_already_taken(store: &SqliteStore, entries: Vec<(String, i64)>) -> usize {
+    async fn count_already_taken(store: &SqliteStore, entries: Vec<(ReplayKey, i64)>) -> usize {
         let mut taken = 0;
         for entry in entries {
             if store.consume_once(&[entry]).await.unwrap().is_some() {
@@ -568,11 +575,8 @@ mod tests {
     #[tokio::test]
     async fn a_request_repeating_its_own_value_is_refused() {
         let (_dir, store) = store().await;
-        let a = ("a".to_string(), 10);
-        assert_eq!(
-            store.consume_once(&[a.clone(), a.clone()]).await.unwrap(),
-            Some(1)
-        );
+        let a = (k("a"), 10);
+        assert_eq!(store.consume_once(&[a, a]).await.unwrap(), Some(1));
         assert_eq!(store.consume_once(&[a]).await.unwrap(), None);
     }
 
@@ -588,17 +592,14 @@ mod tests {
     async fn prune_drops_only_expired_entries() {
         let (_dir, store) = store().await;
         store
-            .consume_once(&[("old".into(), 5), ("new".into(), 50)])
+            .consume_once(&[(k("old"), 5), (k("new"), 50)])
             .await
             .unwrap();
         assert_eq!(store.prune(10).await.unwrap(), 1);
         assert_eq!(
-            store.consume_once(&[("new".into(), 50)]).await.unwrap(),
+            store.consume_once(&[(k("new"), 50)]).await.unwrap(),
             Some(0)
         );
-        assert_eq!(
-            store.consume_once(&[("old".into(), 50)]).await.unwrap(),
-            None
-        );
+        assert_eq!(store.consume_once(&[(k("old"), 50)]).await.unwrap(), None);
     }
 }
