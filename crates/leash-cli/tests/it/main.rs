@@ -15,6 +15,7 @@ mod jose_python;
 mod proofs;
 mod resource;
 mod secrets;
+mod startup;
 
 use std::path::Path;
 

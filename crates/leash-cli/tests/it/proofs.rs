@@ -247,4 +247,45 @@ async fn server_nonces_when_switched_on() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert!(headers.contains_key("dpop-nonce"));
+
+    // At a resource: 401 use_dpop_nonce with a fresh nonce, then the call with it succeeds.
+    let token = body["access_token"].as_str().unwrap();
+    let path = format!("/v1/grants/{}/complete", s.grant_id());
+    let url = format!("{}{path}", leash.url);
+    let auth = format!("DPoP {token}");
+    let (status, headers, body) = s
+        .agent_call(
+            &leash,
+            reqwest::Method::POST,
+            &path,
+            &auth,
+            Some(key.dpop_proof("POST", &url, Some(token), None, now())),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("use_dpop_nonce")),
+        "{body}"
+    );
+    assert!(
+        headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("use_dpop_nonce")
+    );
+    let nonce = headers["dpop-nonce"].to_str().unwrap().to_owned();
+    let (status, _, body) = s
+        .agent_call(
+            &leash,
+            reqwest::Method::POST,
+            &path,
+            &auth,
+            Some(key.dpop_proof("POST", &url, Some(token), Some(&nonce), now())),
+        )
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("completed")),
+        "{body}"
+    );
 }
