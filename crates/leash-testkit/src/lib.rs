@@ -218,13 +218,8 @@ impl Leash {
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.expect("request");
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        let (status, _, body) = read(request.send().await.expect("request")).await;
+        (status, body)
     }
 
     /// Adds a human; returns (id, api key).
@@ -283,16 +278,17 @@ impl Leash {
         for (name, value) in headers {
             request = request.header(*name, value);
         }
-        let response = request.send().await.expect("request");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
-        (
-            status,
-            headers,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        read(request.send().await.expect("request")).await
     }
+}
+
+/// Status, headers and body (JSON, or the text as a JSON string) of a response.
+pub async fn read(response: reqwest::Response) -> (u16, reqwest::header::HeaderMap, Value) {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, headers, body)
 }
 
 /// Encodes form pairs.
@@ -413,15 +409,17 @@ impl Scenario {
         if let Some(proof) = proof {
             request = request.header("DPoP", proof);
         }
-        let response = request.send().await.expect("request");
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
-        (
-            status,
-            headers,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        read(request.send().await.expect("request")).await
+    }
+
+    /// The grant's status as its human sees it.
+    pub async fn grant_status(&self, leash: &Leash) -> String {
+        let path = format!("/v1/grants/{}", self.grant_id());
+        let (status, grant) = leash
+            .call(reqwest::Method::GET, &path, &self.user_key, None)
+            .await;
+        assert_eq!(status, 200, "{grant}");
+        grant["status"].as_str().expect("status").to_owned()
     }
 
     /// Introspects `token` as admin.

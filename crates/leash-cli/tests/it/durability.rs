@@ -3,7 +3,6 @@
 use leash_core::client::AgentKey;
 use leash_core::jws::Alg;
 use leash_testkit::{AGENT, Scenario, now};
-use reqwest::Method;
 use serde_json::json;
 
 use super::leash;
@@ -15,15 +14,7 @@ async fn grant_acknowledged_before_kill_9_exists_and_exchanges_after_restart() {
     // Kill at once after the 201, with no shutdown of any kind.
     leash.kill9().await;
     leash.restart().await;
-    let (status, grant) = leash
-        .call(
-            Method::GET,
-            &format!("/v1/grants/{}", s.grant_id()),
-            &s.user_key,
-            None,
-        )
-        .await;
-    assert_eq!((status, grant["status"].as_str()), (200, Some("active")));
+    assert_eq!(s.grant_status(&leash).await, "active");
     let (token, _) = s.token(&leash).await;
     assert_eq!(s.introspect(&leash, &token).await["act"]["sub"], AGENT);
 }

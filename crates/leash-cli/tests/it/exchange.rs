@@ -293,15 +293,7 @@ async fn expired_grant_is_invalid_grant() {
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     expect_error(&s, &leash, &s.exchange_form(&leash), 400, "invalid_grant").await;
-    let (_, grant) = leash
-        .call(
-            Method::GET,
-            &format!("/v1/grants/{}", s.grant_id()),
-            &s.user_key,
-            None,
-        )
-        .await;
-    assert_eq!(grant["status"], "expired");
+    assert_eq!(s.grant_status(&leash).await, "expired");
 }
 
 #[tokio::test]
@@ -354,15 +346,7 @@ async fn disabled_agent_gets_no_token_and_loses_its_grants() {
     );
     expect_error(&s, &leash, &s.exchange_form(&leash), 401, "invalid_client").await;
     assert_eq!(s.introspect(&leash, &token).await, json!({"active": false}));
-    let (_, grant) = leash
-        .call(
-            Method::GET,
-            &format!("/v1/grants/{}", s.grant_id()),
-            &s.user_key,
-            None,
-        )
-        .await;
-    assert_eq!(grant["status"], "revoked");
+    assert_eq!(s.grant_status(&leash).await, "revoked");
 }
 
 #[tokio::test]

@@ -33,16 +33,9 @@ async fn assert_refused(
         challenge.starts_with("DPoP ") && challenge.contains(code) && challenge.contains("algs="),
         "{challenge}"
     );
-    let (_, grant) = leash
-        .call(
-            Method::GET,
-            &format!("/v1/grants/{}", s.grant_id()),
-            &s.user_key,
-            None,
-        )
-        .await;
     assert_eq!(
-        grant["status"], "active",
+        s.grant_status(leash).await,
+        "active",
         "a refused call changed the grant"
     );
 }

@@ -24,6 +24,10 @@ fn serve(dir: &std::path::Path, envs: &[(&str, &str)]) -> Command {
 }
 
 /// Starts the server and returns its stdout lines up to the listening line, and the child.
+#[expect(
+    clippy::zombie_processes,
+    reason = "the child is returned; every caller kills and waits for it"
+)]
 fn start(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Vec<String>, String, Child) {
     let mut child = serve(dir, envs).spawn().unwrap();
     let mut lines = Vec::new();
