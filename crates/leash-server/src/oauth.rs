@@ -312,19 +312,14 @@ pub async fn introspect(
     headers: HeaderMap,
     form: Form,
 ) -> ApiResult<Response> {
-    match oauth_caller(&state, &headers, &Form(Default::default())).await {
-        Ok(OAuthCaller::Key(Caller::Admin)) => {}
-        Ok(_) => {
-            return Err(ApiError::InvalidClient(
-                "introspection needs the admin key".into(),
-            ));
-        }
-        Err(ApiError::InvalidClient(_)) => {
-            return Err(ApiError::InvalidClient(
-                "introspection needs Authorization: Bearer <admin key>".into(),
-            ));
-        }
-        Err(e) => return Err(e),
+    let caller = match authorization(&headers)? {
+        Some((scheme, key)) if scheme == "bearer" => caller_from_key(&state, &key).await?,
+        _ => None,
+    };
+    if !matches!(caller, Some(Caller::Admin)) {
+        return Err(ApiError::InvalidClient(
+            "introspection needs Authorization: Bearer <admin key>".into(),
+        ));
     }
     let token = form.require("token")?;
     let now = state.clock.now();
