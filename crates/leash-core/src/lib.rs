@@ -10,6 +10,7 @@ pub mod dpop;
 pub mod grant;
 pub mod jwk;
 pub mod jws;
+pub mod route;
 pub mod secret;
 pub mod token;
 

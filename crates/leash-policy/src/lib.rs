@@ -1,0 +1,451 @@
+//! Leash's policy-as-code with Cedar: the schema of Leash's entities and request context, a
+//! small built-in default policy set, operator policies from a directory (validated against the
+//! schema), and [`PolicyEngine::authorize`], which turns a request into a [`Decision`] and fails
+//! closed on any evaluation error.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::str::FromStr as _;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, EntityId, EntityTypeName, EntityUid,
+    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+
+/// The built-in policy: permit what the grant and scope checks already allowed. Operator
+/// policies narrow it with `forbid`s. The approval of high-risk actions is enforced by
+/// [`PolicyEngine::authorize`] after the policy set allowed, unless a permit annotated
+/// `@approval("not_required")` matches the request.
+pub const DEFAULT_POLICIES: &str = r#"
+@id("leash:permit-within-grant")
+permit(principal, action, resource);
+"#;
+
+/// Annotation an operator puts on a `permit` to waive the approval of high-risk actions it
+/// matches: `@approval("not_required")`.
+pub const WAIVER_ANNOTATION: &str = "approval";
+
+/// Id reported when a high-risk action waits for approval.
+pub const APPROVAL_POLICY_ID: &str = "leash:high-risk-needs-approval";
+
+/// Why the policy set could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {message}")]
+    Read {
+        /// The file or directory.
+        path: String,
+        /// The cause.
+        message: String,
+    },
+    /// A file is not valid Cedar.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A policy does not validate against Leash's schema.
+    #[error("policy {id} does not validate against the Leash schema: {message}")]
+    Invalid {
+        /// The policy's id.
+        id: String,
+        /// The validator's message.
+        message: String,
+    },
+    /// Internal schema construction failed (a bug or an unusable action name).
+    #[error("schema: {0}")]
+    Schema(String),
+}
+
+/// Who makes the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// An agent acting for a human under a grant.
+    Delegated,
+    /// The human with their own key.
+    Direct,
+}
+
+/// Everything policy may look at, built natively per request.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    /// Delegated or direct.
+    pub mode: Mode,
+    /// The agent id (delegated) or the human id (direct).
+    pub principal: &'a str,
+    /// The human.
+    pub human: &'a str,
+    /// The action, `app:verb`.
+    pub action: &'a str,
+    /// The upstream's name.
+    pub upstream: &'a str,
+    /// The request method.
+    pub method: &'a str,
+    /// The request path as forwarded.
+    pub path: &'a str,
+    /// The grant's id (empty in direct mode).
+    pub grant_id: &'a str,
+    /// The grant's purpose (empty in direct mode).
+    pub purpose: &'a str,
+    /// The grant's actions.
+    pub grant_actions: &'a [String],
+    /// Seconds since the grant was created.
+    pub grant_age_seconds: i64,
+    /// Whether the route or the action's name marks it high risk.
+    pub high_risk: bool,
+    /// Whether the grant lists the action as needing approval.
+    pub grant_requires_approval: bool,
+    /// Whether a matching approval is attached.
+    pub approval_attached: bool,
+    /// Unix time of the decision.
+    pub now: i64,
+}
+
+/// The outcome of policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed; the policies that permitted it.
+    Allow {
+        /// Determining policy ids.
+        policies: Vec<String>,
+    },
+    /// Denied by policy (or by an evaluation error: fail closed).
+    Deny {
+        /// Determining policy ids (empty: no permit matched).
+        policies: Vec<String>,
+        /// Why, for the error body.
+        reason: String,
+    },
+    /// Allowed by policy, but a human must approve this exact request first.
+    ApprovalRequired {
+        /// The policy that requires it.
+        policies: Vec<String>,
+    },
+}
+
+/// Verbs that are high risk whatever the route says (API §5).
+pub const HIGH_RISK_VERBS: [&str; 6] = [
+    "export",
+    "delete",
+    "share",
+    "grant_privilege",
+    "create_credential",
+    "read_secret",
+];
+
+/// Whether an action is high risk by its name alone.
+pub fn high_risk_by_name(action: &str) -> bool {
+    action
+        .split_once(':')
+        .is_some_and(|(_, verb)| HIGH_RISK_VERBS.contains(&verb))
+}
+
+/// The Cedar schema for a set of actions.
+pub fn schema_text(actions: &BTreeSet<String>) -> String {
+    let mut text = String::from(
+        r#"namespace Leash {
+  entity Human;
+  entity Agent;
+  entity Upstream;
+  entity Path in [Upstream];
+  type RequestContext = {
+    mode: String,
+    human: String,
+    action: String,
+    app: String,
+    verb: String,
+    upstream: String,
+    method: String,
+    path: String,
+    grant_id: String,
+    purpose: String,
+    grant_actions: Set<String>,
+    grant_age_seconds: Long,
+    risk: String,
+    needs_approval: Bool,
+    approval_attached: Bool,
+    hour: Long,
+    minute_of_day: Long,
+    weekday: Long,
+  };
+"#,
+    );
+    for action in actions {
+        text.push_str(&format!(
+            "  action \"{action}\" appliesTo {{ principal: [Agent, Human], resource: [Path], context: RequestContext }};\n"
+        ));
+    }
+    text.push_str("}\n");
+    text
+}
+
+fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
+    EntityTypeName::from_str(name).map_err(|e| PolicyError::Schema(e.to_string()))
+}
+
+/// A parsed, validated policy set and what it takes to evaluate it.
+#[derive(Debug)]
+pub struct PolicyEngine {
+    policies: PolicySet,
+    waivers: PolicySet,
+    authorizer: Authorizer,
+    entities: Entities,
+    agent_type: EntityTypeName,
+    human_type: EntityTypeName,
+    path_type: EntityTypeName,
+    action_type: EntityTypeName,
+    operator_policies: usize,
+}
+
+fn parse_into(set: &mut PolicySet, text: &str, origin: &str) -> Result<usize, PolicyError> {
+    let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
+        path: origin.to_owned(),
+        message: format!("{e:?}"),
+    })?;
+    if parsed.templates().next().is_some() {
+        return Err(PolicyError::Parse {
+            path: origin.to_owned(),
+            message: "templates are not supported".into(),
+        });
+    }
+    let mut count = 0;
+    for (index, policy) in parsed.policies().enumerate() {
+        let id = policy
+            .annotation("id")
+            .map_or_else(|| format!("{origin}#{index}"), str::to_owned);
+        set.add(policy.new_id(PolicyId::new(id.clone())))
+            .map_err(|e| PolicyError::Parse {
+                path: origin.to_owned(),
+                message: format!("policy {id}: {e}"),
+            })?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Reads every `*.cedar` file of `dir` in name order.
+fn read_dir(dir: &Path) -> Result<Vec<(String, String)>, PolicyError> {
+    let read_error = |e: std::io::Error| PolicyError::Read {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_error)? {
+        let path = entry.map_err(read_error)?.path();
+        if path.extension().is_some_and(|e| e == "cedar") {
+            let text = std::fs::read_to_string(&path).map_err(|e| PolicyError::Read {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            files.push((name, text));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+impl PolicyEngine {
+    /// Builds the engine for `actions` (all actions the upstreams define) from the default
+    /// policies and the `*.cedar` files of `dir`; every policy must validate strictly.
+    pub fn load(actions: &BTreeSet<String>, dir: Option<&Path>) -> Result<Self, PolicyError> {
+        let files = match dir {
+            Some(dir) => read_dir(dir)?,
+            None => Vec::new(),
+        };
+        Self::from_sources(actions, &files)
+    }
+
+    /// Builds the engine from `(name, text)` policy sources.
+    pub fn from_sources(
+        actions: &BTreeSet<String>,
+        sources: &[(String, String)],
+    ) -> Result<Self, PolicyError> {
+        let (schema, _) = Schema::from_cedarschema_str(&schema_text(actions))
+            .map_err(|e| PolicyError::Schema(format!("{e:?}")))?;
+        let mut policies = PolicySet::new();
+        parse_into(&mut policies, DEFAULT_POLICIES, "built-in")?;
+        let mut operator_policies = 0;
+        for (name, text) in sources {
+            operator_policies += parse_into(&mut policies, text, name)?;
+        }
+        let validation = Validator::new(schema).validate(&policies, ValidationMode::Strict);
+        if let Some(error) = validation.validation_errors().next() {
+            return Err(PolicyError::Invalid {
+                id: error.policy_id().to_string(),
+                message: error.to_string(),
+            });
+        }
+        let mut waivers = PolicySet::new();
+        for policy in policies.policies() {
+            if policy.annotation(WAIVER_ANNOTATION) == Some("not_required") {
+                if policy.effect() != cedar_policy::Effect::Permit {
+                    return Err(PolicyError::Invalid {
+                        id: policy.id().to_string(),
+                        message: "@approval(\"not_required\") belongs on a permit".into(),
+                    });
+                }
+                waivers
+                    .add(policy.clone())
+                    .map_err(|e| PolicyError::Schema(e.to_string()))?;
+            }
+        }
+        Ok(Self {
+            policies,
+            waivers,
+            authorizer: Authorizer::new(),
+            entities: Entities::empty(),
+            agent_type: type_name("Leash::Agent")?,
+            human_type: type_name("Leash::Human")?,
+            path_type: type_name("Leash::Path")?,
+            action_type: type_name("Leash::Action")?,
+            operator_policies,
+        })
+    }
+
+    /// How many operator policies were loaded (besides the built-in ones).
+    pub fn operator_policies(&self) -> usize {
+        self.operator_policies
+    }
+
+    fn request(&self, facts: &Facts<'_>) -> Result<Request, String> {
+        let principal_type = match facts.mode {
+            Mode::Delegated => self.agent_type.clone(),
+            Mode::Direct => self.human_type.clone(),
+        };
+        let uid = |t: &EntityTypeName, id: &str| {
+            EntityUid::from_type_name_and_id(t.clone(), EntityId::new(id))
+        };
+        let (app, verb) = facts.action.split_once(':').unwrap_or((facts.action, ""));
+        let needs_approval = facts.high_risk || facts.grant_requires_approval;
+        let time = time_parts(facts.now);
+        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
+        let context = Context::from_pairs([
+            (
+                "mode".into(),
+                string(match facts.mode {
+                    Mode::Delegated => "delegated",
+                    Mode::Direct => "direct",
+                }),
+            ),
+            ("human".into(), string(facts.human)),
+            ("action".into(), string(facts.action)),
+            ("app".into(), string(app)),
+            ("verb".into(), string(verb)),
+            ("upstream".into(), string(facts.upstream)),
+            ("method".into(), string(facts.method)),
+            ("path".into(), string(facts.path)),
+            ("grant_id".into(), string(facts.grant_id)),
+            ("purpose".into(), string(facts.purpose)),
+            (
+                "grant_actions".into(),
+                RestrictedExpression::new_set(facts.grant_actions.iter().map(|a| string(a))),
+            ),
+            (
+                "grant_age_seconds".into(),
+                RestrictedExpression::new_long(facts.grant_age_seconds),
+            ),
+            (
+                "risk".into(),
+                string(if facts.high_risk { "high" } else { "normal" }),
+            ),
+            (
+                "needs_approval".into(),
+                RestrictedExpression::new_bool(needs_approval),
+            ),
+            (
+                "approval_attached".into(),
+                RestrictedExpression::new_bool(facts.approval_attached),
+            ),
+            ("hour".into(), RestrictedExpression::new_long(time.0)),
+            (
+                "minute_of_day".into(),
+                RestrictedExpression::new_long(time.1),
+            ),
+            ("weekday".into(), RestrictedExpression::new_long(time.2)),
+        ])
+        .map_err(|e| e.to_string())?;
+        // The context has a fixed shape that a unit test checks against the schema, so the
+        // per-request schema check is skipped.
+        Request::new(
+            uid(&principal_type, facts.principal),
+            uid(&self.action_type, facts.action),
+            uid(
+                &self.path_type,
+                &format!("{}{}", facts.upstream, facts.path),
+            ),
+            context,
+            None,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Decides a request. Any evaluation error denies (fail closed).
+    pub fn authorize(&self, facts: &Facts<'_>) -> Decision {
+        let request = match self.request(facts) {
+            Ok(request) => request,
+            Err(message) => {
+                return Decision::Deny {
+                    policies: vec![],
+                    reason: format!("policy input: {message}"),
+                };
+            }
+        };
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &self.entities);
+        let diagnostics = response.diagnostics();
+        let policies: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
+        if let Some(error) = diagnostics.errors().next() {
+            return Decision::Deny {
+                policies,
+                reason: format!("policy evaluation failed: {error}"),
+            };
+        }
+        if response.decision() == CedarDecision::Deny {
+            let reason = if policies.is_empty() {
+                "no policy permits this request".into()
+            } else {
+                "denied by policy".into()
+            };
+            return Decision::Deny { policies, reason };
+        }
+        // A grant's own approval_required list is the human's explicit wish: never waived.
+        let needs_approval =
+            facts.grant_requires_approval || (facts.high_risk && !self.waived(&request));
+        if needs_approval && !facts.approval_attached {
+            return Decision::ApprovalRequired {
+                policies: vec![APPROVAL_POLICY_ID.into()],
+            };
+        }
+        Decision::Allow { policies }
+    }
+}
+
+impl PolicyEngine {
+    /// Whether an operator permit annotated `@approval("not_required")` matches, cleanly.
+    fn waived(&self, request: &Request) -> bool {
+        let response = self
+            .authorizer
+            .is_authorized(request, &self.waivers, &self.entities);
+        response.decision() == CedarDecision::Allow
+            && response.diagnostics().errors().next().is_none()
+    }
+}
+
+/// (hour, minute of day, weekday with Monday = 0) in UTC.
+fn time_parts(now: i64) -> (i64, i64, i64) {
+    let day = now.div_euclid(86_400);
+    let second = now.rem_euclid(86_400);
+    // 1970-01-01 was a Thursday (3 with Monday = 0).
+    ((second / 3600), (second / 60), (day + 3).rem_euclid(7))
+}
+
+#[cfg(test)]
+mod tests;
