@@ -156,9 +156,19 @@ pub struct Upstream {
     pub url: url::Url,
     /// Routes in order; the first match names the action.
     pub routes: Vec<Route>,
+    /// The routes compiled once at start: index into `routes`.
+    #[serde(skip)]
+    pub table: leash_core::route::RouteTable<usize>,
 }
 
 impl Upstream {
+    /// The route naming the action of `method` on a safe path's `segments`.
+    pub fn route(&self, method: &str, segments: &[&str]) -> Option<&Route> {
+        self.table
+            .find(method, segments)
+            .and_then(|&i| self.routes.get(i))
+    }
+
     /// The actions its routes define.
     pub fn actions(&self) -> BTreeSet<&str> {
         self.routes.iter().map(|r| r.action.as_str()).collect()
@@ -291,6 +301,13 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
                 risk,
             });
         }
+        let table = leash_core::route::RouteTable::new(
+            routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.method.as_str(), r.path.as_str(), i)),
+        )
+        .map_err(|e| invalid(&key, e.to_string()))?;
         if out
             .insert(
                 file.name.clone(),
@@ -298,6 +315,7 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
                     name: file.name,
                     url,
                     routes,
+                    table,
                 },
             )
             .is_some()

@@ -59,6 +59,29 @@ pub enum ApiError {
     /// 401 `use_dpop_nonce` at a resource, with a fresh `DPoP-Nonce`.
     #[error("resource server requires nonce in DPoP proof")]
     ResourceUseNonce(String),
+    /// 403 `no_route`: no route of the upstream names this request's action.
+    #[error("{0}")]
+    NoRoute(String),
+    /// 403 `insufficient_scope`: the upstream or action is outside the token's grant and scope.
+    #[error("{0}")]
+    InsufficientScope(String),
+    /// 403 `policy_denied`, naming the policies that decided.
+    #[error("{reason}")]
+    PolicyDenied {
+        /// Why.
+        reason: String,
+        /// The deciding policy ids.
+        policies: Vec<String>,
+    },
+    /// 403 `approval_required`: a human must approve this exact request.
+    #[error("this action needs a human approval of this exact request")]
+    ApprovalRequired {
+        /// The policies that require it.
+        policies: Vec<String>,
+    },
+    /// 502 `bad_gateway`: the upstream could not be reached.
+    #[error("{0}")]
+    BadGateway(String),
     /// 503 `temporarily_unavailable`: the store failed; nothing was decided.
     #[error("{0}")]
     Unavailable(String),
@@ -108,6 +131,11 @@ impl ApiError {
             Self::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             Self::ResourceInvalidProof(_) => (StatusCode::UNAUTHORIZED, "invalid_dpop_proof"),
             Self::ResourceUseNonce(_) => (StatusCode::UNAUTHORIZED, "use_dpop_nonce"),
+            Self::NoRoute(_) => (StatusCode::FORBIDDEN, "no_route"),
+            Self::InsufficientScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            Self::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "policy_denied"),
+            Self::ApprovalRequired { .. } => (StatusCode::FORBIDDEN, "approval_required"),
+            Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
         }
     }
@@ -117,7 +145,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let description = self.to_string();
-        let body = serde_json::json!({"error": code, "error_description": description});
+        let mut body = serde_json::json!({"error": code, "error_description": description});
+        if let Self::PolicyDenied { policies, .. } | Self::ApprovalRequired { policies } = &self {
+            body["policies"] = serde_json::json!(policies);
+        }
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -156,6 +187,11 @@ impl IntoResponse for ApiError {
             | Self::InvalidScope(_)
             | Self::UnsupportedGrantType(_)
             | Self::InvalidDpopProof(_)
+            | Self::NoRoute(_)
+            | Self::InsufficientScope(_)
+            | Self::PolicyDenied { .. }
+            | Self::ApprovalRequired { .. }
+            | Self::BadGateway(_)
             | Self::Unavailable(_) => {}
         }
         response

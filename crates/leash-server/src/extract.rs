@@ -215,6 +215,8 @@ impl FromRequestParts<Arc<AppState>> for Admin {
 pub struct AgentAuth {
     /// The verified token's claims.
     pub claims: AccessClaims,
+    /// The token's grant, live when the call was authenticated.
+    pub grant: leash_core::grant::Grant,
 }
 
 fn single_dpop_header(headers: &HeaderMap) -> ApiResult<Option<&str>> {
@@ -255,7 +257,7 @@ pub async fn authenticate_agent(
     let now = state.clock.now();
     let claims = verify_access_token(&token, |kid| state.verify_key(kid), &state.issuer, now)
         .map_err(|e| ApiError::InvalidToken(format!("access token refused: {e}")))?;
-    state.check_token_live(&claims, now).await?;
+    let grant = state.check_token_live(&claims, now).await?;
 
     let proof = single_dpop_header(headers)?
         .ok_or_else(|| ApiError::InvalidToken("DPoP proof header is missing".into()))?;
@@ -286,5 +288,5 @@ pub async fn authenticate_agent(
             "dpop proof jti was already used".into(),
         ));
     }
-    Ok(AgentAuth { claims })
+    Ok(AgentAuth { claims, grant })
 }

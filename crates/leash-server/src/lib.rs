@@ -5,15 +5,17 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod gateway;
 pub mod meta;
 pub mod oauth;
 pub mod state;
+pub mod vault;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post, put};
 use leash_core::Clock;
 use leash_core::secret::Secret;
 
@@ -45,6 +47,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/grants/{id}/revoke", post(api::revoke_grant))
         .route("/v1/grants/{id}/complete", post(api::complete_grant))
         .route("/v1/upstreams", get(api::list_upstreams))
+        .route("/v1/vault", get(vault::list))
+        .route(
+            "/v1/vault/{upstream}",
+            put(vault::put).delete(vault::delete),
+        )
+        .route("/gw/{upstream}", any(gateway::handle))
+        .route("/gw/{upstream}/{*path}", any(gateway::handle))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
@@ -98,7 +107,7 @@ pub async fn run(
         issuer.clone(),
         store.clone(),
         clock.clone(),
-        &master,
+        master,
         secrets.admin_token,
     )
     .await?;
@@ -108,6 +117,21 @@ pub async fn run(
         generated_admin_key: boot.generated_admin_key,
     });
 
+    #[cfg(unix)]
+    let reloader = {
+        let state = boot.state.clone();
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                match state.reload_policy() {
+                    Ok(count) => tracing::info!(operator_policies = count, "policies reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "policy reload failed; the previous policies stay in force")
+                    }
+                }
+            }
+        })
+    };
     let pruner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -121,5 +145,7 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     pruner.abort();
+    #[cfg(unix)]
+    reloader.abort();
     served.map_err(|e| anyhow::anyhow!("server error: {e}"))
 }

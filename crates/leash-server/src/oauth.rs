@@ -329,7 +329,7 @@ pub async fn introspect(
         return Ok(inactive());
     };
     match state.check_token_live(&claims, now).await {
-        Ok(()) => {}
+        Ok(_) => {}
         Err(ApiError::InvalidToken(_)) => return Ok(inactive()),
         Err(e) => return Err(e),
     }

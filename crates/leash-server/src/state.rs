@@ -1,18 +1,20 @@
 //! Shared server state and its bootstrap on start: data directory, store, master key, token
 //! signing key, admin key and DPoP nonce key.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::http::Uri;
+use leash_core::Clock;
 use leash_core::aead::MasterKey;
 use leash_core::dpop::NonceKey;
+use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jwk::PublicJwk;
 use leash_core::secret::{API_KEY_PREFIX, Secret, SecretDigest};
 use leash_core::token::{AccessClaims, SigningKey};
-use leash_core::{Clock, grant::GrantStatus};
+use leash_policy::{PolicyEngine, PolicyError};
 use leash_store::Store;
 
 use crate::config::Config;
@@ -60,6 +62,12 @@ pub struct AppState {
     pub nonce_key: NonceKey,
     /// Counters.
     pub metrics: Metrics,
+    /// The vault master key.
+    pub master: MasterKey,
+    /// The policy set in force; replaced whole on reload.
+    pub policy: std::sync::RwLock<Arc<PolicyEngine>>,
+    /// The client that forwards gateway requests.
+    pub upstream_client: reqwest::Client,
 }
 
 /// What bootstrap produced besides the state.
@@ -125,9 +133,10 @@ impl AppState {
         issuer: String,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
-        master: &MasterKey,
+        master: MasterKey,
         admin_token: Option<Secret>,
     ) -> anyhow::Result<Bootstrap> {
+        let policy = load_policy(&config)?;
         let sealed = store
             .init_setting(
                 SIGNING_KEY,
@@ -187,11 +196,36 @@ impl AppState {
             admin_key,
             nonce_key: NonceKey::new(nonce_bytes),
             metrics: Metrics::default(),
+            master,
+            policy: std::sync::RwLock::new(Arc::new(policy)),
+            upstream_client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .build()?,
         };
         Ok(Bootstrap {
             state: Arc::new(state),
             generated_admin_key,
         })
+    }
+
+    /// The policy set in force.
+    pub fn policy(&self) -> Arc<PolicyEngine> {
+        match self.policy.read() {
+            Ok(engine) => engine.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reloads the operator policies; on any error the old set stays in force.
+    pub fn reload_policy(&self) -> Result<usize, PolicyError> {
+        let engine = load_policy(&self.config)?;
+        let count = engine.operator_policies();
+        match self.policy.write() {
+            Ok(mut current) => *current = Arc::new(engine),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(engine),
+        }
+        Ok(count)
     }
 
     /// A token-verification key by `kid`.
@@ -210,8 +244,9 @@ impl AppState {
             .map_err(|_| ApiError::InvalidRequest("request path is not a valid URL path".into()))
     }
 
-    /// Refuses a token whose grant is no longer live or that was revoked itself.
-    pub async fn check_token_live(&self, claims: &AccessClaims, now: i64) -> ApiResult<()> {
+    /// Refuses a token whose grant is no longer live or that was revoked itself; returns the
+    /// live grant.
+    pub async fn check_token_live(&self, claims: &AccessClaims, now: i64) -> ApiResult<Grant> {
         let grant = self
             .store
             .grant(&claims.grant_id)
@@ -231,8 +266,23 @@ impl AppState {
         if self.store.is_token_revoked(&claims.jti).await? {
             return Err(ApiError::InvalidToken("the token was revoked".into()));
         }
-        Ok(())
+        Ok(grant)
     }
+}
+
+/// Every action the configured upstreams define.
+pub fn all_actions(config: &Config) -> BTreeSet<String> {
+    config
+        .upstreams
+        .values()
+        .flat_map(|u| u.actions())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Builds the policy engine from the built-in policies and `policy_dir`.
+pub fn load_policy(config: &Config) -> Result<PolicyEngine, PolicyError> {
+    PolicyEngine::load(&all_actions(config), config.policy_dir.as_deref())
 }
 
 /// RFC 3339 UTC rendering of a Unix time.

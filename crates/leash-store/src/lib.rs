@@ -58,6 +58,35 @@ pub struct Agent {
     pub created_at: i64,
 }
 
+/// A human's credential for one upstream; `sealed` is AEAD ciphertext under the master key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VaultEntry {
+    /// The human.
+    pub subject: String,
+    /// The upstream it is for.
+    pub upstream: String,
+    /// `bearer`, `cookie` or `header`.
+    pub kind: String,
+    /// The header name for `header` credentials.
+    pub header_name: Option<String>,
+    /// The sealed secret.
+    pub sealed: Vec<u8>,
+    /// When the credential stops being injected.
+    pub expires_at: Option<i64>,
+    /// When it was stored.
+    pub created_at: i64,
+}
+
+impl std::fmt::Debug for VaultEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultEntry")
+            .field("subject", &self.subject)
+            .field("upstream", &self.upstream)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How a grant ended, for [`Store::end_grant`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrantEnd {
@@ -122,6 +151,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         reason: Option<&str>,
         now: i64,
     ) -> StoreResult<Option<Grant>>;
+
+    /// Counts one gateway request against a live grant's budget, atomically; `None` when the
+    /// grant is not active, has expired, or its `max_requests` are used up.
+    async fn count_request(&self, grant_id: &str, now: i64) -> StoreResult<Option<i64>>;
+
+    /// Stores (or replaces) a human's credential for an upstream.
+    async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()>;
+    /// A human's credential for an upstream.
+    async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>>;
+    /// A human's credentials.
+    async fn list_credentials(&self, subject: &str) -> StoreResult<Vec<VaultEntry>>;
+    /// Deletes a human's credential for an upstream; false if there was none.
+    async fn delete_credential(&self, subject: &str, upstream: &str) -> StoreResult<bool>;
 
     /// Records one-time values (`jti`s) atomically: either all are new and all are stored, or
     /// nothing is stored and the index of the first one already seen is returned.

@@ -15,7 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row as _, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Agent, GrantEnd, Store, StoreError, StoreResult, User};
+use crate::{Agent, GrantEnd, Store, StoreError, StoreResult, User, VaultEntry};
 
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
@@ -70,6 +70,18 @@ fn agent_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Agent> {
         name: row.try_get("name").map_err(unavailable)?,
         jwks: serde_json::from_str(&jwks).map_err(|e| StoreError::Corrupt(e.to_string()))?,
         disabled: row.try_get::<i64, _>("disabled").map_err(unavailable)? != 0,
+        created_at: row.try_get("created_at").map_err(unavailable)?,
+    })
+}
+
+fn vault_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<VaultEntry> {
+    Ok(VaultEntry {
+        subject: row.try_get("subject").map_err(unavailable)?,
+        upstream: row.try_get("upstream").map_err(unavailable)?,
+        kind: row.try_get("kind").map_err(unavailable)?,
+        header_name: row.try_get("header_name").map_err(unavailable)?,
+        sealed: row.try_get("sealed").map_err(unavailable)?,
+        expires_at: row.try_get("expires_at").map_err(unavailable)?,
         created_at: row.try_get("created_at").map_err(unavailable)?,
     })
 }
@@ -460,6 +472,70 @@ impl Store for SqliteStore {
         answer
             .await
             .map_err(|_| StoreError::Unavailable("the replay writer has stopped".into()))?
+    }
+
+    async fn count_request(&self, grant_id: &str, now: i64) -> StoreResult<Option<i64>> {
+        let row = sqlx::query(
+            "UPDATE grants SET requests_used = requests_used + 1 \
+             WHERE id = ? AND status = 'active' AND expires_at > ? \
+             AND (max_requests IS NULL OR requests_used < max_requests) RETURNING requests_used",
+        )
+        .bind(grant_id)
+        .bind(now)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| r.try_get("requests_used").map_err(unavailable))
+            .transpose()
+    }
+
+    async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO vault (subject, upstream, kind, header_name, sealed, expires_at, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subject, upstream) DO UPDATE SET \
+             kind = excluded.kind, header_name = excluded.header_name, sealed = excluded.sealed, \
+             expires_at = excluded.expires_at, created_at = excluded.created_at",
+        )
+        .bind(&entry.subject)
+        .bind(&entry.upstream)
+        .bind(&entry.kind)
+        .bind(&entry.header_name)
+        .bind(&entry.sealed)
+        .bind(entry.expires_at)
+        .bind(entry.created_at)
+        .execute(&self.writer)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>> {
+        let row = sqlx::query("SELECT * FROM vault WHERE subject = ? AND upstream = ?")
+            .bind(subject)
+            .bind(upstream)
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(vault_from_row).transpose()
+    }
+
+    async fn list_credentials(&self, subject: &str) -> StoreResult<Vec<VaultEntry>> {
+        let rows = sqlx::query("SELECT * FROM vault WHERE subject = ? ORDER BY upstream")
+            .bind(subject)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(vault_from_row).collect()
+    }
+
+    async fn delete_credential(&self, subject: &str, upstream: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM vault WHERE subject = ? AND upstream = ?")
+            .bind(subject)
+            .bind(upstream)
+            .execute(&self.writer)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()> {

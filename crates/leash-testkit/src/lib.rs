@@ -80,10 +80,16 @@ pub struct Leash {
 impl Leash {
     /// Starts the binary at `bin` with the test upstreams and `extra` config lines.
     pub async fn start(bin: &Path, extra: &str) -> Self {
+        Self::start_with_upstream(bin, extra, "http://127.0.0.1:9").await
+    }
+
+    /// The same, with every test upstream pointing at `upstream_url`.
+    pub async fn start_with_upstream(bin: &Path, extra: &str, upstream_url: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
         std::fs::write(
             dir.path().join("leash.toml"),
-            format!("{extra}\n{UPSTREAMS}"),
+            format!("{extra}\n{upstreams}"),
         )
         .expect("config");
         let mut leash = Self {
@@ -156,6 +162,22 @@ impl Leash {
         self.listen = addr.clone();
         self.url = format!("http://{addr}");
         self.child = Some(child);
+    }
+
+    /// The directory holding the config file (a place for policy files).
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    /// Sends SIGHUP (reload policies).
+    pub async fn hangup(&self) {
+        let pid = self.child.as_ref().and_then(Child::id).expect("running");
+        Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .await
+            .expect("kill -HUP");
     }
 
     /// The data directory.
@@ -433,5 +455,80 @@ impl Scenario {
             .await;
         assert_eq!(status, 200, "{body}");
         body
+    }
+}
+
+/// One request as an upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Method.
+    pub method: String,
+    /// Path and query as received.
+    pub target: String,
+    /// Headers as received.
+    pub headers: reqwest::header::HeaderMap,
+    /// Body as received.
+    pub body: Vec<u8>,
+}
+
+/// An upstream on loopback that records every request and answers 200 with a JSON body, a
+/// `Set-Cookie` (which the gateway must strip) and an `X-Upstream` header.
+pub struct RecordingUpstream {
+    /// Its base URL.
+    pub url: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+impl RecordingUpstream {
+    /// Starts it on a random loopback port.
+    pub async fn start() -> Self {
+        use axum::extract::Request;
+        let requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>> = Default::default();
+        let seen = requests.clone();
+        let app = axum::Router::new().fallback(move |request: Request| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = axum::body::to_bytes(body, 16 << 20)
+                    .await
+                    .map(|b| b.to_vec())
+                    .unwrap_or_default();
+                let target = parts
+                    .uri
+                    .path_and_query()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                let size = body.len();
+                seen.lock().expect("lock").push(Recorded {
+                    method: parts.method.to_string(),
+                    target,
+                    headers: parts.headers,
+                    body,
+                });
+                (
+                    [
+                        ("set-cookie", "upstream_session=secret; Path=/"),
+                        ("x-upstream", "yes"),
+                    ],
+                    axum::Json(json!({"ok": true, "received_bytes": size})),
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, requests }
+    }
+
+    /// Everything received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().expect("lock").clone()
+    }
+
+    /// How many requests arrived.
+    pub fn count(&self) -> usize {
+        self.requests.lock().expect("lock").len()
     }
 }

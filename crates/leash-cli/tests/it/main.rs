@@ -10,6 +10,7 @@
 mod cli;
 mod durability;
 mod exchange;
+mod gateway;
 mod input;
 mod jose_python;
 mod proofs;

@@ -1,0 +1,565 @@
+//! The gateway (API §5, §6, §9) against a real recording upstream on loopback: what is
+//! forwarded, what is injected, and each refusal, asserting the upstream received nothing.
+
+use leash_core::client::AgentKey;
+use leash_core::jws::Alg;
+use leash_testkit::{AGENT, Leash, RecordingUpstream, Scenario, now, read};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::bin;
+
+struct Gw {
+    leash: Leash,
+    upstream: RecordingUpstream,
+    s: Scenario,
+    token: String,
+    dpop: AgentKey,
+}
+
+fn grant(actions: &[&str], upstreams: &[&str], extra: Value) -> Value {
+    let mut body = json!({
+        "agent": AGENT, "purpose": "Triage my inbox", "upstreams": upstreams, "actions": actions, "ttl_seconds": 600,
+    });
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
+    }
+    body
+}
+
+async fn setup(config: &str, grant_body: Value) -> Gw {
+    let upstream = RecordingUpstream::start().await;
+    let leash = Leash::start_with_upstream(bin(), config, &upstream.url).await;
+    let s = Scenario::with_grant(&leash, Alg::EdDsa, grant_body).await;
+    let (status, body) = leash
+        .call(
+            Method::PUT,
+            "/v1/vault/mail",
+            &s.user_key,
+            Some(json!({"kind": "cookie", "secret": "session=alice-mail-secret"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (token, dpop) = s.token(&leash).await;
+    Gw {
+        leash,
+        upstream,
+        s,
+        token,
+        dpop,
+    }
+}
+
+impl Gw {
+    async fn call(
+        &self,
+        method: Method,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let url = format!("{}{target}", self.leash.url);
+        let proof = self
+            .dpop
+            .dpop_proof(method.as_str(), &url, Some(&self.token), None, now());
+        let mut request = self
+            .leash
+            .http()
+            .request(method, &url)
+            .header("Authorization", format!("DPoP {}", self.token))
+            .header("DPoP", proof);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        read(request.send().await.unwrap()).await
+    }
+
+    async fn refused(&self, method: Method, target: &str, status: u16, code: &str) -> Value {
+        let before = self.upstream.count();
+        let (got, _, body) = self.call(method, target, &[]).await;
+        assert_eq!(
+            (got, body["error"].as_str()),
+            (status, Some(code)),
+            "{target}: {body}"
+        );
+        assert_eq!(
+            self.upstream.count(),
+            before,
+            "{target}: the upstream received a refused request"
+        );
+        body
+    }
+}
+
+#[tokio::test]
+async fn allowed_read_gets_the_vaulted_credential_and_attribution_and_nothing_of_the_agent() {
+    let gw = setup(
+        "",
+        grant(&["mail:read", "mail:draft"], &["mail"], json!({})),
+    )
+    .await;
+    let (status, headers, body) = gw
+        .call(
+            Method::GET,
+            "/gw/mail/messages/42?folder=inbox",
+            &[
+                ("Cookie", "agent_cookie=1"),
+                ("X-Forwarded-For", "6.6.6.6"),
+                ("Forwarded", "for=6.6.6.6"),
+                ("Leash-Subject", "usr_forged"),
+                ("X-Custom", "kept"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["ok"], true);
+    assert!(
+        headers.get("set-cookie").is_none(),
+        "the agent must never receive session material"
+    );
+    assert_eq!(headers["x-upstream"], "yes");
+
+    let got = gw.upstream.requests();
+    assert_eq!(got.len(), 1);
+    let r = &got[0];
+    assert_eq!(
+        (r.method.as_str(), r.target.as_str()),
+        ("GET", "/messages/42?folder=inbox")
+    );
+    assert_eq!(r.headers["cookie"], "session=alice-mail-secret");
+    assert_eq!(r.headers.get_all("cookie").iter().count(), 1);
+    assert_eq!(r.headers["leash-subject"], gw.s.user_id.as_str());
+    assert_eq!(r.headers["leash-actor"], AGENT);
+    assert_eq!(r.headers["leash-grant"], gw.s.grant_id());
+    assert!(
+        r.headers["leash-request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("req_")
+    );
+    assert_eq!(r.headers["x-custom"], "kept");
+    for gone in ["authorization", "dpop", "x-forwarded-for", "forwarded"] {
+        assert!(r.headers.get(gone).is_none(), "{gone} was forwarded");
+    }
+    let everything = format!("{:?}", r.headers);
+    assert!(
+        !everything.contains(&gw.token),
+        "the agent's token reached the upstream"
+    );
+
+    // A POST body streams through unchanged.
+    let url = format!("{}/gw/mail/drafts", gw.leash.url);
+    let proof = gw
+        .dpop
+        .dpop_proof("POST", &url, Some(&gw.token), None, now());
+    let response = gw
+        .leash
+        .http()
+        .post(&url)
+        .header("Authorization", format!("DPoP {}", gw.token))
+        .header("DPoP", proof)
+        .body(vec![7u8; 300_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(gw.upstream.requests()[1].body, vec![7u8; 300_000]);
+}
+
+#[tokio::test]
+async fn unmapped_routes_outside_scope_and_outside_grant_are_refused() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    gw.refused(Method::GET, "/gw/mail/unknown", 403, "no_route")
+        .await;
+    gw.refused(Method::PUT, "/gw/mail/messages/1", 403, "no_route")
+        .await;
+    gw.refused(Method::GET, "/gw/nope/messages", 403, "no_route")
+        .await;
+    gw.refused(Method::POST, "/gw/mail/drafts", 403, "insufficient_scope")
+        .await;
+    gw.refused(Method::GET, "/gw/finance/ledger", 403, "insufficient_scope")
+        .await;
+}
+
+#[tokio::test]
+async fn high_risk_actions_wait_for_approval() {
+    let gw = setup(
+        "",
+        grant(
+            &["mail:read", "mail:export", "mail:send"],
+            &["mail"],
+            json!({}),
+        ),
+    )
+    .await;
+    gw.refused(Method::GET, "/gw/mail/export", 403, "approval_required")
+        .await;
+    gw.refused(
+        Method::POST,
+        "/gw/mail/messages/1/send",
+        403,
+        "approval_required",
+    )
+    .await;
+}
+
+impl Gw {
+    /// Sends `request_line_target` byte for byte (no client-side URL normalisation) and returns
+    /// the status line.
+    async fn raw(&self, method: &str, target: &str, proof_url: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let addr = self.leash.url.trim_start_matches("http://").to_owned();
+        let proof = self
+            .dpop
+            .dpop_proof(method, proof_url, Some(&self.token), None, now());
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let raw = format!(
+            "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: DPoP {}\r\nDPoP: {proof}\r\nConnection: close\r\n\r\n",
+            self.token
+        );
+        stream.write_all(raw.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    }
+}
+
+#[tokio::test]
+async fn path_tricks_are_invalid_request() {
+    let gw = setup(
+        "",
+        grant(&["mail:read", "mail:export"], &["mail"], json!({})),
+    )
+    .await;
+    for target in [
+        "/gw/mail/messages/../export",
+        "/gw/mail/messages/%2e%2e/export",
+        "/gw/mail/messages/%2E%2E/export",
+        "/gw/mail/messages%2f1",
+        "/gw/mail//messages",
+        "/gw/mail/messages/1;x",
+        "/gw/mail/messages/%00",
+        "/gw/mail/messages/./1",
+        "/gw/mail/%6dessages/1",
+    ] {
+        let answer = gw
+            .raw("GET", target, &format!("{}{target}", gw.leash.url))
+            .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
+        assert!(answer.contains("invalid_request"), "{target}: {answer}");
+    }
+    assert_eq!(gw.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn absolute_form_targets_are_refused() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let target = format!("{}/gw/mail/messages/1", gw.leash.url);
+    let answer = gw.raw("GET", &target, &target).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = gw
+        .raw("CONNECT", "127.0.0.1:9", &format!("{}/", gw.leash.url))
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    assert_eq!(gw.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn bearer_downgrade_wrong_ath_and_foreign_key_are_refused() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let url = format!("{}/gw/mail/messages/1", gw.leash.url);
+    let send = |auth: String, proof: String| {
+        gw.leash
+            .http()
+            .get(&url)
+            .header("Authorization", auth)
+            .header("DPoP", proof)
+            .send()
+    };
+    let good_proof = || {
+        gw.dpop
+            .dpop_proof("GET", &url, Some(&gw.token), None, now())
+    };
+    let (status, headers, _) = read(
+        send(format!("Bearer {}", gw.token), good_proof())
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert!(
+        headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+    let (status, _, body) = read(
+        send(
+            format!("DPoP {}", gw.token),
+            gw.dpop.dpop_proof("GET", &url, Some("other"), None, now()),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_dpop_proof"))
+    );
+    let stranger = AgentKey::generate(Alg::EdDsa);
+    let (status, _, body) = read(
+        send(
+            format!("DPoP {}", gw.token),
+            stranger.dpop_proof("GET", &url, Some(&gw.token), None, now()),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_dpop_proof"))
+    );
+    let (status, _, body) = read(
+        gw.leash
+            .http()
+            .get(&url)
+            .header("Authorization", format!("DPoP {}", gw.token))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
+    assert_eq!(gw.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn revoking_between_two_requests_refuses_the_second() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    assert_eq!(
+        gw.call(Method::GET, "/gw/mail/messages/1", &[]).await.0,
+        200
+    );
+    let (status, _) = gw
+        .leash
+        .call(
+            Method::POST,
+            &format!("/v1/grants/{}/revoke", gw.s.grant_id()),
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    gw.refused(Method::GET, "/gw/mail/messages/1", 401, "invalid_token")
+        .await;
+    assert_eq!(gw.upstream.count(), 1);
+}
+
+#[tokio::test]
+async fn expired_token_is_refused() {
+    let gw = setup(
+        "max_token_ttl = 1",
+        grant(&["mail:read"], &["mail"], json!({})),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    gw.refused(Method::GET, "/gw/mail/messages/1", 401, "invalid_token")
+        .await;
+}
+
+#[tokio::test]
+async fn max_requests_holds_under_parallel_load() {
+    let gw = setup(
+        "",
+        grant(&["mail:read"], &["mail"], json!({"max_requests": 3})),
+    )
+    .await;
+    let calls = (0..8).map(|i| {
+        let gw = &gw;
+        async move {
+            gw.call(Method::GET, &format!("/gw/mail/messages/{i}"), &[])
+                .await
+                .0
+        }
+    });
+    let statuses = futures::future::join_all(calls).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(gw.upstream.count(), 3);
+    let (_, grant) = gw
+        .leash
+        .call(
+            Method::GET,
+            &format!("/v1/grants/{}", gw.s.grant_id()),
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    assert_eq!(grant["requests_used"], 3);
+}
+
+#[tokio::test]
+async fn policy_deny_names_the_policy_and_sighup_reloads_without_restart() {
+    let upstream = RecordingUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy_dir = dir.path().to_str().unwrap().to_owned();
+    std::fs::write(dir.path().join("base.cedar"), "// nothing yet\n").unwrap();
+    let leash = Leash::start_with_upstream(
+        bin(),
+        &format!("policy_dir = \"{policy_dir}\""),
+        &upstream.url,
+    )
+    .await;
+    let s = Scenario::with_grant(
+        &leash,
+        Alg::EdDsa,
+        grant(&["mail:read"], &["mail"], json!({})),
+    )
+    .await;
+    let (token, dpop) = s.token(&leash).await;
+    let gw = Gw {
+        leash,
+        upstream,
+        s,
+        token,
+        dpop,
+    };
+    assert_eq!(
+        gw.call(Method::GET, "/gw/mail/messages/1", &[]).await.0,
+        200
+    );
+
+    std::fs::write(
+        dir.path().join("base.cedar"),
+        "@id(\"no-reading-message-7\")\nforbid(principal, action == Leash::Action::\"mail:read\", resource) when { context.path == \"/messages/7\" };\n",
+    )
+    .unwrap();
+    gw.leash.hangup().await;
+    let mut denied = Value::Null;
+    for _ in 0..50 {
+        let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/7", &[]).await;
+        if status == 403 {
+            denied = body;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(denied["error"], "policy_denied", "{denied}");
+    assert_eq!(denied["policies"], json!(["no-reading-message-7"]));
+    assert_eq!(
+        gw.call(Method::GET, "/gw/mail/messages/8", &[]).await.0,
+        200
+    );
+
+    // A broken file keeps the old set.
+    std::fs::write(dir.path().join("broken.cedar"), "permit(principal").unwrap();
+    gw.leash.hangup().await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(gw.leash.logs().contains("policy reload failed"));
+    gw.refused(Method::GET, "/gw/mail/messages/7", 403, "policy_denied")
+        .await;
+    assert_eq!(
+        gw.call(Method::GET, "/gw/mail/messages/8", &[]).await.0,
+        200
+    );
+}
+
+#[tokio::test]
+async fn direct_mode_uses_the_humans_own_key_and_credential() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let response = gw
+        .leash
+        .http()
+        .get(format!("{}/gw/mail/export", gw.leash.url))
+        .bearer_auth(&gw.s.user_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "the human may export their own mail directly"
+    );
+    let r = &gw.upstream.requests()[0];
+    assert_eq!(r.headers["cookie"], "session=alice-mail-secret");
+    assert_eq!(r.headers["leash-actor"], gw.s.user_id.as_str());
+    assert!(r.headers.get("leash-grant").is_none());
+    assert!(
+        r.headers.get("authorization").is_none(),
+        "the human's Leash key is not forwarded"
+    );
+}
+
+#[tokio::test]
+async fn vault_lists_metadata_only_and_never_returns_secrets() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let (status, list) = gw
+        .leash
+        .call(Method::GET, "/v1/vault", &gw.s.user_key, None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["credentials"][0]["upstream"], "mail");
+    assert_eq!(list["credentials"][0]["kind"], "cookie");
+    assert!(!list.to_string().contains("alice-mail-secret"));
+    for bad in [
+        json!({"kind": "password", "secret": "x"}),
+        json!({"kind": "header", "secret": "x"}),
+        json!({"kind": "header", "name": "Leash-Actor", "secret": "x"}),
+        json!({"kind": "bearer", "secret": "a\r\nb"}),
+    ] {
+        let (status, body) = gw
+            .leash
+            .call(
+                Method::PUT,
+                "/v1/vault/mail",
+                &gw.s.user_key,
+                Some(bad.clone()),
+            )
+            .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{bad}"
+        );
+        assert!(!body.to_string().contains("a\r\nb"));
+    }
+    let (status, _) = gw
+        .leash
+        .call(
+            Method::PUT,
+            "/v1/vault/nope",
+            &gw.s.user_key,
+            Some(json!({"kind": "bearer", "secret": "x"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    // The secret is sealed at rest.
+    let db = std::fs::read(gw.leash.data_dir().join("leash.db")).unwrap();
+    let wal = std::fs::read(gw.leash.data_dir().join("leash.db-wal")).unwrap_or_default();
+    for file in [db, wal] {
+        assert!(
+            !file.windows(17).any(|w| w == b"alice-mail-secret"),
+            "a vaulted secret is stored in the clear"
+        );
+    }
+    assert!(!gw.leash.logs().contains("alice-mail-secret"));
+    let (status, _) = gw
+        .leash
+        .call(Method::DELETE, "/v1/vault/mail", &gw.s.user_key, None)
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        gw.call(Method::GET, "/gw/mail/messages/1", &[]).await.0,
+        200
+    );
+    assert!(
+        gw.upstream.requests()[0].headers.get("cookie").is_none(),
+        "a deleted credential is not injected"
+    );
+}

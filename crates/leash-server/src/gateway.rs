@@ -1,0 +1,310 @@
+//! The gateway (API §6): `ANY /gw/{upstream}/{path…}`. Every request runs the steps in order and
+//! fails closed at the first failure; only then is it forwarded, with the agent's credentials
+//! removed and the human's vaulted credential injected. Bodies stream in both directions.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use axum::response::{IntoResponse, Response};
+use leash_core::route::safe_segments;
+use leash_core::secret::random_id;
+use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
+
+use crate::config::{Risk, Upstream};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, authenticate_agent, authorization, caller_from_key};
+use crate::state::AppState;
+
+/// Who the request is for and by whom.
+struct Principal {
+    mode: Mode,
+    /// The agent (delegated) or the human (direct).
+    actor: String,
+    /// The human.
+    subject: String,
+    grant: Option<leash_core::grant::Grant>,
+    scope: Vec<String>,
+}
+
+/// Headers of the caller that never reach an upstream, besides hop-by-hop ones.
+fn is_stripped_request_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "authorization"
+            | "dpop"
+            | "cookie"
+            | "host"
+            | "forwarded"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    ) || n.starts_with("leash-")
+        || n.starts_with("x-forwarded-")
+}
+
+fn is_stripped_response_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "set-cookie"
+            | "set-cookie2"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Names listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// `ANY /gw/{upstream}/{path…}`.
+pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let request_id = random_id("req_");
+    match gateway(&state, request, &request_id).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::info!(request_id = %request_id, error = %e, "gateway request refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiResult<Response> {
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
+    if uri.scheme().is_some() || uri.authority().is_some() || *method == Method::CONNECT {
+        return Err(ApiError::InvalidRequest(
+            "absolute-form targets and CONNECT are not accepted".into(),
+        ));
+    }
+    if headers.get_all("dpop").iter().count() > 1 {
+        return Err(ApiError::InvalidRequest("more than one DPoP header".into()));
+    }
+    let rest = uri.path().strip_prefix("/gw/").unwrap_or_default();
+    let (upstream_name, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+
+    // Steps 1–3 (delegated) or the human's key (direct).
+    let principal = match authorization(headers)? {
+        Some((scheme, _)) if scheme == "dpop" => {
+            let agent = authenticate_agent(state, method, uri, headers).await?;
+            let scope = agent.claims.actions().map(str::to_owned).collect();
+            Principal {
+                mode: Mode::Delegated,
+                actor: agent.claims.client_id,
+                subject: agent.claims.sub,
+                grant: Some(agent.grant),
+                scope,
+            }
+        }
+        Some((scheme, key)) if scheme == "bearer" => match caller_from_key(state, &key).await? {
+            Some(Caller::Human(user)) => Principal {
+                mode: Mode::Direct,
+                actor: user.id.clone(),
+                subject: user.id,
+                grant: None,
+                scope: Vec::new(),
+            },
+            Some(Caller::Admin) => {
+                return Err(ApiError::Forbidden(
+                    "the admin key does not act on upstreams".into(),
+                ));
+            }
+            None => {
+                return Err(ApiError::InvalidToken(
+                    "unknown credential; a DPoP-bound token must use the DPoP scheme, not Bearer"
+                        .into(),
+                ));
+            }
+        },
+        _ => {
+            return Err(ApiError::InvalidToken(
+                "Authorization: DPoP <token> is required".into(),
+            ));
+        }
+    };
+
+    // Step 4: route → action, within the grant and the token's scope.
+    let upstream = state
+        .config
+        .upstreams
+        .get(upstream_name)
+        .ok_or_else(|| ApiError::NoRoute(format!("no upstream named {upstream_name:?}")))?;
+    let route = upstream.route(method.as_str(), &segments).ok_or_else(|| {
+        ApiError::NoRoute(format!(
+            "no route of {} matches {method} {path}",
+            upstream.name
+        ))
+    })?;
+    if let Some(grant) = &principal.grant {
+        if !grant.upstreams.contains(&upstream.name) {
+            return Err(ApiError::InsufficientScope(format!(
+                "the grant does not cover upstream {}",
+                upstream.name
+            )));
+        }
+        if !principal.scope.contains(&route.action) {
+            return Err(ApiError::InsufficientScope(format!(
+                "the token's scope does not include {}",
+                route.action
+            )));
+        }
+    }
+
+    // Steps 5–6: policy, then approval.
+    let now = state.clock.now();
+    let grant = principal.grant.as_ref();
+    let no_actions = Vec::new();
+    let facts = Facts {
+        mode: principal.mode,
+        principal: &principal.actor,
+        human: &principal.subject,
+        action: &route.action,
+        upstream: &upstream.name,
+        method: method.as_str(),
+        path,
+        grant_id: grant.map_or("", |g| g.id.as_str()),
+        purpose: grant.map_or("", |g| g.purpose.as_str()),
+        grant_actions: grant.map_or(&no_actions, |g| &g.actions),
+        grant_age_seconds: grant.map_or(0, |g| now - g.created_at),
+        high_risk: route.risk == Risk::High || high_risk_by_name(&route.action),
+        grant_requires_approval: grant.is_some_and(|g| g.approval_required.contains(&route.action)),
+        approval_attached: false,
+        now,
+    };
+    match state.policy().authorize(&facts) {
+        Decision::Allow { .. } => {}
+        Decision::Deny { policies, reason } => {
+            return Err(ApiError::PolicyDenied { reason, policies });
+        }
+        // Direct calls skip step 6: the human acts for themselves.
+        Decision::ApprovalRequired { .. } if principal.mode == Mode::Direct => {}
+        Decision::ApprovalRequired { policies } => {
+            return Err(ApiError::ApprovalRequired { policies });
+        }
+    }
+
+    // The request budget, counted atomically; a grant that ended meanwhile stops here too.
+    if let Some(grant) = grant
+        && state.store.count_request(&grant.id, now).await?.is_none()
+    {
+        return Err(ApiError::InvalidToken(
+            "the token's grant is exhausted or no longer active".into(),
+        ));
+    }
+
+    // Step 8: forward.
+    forward(
+        state,
+        upstream,
+        &principal,
+        path,
+        parts.uri.query(),
+        method,
+        headers,
+        body,
+        request_id,
+    )
+    .await
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces of one request"
+)]
+async fn forward(
+    state: &AppState,
+    upstream: &Upstream,
+    principal: &Principal,
+    path: &str,
+    query: Option<&str>,
+    method: &Method,
+    headers: &HeaderMap,
+    body: Body,
+    request_id: &str,
+) -> ApiResult<Response> {
+    let mut target = format!("{}{path}", upstream.url.as_str().trim_end_matches('/'));
+    if let Some(query) = query {
+        target.push('?');
+        target.push_str(query);
+    }
+    let listed = connection_listed(headers);
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        if !is_stripped_request_header(name) && !listed.iter().any(|l| l == name.as_str()) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(injection) =
+        crate::vault::injection(state, &principal.subject, &upstream.name).await?
+    {
+        out.insert(injection.name, injection.value);
+    }
+    let attribution = [
+        ("leash-subject", principal.subject.as_str()),
+        ("leash-actor", principal.actor.as_str()),
+        ("leash-request-id", request_id),
+    ];
+    for (name, value) in attribution {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            out.insert(name, value);
+        }
+    }
+    if let Some(grant) = &principal.grant
+        && let Ok(value) = HeaderValue::from_str(&grant.id)
+    {
+        out.insert("leash-grant", value);
+    }
+    let response = state
+        .upstream_client
+        .request(method.clone(), &target)
+        .headers(out)
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
+        .send()
+        .await
+        .map_err(|e| {
+            tracing::warn!(upstream = %upstream.name, error = %e, "upstream unreachable");
+            ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))
+        })?;
+    let status = response.status();
+    let listed = connection_listed(response.headers());
+    let mut builder = Response::builder().status(status);
+    for (name, value) in response.headers() {
+        if !is_stripped_response_header(name) && !listed.iter().any(|l| l == name.as_str()) {
+            builder = builder.header(name, value);
+        }
+    }
+    tracing::info!(
+        request_id = %request_id,
+        upstream = %upstream.name,
+        actor = %principal.actor,
+        status = status.as_u16(),
+        "forwarded"
+    );
+    builder
+        .body(Body::from_stream(response.bytes_stream()))
+        .map_err(|_| ApiError::BadGateway("the upstream's response could not be relayed".into()))
+}

@@ -1,0 +1,219 @@
+//! The credential vault (API §9): a human stores their session or key for one upstream; it is
+//! sealed with the master key, never returned, and injected only into that human's delegated
+//! or direct requests to that upstream.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use leash_core::secret::Secret;
+use leash_store::VaultEntry;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, JsonBody};
+use crate::state::{AppState, rfc3339};
+
+/// Body of `PUT /v1/vault/{upstream}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCredential {
+    kind: String,
+    secret: Secret,
+    name: Option<String>,
+    expires_at: Option<String>,
+}
+
+/// The header a credential is injected as.
+#[derive(Debug)]
+pub struct Injection {
+    /// Header name.
+    pub name: HeaderName,
+    /// Header value (sensitive: hyper never logs or compresses it).
+    pub value: HeaderValue,
+}
+
+/// Headers a vaulted `header` credential may not replace.
+const RESERVED: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "dpop",
+    "cookie",
+    "authorization",
+    "upgrade",
+    "te",
+];
+
+fn context(entry_subject: &str, upstream: &str, kind: &str, name: Option<&str>) -> Vec<u8> {
+    format!(
+        "leash vault\0{entry_subject}\0{upstream}\0{kind}\0{}",
+        name.unwrap_or("")
+    )
+    .into_bytes()
+}
+
+fn metadata(entry: &VaultEntry) -> Value {
+    json!({
+        "upstream": entry.upstream,
+        "kind": entry.kind,
+        "name": entry.header_name,
+        "expires_at": entry.expires_at.map(rfc3339),
+        "created_at": rfc3339(entry.created_at),
+    })
+}
+
+fn human(caller: Caller) -> ApiResult<leash_store::User> {
+    match caller {
+        Caller::Human(user) => Ok(user),
+        Caller::Admin => Err(ApiError::Forbidden(
+            "the vault holds humans' own credentials: use the human's key".into(),
+        )),
+    }
+}
+
+/// `PUT /v1/vault/{upstream}` (human).
+pub async fn put(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(upstream): Path<String>,
+    JsonBody(body): JsonBody<NewCredential>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let user = human(caller)?;
+    if !state.config.upstreams.contains_key(&upstream) {
+        return Err(ApiError::InvalidRequest("unknown upstream".into()));
+    }
+    let secret = body.secret.expose();
+    if secret.is_empty() || secret.len() > 8192 || HeaderValue::from_str(secret).is_err() {
+        return Err(ApiError::InvalidRequest(
+            "secret must be 1 to 8192 visible characters".into(),
+        ));
+    }
+    let name = match (body.kind.as_str(), body.name) {
+        ("bearer" | "cookie", None) => None,
+        ("header", Some(name)) => {
+            let lower = name.to_ascii_lowercase();
+            if HeaderName::from_bytes(name.as_bytes()).is_err()
+                || RESERVED.contains(&lower.as_str())
+                || lower.starts_with("leash-")
+                || lower.starts_with("x-forwarded-")
+            {
+                return Err(ApiError::InvalidRequest(
+                    "name must be a header name Leash does not reserve".into(),
+                ));
+            }
+            Some(name)
+        }
+        ("header", None) => {
+            return Err(ApiError::InvalidRequest(
+                "a header credential needs a name".into(),
+            ));
+        }
+        ("bearer" | "cookie", Some(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "name is only for kind header".into(),
+            ));
+        }
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "kind must be bearer, cookie or header".into(),
+            ));
+        }
+    };
+    let now = state.clock.now();
+    let expires_at = body
+        .expires_at
+        .map(|t| {
+            time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                .map(|t| t.unix_timestamp())
+                .map_err(|_| ApiError::InvalidRequest("expires_at must be an RFC 3339 time".into()))
+        })
+        .transpose()?;
+    if expires_at.is_some_and(|t| t <= now) {
+        return Err(ApiError::InvalidRequest("expires_at is in the past".into()));
+    }
+    let sealed = state.master.seal(
+        secret.as_bytes(),
+        &context(&user.id, &upstream, &body.kind, name.as_deref()),
+    );
+    let entry = VaultEntry {
+        subject: user.id,
+        upstream,
+        kind: body.kind,
+        header_name: name,
+        sealed,
+        expires_at,
+        created_at: now,
+    };
+    state.store.put_credential(&entry).await?;
+    tracing::info!(subject = %entry.subject, upstream = %entry.upstream, kind = %entry.kind, "credential stored");
+    Ok((StatusCode::OK, Json(metadata(&entry))))
+}
+
+/// `GET /v1/vault` (human): metadata only.
+pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<Value>> {
+    let user = human(caller)?;
+    let entries = state.store.list_credentials(&user.id).await?;
+    Ok(Json(
+        json!({"credentials": entries.iter().map(metadata).collect::<Vec<_>>()}),
+    ))
+}
+
+/// `DELETE /v1/vault/{upstream}` (human).
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(upstream): Path<String>,
+) -> ApiResult<StatusCode> {
+    let user = human(caller)?;
+    if state.store.delete_credential(&user.id, &upstream).await? {
+        tracing::info!(subject = %user.id, upstream = %upstream, "credential deleted");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("no credential for this upstream".into()))
+    }
+}
+
+/// The header to inject for `subject`'s requests to `upstream`, if a live credential exists.
+pub async fn injection(
+    state: &AppState,
+    subject: &str,
+    upstream: &str,
+) -> ApiResult<Option<Injection>> {
+    let Some(entry) = state.store.credential(subject, upstream).await? else {
+        return Ok(None);
+    };
+    if entry.expires_at.is_some_and(|t| t <= state.clock.now()) {
+        return Ok(None);
+    }
+    let plain = state
+        .master
+        .open(&entry.sealed, &context(&entry.subject, &entry.upstream, &entry.kind, entry.header_name.as_deref()))
+        .map_err(|_| {
+            tracing::error!(subject = %entry.subject, upstream = %entry.upstream, "a vaulted credential does not open with the master key");
+            ApiError::Unavailable("the vaulted credential cannot be used".into())
+        })?;
+    let text = std::str::from_utf8(&plain)
+        .map_err(|_| ApiError::Unavailable("the vaulted credential is unusable".into()))?;
+    let (name, value) = match (entry.kind.as_str(), entry.header_name.as_deref()) {
+        ("bearer", _) => (axum::http::header::AUTHORIZATION, format!("Bearer {text}")),
+        ("cookie", _) => (axum::http::header::COOKIE, text.to_owned()),
+        (_, Some(name)) => (
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| ApiError::Unavailable("bad stored header name".into()))?,
+            text.to_owned(),
+        ),
+        _ => {
+            return Err(ApiError::Unavailable(
+                "the vaulted credential is unusable".into(),
+            ));
+        }
+    };
+    let mut value = HeaderValue::from_str(&value)
+        .map_err(|_| ApiError::Unavailable("the vaulted credential is unusable".into()))?;
+    value.set_sensitive(true);
+    Ok(Some(Injection { name, value }))
+}
