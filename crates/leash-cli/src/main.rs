@@ -49,6 +49,40 @@ enum Command {
     /// Delegate tasks to agents, list, revoke and complete them (human key).
     #[command(subcommand)]
     Grant(client::GrantCommand),
+    /// Check Cedar policies against the Leash schema.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate every *.cedar file of DIR against the schema of the configured upstreams.
+    Check {
+        /// The policy directory.
+        dir: PathBuf,
+        /// Config file whose upstreams define the actions; also LEASH_CONFIG.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
+    let PolicyCommand::Check { dir, config } = cmd;
+    let flags = Flags {
+        config,
+        ..Flags::default()
+    };
+    let config = Config::load(&flags, |name| {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    })?;
+    let engine =
+        leash_policy::PolicyEngine::load(&leash_server::state::all_actions(&config), Some(&dir))?;
+    println!(
+        "{}: {} policies valid",
+        dir.display(),
+        engine.operator_policies()
+    );
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,9 +155,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let config = Config::load(&flags, env)?;
     if args.check {
+        let policies = leash_server::state::load_policy(&config)?;
         println!(
-            "configuration is valid ({} upstreams)",
-            config.upstreams.len()
+            "configuration is valid ({} upstreams, {} operator policies)",
+            config.upstreams.len(),
+            policies.operator_policies()
         );
         return Ok(());
     }
@@ -159,6 +195,7 @@ async fn main() -> std::process::ExitCode {
         Command::User(cmd) => client::user(cmd).await,
         Command::Agent(cmd) => client::agent(cmd).await,
         Command::Grant(cmd) => client::grant(cmd).await,
+        Command::Policy(cmd) => policy(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

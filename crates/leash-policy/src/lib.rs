@@ -203,7 +203,7 @@ pub struct PolicyEngine {
 fn parse_into(set: &mut PolicySet, text: &str, origin: &str) -> Result<usize, PolicyError> {
     let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
         path: origin.to_owned(),
-        message: format!("{e:?}"),
+        message: e.to_string(),
     })?;
     if parsed.templates().next().is_some() {
         return Err(PolicyError::Parse {

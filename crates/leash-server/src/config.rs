@@ -389,7 +389,13 @@ impl Config {
             max_token_ttl: positive("max_token_ttl", file.max_token_ttl, 300)?,
             max_grant_ttl: positive("max_grant_ttl", file.max_grant_ttl, 8 * 3600)?,
             approval_ttl: positive("approval_ttl", file.approval_ttl, 15 * 60)?,
-            policy_dir: file.policy_dir,
+            // A relative policy_dir in a file is relative to that file.
+            policy_dir: file
+                .policy_dir
+                .map(|dir| match path.as_deref().and_then(Path::parent) {
+                    Some(base) if dir.is_relative() => base.join(dir),
+                    _ => dir,
+                }),
             dpop_nonce: file.dpop_nonce.unwrap_or(false),
             upstreams: upstreams(file.upstream)?,
             approvals,

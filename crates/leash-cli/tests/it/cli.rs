@@ -226,6 +226,81 @@ fn clear_one_line_errors() {
 }
 
 #[test]
+fn policy_check_validates_example_and_refuses_broken_policies() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let config = format!("{root}/leash.toml");
+    let out = std::process::Command::new(bin())
+        .args([
+            "policy",
+            "check",
+            &format!("{root}/policies"),
+            "--config",
+            &config,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2 policies valid"));
+
+    let dir = tempfile::tempdir().unwrap();
+    for (text, expected) in [
+        ("permit(principal", "unexpected end of input"),
+        (
+            "permit(principal, action, resource) when { context.nope };",
+            "does not validate",
+        ),
+    ] {
+        std::fs::write(dir.path().join("p.cedar"), text).unwrap();
+        let out = std::process::Command::new(bin())
+            .args([
+                "policy",
+                "check",
+                dir.path().to_str().unwrap(),
+                "--config",
+                &config,
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{err}");
+        // serve refuses to start with it, with a one-line reason.
+        let toml = dir.path().join("leash.toml");
+        let example = std::fs::read_to_string(&config).unwrap();
+        let policies = format!("policy_dir = \"{}\"", dir.path().display());
+        std::fs::write(
+            &toml,
+            example.replace("policy_dir = \"policies\"", &policies),
+        )
+        .unwrap();
+        let child = std::process::Command::new(bin())
+            .args([
+                "serve",
+                "--config",
+                toml.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("data"))
+            .env("LEASH_ADMIN_TOKEN", "lsk_policy_test_admin_key_0123456789")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = exits_within(child, 20);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
+
+#[test]
 fn example_config_is_valid() {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/leash.toml");
     let out = std::process::Command::new(bin())
@@ -237,4 +312,18 @@ fn example_config_is_valid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Waits for a child that must exit by itself; kills it and fails if it does not in time.
+fn exits_within(mut child: std::process::Child, seconds: u64) -> std::process::Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the process did not exit within {seconds} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }

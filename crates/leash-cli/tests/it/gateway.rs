@@ -563,3 +563,63 @@ async fn vault_lists_metadata_only_and_never_returns_secrets() {
         "a deleted credential is not injected"
     );
 }
+
+#[tokio::test]
+async fn leash_agent_curl_works_through_the_gateway() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("agent.jwk"),
+        gw.s.agent_key.to_private_jwk().to_string(),
+    )
+    .unwrap();
+    // tokio's Command: the recording upstream runs on this test's runtime and must keep serving.
+    let run = |args: &[&str]| {
+        tokio::process::Command::new(bin())
+            .args(args)
+            .current_dir(dir.path())
+            .env("LEASH_URL", &gw.leash.url)
+            .output()
+    };
+    let out = run(&[
+        "agent",
+        "token",
+        "--id",
+        AGENT,
+        "--key",
+        "agent.jwk",
+        "--handle",
+        gw.s.handle(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = format!("{}/gw/mail/messages/1?x=y", gw.leash.url);
+    let out = run(&["agent", "curl", "GET", &url]).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["ok"], true);
+    assert_eq!(
+        gw.upstream.requests().last().unwrap().target,
+        "/messages/1?x=y"
+    );
+    // Refused calls exit non-zero and say why.
+    let out = run(&[
+        "agent",
+        "curl",
+        "GET",
+        &format!("{}/gw/mail/export", gw.leash.url),
+    ])
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("insufficient_scope"));
+}
