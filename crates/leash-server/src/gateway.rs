@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use leash_core::route::safe_segments;
@@ -91,7 +92,65 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Res
 
 async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
-    let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
+    let decided = decide(state, &parts.method, &parts.uri, &parts.headers).await?;
+    // Step 8: forward.
+    forward(
+        state,
+        &decided,
+        parts.uri.query(),
+        &parts.method,
+        &parts.headers,
+        body,
+        request_id,
+    )
+    .await
+}
+
+/// A request that passed steps 1–6 and was counted against its grant's budget.
+pub struct Decided<'s> {
+    principal: Principal,
+    upstream: &'s Upstream,
+    path: String,
+}
+
+impl Decided<'_> {
+    /// The headers the upstream gets from Leash: the human's vaulted credential (if any) and
+    /// the attribution headers.
+    pub async fn upstream_headers(
+        &self,
+        state: &AppState,
+        request_id: &str,
+    ) -> ApiResult<Vec<(HeaderName, HeaderValue)>> {
+        let principal = &self.principal;
+        let mut out = Vec::new();
+        if let Some(injection) =
+            crate::vault::injection(state, &principal.subject, &self.upstream.name).await?
+        {
+            out.push((injection.name, injection.value));
+        }
+        let grant = principal.grant.as_ref().map(|g| g.id.as_str());
+        let attribution = [
+            ("leash-subject", Some(principal.subject.as_str())),
+            ("leash-actor", Some(principal.actor.as_str())),
+            ("leash-grant", grant),
+            ("leash-request-id", Some(request_id)),
+        ];
+        for (name, value) in attribution {
+            if let Some(Ok(value)) = value.map(HeaderValue::from_str) {
+                out.push((HeaderName::from_static(name), value));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Steps 1–6 for `method` on `uri` (`/gw/{upstream}/{path…}`) with the caller's `headers`.
+pub async fn decide<'s>(
+    state: &'s AppState,
+    method: &Method,
+    uri: &axum::http::Uri,
+    headers: &HeaderMap,
+) -> ApiResult<Decided<'s>> {
     if uri.scheme().is_some() || uri.authority().is_some() || *method == Method::CONNECT {
         return Err(ApiError::InvalidRequest(
             "absolute-form targets and CONNECT are not accepted".into(),
@@ -216,36 +275,23 @@ async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiRes
         ));
     }
 
-    // Step 8: forward.
-    forward(
-        state,
+    Ok(Decided {
+        principal,
         upstream,
-        &principal,
-        path,
-        parts.uri.query(),
-        method,
-        headers,
-        body,
-        request_id,
-    )
-    .await
+        path: path.to_owned(),
+    })
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the pieces of one request"
-)]
 async fn forward(
     state: &AppState,
-    upstream: &Upstream,
-    principal: &Principal,
-    path: &str,
+    decided: &Decided<'_>,
     query: Option<&str>,
     method: &Method,
     headers: &HeaderMap,
     body: Body,
     request_id: &str,
 ) -> ApiResult<Response> {
+    let (upstream, principal, path) = (decided.upstream, &decided.principal, decided.path.as_str());
     let mut target = format!("{}{path}", upstream.url.as_str().trim_end_matches('/'));
     if let Some(query) = query {
         target.push('?');
@@ -258,25 +304,8 @@ async fn forward(
             out.append(name.clone(), value.clone());
         }
     }
-    if let Some(injection) =
-        crate::vault::injection(state, &principal.subject, &upstream.name).await?
-    {
-        out.insert(injection.name, injection.value);
-    }
-    let attribution = [
-        ("leash-subject", principal.subject.as_str()),
-        ("leash-actor", principal.actor.as_str()),
-        ("leash-request-id", request_id),
-    ];
-    for (name, value) in attribution {
-        if let Ok(value) = HeaderValue::from_str(value) {
-            out.insert(name, value);
-        }
-    }
-    if let Some(grant) = &principal.grant
-        && let Ok(value) = HeaderValue::from_str(&grant.id)
-    {
-        out.insert("leash-grant", value);
+    for (name, value) in decided.upstream_headers(state, request_id).await? {
+        out.insert(name, value);
     }
     let response = state
         .upstream_client
@@ -307,4 +336,54 @@ async fn forward(
     builder
         .body(Body::from_stream(response.bytes_stream()))
         .map_err(|_| ApiError::BadGateway("the upstream's response could not be relayed".into()))
+}
+
+/// `POST|GET /v1/authorize`: steps 1–6 as a decision API for an existing proxy (nginx
+/// `auth_request`, Envoy `ext_authz`). The proxy passes the original request line in
+/// `X-Original-Method` and `X-Original-URI` (a `/gw/{upstream}/{path}` target as seen at the
+/// proxy, whose external base URL is Leash's `public_url`) and the caller's own headers. `200`
+/// carries the headers to inject: `Leash-Subject`, `Leash-Actor`, `Leash-Grant`,
+/// `Leash-Request-Id`, and the credential as `Leash-Inject-Authorization`,
+/// `Leash-Inject-Cookie`, or `Leash-Inject-Name` + `Leash-Inject-Value`.
+pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let request_id = random_id("req_");
+    let original = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let result = async {
+        let method = original("x-original-method")
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .ok_or_else(|| ApiError::InvalidRequest("X-Original-Method is required".into()))?;
+        let uri: axum::http::Uri = original("x-original-uri")
+            .and_then(|u| u.parse().ok())
+            .ok_or_else(|| ApiError::InvalidRequest("X-Original-URI must be the original request target".into()))?;
+        let decided = decide(&state, &method, &uri, &headers).await?;
+        let mut response = StatusCode::OK.into_response();
+        let out = response.headers_mut();
+        out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        for (name, value) in decided.upstream_headers(&state, &request_id).await? {
+            match name.as_str() {
+                "authorization" => {
+                    out.insert("leash-inject-authorization", value);
+                }
+                "cookie" => {
+                    out.insert("leash-inject-cookie", value);
+                }
+                n if n.starts_with("leash-") => {
+                    out.insert(name, value);
+                }
+                _ => {
+                    if let Ok(n) = HeaderValue::from_str(name.as_str()) {
+                        out.insert("leash-inject-name", n);
+                        out.insert("leash-inject-value", value);
+                    }
+                }
+            }
+        }
+        tracing::info!(request_id = %request_id, upstream = %decided.upstream.name, actor = %decided.principal.actor, "authorized for a proxy");
+        Ok::<_, ApiError>(response)
+    }
+    .await;
+    result.unwrap_or_else(|e| {
+        tracing::info!(request_id = %request_id, error = %e, "proxy authorization refused");
+        e.into_response()
+    })
 }

@@ -52,6 +52,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/vault/{upstream}",
             put(vault::put).delete(vault::delete),
         )
+        .route(
+            "/v1/authorize",
+            get(gateway::authorize).post(gateway::authorize),
+        )
         .route("/gw/{upstream}", any(gateway::handle))
         .route("/gw/{upstream}/{*path}", any(gateway::handle))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

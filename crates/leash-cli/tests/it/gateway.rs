@@ -623,3 +623,41 @@ async fn leash_agent_curl_works_through_the_gateway() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("insufficient_scope"));
 }
+
+#[tokio::test]
+async fn authorize_needs_the_original_request_line() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let url = format!("{}/v1/authorize", gw.leash.url);
+    let (status, _, body) = read(gw.leash.http().post(&url).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    // The same decision as the gateway: outside the scope is refused, nothing is injected.
+    let target = "/gw/mail/export";
+    let proof = gw.dpop.dpop_proof(
+        "GET",
+        &format!("{}{target}", gw.leash.url),
+        Some(&gw.token),
+        None,
+        now(),
+    );
+    let response = gw
+        .leash
+        .http()
+        .post(&url)
+        .header("X-Original-Method", "GET")
+        .header("X-Original-URI", target)
+        .header("Authorization", format!("DPoP {}", gw.token))
+        .header("DPoP", proof)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("leash-inject-cookie").is_none());
+    let (status, _, body) = read(response).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("insufficient_scope"))
+    );
+    assert_eq!(gw.upstream.count(), 0);
+}

@@ -13,6 +13,7 @@ mod exchange;
 mod gateway;
 mod input;
 mod jose_python;
+mod nginx;
 mod proofs;
 mod resource;
 mod secrets;
