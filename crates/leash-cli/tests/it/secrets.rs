@@ -38,14 +38,35 @@ async fn secrets_never_reach_logs_or_error_bodies() {
         )
         .await;
 
+    // A vaulted credential is stored, listed and used only inside the server.
+    let (status, listed) = leash
+        .call(
+            Method::PUT,
+            "/v1/vault/mail",
+            &s.user_key,
+            Some(serde_json::json!({"kind": "bearer", "secret": "vaulted-upstream-token"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let gw_url = format!("{}/gw/mail/messages/1", leash.url);
+    let (_, _, gw_answer) = s
+        .agent_call(
+            &leash,
+            Method::GET,
+            "/gw/mail/messages/1",
+            &format!("DPoP {token}"),
+            Some(dpop.dpop_proof("GET", &gw_url, Some(&token), None, now())),
+        )
+        .await;
     let master = std::fs::read_to_string(leash.data_dir().join("master.key")).unwrap();
     let logs = leash.logs();
     assert!(
         logs.contains("token issued"),
         "the logs were captured: {logs}"
     );
-    let bodies = format!("{refused}{bad_key}{downgrade}");
+    let bodies = format!("{refused}{bad_key}{downgrade}{listed}{gw_answer}");
     for secret in [
+        "vaulted-upstream-token",
         ADMIN_KEY,
         s.user_key.as_str(),
         s.handle(),
