@@ -10,9 +10,8 @@ use serde_json::{Value, json};
 
 use crate::Remote;
 
-const GRANT_TOKEN_TYPE: &str = "urn:leash:params:oauth:token-type:grant";
-const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+use leash_core::assertion::JWT_BEARER;
+use leash_core::token::{GRANT_TOKEN_TYPE, TOKEN_EXCHANGE};
 
 /// `leash user …`.
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,13 @@ use crate::b64;
 use crate::jwk::PublicJwk;
 use crate::jws::{JoseError, Jws};
 
+/// The token-exchange grant type (RFC 8693 §2.1).
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// The subject token type of grant handles.
+pub const GRANT_TOKEN_TYPE: &str = "urn:leash:params:oauth:token-type:grant";
+/// The issued token type (RFC 8693 §3).
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+
 /// The `typ` of access tokens (RFC 9068 §2.1).
 pub const ACCESS_TOKEN_TYP: &str = "at+jwt";
 /// The longest `kid` looked up; anything longer is refused before any lookup.

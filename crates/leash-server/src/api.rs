@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::config::valid_action;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Admin, Caller, JsonBody, authenticate_agent, authorization, caller_from_key};
+use crate::extract::{Admin, Caller, JsonBody, ResourceCaller, authenticate_resource};
 use crate::state::{AppState, rfc3339};
 
 fn user_json(user: &User) -> Value {
@@ -442,33 +442,12 @@ pub async fn complete_grant(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
-    let grant = match authorization(&headers)? {
-        Some((scheme, _)) if scheme == "dpop" => {
-            let agent = authenticate_agent(&state, &method, &uri, &headers).await?;
-            if agent.claims.grant_id != id {
-                return Err(ApiError::Forbidden("the token is for another grant".into()));
-            }
-            state
-                .store
-                .grant(&id)
-                .await?
-                .ok_or_else(|| ApiError::NotFound("no such grant".into()))?
+    let grant = match authenticate_resource(&state, &method, &uri, &headers).await? {
+        ResourceCaller::Agent(agent) if agent.grant.id == id => agent.grant,
+        ResourceCaller::Agent(_) => {
+            return Err(ApiError::Forbidden("the token is for another grant".into()));
         }
-        Some((scheme, key)) if scheme == "bearer" => match caller_from_key(&state, &key).await? {
-            Some(caller) => visible_grant(&state, &caller, &id).await?,
-            // An access token is DPoP-bound: presenting it as Bearer is a downgrade.
-            None if leash_core::jws::Jws::parse(&key).is_ok() => {
-                return Err(ApiError::InvalidToken(
-                    "a DPoP-bound token must be sent with the DPoP scheme, not Bearer".into(),
-                ));
-            }
-            None => return Err(ApiError::Unauthorized("unknown API key".into())),
-        },
-        _ => {
-            return Err(ApiError::Unauthorized(
-                "use Bearer <api key> or DPoP <access token>".into(),
-            ));
-        }
+        ResourceCaller::Key(caller) => visible_grant(&state, &caller, &id).await?,
     };
     end(&state, &grant, GrantEnd::Completed, Some("task completed")).await
 }

@@ -219,18 +219,65 @@ pub struct AgentAuth {
     pub grant: leash_core::grant::Grant,
 }
 
-fn single_dpop_header(headers: &HeaderMap) -> ApiResult<Option<&str>> {
+/// The one `DPoP` header of a request, if any. More than one, or a non-ASCII value, is a
+/// problem the caller answers in its own terms (token endpoint or resource).
+pub fn single_dpop_header(headers: &HeaderMap) -> Result<Option<&str>, DpopHeaderError> {
     let mut values = headers.get_all("dpop").iter();
     let Some(first) = values.next() else {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(ApiError::InvalidRequest("more than one DPoP header".into()));
+        return Err(DpopHeaderError::Repeated);
     }
     first
         .to_str()
         .map(Some)
-        .map_err(|_| ApiError::ResourceInvalidProof("dpop proof is not ASCII".into()))
+        .map_err(|_| DpopHeaderError::NotAscii)
+}
+
+/// What is wrong with a request's `DPoP` header field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DpopHeaderError {
+    /// More than one `DPoP` header.
+    #[error("more than one DPoP header")]
+    Repeated,
+    /// A value that is not visible ASCII.
+    #[error("dpop proof is not ASCII")]
+    NotAscii,
+}
+
+/// Who calls a resource that agents and humans may both call.
+#[derive(Debug)]
+pub enum ResourceCaller {
+    /// An agent with a live DPoP-bound token and a fresh proof.
+    Agent(Box<AgentAuth>),
+    /// A human or the admin with an API key.
+    Key(Caller),
+}
+
+/// Authenticates the caller of a resource: `DPoP <token>` is an agent, `Bearer <api key>` a
+/// human or the admin. An access token sent as Bearer is a downgrade and refused as such.
+pub async fn authenticate_resource(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> ApiResult<ResourceCaller> {
+    match authorization(headers)? {
+        Some((scheme, _)) if scheme == "dpop" => authenticate_agent(state, method, uri, headers)
+            .await
+            .map(|agent| ResourceCaller::Agent(Box::new(agent))),
+        Some((scheme, key)) if scheme == "bearer" => match caller_from_key(state, &key).await? {
+            Some(caller) => Ok(ResourceCaller::Key(caller)),
+            None if leash_core::jws::Jws::parse(&key).is_ok() => Err(ApiError::InvalidToken(
+                "a DPoP-bound token must be sent with the DPoP scheme, not Bearer".into(),
+            )),
+            None => Err(ApiError::Unauthorized("unknown API key".into())),
+        },
+        _ => Err(ApiError::InvalidToken(
+            "Authorization: DPoP <token> (agent) or Bearer <api key> (human) is required".into(),
+        )),
+    }
 }
 
 /// Authenticates an agent at a resource (RFC 9449 §7): token signature and claims, grant and
@@ -259,7 +306,12 @@ pub async fn authenticate_agent(
         .map_err(|e| ApiError::InvalidToken(format!("access token refused: {e}")))?;
     let grant = state.check_token_live(&claims, now).await?;
 
-    let proof = single_dpop_header(headers)?
+    // API §6: two DPoP headers are a malformed request.
+    let proof = single_dpop_header(headers)
+        .map_err(|e| match e {
+            DpopHeaderError::Repeated => ApiError::InvalidRequest(e.to_string()),
+            DpopHeaderError::NotAscii => ApiError::ResourceInvalidProof(e.to_string()),
+        })?
         .ok_or_else(|| ApiError::InvalidToken("DPoP proof header is missing".into()))?;
     let url = state.resource_url(uri)?;
     let cx = ProofContext {

@@ -15,7 +15,7 @@ use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
 
 use crate::config::{Risk, Upstream};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, authenticate_agent, authorization, caller_from_key};
+use crate::extract::{Caller, ResourceCaller, authenticate_resource};
 use crate::state::AppState;
 
 /// Who the request is for and by whom.
@@ -156,9 +156,6 @@ pub async fn decide<'s>(
             "absolute-form targets and CONNECT are not accepted".into(),
         ));
     }
-    if headers.get_all("dpop").iter().count() > 1 {
-        return Err(ApiError::InvalidRequest("more than one DPoP header".into()));
-    }
     let rest = uri.path().strip_prefix("/gw/").unwrap_or_default();
     let (upstream_name, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -167,41 +164,27 @@ pub async fn decide<'s>(
     let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
 
     // Steps 1–3 (delegated) or the human's key (direct).
-    let principal = match authorization(headers)? {
-        Some((scheme, _)) if scheme == "dpop" => {
-            let agent = authenticate_agent(state, method, uri, headers).await?;
-            let scope = agent.claims.actions().map(str::to_owned).collect();
+    let principal = match authenticate_resource(state, method, uri, headers).await? {
+        ResourceCaller::Agent(agent) => {
+            let agent = *agent;
             Principal {
                 mode: Mode::Delegated,
+                scope: agent.claims.actions().map(str::to_owned).collect(),
                 actor: agent.claims.client_id,
                 subject: agent.claims.sub,
                 grant: Some(agent.grant),
-                scope,
             }
         }
-        Some((scheme, key)) if scheme == "bearer" => match caller_from_key(state, &key).await? {
-            Some(Caller::Human(user)) => Principal {
-                mode: Mode::Direct,
-                actor: user.id.clone(),
-                subject: user.id,
-                grant: None,
-                scope: Vec::new(),
-            },
-            Some(Caller::Admin) => {
-                return Err(ApiError::Forbidden(
-                    "the admin key does not act on upstreams".into(),
-                ));
-            }
-            None => {
-                return Err(ApiError::InvalidToken(
-                    "unknown credential; a DPoP-bound token must use the DPoP scheme, not Bearer"
-                        .into(),
-                ));
-            }
+        ResourceCaller::Key(Caller::Human(user)) => Principal {
+            mode: Mode::Direct,
+            actor: user.id.clone(),
+            subject: user.id,
+            grant: None,
+            scope: Vec::new(),
         },
-        _ => {
-            return Err(ApiError::InvalidToken(
-                "Authorization: DPoP <token> is required".into(),
+        ResourceCaller::Key(Caller::Admin) => {
+            return Err(ApiError::Forbidden(
+                "the admin key does not act on upstreams".into(),
             ));
         }
     };

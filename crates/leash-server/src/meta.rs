@@ -10,8 +10,8 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::oauth::TOKEN_EXCHANGE;
 use crate::state::AppState;
+use leash_core::token::TOKEN_EXCHANGE;
 
 /// `GET /.well-known/oauth-authorization-server`.
 pub async fn metadata(State(state): State<Arc<AppState>>) -> Json<Value> {

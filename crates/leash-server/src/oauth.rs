@@ -13,20 +13,16 @@ use leash_core::dpop::{ProofContext, ProofError, verify_proof};
 use leash_core::grant::{GrantStatus, narrow_scope};
 use leash_core::jwk::parse_jwks;
 use leash_core::secret::{SecretDigest, random_id};
-use leash_core::token::{AccessClaims, Actor, Confirmation, verify_access_token};
+use leash_core::token::{
+    ACCESS_TOKEN_TYPE, AccessClaims, Actor, Confirmation, GRANT_TOKEN_TYPE, TOKEN_EXCHANGE,
+    verify_access_token,
+};
 use leash_store::Agent;
 use serde_json::json;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, Form, authorization, caller_from_key};
+use crate::extract::{Caller, Form, authorization, caller_from_key, single_dpop_header};
 use crate::state::{AppState, Metrics};
-
-/// The token-exchange grant type.
-pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-/// The subject token type of grant handles.
-pub const GRANT_TOKEN_TYPE: &str = "urn:leash:params:oauth:token-type:grant";
-/// The issued token type.
-pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 
 fn no_store(mut response: Response) -> Response {
     let headers = response.headers_mut();
@@ -135,22 +131,9 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         authenticate_client(state, form, &audiences, found.as_ref().map(|(_, a)| a)).await?;
 
     let now = state.clock.now();
-    let mut proofs = headers.get_all("dpop").iter();
-    let proof = match (proofs.next(), proofs.next()) {
-        (Some(p), None) => p
-            .to_str()
-            .map_err(|_| ApiError::InvalidDpopProof("dpop proof is not ASCII".into()))?,
-        (None, _) => {
-            return Err(ApiError::InvalidDpopProof(
-                "a DPoP proof header is required".into(),
-            ));
-        }
-        (Some(_), Some(_)) => {
-            return Err(ApiError::InvalidDpopProof(
-                "more than one DPoP header".into(),
-            ));
-        }
-    };
+    let proof = single_dpop_header(headers)
+        .map_err(|e| ApiError::InvalidDpopProof(e.to_string()))?
+        .ok_or_else(|| ApiError::InvalidDpopProof("a DPoP proof header is required".into()))?;
     let cx = ProofContext {
         method: "POST",
         url: &state.token_endpoint,

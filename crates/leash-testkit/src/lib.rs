@@ -18,12 +18,8 @@ use tokio::process::{Child, Command};
 
 /// The admin key every test server starts with.
 pub const ADMIN_KEY: &str = "lsk_test_admin_key_0123456789abcdefghijklmnop";
-/// The grant token type.
-pub const GRANT_TOKEN_TYPE: &str = "urn:leash:params:oauth:token-type:grant";
-/// The token-exchange grant type.
-pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-/// The private_key_jwt assertion type.
-pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+pub use leash_core::assertion::JWT_BEARER;
+pub use leash_core::token::{GRANT_TOKEN_TYPE, TOKEN_EXCHANGE};
 /// The default test agent.
 pub const AGENT: &str = "spiffe://example.org/agent/mailbot";
 

@@ -459,10 +459,15 @@ async fn grant_creation_validates_actions_and_ownership() {
     assert_eq!((expires - created).whole_seconds(), 8 * 3600);
 
     // The admin cannot create grants for nobody; bob sees neither alice's grants nor one by id.
-    let (status, _) = leash
-        .call(Method::POST, "/v1/grants", ADMIN_KEY, Some(json!({})))
+    let valid = json!({"agent": AGENT, "purpose": "p", "upstreams": ["mail"], "actions": ["mail:read"], "ttl_seconds": 60});
+    let (status, body) = leash
+        .call(Method::POST, "/v1/grants", ADMIN_KEY, Some(valid))
         .await;
-    assert!(status == 403 || status == 400);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
     let (_, bob_key) = leash.create_user("bob").await;
     let (_, list) = leash.call(Method::GET, "/v1/grants", &bob_key, None).await;
     assert_eq!(list["grants"], json!([]));

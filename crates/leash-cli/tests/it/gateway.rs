@@ -106,6 +106,10 @@ async fn allowed_read_gets_the_vaulted_credential_and_attribution_and_nothing_of
                 ("X-Forwarded-For", "6.6.6.6"),
                 ("Forwarded", "for=6.6.6.6"),
                 ("Leash-Subject", "usr_forged"),
+                ("Leash-Approval", "apr_forged"),
+                ("Host", "evil.example"),
+                ("Connection", "X-Hop-Secret"),
+                ("X-Hop-Secret", "hop"),
                 ("X-Custom", "kept"),
             ],
         )
@@ -137,7 +141,19 @@ async fn allowed_read_gets_the_vaulted_credential_and_attribution_and_nothing_of
             .starts_with("req_")
     );
     assert_eq!(r.headers["x-custom"], "kept");
-    for gone in ["authorization", "dpop", "x-forwarded-for", "forwarded"] {
+    let upstream_host = gw.upstream.url.trim_start_matches("http://");
+    assert_eq!(
+        r.headers["host"], upstream_host,
+        "the upstream host comes only from configuration"
+    );
+    for gone in [
+        "authorization",
+        "dpop",
+        "x-forwarded-for",
+        "forwarded",
+        "leash-approval",
+        "x-hop-secret",
+    ] {
         assert!(r.headers.get(gone).is_none(), "{gone} was forwarded");
     }
     let everything = format!("{:?}", r.headers);
@@ -658,6 +674,63 @@ async fn authorize_needs_the_original_request_line() {
     assert_eq!(
         (status, body["error"].as_str()),
         (403, Some("insufficient_scope"))
+    );
+    assert_eq!(gw.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn two_dpop_headers_and_unknown_keys_are_refused_at_the_gateway() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let url = format!("{}/gw/mail/messages/1", gw.leash.url);
+    let proof = || {
+        gw.dpop
+            .dpop_proof("GET", &url, Some(&gw.token), None, now())
+    };
+    let response = gw
+        .leash
+        .http()
+        .get(&url)
+        .header("Authorization", format!("DPoP {}", gw.token))
+        .header("DPoP", proof())
+        .header("DPoP", proof())
+        .send()
+        .await
+        .unwrap();
+    let (status, _, body) = read(response).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    let (status, _, body) = read(
+        gw.leash
+            .http()
+            .get(&url)
+            .bearer_auth("lsk_not_a_key")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized")),
+        "{body}"
+    );
+    let (status, _, body) = read(
+        gw.leash
+            .http()
+            .get(&url)
+            .bearer_auth(leash_testkit::ADMIN_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
     );
     assert_eq!(gw.upstream.count(), 0);
 }
