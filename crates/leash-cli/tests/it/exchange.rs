@@ -414,6 +414,15 @@ async fn missing_or_wrong_parameters_are_invalid_request() {
         "invalid_client",
     )
     .await;
+    // RFC 8693 delegation with an actor_token is not how agents authenticate here.
+    expect_error(
+        &s,
+        &leash,
+        &with(&form, "actor_token", "eyJ.e30.x"),
+        400,
+        "invalid_request",
+    )
+    .await;
     let mut repeated = s.exchange_form(&leash);
     repeated.push(("subject_token".into(), "lgh_other".into()));
     expect_error(&s, &leash, &repeated, 400, "invalid_request").await;
