@@ -9,13 +9,13 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jwk::parse_jwks;
 use leash_core::secret::{API_KEY_PREFIX, HANDLE_PREFIX, Secret, random_id};
-use leash_store::{Agent, GrantEnd, User};
+use leash_store::{Agent, GrantEnd, RequestUse, User};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::config::valid_action;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Admin, Caller, JsonBody, ResourceCaller, authenticate_resource};
+use crate::extract::{Admin, Caller, JsonBody, ResourceCaller, authenticate_resource, commit_use};
 use crate::state::{AppState, rfc3339};
 
 fn user_json(user: &User) -> Value {
@@ -443,7 +443,15 @@ pub async fn complete_grant(
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
     let grant = match authenticate_resource(&state, &method, &uri, &headers).await? {
-        ResourceCaller::Agent(agent) if agent.grant.id == id => agent.grant,
+        ResourceCaller::Agent(agent) if agent.grant.id == id => {
+            let request = RequestUse {
+                once: vec![agent.proof_once],
+                grant: None,
+                now: state.clock.now(),
+            };
+            commit_use(&state, request).await?;
+            agent.grant
+        }
         ResourceCaller::Agent(_) => {
             return Err(ApiError::Forbidden("the token is for another grant".into()));
         }

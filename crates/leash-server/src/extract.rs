@@ -8,10 +8,11 @@ use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, Uri, header};
+use leash_core::dpop::ReplayKey;
 use leash_core::dpop::{ProofContext, ProofError, verify_proof};
 use leash_core::secret::SecretDigest;
-use leash_core::token::{AccessClaims, verify_access_token};
-use leash_store::User;
+use leash_core::token::AccessClaims;
+use leash_store::{RequestUse, UseVerdict, User};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ApiResult};
@@ -210,13 +211,31 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     }
 }
 
-/// An agent authenticated by a live DPoP-bound access token and a fresh proof.
+/// An agent authenticated by a live DPoP-bound access token and a valid proof. The proof's
+/// one-time `jti` is claimed only when the request's use is committed ([`commit_use`]), in the
+/// same transaction as its budget count, before anything acts on it.
 #[derive(Debug, Clone)]
 pub struct AgentAuth {
     /// The verified token's claims.
-    pub claims: AccessClaims,
+    pub claims: Arc<AccessClaims>,
     /// The token's grant, live when the call was authenticated.
     pub grant: leash_core::grant::Grant,
+    /// The proof's replay key and how long it must be remembered.
+    pub proof_once: (ReplayKey, i64),
+}
+
+/// Commits what an authenticated request uses (its one-time values, one count against its
+/// grant) before the request acts; a value seen before or a spent grant refuses it.
+pub async fn commit_use(state: &AppState, request: RequestUse) -> ApiResult<()> {
+    match state.store.record_use(request).await? {
+        UseVerdict::Recorded => Ok(()),
+        UseVerdict::Replayed(_) => Err(ApiError::ResourceInvalidProof(
+            "dpop proof jti was already used".into(),
+        )),
+        UseVerdict::GrantSpent => Err(ApiError::InvalidToken(
+            "the token's grant is exhausted or no longer active".into(),
+        )),
+    }
 }
 
 /// The one `DPoP` header of a request, if any. More than one, or a non-ASCII value, is a
@@ -257,6 +276,8 @@ pub enum ResourceCaller {
 
 /// Authenticates the caller of a resource: `DPoP <token>` is an agent, `Bearer <api key>` a
 /// human or the admin. An access token sent as Bearer is a downgrade and refused as such.
+/// An agent's proof is checked but not yet claimed: the caller must [`commit_use`] it (with
+/// `proof_once`) before acting.
 pub async fn authenticate_resource(
     state: &AppState,
     method: &Method,
@@ -264,7 +285,7 @@ pub async fn authenticate_resource(
     headers: &HeaderMap,
 ) -> ApiResult<ResourceCaller> {
     match authorization(headers)? {
-        Some((scheme, _)) if scheme == "dpop" => authenticate_agent(state, method, uri, headers)
+        Some((scheme, _)) if scheme == "dpop" => verify_agent(state, method, uri, headers)
             .await
             .map(|agent| ResourceCaller::Agent(Box::new(agent))),
         Some((scheme, key)) if scheme == "bearer" => match caller_from_key(state, &key).await? {
@@ -280,9 +301,10 @@ pub async fn authenticate_resource(
     }
 }
 
-/// Authenticates an agent at a resource (RFC 9449 §7): token signature and claims, grant and
-/// token liveness, then the proof (method, URL, `ath`, key binding) and its one-time `jti`.
-pub async fn authenticate_agent(
+/// Checks an agent at a resource (RFC 9449 §7), in memory: token signature and claims (a
+/// verified token is cached), grant and token liveness, then the proof (method, URL, `ath`, key
+/// binding). The proof's `jti` is returned in `proof_once` for [`commit_use`].
+pub async fn verify_agent(
     state: &AppState,
     method: &Method,
     uri: &Uri,
@@ -302,8 +324,7 @@ pub async fn authenticate_agent(
         }
     };
     let now = state.clock.now();
-    let claims = verify_access_token(&token, |kid| state.verify_key(kid), &state.issuer, now)
-        .map_err(|e| ApiError::InvalidToken(format!("access token refused: {e}")))?;
+    let claims = state.verified_token(&token, now)?;
     let grant = state.check_token_live(&claims, now).await?;
 
     // API §6: two DPoP headers are a malformed request.
@@ -330,15 +351,9 @@ pub async fn authenticate_agent(
             "dpop proof is signed by a key other than the one the token is bound to".into(),
         ));
     }
-    if state
-        .store
-        .consume_once(&[(proof.replay_key(), proof.replay_until())])
-        .await?
-        .is_some()
-    {
-        return Err(ApiError::ResourceInvalidProof(
-            "dpop proof jti was already used".into(),
-        ));
-    }
-    Ok(AgentAuth { claims, grant })
+    Ok(AgentAuth {
+        claims,
+        grant,
+        proof_once: (proof.replay_key(), proof.replay_until()),
+    })
 }

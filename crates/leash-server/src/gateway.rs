@@ -9,18 +9,22 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use leash_core::dpop::ReplayKey;
 use leash_core::route::safe_segments;
 use leash_core::secret::random_id;
 use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
+use leash_store::RequestUse;
 
 use crate::config::{Risk, Upstream};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, ResourceCaller, authenticate_resource};
+use crate::extract::{Caller, ResourceCaller, authenticate_resource, commit_use};
 use crate::state::AppState;
 
 /// Who the request is for and by whom.
 struct Principal {
     mode: Mode,
+    /// The agent proof's one-time value, claimed when the request is committed.
+    proof_once: Option<(ReplayKey, i64)>,
     /// The agent (delegated) or the human (direct).
     actor: String,
     /// The human.
@@ -93,6 +97,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Res
 async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
     let decided = decide(state, &parts.method, &parts.uri, &parts.headers).await?;
+    decided.commit(state).await?;
     // Step 8: forward.
     forward(
         state,
@@ -106,7 +111,7 @@ async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiRes
     .await
 }
 
-/// A request that passed steps 1–6 and was counted against its grant's budget.
+/// A request that passed steps 1–6 (in memory); [`Decided::commit`] makes it durable.
 pub struct Decided<'s> {
     principal: Principal,
     upstream: &'s Upstream,
@@ -114,6 +119,19 @@ pub struct Decided<'s> {
 }
 
 impl Decided<'_> {
+    /// Step 7: claims the proof's `jti` and counts the request against its grant's budget,
+    /// atomically and durably, before anything is forwarded. A replayed proof, or a grant that
+    /// ended or ran out meanwhile, is refused here.
+    pub async fn commit(&self, state: &AppState) -> ApiResult<()> {
+        let principal = &self.principal;
+        let request = RequestUse {
+            once: principal.proof_once.into_iter().collect(),
+            grant: principal.grant.as_ref().map(|g| g.id.clone()),
+            now: state.clock.now(),
+        };
+        commit_use(state, request).await
+    }
+
     /// The headers the upstream gets from Leash: the human's vaulted credential (if any) and
     /// the attribution headers.
     pub async fn upstream_headers(
@@ -169,14 +187,16 @@ pub async fn decide<'s>(
             let agent = *agent;
             Principal {
                 mode: Mode::Delegated,
+                proof_once: Some(agent.proof_once),
                 scope: agent.claims.actions().map(str::to_owned).collect(),
-                actor: agent.claims.client_id,
-                subject: agent.claims.sub,
+                actor: agent.claims.client_id.clone(),
+                subject: agent.claims.sub.clone(),
                 grant: Some(agent.grant),
             }
         }
         ResourceCaller::Key(Caller::Human(user)) => Principal {
             mode: Mode::Direct,
+            proof_once: None,
             actor: user.id.clone(),
             subject: user.id,
             grant: None,
@@ -247,15 +267,6 @@ pub async fn decide<'s>(
         Decision::ApprovalRequired { policies } => {
             return Err(ApiError::ApprovalRequired { policies });
         }
-    }
-
-    // The request budget, counted atomically; a grant that ended meanwhile stops here too.
-    if let Some(grant) = grant
-        && state.store.count_request(&grant.id, now).await?.is_none()
-    {
-        return Err(ApiError::InvalidToken(
-            "the token's grant is exhausted or no longer active".into(),
-        ));
     }
 
     Ok(Decided {
@@ -339,6 +350,7 @@ pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -
             .and_then(|u| u.parse().ok())
             .ok_or_else(|| ApiError::InvalidRequest("X-Original-URI must be the original request target".into()))?;
         let decided = decide(&state, &method, &uri, &headers).await?;
+        decided.commit(&state).await?;
         let mut response = StatusCode::OK.into_response();
         let out = response.headers_mut();
         out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -13,7 +13,7 @@ use leash_core::dpop::NonceKey;
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jwk::PublicJwk;
 use leash_core::secret::{API_KEY_PREFIX, Secret, SecretDigest};
-use leash_core::token::{AccessClaims, SigningKey};
+use leash_core::token::{AccessClaims, SigningKey, verify_access_token};
 use leash_policy::{PolicyEngine, PolicyError};
 use leash_store::Store;
 
@@ -68,7 +68,14 @@ pub struct AppState {
     pub policy: std::sync::RwLock<Arc<PolicyEngine>>,
     /// The client that forwards gateway requests.
     pub upstream_client: reqwest::Client,
+    /// Claims of access tokens whose signature checked out, by SHA-256 of the token: the
+    /// gateway verifies a token's signature once, not on every request. Liveness (grant,
+    /// revocation) and the proof are still checked every time.
+    pub verified_tokens: quick_cache::sync::Cache<[u8; 32], Arc<AccessClaims>>,
 }
+
+/// Verified access tokens held in memory at most.
+const VERIFIED_TOKEN_CAPACITY: usize = 16_384;
 
 /// What bootstrap produced besides the state.
 #[derive(Debug)]
@@ -202,6 +209,7 @@ impl AppState {
                 .redirect(reqwest::redirect::Policy::none())
                 .no_proxy()
                 .build()?,
+            verified_tokens: quick_cache::sync::Cache::new(VERIFIED_TOKEN_CAPACITY),
         };
         Ok(Bootstrap {
             state: Arc::new(state),
@@ -244,12 +252,32 @@ impl AppState {
             .map_err(|_| ApiError::InvalidRequest("request path is not a valid URL path".into()))
     }
 
+    /// Verifies an access token (signature, `typ`, `iss`, `aud`, times), answering from the
+    /// cache of verified tokens when it can; the expiry is checked on every call.
+    pub fn verified_token(&self, token: &str, now: i64) -> ApiResult<Arc<AccessClaims>> {
+        use sha2::Digest as _;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(claims) = self.verified_tokens.get(&digest) {
+            if claims.exp <= now {
+                return Err(ApiError::InvalidToken(
+                    "access token refused: exp has passed".into(),
+                ));
+            }
+            return Ok(claims);
+        }
+        let claims = verify_access_token(token, |kid| self.verify_key(kid), &self.issuer, now)
+            .map_err(|e| ApiError::InvalidToken(format!("access token refused: {e}")))?;
+        let claims = Arc::new(claims);
+        self.verified_tokens.insert(digest, claims.clone());
+        Ok(claims)
+    }
+
     /// Refuses a token whose grant is no longer live or that was revoked itself; returns the
     /// live grant.
     pub async fn check_token_live(&self, claims: &AccessClaims, now: i64) -> ApiResult<Grant> {
         let grant = self
             .store
-            .grant(&claims.grant_id)
+            .live_grant(&claims.grant_id)
             .await?
             .ok_or_else(|| ApiError::InvalidToken("the token's grant does not exist".into()))?;
         if !grant.is_live(now) {

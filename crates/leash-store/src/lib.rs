@@ -87,6 +87,28 @@ impl std::fmt::Debug for VaultEntry {
     }
 }
 
+/// What one request uses, for [`Store::record_use`].
+#[derive(Debug, Clone, Default)]
+pub struct RequestUse {
+    /// One-time values with the time until which each must be remembered.
+    pub once: Vec<(ReplayKey, i64)>,
+    /// The grant whose budget the request counts against.
+    pub grant: Option<String>,
+    /// The time of the request (a grant expired at `now` is spent).
+    pub now: i64,
+}
+
+/// The outcome of [`Store::record_use`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UseVerdict {
+    /// Everything was new and is now stored; the grant (if any) was counted.
+    Recorded,
+    /// The one-time value at this index was seen before; nothing was stored.
+    Replayed(usize),
+    /// The grant is not active any more, has expired, or its `max_requests` are used up.
+    GrantSpent,
+}
+
 /// How a grant ended, for [`Store::end_grant`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GrantEnd {
@@ -152,9 +174,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: i64,
     ) -> StoreResult<Option<Grant>>;
 
-    /// Counts one gateway request against a live grant's budget, atomically; `None` when the
-    /// grant is not active, has expired, or its `max_requests` are used up.
-    async fn count_request(&self, grant_id: &str, now: i64) -> StoreResult<Option<i64>>;
+    /// The grant a token names, for the per-request liveness check: held in memory and dropped
+    /// from it whenever the grant ends or its budget runs out, so its status, expiry and
+    /// exhaustion are exact; only `requests_used` below `max_requests` may lag.
+    async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>>;
+    /// Commits what a request that passed its checks uses, in one durable transaction (group
+    /// committed with other requests) before it acts: its one-time values and one count against
+    /// its grant's budget. Nothing is counted when a value was seen before; the values stay
+    /// consumed when the grant turns out spent (the request is refused either way).
+    async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict>;
 
     /// Stores (or replaces) a human's credential for an upstream.
     async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()>;
@@ -167,7 +195,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records one-time values (`jti`s) atomically: either all are new and all are stored, or
     /// nothing is stored and the index of the first one already seen is returned.
-    async fn consume_once(&self, entries: &[(ReplayKey, i64)]) -> StoreResult<Option<usize>>;
+    async fn consume_once(&self, entries: &[(ReplayKey, i64)]) -> StoreResult<Option<usize>> {
+        let request = RequestUse {
+            once: entries.to_vec(),
+            grant: None,
+            now: 0,
+        };
+        match self.record_use(request).await? {
+            UseVerdict::Replayed(position) => Ok(Some(position)),
+            UseVerdict::Recorded | UseVerdict::GrantSpent => Ok(None),
+        }
+    }
     /// Marks a token dead until its expiry.
     async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()>;
     /// Whether a token was revoked.

@@ -3,8 +3,9 @@
 //! `synchronous = NORMAL`: a commit is in the WAL before it returns, so it survives the process
 //! being killed (`kill -9`); only a power cut may lose the last commits.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr as _;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,14 +16,20 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row as _, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Agent, GrantEnd, Store, StoreError, StoreResult, User, VaultEntry};
+use crate::{
+    Agent, GrantEnd, RequestUse, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
+};
 
 /// SQLite-backed [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
-    replay: mpsc::Sender<ConsumeRequest>,
+    uses: mpsc::Sender<UseJob>,
+    grants: Arc<GrantCache>,
+    /// Revoked token `jti`s with their expiry: every revocation of this database goes through
+    /// this process, so the set is complete (loaded at open, added to before the write).
+    revoked: Arc<RwLock<HashMap<String, i64>>>,
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -94,29 +101,30 @@ fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<User> {
     })
 }
 
-/// One caller's one-time values and where to send the verdict.
-type ConsumeRequest = (
-    Vec<(ReplayKey, i64)>,
-    oneshot::Sender<StoreResult<Option<usize>>>,
-);
+/// One request's use and where to send the verdict.
+type UseJob = (RequestUse, oneshot::Sender<StoreResult<UseVerdict>>);
 
-/// Most requests committed in one replay transaction.
-const MAX_REPLAY_BATCH: usize = 64;
+/// Most requests committed in one transaction.
+const MAX_USE_BATCH: usize = 64;
 
-/// Group commit of one-time values: one task owns replay writes and commits whatever requests
-/// are waiting in one transaction, so concurrent token and gateway calls share a commit.
-async fn replay_writer(pool: SqlitePool, mut requests: mpsc::Receiver<ConsumeRequest>) {
-    while let Some(first) = requests.recv().await {
+/// Group commit of request uses: one task owns these writes and commits whatever requests are
+/// waiting in one transaction, so concurrent token and gateway calls share a commit.
+async fn use_writer(pool: SqlitePool, grants: Arc<GrantCache>, mut jobs: mpsc::Receiver<UseJob>) {
+    while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
-        while batch.len() < MAX_REPLAY_BATCH {
-            match requests.try_recv() {
+        while batch.len() < MAX_USE_BATCH {
+            match jobs.try_recv() {
                 Ok(next) => batch.push(next),
                 Err(_) => break,
             }
         }
-        let entries: Vec<&[(ReplayKey, i64)]> = batch.iter().map(|(e, _)| e.as_slice()).collect();
-        match consume_batch(&pool, &entries).await {
-            Ok(verdicts) => {
+        let requests: Vec<&RequestUse> = batch.iter().map(|(request, _)| request).collect();
+        match record_batch(&pool, &requests).await {
+            Ok((verdicts, spent)) => {
+                // A grant whose budget ran out must not stay live in memory.
+                for id in spent {
+                    grants.invalidate(&id);
+                }
                 for ((_, reply), verdict) in batch.into_iter().zip(verdicts) {
                     let _ = reply.send(Ok(verdict));
                 }
@@ -131,23 +139,25 @@ async fn replay_writer(pool: SqlitePool, mut requests: mpsc::Receiver<ConsumeReq
     }
 }
 
-/// Consumes each request's values all-or-nothing, in one transaction for the whole batch.
-/// Within a batch the earlier of two requests sharing a value claims it, even if that request
-/// then fails on another of its values: the later one is refused (fail closed).
-async fn consume_batch(
+/// Records each request's use, in one transaction for the whole batch: its one-time values
+/// all-or-nothing, then one count against its grant. Within a batch the earlier of two requests
+/// sharing a value claims it, even if that request then fails on another of its values: the
+/// later one is refused (fail closed). Also returns the grants whose budget this batch used up.
+async fn record_batch(
     pool: &SqlitePool,
-    requests: &[&[(ReplayKey, i64)]],
-) -> StoreResult<Vec<Option<usize>>> {
-    let mut verdicts = vec![None; requests.len()];
+    requests: &[&RequestUse],
+) -> StoreResult<(Vec<UseVerdict>, Vec<String>)> {
+    let mut verdicts = vec![UseVerdict::Recorded; requests.len()];
     let mut claimed: HashSet<&ReplayKey> = HashSet::new();
     let mut candidates = Vec::new();
-    for (index, entries) in requests.iter().enumerate() {
+    for (index, request) in requests.iter().enumerate() {
         let mut own = HashSet::new();
-        let seen = entries
+        let seen = request
+            .once
             .iter()
             .position(|(key, _)| claimed.contains(key) || !own.insert(key));
         match seen {
-            Some(position) => verdicts[index] = Some(position),
+            Some(position) => verdicts[index] = UseVerdict::Replayed(position),
             None => {
                 claimed.extend(own);
                 candidates.push(index);
@@ -155,42 +165,76 @@ async fn consume_batch(
         }
     }
     if candidates.is_empty() {
-        return Ok(verdicts);
+        return Ok((verdicts, Vec::new()));
     }
+    let mut tx = pool.begin().await.map_err(unavailable)?;
     let rows: Vec<&(ReplayKey, i64)> = candidates
         .iter()
-        .flat_map(|&i| requests[i].iter())
+        .flat_map(|&i| requests[i].once.iter())
         .collect();
-    let mut tx = pool.begin().await.map_err(unavailable)?;
-    let mut sql = String::from("INSERT INTO replay (key, until) VALUES ");
-    sql.push_str(&vec!["(?, ?)"; rows.len()].join(", "));
-    sql.push_str(" ON CONFLICT DO NOTHING RETURNING key");
-    let mut query = sqlx::query(&sql);
-    for (key, until) in &rows {
-        query = query.bind(key.as_slice()).bind(until);
+    let mut inserted: HashSet<Vec<u8>> = HashSet::new();
+    if !rows.is_empty() {
+        let mut sql = String::from("INSERT INTO replay (key, until) VALUES ");
+        sql.push_str(&vec!["(?, ?)"; rows.len()].join(", "));
+        sql.push_str(" ON CONFLICT DO NOTHING RETURNING key");
+        let mut query = sqlx::query(&sql);
+        for (key, until) in &rows {
+            query = query.bind(key.as_slice()).bind(until);
+        }
+        inserted = query
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(|row| row.try_get::<Vec<u8>, _>("key"))
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
     }
-    let inserted: HashSet<Vec<u8>> = query
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|row| row.try_get::<Vec<u8>, _>("key"))
-        .collect::<Result<_, _>>()
-        .map_err(unavailable)?;
     let mut undo: Vec<&ReplayKey> = Vec::new();
+    let mut spent = Vec::new();
     for &index in &candidates {
-        let entries = requests[index];
-        if let Some(position) = entries
+        let request = requests[index];
+        if let Some(position) = request
+            .once
             .iter()
             .position(|(key, _)| !inserted.contains(key.as_slice()))
         {
-            verdicts[index] = Some(position);
+            verdicts[index] = UseVerdict::Replayed(position);
             undo.extend(
-                entries
+                request
+                    .once
                     .iter()
                     .filter(|(key, _)| inserted.contains(key.as_slice()))
                     .map(|(key, _)| key),
             );
+            continue;
+        }
+        let Some(grant) = &request.grant else {
+            continue;
+        };
+        let counted = sqlx::query(
+            "UPDATE grants SET requests_used = requests_used + 1 \
+             WHERE id = ? AND status = 'active' AND expires_at > ? \
+             AND (max_requests IS NULL OR requests_used < max_requests) \
+             RETURNING requests_used, max_requests",
+        )
+        .bind(grant)
+        .bind(request.now)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        match counted {
+            None => {
+                verdicts[index] = UseVerdict::GrantSpent;
+                spent.push(grant.clone());
+            }
+            Some(row) => {
+                let used: i64 = row.try_get("requests_used").map_err(unavailable)?;
+                let max: Option<i64> = row.try_get("max_requests").map_err(unavailable)?;
+                if max.is_some_and(|max| used >= max) {
+                    spent.push(grant.clone());
+                }
+            }
         }
     }
     if !undo.is_empty() {
@@ -205,7 +249,63 @@ async fn consume_batch(
         query.execute(&mut *tx).await.map_err(unavailable)?;
     }
     tx.commit().await.map_err(unavailable)?;
-    Ok(verdicts)
+    Ok((verdicts, spent))
+}
+
+/// Grants held in memory for the per-request liveness check. Every write that ends a grant or
+/// uses up its budget drops it afterwards; the epoch stops a read that raced such a write from
+/// putting the old row back.
+struct GrantCache {
+    entries: quick_cache::sync::Cache<String, Arc<Grant>>,
+    epoch: Mutex<u64>,
+}
+
+/// Grants held in memory at most (each a few hundred bytes).
+const GRANT_CACHE_CAPACITY: usize = 16_384;
+
+impl GrantCache {
+    fn new() -> Self {
+        Self {
+            entries: quick_cache::sync::Cache::new(GRANT_CACHE_CAPACITY),
+            epoch: Mutex::new(0),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        *self.epoch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Grant>> {
+        self.entries.get(id)
+    }
+
+    /// Keeps a row read while the epoch was `read_at`, unless a write invalidated since.
+    fn fill(&self, grant: Grant, read_at: u64) {
+        let epoch = self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
+        if *epoch == read_at {
+            self.entries.insert(grant.id.clone(), Arc::new(grant));
+        }
+    }
+
+    fn invalidate(&self, id: &str) {
+        let mut epoch = self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
+        *epoch += 1;
+        self.entries.remove(id);
+    }
+
+    fn invalidate_all(&self) {
+        let mut epoch = self.epoch.lock().unwrap_or_else(PoisonError::into_inner);
+        *epoch += 1;
+        self.entries.clear();
+    }
+}
+
+impl std::fmt::Debug for GrantCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrantCache")
+            .field("len", &self.entries.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SqliteStore {
@@ -232,12 +332,23 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(unavailable)?;
-        let (replay, requests) = mpsc::channel(1024);
-        tokio::spawn(replay_writer(writer.clone(), requests));
+        let revoked = sqlx::query("SELECT jti, expires_at FROM revoked_tokens")
+            .fetch_all(&reader)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(|row| Ok((row.try_get("jti")?, row.try_get("expires_at")?)))
+            .collect::<Result<HashMap<String, i64>, sqlx::Error>>()
+            .map_err(unavailable)?;
+        let grants = Arc::new(GrantCache::new());
+        let (uses, jobs) = mpsc::channel(1024);
+        tokio::spawn(use_writer(writer.clone(), grants.clone(), jobs));
         Ok(Self {
             writer,
             reader,
-            replay,
+            uses,
+            grants,
+            revoked: Arc::new(RwLock::new(revoked)),
         })
     }
 }
@@ -357,6 +468,7 @@ impl Store for SqliteStore {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
+        self.grants.invalidate_all();
         Ok(found)
     }
 
@@ -457,36 +569,33 @@ impl Store for SqliteStore {
         .fetch_optional(&self.writer)
         .await
         .map_err(unavailable)?;
+        self.grants.invalidate(id);
         row.as_ref().map(grant_from_row).transpose()
     }
 
-    async fn consume_once(&self, entries: &[(ReplayKey, i64)]) -> StoreResult<Option<usize>> {
-        if entries.is_empty() {
-            return Ok(None);
+    async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
+        if let Some(grant) = self.grants.get(id) {
+            return Ok(Some(Grant::clone(&grant)));
         }
-        let (reply, answer) = oneshot::channel();
-        self.replay
-            .send((entries.to_vec(), reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("the replay writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the replay writer has stopped".into()))?
+        let read_at = self.grants.epoch();
+        let grant = self.grant(id).await?;
+        if let Some(grant) = &grant {
+            self.grants.fill(grant.clone(), read_at);
+        }
+        Ok(grant)
     }
 
-    async fn count_request(&self, grant_id: &str, now: i64) -> StoreResult<Option<i64>> {
-        let row = sqlx::query(
-            "UPDATE grants SET requests_used = requests_used + 1 \
-             WHERE id = ? AND status = 'active' AND expires_at > ? \
-             AND (max_requests IS NULL OR requests_used < max_requests) RETURNING requests_used",
-        )
-        .bind(grant_id)
-        .bind(now)
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(unavailable)?;
-        row.map(|r| r.try_get("requests_used").map_err(unavailable))
-            .transpose()
+    async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict> {
+        if request.once.is_empty() && request.grant.is_none() {
+            return Ok(UseVerdict::Recorded);
+        }
+        let stopped = || StoreError::Unavailable("the request writer has stopped".into());
+        let (reply, answer) = oneshot::channel();
+        self.uses
+            .send((request, reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()> {
@@ -539,6 +648,11 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()> {
+        // In memory first: if the write fails the token is refused here anyway (fail closed).
+        self.revoked
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(jti.to_owned(), expires_at);
         sqlx::query(
             "INSERT INTO revoked_tokens (jti, grant_id, expires_at) VALUES (?, ?, ?) \
              ON CONFLICT DO NOTHING",
@@ -553,12 +667,11 @@ impl Store for SqliteStore {
     }
 
     async fn is_token_revoked(&self, jti: &str) -> StoreResult<bool> {
-        let row = sqlx::query("SELECT 1 FROM revoked_tokens WHERE jti = ?")
-            .bind(jti)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        Ok(row.is_some())
+        Ok(self
+            .revoked
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(jti))
     }
 
     async fn prune(&self, now: i64) -> StoreResult<u64> {
@@ -574,6 +687,10 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?
             .rows_affected();
+        self.revoked
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, expires_at| *expires_at >= now);
         Ok(replay + tokens)
     }
 }
@@ -677,5 +794,158 @@ mod tests {
             Some(0)
         );
         assert_eq!(store.consume_once(&[(k("old"), 50)]).await.unwrap(), None);
+    }
+
+    async fn with_grant(store: &SqliteStore, max_requests: Option<i64>) -> Grant {
+        let user = User {
+            id: "usr_1".into(),
+            name: "alice".into(),
+            created_at: 1,
+        };
+        store
+            .create_user(&user, &SecretDigest::from_stored("d1".into()))
+            .await
+            .unwrap();
+        let agent = Agent {
+            id: "spiffe://t/a".into(),
+            name: "a".into(),
+            jwks: serde_json::json!({"keys": []}),
+            disabled: false,
+            created_at: 1,
+        };
+        store.create_agent(&agent).await.unwrap();
+        let grant = Grant {
+            id: "grt_1".into(),
+            subject: user.id,
+            agent: agent.id,
+            purpose: "p".into(),
+            upstreams: vec!["mail".into()],
+            actions: vec!["mail:read".into()],
+            approval_required: Vec::new(),
+            single_use: Vec::new(),
+            created_at: 1,
+            expires_at: 1000,
+            max_requests,
+            requests_used: 0,
+            status: GrantStatus::Active,
+        };
+        store
+            .create_grant(&grant, &SecretDigest::from_stored("h1".into()))
+            .await
+            .unwrap();
+        grant
+    }
+
+    fn use_of(grant: &Grant, key: &str, now: i64) -> RequestUse {
+        RequestUse {
+            once: vec![(k(key), 1000)],
+            grant: Some(grant.id.clone()),
+            now,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cached_grant_dies_with_its_end_and_its_budget() {
+        let (_dir, store) = store().await;
+        let grant = with_grant(&store, Some(2)).await;
+        assert!(
+            store
+                .live_grant(&grant.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_live(10)
+        );
+        for (i, expected) in [
+            UseVerdict::Recorded,
+            UseVerdict::Recorded,
+            UseVerdict::GrantSpent,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let verdict = store.record_use(use_of(&grant, &format!("p{i}"), 10)).await;
+            assert_eq!(verdict.unwrap(), expected, "use {i}");
+        }
+        // The budget ran out: the grant read from memory says so.
+        let cached = store.live_grant(&grant.id).await.unwrap().unwrap();
+        assert!(
+            !cached.is_live(10),
+            "an exhausted grant left live in memory"
+        );
+
+        let (_dir, store) = self::store().await;
+        let grant = with_grant(&store, None).await;
+        assert!(
+            store
+                .live_grant(&grant.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_live(10)
+        );
+        store
+            .end_grant(&grant.id, GrantEnd::Revoked, None, 11)
+            .await
+            .unwrap()
+            .unwrap();
+        let cached = store.live_grant(&grant.id).await.unwrap().unwrap();
+        assert_eq!(cached.status, GrantStatus::Revoked);
+        assert_eq!(
+            store.record_use(use_of(&grant, "late", 12)).await.unwrap(),
+            UseVerdict::GrantSpent
+        );
+    }
+
+    #[tokio::test]
+    async fn a_disabled_agent_takes_its_cached_grants_down() {
+        let (_dir, store) = store().await;
+        let grant = with_grant(&store, None).await;
+        assert!(
+            store
+                .live_grant(&grant.id)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_live(10)
+        );
+        store.disable_agent(&grant.agent, 11).await.unwrap();
+        let cached = store.live_grant(&grant.id).await.unwrap().unwrap();
+        assert_eq!(cached.status, GrantStatus::Revoked);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_use_counts_nothing() {
+        let (_dir, store) = store().await;
+        let grant = with_grant(&store, Some(5)).await;
+        assert_eq!(
+            store.record_use(use_of(&grant, "p", 10)).await.unwrap(),
+            UseVerdict::Recorded
+        );
+        assert_eq!(
+            store.record_use(use_of(&grant, "p", 10)).await.unwrap(),
+            UseVerdict::Replayed(0)
+        );
+        assert_eq!(
+            store.grant(&grant.id).await.unwrap().unwrap().requests_used,
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn revoked_tokens_are_known_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let path = path.to_str().unwrap();
+        let store = SqliteStore::open(path).await.unwrap();
+        let grant = with_grant(&store, None).await;
+        store.revoke_token("tok_1", &grant.id, 100).await.unwrap();
+        assert!(store.is_token_revoked("tok_1").await.unwrap());
+        drop(store);
+        let store = SqliteStore::open(path).await.unwrap();
+        assert!(store.is_token_revoked("tok_1").await.unwrap());
+        assert!(!store.is_token_revoked("tok_2").await.unwrap());
+        store.prune(101).await.unwrap();
+        assert!(!store.is_token_revoked("tok_1").await.unwrap());
     }
 }

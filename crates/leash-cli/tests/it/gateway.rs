@@ -353,6 +353,47 @@ async fn bearer_downgrade_wrong_ath_and_foreign_key_are_refused() {
 }
 
 #[tokio::test]
+async fn a_replayed_proof_is_forwarded_once_even_in_parallel() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let url = format!("{}/gw/mail/messages/1", gw.leash.url);
+    let proof = gw
+        .dpop
+        .dpop_proof("GET", &url, Some(&gw.token), None, now());
+    let send = || {
+        gw.leash
+            .http()
+            .get(&url)
+            .header("Authorization", format!("DPoP {}", gw.token))
+            .header("DPoP", proof.clone())
+            .send()
+    };
+    let copies = (0..16).map(|_| async { read(send().await.unwrap()).await });
+    let answers = futures::future::join_all(copies).await;
+    let statuses: Vec<(u16, Option<String>)> = answers
+        .iter()
+        .map(|(status, _, body)| (*status, body["error"].as_str().map(str::to_owned)))
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|(s, _)| *s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|(s, e)| *s == 200 || (*s == 401 && e.as_deref() == Some("invalid_dpop_proof"))),
+        "{statuses:?}"
+    );
+    // Later, once more: still refused, and the upstream saw exactly one request.
+    let (status, _, body) = read(send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_dpop_proof"))
+    );
+    assert_eq!(gw.upstream.count(), 1);
+}
+
+#[tokio::test]
 async fn revoking_between_two_requests_refuses_the_second() {
     let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
     assert_eq!(
