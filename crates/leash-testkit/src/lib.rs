@@ -71,6 +71,7 @@ pub struct Leash {
     child: Option<Child>,
     http: reqwest::Client,
     listen: String,
+    log_level: &'static str,
 }
 
 impl Leash {
@@ -81,6 +82,16 @@ impl Leash {
 
     /// The same, with every test upstream pointing at `upstream_url`.
     pub async fn start_with_upstream(bin: &Path, extra: &str, upstream_url: &str) -> Self {
+        Self::launch(bin, extra, upstream_url, "info").await
+    }
+
+    /// The same, logging warnings only (for load runs, where a line per request would be
+    /// measured too and kept in memory by this harness).
+    pub async fn start_quiet(bin: &Path, extra: &str, upstream_url: &str) -> Self {
+        Self::launch(bin, extra, upstream_url, "warn").await
+    }
+
+    async fn launch(bin: &Path, extra: &str, upstream_url: &str, log_level: &'static str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
         std::fs::write(
@@ -96,6 +107,7 @@ impl Leash {
             child: None,
             http: reqwest::Client::new(),
             listen: "127.0.0.1:0".into(),
+            log_level,
         };
         leash.spawn().await;
         leash
@@ -111,7 +123,7 @@ impl Leash {
             .arg("--listen")
             .arg(&self.listen)
             .env("LEASH_ADMIN_TOKEN", ADMIN_KEY)
-            .env("LEASH_LOG", "info")
+            .env("LEASH_LOG", self.log_level)
             .env_remove("LEASH_ISSUER")
             .env_remove("LEASH_DATABASE")
             .stdout(Stdio::piped())

@@ -1,0 +1,328 @@
+//! Gateway load on loopback: an upstream answering 1 KiB, measured direct, through nginx as a
+//! plain reverse proxy, and through the Leash gateway with every check on (DPoP-bound token, a
+//! fresh proof per request, grant liveness, route, scope, Cedar policy, the durable commit of the
+//! proof's `jti` and the budget count, the vaulted credential injected).
+//! Targets (issue: gateway): Leash ≥ 50 % of nginx's requests/s, and ≤ 1 ms added p99 over
+//! direct at half of Leash's own peak rate.
+//! Run: cargo bench -p leash-cli --bench gateway_load   (needs nginx: apt-get install nginx)
+
+#![allow(
+    clippy::expect_used,
+    reason = "a benchmark with a broken setup should abort loudly"
+)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use leash_core::client::AgentKey;
+use leash_testkit::{Leash, Scenario, now};
+use serde_json::json;
+
+const NGINX: &str = "/usr/sbin/nginx";
+const SECONDS: u64 = 5;
+const CONCURRENCY: usize = 32;
+const BODY: usize = 1024;
+
+/// What a target needs per request: a URL and, for Leash, the next token + proof headers.
+#[derive(Clone)]
+enum Target {
+    Plain(String),
+    Leash(Arc<LeashTarget>),
+}
+
+struct LeashTarget {
+    url: String,
+    authorization: String,
+    proofs: Vec<String>,
+    next: AtomicUsize,
+}
+
+impl Target {
+    fn request(&self, client: &reqwest::Client) -> Option<reqwest::RequestBuilder> {
+        match self {
+            Self::Plain(url) => Some(client.get(url)),
+            Self::Leash(leash) => {
+                let proof = leash
+                    .proofs
+                    .get(leash.next.fetch_add(1, Ordering::Relaxed))?;
+                Some(
+                    client
+                        .get(&leash.url)
+                        .header("Authorization", &leash.authorization)
+                        .header("DPoP", proof),
+                )
+            }
+        }
+    }
+}
+
+struct Run {
+    per_second: f64,
+    p50_us: u64,
+    p99_us: u64,
+    failures: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((sorted.len() as f64) * p).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn send(target: &Target, client: &reqwest::Client) -> Option<bool> {
+    let response = target.request(client)?.send().await.ok()?;
+    let ok = response.status() == 200;
+    let body = response.bytes().await.ok()?;
+    Some(ok && body.len() == BODY)
+}
+
+fn summarise(mut latencies: Vec<u64>, elapsed: Duration, failures: u64) -> Run {
+    latencies.sort_unstable();
+    Run {
+        per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
+        failures,
+    }
+}
+
+/// Closed loop: `CONCURRENCY` keep-alive connections send back to back for `SECONDS`.
+async fn peak(target: &Target, client: &reqwest::Client) -> Run {
+    let failures = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(SECONDS);
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (target, client, failures) = (target.clone(), client.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    match send(&target, &client).await {
+                        Some(true) => latencies.push(sent.elapsed().as_micros() as u64),
+                        Some(false) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                        None => break,
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("task"));
+    }
+    summarise(latencies, start.elapsed(), failures.load(Ordering::Relaxed))
+}
+
+/// Open loop at `rate` requests/s for `SECONDS`; latency counts from when each request was due,
+/// so a stalled server cannot hide its queueing (no coordinated omission).
+async fn at_rate(target: &Target, client: &reqwest::Client, rate: f64) -> Run {
+    let total = (rate * SECONDS as f64) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let failures = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let (target, client, failures) = (target.clone(), client.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            match send(&target, &client).await {
+                Some(true) => Some(due.elapsed().as_micros() as u64),
+                _ => {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("task"));
+    }
+    summarise(latencies, start.elapsed(), failures.load(Ordering::Relaxed))
+}
+
+/// An upstream answering every request with 1 KiB, on its own threads.
+fn start_upstream() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let body = axum::body::Bytes::from(vec![b'x'; BODY]);
+            let app = axum::Router::new().fallback(move || {
+                let body = body.clone();
+                async move { body }
+            });
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    format!("http://{addr}")
+}
+
+/// nginx as a plain reverse proxy to `upstream`, with keep-alive both ways, as many workers
+/// as cores, and no access log (Leash runs with per-request logging off too).
+async fn start_nginx(prefix: &Path, upstream: &str) -> (tokio::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let p = prefix.display();
+    let config = format!(
+        "worker_processes auto;\ndaemon off;\nerror_log stderr warn;\npid {p}/nginx.pid;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {p}/cb;\n  proxy_temp_path {p}/px;\n\
+           fastcgi_temp_path {p}/fc;\n  uwsgi_temp_path {p}/uw;\n  scgi_temp_path {p}/sc;\n\
+           upstream app {{ server {}; keepalive 64; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://app;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        upstream.trim_start_matches("http://")
+    );
+    let conf = prefix.join("nginx.conf");
+    std::fs::write(&conf, config).expect("nginx.conf");
+    let child = tokio::process::Command::new(NGINX)
+        .arg("-p")
+        .arg(prefix)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start nginx");
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if reqwest::get(format!("{url}/ping")).await.is_ok() {
+            return (child, url);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nginx did not start");
+}
+
+fn print_row(name: &str, run: &Run) {
+    println!(
+        "| {name} | {:.0} | {} | {} | {} |",
+        run.per_second, run.p50_us, run.p99_us, run.failures
+    );
+}
+
+fn leash_target(leash: &Leash, token: &str, dpop: &AgentKey) -> Target {
+    let url = format!("{}/gw/mail/messages/1", leash.url);
+    // Enough fresh proofs for a peak run and a rate run, made before measuring.
+    let proofs: Vec<String> = (0..60_000)
+        .map(|_| dpop.dpop_proof("GET", &url, Some(token), None, now()))
+        .collect();
+    Target::Leash(Arc::new(LeashTarget {
+        url,
+        authorization: format!("DPoP {token}"),
+        proofs,
+        next: AtomicUsize::new(0),
+    }))
+}
+
+async fn run() {
+    let upstream = start_upstream();
+    let prefix = tempfile::tempdir().expect("tempdir");
+    let (mut nginx_process, nginx_url) = start_nginx(prefix.path(), &upstream).await;
+    let leash = Leash::start_quiet(Path::new(env!("CARGO_BIN_EXE_leash")), "", &upstream).await;
+    let s = Scenario::new(&leash).await;
+    let (status, body) = leash
+        .call(
+            reqwest::Method::PUT,
+            "/v1/vault/mail",
+            &s.user_key,
+            Some(json!({"kind": "bearer", "secret": "alice-mail-token"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (token, dpop) = s.token(&leash).await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("client");
+
+    let direct = Target::Plain(format!("{upstream}/messages/1"));
+    let nginx = Target::Plain(format!("{nginx_url}/messages/1"));
+
+    // Warm every path (connections, caches) before measuring.
+    for target in [&direct, &nginx] {
+        for _ in 0..200 {
+            send(target, &client).await;
+        }
+    }
+
+    println!("peak, {CONCURRENCY} connections, {SECONDS} s each");
+    println!("| path | requests/s | p50 µs | p99 µs | failures |");
+    println!("|---|---|---|---|---|");
+    let direct_peak = peak(&direct, &client).await;
+    print_row("direct", &direct_peak);
+    let nginx_peak = peak(&nginx, &client).await;
+    print_row("nginx reverse proxy", &nginx_peak);
+    let gateway = leash_target(&leash, &token, &dpop);
+    let leash_peak = peak(&gateway, &client).await;
+    print_row("Leash gateway", &leash_peak);
+
+    let rate = leash_peak.per_second / 2.0;
+    println!();
+    println!("open loop at {rate:.0} requests/s (half of Leash's peak), {SECONDS} s each");
+    println!("| path | requests/s | p50 µs | p99 µs | failures |");
+    println!("|---|---|---|---|---|");
+    let direct_rate = at_rate(&direct, &client, rate).await;
+    print_row("direct", &direct_rate);
+    let nginx_rate = at_rate(&nginx, &client, rate).await;
+    print_row("nginx reverse proxy", &nginx_rate);
+    let gateway = leash_target(&leash, &token, &dpop);
+    let leash_rate = at_rate(&gateway, &client, rate).await;
+    print_row("Leash gateway", &leash_rate);
+
+    // Stop nginx with its workers (a kill of the master alone would orphan them).
+    let _ = tokio::process::Command::new(NGINX)
+        .arg("-p")
+        .arg(prefix.path())
+        .arg("-c")
+        .arg(prefix.path().join("nginx.conf"))
+        .args(["-s", "stop"])
+        .status()
+        .await;
+    let _ = nginx_process.wait().await;
+
+    println!();
+    println!(
+        "Leash / nginx requests/s: {:.1} % (target >= 50 %)",
+        100.0 * leash_peak.per_second / nginx_peak.per_second
+    );
+    println!(
+        "Leash p99 added over direct at half its peak: {:.2} ms (target <= 1 ms)",
+        (leash_rate.p99_us as f64 - direct_rate.p99_us as f64) / 1000.0
+    );
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` does not: then only check it builds.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    assert!(
+        Path::new(NGINX).exists(),
+        "this benchmark compares against nginx: apt-get install nginx"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run());
+}
