@@ -309,6 +309,16 @@ async fn run() {
         "Leash p99 added over direct at half its peak: {:.2} ms (target <= 1 ms)",
         (leash_rate.p99_us as f64 - direct_rate.p99_us as f64) / 1000.0
     );
+    let slow: Vec<String> = leash
+        .logs()
+        .lines()
+        .filter(|line| line.contains("slow commit"))
+        .map(str::to_owned)
+        .collect();
+    println!("Leash commits slower than 100 ms (disk stalls): {}", slow.len());
+    for line in slow.iter().take(5) {
+        println!("  {line}");
+    }
 }
 
 fn main() {

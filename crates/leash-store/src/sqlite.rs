@@ -127,7 +127,17 @@ fn use_writer(
             }
         }
         let requests: Vec<&RequestUse> = batch.iter().map(|(request, _)| request).collect();
-        match record_batch(&mut conn, &requests) {
+        let started = std::time::Instant::now();
+        let result = record_batch(&mut conn, &requests);
+        let took = started.elapsed();
+        if took > SLOW_COMMIT {
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                requests = requests.len(),
+                "slow commit: the disk held up every request waiting on it"
+            );
+        }
+        match result {
             Ok((verdicts, spent)) => {
                 // A grant whose budget ran out must not stay live in memory.
                 for id in spent {
@@ -146,6 +156,9 @@ fn use_writer(
         }
     }
 }
+
+/// A commit slower than this is logged: every waiting request sat through it.
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
 /// The use writer's connection: the same durability as the pools, and no checkpoints.
 fn open_use_writer(path: &str) -> rusqlite::Result<rusqlite::Connection> {
