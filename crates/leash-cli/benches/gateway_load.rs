@@ -315,7 +315,10 @@ async fn run() {
         .filter(|line| line.contains("slow commit"))
         .map(str::to_owned)
         .collect();
-    println!("Leash commits slower than 100 ms (disk stalls): {}", slow.len());
+    println!(
+        "Leash commits slower than 100 ms (disk stalls): {}",
+        slow.len()
+    );
     for line in slow.iter().take(5) {
         println!("  {line}");
     }
