@@ -446,8 +446,8 @@ pub async fn complete_grant(
         ResourceCaller::Agent(agent) if agent.grant.id == id => {
             let request = RequestUse {
                 once: vec![agent.proof_once],
-                grant: None,
                 now: state.clock.now(),
+                ..RequestUse::default()
             };
             commit_use(&state, request).await?;
             agent.grant

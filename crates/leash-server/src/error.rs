@@ -78,7 +78,12 @@ pub enum ApiError {
     ApprovalRequired {
         /// The policies that require it.
         policies: Vec<String>,
+        /// The approval request created for it (`apr_…`), if one was.
+        approval: Option<String>,
     },
+    /// 403 `approval_mismatch`: the attached approval is for another request, grant or agent.
+    #[error("{0}")]
+    ApprovalMismatch(String),
     /// 502 `bad_gateway`: the upstream could not be reached.
     #[error("{0}")]
     BadGateway(String),
@@ -135,6 +140,7 @@ impl ApiError {
             Self::InsufficientScope(_) => (StatusCode::FORBIDDEN, "insufficient_scope"),
             Self::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "policy_denied"),
             Self::ApprovalRequired { .. } => (StatusCode::FORBIDDEN, "approval_required"),
+            Self::ApprovalMismatch(_) => (StatusCode::FORBIDDEN, "approval_mismatch"),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
         }
@@ -146,8 +152,16 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let description = self.to_string();
         let mut body = serde_json::json!({"error": code, "error_description": description});
-        if let Self::PolicyDenied { policies, .. } | Self::ApprovalRequired { policies } = &self {
+        if let Self::PolicyDenied { policies, .. } | Self::ApprovalRequired { policies, .. } = &self
+        {
             body["policies"] = serde_json::json!(policies);
+        }
+        if let Self::ApprovalRequired {
+            approval: Some(id), ..
+        } = &self
+        {
+            body["approval_id"] = serde_json::json!(id);
+            body["status_url"] = serde_json::json!(format!("/v1/approvals/{id}"));
         }
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
@@ -191,6 +205,7 @@ impl IntoResponse for ApiError {
             | Self::InsufficientScope(_)
             | Self::PolicyDenied { .. }
             | Self::ApprovalRequired { .. }
+            | Self::ApprovalMismatch(_)
             | Self::BadGateway(_)
             | Self::Unavailable(_) => {}
         }

@@ -182,17 +182,22 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> ApiResult<Self> {
-        match authorization(&parts.headers)? {
-            Some((scheme, key)) if scheme == "bearer" => caller_from_key(state, &key)
-                .await?
-                .ok_or_else(|| ApiError::Unauthorized("unknown API key".into())),
-            Some(_) => Err(ApiError::Unauthorized(
-                "use Authorization: Bearer <api key>".into(),
-            )),
-            None => Err(ApiError::Unauthorized(
-                "Authorization: Bearer <api key> is required".into(),
-            )),
-        }
+        caller_from_headers(state, &parts.headers).await
+    }
+}
+
+/// The admin or human whose API key `headers` carry as `Authorization: Bearer`.
+pub async fn caller_from_headers(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
+    match authorization(headers)? {
+        Some((scheme, key)) if scheme == "bearer" => caller_from_key(state, &key)
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("unknown API key".into())),
+        Some(_) => Err(ApiError::Unauthorized(
+            "use Authorization: Bearer <api key>".into(),
+        )),
+        None => Err(ApiError::Unauthorized(
+            "Authorization: Bearer <api key> is required".into(),
+        )),
     }
 }
 
@@ -235,6 +240,10 @@ pub async fn commit_use(state: &AppState, request: RequestUse) -> ApiResult<()> 
         UseVerdict::GrantSpent => Err(ApiError::InvalidToken(
             "the token's grant is exhausted or no longer active".into(),
         )),
+        UseVerdict::ApprovalSpent => Err(ApiError::ApprovalRequired {
+            policies: Vec::new(),
+            approval: None,
+        }),
     }
 }
 

@@ -13,7 +13,7 @@ use leash_core::dpop::ReplayKey;
 use leash_core::route::safe_segments;
 use leash_core::secret::random_id;
 use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
-use leash_store::RequestUse;
+use leash_store::{Approval, ApprovalStatus, RequestUse};
 
 use crate::config::{Risk, Upstream};
 use crate::error::{ApiError, ApiResult};
@@ -97,6 +97,27 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Res
 async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
     let decided = decide(state, &parts.method, &parts.uri, &parts.headers).await?;
+    let body = match &decided.approval {
+        ApprovalState::NotNeeded => body,
+        ApprovalState::Needed { policies } => {
+            let (bytes, digest) = hash_body(body).await?;
+            let id = ask_approval(state, &decided, parts.uri.query(), &bytes, digest).await?;
+            return Err(ApiError::ApprovalRequired {
+                policies: policies.clone(),
+                approval: Some(id),
+            });
+        }
+        ApprovalState::Attached(approval) => {
+            let (bytes, digest) = hash_body(body).await?;
+            if approval.body_sha256 != digest || approval.body_size != bytes.len() as i64 {
+                return Err(ApiError::ApprovalMismatch(format!(
+                    "approval {} was given for another request body",
+                    approval.id
+                )));
+            }
+            Body::from(bytes)
+        }
+    };
     decided.commit(state).await?;
     // Step 8: forward.
     forward(
@@ -111,11 +132,91 @@ async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiRes
     .await
 }
 
+/// Largest request body of an action that needs an approval: the body is read whole and its
+/// SHA-256 bound to the approval. Other requests stream.
+pub const APPROVAL_BODY_LIMIT: usize = 1024 * 1024;
+
+async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
+    use sha2::Digest as _;
+    let bytes = axum::body::to_bytes(body, APPROVAL_BODY_LIMIT)
+        .await
+        .map_err(|_| ApiError::TooLarge(APPROVAL_BODY_LIMIT))?;
+    let digest = hex_lower(&sha2::Sha256::digest(&bytes));
+    Ok((bytes, digest))
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Creates the approval request for a decided request that needs one. The proof's `jti` is
+/// claimed first, so a replay of the refused request cannot pile up approval requests.
+async fn ask_approval(
+    state: &AppState,
+    decided: &Decided<'_>,
+    query: Option<&str>,
+    body: &[u8],
+    body_sha256: String,
+) -> ApiResult<String> {
+    let principal = &decided.principal;
+    let grant = principal
+        .grant
+        .as_ref()
+        .ok_or_else(|| ApiError::Forbidden("only delegated requests wait for approval".into()))?;
+    let now = state.clock.now();
+    let request = RequestUse {
+        once: principal.proof_once.into_iter().collect(),
+        now,
+        ..RequestUse::default()
+    };
+    commit_use(state, request).await?;
+    let approval = Approval {
+        id: random_id("apr_"),
+        grant_id: grant.id.clone(),
+        subject: principal.subject.clone(),
+        agent: principal.actor.clone(),
+        action: decided.action.clone(),
+        upstream: decided.upstream.name.clone(),
+        method: decided.method.clone(),
+        path: decided.path.clone(),
+        query: query.map(str::to_owned),
+        body_sha256,
+        body_size: body.len() as i64,
+        status: ApprovalStatus::Pending,
+        requested_at: now,
+        expires_at: (now + state.config.approval_ttl).min(grant.expires_at),
+        decided_at: None,
+        approver: None,
+    };
+    state.store.create_approval(&approval).await?;
+    tracing::info!(approval = %approval.id, grant = %grant.id, action = %approval.action, "approval requested");
+    Ok(approval.id)
+}
+
+/// Where a decided request stands with step 6.
+pub enum ApprovalState {
+    /// No approval needed (or direct mode).
+    NotNeeded,
+    /// Needed and none attached: the gateway creates one and refuses.
+    Needed {
+        /// The policies that require it.
+        policies: Vec<String>,
+    },
+    /// An approved, unexpired approval bound to this method, upstream, path, query, grant and
+    /// agent is attached; its body digest is checked once the body is read, and its single use
+    /// is spent in the commit.
+    Attached(Box<Approval>),
+}
+
 /// A request that passed steps 1–6 (in memory); [`Decided::commit`] makes it durable.
 pub struct Decided<'s> {
     principal: Principal,
     upstream: &'s Upstream,
     path: String,
+    method: String,
+    action: String,
+    /// Step 6's outcome.
+    pub approval: ApprovalState,
 }
 
 impl Decided<'_> {
@@ -124,10 +225,21 @@ impl Decided<'_> {
     /// ended or ran out meanwhile, is refused here.
     pub async fn commit(&self, state: &AppState) -> ApiResult<()> {
         let principal = &self.principal;
+        let approval = match &self.approval {
+            ApprovalState::NotNeeded => None,
+            ApprovalState::Attached(approval) => Some(approval.id.clone()),
+            ApprovalState::Needed { policies } => {
+                return Err(ApiError::ApprovalRequired {
+                    policies: policies.clone(),
+                    approval: None,
+                });
+            }
+        };
         let request = RequestUse {
             once: principal.proof_once.into_iter().collect(),
             grant: principal.grant.as_ref().map(|g| g.id.clone()),
             now: state.clock.now(),
+            approval,
         };
         commit_use(state, request).await
     }
@@ -236,8 +348,30 @@ pub async fn decide<'s>(
         }
     }
 
-    // Steps 5–6: policy, then approval.
+    // An attached approval must be for exactly this request of this agent under this grant.
     let now = state.clock.now();
+    let attached = match (&principal.grant, approval_header(headers)?) {
+        (Some(grant), Some(id)) => {
+            let query = uri.query();
+            Some(
+                attached_approval(
+                    state,
+                    grant,
+                    &principal.actor,
+                    &id,
+                    method,
+                    upstream,
+                    path,
+                    query,
+                    now,
+                )
+                .await?,
+            )
+        }
+        _ => None,
+    };
+
+    // Steps 5–6: policy, then approval.
     let grant = principal.grant.as_ref();
     let no_actions = Vec::new();
     let facts = Facts {
@@ -254,26 +388,105 @@ pub async fn decide<'s>(
         grant_age_seconds: grant.map_or(0, |g| now - g.created_at),
         high_risk: route.risk == Risk::High || high_risk_by_name(&route.action),
         grant_requires_approval: grant.is_some_and(|g| g.approval_required.contains(&route.action)),
-        approval_attached: false,
+        approval_attached: attached.is_some(),
         now,
     };
-    match state.policy().authorize(&facts) {
-        Decision::Allow { .. } => {}
+    let approval = match state.policy().authorize(&facts) {
         Decision::Deny { policies, reason } => {
             return Err(ApiError::PolicyDenied { reason, policies });
         }
         // Direct calls skip step 6: the human acts for themselves.
-        Decision::ApprovalRequired { .. } if principal.mode == Mode::Direct => {}
-        Decision::ApprovalRequired { policies } => {
-            return Err(ApiError::ApprovalRequired { policies });
+        Decision::ApprovalRequired { .. } if principal.mode == Mode::Direct => {
+            ApprovalState::NotNeeded
         }
-    }
+        Decision::ApprovalRequired { policies } => ApprovalState::Needed { policies },
+        Decision::Allow { .. } => match attached {
+            Some(approval) => ApprovalState::Attached(Box::new(approval)),
+            None => ApprovalState::NotNeeded,
+        },
+    };
 
     Ok(Decided {
         principal,
         upstream,
         path: path.to_owned(),
+        method: method.as_str().to_owned(),
+        action: route.action.clone(),
+        approval,
     })
+}
+
+/// The `Leash-Approval` header's value, if there is exactly one.
+fn approval_header(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let mut values = headers.get_all("leash-approval").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::InvalidRequest(
+            "more than one Leash-Approval header".into(),
+        ));
+    }
+    value
+        .to_str()
+        .map(|v| Some(v.trim().to_owned()))
+        .map_err(|_| ApiError::InvalidRequest("Leash-Approval must be an approval id".into()))
+}
+
+/// Checks an attached approval against the request (all but the body, which is checked once
+/// read): another grant, agent, method, upstream, path or query is a mismatch; one that is not
+/// approved (yet, or any more) still needs approval.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each argument is one field the approval is bound to"
+)]
+async fn attached_approval(
+    state: &AppState,
+    grant: &leash_core::grant::Grant,
+    agent: &str,
+    id: &str,
+    method: &Method,
+    upstream: &Upstream,
+    path: &str,
+    query: Option<&str>,
+    now: i64,
+) -> ApiResult<Approval> {
+    let approval = state
+        .store
+        .approval(id)
+        .await?
+        .ok_or_else(|| ApiError::ApprovalMismatch(format!("no approval {id:?} exists")))?;
+    let mismatch = if approval.grant_id != grant.id {
+        Some("another grant")
+    } else if approval.agent != agent {
+        Some("another agent")
+    } else if approval.method != method.as_str() {
+        Some("another method")
+    } else if approval.upstream != upstream.name || approval.path != path {
+        Some("another path")
+    } else if approval.query.as_deref() != query {
+        Some("another query")
+    } else {
+        None
+    };
+    if let Some(what) = mismatch {
+        return Err(ApiError::ApprovalMismatch(format!(
+            "approval {id} was given for {what}"
+        )));
+    }
+    match approval.status_at(now) {
+        ApprovalStatus::Approved => Ok(approval),
+        ApprovalStatus::Pending => Err(ApiError::ApprovalRequired {
+            policies: Vec::new(),
+            approval: Some(approval.id),
+        }),
+        ApprovalStatus::Denied | ApprovalStatus::Used | ApprovalStatus::Expired => {
+            Err(ApiError::ApprovalRequired {
+                policies: Vec::new(),
+                approval: None,
+            })
+        }
+    }
 }
 
 async fn forward(
@@ -350,6 +563,13 @@ pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -
             .and_then(|u| u.parse().ok())
             .ok_or_else(|| ApiError::InvalidRequest("X-Original-URI must be the original request target".into()))?;
         let decided = decide(&state, &method, &uri, &headers).await?;
+        if let ApprovalState::Attached(approval) = &decided.approval {
+            // An approval is bound to the request body, which a proxy does not pass here.
+            return Err(ApiError::ApprovalMismatch(format!(
+                "approval {} can only be used through the gateway, which sees the body",
+                approval.id
+            )));
+        }
         decided.commit(&state).await?;
         let mut response = StatusCode::OK.into_response();
         let out = response.headers_mut();

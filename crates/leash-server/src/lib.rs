@@ -2,6 +2,7 @@
 //! error-to-HTTP mapping. [`run`] is what `leash serve` calls.
 
 pub mod api;
+pub mod approvals;
 pub mod config;
 pub mod error;
 pub mod extract;
@@ -47,6 +48,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/grants/{id}/revoke", post(api::revoke_grant))
         .route("/v1/grants/{id}/complete", post(api::complete_grant))
         .route("/v1/upstreams", get(api::list_upstreams))
+        .route("/v1/approvals", get(approvals::list))
+        .route("/v1/approvals/{id}", get(approvals::get))
+        .route("/v1/approvals/{id}/approve", post(approvals::approve))
+        .route("/v1/approvals/{id}/deny", post(approvals::deny))
         .route("/v1/vault", get(vault::list))
         .route(
             "/v1/vault/{upstream}",

@@ -87,6 +87,96 @@ impl std::fmt::Debug for VaultEntry {
     }
 }
 
+/// Where an approval stands, as stored; `expired` is derived ([`Approval::status_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalStatus {
+    /// Waiting for the human.
+    Pending,
+    /// Approved, not used yet.
+    Approved,
+    /// Refused by the human.
+    Denied,
+    /// Approved and spent on its one request.
+    Used,
+    /// Pending or approved past its expiry (never stored).
+    Expired,
+}
+
+impl ApprovalStatus {
+    /// The wire and column name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Used => "used",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Parses a wire or column name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Approved,
+            Self::Denied,
+            Self::Used,
+            Self::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// A step-up approval, bound to one exact request (API §7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    /// `apr_…`.
+    pub id: String,
+    /// The grant the request was made under.
+    pub grant_id: String,
+    /// The grant's human: the one who decides.
+    pub subject: String,
+    /// The agent that asked.
+    pub agent: String,
+    /// The action of the request.
+    pub action: String,
+    /// The upstream.
+    pub upstream: String,
+    /// The request method.
+    pub method: String,
+    /// The upstream path (after `/gw/{upstream}`).
+    pub path: String,
+    /// The query string, if any.
+    pub query: Option<String>,
+    /// Hex SHA-256 of the request body.
+    pub body_sha256: String,
+    /// Size of the body in bytes.
+    pub body_size: i64,
+    /// Stored status.
+    pub status: ApprovalStatus,
+    /// When the agent asked.
+    pub requested_at: i64,
+    /// When it stops being usable.
+    pub expires_at: i64,
+    /// When the human decided.
+    pub decided_at: Option<i64>,
+    /// Who decided (a user id, or `admin`).
+    pub approver: Option<String>,
+}
+
+impl Approval {
+    /// The status at `now`: pending or approved past the expiry reads as expired.
+    pub fn status_at(&self, now: i64) -> ApprovalStatus {
+        match self.status {
+            ApprovalStatus::Pending | ApprovalStatus::Approved if now >= self.expires_at => {
+                ApprovalStatus::Expired
+            }
+            status => status,
+        }
+    }
+}
+
 /// What one request uses, for [`Store::record_use`].
 #[derive(Debug, Clone, Default)]
 pub struct RequestUse {
@@ -96,6 +186,8 @@ pub struct RequestUse {
     pub grant: Option<String>,
     /// The time of the request (a grant expired at `now` is spent).
     pub now: i64,
+    /// An approved approval the request spends (its single use).
+    pub approval: Option<String>,
 }
 
 /// The outcome of [`Store::record_use`].
@@ -107,6 +199,8 @@ pub enum UseVerdict {
     Replayed(usize),
     /// The grant is not active any more, has expired, or its `max_requests` are used up.
     GrantSpent,
+    /// The approval is not (or no longer) approved and unexpired: used, denied or expired.
+    ApprovalSpent,
 }
 
 /// How a grant ended, for [`Store::end_grant`].
@@ -184,6 +278,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// consumed when the grant turns out spent (the request is refused either way).
     async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict>;
 
+    /// Stores a new pending approval.
+    async fn create_approval(&self, approval: &Approval) -> StoreResult<()>;
+    /// One approval.
+    async fn approval(&self, id: &str) -> StoreResult<Option<Approval>>;
+    /// Approvals, all or of one human, newest first.
+    async fn list_approvals(&self, subject: Option<&str>) -> StoreResult<Vec<Approval>>;
+    /// Approves or denies a pending, unexpired approval (a compare-and-set); `None` if it was
+    /// not pending any more or has expired, else the approval as it now is.
+    async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        approver: &str,
+        now: i64,
+    ) -> StoreResult<Option<Approval>>;
+
     /// Stores (or replaces) a human's credential for an upstream.
     async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()>;
     /// A human's credential for an upstream.
@@ -200,10 +310,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             once: entries.to_vec(),
             grant: None,
             now: 0,
+            approval: None,
         };
         match self.record_use(request).await? {
             UseVerdict::Replayed(position) => Ok(Some(position)),
-            UseVerdict::Recorded | UseVerdict::GrantSpent => Ok(None),
+            UseVerdict::Recorded | UseVerdict::GrantSpent | UseVerdict::ApprovalSpent => Ok(None),
         }
     }
     /// Marks a token dead until its expiry.

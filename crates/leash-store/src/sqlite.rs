@@ -17,7 +17,8 @@ use sqlx::{Row as _, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Agent, GrantEnd, RequestUse, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
+    Agent, Approval, ApprovalStatus, GrantEnd, RequestUse, Store, StoreError, StoreResult,
+    UseVerdict, User, VaultEntry,
 };
 
 /// SQLite-backed [`Store`].
@@ -91,6 +92,33 @@ fn vault_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<VaultEntry> {
         sealed: row.try_get("sealed").map_err(unavailable)?,
         expires_at: row.try_get("expires_at").map_err(unavailable)?,
         created_at: row.try_get("created_at").map_err(unavailable)?,
+    })
+}
+
+const APPROVAL_COLUMNS: &str = "id, grant_id, subject, agent, action, upstream, method, path, \
+     query, body_sha256, body_size, status, requested_at, expires_at, decided_at, approver";
+
+fn approval_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Approval> {
+    let status: String = row.try_get("status").map_err(unavailable)?;
+    Ok(Approval {
+        id: row.try_get("id").map_err(unavailable)?,
+        grant_id: row.try_get("grant_id").map_err(unavailable)?,
+        subject: row.try_get("subject").map_err(unavailable)?,
+        agent: row.try_get("agent").map_err(unavailable)?,
+        action: row.try_get("action").map_err(unavailable)?,
+        upstream: row.try_get("upstream").map_err(unavailable)?,
+        method: row.try_get("method").map_err(unavailable)?,
+        path: row.try_get("path").map_err(unavailable)?,
+        query: row.try_get("query").map_err(unavailable)?,
+        body_sha256: row.try_get("body_sha256").map_err(unavailable)?,
+        body_size: row.try_get("body_size").map_err(unavailable)?,
+        status: ApprovalStatus::parse(&status)
+            .filter(|s| *s != ApprovalStatus::Expired)
+            .ok_or_else(|| StoreError::Corrupt(format!("approval status {status:?}")))?,
+        requested_at: row.try_get("requested_at").map_err(unavailable)?,
+        expires_at: row.try_get("expires_at").map_err(unavailable)?,
+        decided_at: row.try_get("decided_at").map_err(unavailable)?,
+        approver: row.try_get("approver").map_err(unavailable)?,
     })
 }
 
@@ -215,6 +243,11 @@ fn record_batch(
              AND (max_requests IS NULL OR requests_used < max_requests) \
              RETURNING requests_used, max_requests",
         )?;
+        // The approval's single use: a compare-and-set, so of N parallel retries one wins.
+        let mut use_approval = tx.prepare_cached(
+            "UPDATE approvals SET status = 'used', used_at = ?1 \
+             WHERE id = ?2 AND status = 'approved' AND expires_at > ?1",
+        )?;
         for &index in &candidates {
             let request = requests[index];
             let mut inserted = Vec::new();
@@ -232,6 +265,12 @@ fn record_batch(
                 for key in inserted {
                     delete.execute([key.as_slice()])?;
                 }
+                continue;
+            }
+            if let Some(approval) = &request.approval
+                && use_approval.execute(rusqlite::params![request.now, approval])? == 0
+            {
+                verdicts[index] = UseVerdict::ApprovalSpent;
                 continue;
             }
             let Some(grant) = &request.grant else {
@@ -648,6 +687,83 @@ impl Store for SqliteStore {
         answer.await.map_err(|_| stopped())?
     }
 
+    async fn create_approval(&self, a: &Approval) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO approvals ({APPROVAL_COLUMNS}) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(&a.id)
+        .bind(&a.grant_id)
+        .bind(&a.subject)
+        .bind(&a.agent)
+        .bind(&a.action)
+        .bind(&a.upstream)
+        .bind(&a.method)
+        .bind(&a.path)
+        .bind(&a.query)
+        .bind(&a.body_sha256)
+        .bind(a.body_size)
+        .bind(a.status.as_str())
+        .bind(a.requested_at)
+        .bind(a.expires_at)
+        .bind(a.decided_at)
+        .bind(&a.approver)
+        .execute(&self.writer)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn approval(&self, id: &str) -> StoreResult<Option<Approval>> {
+        let row = sqlx::query(&format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(approval_from_row).transpose()
+    }
+
+    async fn list_approvals(&self, subject: Option<&str>) -> StoreResult<Vec<Approval>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE (?1 IS NULL OR subject = ?1) \
+             ORDER BY requested_at DESC, id"
+        ))
+        .bind(subject)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(approval_from_row).collect()
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        approver: &str,
+        now: i64,
+    ) -> StoreResult<Option<Approval>> {
+        let status = if approve {
+            ApprovalStatus::Approved
+        } else {
+            ApprovalStatus::Denied
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE approvals SET status = ?, decided_at = ?, approver = ? \
+             WHERE id = ? AND status = 'pending' AND expires_at > ? RETURNING {APPROVAL_COLUMNS}"
+        ))
+        .bind(status.as_str())
+        .bind(now)
+        .bind(approver)
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(approval_from_row).transpose()
+    }
+
     async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO vault (subject, upstream, kind, header_name, sealed, expires_at, created_at) \
@@ -901,6 +1017,7 @@ mod tests {
             once: vec![(k(key), 1000)],
             grant: Some(grant.id.clone()),
             now,
+            approval: None,
         }
     }
 

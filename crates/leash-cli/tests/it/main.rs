@@ -7,6 +7,7 @@
     reason = "integration tests abort loudly on failure"
 )]
 
+mod approvals;
 mod cli;
 mod durability;
 mod exchange;

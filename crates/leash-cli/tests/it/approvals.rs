@@ -1,0 +1,344 @@
+//! Step-up approvals (API §7) through the real gateway and a recording upstream: the whole flow,
+//! each mismatch refused and never forwarded, single use under parallel retries, and who may
+//! decide.
+
+use leash_core::client::AgentKey;
+use leash_testkit::{Scenario, now, read};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::gateway::{Gw, grant, setup};
+
+const SEND: &str = "/gw/mail/messages/7/send";
+
+async fn mail_send(config: &str) -> Gw {
+    setup(
+        config,
+        grant(&["mail:read", "mail:send"], &["mail"], json!({})),
+    )
+    .await
+}
+
+/// One agent request through the gateway with a fresh proof.
+async fn send(
+    gw: &Gw,
+    token: &str,
+    dpop: &AgentKey,
+    method: Method,
+    target: &str,
+    body: &str,
+    approval: Option<&str>,
+) -> (u16, Value) {
+    let url = format!("{}{target}", gw.leash.url);
+    let proof = dpop.dpop_proof(method.as_str(), &url, Some(token), None, now());
+    let mut request = gw
+        .leash
+        .http()
+        .request(method, &url)
+        .header("Authorization", format!("DPoP {token}"))
+        .header("DPoP", proof)
+        .body(body.to_owned());
+    if let Some(id) = approval {
+        request = request.header("Leash-Approval", id);
+    }
+    let (status, _, body) = read(request.send().await.unwrap()).await;
+    (status, body)
+}
+
+async fn agent_send(
+    gw: &Gw,
+    method: Method,
+    target: &str,
+    body: &str,
+    approval: Option<&str>,
+) -> (u16, Value) {
+    send(gw, &gw.token, &gw.dpop, method, target, body, approval).await
+}
+
+/// Asks for an approval of `POST SEND` with `body`; returns its id.
+async fn ask(gw: &Gw, body: &str) -> String {
+    let before = gw.upstream.count();
+    let (status, answer) = agent_send(gw, Method::POST, SEND, body, None).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("approval_required")),
+        "{answer}"
+    );
+    let id = answer["approval_id"]
+        .as_str()
+        .expect("approval_id")
+        .to_owned();
+    assert!(id.starts_with("apr_"), "{id}");
+    assert_eq!(answer["status_url"], format!("/v1/approvals/{id}"));
+    assert_eq!(
+        gw.upstream.count(),
+        before,
+        "a request waiting for approval was forwarded"
+    );
+    id
+}
+
+async fn decide(gw: &Gw, key: &str, id: &str, verb: &str) -> (u16, Value) {
+    gw.leash
+        .call(
+            Method::POST,
+            &format!("/v1/approvals/{id}/{verb}"),
+            key,
+            None,
+        )
+        .await
+}
+
+/// The agent reads its approval with its own token and a proof.
+async fn agent_status(gw: &Gw, id: &str) -> Value {
+    let path = format!("/v1/approvals/{id}");
+    let url = format!("{}{path}", gw.leash.url);
+    let proof = gw
+        .dpop
+        .dpop_proof("GET", &url, Some(&gw.token), None, now());
+    let (status, _, body) =
+        gw.s.agent_call(
+            &gw.leash,
+            Method::GET,
+            &path,
+            &format!("DPoP {}", gw.token),
+            Some(proof),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn approve_then_retry_forwards_once_and_a_second_use_is_refused() {
+    let gw = mail_send("").await;
+    let target = format!("{SEND}?priority=high");
+    let (status, answer) = agent_send(&gw, Method::POST, &target, "hello bob", None).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("approval_required")),
+        "{answer}"
+    );
+    let id = answer["approval_id"].as_str().unwrap().to_owned();
+    assert_eq!(gw.upstream.count(), 0);
+
+    // What the human sees: exactly what will happen.
+    let (status, pending) = gw
+        .leash
+        .call(
+            Method::GET,
+            "/v1/approvals?status=pending",
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{pending}");
+    let shown = &pending["approvals"][0];
+    assert_eq!(shown["id"], id.as_str());
+    assert_eq!(shown["method"], "POST");
+    assert_eq!(shown["upstream"], "mail");
+    assert_eq!(shown["path"], "/messages/7/send");
+    assert_eq!(shown["query"], "priority=high");
+    assert_eq!(shown["action"], "mail:send");
+    assert_eq!(shown["purpose"], "Triage my inbox");
+    assert_eq!(shown["body_size"], 9);
+    assert_eq!(shown["body_sha256"], sha256_hex(b"hello bob"));
+    assert_eq!(agent_status(&gw, &id).await["status"], "pending");
+
+    // Retrying before the human decided still waits, on the same approval.
+    let (status, answer) = agent_send(&gw, Method::POST, &target, "hello bob", Some(&id)).await;
+    assert_eq!(
+        (status, answer["approval_id"].as_str()),
+        (403, Some(id.as_str()))
+    );
+
+    let (status, decided) = decide(&gw, &gw.s.user_key, &id, "approve").await;
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!(decided["status"], "approved");
+    assert_eq!(decided["approver"], gw.s.user_id.as_str());
+
+    let (status, answer) = agent_send(&gw, Method::POST, &target, "hello bob", Some(&id)).await;
+    assert_eq!(status, 200, "{answer}");
+    let forwarded = gw.upstream.requests();
+    assert_eq!(forwarded.len(), 1);
+    assert_eq!(forwarded[0].body, b"hello bob");
+    assert_eq!(forwarded[0].target, "/messages/7/send?priority=high");
+    assert!(forwarded[0].headers.get("leash-approval").is_none());
+
+    // Used once: the identical retry is refused and never forwarded.
+    let (status, answer) = agent_send(&gw, Method::POST, &target, "hello bob", Some(&id)).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("approval_required"))
+    );
+    assert_eq!(gw.upstream.count(), 1);
+    assert_eq!(agent_status(&gw, &id).await["status"], "used");
+}
+
+#[tokio::test]
+async fn each_mismatch_is_refused_and_leaves_the_approval_unused() {
+    let gw = mail_send("").await;
+    let id = ask(&gw, "hello").await;
+    assert_eq!(decide(&gw, &gw.s.user_key, &id, "approve").await.0, 200);
+
+    let cases: [(Method, &str, &str); 5] = [
+        (Method::POST, "/gw/mail/messages/8/send", "hello"),
+        (Method::POST, "/gw/mail/messages/7/send?cc=eve", "hello"),
+        (Method::POST, SEND, "hello eve"),
+        (Method::GET, "/gw/mail/messages/7/send", "hello"),
+        (Method::POST, SEND, ""),
+    ];
+    for (method, target, body) in cases {
+        let (status, answer) = agent_send(&gw, method.clone(), target, body, Some(&id)).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (403, Some("approval_mismatch")),
+            "{method} {target} {body:?}: {answer}"
+        );
+    }
+
+    // Another grant of the same human (and a token of it) cannot use it either.
+    let (status, other) = gw
+        .leash
+        .call(
+            Method::POST,
+            "/v1/grants",
+            &gw.s.user_key,
+            Some(grant(&["mail:send"], &["mail"], json!({}))),
+        )
+        .await;
+    assert_eq!(status, 201, "{other}");
+    let second = Scenario {
+        user_id: gw.s.user_id.clone(),
+        user_key: gw.s.user_key.clone(),
+        agent_key: AgentKey::from_private_jwk(&gw.s.agent_key.to_private_jwk()).unwrap(),
+        grant: other,
+    };
+    let (token, dpop) = second.token(&gw.leash).await;
+    let (status, answer) = send(&gw, &token, &dpop, Method::POST, SEND, "hello", Some(&id)).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("approval_mismatch")),
+        "{answer}"
+    );
+    // An unknown id is a mismatch too.
+    let (status, answer) = agent_send(&gw, Method::POST, SEND, "hello", Some("apr_nope")).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("approval_mismatch"))
+    );
+
+    assert_eq!(gw.upstream.count(), 0, "a mismatched request was forwarded");
+    // None of that spent it: the exact request still goes through, once.
+    assert_eq!(
+        agent_send(&gw, Method::POST, SEND, "hello", Some(&id))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(gw.upstream.count(), 1);
+}
+
+#[tokio::test]
+async fn denied_and_expired_approvals_are_never_forwarded() {
+    let gw = mail_send("approval_ttl = 1").await;
+    let denied = ask(&gw, "a").await;
+    let (status, decided) = decide(&gw, &gw.s.user_key, &denied, "deny").await;
+    assert_eq!((status, decided["status"].as_str()), (200, Some("denied")));
+    let (status, answer) = agent_send(&gw, Method::POST, SEND, "a", Some(&denied)).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("approval_required"))
+    );
+    // A decided approval cannot be decided again.
+    assert_eq!(decide(&gw, &gw.s.user_key, &denied, "approve").await.0, 409);
+
+    let approved = ask(&gw, "b").await;
+    assert_eq!(
+        decide(&gw, &gw.s.user_key, &approved, "approve").await.0,
+        200
+    );
+    let late = ask(&gw, "c").await;
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (status, answer) = agent_send(&gw, Method::POST, SEND, "b", Some(&approved)).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (403, Some("approval_required"))
+    );
+    assert_eq!(agent_status(&gw, &approved).await["status"], "expired");
+    // Too late to approve as well.
+    assert_eq!(decide(&gw, &gw.s.user_key, &late, "approve").await.0, 409);
+    assert_eq!(gw.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn sixteen_parallel_retries_forward_exactly_once() {
+    let gw = mail_send("").await;
+    let id = ask(&gw, "pay").await;
+    assert_eq!(decide(&gw, &gw.s.user_key, &id, "approve").await.0, 200);
+    let retries = (0..16).map(|_| agent_send(&gw, Method::POST, SEND, "pay", Some(&id)));
+    let statuses: Vec<u16> = futures::future::join_all(retries)
+        .await
+        .into_iter()
+        .map(|(status, _)| status)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 403),
+        "{statuses:?}"
+    );
+    assert_eq!(gw.upstream.count(), 1);
+}
+
+#[tokio::test]
+async fn only_the_grants_human_or_the_admin_decides() {
+    let gw = mail_send("").await;
+    let id = ask(&gw, "x").await;
+    // The agent, with its own valid token and proof: 403.
+    let path = format!("/v1/approvals/{id}/approve");
+    let url = format!("{}{path}", gw.leash.url);
+    let proof = gw
+        .dpop
+        .dpop_proof("POST", &url, Some(&gw.token), None, now());
+    let (status, _, body) =
+        gw.s.agent_call(
+            &gw.leash,
+            Method::POST,
+            &path,
+            &format!("DPoP {}", gw.token),
+            Some(proof),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    // Another human: not theirs to see or decide.
+    let (_, mallory) = gw.leash.create_user("mallory").await;
+    assert_eq!(decide(&gw, &mallory, &id, "approve").await.0, 404);
+    let (status, listed) = gw
+        .leash
+        .call(Method::GET, "/v1/approvals", &mallory, None)
+        .await;
+    assert_eq!(
+        (status, listed["approvals"].as_array().map(Vec::len)),
+        (200, Some(0))
+    );
+    assert_eq!(agent_status(&gw, &id).await["status"], "pending");
+    // The admin may.
+    let (status, decided) = decide(&gw, leash_testkit::ADMIN_KEY, &id, "approve").await;
+    assert_eq!((status, decided["approver"].as_str()), (200, Some("admin")));
+}

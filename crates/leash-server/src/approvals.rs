@@ -1,0 +1,173 @@
+//! Step-up approvals (API §7): the human's side. The gateway creates them (`gateway`); here they
+//! are listed, read, approved and denied. Only the grant's human or the admin decides; an agent
+//! may read the status of its own approvals and nothing more.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, Uri};
+use leash_store::{Approval, ApprovalStatus, RequestUse};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, ResourceCaller, authenticate_resource, authorization, commit_use};
+use crate::state::{AppState, rfc3339};
+
+/// The wire form of an approval: what exactly will happen if it is approved.
+pub fn approval_json(approval: &Approval, purpose: Option<&str>, now: i64) -> Value {
+    json!({
+        "id": approval.id,
+        "status": approval.status_at(now).as_str(),
+        "grant_id": approval.grant_id,
+        "purpose": purpose,
+        "agent": approval.agent,
+        "action": approval.action,
+        "upstream": approval.upstream,
+        "method": approval.method,
+        "path": approval.path,
+        "query": approval.query,
+        "body_sha256": approval.body_sha256,
+        "body_size": approval.body_size,
+        "requested_at": rfc3339(approval.requested_at),
+        "expires_at": rfc3339(approval.expires_at),
+        "decided_at": approval.decided_at.map(rfc3339),
+        "approver": approval.approver,
+    })
+}
+
+async fn with_purpose(state: &AppState, approval: &Approval, now: i64) -> ApiResult<Value> {
+    let grant = state.store.grant(&approval.grant_id).await?;
+    let purpose = grant.as_ref().map(|g| g.purpose.as_str());
+    Ok(approval_json(approval, purpose, now))
+}
+
+/// Query of `GET /v1/approvals`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalQuery {
+    status: Option<String>,
+}
+
+/// `GET /v1/approvals[?status=…]`: the human's (of their grants) or, for the admin, all.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    query: Result<Query<ApprovalQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(query) =
+        query.map_err(|_| ApiError::InvalidRequest("the only query parameter is status".into()))?;
+    let status = query
+        .status
+        .map(|s| {
+            ApprovalStatus::parse(&s).ok_or_else(|| {
+                ApiError::InvalidRequest(
+                    "status must be pending, approved, denied, expired or used".into(),
+                )
+            })
+        })
+        .transpose()?;
+    let subject = match &caller {
+        Caller::Admin => None,
+        Caller::Human(user) => Some(user.id.as_str()),
+    };
+    let now = state.clock.now();
+    let mut shown = Vec::new();
+    for approval in state.store.list_approvals(subject).await? {
+        if status.is_none_or(|s| approval.status_at(now) == s) {
+            shown.push(with_purpose(&state, &approval, now).await?);
+        }
+    }
+    Ok(Json(json!({"approvals": shown})))
+}
+
+/// `GET /v1/approvals/{id}`: the grant's human, the admin, or the agent with a token of the
+/// approval's grant.
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let now = state.clock.now();
+    let approval = state.store.approval(&id).await?;
+    let visible = match authenticate_resource(&state, &method, &uri, &headers).await? {
+        ResourceCaller::Agent(agent) => {
+            let request = RequestUse {
+                once: vec![agent.proof_once],
+                now,
+                ..RequestUse::default()
+            };
+            commit_use(&state, request).await?;
+            approval.filter(|a| a.grant_id == agent.grant.id && a.agent == agent.claims.client_id)
+        }
+        ResourceCaller::Key(caller) => approval.filter(|a| caller.may_act_for(&a.subject)),
+    };
+    let approval = visible.ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
+    Ok(Json(with_purpose(&state, &approval, now).await?))
+}
+
+/// `POST /v1/approvals/{id}/approve`.
+pub async fn approve(
+    state: State<Arc<AppState>>,
+    path: Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    decide(state, path, headers, true).await
+}
+
+/// `POST /v1/approvals/{id}/deny`.
+pub async fn deny(
+    state: State<Arc<AppState>>,
+    path: Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    decide(state, path, headers, false).await
+}
+
+async fn decide(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    approve: bool,
+) -> ApiResult<Json<Value>> {
+    // An agent never decides, whatever its token or proof: refuse before looking further.
+    if matches!(authorization(&headers)?, Some((scheme, _)) if scheme == "dpop") {
+        return Err(ApiError::Forbidden(
+            "an agent cannot approve or deny: only the grant's human or the admin can".into(),
+        ));
+    }
+    let caller = crate::extract::caller_from_headers(&state, &headers).await?;
+    let now = state.clock.now();
+    let approval = state
+        .store
+        .approval(&id)
+        .await?
+        .filter(|a| caller.may_act_for(&a.subject))
+        .ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
+    let approver = match &caller {
+        Caller::Admin => "admin".to_owned(),
+        Caller::Human(user) => user.id.clone(),
+    };
+    match state
+        .store
+        .decide_approval(&approval.id, approve, &approver, now)
+        .await?
+    {
+        Some(decided) => {
+            tracing::info!(
+                approval = %decided.id,
+                status = decided.status.as_str(),
+                approver = %approver,
+                "approval decided"
+            );
+            Ok(Json(with_purpose(&state, &decided, now).await?))
+        }
+        None => Err(ApiError::Conflict(format!(
+            "the approval is {}, not pending",
+            approval.status_at(now).as_str()
+        ))),
+    }
+}
