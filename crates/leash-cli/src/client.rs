@@ -103,7 +103,144 @@ pub enum AgentCommand {
         /// The session file written by `leash agent token`.
         #[arg(long, default_value = "leash-session.json")]
         session: PathBuf,
+        /// On `approval_required`, wait up to this many seconds for the human to decide, then
+        /// send the request again with the approval (0: do not wait).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        wait_approval: u64,
     },
+}
+
+/// `leash approvals …`.
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// List approvals of your grants (admin key: all), newest first.
+    List {
+        /// Only those in this status: pending, approved, denied, expired or used.
+        #[arg(long)]
+        status: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Show exactly what an approval would let through.
+    Show {
+        /// The approval id (apr_…).
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Approve one exact request; the agent may then send it once.
+    Approve {
+        /// The approval id (apr_…).
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Deny a request.
+    Deny {
+        /// The approval id (apr_…).
+        id: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// One line saying what an approval is for: `POST mail /messages/7/send?x=1`.
+fn approval_request_line(a: &Value) -> String {
+    let text = |k: &str| a[k].as_str().unwrap_or("?").to_owned();
+    let query = a["query"]
+        .as_str()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    format!(
+        "{} {} {}{query}",
+        text("method"),
+        text("upstream"),
+        text("path")
+    )
+}
+
+fn approval_details(a: &Value) -> String {
+    let text = |k: &str| a[k].as_str().unwrap_or("-").to_owned();
+    format!(
+        "{id}  {status}\n  request   {line}\n  action    {action}\n  body      {size} bytes, sha256 {digest}\n  \
+         grant     {grant} ({purpose})\n  agent     {agent}\n  asked     {asked}, expires {expires}\n  \
+         decided   {decided} by {approver}",
+        id = text("id"),
+        status = text("status"),
+        line = approval_request_line(a),
+        action = text("action"),
+        size = a["body_size"].as_i64().unwrap_or(0),
+        digest = text("body_sha256"),
+        grant = text("grant_id"),
+        purpose = text("purpose"),
+        agent = text("agent"),
+        asked = text("requested_at"),
+        expires = text("expires_at"),
+        decided = text("decided_at"),
+        approver = text("approver"),
+    )
+}
+
+/// Runs a `leash approvals` verb.
+pub async fn approvals(cmd: ApprovalsCommand) -> anyhow::Result<()> {
+    let get = reqwest::Method::GET;
+    match cmd {
+        ApprovalsCommand::List {
+            status,
+            json,
+            remote,
+        } => {
+            let path = match status {
+                Some(s) => format!("/v1/approvals?status={}", encode_path(&s)),
+                None => "/v1/approvals".into(),
+            };
+            let value = call(&remote, get, &path, None).await?;
+            if json {
+                print(&value);
+                return Ok(());
+            }
+            let rows = value["approvals"].as_array().cloned().unwrap_or_default();
+            if rows.is_empty() {
+                eprintln!("no approvals");
+            }
+            for a in rows {
+                println!(
+                    "{:<28} {:<9} {:<16} {}",
+                    a["id"].as_str().unwrap_or("?"),
+                    a["status"].as_str().unwrap_or("?"),
+                    a["action"].as_str().unwrap_or("?"),
+                    approval_request_line(&a)
+                );
+            }
+        }
+        ApprovalsCommand::Show { id, json, remote } => {
+            let path = format!("/v1/approvals/{}", encode_path(&id));
+            let value = call(&remote, get, &path, None).await?;
+            if json {
+                print(&value);
+            } else {
+                println!("{}", approval_details(&value));
+            }
+        }
+        ApprovalsCommand::Approve { id, remote } => {
+            decide_approval(&remote, &id, "approve").await?
+        }
+        ApprovalsCommand::Deny { id, remote } => decide_approval(&remote, &id, "deny").await?,
+    }
+    Ok(())
+}
+
+async fn decide_approval(remote: &Remote, id: &str, verb: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/approvals/{}/{verb}", encode_path(id));
+    let value = call(remote, reqwest::Method::POST, &path, None).await?;
+    println!("{}", approval_details(&value));
+    Ok(())
 }
 
 /// `leash grant …`.
@@ -404,8 +541,9 @@ pub async fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
             data,
             headers,
             session,
+            wait_approval,
         } => {
-            curl(&method, &url, data, &headers, &session).await?;
+            curl(&method, &url, data, &headers, &session, wait_approval).await?;
         }
     }
     Ok(())
@@ -475,72 +613,176 @@ pub async fn exchange(
     bail!("the server kept asking for a DPoP nonce")
 }
 
+/// What `leash agent curl` sends with.
+struct AgentSession {
+    token: String,
+    key: AgentKey,
+    nonce: Option<String>,
+    client: reqwest::Client,
+}
+
+impl AgentSession {
+    fn load(session: &Path) -> anyhow::Result<Self> {
+        let value = read_json(session)?;
+        let token = value["access_token"].as_str().ok_or_else(|| {
+            anyhow!(
+                "{} has no access_token; run `leash agent token`",
+                session.display()
+            )
+        })?;
+        let key = AgentKey::from_private_jwk(&value["dpop_key"])
+            .map_err(|e| anyhow!("{}: {e}", session.display()))?;
+        Ok(Self {
+            token: token.to_owned(),
+            key,
+            nonce: value["dpop_nonce"].as_str().map(str::to_owned),
+            client: http()?,
+        })
+    }
+
+    /// One request with a fresh proof (retried once if the server asks for a DPoP nonce).
+    async fn send(
+        &mut self,
+        method: &reqwest::Method,
+        url: &str,
+        headers: &[(String, String)],
+        data: Option<&str>,
+    ) -> anyhow::Result<(reqwest::StatusCode, String)> {
+        for attempt in 0..2 {
+            let proof = self.key.dpop_proof(
+                method.as_str(),
+                url,
+                Some(&self.token),
+                self.nonce.as_deref(),
+                now(),
+            );
+            let mut request = self
+                .client
+                .request(method.clone(), url)
+                .header("Authorization", format!("DPoP {}", self.token))
+                .header("DPoP", proof);
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            if let Some(data) = data {
+                request = request.body(data.to_owned());
+            }
+            let response = request
+                .send()
+                .await
+                .with_context(|| format!("cannot reach {url}"))?;
+            let status = response.status();
+            let fresh_nonce = response
+                .headers()
+                .get("dpop-nonce")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let asks_nonce = response
+                .headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("use_dpop_nonce"));
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                && asks_nonce
+                && attempt == 0
+                && fresh_nonce.is_some()
+            {
+                self.nonce = fresh_nonce;
+                continue;
+            }
+            let body = response.text().await.context("cannot read the response")?;
+            return Ok((status, body));
+        }
+        bail!("the server kept asking for a DPoP nonce")
+    }
+}
+
+/// How often a waiting `leash agent curl` asks whether its approval was decided.
+const APPROVAL_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn curl(
     method: &str,
     url: &str,
     data: Option<String>,
     headers: &[String],
     session: &Path,
+    wait_approval: u64,
 ) -> anyhow::Result<()> {
-    let session_value = read_json(session)?;
-    let token = session_value["access_token"].as_str().ok_or_else(|| {
-        anyhow!(
-            "{} has no access_token; run `leash agent token`",
-            session.display()
-        )
-    })?;
-    let key = AgentKey::from_private_jwk(&session_value["dpop_key"])
-        .map_err(|e| anyhow!("{}: {e}", session.display()))?;
+    let mut agent = AgentSession::load(session)?;
     let method = reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes())
         .context("not an HTTP method")?;
-    let client = http()?;
-    let mut nonce = session_value["dpop_nonce"].as_str().map(str::to_owned);
-    for attempt in 0..2 {
-        let proof = key.dpop_proof(method.as_str(), url, Some(token), nonce.as_deref(), now());
-        let mut request = client
-            .request(method.clone(), url)
-            .header("Authorization", format!("DPoP {token}"))
-            .header("DPoP", proof);
-        for header in headers {
-            let (name, value) = header
-                .split_once(':')
-                .ok_or_else(|| anyhow!("header {header:?} must be `Name: value`"))?;
-            request = request.header(name.trim(), value.trim());
-        }
-        if let Some(data) = &data {
-            request = request.body(data.clone());
-        }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {url}"))?;
-        let status = response.status();
-        let fresh_nonce = response
-            .headers()
-            .get("dpop-nonce")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let www = response
-            .headers()
-            .get("www-authenticate")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        if status == reqwest::StatusCode::UNAUTHORIZED
-            && www.contains("use_dpop_nonce")
-            && attempt == 0
-            && fresh_nonce.is_some()
-        {
-            nonce = fresh_nonce;
-            continue;
-        }
-        let body = response.text().await.context("cannot read the response")?;
-        eprintln!("{status}");
-        println!("{body}");
-        if !status.is_success() {
-            bail!("request refused with {status}");
-        }
-        return Ok(());
+    let mut extra = Vec::new();
+    for header in headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| anyhow!("header {header:?} must be `Name: value`"))?;
+        extra.push((name.trim().to_owned(), value.trim().to_owned()));
     }
-    bail!("the server kept asking for a DPoP nonce")
+    let (mut status, mut body) = agent.send(&method, url, &extra, data.as_deref()).await?;
+    if status == reqwest::StatusCode::FORBIDDEN && wait_approval > 0 {
+        let refusal: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if let (Some("approval_required"), Some(id)) =
+            (refusal["error"].as_str(), refusal["approval_id"].as_str())
+        {
+            let origin = url::Url::parse(url)
+                .context("not a URL")?
+                .origin()
+                .ascii_serialization();
+            wait_for_approval(&mut agent, &origin, id, wait_approval).await?;
+            extra.push(("Leash-Approval".into(), id.to_owned()));
+            (status, body) = agent.send(&method, url, &extra, data.as_deref()).await?;
+        }
+    }
+    eprintln!("{status}");
+    println!("{body}");
+    if !status.is_success() {
+        bail!("request refused with {status}");
+    }
+    Ok(())
+}
+
+/// Polls the approval with the agent's own token until the human decides, showing a spinner.
+async fn wait_for_approval(
+    agent: &mut AgentSession,
+    origin: &str,
+    id: &str,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    eprintln!("approval {id} is needed; the human can run: leash approvals approve {id}");
+    let status_url = format!("{origin}/v1/approvals/{id}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let frames = ['|', '/', '-', '\\'];
+    for frame in frames.iter().cycle() {
+        let (code, body) = agent
+            .send(&reqwest::Method::GET, &status_url, &[], None)
+            .await?;
+        if !code.is_success() {
+            eprintln!();
+            bail!("cannot read approval {id}: {code} {body}");
+        }
+        let approval: Value = serde_json::from_str(&body).context("approval is not JSON")?;
+        match approval["status"].as_str() {
+            Some("approved") => {
+                eprintln!(
+                    "\rapproved by {}; sending   ",
+                    approval["approver"].as_str().unwrap_or("?")
+                );
+                return Ok(());
+            }
+            Some("pending") => {}
+            other => {
+                eprintln!();
+                bail!("approval {id} is {}", other.unwrap_or("unknown"));
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!();
+            bail!("approval {id} is still pending after {seconds} s");
+        }
+        eprint!("\r{frame} waiting for approval {id} ");
+        let _ = std::io::stderr().flush();
+        tokio::time::sleep(APPROVAL_POLL).await;
+    }
+    bail!("unreachable: the spinner cycles forever")
 }

@@ -49,6 +49,9 @@ enum Command {
     /// Delegate tasks to agents, list, revoke and complete them (human key).
     #[command(subcommand)]
     Grant(client::GrantCommand),
+    /// See, approve and deny the high-risk requests agents wait on (human key).
+    #[command(subcommand)]
+    Approvals(client::ApprovalsCommand),
     /// Check Cedar policies against the Leash schema.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -195,6 +198,7 @@ async fn main() -> std::process::ExitCode {
         Command::User(cmd) => client::user(cmd).await,
         Command::Agent(cmd) => client::agent(cmd).await,
         Command::Grant(cmd) => client::grant(cmd).await,
+        Command::Approvals(cmd) => client::approvals(cmd).await,
         Command::Policy(cmd) => policy(cmd),
     };
     match result {

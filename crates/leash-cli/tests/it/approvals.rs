@@ -342,3 +342,132 @@ async fn only_the_grants_human_or_the_admin_decides() {
     let (status, decided) = decide(&gw, leash_testkit::ADMIN_KEY, &id, "approve").await;
     assert_eq!((status, decided["approver"].as_str()), (200, Some("admin")));
 }
+
+#[tokio::test]
+async fn agent_curl_waits_for_the_approval_the_human_gives_with_the_cli() {
+    let gw = mail_send("").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("agent.jwk"),
+        gw.s.agent_key.to_private_jwk().to_string(),
+    )
+    .unwrap();
+    // tokio's Command: the recording upstream runs on this test's runtime and must keep serving.
+    let command = |args: &[&str], key: Option<&str>| {
+        let mut command = tokio::process::Command::new(super::bin());
+        command
+            .args(args)
+            .current_dir(dir.path())
+            .env("LEASH_URL", &gw.leash.url)
+            .env_remove("LEASH_TOKEN");
+        if let Some(key) = key {
+            command.env("LEASH_TOKEN", key);
+        }
+        command
+    };
+    let out = command(
+        &[
+            "agent",
+            "token",
+            "--id",
+            leash_testkit::AGENT,
+            "--key",
+            "agent.jwk",
+            "--handle",
+            gw.s.handle(),
+        ],
+        None,
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let url = format!("{}{SEND}", gw.leash.url);
+    let curl = command(
+        &[
+            "agent",
+            "curl",
+            "POST",
+            &url,
+            "--data",
+            "hello",
+            "--wait-approval",
+            "30",
+        ],
+        None,
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+
+    // The human finds the pending approval, reads what it would let through, and approves it.
+    let mut id = None;
+    for _ in 0..100 {
+        let (_, listed) = gw
+            .leash
+            .call(
+                Method::GET,
+                "/v1/approvals?status=pending",
+                &gw.s.user_key,
+                None,
+            )
+            .await;
+        if let Some(found) = listed["approvals"][0]["id"].as_str() {
+            id = Some(found.to_owned());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let id = id.expect("leash agent curl never asked for an approval");
+    assert_eq!(gw.upstream.count(), 0);
+    let shown = command(&["approvals", "show", &id], Some(&gw.s.user_key))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    for expected in [
+        "POST mail /messages/7/send",
+        "5 bytes",
+        &sha256_hex(b"hello"),
+        "Triage my inbox",
+        "pending",
+    ] {
+        assert!(
+            text.contains(expected),
+            "`approvals show` lacks {expected:?}:\n{text}"
+        );
+    }
+    let approved = command(&["approvals", "approve", &id], Some(&gw.s.user_key))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        approved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&approved.stderr)
+    );
+
+    let out = curl.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("approval {id} is needed")),
+        "{stderr}"
+    );
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["ok"], true);
+    let forwarded = gw.upstream.requests();
+    assert_eq!(forwarded.len(), 1);
+    assert_eq!(forwarded[0].body, b"hello");
+}
