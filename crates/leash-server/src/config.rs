@@ -369,6 +369,16 @@ impl Config {
             .transpose()?;
         let approvals = match file.approvals {
             None => ApprovalsConfig::default(),
+            // Unsigned notifications could be forged by anyone who can reach the receiver.
+            Some(ApprovalsFile {
+                webhook_url: Some(_),
+                webhook_secret: None,
+            }) => {
+                return Err(invalid(
+                    "approvals.webhook_secret",
+                    "is required with webhook_url (notifications are signed with it)",
+                ));
+            }
             Some(a) => ApprovalsConfig {
                 webhook_url: a
                     .webhook_url
@@ -474,6 +484,7 @@ mod tests {
             "max_token_ttl = -1",
             "[[upstream]]\nname = \"Mail\"\nurl = \"http://x\"",
             "issuer = \"ftp://x\"",
+            "[approvals]\nwebhook_url = \"http://127.0.0.1:1/hook\"",
         ] {
             std::fs::write(&path, text).unwrap();
             let flags = Flags {

@@ -189,6 +189,10 @@ async fn ask_approval(
         approver: None,
     };
     state.store.create_approval(&approval).await?;
+    state.notifier.send(serde_json::json!({
+        "type": "approval.requested",
+        "approval": crate::approvals::approval_json(&approval, Some(&grant.purpose), now),
+    }));
     tracing::info!(approval = %approval.id, grant = %grant.id, action = %approval.action, "approval requested");
     Ok(approval.id)
 }

@@ -8,6 +8,7 @@ pub mod error;
 pub mod extract;
 pub mod gateway;
 pub mod meta;
+pub mod notify;
 pub mod oauth;
 pub mod state;
 pub mod vault;

@@ -72,6 +72,8 @@ pub struct AppState {
     /// gateway verifies a token's signature once, not on every request. Liveness (grant,
     /// revocation) and the proof are still checked every time.
     pub verified_tokens: quick_cache::sync::Cache<[u8; 32], Arc<AccessClaims>>,
+    /// Approval notifications (`[approvals] webhook_url`).
+    pub notifier: crate::notify::Notifier,
 }
 
 /// Verified access tokens held in memory at most.
@@ -187,6 +189,15 @@ impl AppState {
             }
         };
 
+        let notifier = match (
+            &config.approvals.webhook_url,
+            &config.approvals.webhook_secret,
+        ) {
+            (Some(url), Some(secret)) => {
+                crate::notify::Notifier::start(url.clone(), secret.clone())?
+            }
+            _ => crate::notify::Notifier::default(),
+        };
         let public_url = config.public_url.clone().unwrap_or_else(|| issuer.clone());
         let token_endpoint = url::Url::parse(&format!("{issuer}/oauth2/token"))?;
         let mut verify_keys = HashMap::new();
@@ -210,6 +221,7 @@ impl AppState {
                 .no_proxy()
                 .build()?,
             verified_tokens: quick_cache::sync::Cache::new(VERIFIED_TOKEN_CAPACITY),
+            notifier,
         };
         Ok(Bootstrap {
             state: Arc::new(state),

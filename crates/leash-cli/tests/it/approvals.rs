@@ -471,3 +471,91 @@ async fn agent_curl_waits_for_the_approval_the_human_gives_with_the_cli() {
     assert_eq!(forwarded.len(), 1);
     assert_eq!(forwarded[0].body, b"hello");
 }
+
+#[tokio::test]
+async fn each_new_approval_is_posted_signed_to_the_webhook() {
+    let receiver = leash_testkit::RecordingUpstream::start().await;
+    let config = format!(
+        "[approvals]\nwebhook_url = \"{}/hooks/leash\"\nwebhook_secret = \"hook-secret-1\"\n",
+        receiver.url
+    );
+    let gw = mail_send(&config).await;
+    let id = ask(&gw, "hello").await;
+    let mut delivered = Vec::new();
+    for _ in 0..100 {
+        delivered = receiver.requests();
+        if !delivered.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(delivered.len(), 1, "the webhook got no event");
+    let hook = &delivered[0];
+    assert_eq!(
+        (hook.method.as_str(), hook.target.as_str()),
+        ("POST", "/hooks/leash")
+    );
+    let event: Value = serde_json::from_slice(&hook.body).unwrap();
+    assert_eq!(event["type"], "approval.requested");
+    assert_eq!(event["approval"]["id"], id.as_str());
+    assert_eq!(event["approval"]["path"], "/messages/7/send");
+    let signature = hook.headers["leash-signature"].to_str().unwrap();
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hook-secret-1").unwrap();
+    mac.update(&hook.body);
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(signature, format!("sha256={expected}"));
+    // The secret itself never travels.
+    assert!(!String::from_utf8_lossy(&hook.body).contains("hook-secret-1"));
+    assert!(!gw.leash.logs().contains("hook-secret-1"));
+}
+
+#[tokio::test]
+async fn a_hanging_webhook_does_not_hold_up_the_gateway() {
+    // A receiver that accepts connections and never answers: each delivery attempt hangs
+    // until its 5 s timeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let config =
+        format!("[approvals]\nwebhook_url = \"http://{address}/hook\"\nwebhook_secret = \"s\"\n");
+    let gw = mail_send(&config).await;
+    let started = std::time::Instant::now();
+    for i in 0..10 {
+        let asked = std::time::Instant::now();
+        ask(&gw, &format!("message {i}")).await;
+        assert!(
+            asked.elapsed() < std::time::Duration::from_secs(2),
+            "an approval request waited for the webhook ({:?})",
+            asked.elapsed()
+        );
+    }
+    // Ten requests took far less than one delivery attempt's timeout...
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // ...while the webhook was being tried.
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    // And the gateway still answers other requests at once.
+    assert_eq!(
+        agent_send(&gw, Method::GET, "/gw/mail/messages/1", "", None)
+            .await
+            .0,
+        200
+    );
+}
