@@ -15,7 +15,10 @@ use serde_json::{Value, json};
 
 use crate::config::valid_action;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Admin, Caller, JsonBody, ResourceCaller, authenticate_resource, commit_use};
+use crate::extract::{
+    Admin, Caller, JsonBody, ResourceCaller, StatusQuery, authenticate_resource, commit_use,
+    status_filter,
+};
 use crate::state::{AppState, rfc3339};
 
 fn user_json(user: &User) -> Value {
@@ -313,35 +316,18 @@ pub async fn create_grant(
     Ok((StatusCode::CREATED, Json(out)))
 }
 
-/// Query of `GET /v1/grants`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GrantQuery {
-    status: Option<String>,
-}
-
 /// `GET /v1/grants[?status=]`: a human sees their own, admin all.
 pub async fn list_grants(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    query: Result<Query<GrantQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
-    let Query(query) =
-        query.map_err(|_| ApiError::InvalidRequest("the only query parameter is status".into()))?;
-    let status = query
-        .status
-        .map(|s| {
-            GrantStatus::parse(&s).ok_or_else(|| {
-                ApiError::InvalidRequest(
-                    "status must be active, completed, revoked or expired".into(),
-                )
-            })
-        })
-        .transpose()?;
-    let subject = match &caller {
-        Caller::Admin => None,
-        Caller::Human(user) => Some(user.id.as_str()),
-    };
+    let status = status_filter(
+        query,
+        GrantStatus::parse,
+        "active, completed, revoked or expired",
+    )?;
+    let subject = caller.list_scope();
     let now = state.clock.now();
     let grants = state.store.list_grants(subject).await?;
     let shown: Vec<Value> = grants

@@ -8,11 +8,13 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, Uri};
 use leash_store::{Approval, ApprovalStatus, RequestUse};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, ResourceCaller, authenticate_resource, authorization, commit_use};
+use crate::extract::{
+    Caller, ResourceCaller, StatusQuery, authenticate_resource, authorization, commit_use,
+    status_filter,
+};
 use crate::state::{AppState, rfc3339};
 
 /// The wire form of an approval: what exactly will happen if it is approved.
@@ -43,35 +45,18 @@ async fn with_purpose(state: &AppState, approval: &Approval, now: i64) -> ApiRes
     Ok(approval_json(approval, purpose, now))
 }
 
-/// Query of `GET /v1/approvals`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApprovalQuery {
-    status: Option<String>,
-}
-
 /// `GET /v1/approvals[?status=…]`: the human's (of their grants) or, for the admin, all.
 pub async fn list(
     State(state): State<Arc<AppState>>,
     caller: Caller,
-    query: Result<Query<ApprovalQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
-    let Query(query) =
-        query.map_err(|_| ApiError::InvalidRequest("the only query parameter is status".into()))?;
-    let status = query
-        .status
-        .map(|s| {
-            ApprovalStatus::parse(&s).ok_or_else(|| {
-                ApiError::InvalidRequest(
-                    "status must be pending, approved, denied, expired or used".into(),
-                )
-            })
-        })
-        .transpose()?;
-    let subject = match &caller {
-        Caller::Admin => None,
-        Caller::Human(user) => Some(user.id.as_str()),
-    };
+    let status = status_filter(
+        query,
+        ApprovalStatus::parse,
+        "pending, approved, denied, expired or used",
+    )?;
+    let subject = caller.list_scope();
     let now = state.clock.now();
     let mut shown = Vec::new();
     for approval in state.store.list_approvals(subject).await? {

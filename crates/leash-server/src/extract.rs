@@ -160,6 +160,14 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// The human whose data a list shows: the caller's own, or everyone's (`None`) for the admin.
+    pub fn list_scope(&self) -> Option<&str> {
+        match self {
+            Self::Admin => None,
+            Self::Human(user) => Some(user.id.as_str()),
+        }
+    }
+
     /// Whether the caller may act on data of human `subject`.
     pub fn may_act_for(&self, subject: &str) -> bool {
         match self {
@@ -365,4 +373,28 @@ pub async fn verify_agent(
         grant,
         proof_once: (proof.replay_key(), proof.replay_until()),
     })
+}
+
+/// The query of list endpoints: an optional `status` filter, nothing else.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    status: Option<String>,
+}
+
+/// Parses the `?status=` filter of a list endpoint with `parse`; `allowed` names the values in
+/// the error.
+pub fn status_filter<T>(
+    query: Result<axum::extract::Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
+    parse: impl Fn(&str) -> Option<T>,
+    allowed: &str,
+) -> ApiResult<Option<T>> {
+    let axum::extract::Query(query) =
+        query.map_err(|_| ApiError::InvalidRequest("the only query parameter is status".into()))?;
+    query
+        .status
+        .map(|s| {
+            parse(&s).ok_or_else(|| ApiError::InvalidRequest(format!("status must be {allowed}")))
+        })
+        .transpose()
 }

@@ -141,12 +141,8 @@ async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
     let bytes = axum::body::to_bytes(body, APPROVAL_BODY_LIMIT)
         .await
         .map_err(|_| ApiError::TooLarge(APPROVAL_BODY_LIMIT))?;
-    let digest = hex_lower(&sha2::Sha256::digest(&bytes));
+    let digest = hex::encode(sha2::Sha256::digest(&bytes));
     Ok((bytes, digest))
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Creates the approval request for a decided request that needs one. The proof's `jti` is

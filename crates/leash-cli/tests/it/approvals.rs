@@ -559,3 +559,49 @@ async fn a_hanging_webhook_does_not_hold_up_the_gateway() {
         200
     );
 }
+
+#[tokio::test]
+async fn two_approval_headers_and_an_oversized_body_are_refused() {
+    let gw = mail_send("").await;
+    let id = ask(&gw, "hi").await;
+    assert_eq!(decide(&gw, &gw.s.user_key, &id, "approve").await.0, 200);
+    let url = format!("{}{SEND}", gw.leash.url);
+    let proof = gw
+        .dpop
+        .dpop_proof("POST", &url, Some(&gw.token), None, now());
+    let (status, _, body) = read(
+        gw.leash
+            .http()
+            .post(&url)
+            .header("Authorization", format!("DPoP {}", gw.token))
+            .header("DPoP", proof)
+            .header("Leash-Approval", id.as_str())
+            .header("Leash-Approval", "apr_other")
+            .body("hi")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+
+    // A body over the 1 MiB that approvals hash is refused before any approval is stored.
+    let big = "x".repeat(1024 * 1024 + 1);
+    let (status, _) = agent_send(&gw, Method::POST, SEND, &big, None).await;
+    assert_eq!(status, 413);
+    let (_, listed) = gw
+        .leash
+        .call(Method::GET, "/v1/approvals", &gw.s.user_key, None)
+        .await;
+    assert_eq!(listed["approvals"].as_array().map(Vec::len), Some(1));
+    assert_eq!(gw.upstream.count(), 0);
+    // The approval was not spent by either refusal.
+    assert_eq!(
+        agent_send(&gw, Method::POST, SEND, "hi", Some(&id)).await.0,
+        200
+    );
+}
