@@ -3,6 +3,7 @@
 
 pub mod aead;
 pub mod assertion;
+pub mod audit;
 pub mod b64;
 pub mod client;
 pub mod clock;

@@ -93,6 +93,12 @@ impl SigningKey {
         self.key.to_bytes()
     }
 
+    /// An Ed25519 signature over `message` (for audit checkpoints).
+    pub fn sign_bytes(&self, message: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer as _;
+        self.key.sign(message).to_bytes()
+    }
+
     /// The public key for verification.
     pub fn public(&self) -> PublicJwk {
         public_jwk(&self.key.verifying_key())

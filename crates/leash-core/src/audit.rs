@@ -1,0 +1,331 @@
+//! The audit chain (API §8): events hashed over their RFC 8785 (JCS) canonical JSON and linked by
+//! `prev_hash`, Ed25519-signed checkpoints, and a streaming verifier that names the first bad
+//! `seq`. Pure logic: the store assigns `seq` and the head; the caller brings the keys.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::b64;
+use crate::jwk::PublicJwk;
+use crate::jws::Alg;
+use crate::token::SigningKey;
+
+/// `prev_hash` of the first event.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Who acted: an agent under a grant, a human with their own key, or the server/admin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// An agent acting for a human under a grant.
+    Delegated,
+    /// A human acting with their own key.
+    Direct,
+    /// The server or an admin.
+    System,
+}
+
+/// The outcome recorded for a decision event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Allowed (and, at the gateway, forwarded).
+    Allow,
+    /// Refused.
+    Deny,
+    /// Waiting for a human's approval.
+    ApprovalRequired,
+}
+
+/// One audit event with every member of API §8; members that do not apply are `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEvent {
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// RFC 3339 UTC time.
+    pub ts: String,
+    /// What happened, e.g. `gateway.request`, `grant.created`.
+    pub kind: String,
+    /// Who acted.
+    pub mode: Mode,
+    /// The human on whose behalf (or who) acted.
+    pub subject: Option<String>,
+    /// The agent, or `admin`/the human for direct and system events.
+    pub actor: Option<String>,
+    /// The grant concerned.
+    pub grant_id: Option<String>,
+    /// The grant's purpose.
+    pub purpose: Option<String>,
+    /// The action (`mail:read`).
+    pub action: Option<String>,
+    /// The upstream.
+    pub upstream: Option<String>,
+    /// The request method.
+    pub method: Option<String>,
+    /// The upstream path.
+    pub path: Option<String>,
+    /// The decision, for decision events.
+    pub decision: Option<Outcome>,
+    /// Why (an error code or a free-text reason given by a human).
+    pub reason: Option<String>,
+    /// The deciding policy ids.
+    pub policies: Option<Vec<String>>,
+    /// Who approved (for a request that spent an approval, or the approval's decision).
+    pub approver: Option<String>,
+    /// The request id (`Leash-Request-Id`), a token's `jti`, or an approval id.
+    pub request_id: Option<String>,
+    /// The previous event's `hash`.
+    pub prev_hash: String,
+    /// SHA-256 (hex) over the JCS form of this event without `hash`.
+    pub hash: String,
+}
+
+/// Failures to canonicalise (only a non-finite number could cause one; events hold none).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot canonicalise the event: {0}")]
+pub struct CanonicalError(String);
+
+fn canonical(value: &impl Serialize) -> Result<Vec<u8>, CanonicalError> {
+    serde_json_canonicalizer::to_vec(value).map_err(|e| CanonicalError(e.to_string()))
+}
+
+/// Hex SHA-256 over the JCS form of a JSON object without its `hash` member.
+pub fn hash_without_hash_member(value: &Value) -> Result<String, CanonicalError> {
+    let mut object = value.clone();
+    if let Some(map) = object.as_object_mut() {
+        map.remove("hash");
+    }
+    Ok(hex::encode(Sha256::digest(canonical(&object)?)))
+}
+
+impl AuditEvent {
+    /// A new event of `kind` by `mode`; every other member null until set, `seq` and hashes
+    /// filled by [`AuditEvent::seal`].
+    pub fn new(kind: &str, mode: Mode, now: crate::UnixTime) -> Self {
+        Self {
+            seq: 0,
+            ts: rfc3339(now),
+            kind: kind.to_owned(),
+            mode,
+            subject: None,
+            actor: None,
+            grant_id: None,
+            purpose: None,
+            action: None,
+            upstream: None,
+            method: None,
+            path: None,
+            decision: None,
+            reason: None,
+            policies: None,
+            approver: None,
+            request_id: None,
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    /// Places the event after `prev_hash` at `seq` and computes its hash; returns its stored
+    /// line (the JCS form of the whole event, `hash` included).
+    pub fn seal(&mut self, seq: u64, prev_hash: &str) -> Result<String, CanonicalError> {
+        self.seq = seq;
+        self.prev_hash = prev_hash.to_owned();
+        self.hash = String::new();
+        let value = serde_json::to_value(&*self).map_err(|e| CanonicalError(e.to_string()))?;
+        self.hash = hash_without_hash_member(&value)?;
+        let line = canonical(&*self)?;
+        String::from_utf8(line).map_err(|e| CanonicalError(e.to_string()))
+    }
+}
+
+/// RFC 3339 UTC with second precision.
+pub fn rfc3339(now: crate::UnixTime) -> String {
+    time::OffsetDateTime::from_unix_timestamp(now)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
+
+/// A signed statement that the chain had `hash` at `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The last event covered.
+    pub seq: u64,
+    /// That event's hash.
+    pub hash: String,
+    /// When it was signed.
+    pub ts: String,
+    /// The signing key's id (its JWKS `kid`).
+    pub kid: String,
+    /// base64url Ed25519 signature over the JCS form of `{seq, hash, ts, kid}`.
+    pub sig: String,
+}
+
+#[derive(Serialize)]
+struct CheckpointBody<'a> {
+    seq: u64,
+    hash: &'a str,
+    ts: &'a str,
+    kid: &'a str,
+}
+
+impl Checkpoint {
+    /// Signs the head `(seq, hash)` with the server key.
+    pub fn sign(
+        key: &SigningKey,
+        seq: u64,
+        hash: &str,
+        now: crate::UnixTime,
+    ) -> Result<Self, CanonicalError> {
+        let ts = rfc3339(now);
+        let kid = key.kid().to_owned();
+        let body = canonical(&CheckpointBody {
+            seq,
+            hash,
+            ts: &ts,
+            kid: &kid,
+        })?;
+        let sig = b64::encode(key.sign_bytes(&body));
+        Ok(Self {
+            seq,
+            hash: hash.to_owned(),
+            ts,
+            kid,
+            sig,
+        })
+    }
+
+    /// Whether the signature verifies with `key` (an Ed25519 JWK).
+    pub fn verify(&self, key: &PublicJwk) -> bool {
+        let Ok(body) = canonical(&CheckpointBody {
+            seq: self.seq,
+            hash: &self.hash,
+            ts: &self.ts,
+            kid: &self.kid,
+        }) else {
+            return false;
+        };
+        let Ok(sig) = b64::decode(&self.sig) else {
+            return false;
+        };
+        key.accepts(Alg::EdDsa) && key.verify(Alg::EdDsa, &body, &sig).is_ok()
+    }
+}
+
+/// Why verification stopped: the first bad `seq` and what was wrong there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("seq {seq}: {problem}")]
+pub struct ChainBreak {
+    /// The first position where the chain is not what it must be.
+    pub seq: u64,
+    /// What was found there.
+    pub problem: String,
+}
+
+/// A checkpoint that cannot be trusted (the log as a whole fails).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    /// Its `kid` is not among the keys given.
+    #[error("checkpoint at seq {0} names an unknown key {1:?}")]
+    UnknownKey(u64, String),
+    /// Its signature does not verify.
+    #[error("checkpoint at seq {0} has a bad signature")]
+    BadSignature(u64),
+}
+
+/// Checks a chain event by event (in `seq` order as stored or exported) against signed
+/// checkpoints given up front; memory stays constant in the number of events.
+#[derive(Debug)]
+pub struct ChainVerifier {
+    checkpoints: BTreeMap<u64, String>,
+    next_seq: u64,
+    prev_hash: String,
+}
+
+impl ChainVerifier {
+    /// A verifier for a chain starting at seq 1, holding the given checkpoints, each checked
+    /// against the key its `kid` names (`find_key`).
+    pub fn new(
+        checkpoints: &[Checkpoint],
+        find_key: impl Fn(&str) -> Option<PublicJwk>,
+    ) -> Result<Self, CheckpointError> {
+        let mut covered = BTreeMap::new();
+        for checkpoint in checkpoints {
+            let key = find_key(&checkpoint.kid).ok_or_else(|| {
+                CheckpointError::UnknownKey(checkpoint.seq, checkpoint.kid.clone())
+            })?;
+            if !checkpoint.verify(&key) {
+                return Err(CheckpointError::BadSignature(checkpoint.seq));
+            }
+            covered.insert(checkpoint.seq, checkpoint.hash.clone());
+        }
+        Ok(Self {
+            checkpoints: covered,
+            next_seq: 1,
+            prev_hash: GENESIS_HASH.to_owned(),
+        })
+    }
+
+    /// The number of events accepted so far.
+    pub fn verified(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Checks the next event's line.
+    pub fn push(&mut self, line: &str) -> Result<(), ChainBreak> {
+        let at = self.next_seq;
+        let broken = |problem: String| ChainBreak { seq: at, problem };
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| broken(format!("not a JSON event ({e})")))?;
+        let event: AuditEvent = serde_json::from_value(value.clone())
+            .map_err(|e| broken(format!("not an audit event ({e})")))?;
+        if event.seq != at {
+            return Err(broken(format!(
+                "found seq {} where {at} belongs",
+                event.seq
+            )));
+        }
+        if event.prev_hash != self.prev_hash {
+            return Err(broken("prev_hash does not match the previous event".into()));
+        }
+        let hash = hash_without_hash_member(&value).map_err(|e| broken(e.to_string()))?;
+        if hash != event.hash {
+            return Err(broken("the event does not match its hash".into()));
+        }
+        if let Some(signed) = self.checkpoints.get(&at)
+            && *signed != hash
+        {
+            return Err(broken(
+                "the event differs from the signed checkpoint".into(),
+            ));
+        }
+        self.next_seq += 1;
+        self.prev_hash = hash;
+        Ok(())
+    }
+
+    /// Ends the check: a signed checkpoint past the last event means the tail was cut off.
+    pub fn finish(&self) -> Result<u64, ChainBreak> {
+        match self.checkpoints.last_key_value() {
+            Some((&seq, _)) if seq >= self.next_seq => Err(ChainBreak {
+                seq: self.next_seq,
+                problem: format!(
+                    "the log ends at seq {} but a signed checkpoint covers seq {seq}: events were removed from the end",
+                    self.verified()
+                ),
+            }),
+            _ => Ok(self.verified()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

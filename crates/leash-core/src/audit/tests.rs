@@ -1,0 +1,192 @@
+use proptest::prelude::*;
+
+use super::*;
+
+fn key() -> SigningKey {
+    SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]))
+}
+
+/// A chain of `n` events with a checkpoint every `every` events and one at the end.
+fn chain(n: u64, every: u64) -> (Vec<String>, Vec<Checkpoint>) {
+    let key = key();
+    let mut prev = GENESIS_HASH.to_owned();
+    let mut lines = Vec::new();
+    let mut checkpoints = Vec::new();
+    for seq in 1..=n {
+        let mut event = AuditEvent::new("gateway.request", Mode::Delegated, 1_800_000_000);
+        event.subject = Some("usr_1".into());
+        event.actor = Some("spiffe://example.org/agent/mailbot".into());
+        event.path = Some(format!("/messages/{seq}"));
+        event.decision = Some(if seq % 3 == 0 {
+            Outcome::Deny
+        } else {
+            Outcome::Allow
+        });
+        event.policies = Some(vec!["leash-default-high-risk".into()]);
+        lines.push(event.seal(seq, &prev).expect("seal"));
+        prev = event.hash.clone();
+        if seq % every == 0 || seq == n {
+            checkpoints.push(Checkpoint::sign(&key, seq, &prev, 1_800_000_000).expect("sign"));
+        }
+    }
+    (lines, checkpoints)
+}
+
+fn verify(lines: &[String], checkpoints: &[Checkpoint]) -> Result<u64, ChainBreak> {
+    let public = key().public();
+    let mut verifier =
+        ChainVerifier::new(checkpoints, |_| Some(public.clone())).expect("checkpoints are good");
+    for line in lines {
+        verifier.push(line)?;
+    }
+    verifier.finish()
+}
+
+#[test]
+fn an_untouched_chain_verifies() {
+    let (lines, checkpoints) = chain(25, 10);
+    assert_eq!(verify(&lines, &checkpoints), Ok(25));
+}
+
+#[test]
+fn the_hash_covers_prev_hash_and_every_member_in_canonical_form() {
+    let mut event = AuditEvent::new("grant.created", Mode::Direct, 0);
+    let line = event.seal(1, GENESIS_HASH).expect("seal");
+    // JCS: members sorted, nulls kept, no whitespace.
+    assert!(line.starts_with(
+        r#"{"action":null,"actor":null,"approver":null,"decision":null,"grant_id":null,"hash":""#
+    ));
+    assert!(line.contains(r#""mode":"direct""#));
+    assert!(line.contains(r#""ts":"1970-01-01T00:00:00Z""#));
+    let without: String = line.replace(&format!(r#""hash":"{}","#, event.hash), "");
+    assert_eq!(hex::encode(Sha256::digest(without.as_bytes())), event.hash);
+    let mut other = event.clone();
+    assert_ne!(other.seal(1, &"1".repeat(64)).expect("seal"), line);
+}
+
+#[test]
+fn a_forged_checkpoint_signature_is_caught() {
+    let (_, mut checkpoints) = chain(5, 5);
+    let forger = SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]));
+    let forged = Checkpoint::sign(&forger, 5, &checkpoints[0].hash, 1_800_000_000).expect("sign");
+    checkpoints[0].sig = forged.sig;
+    let public = key().public();
+    let refused = ChainVerifier::new(&checkpoints, |_| Some(public.clone())).map(|_| ());
+    assert_eq!(refused, Err(CheckpointError::BadSignature(5)));
+    let mut moved = chain(5, 5).1;
+    moved[0].seq = 4;
+    let refused = ChainVerifier::new(&moved, |_| Some(public.clone())).map(|_| ());
+    assert_eq!(refused, Err(CheckpointError::BadSignature(4)));
+    let unknown = ChainVerifier::new(&chain(5, 5).1, |_| None).map(|_| ());
+    assert!(matches!(unknown, Err(CheckpointError::UnknownKey(5, _))));
+}
+
+#[test]
+fn a_rehashed_edit_is_caught_by_the_next_link_or_the_checkpoint() {
+    let (mut lines, checkpoints) = chain(6, 3);
+    // The forger recomputes the edited event's own hash: the next event's prev_hash breaks.
+    let mut event: AuditEvent = serde_json::from_str(&lines[1]).expect("event");
+    event.approver = Some("usr_mallory".into());
+    let prev = event.prev_hash.clone();
+    lines[1] = event.seal(2, &prev).expect("seal");
+    assert_eq!(verify(&lines, &checkpoints).map_err(|b| b.seq), Err(3));
+    // Re-hashing the whole rest of the chain still differs from the signed checkpoint at 3.
+    let mut prev = event.hash.clone();
+    for index in 2..lines.len() {
+        let mut next: AuditEvent = serde_json::from_str(&lines[index]).expect("event");
+        lines[index] = next.seal(next.seq, &prev).expect("seal");
+        prev = next.hash;
+    }
+    assert_eq!(verify(&lines, &checkpoints).map_err(|b| b.seq), Err(3));
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Tamper {
+    Edit(&'static str),
+    Delete,
+    Insert,
+    Swap,
+    Truncate,
+}
+
+fn tamper(lines: &mut Vec<String>, at: usize, how: Tamper) -> u64 {
+    let seq = at as u64 + 1;
+    match how {
+        Tamper::Edit(member) => {
+            let mut value: Value = serde_json::from_str(&lines[at]).expect("event");
+            value[member] = match &value[member] {
+                Value::String(s) => Value::String(format!("{s}x")),
+                Value::Number(n) => Value::from(n.as_u64().unwrap_or(0) + 100),
+                _ => Value::String("edited".into()),
+            };
+            lines[at] = value.to_string();
+            seq
+        }
+        Tamper::Delete => {
+            lines.remove(at);
+            seq
+        }
+        Tamper::Insert => {
+            let copy = lines[at].clone();
+            lines.insert(at + 1, copy);
+            seq + 1
+        }
+        Tamper::Swap => {
+            lines.swap(at, at + 1);
+            seq
+        }
+        Tamper::Truncate => {
+            lines.truncate(at);
+            seq
+        }
+    }
+}
+
+fn tamperings() -> impl Strategy<Value = Tamper> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "seq",
+            "ts",
+            "kind",
+            "mode",
+            "subject",
+            "actor",
+            "grant_id",
+            "purpose",
+            "action",
+            "upstream",
+            "method",
+            "path",
+            "decision",
+            "reason",
+            "policies",
+            "approver",
+            "request_id",
+            "prev_hash",
+            "hash",
+        ])
+        .prop_map(Tamper::Edit),
+        Just(Tamper::Delete),
+        Just(Tamper::Insert),
+        Just(Tamper::Swap),
+        Just(Tamper::Truncate),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any single edit, removal, insertion, reordering or cut names the seq where it happened.
+    #[test]
+    fn any_tampering_is_found_at_its_seq(n in 2u64..40, position in 0usize..1000, how in tamperings()) {
+        let (mut lines, checkpoints) = chain(n, 7);
+        let last = lines.len() - 1;
+        let at = match how {
+            Tamper::Swap => position % last,
+            _ => position % lines.len(),
+        };
+        let expected = tamper(&mut lines, at, how);
+        let found = verify(&lines, &checkpoints);
+        prop_assert_eq!(found.map_err(|b| b.seq), Err(expected));
+    }
+}
