@@ -6,6 +6,7 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use leash_core::audit::{AuditEvent, Checkpoint};
 use leash_core::dpop::ReplayKey;
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
@@ -188,6 +189,10 @@ pub struct RequestUse {
     pub now: i64,
     /// An approved approval the request spends (its single use).
     pub approval: Option<String>,
+    /// The audit event of the request, appended to the chain in the same transaction. If the
+    /// verdict is not [`UseVerdict::Recorded`], it is stored as a deny with the verdict's
+    /// [`UseVerdict::reason`].
+    pub audit: Option<AuditEvent>,
 }
 
 /// The outcome of [`Store::record_use`].
@@ -202,6 +207,53 @@ pub enum UseVerdict {
     /// The approval is not (or no longer) approved and unexpired: used, denied or expired.
     ApprovalSpent,
 }
+
+impl UseVerdict {
+    /// The error code a refused request is answered with and audited under.
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            Self::Recorded => None,
+            Self::Replayed(_) => Some("replayed"),
+            Self::GrantSpent => Some("grant_spent"),
+            Self::ApprovalSpent => Some("approval_spent"),
+        }
+    }
+}
+
+/// Which audit events to read (API §8): `seq` > `since_seq`, oldest first, at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Only this grant's events.
+    pub grant_id: Option<String>,
+    /// Only this actor's events.
+    pub actor: Option<String>,
+    /// Only events on behalf of this human.
+    pub subject: Option<String>,
+    /// Events after this seq.
+    pub since_seq: u64,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// How often a grant's action was used through the gateway (forwarded requests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionUse {
+    /// The grant.
+    pub grant_id: String,
+    /// The action.
+    pub action: String,
+    /// Forwarded requests.
+    pub count: u64,
+    /// The last one's time.
+    pub last_used: i64,
+}
+
+/// Signs the chain head `(seq, hash)`; held by the store's writer, which writes a checkpoint
+/// at least every [`CHECKPOINT_EVERY_EVENTS`] events.
+pub type CheckpointSigner = Arc<dyn Fn(u64, &str) -> Option<Checkpoint> + Send + Sync>;
+
+/// Most events between two checkpoints (API §8).
+pub const CHECKPOINT_EVERY_EVENTS: u64 = 1_000;
 
 /// How a grant ended, for [`Store::end_grant`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,12 +363,33 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             grant: None,
             now: 0,
             approval: None,
+            audit: None,
         };
         match self.record_use(request).await? {
             UseVerdict::Replayed(position) => Ok(Some(position)),
             UseVerdict::Recorded | UseVerdict::GrantSpent | UseVerdict::ApprovalSpent => Ok(None),
         }
     }
+    /// Appends one event to the audit chain, durably, before returning.
+    async fn append_audit(&self, event: AuditEvent) -> StoreResult<()> {
+        let request = RequestUse {
+            audit: Some(event),
+            ..RequestUse::default()
+        };
+        self.record_use(request).await.map(|_| ())
+    }
+    /// Sets the key that signs checkpoints; until then none are written.
+    fn set_checkpoint_signer(&self, signer: CheckpointSigner);
+    /// Signs the current head if events came after the last checkpoint; returns the latest
+    /// checkpoint, if any.
+    async fn checkpoint_now(&self) -> StoreResult<Option<Checkpoint>>;
+    /// Stored event lines (their hashed JCS form) matching `query`.
+    async fn audit_lines(&self, query: &AuditQuery) -> StoreResult<Vec<String>>;
+    /// Checkpoints with `seq` > `since_seq`, oldest first.
+    async fn checkpoints(&self, since_seq: u64) -> StoreResult<Vec<Checkpoint>>;
+    /// Forwarded-request counts per grant and action, all or of one human's grants.
+    async fn action_uses(&self, subject: Option<&str>) -> StoreResult<Vec<ActionUse>>;
+
     /// Marks a token dead until its expiry.
     async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()>;
     /// Whether a token was revoked.

@@ -5,10 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr as _;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use leash_core::audit::{Checkpoint, GENESIS_HASH, Outcome};
 use leash_core::dpop::ReplayKey;
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
@@ -17,8 +18,9 @@ use sqlx::{Row as _, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    Agent, Approval, ApprovalStatus, GrantEnd, RequestUse, Store, StoreError, StoreResult,
-    UseVerdict, User, VaultEntry,
+    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, CHECKPOINT_EVERY_EVENTS,
+    CheckpointSigner, GrantEnd, RequestUse, Store, StoreError, StoreResult, UseVerdict, User,
+    VaultEntry,
 };
 
 /// SQLite-backed [`Store`].
@@ -26,7 +28,8 @@ use crate::{
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
-    uses: mpsc::Sender<UseJob>,
+    uses: mpsc::Sender<WriteJob>,
+    signer: Arc<SignerSlot>,
     grants: Arc<Memo<Arc<Grant>>>,
     vault: Arc<Memo<Option<Arc<VaultEntry>>>>,
     /// Revoked token `jti`s with their expiry: every revocation of this database goes through
@@ -130,33 +133,116 @@ fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<User> {
     })
 }
 
-/// One request's use and where to send the verdict.
-type UseJob = (RequestUse, oneshot::Sender<StoreResult<UseVerdict>>);
+/// Work for the writer thread.
+enum WriteJob {
+    /// One request's use and where to send the verdict.
+    Use(Box<RequestUse>, oneshot::Sender<StoreResult<UseVerdict>>),
+    /// Sign the head now (if it moved) and send back the latest checkpoint.
+    Checkpoint(oneshot::Sender<StoreResult<Option<Checkpoint>>>),
+}
 
 /// Most requests committed in one transaction.
 const MAX_USE_BATCH: usize = 64;
 
-/// Group commit of request uses: one thread owns these writes and commits whatever requests
-/// are waiting in one transaction, so concurrent token and gateway calls share a commit. It has
-/// its own connection (rusqlite, same SQLite library as sqlx) and runs a whole batch in one
-/// synchronous call: through sqlx every statement is a hand-off to its worker thread and back,
-/// which under load cost ≈ 300 µs per commit of four statements.
-fn use_writer(
-    mut conn: rusqlite::Connection,
+/// The end of the audit chain as committed; owned by the writer thread, the only appender.
+#[derive(Debug, Clone)]
+struct ChainHead {
+    seq: u64,
+    hash: String,
+    checkpointed: u64,
+}
+
+impl ChainHead {
+    fn load(conn: &rusqlite::Connection) -> rusqlite::Result<Self> {
+        use rusqlite::OptionalExtension as _;
+        let last = conn
+            .query_row(
+                "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+                [],
+                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+            )
+            .optional()?;
+        let checkpointed: Option<i64> =
+            conn.query_row("SELECT max(seq) FROM audit_checkpoints", [], |row| {
+                row.get(0)
+            })?;
+        let (seq, hash) = last.unwrap_or((0, GENESIS_HASH.to_owned()));
+        Ok(Self {
+            seq: seq.max(0) as u64,
+            hash,
+            checkpointed: checkpointed.unwrap_or(0).max(0) as u64,
+        })
+    }
+}
+
+/// The checkpoint signer, set once the server has its key.
+#[derive(Default)]
+struct SignerSlot(OnceLock<CheckpointSigner>);
+
+impl std::fmt::Debug for SignerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "SignerSlot(set)"
+        } else {
+            "SignerSlot(unset)"
+        })
+    }
+}
+
+/// What the writer thread shares with the store.
+struct Writer {
+    conn: rusqlite::Connection,
+    head: ChainHead,
     grants: Arc<Memo<Arc<Grant>>>,
-    mut jobs: mpsc::Receiver<UseJob>,
-) {
-    while let Some(first) = jobs.blocking_recv() {
-        let mut batch = vec![first];
+    signer: Arc<SignerSlot>,
+}
+
+/// Group commit: one thread owns these writes (request uses and the audit chain) and commits
+/// whatever requests are waiting in one transaction, so concurrent token and gateway calls
+/// share a commit. It has its own connection (rusqlite, same SQLite library as sqlx) and runs a
+/// whole batch in one synchronous call: through sqlx every statement is a hand-off to its
+/// worker thread and back, which under load cost ≈ 300 µs per commit of four statements.
+fn writer_thread(mut writer: Writer, mut jobs: mpsc::Receiver<WriteJob>) {
+    let mut waiting = None;
+    loop {
+        let first = match waiting.take() {
+            Some(job) => job,
+            None => match jobs.blocking_recv() {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let WriteJob::Use(request, reply) = first else {
+            if let WriteJob::Checkpoint(reply) = first {
+                let _ = reply.send(writer.checkpoint_now());
+            }
+            continue;
+        };
+        let mut batch = vec![(*request, reply)];
         while batch.len() < MAX_USE_BATCH {
             match jobs.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(WriteJob::Use(request, reply)) => batch.push((*request, reply)),
+                Ok(other) => {
+                    waiting = Some(other);
+                    break;
+                }
                 Err(_) => break,
             }
         }
-        let requests: Vec<&RequestUse> = batch.iter().map(|(request, _)| request).collect();
+        writer.commit_batch(batch);
+    }
+}
+
+impl Writer {
+    fn commit_batch(&mut self, batch: Vec<(RequestUse, oneshot::Sender<StoreResult<UseVerdict>>)>) {
+        let (mut requests, replies): (Vec<RequestUse>, Vec<_>) = batch.into_iter().unzip();
         let started = std::time::Instant::now();
-        let result = record_batch(&mut conn, &requests);
+        let result = record_batch(
+            &mut self.conn,
+            &mut requests,
+            &self.head,
+            self.signer.0.get(),
+        );
         let took = started.elapsed();
         if took > SLOW_COMMIT {
             tracing::warn!(
@@ -166,30 +252,86 @@ fn use_writer(
             );
         }
         match result {
-            Ok((verdicts, spent)) => {
+            Ok(committed) => {
+                self.head = committed.head;
                 // A grant whose budget ran out must not stay live in memory.
-                for id in spent {
-                    grants.invalidate(&id);
+                for id in committed.spent {
+                    self.grants.invalidate(&id);
                 }
-                for ((_, reply), verdict) in batch.into_iter().zip(verdicts) {
+                for (reply, verdict) in replies.into_iter().zip(committed.verdicts) {
                     let _ = reply.send(Ok(verdict));
                 }
             }
             Err(e) => {
                 let message = e.to_string();
-                for (_, reply) in batch {
+                tracing::error!(error = %message, "commit failed: the requests are refused");
+                for reply in replies {
                     let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
                 }
             }
         }
     }
+
+    fn checkpoint_now(&mut self) -> StoreResult<Option<Checkpoint>> {
+        let fail = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
+        if self.head.seq > self.head.checkpointed
+            && let Some(signer) = self.signer.0.get()
+        {
+            let tx = self.conn.transaction().map_err(fail)?;
+            let checkpoint = insert_checkpoint(&tx, signer, &self.head).map_err(fail)?;
+            tx.commit().map_err(fail)?;
+            if checkpoint.is_some() {
+                self.head.checkpointed = self.head.seq;
+            }
+        }
+        latest_checkpoint(&self.conn).map_err(fail)
+    }
+}
+
+fn insert_checkpoint(
+    tx: &rusqlite::Transaction<'_>,
+    signer: &CheckpointSigner,
+    head: &ChainHead,
+) -> rusqlite::Result<Option<Checkpoint>> {
+    let Some(checkpoint) = signer(head.seq, &head.hash) else {
+        return Ok(None);
+    };
+    tx.prepare_cached(
+        "INSERT INTO audit_checkpoints (seq, hash, ts, kid, sig) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(rusqlite::params![
+        checkpoint.seq as i64,
+        checkpoint.hash,
+        checkpoint.ts,
+        checkpoint.kid,
+        checkpoint.sig
+    ])?;
+    Ok(Some(checkpoint))
+}
+
+fn latest_checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<Option<Checkpoint>> {
+    use rusqlite::OptionalExtension as _;
+    conn.query_row(
+        "SELECT seq, hash, ts, kid, sig FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+        [],
+        |row| {
+            Ok(Checkpoint {
+                seq: row.get::<_, i64>(0)?.max(0) as u64,
+                hash: row.get(1)?,
+                ts: row.get(2)?,
+                kid: row.get(3)?,
+                sig: row.get(4)?,
+            })
+        },
+    )
+    .optional()
 }
 
 /// A commit slower than this is logged: every waiting request sat through it.
 const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
-/// The use writer's connection: the same durability as the pools, and no checkpoints.
-fn open_use_writer(path: &str) -> rusqlite::Result<rusqlite::Connection> {
+/// The writer's connection: the same durability as the pools, and no checkpoints.
+fn open_writer_connection(path: &str) -> rusqlite::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -199,14 +341,25 @@ fn open_use_writer(path: &str) -> rusqlite::Result<rusqlite::Connection> {
     Ok(conn)
 }
 
+/// What a committed batch produced.
+struct Committed {
+    verdicts: Vec<UseVerdict>,
+    /// Grants whose budget this batch used up.
+    spent: Vec<String>,
+    /// The chain head after the batch's events.
+    head: ChainHead,
+}
+
 /// Records each request's use, in one transaction for the whole batch: its one-time values
-/// all-or-nothing, then one count against its grant. Within a batch the earlier of two requests
-/// sharing a value claims it, even if that request then fails on another of its values: the
-/// later one is refused (fail closed). Also returns the grants whose budget this batch used up.
+/// all-or-nothing, then one count against its grant, then its audit event (a deny when the
+/// use was refused). Within a batch the earlier of two requests sharing a value claims it, even
+/// if that request then fails on another of its values: the later one is refused (fail closed).
 fn record_batch(
     conn: &mut rusqlite::Connection,
-    requests: &[&RequestUse],
-) -> rusqlite::Result<(Vec<UseVerdict>, Vec<String>)> {
+    requests: &mut [RequestUse],
+    head: &ChainHead,
+    signer: Option<&CheckpointSigner>,
+) -> rusqlite::Result<Committed> {
     use rusqlite::OptionalExtension as _;
     let mut verdicts = vec![UseVerdict::Recorded; requests.len()];
     let mut claimed: HashSet<&ReplayKey> = HashSet::new();
@@ -226,8 +379,14 @@ fn record_batch(
         }
     }
     let mut spent = Vec::new();
-    if candidates.is_empty() {
-        return Ok((verdicts, spent));
+    let mut head = head.clone();
+    let has_events = requests.iter().any(|request| request.audit.is_some());
+    if candidates.is_empty() && !has_events {
+        return Ok(Committed {
+            verdicts,
+            spent,
+            head,
+        });
     }
     // IMMEDIATE: take the write lock up front (waiting on the busy timeout), so the transaction
     // never has to upgrade a read snapshot that another writer moved past.
@@ -249,7 +408,7 @@ fn record_batch(
              WHERE id = ?2 AND status = 'approved' AND expires_at > ?1",
         )?;
         for &index in &candidates {
-            let request = requests[index];
+            let request = &requests[index];
             let mut inserted = Vec::new();
             let mut replayed = None;
             for (position, (key, until)) in request.once.iter().enumerate() {
@@ -293,9 +452,71 @@ fn record_batch(
                 }
             }
         }
+        let mut append = tx.prepare_cached(
+            "INSERT INTO audit_events \
+             (seq, kind, subject, actor, grant_id, action, decision, at, hash, line) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for (request, verdict) in requests.iter_mut().zip(&verdicts) {
+            let Some(event) = request.audit.as_mut() else {
+                continue;
+            };
+            if let Some(reason) = verdict.reason() {
+                event.decision = Some(Outcome::Deny);
+                event.reason = Some(reason.to_owned());
+            }
+            let seq = head.seq + 1;
+            let line = event
+                .seal(seq, &head.hash)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let decision = event.decision.map(outcome_name);
+            append.execute(rusqlite::params![
+                seq as i64,
+                event.kind,
+                event.subject,
+                event.actor,
+                event.grant_id,
+                event.action,
+                decision,
+                unix_of(&event.ts),
+                event.hash,
+                line
+            ])?;
+            head.seq = seq;
+            head.hash = event.hash.clone();
+            if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
+                && let Some(signer) = signer
+                && insert_checkpoint(&tx, signer, &head)?.is_some()
+            {
+                head.checkpointed = head.seq;
+            }
+        }
     }
     tx.commit()?;
-    Ok((verdicts, spent))
+    Ok(Committed {
+        verdicts,
+        spent,
+        head,
+    })
+}
+
+fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Allow => "allow",
+        Outcome::Deny => "deny",
+        Outcome::ApprovalRequired => "approval_required",
+    }
+}
+
+/// The Unix time of an event's RFC 3339 `ts` (0 if it does not parse).
+fn unix_of(ts: &str) -> i64 {
+    time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .unwrap_or(0)
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the writer has stopped".into())
 }
 
 /// How often the write-ahead log is copied back into the database file.
@@ -423,17 +644,26 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let grants = Arc::new(Memo::new());
         let (uses, jobs) = mpsc::channel(1024);
-        let conn = open_use_writer(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let memo = grants.clone();
+        let conn =
+            open_writer_connection(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let head = ChainHead::load(&conn).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let signer = Arc::new(SignerSlot::default());
+        let chain_writer = Writer {
+            conn,
+            head,
+            grants: grants.clone(),
+            signer: signer.clone(),
+        };
         std::thread::Builder::new()
-            .name("leash-use-writer".into())
-            .spawn(move || use_writer(conn, memo, jobs))
+            .name("leash-writer".into())
+            .spawn(move || writer_thread(chain_writer, jobs))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
         tokio::spawn(checkpointer(checkpoints));
         Ok(Self {
             writer,
             reader,
             uses,
+            signer,
             grants,
             vault: Arc::new(Memo::new()),
             revoked: Arc::new(RwLock::new(revoked)),
@@ -675,16 +905,88 @@ impl Store for SqliteStore {
     }
 
     async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict> {
-        if request.once.is_empty() && request.grant.is_none() {
+        if request.once.is_empty() && request.grant.is_none() && request.audit.is_none() {
             return Ok(UseVerdict::Recorded);
         }
-        let stopped = || StoreError::Unavailable("the request writer has stopped".into());
         let (reply, answer) = oneshot::channel();
         self.uses
-            .send((request, reply))
+            .send(WriteJob::Use(Box::new(request), reply))
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    fn set_checkpoint_signer(&self, signer: CheckpointSigner) {
+        let _ = self.signer.0.set(signer);
+    }
+
+    async fn checkpoint_now(&self) -> StoreResult<Option<Checkpoint>> {
+        let (reply, answer) = oneshot::channel();
+        self.uses
+            .send(WriteJob::Checkpoint(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    async fn audit_lines(&self, query: &AuditQuery) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT line FROM audit_events WHERE seq > ?1 \
+             AND (?2 IS NULL OR grant_id = ?2) AND (?3 IS NULL OR actor = ?3) \
+             AND (?4 IS NULL OR subject = ?4) ORDER BY seq LIMIT ?5",
+        )
+        .bind(query.since_seq.min(i64::MAX as u64) as i64)
+        .bind(&query.grant_id)
+        .bind(&query.actor)
+        .bind(&query.subject)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn checkpoints(&self, since_seq: u64) -> StoreResult<Vec<Checkpoint>> {
+        let rows = sqlx::query(
+            "SELECT seq, hash, ts, kid, sig FROM audit_checkpoints WHERE seq > ? ORDER BY seq",
+        )
+        .bind(since_seq.min(i64::MAX as u64) as i64)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(Checkpoint {
+                    seq: row.try_get::<i64, _>("seq").map_err(unavailable)?.max(0) as u64,
+                    hash: row.try_get("hash").map_err(unavailable)?,
+                    ts: row.try_get("ts").map_err(unavailable)?,
+                    kid: row.try_get("kid").map_err(unavailable)?,
+                    sig: row.try_get("sig").map_err(unavailable)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn action_uses(&self, subject: Option<&str>) -> StoreResult<Vec<ActionUse>> {
+        let rows = sqlx::query(
+            "SELECT grant_id, action, count(*) AS uses, max(at) AS last_used FROM audit_events \
+             WHERE kind = 'gateway.request' AND decision = 'allow' \
+             AND grant_id IS NOT NULL AND action IS NOT NULL \
+             AND (?1 IS NULL OR subject = ?1) GROUP BY grant_id, action",
+        )
+        .bind(subject)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(ActionUse {
+                    grant_id: row.try_get("grant_id").map_err(unavailable)?,
+                    action: row.try_get("action").map_err(unavailable)?,
+                    count: row.try_get::<i64, _>("uses").map_err(unavailable)?.max(0) as u64,
+                    last_used: row.try_get("last_used").map_err(unavailable)?,
+                })
+            })
+            .collect()
     }
 
     async fn create_approval(&self, a: &Approval) -> StoreResult<()> {
@@ -1018,6 +1320,7 @@ mod tests {
             grant: Some(grant.id.clone()),
             now,
             approval: None,
+            audit: None,
         }
     }
 
@@ -1159,5 +1462,149 @@ mod tests {
             store.credential(&grant.subject, "mail").await.unwrap(),
             None
         );
+    }
+
+    fn event(n: u64) -> leash_core::audit::AuditEvent {
+        let mut event = leash_core::audit::AuditEvent::new(
+            "gateway.request",
+            leash_core::audit::Mode::Delegated,
+            1_800_000_000 + n as i64,
+        );
+        event.subject = Some(format!("usr_{}", n % 2));
+        event.decision = Some(Outcome::Allow);
+        event
+    }
+
+    fn test_key() -> leash_core::token::SigningKey {
+        leash_core::token::SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]))
+    }
+
+    async fn verify_stored(store: &SqliteStore) -> u64 {
+        let key = test_key().public();
+        let checkpoints = store.checkpoints(0).await.unwrap();
+        let mut verifier =
+            leash_core::audit::ChainVerifier::new(&checkpoints, |_| Some(key.clone())).unwrap();
+        let query = AuditQuery {
+            limit: u32::MAX,
+            ..AuditQuery::default()
+        };
+        for line in store.audit_lines(&query).await.unwrap() {
+            verifier.push(&line).unwrap();
+        }
+        verifier.finish().unwrap()
+    }
+
+    fn sign_with_test_key() -> CheckpointSigner {
+        let key = test_key();
+        Arc::new(move |seq, hash| {
+            leash_core::audit::Checkpoint::sign(&key, seq, hash, 1_800_000_000).ok()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_appends_form_one_chain_with_checkpoints_every_thousand_events() {
+        let (dir, store) = store().await;
+        store.set_checkpoint_signer(sign_with_test_key());
+        let tasks: Vec<_> = (0..2_100u64)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move { store.append_audit(event(n)).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(verify_stored(&store).await, 2_100);
+        let seqs: Vec<u64> = store
+            .checkpoints(0)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.seq)
+            .collect();
+        assert_eq!(seqs, vec![1_000, 2_000]);
+        let latest = store.checkpoint_now().await.unwrap().unwrap();
+        assert_eq!(latest.seq, 2_100);
+        // A reopened store continues the same chain.
+        drop(store);
+        let reopened = SqliteStore::open(dir.path().join("t.db").to_str().unwrap())
+            .await
+            .unwrap();
+        reopened.append_audit(event(9)).await.unwrap();
+        assert_eq!(verify_stored(&reopened).await, 2_101);
+        let mine = reopened
+            .audit_lines(&AuditQuery {
+                subject: Some("usr_1".into()),
+                since_seq: 2_000,
+                limit: 10,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(mine.len(), 10);
+        assert!(
+            mine.iter()
+                .all(|line| line.contains(r#""subject":"usr_1""#))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_use_is_audited_as_a_deny() {
+        let (_dir, store) = store().await;
+        let grant = with_grant(&store, None).await;
+        let mut first = use_of(&grant, "a", 10);
+        first.audit = Some(event(1));
+        assert_eq!(store.record_use(first).await.unwrap(), UseVerdict::Recorded);
+        let mut replay = use_of(&grant, "a", 10);
+        replay.audit = Some(event(2));
+        assert_eq!(
+            store.record_use(replay).await.unwrap(),
+            UseVerdict::Replayed(0)
+        );
+        let lines = store
+            .audit_lines(&AuditQuery {
+                limit: 10,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].contains(r#""decision":"allow""#));
+        assert!(
+            lines[1].contains(r#""decision":"deny""#)
+                && lines[1].contains(r#""reason":"replayed""#)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_audit_write_stores_nothing_and_the_chain_goes_on() {
+        let (dir, store) = store().await;
+        let grant = with_grant(&store, None).await;
+        store.append_audit(event(1)).await.unwrap();
+        // Another connection makes every audit insert fail, as a full or broken disk would.
+        let path = dir.path().join("t.db");
+        let saboteur = rusqlite::Connection::open(&path).unwrap();
+        saboteur
+            .execute_batch(
+                "CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
+                 BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+            )
+            .unwrap();
+        let mut request = use_of(&grant, "b", 10);
+        request.audit = Some(event(2));
+        assert!(matches!(
+            store.record_use(request).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        // Nothing of the failed request stayed: its proof and its count were rolled back.
+        assert_eq!(
+            store.grant(&grant.id).await.unwrap().unwrap().requests_used,
+            0
+        );
+        saboteur.execute_batch("DROP TRIGGER sabotage").unwrap();
+        let mut retry = use_of(&grant, "b", 10);
+        retry.audit = Some(event(3));
+        assert_eq!(store.record_use(retry).await.unwrap(), UseVerdict::Recorded);
+        assert_eq!(verify_stored(&store).await, 2);
     }
 }

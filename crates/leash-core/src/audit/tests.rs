@@ -92,9 +92,9 @@ fn a_rehashed_edit_is_caught_by_the_next_link_or_the_checkpoint() {
     assert_eq!(verify(&lines, &checkpoints).map_err(|b| b.seq), Err(3));
     // Re-hashing the whole rest of the chain still differs from the signed checkpoint at 3.
     let mut prev = event.hash.clone();
-    for index in 2..lines.len() {
-        let mut next: AuditEvent = serde_json::from_str(&lines[index]).expect("event");
-        lines[index] = next.seal(next.seq, &prev).expect("seal");
+    for line in lines.iter_mut().skip(2) {
+        let mut next: AuditEvent = serde_json::from_str(line).expect("event");
+        *line = next.seal(next.seq, &prev).expect("seal");
         prev = next.hash;
     }
     assert_eq!(verify(&lines, &checkpoints).map_err(|b| b.seq), Err(3));
