@@ -22,6 +22,7 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jws::Alg;
 use leash_core::secret::Secret;
 use leash_core::token::{AccessClaims, Actor, Confirmation};
+use leash_server::audit::Trail;
 use leash_server::gateway::decide;
 use leash_server::{AppState, Config, Flags};
 use leash_store::{Agent, User};
@@ -178,10 +179,16 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let headers = next.next().expect("cycle");
             setup.runtime.block_on(async {
-                decide(&setup.state, &Method::GET, &uri, headers)
-                    .await
-                    .map(|_| ())
-                    .expect("allowed")
+                decide(
+                    &setup.state,
+                    &Method::GET,
+                    &uri,
+                    headers,
+                    &mut Trail::default(),
+                )
+                .await
+                .map(|_| ())
+                .expect("allowed")
             })
         })
     });
@@ -209,10 +216,14 @@ fn bench(c: &mut Criterion) {
             || headers(&setup),
             |headers| {
                 setup.runtime.block_on(async {
-                    let decided = decide(&setup.state, &Method::GET, &uri, &headers)
+                    let mut trail = Trail::default();
+                    let decided = decide(&setup.state, &Method::GET, &uri, &headers, &mut trail)
                         .await
                         .expect("allowed");
-                    decided.commit(&setup.state).await.expect("committed")
+                    decided
+                        .commit(&setup.state, &mut trail, "gateway.request", "req_bench")
+                        .await
+                        .expect("committed")
                 })
             },
             BatchSize::SmallInput,

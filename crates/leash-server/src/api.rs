@@ -13,6 +13,7 @@ use leash_store::{Agent, GrantEnd, RequestUse, User};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::audit;
 use crate::config::valid_action;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
@@ -20,6 +21,7 @@ use crate::extract::{
     status_filter,
 };
 use crate::state::{AppState, rfc3339};
+use leash_core::audit::Mode;
 
 fn user_json(user: &User) -> Value {
     json!({"id": user.id, "name": user.name, "created_at": rfc3339(user.created_at)})
@@ -61,6 +63,14 @@ pub async fn create_user(
             e => e.into(),
         })?;
     tracing::info!(user = %user.id, "user created");
+    let event = audit::system_event(
+        "user.created",
+        "admin",
+        Some(&user.id),
+        None,
+        user.created_at,
+    );
+    audit::record(&state, event).await?;
     let mut out = user_json(&user);
     out["api_key"] = json!(key.expose());
     Ok((StatusCode::CREATED, Json(out)))
@@ -137,6 +147,8 @@ pub async fn create_agent(
             e => e.into(),
         })?;
     tracing::info!(agent = %agent.id, "agent registered");
+    let event = audit::system_event("agent.registered", &agent.id, None, None, agent.created_at);
+    audit::record(&state, event).await?;
     Ok((StatusCode::CREATED, Json(agent_json(&agent))))
 }
 
@@ -168,10 +180,19 @@ pub async fn disable_agent(
     _: Admin,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    if !state.store.disable_agent(&id, state.clock.now()).await? {
+    let now = state.clock.now();
+    if !state.store.disable_agent(&id, now).await? {
         return Err(ApiError::NotFound("no such agent".into()));
     }
     tracing::info!(agent = %id, "agent disabled");
+    let event = audit::system_event(
+        "agent.disabled",
+        &id,
+        None,
+        Some("offboarded: every grant revoked"),
+        now,
+    );
+    audit::record(&state, event).await?;
     let agent = state
         .store
         .agent(&id)
@@ -311,6 +332,8 @@ pub async fn create_grant(
     let handle = Secret::generate(HANDLE_PREFIX);
     state.store.create_grant(&grant, &handle.digest()).await?;
     tracing::info!(grant_id = %grant.id, agent = %grant.agent, subject = %grant.subject, "grant created");
+    let event = audit::grant_event("grant.created", Mode::Direct, &grant, now);
+    audit::record(&state, event).await?;
     let mut out = grant_json(&grant, now);
     out["handle"] = json!(handle.expose());
     Ok((StatusCode::CREATED, Json(out)))
@@ -369,11 +392,19 @@ async fn end(
     grant: &Grant,
     end: GrantEnd,
     reason: Option<&str>,
+    mode: Mode,
 ) -> ApiResult<Json<Value>> {
     let now = state.clock.now();
     match state.store.end_grant(&grant.id, end, reason, now).await? {
         Some(ended) => {
             tracing::info!(grant_id = %ended.id, status = ended.status.as_str(), "grant ended");
+            let kind = match end {
+                GrantEnd::Completed => "grant.completed",
+                GrantEnd::Revoked => "grant.revoked",
+            };
+            let mut event = audit::grant_event(kind, mode, &ended, now);
+            event.reason = reason.map(str::to_owned);
+            audit::record(state, event).await?;
             Ok(Json(grant_json(&ended, now)))
         }
         None => {
@@ -417,7 +448,15 @@ pub async fn revoke_grant(
             "reason must be at most 500 characters".into(),
         ));
     }
-    end(&state, &grant, GrantEnd::Revoked, reason.reason.as_deref()).await
+    let mode = audit::caller_mode(&caller);
+    end(
+        &state,
+        &grant,
+        GrantEnd::Revoked,
+        reason.reason.as_deref(),
+        mode,
+    )
+    .await
 }
 
 /// `POST /v1/grants/{id}/complete` (the grant's human, or the agent with a token of it).
@@ -428,7 +467,7 @@ pub async fn complete_grant(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Json<Value>> {
-    let grant = match authenticate_resource(&state, &method, &uri, &headers).await? {
+    let (grant, mode) = match authenticate_resource(&state, &method, &uri, &headers).await? {
         ResourceCaller::Agent(agent) if agent.grant.id == id => {
             let request = RequestUse {
                 once: vec![agent.proof_once],
@@ -436,14 +475,18 @@ pub async fn complete_grant(
                 ..RequestUse::default()
             };
             commit_use(&state, request).await?;
-            agent.grant
+            (agent.grant, Mode::Delegated)
         }
         ResourceCaller::Agent(_) => {
             return Err(ApiError::Forbidden("the token is for another grant".into()));
         }
-        ResourceCaller::Key(caller) => visible_grant(&state, &caller, &id).await?,
+        ResourceCaller::Key(caller) => (
+            visible_grant(&state, &caller, &id).await?,
+            audit::caller_mode(&caller),
+        ),
     };
-    end(&state, &grant, GrantEnd::Completed, Some("task completed")).await
+    let reason = Some("task completed");
+    end(&state, &grant, GrantEnd::Completed, reason, mode).await
 }
 
 /// `GET /v1/upstreams`: names, routes and actions (any authenticated caller).

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, Uri};
+use leash_core::audit::{AuditEvent, Outcome};
 use leash_store::{Approval, ApprovalStatus, RequestUse};
 use serde_json::{Value, json};
 
@@ -148,7 +149,30 @@ async fn decide(
                 approver = %approver,
                 "approval decided"
             );
-            Ok(Json(with_purpose(&state, &decided, now).await?))
+            let kind = if approve {
+                "approval.approved"
+            } else {
+                "approval.denied"
+            };
+            let mut event = AuditEvent::new(kind, crate::audit::caller_mode(&caller), now);
+            event.subject = Some(decided.subject.clone());
+            event.actor = Some(decided.agent.clone());
+            event.grant_id = Some(decided.grant_id.clone());
+            event.action = Some(decided.action.clone());
+            event.upstream = Some(decided.upstream.clone());
+            event.method = Some(decided.method.clone());
+            event.path = Some(decided.path.clone());
+            event.decision = Some(if approve {
+                Outcome::Allow
+            } else {
+                Outcome::Deny
+            });
+            event.approver = Some(approver);
+            event.request_id = Some(decided.id.clone());
+            let shown = with_purpose(&state, &decided, now).await?;
+            event.purpose = shown["purpose"].as_str().map(str::to_owned);
+            crate::audit::record(&state, event).await?;
+            Ok(Json(shown))
         }
         None => Err(ApiError::Conflict(format!(
             "the approval is {}, not pending",

@@ -87,6 +87,9 @@ pub enum ApiError {
     /// 502 `bad_gateway`: the upstream could not be reached.
     #[error("{0}")]
     BadGateway(String),
+    /// 503 `audit_unavailable`: the audit event could not be written, so nothing was done.
+    #[error("the audit log cannot be written; nothing was done")]
+    AuditUnavailable,
     /// 503 `temporarily_unavailable`: the store failed; nothing was decided.
     #[error("{0}")]
     Unavailable(String),
@@ -142,6 +145,7 @@ impl ApiError {
             Self::ApprovalRequired { .. } => (StatusCode::FORBIDDEN, "approval_required"),
             Self::ApprovalMismatch(_) => (StatusCode::FORBIDDEN, "approval_mismatch"),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+            Self::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
         }
     }
@@ -207,6 +211,7 @@ impl IntoResponse for ApiError {
             | Self::ApprovalRequired { .. }
             | Self::ApprovalMismatch(_)
             | Self::BadGateway(_)
+            | Self::AuditUnavailable
             | Self::Unavailable(_) => {}
         }
         response

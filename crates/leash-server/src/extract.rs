@@ -240,7 +240,12 @@ pub struct AgentAuth {
 /// Commits what an authenticated request uses (its one-time values, one count against its
 /// grant) before the request acts; a value seen before or a spent grant refuses it.
 pub async fn commit_use(state: &AppState, request: RequestUse) -> ApiResult<()> {
-    match state.store.record_use(request).await? {
+    verdict_result(state.store.record_use(request).await?)
+}
+
+/// The answer to a request whose use got `verdict`.
+pub fn verdict_result(verdict: UseVerdict) -> ApiResult<()> {
+    match verdict {
         UseVerdict::Recorded => Ok(()),
         UseVerdict::Replayed(_) => Err(ApiError::ResourceInvalidProof(
             "dpop proof jti was already used".into(),

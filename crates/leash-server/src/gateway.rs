@@ -9,15 +9,17 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use leash_core::audit::{Mode as AuditMode, Outcome};
 use leash_core::dpop::ReplayKey;
 use leash_core::route::safe_segments;
 use leash_core::secret::random_id;
 use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
 use leash_store::{Approval, ApprovalStatus, RequestUse};
 
+use crate::audit::Trail;
 use crate::config::{Risk, Upstream};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, ResourceCaller, authenticate_resource, commit_use};
+use crate::extract::{Caller, ResourceCaller, authenticate_resource, commit_use, verdict_result};
 use crate::state::AppState;
 
 /// Who the request is for and by whom.
@@ -85,18 +87,62 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 /// `ANY /gw/{upstream}/{path…}`.
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let request_id = random_id("req_");
-    match gateway(&state, request, &request_id).await {
+    let mut trail = Trail::default();
+    match gateway(&state, request, &request_id, &mut trail).await {
         Ok(response) => response,
         Err(e) => {
             tracing::info!(request_id = %request_id, error = %e, "gateway request refused");
+            audit_refusal(&state, &trail, GATEWAY_EVENT, &request_id, &e).await;
             e.into_response()
         }
     }
 }
 
-async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiResult<Response> {
+/// Audit kinds of the two decision points.
+const GATEWAY_EVENT: &str = "gateway.request";
+const AUTHORIZE_EVENT: &str = "authorize.request";
+
+/// Records a refused request, unless its commit recorded it already. A refusal is answered
+/// as one even if its event cannot be written (the write failure is logged).
+async fn audit_refusal(
+    state: &AppState,
+    trail: &Trail,
+    kind: &str,
+    request_id: &str,
+    error: &ApiError,
+) {
+    if trail.recorded {
+        return;
+    }
+    let (_, code) = error.status_and_code();
+    let (outcome, reason) = match error {
+        ApiError::ApprovalRequired {
+            approval: Some(id), ..
+        } => (Outcome::ApprovalRequired, id.clone()),
+        ApiError::ApprovalRequired { approval: None, .. } => {
+            (Outcome::ApprovalRequired, code.to_owned())
+        }
+        _ => (Outcome::Deny, code.to_owned()),
+    };
+    let mut trail = trail.clone();
+    if let ApiError::PolicyDenied { policies, .. } | ApiError::ApprovalRequired { policies, .. } =
+        error
+        && !policies.is_empty()
+    {
+        trail.policies = Some(policies.clone());
+    }
+    let event = trail.event(kind, state.clock.now(), request_id, outcome, Some(reason));
+    let _ = crate::audit::record(state, event).await;
+}
+
+async fn gateway(
+    state: &AppState,
+    request: Request,
+    request_id: &str,
+    trail: &mut Trail,
+) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
-    let decided = decide(state, &parts.method, &parts.uri, &parts.headers).await?;
+    let decided = decide(state, &parts.method, &parts.uri, &parts.headers, trail).await?;
     let body = match &decided.approval {
         ApprovalState::NotNeeded => body,
         ApprovalState::Needed { policies } => {
@@ -118,7 +164,9 @@ async fn gateway(state: &AppState, request: Request, request_id: &str) -> ApiRes
             Body::from(bytes)
         }
     };
-    decided.commit(state).await?;
+    decided
+        .commit(state, trail, GATEWAY_EVENT, request_id)
+        .await?;
     // Step 8: forward.
     forward(
         state,
@@ -220,10 +268,17 @@ pub struct Decided<'s> {
 }
 
 impl Decided<'_> {
-    /// Step 7: claims the proof's `jti` and counts the request against its grant's budget,
-    /// atomically and durably, before anything is forwarded. A replayed proof, or a grant that
-    /// ended or ran out meanwhile, is refused here.
-    pub async fn commit(&self, state: &AppState) -> ApiResult<()> {
+    /// Step 7: claims the proof's `jti`, counts the request against its grant's budget and
+    /// appends its audit event, atomically and durably, before anything is forwarded. A
+    /// replayed proof, or a grant that ended or ran out meanwhile, is refused here (and
+    /// audited as refused in the same transaction); a failed write is `audit_unavailable`.
+    pub async fn commit(
+        &self,
+        state: &AppState,
+        trail: &mut Trail,
+        kind: &str,
+        request_id: &str,
+    ) -> ApiResult<()> {
         let principal = &self.principal;
         let approval = match &self.approval {
             ApprovalState::NotNeeded => None,
@@ -235,13 +290,20 @@ impl Decided<'_> {
                 });
             }
         };
+        let now = state.clock.now();
         let request = RequestUse {
             once: principal.proof_once.into_iter().collect(),
             grant: principal.grant.as_ref().map(|g| g.id.clone()),
-            now: state.clock.now(),
+            now,
             approval,
+            audit: Some(trail.event(kind, now, request_id, Outcome::Allow, None)),
         };
-        commit_use(state, request).await
+        let verdict = state.store.record_use(request).await.map_err(|e| {
+            tracing::error!(error = %e, "request commit failed: nothing is forwarded");
+            ApiError::AuditUnavailable
+        })?;
+        trail.recorded = true;
+        verdict_result(verdict)
     }
 
     /// The headers the upstream gets from Leash: the human's vaulted credential (if any) and
@@ -280,7 +342,9 @@ pub async fn decide<'s>(
     method: &Method,
     uri: &axum::http::Uri,
     headers: &HeaderMap,
+    trail: &mut Trail,
 ) -> ApiResult<Decided<'s>> {
+    trail.method = Some(method.as_str().to_owned());
     if uri.scheme().is_some() || uri.authority().is_some() || *method == Method::CONNECT {
         return Err(ApiError::InvalidRequest(
             "absolute-form targets and CONNECT are not accepted".into(),
@@ -291,6 +355,8 @@ pub async fn decide<'s>(
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
+    trail.upstream = Some(upstream_name.to_owned());
+    trail.path = Some(path.to_owned());
     let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
 
     // Steps 1–3 (delegated) or the human's key (direct).
@@ -315,11 +381,22 @@ pub async fn decide<'s>(
             scope: Vec::new(),
         },
         ResourceCaller::Key(Caller::Admin) => {
+            trail.mode = AuditMode::System;
+            trail.actor = Some("admin".into());
             return Err(ApiError::Forbidden(
                 "the admin key does not act on upstreams".into(),
             ));
         }
     };
+    trail.mode = match principal.mode {
+        Mode::Delegated => AuditMode::Delegated,
+        Mode::Direct => AuditMode::Direct,
+    };
+    trail.subject = Some(principal.subject.clone());
+    trail.actor = Some(principal.actor.clone());
+    if let Some(grant) = &principal.grant {
+        trail.grant(grant);
+    }
 
     // Step 4: route → action, within the grant and the token's scope.
     let upstream = state
@@ -333,6 +410,7 @@ pub async fn decide<'s>(
             upstream.name
         ))
     })?;
+    trail.action = Some(route.action.clone());
     if let Some(grant) = &principal.grant {
         if !grant.upstreams.contains(&upstream.name) {
             return Err(ApiError::InsufficientScope(format!(
@@ -370,6 +448,7 @@ pub async fn decide<'s>(
         }
         _ => None,
     };
+    trail.approver = attached.as_ref().and_then(|a| a.approver.clone());
 
     // Steps 5–6: policy, then approval.
     let grant = principal.grant.as_ref();
@@ -400,9 +479,15 @@ pub async fn decide<'s>(
             ApprovalState::NotNeeded
         }
         Decision::ApprovalRequired { policies } => ApprovalState::Needed { policies },
-        Decision::Allow { .. } => match attached {
-            Some(approval) => ApprovalState::Attached(Box::new(approval)),
-            None => ApprovalState::NotNeeded,
+        Decision::Allow { policies } => match attached {
+            Some(approval) => {
+                trail.policies = Some(policies);
+                ApprovalState::Attached(Box::new(approval))
+            }
+            None => {
+                trail.policies = Some(policies);
+                ApprovalState::NotNeeded
+            }
         },
     };
 
@@ -555,6 +640,7 @@ async fn forward(
 pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let request_id = random_id("req_");
     let original = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let mut trail = Trail::default();
     let result = async {
         let method = original("x-original-method")
             .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
@@ -562,7 +648,7 @@ pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -
         let uri: axum::http::Uri = original("x-original-uri")
             .and_then(|u| u.parse().ok())
             .ok_or_else(|| ApiError::InvalidRequest("X-Original-URI must be the original request target".into()))?;
-        let decided = decide(&state, &method, &uri, &headers).await?;
+        let decided = decide(&state, &method, &uri, &headers, &mut trail).await?;
         if let ApprovalState::Attached(approval) = &decided.approval {
             // An approval is bound to the request body, which a proxy does not pass here.
             return Err(ApiError::ApprovalMismatch(format!(
@@ -570,7 +656,9 @@ pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -
                 approval.id
             )));
         }
-        decided.commit(&state).await?;
+        decided
+            .commit(&state, &mut trail, AUTHORIZE_EVENT, &request_id)
+            .await?;
         let mut response = StatusCode::OK.into_response();
         let out = response.headers_mut();
         out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -597,8 +685,12 @@ pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -
         Ok::<_, ApiError>(response)
     }
     .await;
-    result.unwrap_or_else(|e| {
-        tracing::info!(request_id = %request_id, error = %e, "proxy authorization refused");
-        e.into_response()
-    })
+    match result {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::info!(request_id = %request_id, error = %e, "proxy authorization refused");
+            audit_refusal(&state, &trail, AUTHORIZE_EVENT, &request_id, &e).await;
+            e.into_response()
+        }
+    }
 }

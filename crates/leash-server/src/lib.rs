@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod approvals;
+pub mod audit;
 pub mod config;
 pub mod error;
 pub mod extract;
@@ -53,6 +54,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/approvals/{id}", get(approvals::get))
         .route("/v1/approvals/{id}/approve", post(approvals::approve))
         .route("/v1/approvals/{id}/deny", post(approvals::deny))
+        .route("/v1/audit", get(audit::list))
+        .route(
+            "/v1/audit/checkpoints",
+            get(audit::checkpoints).post(audit::checkpoint_now),
+        )
         .route("/v1/vault", get(vault::list))
         .route(
             "/v1/vault/{upstream}",
@@ -142,6 +148,7 @@ pub async fn run(
             }
         })
     };
+    let checkpoints = tokio::spawn(audit::checkpoint_timer(store.clone()));
     let pruner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -155,6 +162,7 @@ pub async fn run(
         .with_graceful_shutdown(shutdown)
         .await;
     pruner.abort();
+    checkpoints.abort();
     #[cfg(unix)]
     reloader.abort();
     served.map_err(|e| anyhow::anyhow!("server error: {e}"))

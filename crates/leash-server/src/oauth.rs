@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use leash_core::assertion::{JWT_BEARER, claimed_agent, verify_assertion};
+use leash_core::audit::{AuditEvent, Mode, Outcome};
 use leash_core::dpop::ReplayKey;
 use leash_core::dpop::{ProofContext, ProofError, verify_proof};
 use leash_core::grant::{GrantStatus, narrow_scope};
@@ -17,7 +18,7 @@ use leash_core::token::{
     ACCESS_TOKEN_TYPE, AccessClaims, Actor, Confirmation, GRANT_TOKEN_TYPE, TOKEN_EXCHANGE,
     verify_access_token,
 };
-use leash_store::Agent;
+use leash_store::{Agent, RequestUse, UseVerdict};
 use serde_json::json;
 
 use crate::error::{ApiError, ApiResult};
@@ -152,6 +153,14 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         .ok_or_else(|| {
             ApiError::InvalidGrant("unknown grant handle, or not issued to this agent".into())
         })?;
+    // From here on the grant is known: every outcome is audited under it.
+    let jti = random_id("tok_");
+    let mut event = AuditEvent::new("token.exchange", Mode::Delegated, now);
+    event.subject = Some(grant.subject.clone());
+    event.actor = Some(agent.clone());
+    event.grant_id = Some(grant.id.clone());
+    event.purpose = Some(grant.purpose.clone());
+    event.request_id = Some(jti.clone());
     if !grant.is_live(now) {
         let status = grant.status_at(now);
         let why = if status == GrantStatus::Active {
@@ -159,39 +168,53 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         } else {
             status.as_str()
         };
-        return Err(ApiError::InvalidGrant(format!("the grant is {why}")));
+        let refused = ApiError::InvalidGrant(format!("the grant is {why}"));
+        return Err(audit_refusal(state, event, refused).await);
     }
-    let actions = narrow_scope(form.0.get("scope").map(String::as_str), &grant.actions)
-        .map_err(|e| ApiError::InvalidScope(e.to_string()))?;
+    let actions = match narrow_scope(form.0.get("scope").map(String::as_str), &grant.actions) {
+        Ok(actions) => actions,
+        Err(e) => {
+            let refused = ApiError::InvalidScope(e.to_string());
+            return Err(audit_refusal(state, event, refused).await);
+        }
+    };
+    let scope = actions.join(" ");
+    event.action = Some(scope.clone());
+    event.decision = Some(Outcome::Allow);
 
-    // Both one-time values are consumed together, and only once every check passed.
-    match state
-        .store
-        .consume_once(&[assertion_entry, (proof.replay_key(), proof.replay_until())])
-        .await?
-    {
-        None => {}
-        Some(0) => {
+    // Both one-time values are consumed together, and only once every check passed; the
+    // issuance is audited in the same transaction (as refused if a value was seen before).
+    let request = RequestUse {
+        once: vec![assertion_entry, (proof.replay_key(), proof.replay_until())],
+        now,
+        audit: Some(event),
+        ..RequestUse::default()
+    };
+    match state.store.record_use(request).await.map_err(|e| {
+        tracing::error!(error = %e, "token commit failed");
+        ApiError::AuditUnavailable
+    })? {
+        UseVerdict::Replayed(0) => {
             return Err(ApiError::InvalidClient(
                 "client assertion jti was already used".into(),
             ));
         }
-        Some(_) => {
+        UseVerdict::Replayed(_) => {
             return Err(ApiError::InvalidDpopProof(
                 "dpop proof jti was already used".into(),
             ));
         }
+        UseVerdict::Recorded | UseVerdict::GrantSpent | UseVerdict::ApprovalSpent => {}
     }
 
     let exp = (now + state.config.max_token_ttl).min(grant.expires_at);
-    let scope = actions.join(" ");
     let claims = AccessClaims {
         iss: state.issuer.clone(),
         sub: grant.subject.clone(),
         aud: state.issuer.clone(),
         iat: now,
         exp,
-        jti: random_id("tok_"),
+        jti,
         client_id: agent.clone(),
         act: Actor { sub: agent },
         scope: scope.clone(),
@@ -216,6 +239,15 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         response.headers_mut().insert("dpop-nonce", nonce);
     }
     Ok(response)
+}
+
+/// Records a refused exchange under its grant and gives back the refusal. The refusal stands
+/// even if its event cannot be written (that failure is logged).
+async fn audit_refusal(state: &AppState, mut event: AuditEvent, refused: ApiError) -> ApiError {
+    event.decision = Some(Outcome::Deny);
+    event.reason = Some(refused.status_and_code().1.to_owned());
+    let _ = crate::audit::record(state, event).await;
+    refused
 }
 
 /// Who asks to revoke or introspect.
@@ -283,6 +315,17 @@ pub async fn revoke(
                 .revoke_token(&claims.jti, &claims.grant_id, claims.exp)
                 .await?;
             tracing::info!(jti = %claims.jti, grant_id = %claims.grant_id, "token revoked");
+            let mode = match &caller {
+                OAuthCaller::Key(c) => crate::audit::caller_mode(c),
+                OAuthCaller::Agent(..) => Mode::Delegated,
+            };
+            let mut event = AuditEvent::new("token.revoked", mode, now);
+            event.subject = Some(claims.sub.clone());
+            event.actor = Some(claims.client_id.clone());
+            event.grant_id = Some(claims.grant_id.clone());
+            event.purpose = Some(claims.purpose.clone());
+            event.request_id = Some(claims.jti.clone());
+            crate::audit::record(&state, event).await?;
         }
     }
     Ok(no_store(Json(json!({})).into_response()))

@@ -162,6 +162,10 @@ impl AppState {
             .try_into()
             .map_err(|_| anyhow::anyhow!("stored signing key has the wrong length"))?;
         let signing = SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&bytes));
+        store.set_checkpoint_signer(crate::audit::signer(
+            SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&bytes)),
+            clock.clone(),
+        ));
 
         let sealed = store
             .init_setting(NONCE_KEY, &master.seal(&random_32(), NONCE_KEY.as_bytes()))

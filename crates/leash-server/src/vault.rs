@@ -150,7 +150,23 @@ pub async fn put(
     };
     state.store.put_credential(&entry).await?;
     tracing::info!(subject = %entry.subject, upstream = %entry.upstream, kind = %entry.kind, "credential stored");
+    let event = credential_event("credential.stored", &entry.subject, &entry.upstream, now);
+    crate::audit::record(&state, event).await?;
     Ok((StatusCode::OK, Json(metadata(&entry))))
+}
+
+/// A human's own change to their vault: which upstream, never the secret or its kind's value.
+fn credential_event(
+    kind: &str,
+    subject: &str,
+    upstream: &str,
+    now: i64,
+) -> leash_core::audit::AuditEvent {
+    let mut event = leash_core::audit::AuditEvent::new(kind, leash_core::audit::Mode::Direct, now);
+    event.subject = Some(subject.to_owned());
+    event.actor = Some(subject.to_owned());
+    event.upstream = Some(upstream.to_owned());
+    event
 }
 
 /// `GET /v1/vault` (human): metadata only.
@@ -171,6 +187,9 @@ pub async fn delete(
     let user = human(caller)?;
     if state.store.delete_credential(&user.id, &upstream).await? {
         tracing::info!(subject = %user.id, upstream = %upstream, "credential deleted");
+        let now = state.clock.now();
+        let event = credential_event("credential.deleted", &user.id, &upstream, now);
+        crate::audit::record(&state, event).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("no credential for this upstream".into()))
