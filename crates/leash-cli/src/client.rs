@@ -310,18 +310,18 @@ fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-fn http() -> anyhow::Result<reqwest::Client> {
+pub(crate) fn http() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .user_agent("leash-cli")
         .build()
         .context("cannot build HTTP client")
 }
 
-fn base(remote: &Remote) -> String {
+pub(crate) fn base(remote: &Remote) -> String {
     remote.server.trim_end_matches('/').to_owned()
 }
 
-fn bearer(remote: &Remote) -> anyhow::Result<String> {
+pub(crate) fn bearer(remote: &Remote) -> anyhow::Result<String> {
     remote
         .token
         .clone()
@@ -329,7 +329,7 @@ fn bearer(remote: &Remote) -> anyhow::Result<String> {
 }
 
 /// Turns a response into its JSON body, or an error naming the server's error code.
-async fn json_or_error(response: reqwest::Response) -> anyhow::Result<Value> {
+pub(crate) async fn json_or_error(response: reqwest::Response) -> anyhow::Result<Value> {
     let status = response.status();
     let text = response.text().await.context("cannot read the response")?;
     let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));

@@ -1,6 +1,7 @@
 //! `leash`: the one binary. `serve` runs the broker and gateway; the other verbs are a small
 //! client for admins, humans and agents so Leash can be tried without writing code.
 
+mod audit;
 mod client;
 
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ enum Command {
     /// See, approve and deny the high-risk requests agents wait on (human key).
     #[command(subcommand)]
     Approvals(client::ApprovalsCommand),
+    /// Follow, export and verify the tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Check Cedar policies against the Leash schema.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -199,6 +203,7 @@ async fn main() -> std::process::ExitCode {
         Command::Agent(cmd) => client::agent(cmd).await,
         Command::Grant(cmd) => client::grant(cmd).await,
         Command::Approvals(cmd) => client::approvals(cmd).await,
+        Command::Audit(cmd) => audit::audit(cmd).await,
         Command::Policy(cmd) => policy(cmd),
     };
     match result {

@@ -120,6 +120,34 @@ pub fn load_master_key(env_value: Option<String>, data_dir: &Path) -> anyhow::Re
     }
 }
 
+/// Opens the token signing key sealed in the database under the master key.
+pub fn open_signing_key(master: &MasterKey, sealed: &[u8]) -> anyhow::Result<SigningKey> {
+    let bytes = master.open(sealed, SIGNING_KEY.as_bytes()).map_err(|_| {
+        anyhow::anyhow!(
+            "the master key does not open this database's signing key (wrong LEASH_MASTER_KEY?)"
+        )
+    })?;
+    let bytes: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("stored signing key has the wrong length"))?;
+    Ok(SigningKey::new(ed25519_dalek::SigningKey::from_bytes(
+        &bytes,
+    )))
+}
+
+/// The signing key of a database that a server has started on, if any; for offline checks
+/// (`leash audit verify --database`).
+pub async fn stored_signing_key(
+    store: &dyn Store,
+    master: &MasterKey,
+) -> anyhow::Result<Option<SigningKey>> {
+    match store.setting(SIGNING_KEY).await? {
+        Some(sealed) => open_signing_key(master, &sealed).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Writes a new file readable by its owner only; fails if it exists.
 pub fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
@@ -152,18 +180,9 @@ impl AppState {
                 &master.seal(&random_32(), SIGNING_KEY.as_bytes()),
             )
             .await?;
-        let bytes = master.open(&sealed, SIGNING_KEY.as_bytes()).map_err(|_| {
-            anyhow::anyhow!(
-                "the master key does not open this database's signing key (wrong LEASH_MASTER_KEY?)"
-            )
-        })?;
-        let bytes: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("stored signing key has the wrong length"))?;
-        let signing = SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&bytes));
+        let signing = open_signing_key(&master, &sealed)?;
         store.set_checkpoint_signer(crate::audit::signer(
-            SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&bytes)),
+            open_signing_key(&master, &sealed)?,
             clock.clone(),
         ));
 

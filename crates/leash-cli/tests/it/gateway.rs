@@ -51,7 +51,7 @@ pub async fn setup(config: &str, grant_body: Value) -> Gw {
 }
 
 impl Gw {
-    async fn call(
+    pub async fn call(
         &self,
         method: Method,
         target: &str,

@@ -8,6 +8,7 @@
 )]
 
 mod approvals;
+mod audit;
 mod cli;
 mod durability;
 mod exchange;
