@@ -523,3 +523,90 @@ async fn local_key(
         .map_err(|e| anyhow!("master key: {e}"))?;
     leash_server::state::stored_signing_key(store, &master).await
 }
+
+/// `leash review`: granted against used, per grant, and standing access per agent.
+pub async fn review(remote: &Remote, as_json: bool) -> anyhow::Result<()> {
+    let url = format!("{}/v1/review", base(remote));
+    let response = http()?
+        .get(&url)
+        .bearer_auth(bearer(remote)?)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let review = json_or_error(response).await?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&review)?);
+        return Ok(());
+    }
+    let list = |v: &Value| -> String {
+        let items: Vec<&str> = v
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if items.is_empty() {
+            "-".into()
+        } else {
+            items.join(" ")
+        }
+    };
+    println!(
+        "{:<28}  {:<36}  {:<9}  {:<30}  {:<30}  {:<9}  FLAG",
+        "GRANT", "AGENT", "STATUS", "USED (COUNT)", "NEVER USED", "APPROVALS"
+    );
+    for grant in review["grants"].as_array().into_iter().flatten() {
+        let used: Vec<String> = grant["actions_used"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|u| format!("{}({})", u["action"].as_str().unwrap_or("?"), u["count"]))
+            .collect();
+        let used = if used.is_empty() {
+            "-".into()
+        } else {
+            used.join(" ")
+        };
+        let flag = if grant["over_broad"] == true {
+            format!(
+                "over-broad: {:.0}% of its actions never used",
+                grant["unused_share"].as_f64().unwrap_or(0.0) * 100.0
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<28}  {:<36}  {:<9}  {:<30}  {:<30}  {:<9}  {flag}",
+            grant["id"].as_str().unwrap_or("?"),
+            grant["agent"].as_str().unwrap_or("?"),
+            grant["status"].as_str().unwrap_or("?"),
+            used,
+            list(&grant["actions_unused"]),
+            format!(
+                "{}/{}",
+                grant["approvals"]["given"], grant["approvals"]["asked"]
+            ),
+        );
+    }
+    println!();
+    println!(
+        "{:<36}  {:<11}  {:<40}  FLAG",
+        "AGENT", "LIVE GRANTS", "LIVE ACTIONS"
+    );
+    for agent in review["agents"].as_array().into_iter().flatten() {
+        let count = agent["live_grants"].as_array().map_or(0, Vec::len);
+        let flag = if agent["standing"] == true {
+            format!(
+                "standing access: live grant since {}",
+                agent["oldest_live_grant_at"].as_str().unwrap_or("?")
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<36}  {:<11}  {:<40}  {flag}",
+            agent["agent"].as_str().unwrap_or("?"),
+            count,
+            list(&agent["live_actions"]),
+        );
+    }
+    Ok(())
+}

@@ -56,6 +56,14 @@ enum Command {
     /// Follow, export and verify the tamper-evident audit trail.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Access review: actions granted against actions used, and standing access.
+    Review {
+        /// Print the review as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Check Cedar policies against the Leash schema.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -204,6 +212,7 @@ async fn main() -> std::process::ExitCode {
         Command::Grant(cmd) => client::grant(cmd).await,
         Command::Approvals(cmd) => client::approvals(cmd).await,
         Command::Audit(cmd) => audit::audit(cmd).await,
+        Command::Review { json, remote } => audit::review(&remote, json).await,
         Command::Policy(cmd) => policy(cmd),
     };
     match result {

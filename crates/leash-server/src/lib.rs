@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod meta;
 pub mod notify;
 pub mod oauth;
+pub mod review;
 pub mod state;
 pub mod vault;
 
@@ -59,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/audit/checkpoints",
             get(audit::checkpoints).post(audit::checkpoint_now),
         )
+        .route("/v1/review", get(review::review))
         .route("/v1/vault", get(vault::list))
         .route(
             "/v1/vault/{upstream}",

@@ -463,3 +463,61 @@ async fn after_kill_9_under_load_every_forwarded_request_is_in_a_chain_that_veri
     );
     assert!(out.status.success(), "{}", text(&out));
 }
+
+#[tokio::test]
+async fn the_review_names_unused_actions_and_flags_over_broad_grants_and_standing_access() {
+    let gw = workload().await;
+    assert_eq!(
+        gw.call(Method::GET, "/gw/mail/messages/3", &[]).await.0,
+        200
+    );
+    let (status, review) = gw
+        .leash
+        .call(Method::GET, "/v1/review", &gw.s.user_key, None)
+        .await;
+    assert_eq!(status, 200, "{review}");
+    let row = &review["grants"][0];
+    assert_eq!(row["id"], gw.s.grant_id());
+    assert_eq!(
+        row["actions_granted"],
+        json!(["mail:read", "mail:draft", "mail:send"])
+    );
+    assert_eq!(row["actions_used"][0]["action"], "mail:read");
+    assert_eq!(
+        row["actions_used"][0]["count"], 2,
+        "only forwarded requests count"
+    );
+    assert_eq!(row["actions_unused"], json!(["mail:draft", "mail:send"]));
+    assert_eq!(row["over_broad"], true);
+    assert_eq!(row["approvals"], json!({"asked": 1, "given": 0}));
+    let agent = &review["agents"][0];
+    assert_eq!(agent["agent"], leash_testkit::AGENT);
+    assert_eq!(agent["live_grants"], json!([gw.s.grant_id()]));
+    assert_eq!(agent["standing"], false);
+    // Another human sees none of it.
+    let (_, other_key) = gw.leash.create_user("carol").await;
+    let (_, theirs) = gw
+        .leash
+        .call(Method::GET, "/v1/review", &other_key, None)
+        .await;
+    assert_eq!(theirs, json!({"grants": [], "agents": []}));
+
+    // A grant live for more than a day is standing access.
+    let db = gw.leash.data_dir().join("leash.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("UPDATE grants SET created_at = created_at - 2 * 86400")
+        .unwrap();
+    let out = cli(&gw.leash, &["review"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let table = text(&out);
+    assert!(table.contains("mail:draft mail:send"), "{table}");
+    assert!(
+        table.contains("over-broad: 67% of its actions never used"),
+        "{table}"
+    );
+    assert!(table.contains("standing access"), "{table}");
+    let out = cli(&gw.leash, &["review", "--json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["agents"][0]["standing"], true);
+}

@@ -1,0 +1,102 @@
+//! Access review (API §10): per grant, what was granted against what the gateway actually
+//! forwarded (from the audit log), and the approvals asked and given; per agent, its live
+//! grants and the union of their actions. Flags over-broad grants and standing access.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use leash_store::ApprovalStatus;
+use serde_json::{Value, json};
+
+use crate::error::ApiResult;
+use crate::extract::Caller;
+use crate::state::{AppState, rfc3339};
+
+/// A grant is flagged when more than this share of its actions was never used.
+const UNUSED_SHARE_FLAG: f64 = 0.5;
+/// An agent is flagged when one of its live grants is older than this (standing access).
+const STANDING_AFTER_SECONDS: i64 = 24 * 3600;
+
+/// `GET /v1/review`: the admin sees every grant and agent, a human their own grants and the
+/// agents acting on them.
+pub async fn review(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<Value>> {
+    let subject = caller.list_scope();
+    let now = state.clock.now();
+    let grants = state.store.list_grants(subject).await?;
+    let mut uses: HashMap<String, Vec<leash_store::ActionUse>> = HashMap::new();
+    for used in state.store.action_uses(subject).await? {
+        uses.entry(used.grant_id.clone()).or_default().push(used);
+    }
+    let mut approvals: HashMap<String, (u64, u64)> = HashMap::new();
+    for approval in state.store.list_approvals(subject).await? {
+        let counts = approvals.entry(approval.grant_id.clone()).or_default();
+        counts.0 += 1;
+        if matches!(
+            approval.status,
+            ApprovalStatus::Approved | ApprovalStatus::Used
+        ) {
+            counts.1 += 1;
+        }
+    }
+
+    let mut grant_rows = Vec::new();
+    // Agent → (live grant ids, live actions, oldest live grant's creation).
+    let mut agents: BTreeMap<String, (Vec<String>, BTreeSet<String>, i64)> = BTreeMap::new();
+    for grant in &grants {
+        let used = uses.remove(&grant.id).unwrap_or_default();
+        let used_actions: BTreeSet<&str> = used.iter().map(|u| u.action.as_str()).collect();
+        let unused: Vec<&String> = grant
+            .actions
+            .iter()
+            .filter(|a| !used_actions.contains(a.as_str()))
+            .collect();
+        let unused_share = if grant.actions.is_empty() {
+            0.0
+        } else {
+            unused.len() as f64 / grant.actions.len() as f64
+        };
+        let (asked, given) = approvals.get(&grant.id).copied().unwrap_or_default();
+        grant_rows.push(json!({
+            "id": grant.id,
+            "subject": grant.subject,
+            "agent": grant.agent,
+            "purpose": grant.purpose,
+            "status": grant.status_at(now).as_str(),
+            "created_at": rfc3339(grant.created_at),
+            "expires_at": rfc3339(grant.expires_at),
+            "actions_granted": grant.actions,
+            "actions_used": used.iter().map(|u| json!({
+                "action": u.action,
+                "count": u.count,
+                "last_used": rfc3339(u.last_used),
+            })).collect::<Vec<_>>(),
+            "actions_unused": unused,
+            "unused_share": (unused_share * 100.0).round() / 100.0,
+            "over_broad": unused_share > UNUSED_SHARE_FLAG,
+            "approvals": {"asked": asked, "given": given},
+        }));
+        if grant.is_live(now) {
+            let entry = agents
+                .entry(grant.agent.clone())
+                .or_insert_with(|| (Vec::new(), BTreeSet::new(), i64::MAX));
+            entry.0.push(grant.id.clone());
+            entry.1.extend(grant.actions.iter().cloned());
+            entry.2 = entry.2.min(grant.created_at);
+        }
+    }
+    let agent_rows: Vec<Value> = agents
+        .into_iter()
+        .map(|(agent, (live, actions, oldest))| {
+            json!({
+                "agent": agent,
+                "live_grants": live,
+                "live_actions": actions,
+                "oldest_live_grant_at": rfc3339(oldest),
+                "standing": now - oldest > STANDING_AFTER_SECONDS,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"grants": grant_rows, "agents": agent_rows})))
+}
