@@ -142,6 +142,80 @@ impl AuditEvent {
     }
 }
 
+/// An event in canonical form with its chain members left open: the expensive part of
+/// sealing (JCS) done before the event reaches the single writer that owns the chain head.
+#[derive(Debug, Clone)]
+pub struct Draft {
+    canonical: String,
+    hash_at: usize,
+    prev_at: usize,
+    seq_at: usize,
+}
+
+/// The open chain members as they appear in a draft's canonical form. JCS sorts members
+/// (`hash` < `kind` … < `prev_hash` < … < `seq` < `subject`), so each is followed by a comma,
+/// and a quote inside a string value is escaped, so none can be matched inside a value.
+const OPEN_HASH: &str = r#""hash":"","#;
+const OPEN_PREV: &str = r#""prev_hash":"","#;
+const OPEN_SEQ: &str = r#""seq":0,"#;
+
+impl AuditEvent {
+    /// The canonical form of this event with `seq`, `prev_hash` and `hash` still open.
+    pub fn draft(&self) -> Result<Draft, CanonicalError> {
+        let mut open = self.clone();
+        open.seq = 0;
+        open.prev_hash = String::new();
+        open.hash = String::new();
+        let canonical =
+            String::from_utf8(canonical(&open)?).map_err(|e| CanonicalError(e.to_string()))?;
+        let find = |member: &str| {
+            canonical
+                .find(member)
+                .ok_or_else(|| CanonicalError(format!("no {member} in the canonical form")))
+        };
+        let (hash_at, prev_at, seq_at) = (find(OPEN_HASH)?, find(OPEN_PREV)?, find(OPEN_SEQ)?);
+        if !(hash_at < prev_at && prev_at < seq_at) {
+            return Err(CanonicalError("members out of canonical order".into()));
+        }
+        Ok(Draft {
+            canonical,
+            hash_at,
+            prev_at,
+            seq_at,
+        })
+    }
+}
+
+impl Draft {
+    /// Places the event at `seq` after `prev_hash`: returns its stored line and its hash,
+    /// exactly as [`AuditEvent::seal`] would.
+    pub fn seal(&self, seq: u64, prev_hash: &str) -> (String, String) {
+        let c = &self.canonical;
+        let before_hash = &c[..self.hash_at];
+        let between = &c[self.hash_at + OPEN_HASH.len()..self.prev_at];
+        let middle = &c[self.prev_at + OPEN_PREV.len()..self.seq_at];
+        let rest = &c[self.seq_at + OPEN_SEQ.len()..];
+        let prev = format!(r#""prev_hash":"{prev_hash}","#);
+        let seq = format!(r#""seq":{seq},"#);
+        let mut digest = Sha256::new();
+        for part in [before_hash, between, &prev, middle, &seq, rest] {
+            digest.update(part.as_bytes());
+        }
+        let hash = hex::encode(digest.finalize());
+        let line = [
+            before_hash,
+            &format!(r#""hash":"{hash}","#),
+            between,
+            &prev,
+            middle,
+            &seq,
+            rest,
+        ]
+        .concat();
+        (line, hash)
+    }
+}
+
 /// RFC 3339 UTC with second precision.
 pub fn rfc3339(now: crate::UnixTime) -> String {
     time::OffsetDateTime::from_unix_timestamp(now)
@@ -241,6 +315,19 @@ pub enum CheckpointError {
     BadSignature(u64),
 }
 
+/// The hash of a line as stored: JCS puts `hash` between `grant_id` and `kind`, so removing
+/// that one member from the stored bytes gives exactly what was hashed. A line whose bytes
+/// differ in any way gives another hash (and is then canonicalised to be sure); inside a JSON
+/// string a quote is escaped, so the member cannot be matched within a value.
+fn stored_form_hash(line: &str, hash: &str) -> Option<String> {
+    let member = format!("\"hash\":\"{hash}\",");
+    let at = line.find(&member)?;
+    let mut digest = Sha256::new();
+    digest.update(&line.as_bytes()[..at]);
+    digest.update(&line.as_bytes()[at + member.len()..]);
+    Some(hex::encode(digest.finalize()))
+}
+
 /// Checks a chain event by event (in `seq` order as stored or exported) against signed
 /// checkpoints given up front; memory stays constant in the number of events.
 #[derive(Debug)]
@@ -283,10 +370,8 @@ impl ChainVerifier {
     pub fn push(&mut self, line: &str) -> Result<(), ChainBreak> {
         let at = self.next_seq;
         let broken = |problem: String| ChainBreak { seq: at, problem };
-        let value: Value =
-            serde_json::from_str(line).map_err(|e| broken(format!("not a JSON event ({e})")))?;
-        let event: AuditEvent = serde_json::from_value(value.clone())
-            .map_err(|e| broken(format!("not an audit event ({e})")))?;
+        let event: AuditEvent =
+            serde_json::from_str(line).map_err(|e| broken(format!("not an audit event ({e})")))?;
         if event.seq != at {
             return Err(broken(format!(
                 "found seq {} where {at} belongs",
@@ -296,7 +381,15 @@ impl ChainVerifier {
         if event.prev_hash != self.prev_hash {
             return Err(broken("prev_hash does not match the previous event".into()));
         }
-        let hash = hash_without_hash_member(&value).map_err(|e| broken(e.to_string()))?;
+        let hash = match stored_form_hash(line, &event.hash) {
+            Some(hash) if hash == event.hash => hash,
+            // Not in the stored (canonical) form, e.g. re-indented: canonicalise it.
+            _ => {
+                let value: Value = serde_json::from_str(line)
+                    .map_err(|e| broken(format!("not a JSON event ({e})")))?;
+                hash_without_hash_member(&value).map_err(|e| broken(e.to_string()))?
+            }
+        };
         if hash != event.hash {
             return Err(broken("the event does not match its hash".into()));
         }

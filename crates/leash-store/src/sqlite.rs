@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use leash_core::audit::{Checkpoint, GENESIS_HASH, Outcome};
+use leash_core::audit::{Checkpoint, Draft, GENESIS_HASH, Outcome};
 use leash_core::dpop::ReplayKey;
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
@@ -136,9 +136,17 @@ fn user_from_row(row: &sqlx::sqlite::SqliteRow) -> StoreResult<User> {
 /// Work for the writer thread.
 enum WriteJob {
     /// One request's use and where to send the verdict.
-    Use(Box<RequestUse>, oneshot::Sender<StoreResult<UseVerdict>>),
+    Use(Box<Prepared>, oneshot::Sender<StoreResult<UseVerdict>>),
     /// Sign the head now (if it moved) and send back the latest checkpoint.
     Checkpoint(oneshot::Sender<StoreResult<Option<Checkpoint>>>),
+}
+
+/// A request's use with its audit event already in canonical form (done by the calling task,
+/// so the single writer only splices in the chain members and hashes).
+struct Prepared {
+    request: RequestUse,
+    /// The event's draft and Unix time, if it has an event.
+    draft: Option<(Draft, i64)>,
 }
 
 /// Most requests committed in one transaction.
@@ -234,12 +242,15 @@ fn writer_thread(mut writer: Writer, mut jobs: mpsc::Receiver<WriteJob>) {
 }
 
 impl Writer {
-    fn commit_batch(&mut self, batch: Vec<(RequestUse, oneshot::Sender<StoreResult<UseVerdict>>)>) {
-        let (mut requests, replies): (Vec<RequestUse>, Vec<_>) = batch.into_iter().unzip();
+    fn commit_batch(&mut self, batch: Vec<(Prepared, oneshot::Sender<StoreResult<UseVerdict>>)>) {
+        let (prepared, replies): (Vec<Prepared>, Vec<_>) = batch.into_iter().unzip();
+        let (mut requests, drafts): (Vec<RequestUse>, Vec<_>) =
+            prepared.into_iter().map(|p| (p.request, p.draft)).unzip();
         let started = std::time::Instant::now();
         let result = record_batch(
             &mut self.conn,
             &mut requests,
+            &drafts,
             &self.head,
             self.signer.0.get(),
         );
@@ -357,6 +368,7 @@ struct Committed {
 fn record_batch(
     conn: &mut rusqlite::Connection,
     requests: &mut [RequestUse],
+    drafts: &[Option<(Draft, i64)>],
     head: &ChainHead,
     signer: Option<&CheckpointSigner>,
 ) -> rusqlite::Result<Committed> {
@@ -457,18 +469,30 @@ fn record_batch(
              (seq, kind, subject, actor, grant_id, action, decision, at, hash, line) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
-        for (request, verdict) in requests.iter_mut().zip(&verdicts) {
+        let unsealable = |e| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
+        for ((request, verdict), draft) in requests.iter_mut().zip(&verdicts).zip(drafts) {
             let Some(event) = request.audit.as_mut() else {
                 continue;
             };
-            if let Some(reason) = verdict.reason() {
-                event.decision = Some(Outcome::Deny);
-                event.reason = Some(reason.to_owned());
-            }
             let seq = head.seq + 1;
-            let line = event
-                .seal(seq, &head.hash)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let (line, at) = match (verdict.reason(), draft) {
+                (None, Some((draft, at))) => {
+                    let (line, hash) = draft.seal(seq, &head.hash);
+                    event.hash = hash;
+                    (line, *at)
+                }
+                // Refused here: the event changes to a deny and is canonicalised anew.
+                (reason, _) => {
+                    if let Some(reason) = reason {
+                        event.decision = Some(Outcome::Deny);
+                        event.reason = Some(reason.to_owned());
+                    }
+                    (
+                        event.seal(seq, &head.hash).map_err(unsealable)?,
+                        unix_of(&event.ts),
+                    )
+                }
+            };
             let decision = event.decision.map(outcome_name);
             append.execute(rusqlite::params![
                 seq as i64,
@@ -478,7 +502,7 @@ fn record_batch(
                 event.grant_id,
                 event.action,
                 decision,
-                unix_of(&event.ts),
+                at,
                 event.hash,
                 line
             ])?;
@@ -908,9 +932,18 @@ impl Store for SqliteStore {
         if request.once.is_empty() && request.grant.is_none() && request.audit.is_none() {
             return Ok(UseVerdict::Recorded);
         }
+        let draft = match &request.audit {
+            Some(event) => Some((
+                event
+                    .draft()
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                unix_of(&event.ts),
+            )),
+            None => None,
+        };
         let (reply, answer) = oneshot::channel();
         self.uses
-            .send(WriteJob::Use(Box::new(request), reply))
+            .send(WriteJob::Use(Box::new(Prepared { request, draft }), reply))
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?

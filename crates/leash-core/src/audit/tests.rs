@@ -190,3 +190,39 @@ proptest! {
         prop_assert_eq!(found.map_err(|b| b.seq), Err(expected));
     }
 }
+
+#[test]
+fn a_reformatted_but_equal_event_still_verifies() {
+    let (lines, checkpoints) = chain(3, 3);
+    let pretty: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let value: Value = serde_json::from_str(l).expect("event");
+            serde_json::to_string_pretty(&value)
+                .expect("json")
+                .replace('\n', " ")
+        })
+        .collect();
+    assert_eq!(verify(&pretty, &checkpoints), Ok(3));
+}
+
+proptest! {
+    /// A draft sealed by the writer is byte for byte the event sealed whole (for every seq
+    /// JCS writes exactly: up to 2^53, as numbers are IEEE doubles in JCS).
+    #[test]
+    fn a_sealed_draft_is_the_sealed_event(
+        seq in 1u64..(1u64 << 53),
+        path in ".{0,40}",
+        reason in proptest::option::of(".{0,40}"),
+        prev in "[0-9a-f]{64}",
+    ) {
+        let mut event = AuditEvent::new("gateway.request", Mode::Direct, 1_800_000_000);
+        event.path = Some(path);
+        event.reason = reason;
+        event.policies = Some(vec![r#"quote " and "hash":"","#.into()]);
+        let (line, hash) = event.draft().expect("draft").seal(seq, &prev);
+        let whole = event.seal(seq, &prev).expect("seal");
+        prop_assert_eq!(line, whole);
+        prop_assert_eq!(hash, event.hash);
+    }
+}
