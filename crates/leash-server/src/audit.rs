@@ -24,28 +24,9 @@ const MAX_LIMIT: u32 = 10_000;
 /// any step is recorded with everything known up to it.
 #[derive(Debug, Clone)]
 pub struct Trail {
-    /// Who acted (delegated until the caller turns out to be a human).
-    pub mode: Mode,
-    /// The human.
-    pub subject: Option<String>,
-    /// The agent or the human.
-    pub actor: Option<String>,
-    /// The grant.
-    pub grant_id: Option<String>,
-    /// The grant's purpose.
-    pub purpose: Option<String>,
-    /// The action of the route.
-    pub action: Option<String>,
-    /// The upstream.
-    pub upstream: Option<String>,
-    /// The method.
-    pub method: Option<String>,
-    /// The upstream path.
-    pub path: Option<String>,
-    /// The deciding policies.
-    pub policies: Option<Vec<String>>,
-    /// Who approved the attached approval.
-    pub approver: Option<String>,
+    /// The request's event as known so far; kind, time, decision and reason are set when it
+    /// is recorded.
+    pub known: AuditEvent,
     /// Whether the request's event is stored already (by its commit).
     pub recorded: bool,
 }
@@ -53,17 +34,7 @@ pub struct Trail {
 impl Default for Trail {
     fn default() -> Self {
         Self {
-            mode: Mode::Delegated,
-            subject: None,
-            actor: None,
-            grant_id: None,
-            purpose: None,
-            action: None,
-            upstream: None,
-            method: None,
-            path: None,
-            policies: None,
-            approver: None,
+            known: AuditEvent::new("", Mode::Delegated, 0),
             recorded: false,
         }
     }
@@ -72,8 +43,8 @@ impl Default for Trail {
 impl Trail {
     /// Records the grant the request runs under.
     pub fn grant(&mut self, grant: &Grant) {
-        self.grant_id = Some(grant.id.clone());
-        self.purpose = Some(grant.purpose.clone());
+        self.known.grant_id = Some(grant.id.clone());
+        self.known.purpose = Some(grant.purpose.clone());
     }
 
     /// The event of this request.
@@ -85,19 +56,11 @@ impl Trail {
         decision: Outcome,
         reason: Option<String>,
     ) -> AuditEvent {
-        let mut event = AuditEvent::new(kind, self.mode, now);
-        event.subject = self.subject.clone();
-        event.actor = self.actor.clone();
-        event.grant_id = self.grant_id.clone();
-        event.purpose = self.purpose.clone();
-        event.action = self.action.clone();
-        event.upstream = self.upstream.clone();
-        event.method = self.method.clone();
-        event.path = self.path.clone();
+        let mut event = self.known.clone();
+        event.kind = kind.to_owned();
+        event.ts = leash_core::audit::rfc3339(now);
         event.decision = Some(decision);
         event.reason = reason;
-        event.policies = self.policies.clone();
-        event.approver = self.approver.clone();
         event.request_id = Some(request_id.to_owned());
         event
     }

@@ -129,7 +129,7 @@ async fn audit_refusal(
         error
         && !policies.is_empty()
     {
-        trail.policies = Some(policies.clone());
+        trail.known.policies = Some(policies.clone());
     }
     let event = trail.event(kind, state.clock.now(), request_id, outcome, Some(reason));
     let _ = crate::audit::record(state, event).await;
@@ -344,7 +344,7 @@ pub async fn decide<'s>(
     headers: &HeaderMap,
     trail: &mut Trail,
 ) -> ApiResult<Decided<'s>> {
-    trail.method = Some(method.as_str().to_owned());
+    trail.known.method = Some(method.as_str().to_owned());
     if uri.scheme().is_some() || uri.authority().is_some() || *method == Method::CONNECT {
         return Err(ApiError::InvalidRequest(
             "absolute-form targets and CONNECT are not accepted".into(),
@@ -355,8 +355,8 @@ pub async fn decide<'s>(
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    trail.upstream = Some(upstream_name.to_owned());
-    trail.path = Some(path.to_owned());
+    trail.known.upstream = Some(upstream_name.to_owned());
+    trail.known.path = Some(path.to_owned());
     let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
 
     // Steps 1–3 (delegated) or the human's key (direct).
@@ -381,19 +381,19 @@ pub async fn decide<'s>(
             scope: Vec::new(),
         },
         ResourceCaller::Key(Caller::Admin) => {
-            trail.mode = AuditMode::System;
-            trail.actor = Some("admin".into());
+            trail.known.mode = AuditMode::System;
+            trail.known.actor = Some("admin".into());
             return Err(ApiError::Forbidden(
                 "the admin key does not act on upstreams".into(),
             ));
         }
     };
-    trail.mode = match principal.mode {
+    trail.known.mode = match principal.mode {
         Mode::Delegated => AuditMode::Delegated,
         Mode::Direct => AuditMode::Direct,
     };
-    trail.subject = Some(principal.subject.clone());
-    trail.actor = Some(principal.actor.clone());
+    trail.known.subject = Some(principal.subject.clone());
+    trail.known.actor = Some(principal.actor.clone());
     if let Some(grant) = &principal.grant {
         trail.grant(grant);
     }
@@ -410,7 +410,7 @@ pub async fn decide<'s>(
             upstream.name
         ))
     })?;
-    trail.action = Some(route.action.clone());
+    trail.known.action = Some(route.action.clone());
     if let Some(grant) = &principal.grant {
         if !grant.upstreams.contains(&upstream.name) {
             return Err(ApiError::InsufficientScope(format!(
@@ -448,7 +448,7 @@ pub async fn decide<'s>(
         }
         _ => None,
     };
-    trail.approver = attached.as_ref().and_then(|a| a.approver.clone());
+    trail.known.approver = attached.as_ref().and_then(|a| a.approver.clone());
 
     // Steps 5–6: policy, then approval.
     let grant = principal.grant.as_ref();
@@ -481,11 +481,11 @@ pub async fn decide<'s>(
         Decision::ApprovalRequired { policies } => ApprovalState::Needed { policies },
         Decision::Allow { policies } => match attached {
             Some(approval) => {
-                trail.policies = Some(policies);
+                trail.known.policies = Some(policies);
                 ApprovalState::Attached(Box::new(approval))
             }
             None => {
-                trail.policies = Some(policies);
+                trail.known.policies = Some(policies);
                 ApprovalState::NotNeeded
             }
         },

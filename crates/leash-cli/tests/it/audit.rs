@@ -50,6 +50,23 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// `leash audit verify --database` on the server's own database, with its master key.
+fn verify_database(leash: &Leash) {
+    let data = leash.data_dir();
+    let url = format!("sqlite://{}", data.join("leash.db").display());
+    let data = data.to_str().unwrap();
+    let out = cli(
+        leash,
+        &["audit", "verify", "--database", &url, "--data-dir", data],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("audit chain verified"),
+        "{}",
+        text(&out)
+    );
+}
+
 fn gateway_events(events: &[Value]) -> Vec<&Value> {
     events
         .iter()
@@ -376,18 +393,7 @@ async fn a_failing_audit_write_answers_503_and_forwards_nothing() {
         )
         .await;
     assert_eq!(grant["requests_used"], 2);
-    let out = cli(
-        &gw.leash,
-        &[
-            "audit",
-            "verify",
-            "--database",
-            &format!("sqlite://{}", db.display()),
-            "--data-dir",
-            gw.leash.data_dir().to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    verify_database(&gw.leash);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,19 +455,7 @@ async fn after_kill_9_under_load_every_forwarded_request_is_in_a_chain_that_veri
         "{missing} of {} forwarded requests are not in the log",
         forwarded.len()
     );
-    let db = gw.leash.data_dir().join("leash.db");
-    let out = cli(
-        &gw.leash,
-        &[
-            "audit",
-            "verify",
-            "--database",
-            &format!("sqlite://{}", db.display()),
-            "--data-dir",
-            gw.leash.data_dir().to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
+    verify_database(&gw.leash);
 }
 
 #[tokio::test]

@@ -226,3 +226,43 @@ proptest! {
         prop_assert_eq!(hash, event.hash);
     }
 }
+
+/// RFC 8785 §3.2.2 and §3.2.3: escaping, literals, numbers and UTF-16 member order.
+#[test]
+#[allow(
+    clippy::excessive_precision,
+    reason = "the RFC's input numbers, digit for digit"
+)]
+fn canonical_form_matches_the_rfc_8785_examples() {
+    let input = serde_json::json!({
+        "numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],
+        "string": "\u{20ac}$\u{000F}\u{000a}A'\u{0042}\u{0022}\u{005c}\\\"/",
+        "literals": [null, true, false]
+    });
+    let expected = r#"{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],"string":"€$\u000f\nA'B\"\\\\\"/"}"#;
+    assert_eq!(
+        String::from_utf8(canonical(&input).expect("jcs")).expect("utf8"),
+        expected
+    );
+    let sorting = serde_json::json!({
+        "\u{20ac}": "Euro Sign", "\r": "Carriage Return", "\u{fb33}": "Hebrew Letter Dalet With Dagesh",
+        "1": "One", "\u{1f600}": "Emoji: Grinning Face", "\u{0080}": "Control", "\u{00f6}": "Latin Small Letter O With Diaeresis"
+    });
+    let text = String::from_utf8(canonical(&sorting).expect("jcs")).expect("utf8");
+    let positions: Vec<usize> = [
+        "Carriage Return",
+        "One",
+        "Control",
+        "Latin Small",
+        "Euro Sign",
+        "Emoji",
+        "Hebrew",
+    ]
+    .iter()
+    .map(|name| text.find(name).expect("present"))
+    .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "members not in UTF-16 order: {positions:?}"
+    );
+}
