@@ -41,47 +41,50 @@ pub enum Outcome {
 }
 
 /// One audit event with every member of API §8; members that do not apply are `null`.
+///
+/// The members are declared in RFC 8785 order (sorted), so that serde_json's compact output
+/// of this struct is its canonical form: see [`AuditEvent::draft`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditEvent {
-    /// Position in the chain, from 1.
-    pub seq: u64,
-    /// RFC 3339 UTC time.
-    pub ts: String,
-    /// What happened, e.g. `gateway.request`, `grant.created`.
-    pub kind: String,
-    /// Who acted.
-    pub mode: Mode,
-    /// The human on whose behalf (or who) acted.
-    pub subject: Option<String>,
-    /// The agent, or `admin`/the human for direct and system events.
-    pub actor: Option<String>,
-    /// The grant concerned.
-    pub grant_id: Option<String>,
-    /// The grant's purpose.
-    pub purpose: Option<String>,
     /// The action (`mail:read`).
     pub action: Option<String>,
-    /// The upstream.
-    pub upstream: Option<String>,
-    /// The request method.
-    pub method: Option<String>,
-    /// The upstream path.
-    pub path: Option<String>,
-    /// The decision, for decision events.
-    pub decision: Option<Outcome>,
-    /// Why (an error code or a free-text reason given by a human).
-    pub reason: Option<String>,
-    /// The deciding policy ids.
-    pub policies: Option<Vec<String>>,
+    /// The agent, or `admin`/the human for direct and system events.
+    pub actor: Option<String>,
     /// Who approved (for a request that spent an approval, or the approval's decision).
     pub approver: Option<String>,
-    /// The request id (`Leash-Request-Id`), a token's `jti`, or an approval id.
-    pub request_id: Option<String>,
-    /// The previous event's `hash`.
-    pub prev_hash: String,
+    /// The decision, for decision events.
+    pub decision: Option<Outcome>,
+    /// The grant concerned.
+    pub grant_id: Option<String>,
     /// SHA-256 (hex) over the JCS form of this event without `hash`.
     pub hash: String,
+    /// What happened, e.g. `gateway.request`, `grant.created`.
+    pub kind: String,
+    /// The request method.
+    pub method: Option<String>,
+    /// Who acted.
+    pub mode: Mode,
+    /// The upstream path.
+    pub path: Option<String>,
+    /// The deciding policy ids.
+    pub policies: Option<Vec<String>>,
+    /// The previous event's `hash`.
+    pub prev_hash: String,
+    /// The grant's purpose.
+    pub purpose: Option<String>,
+    /// Why (an error code or a free-text reason given by a human).
+    pub reason: Option<String>,
+    /// The request id (`Leash-Request-Id`), a token's `jti`, or an approval id.
+    pub request_id: Option<String>,
+    /// Position in the chain, from 1.
+    pub seq: u64,
+    /// The human on whose behalf (or who) acted.
+    pub subject: Option<String>,
+    /// RFC 3339 UTC time.
+    pub ts: String,
+    /// The upstream.
+    pub upstream: Option<String>,
 }
 
 /// Failures to canonicalise (only a non-finite number could cause one; events hold none).

@@ -292,10 +292,11 @@ async fn an_export_verifies_and_any_tampering_names_the_seq() {
     let truncated: Vec<String> = events[..at].iter().map(|l| l.to_string()).collect();
     check("truncate", with(truncated), seq);
 
-    // A checkpoint whose signature was forged (here: another checkpoint's) is refused.
+    // A checkpoint moved to another seq no longer matches its signature, and is refused.
     let mut forged: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     let mut checkpoint: Value = serde_json::from_str(&forged[0]).unwrap();
-    checkpoint["checkpoint"]["seq"] = json!(1);
+    let signed_at = checkpoint["checkpoint"]["seq"].as_u64().unwrap();
+    checkpoint["checkpoint"]["seq"] = json!(signed_at + 1);
     forged[0] = checkpoint.to_string();
     let path = dir.path().join("forged.jsonl");
     std::fs::write(&path, forged.join("\n")).unwrap();

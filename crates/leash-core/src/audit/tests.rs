@@ -266,3 +266,42 @@ fn canonical_form_matches_the_rfc_8785_examples() {
         "members not in UTF-16 order: {positions:?}"
     );
 }
+
+fn text() -> impl Strategy<Value = String> {
+    // Any Unicode, with control characters, quotes and backslashes made likely.
+    prop_oneof![
+        any::<String>(),
+        "[\\x00-\\x1f\\x7f\"\\\\a-z\u{2028}\u{20ac}\u{1f600}]{0,24}",
+    ]
+}
+
+proptest! {
+    /// serde_json's output of an event is exactly the RFC 8785 crate's (see `draft`).
+    #[test]
+    fn a_draft_is_the_rfc_8785_form(
+        strings in proptest::collection::vec(proptest::option::of(text()), 12),
+        policies in proptest::option::of(proptest::collection::vec(text(), 0..4)),
+        seq in 0u64..(1u64 << 53),
+    ) {
+        let mut event = AuditEvent::new("gateway.request", Mode::System, 1_800_000_000);
+        let mut s = strings.into_iter();
+        event.action = s.next().flatten();
+        event.actor = s.next().flatten();
+        event.approver = s.next().flatten();
+        event.grant_id = s.next().flatten();
+        event.kind = s.next().flatten().unwrap_or_default();
+        event.method = s.next().flatten();
+        event.path = s.next().flatten();
+        event.purpose = s.next().flatten();
+        event.reason = s.next().flatten();
+        event.request_id = s.next().flatten();
+        event.subject = s.next().flatten();
+        event.upstream = s.next().flatten();
+        event.policies = policies;
+        event.decision = Some(Outcome::ApprovalRequired);
+        event.seq = seq;
+        let ours = serde_json::to_string(&event).expect("json");
+        let reference = String::from_utf8(canonical(&event).expect("jcs")).expect("utf8");
+        prop_assert_eq!(ours, reference);
+    }
+}
