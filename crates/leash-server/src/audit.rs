@@ -110,6 +110,32 @@ pub async fn record(state: &AppState, event: AuditEvent) -> ApiResult<()> {
     })
 }
 
+/// Records a refusal as `event`'s outcome: `approval_required` with the approval's id as
+/// reason (when one was created), else a deny with the error code; the deciding policies when
+/// the error names some. The refusal stands even if its event cannot be written (that failure
+/// is logged by [`record`]).
+pub async fn record_refusal(state: &AppState, mut event: AuditEvent, error: &ApiError) {
+    let (_, code) = error.status_and_code();
+    let (outcome, reason) = match error {
+        ApiError::ApprovalRequired {
+            approval: Some(id), ..
+        } => (Outcome::ApprovalRequired, id.clone()),
+        ApiError::ApprovalRequired { approval: None, .. } => {
+            (Outcome::ApprovalRequired, code.to_owned())
+        }
+        _ => (Outcome::Deny, code.to_owned()),
+    };
+    if let ApiError::PolicyDenied { policies, .. } | ApiError::ApprovalRequired { policies, .. } =
+        error
+        && !policies.is_empty()
+    {
+        event.policies = Some(policies.clone());
+    }
+    event.decision = Some(outcome);
+    event.reason = Some(reason);
+    let _ = record(state, event).await;
+}
+
 /// Query of `GET /v1/audit`; numbers are taken as text so that a bad one is our
 /// `invalid_request`, not the framework's rejection.
 #[derive(Debug, Deserialize)]

@@ -102,8 +102,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Res
 const GATEWAY_EVENT: &str = "gateway.request";
 const AUTHORIZE_EVENT: &str = "authorize.request";
 
-/// Records a refused request, unless its commit recorded it already. A refusal is answered
-/// as one even if its event cannot be written (the write failure is logged).
+/// Records a refused request, unless its commit recorded it already.
 async fn audit_refusal(
     state: &AppState,
     trail: &Trail,
@@ -111,28 +110,10 @@ async fn audit_refusal(
     request_id: &str,
     error: &ApiError,
 ) {
-    if trail.recorded {
-        return;
+    if !trail.recorded {
+        let event = trail.event(kind, state.clock.now(), request_id, Outcome::Deny, None);
+        crate::audit::record_refusal(state, event, error).await;
     }
-    let (_, code) = error.status_and_code();
-    let (outcome, reason) = match error {
-        ApiError::ApprovalRequired {
-            approval: Some(id), ..
-        } => (Outcome::ApprovalRequired, id.clone()),
-        ApiError::ApprovalRequired { approval: None, .. } => {
-            (Outcome::ApprovalRequired, code.to_owned())
-        }
-        _ => (Outcome::Deny, code.to_owned()),
-    };
-    let mut trail = trail.clone();
-    if let ApiError::PolicyDenied { policies, .. } | ApiError::ApprovalRequired { policies, .. } =
-        error
-        && !policies.is_empty()
-    {
-        trail.known.policies = Some(policies.clone());
-    }
-    let event = trail.event(kind, state.clock.now(), request_id, outcome, Some(reason));
-    let _ = crate::audit::record(state, event).await;
 }
 
 async fn gateway(

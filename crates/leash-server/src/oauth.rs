@@ -241,12 +241,9 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
     Ok(response)
 }
 
-/// Records a refused exchange under its grant and gives back the refusal. The refusal stands
-/// even if its event cannot be written (that failure is logged).
-async fn audit_refusal(state: &AppState, mut event: AuditEvent, refused: ApiError) -> ApiError {
-    event.decision = Some(Outcome::Deny);
-    event.reason = Some(refused.status_and_code().1.to_owned());
-    let _ = crate::audit::record(state, event).await;
+/// Records a refused exchange under its grant and gives back the refusal.
+async fn audit_refusal(state: &AppState, event: AuditEvent, refused: ApiError) -> ApiError {
+    crate::audit::record_refusal(state, event, &refused).await;
     refused
 }
 

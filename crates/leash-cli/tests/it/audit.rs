@@ -228,6 +228,37 @@ async fn a_human_reads_only_their_own_events_and_bad_paging_is_refused() {
     }
     let (status, _) = audit(&gw.leash, "lsk_nobody", "").await;
     assert_eq!(status, 401);
+    // Checkpoints are the admin's: a human can neither read nor make them.
+    let url = format!("{}/v1/audit/checkpoints", gw.leash.url);
+    for method in [Method::GET, Method::POST] {
+        let response = gw
+            .leash
+            .http()
+            .request(method.clone(), &url)
+            .bearer_auth(&gw.s.user_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{method} checkpoints as a human");
+    }
+    // An agent's token reads no audit events and no review.
+    for path in ["/v1/audit", "/v1/review"] {
+        let target = format!("{}{path}", gw.leash.url);
+        let proof = gw
+            .dpop
+            .dpop_proof("GET", &target, Some(&gw.token), None, leash_testkit::now());
+        let response = gw
+            .leash
+            .http()
+            .get(&target)
+            .header("Authorization", format!("DPoP {}", gw.token))
+            .header("DPoP", proof)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{path} as an agent");
+        assert!(!response.text().await.unwrap().contains("\"seq\""));
+    }
 }
 
 #[tokio::test]
