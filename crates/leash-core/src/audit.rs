@@ -155,13 +155,16 @@ impl AuditEvent {
 }
 
 /// An event in canonical form with its chain members left open: the expensive part of
-/// sealing (JCS) done before the event reaches the single writer that owns the chain head.
+/// sealing (JCS, and hashing everything before `prev_hash`) done before the event reaches the
+/// single writer that owns the chain head.
 #[derive(Debug, Clone)]
 pub struct Draft {
     canonical: String,
     hash_at: usize,
     prev_at: usize,
     seq_at: usize,
+    /// SHA-256 fed with the canonical form up to `prev_hash`'s value, without the `hash` member.
+    before_prev: Sha256,
 }
 
 /// The open chain members as they appear in a draft's canonical form. JCS sorts members
@@ -170,16 +173,30 @@ pub struct Draft {
 const OPEN_HASH: &str = r#""hash":"","#;
 const OPEN_PREV: &str = r#""prev_hash":"","#;
 const OPEN_SEQ: &str = r#""seq":0,"#;
+/// `OPEN_PREV` up to where the value goes.
+const PREV_KEY: &str = r#""prev_hash":""#;
 
 impl AuditEvent {
     /// The canonical form of this event with `seq`, `prev_hash` and `hash` still open.
+    ///
+    /// Written by serde_json directly, not through the RFC 8785 crate: this struct's members
+    /// are declared in sorted order, holds no number but `seq` and no float, and serde_json
+    /// escapes strings exactly as RFC 8785 §3.2.2.2 does, so its compact output is the
+    /// canonical form (a property test checks it against the crate over arbitrary strings).
+    /// Every append pays for this, and the crate's sorting costs several times more.
     pub fn draft(&self) -> Result<Draft, CanonicalError> {
-        let mut open = self.clone();
-        open.seq = 0;
-        open.prev_hash = String::new();
-        open.hash = String::new();
-        let canonical =
-            String::from_utf8(canonical(&open)?).map_err(|e| CanonicalError(e.to_string()))?;
+        let json = |event: &AuditEvent| {
+            serde_json::to_string(event).map_err(|e| CanonicalError(e.to_string()))
+        };
+        let canonical = if self.seq == 0 && self.prev_hash.is_empty() && self.hash.is_empty() {
+            json(self)?
+        } else {
+            let mut open = self.clone();
+            open.seq = 0;
+            open.prev_hash = String::new();
+            open.hash = String::new();
+            json(&open)?
+        };
         let find = |member: &str| {
             canonical
                 .find(member)
@@ -189,11 +206,16 @@ impl AuditEvent {
         if !(hash_at < prev_at && prev_at < seq_at) {
             return Err(CanonicalError("members out of canonical order".into()));
         }
+        let mut before_prev = Sha256::new();
+        before_prev.update(&canonical.as_bytes()[..hash_at]);
+        before_prev.update(&canonical.as_bytes()[hash_at + OPEN_HASH.len()..prev_at]);
+        before_prev.update(PREV_KEY.as_bytes());
         Ok(Draft {
             canonical,
             hash_at,
             prev_at,
             seq_at,
+            before_prev,
         })
     }
 }
@@ -207,23 +229,31 @@ impl Draft {
         let between = &c[self.hash_at + OPEN_HASH.len()..self.prev_at];
         let middle = &c[self.prev_at + OPEN_PREV.len()..self.seq_at];
         let rest = &c[self.seq_at + OPEN_SEQ.len()..];
-        let prev = format!(r#""prev_hash":"{prev_hash}","#);
-        let seq = format!(r#""seq":{seq},"#);
-        let mut digest = Sha256::new();
-        for part in [before_hash, between, &prev, middle, &seq, rest] {
+        let seq = seq.to_string();
+        let mut digest = self.before_prev.clone();
+        for part in [prev_hash, "\",", middle, "\"seq\":", &seq, ",", rest] {
             digest.update(part.as_bytes());
         }
         let hash = hex::encode(digest.finalize());
-        let line = [
+        let parts = [
             before_hash,
-            &format!(r#""hash":"{hash}","#),
+            "\"hash\":\"",
+            &hash,
+            "\",",
             between,
-            &prev,
+            PREV_KEY,
+            prev_hash,
+            "\",",
             middle,
+            "\"seq\":",
             &seq,
+            ",",
             rest,
-        ]
-        .concat();
+        ];
+        let mut line = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        for part in parts {
+            line.push_str(part);
+        }
         (line, hash)
     }
 }
