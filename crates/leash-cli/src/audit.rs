@@ -93,7 +93,13 @@ pub async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
             format,
             output,
             remote,
-        } => export(&remote, &format, output.as_deref()).await,
+        } => {
+            let written = export(&remote, &format, output.as_deref()).await?;
+            if let Some(path) = output {
+                eprintln!("exported {written} events to {}", path.display());
+            }
+            Ok(())
+        }
         AuditCommand::Verify {
             file,
             database,
@@ -222,7 +228,7 @@ fn event_row(e: &AuditEvent) -> String {
     )
 }
 
-fn outcome(o: leash_core::audit::Outcome) -> &'static str {
+pub(crate) fn outcome(o: leash_core::audit::Outcome) -> &'static str {
     match o {
         leash_core::audit::Outcome::Allow => "allow",
         leash_core::audit::Outcome::Deny => "deny",
@@ -230,7 +236,7 @@ fn outcome(o: leash_core::audit::Outcome) -> &'static str {
     }
 }
 
-fn mode(m: leash_core::audit::Mode) -> &'static str {
+pub(crate) fn mode(m: leash_core::audit::Mode) -> &'static str {
     match m {
         leash_core::audit::Mode::Delegated => "delegated",
         leash_core::audit::Mode::Direct => "direct",
@@ -238,7 +244,12 @@ fn mode(m: leash_core::audit::Mode) -> &'static str {
     }
 }
 
-async fn export(remote: &Remote, format: &str, output: Option<&Path>) -> anyhow::Result<()> {
+/// Writes the log up to a checkpoint signed now; returns the number of events written.
+pub(crate) async fn export(
+    remote: &Remote,
+    format: &str,
+    output: Option<&Path>,
+) -> anyhow::Result<u64> {
     // A checkpoint signed now covers every event the export holds, so that a cut-off tail
     // of the exported file is caught.
     let url = format!("{}/v1/audit/checkpoints", base(remote));
@@ -302,10 +313,7 @@ async fn export(remote: &Remote, format: &str, output: Option<&Path>) -> anyhow:
     }
     out.flush()?;
     progress.finish_and_clear();
-    if let Some(path) = output {
-        eprintln!("exported {end} events to {}", path.display());
-    }
-    Ok(())
+    Ok(end)
 }
 
 /// One event as an OCSF 1.x API Activity record (class 6003, category 6 Application
@@ -370,7 +378,7 @@ fn ocsf(e: &AuditEvent) -> Value {
     })
 }
 
-async fn load_jwks(source: &str) -> anyhow::Result<Vec<(String, PublicJwk)>> {
+pub(crate) async fn load_jwks(source: &str) -> anyhow::Result<Vec<(String, PublicJwk)>> {
     let value: Value = if source.starts_with("http://") || source.starts_with("https://") {
         let response = http()?
             .get(source)
@@ -408,7 +416,7 @@ fn broken(e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 /// Checks an export: its checkpoint lines (which come first), then each event in order.
-fn verify_file(path: &Path, keys: &[(String, PublicJwk)]) -> anyhow::Result<u64> {
+pub(crate) fn verify_file(path: &Path, keys: &[(String, PublicJwk)]) -> anyhow::Result<u64> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);

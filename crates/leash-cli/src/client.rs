@@ -344,7 +344,7 @@ pub(crate) async fn json_or_error(response: reqwest::Response) -> anyhow::Result
     bail!("server answered {status}: {code}: {description}")
 }
 
-async fn call(
+pub(crate) async fn call(
     remote: &Remote,
     method: reqwest::Method,
     path: &str,
@@ -613,25 +613,35 @@ pub async fn exchange(
     bail!("the server kept asking for a DPoP nonce")
 }
 
-/// What `leash agent curl` sends with.
-struct AgentSession {
+/// An agent's DPoP-bound token and the key its proofs are signed with (what `leash agent
+/// token` saves and `leash agent curl` sends with).
+pub(crate) struct AgentSession {
     token: String,
     key: AgentKey,
     nonce: Option<String>,
     client: reqwest::Client,
 }
 
+/// One answer to an agent's request.
+pub(crate) struct Reply {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
 impl AgentSession {
     fn load(session: &Path) -> anyhow::Result<Self> {
-        let value = read_json(session)?;
-        let token = value["access_token"].as_str().ok_or_else(|| {
-            anyhow!(
-                "{} has no access_token; run `leash agent token`",
-                session.display()
-            )
-        })?;
+        Self::from_session(&read_json(session)?)
+            .with_context(|| format!("{}: run `leash agent token`", session.display()))
+    }
+
+    /// The session as [`exchange`] returns it.
+    pub(crate) fn from_session(value: &Value) -> anyhow::Result<Self> {
+        let token = value["access_token"]
+            .as_str()
+            .ok_or_else(|| anyhow!("the session has no access_token"))?;
         let key = AgentKey::from_private_jwk(&value["dpop_key"])
-            .map_err(|e| anyhow!("{}: {e}", session.display()))?;
+            .map_err(|e| anyhow!("the session's DPoP key: {e}"))?;
         Ok(Self {
             token: token.to_owned(),
             key,
@@ -641,13 +651,13 @@ impl AgentSession {
     }
 
     /// One request with a fresh proof (retried once if the server asks for a DPoP nonce).
-    async fn send(
+    pub(crate) async fn send(
         &mut self,
         method: &reqwest::Method,
         url: &str,
         headers: &[(String, String)],
         data: Option<&str>,
-    ) -> anyhow::Result<(reqwest::StatusCode, String)> {
+    ) -> anyhow::Result<Reply> {
         for attempt in 0..2 {
             let proof = self.key.dpop_proof(
                 method.as_str(),
@@ -690,8 +700,13 @@ impl AgentSession {
                 self.nonce = fresh_nonce;
                 continue;
             }
+            let headers = response.headers().clone();
             let body = response.text().await.context("cannot read the response")?;
-            return Ok((status, body));
+            return Ok(Reply {
+                status,
+                headers,
+                body,
+            });
         }
         bail!("the server kept asking for a DPoP nonce")
     }
@@ -718,9 +733,9 @@ async fn curl(
             .ok_or_else(|| anyhow!("header {header:?} must be `Name: value`"))?;
         extra.push((name.trim().to_owned(), value.trim().to_owned()));
     }
-    let (mut status, mut body) = agent.send(&method, url, &extra, data.as_deref()).await?;
-    if status == reqwest::StatusCode::FORBIDDEN && wait_approval > 0 {
-        let refusal: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let mut reply = agent.send(&method, url, &extra, data.as_deref()).await?;
+    if reply.status == reqwest::StatusCode::FORBIDDEN && wait_approval > 0 {
+        let refusal: Value = serde_json::from_str(&reply.body).unwrap_or(Value::Null);
         if let (Some("approval_required"), Some(id)) =
             (refusal["error"].as_str(), refusal["approval_id"].as_str())
         {
@@ -730,13 +745,13 @@ async fn curl(
                 .ascii_serialization();
             wait_for_approval(&mut agent, &origin, id, wait_approval).await?;
             extra.push(("Leash-Approval".into(), id.to_owned()));
-            (status, body) = agent.send(&method, url, &extra, data.as_deref()).await?;
+            reply = agent.send(&method, url, &extra, data.as_deref()).await?;
         }
     }
-    eprintln!("{status}");
-    println!("{body}");
-    if !status.is_success() {
-        bail!("request refused with {status}");
+    eprintln!("{}", reply.status);
+    println!("{}", reply.body);
+    if !reply.status.is_success() {
+        bail!("request refused with {}", reply.status);
     }
     Ok(())
 }
@@ -754,14 +769,14 @@ async fn wait_for_approval(
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
     let frames = ['|', '/', '-', '\\'];
     for frame in frames.iter().cycle() {
-        let (code, body) = agent
+        let reply = agent
             .send(&reqwest::Method::GET, &status_url, &[], None)
             .await?;
-        if !code.is_success() {
+        if !reply.status.is_success() {
             eprintln!();
-            bail!("cannot read approval {id}: {code} {body}");
+            bail!("cannot read approval {id}: {} {}", reply.status, reply.body);
         }
-        let approval: Value = serde_json::from_str(&body).context("approval is not JSON")?;
+        let approval: Value = serde_json::from_str(&reply.body).context("approval is not JSON")?;
         match approval["status"].as_str() {
             Some("approved") => {
                 eprintln!(

@@ -3,6 +3,7 @@
 
 mod audit;
 mod client;
+mod demo;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,6 +68,9 @@ enum Command {
     /// Check Cedar policies against the Leash schema.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Walk through the whole story on a temporary store: delegate, act, approve, refuse,
+    /// revoke, audit (exits non-zero if any step does not behave as expected).
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -214,6 +218,7 @@ async fn main() -> std::process::ExitCode {
         Command::Audit(cmd) => audit::audit(cmd).await,
         Command::Review { json, remote } => audit::review(&remote, json).await,
         Command::Policy(cmd) => policy(cmd),
+        Command::Demo(args) => demo::demo(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -116,6 +116,23 @@ async fn audit_refusal(
     }
 }
 
+/// A request refused at steps 2–3 (dead grant, bad or missing proof, Bearer downgrade) still
+/// carried a token Leash signed: its claims are authentic, so the refusal is recorded against
+/// the human, agent and grant the token names — who held a stolen token, or kept calling after
+/// the task ended, is what an investigator asks first. Only a token whose signature and expiry
+/// check out is used; verification is the cached in-memory one.
+fn attribute_refused_token(state: &AppState, headers: &HeaderMap, trail: &mut Trail) {
+    let Ok(Some((_, token))) = crate::extract::authorization(headers) else {
+        return;
+    };
+    if let Ok(claims) = state.verified_token(&token, state.clock.now()) {
+        trail.known.subject = Some(claims.sub.clone());
+        trail.known.actor = Some(claims.client_id.clone());
+        trail.known.grant_id = Some(claims.grant_id.clone());
+        trail.known.purpose = Some(claims.purpose.clone());
+    }
+}
+
 async fn gateway(
     state: &AppState,
     request: Request,
@@ -341,7 +358,14 @@ pub async fn decide<'s>(
     let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
 
     // Steps 1–3 (delegated) or the human's key (direct).
-    let principal = match authenticate_resource(state, method, uri, headers).await? {
+    let caller = match authenticate_resource(state, method, uri, headers).await {
+        Ok(caller) => caller,
+        Err(e) => {
+            attribute_refused_token(state, headers, trail);
+            return Err(e);
+        }
+    };
+    let principal = match caller {
         ResourceCaller::Agent(agent) => {
             let agent = *agent;
             Principal {

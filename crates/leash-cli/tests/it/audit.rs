@@ -190,6 +190,92 @@ async fn every_decision_is_logged_with_who_for_whom_and_why_and_delegated_is_tol
     }
 }
 
+/// A stolen token used with the thief's own key, a Bearer downgrade and a call after the task
+/// was revoked are refused, and each refusal names the human, agent and grant of the token (its
+/// signature is Leash's own); a forged token names no one.
+#[tokio::test]
+async fn refusals_of_a_genuine_token_name_its_human_agent_and_grant_and_forged_ones_nobody() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let url = format!("{}/gw/mail/messages/1", gw.leash.url);
+    let thief = leash_core::client::AgentKey::generate(leash_core::jws::Alg::EdDsa);
+    let stolen = thief.dpop_proof("GET", &url, Some(&gw.token), None, leash_testkit::now());
+    let http = gw.leash.http();
+    let send = |auth: String, proof: Option<String>| {
+        let mut request = http.get(&url).header("Authorization", auth);
+        if let Some(proof) = proof {
+            request = request.header("DPoP", proof);
+        }
+        request.send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(
+            send(format!("DPoP {}", gw.token), Some(stolen))
+                .await
+                .unwrap()
+        ),
+        401
+    );
+    assert_eq!(
+        status(send(format!("Bearer {}", gw.token), None).await.unwrap()),
+        401
+    );
+    // One signature character changed well inside the signature (the last one may carry only
+    // padding bits).
+    let mut forged = gw.token.clone().into_bytes();
+    let at = forged.len() - 10;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let proof = gw
+        .dpop
+        .dpop_proof("GET", &url, Some(&forged), None, leash_testkit::now());
+    assert_eq!(
+        status(send(format!("DPoP {forged}"), Some(proof)).await.unwrap()),
+        401
+    );
+    let revoke = format!("/v1/grants/{}/revoke", gw.s.grant_id());
+    assert_eq!(
+        gw.leash
+            .call(Method::POST, &revoke, &gw.s.user_key, None)
+            .await
+            .0,
+        200
+    );
+    gw.refused(Method::GET, "/gw/mail/messages/1", 401, "invalid_token")
+        .await;
+    assert_eq!(gw.upstream.count(), 0);
+
+    let (_, events) = audit(&gw.leash, ADMIN_KEY, "").await;
+    let refused = gateway_events(&events);
+    let who = |e: &Value| {
+        (
+            e["reason"].as_str().unwrap().to_owned(),
+            e["subject"].as_str().map(str::to_owned),
+            e["actor"].as_str().map(str::to_owned),
+            e["grant_id"].as_str().map(str::to_owned),
+        )
+    };
+    let named = |reason: &str| {
+        (
+            reason.to_owned(),
+            Some(gw.s.user_id.clone()),
+            Some(leash_testkit::AGENT.to_owned()),
+            Some(gw.s.grant_id().to_owned()),
+        )
+    };
+    let seen: Vec<_> = refused.iter().map(|e| who(e)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            named("invalid_dpop_proof"),
+            named("invalid_token"),
+            ("invalid_token".to_owned(), None, None, None),
+            named("invalid_token"),
+        ]
+    );
+    assert!(refused.iter().all(|e| e["decision"] == "deny"));
+}
+
 #[tokio::test]
 async fn a_human_reads_only_their_own_events_and_bad_paging_is_refused() {
     let gw = workload().await;

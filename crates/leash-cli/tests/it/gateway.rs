@@ -73,7 +73,7 @@ impl Gw {
         read(request.send().await.unwrap()).await
     }
 
-    async fn refused(&self, method: Method, target: &str, status: u16, code: &str) -> Value {
+    pub async fn refused(&self, method: Method, target: &str, status: u16, code: &str) -> Value {
         let before = self.upstream.count();
         let (got, _, body) = self.call(method, target, &[]).await;
         assert_eq!(
