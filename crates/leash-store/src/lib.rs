@@ -1,7 +1,11 @@
 //! Leash's storage: one [`Store`] interface, implemented over the embedded SQLite database
 //! (and, in cluster mode, PostgreSQL). Migrations live per backend under `migrations/`.
 
+mod common;
+mod postgres;
 mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -11,6 +15,7 @@ use leash_core::dpop::ReplayKey;
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Storage failures. Callers map `Unavailable` to 503: a store failure never reads as "no".
@@ -26,7 +31,7 @@ pub enum StoreError {
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
     /// The database URL is not one this build supports.
-    #[error("unsupported database url {0:?}: use sqlite://PATH")]
+    #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
 }
 
@@ -402,6 +407,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         Ok(Arc::new(SqliteStore::open(path).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgStore::open(url).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.to_owned()))
     }

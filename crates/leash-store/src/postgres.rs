@@ -1,0 +1,1034 @@
+//! The PostgreSQL backend, for a cluster of Leash nodes on one database. Every node takes any
+//! call; what must hold across nodes is held by the database:
+//! - one-time values (`replay`), grant budgets and an approval's single use are claimed by
+//!   conditional writes in the request's transaction, so a value used on one node is refused on
+//!   every other;
+//! - the audit chain has one head row (`audit_head`) that each appending transaction locks
+//!   first, so the events of all nodes form one chain in commit order;
+//! - the rows each node holds in memory (live grants, vault entries, revoked tokens) are dropped
+//!   on every node when they change: the writing transaction sends a notification
+//!   (`pg_notify`, delivered on commit), every node listens, and a node that lost its listening
+//!   connection drops everything, as it also does every [`RESYNC_EVERY`] in case a
+//!   notification was missed.
+//!
+//! Like the SQLite writer thread, one task per node commits the request uses waiting at that
+//! moment in one transaction (group commit).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use leash_core::audit::{Checkpoint, Draft, Outcome};
+use leash_core::dpop::ReplayKey;
+use leash_core::grant::Grant;
+use leash_core::secret::SecretDigest;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::oneshot;
+
+use crate::common::{
+    APPROVAL_COLUMNS, Columns as _, GRANT_BY_HANDLE, GRANT_COLUMNS, Memo, SignerSlot,
+    agent_from_row, approval_from_row, grant_from_row, grant_with_agent_from_row, json_list,
+    outcome_name, unavailable, unix_of, user_from_row, vault_from_row, vault_key,
+};
+use crate::{
+    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, CHECKPOINT_EVERY_EVENTS,
+    CheckpointSigner, GrantEnd, RequestUse, Store, StoreError, StoreResult, UseVerdict, User,
+    VaultEntry,
+};
+
+/// The notification channel of row changes.
+const CHANGES: &str = "leash_changes";
+/// How often a node drops every memo regardless of notifications (the bound on how long a
+/// missed notification can leave a dead grant alive in memory).
+const RESYNC_EVERY: Duration = Duration::from_millis(500);
+/// Most request uses committed in one transaction.
+const MAX_USE_BATCH: usize = 64;
+/// How often a transaction that lost a deadlock or serialisation race is tried again.
+const RETRIES: usize = 3;
+
+/// PostgreSQL-backed [`Store`].
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    uses: flume::Sender<UseJob>,
+    signer: Arc<SignerSlot>,
+    memos: Arc<Memos>,
+}
+
+/// The rows this node holds in memory.
+#[derive(Debug)]
+struct Memos {
+    grants: Memo<Arc<Grant>>,
+    vault: Memo<Option<Arc<VaultEntry>>>,
+    /// Whether a token `jti` is revoked.
+    revoked: Memo<bool>,
+}
+
+impl Memos {
+    fn clear(&self) {
+        self.grants.invalidate_all();
+        self.vault.invalidate_all();
+        self.revoked.invalidate_all();
+    }
+
+    /// Applies one change notification (see [`Change`]).
+    fn apply(&self, payload: &str) {
+        match payload.split_once(':') {
+            Some(("grant", id)) => self.grants.invalidate(id),
+            Some(("vault", key)) => self.vault.invalidate(key),
+            Some(("token", jti)) => self.revoked.invalidate(jti),
+            _ => self.clear(),
+        }
+    }
+}
+
+/// What changed, as sent on [`CHANGES`].
+enum Change<'a> {
+    Grant(&'a str),
+    AllGrants,
+    Vault(&'a str, &'a str),
+    Token(&'a str),
+}
+
+impl Change<'_> {
+    fn payload(&self) -> String {
+        match self {
+            Self::Grant(id) => format!("grant:{id}"),
+            Self::AllGrants => "grants".into(),
+            Self::Vault(subject, upstream) => format!("vault:{}", vault_key(subject, upstream)),
+            Self::Token(jti) => format!("token:{jti}"),
+        }
+    }
+
+    /// Queues the notification in `tx`: PostgreSQL delivers it on commit, to every node.
+    async fn send(&self, tx: &mut Transaction<'_, Postgres>) -> StoreResult<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGES)
+            .bind(self.payload())
+            .execute(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+/// A request's use with its audit event drafted by the caller.
+struct Prepared {
+    request: RequestUse,
+    draft: Option<(Draft, i64)>,
+}
+
+enum UseJob {
+    Use(Box<Prepared>, oneshot::Sender<StoreResult<UseVerdict>>),
+    Checkpoint(oneshot::Sender<StoreResult<Option<Checkpoint>>>),
+}
+
+impl PgStore {
+    /// Connects to the database at `url` and applies migrations (nodes starting together
+    /// take turns: the migrator holds an advisory lock).
+    pub async fn open(url: &str) -> StoreResult<Self> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|e: sqlx::Error| StoreError::Unavailable(e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .map_err(unavailable)?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
+        let memos = Arc::new(Memos {
+            grants: Memo::new(),
+            vault: Memo::new(),
+            revoked: Memo::new(),
+        });
+        let signer = Arc::new(SignerSlot::default());
+        let (uses, jobs) = flume::bounded(1024);
+        tokio::spawn(follow_changes(pool.clone(), Arc::downgrade(&memos)));
+        tokio::spawn(writer(pool.clone(), jobs, memos.clone(), signer.clone()));
+        Ok(Self {
+            pool,
+            uses,
+            signer,
+            memos,
+        })
+    }
+
+    async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        self.pool.begin().await.map_err(unavailable)
+    }
+}
+
+/// Listens for other nodes' (and this node's) changes and drops the memos they name. Ends when
+/// the store is dropped.
+async fn follow_changes(pool: PgPool, memos: std::sync::Weak<Memos>) {
+    let mut resync = tokio::time::interval(RESYNC_EVERY);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            listener.listen(CHANGES).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        let Some(held) = memos.upgrade() else { return };
+        // Whatever changed while not listening is unknown: start from nothing.
+        held.clear();
+        drop(held);
+        let mut listener = match listener {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for changes; retrying");
+                resync.tick().await;
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                received = listener.try_recv() => {
+                    let Some(held) = memos.upgrade() else { return };
+                    match received {
+                        Ok(Some(notification)) => held.apply(notification.payload()),
+                        // The connection was lost and will be re-established by the next call;
+                        // notifications in between are lost.
+                        Ok(None) => held.clear(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "change notifications lost; reconnecting");
+                            held.clear();
+                            break;
+                        }
+                    }
+                }
+                _ = resync.tick() => {
+                    let Some(held) = memos.upgrade() else { return };
+                    held.clear();
+                }
+            }
+        }
+    }
+}
+
+/// The group-commit task: commits the uses waiting at each moment in one transaction.
+async fn writer(
+    pool: PgPool,
+    jobs: flume::Receiver<UseJob>,
+    memos: Arc<Memos>,
+    signer: Arc<SignerSlot>,
+) {
+    while let Ok(first) = jobs.recv_async().await {
+        let mut batch = Vec::new();
+        let mut pending = Some(first);
+        while let Some(job) = pending.take() {
+            match job {
+                UseJob::Use(request, reply) => batch.push((request, reply)),
+                UseJob::Checkpoint(reply) => {
+                    let _ = reply.send(checkpoint_now(&pool, signer.0.get()).await);
+                }
+            }
+            if batch.len() < MAX_USE_BATCH {
+                pending = jobs.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let (uses, replies): (Vec<Box<Prepared>>, Vec<_>) = batch.into_iter().unzip();
+        let mut result = Err(StoreError::Unavailable("not tried".into()));
+        for _ in 0..RETRIES {
+            result = record_batch(&pool, &uses, signer.0.get()).await;
+            match &result {
+                Err(StoreError::Unavailable(message)) if is_retryable(message) => continue,
+                _ => break,
+            }
+        }
+        match result {
+            Ok(committed) => {
+                for id in &committed.spent {
+                    memos.grants.invalidate(id);
+                }
+                for (reply, verdict) in replies.into_iter().zip(committed.verdicts) {
+                    let _ = reply.send(Ok(verdict));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed: the requests are refused");
+                let message = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Deadlocks (40P01) and serialisation failures (40001) are lost races, not failures.
+fn is_retryable(message: &str) -> bool {
+    message.contains("40P01") || message.contains("40001") || message.contains("deadlock")
+}
+
+struct Committed {
+    verdicts: Vec<UseVerdict>,
+    spent: Vec<String>,
+}
+
+/// The chain head, locked for the rest of the transaction.
+struct Head {
+    seq: u64,
+    hash: String,
+    checkpointed: u64,
+}
+
+async fn lock_head(tx: &mut Transaction<'_, Postgres>) -> StoreResult<Head> {
+    let row = sqlx::query("SELECT seq, hash, checkpointed FROM audit_head WHERE id = 1 FOR UPDATE")
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    Ok(Head {
+        seq: row.int("seq")?.max(0) as u64,
+        hash: row.column("hash")?,
+        checkpointed: row.int("checkpointed")?.max(0) as u64,
+    })
+}
+
+async fn save_head(tx: &mut Transaction<'_, Postgres>, head: &Head) -> StoreResult<()> {
+    sqlx::query("UPDATE audit_head SET seq = $1, hash = $2, checkpointed = $3 WHERE id = 1")
+        .bind(head.seq as i64)
+        .bind(&head.hash)
+        .bind(head.checkpointed as i64)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+async fn insert_checkpoint(
+    tx: &mut Transaction<'_, Postgres>,
+    signer: &CheckpointSigner,
+    head: &Head,
+) -> StoreResult<bool> {
+    let Some(checkpoint) = signer(head.seq, &head.hash) else {
+        return Ok(false);
+    };
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (seq, hash, ts, kid, sig) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(checkpoint.seq as i64)
+    .bind(&checkpoint.hash)
+    .bind(&checkpoint.ts)
+    .bind(&checkpoint.kid)
+    .bind(&checkpoint.sig)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(true)
+}
+
+async fn checkpoint_now(
+    pool: &PgPool,
+    signer: Option<&CheckpointSigner>,
+) -> StoreResult<Option<Checkpoint>> {
+    if let Some(signer) = signer {
+        let mut tx = pool.begin().await.map_err(unavailable)?;
+        let mut head = lock_head(&mut tx).await?;
+        if head.seq > head.checkpointed && insert_checkpoint(&mut tx, signer, &head).await? {
+            head.checkpointed = head.seq;
+            save_head(&mut tx, &head).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+    }
+    let row = sqlx::query(
+        "SELECT seq, hash, ts, kid, sig FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .map_err(unavailable)?;
+    row.as_ref().map(checkpoint_from_row).transpose()
+}
+
+fn checkpoint_from_row(row: &sqlx::postgres::PgRow) -> StoreResult<Checkpoint> {
+    Ok(Checkpoint {
+        seq: row.int("seq")?.max(0) as u64,
+        hash: row.column("hash")?,
+        ts: row.column("ts")?,
+        kid: row.column("kid")?,
+        sig: row.column("sig")?,
+    })
+}
+
+/// The same rules as the SQLite writer's `record_batch`: per request its one-time values
+/// all-or-nothing, its approval's single use, one count against its grant, then its audit event
+/// (a deny when the use was refused). Within a batch the earlier of two requests sharing a value
+/// claims it. The chain head is locked first, so audited batches of all nodes take turns and
+/// never deadlock on each other's rows.
+async fn record_batch(
+    pool: &PgPool,
+    uses: &[Box<Prepared>],
+    signer: Option<&CheckpointSigner>,
+) -> StoreResult<Committed> {
+    let mut verdicts = vec![UseVerdict::Recorded; uses.len()];
+    let mut claimed: std::collections::HashSet<&ReplayKey> = std::collections::HashSet::new();
+    let mut candidates = Vec::new();
+    for (index, used) in uses.iter().enumerate() {
+        let mut own = std::collections::HashSet::new();
+        let seen = used
+            .request
+            .once
+            .iter()
+            .position(|(key, _)| claimed.contains(key) || !own.insert(key));
+        match seen {
+            Some(position) => verdicts[index] = UseVerdict::Replayed(position),
+            None => {
+                claimed.extend(own);
+                candidates.push(index);
+            }
+        }
+    }
+    let mut spent = Vec::new();
+    let has_events = uses.iter().any(|used| used.request.audit.is_some());
+    if candidates.is_empty() && !has_events {
+        return Ok(Committed { verdicts, spent });
+    }
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let mut head = if has_events {
+        Some(lock_head(&mut tx).await?)
+    } else {
+        None
+    };
+    for &index in &candidates {
+        let request = &uses[index].request;
+        let mut inserted = Vec::new();
+        let mut replayed = None;
+        for (position, (key, until)) in request.once.iter().enumerate() {
+            let done = sqlx::query(
+                "INSERT INTO replay (key, until) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(key.as_slice())
+            .bind(until)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if done.rows_affected() == 1 {
+                inserted.push(key);
+            } else {
+                replayed = Some(position);
+                break;
+            }
+        }
+        if let Some(position) = replayed {
+            verdicts[index] = UseVerdict::Replayed(position);
+            for key in inserted {
+                sqlx::query("DELETE FROM replay WHERE key = $1")
+                    .bind(key.as_slice())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            continue;
+        }
+        if let Some(approval) = &request.approval {
+            let done = sqlx::query(
+                "UPDATE approvals SET status = 'used', used_at = $1 \
+                 WHERE id = $2 AND status = 'approved' AND expires_at > $1",
+            )
+            .bind(request.now)
+            .bind(approval)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if done.rows_affected() == 0 {
+                verdicts[index] = UseVerdict::ApprovalSpent;
+                continue;
+            }
+        }
+        let Some(grant) = &request.grant else {
+            continue;
+        };
+        let counted = sqlx::query(
+            "UPDATE grants SET requests_used = requests_used + 1 \
+             WHERE id = $1 AND status = 'active' AND expires_at > $2 \
+             AND (max_requests IS NULL OR requests_used < max_requests) \
+             RETURNING requests_used, max_requests",
+        )
+        .bind(grant)
+        .bind(request.now)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let exhausted = match counted {
+            None => {
+                verdicts[index] = UseVerdict::GrantSpent;
+                true
+            }
+            Some(row) => {
+                let used = row.int("requests_used")?;
+                let max: Option<i64> = row.column("max_requests")?;
+                max.is_some_and(|max| used >= max)
+            }
+        };
+        if exhausted {
+            Change::Grant(grant).send(&mut tx).await?;
+            spent.push(grant.clone());
+        }
+    }
+    if let Some(head) = &mut head {
+        for (used, verdict) in uses.iter().zip(&verdicts) {
+            let Some(event) = &used.request.audit else {
+                continue;
+            };
+            let seq = head.seq + 1;
+            let mut event = event.clone();
+            let (line, at) = match (verdict.reason(), &used.draft) {
+                (None, Some((draft, at))) => {
+                    let (line, hash) = draft.seal(seq, &head.hash);
+                    event.hash = hash;
+                    (line, *at)
+                }
+                (reason, _) => {
+                    if let Some(reason) = reason {
+                        event.decision = Some(Outcome::Deny);
+                        event.reason = Some(reason.to_owned());
+                    }
+                    let line = event
+                        .seal(seq, &head.hash)
+                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                    (line, unix_of(&event.ts))
+                }
+            };
+            sqlx::query(
+                "INSERT INTO audit_events \
+                 (seq, kind, subject, actor, grant_id, action, decision, at, hash, line) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(seq as i64)
+            .bind(&event.kind)
+            .bind(&event.subject)
+            .bind(&event.actor)
+            .bind(&event.grant_id)
+            .bind(&event.action)
+            .bind(event.decision.map(outcome_name))
+            .bind(at)
+            .bind(&event.hash)
+            .bind(line)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            head.seq = seq;
+            head.hash = event.hash.clone();
+            if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
+                && let Some(signer) = signer
+                && insert_checkpoint(&mut tx, signer, head).await?
+            {
+                head.checkpointed = head.seq;
+            }
+        }
+        save_head(&mut tx, head).await?;
+    }
+    tx.commit().await.map_err(unavailable)?;
+    Ok(Committed { verdicts, spent })
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the writer has stopped".into())
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| r.column("value")).transpose()
+    }
+
+    async fn init_setting(&self, name: &str, value: &[u8]) -> StoreResult<Vec<u8>> {
+        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(name)
+            .bind(value)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let row = sqlx::query("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.column("value")
+    }
+
+    async fn create_user(&self, user: &User, key: &SecretDigest) -> StoreResult<()> {
+        sqlx::query("INSERT INTO users (id, name, key_digest, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(&user.id)
+            .bind(&user.name)
+            .bind(key.as_str())
+            .bind(user.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn user_by_key(&self, key: &SecretDigest) -> StoreResult<Option<User>> {
+        let row = sqlx::query("SELECT id, name, created_at FROM users WHERE key_digest = $1")
+            .bind(key.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<User>> {
+        let rows = sqlx::query("SELECT id, name, created_at FROM users ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn create_agent(&self, agent: &Agent) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO agents (id, name, jwks, disabled, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&agent.id)
+        .bind(&agent.name)
+        .bind(agent.jwks.to_string())
+        .bind(i64::from(agent.disabled))
+        .bind(agent.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn agent(&self, id: &str) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query("SELECT * FROM agents WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(agent_from_row).transpose()
+    }
+
+    async fn list_agents(&self) -> StoreResult<Vec<Agent>> {
+        let rows = sqlx::query("SELECT * FROM agents ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(agent_from_row).collect()
+    }
+
+    async fn disable_agent(&self, id: &str, now: i64) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let found = sqlx::query("UPDATE agents SET disabled = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected()
+            > 0;
+        sqlx::query(
+            "UPDATE grants SET status = 'revoked', ended_at = $1, end_reason = 'agent disabled' \
+             WHERE agent = $2 AND status = 'active'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        Change::AllGrants.send(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.memos.grants.invalidate_all();
+        Ok(found)
+    }
+
+    async fn create_grant(&self, grant: &Grant, handle: &SecretDigest) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO grants (id, handle_digest, subject, agent, purpose, upstreams, actions, \
+             approval_required, single_use, created_at, expires_at, max_requests, requests_used, \
+             status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&grant.id)
+        .bind(handle.as_str())
+        .bind(&grant.subject)
+        .bind(&grant.agent)
+        .bind(&grant.purpose)
+        .bind(json_list(&grant.upstreams))
+        .bind(json_list(&grant.actions))
+        .bind(json_list(&grant.approval_required))
+        .bind(json_list(&grant.single_use))
+        .bind(grant.created_at)
+        .bind(grant.expires_at)
+        .bind(grant.max_requests)
+        .bind(grant.requests_used)
+        .bind(grant.status.as_str())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn grant(&self, id: &str) -> StoreResult<Option<Grant>> {
+        let row = sqlx::query(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(grant_from_row).transpose()
+    }
+
+    async fn grant_by_handle(&self, handle: &SecretDigest) -> StoreResult<Option<(Grant, Agent)>> {
+        let row = sqlx::query(&GRANT_BY_HANDLE)
+            .bind(handle.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(grant_with_agent_from_row).transpose()
+    }
+
+    async fn list_grants(&self, subject: Option<&str>) -> StoreResult<Vec<Grant>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {GRANT_COLUMNS} FROM grants WHERE ($1::TEXT IS NULL OR subject = $1) \
+             ORDER BY created_at DESC, id"
+        ))
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(grant_from_row).collect()
+    }
+
+    async fn end_grant(
+        &self,
+        id: &str,
+        end: GrantEnd,
+        reason: Option<&str>,
+        now: i64,
+    ) -> StoreResult<Option<Grant>> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE grants SET status = $1, ended_at = $2, end_reason = $3 \
+             WHERE id = $4 AND status = 'active' AND expires_at > $2 RETURNING {GRANT_COLUMNS}"
+        ))
+        .bind(end.status().as_str())
+        .bind(now)
+        .bind(reason)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        Change::Grant(id).send(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.memos.grants.invalidate(id);
+        row.as_ref().map(grant_from_row).transpose()
+    }
+
+    async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
+        if let Some(grant) = self.memos.grants.get(id) {
+            return Ok(Some(Grant::clone(&grant)));
+        }
+        let read_at = self.memos.grants.epoch();
+        let grant = self.grant(id).await?;
+        if let Some(grant) = &grant {
+            self.memos
+                .grants
+                .fill(grant.id.clone(), Arc::new(grant.clone()), read_at);
+        }
+        Ok(grant)
+    }
+
+    async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict> {
+        if request.once.is_empty() && request.grant.is_none() && request.audit.is_none() {
+            return Ok(UseVerdict::Recorded);
+        }
+        let draft = match &request.audit {
+            Some(event) => Some((
+                event
+                    .draft()
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                unix_of(&event.ts),
+            )),
+            None => None,
+        };
+        let (reply, answer) = oneshot::channel();
+        self.uses
+            .send_async(UseJob::Use(Box::new(Prepared { request, draft }), reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    fn set_checkpoint_signer(&self, signer: CheckpointSigner) {
+        let _ = self.signer.0.set(signer);
+    }
+
+    async fn checkpoint_now(&self) -> StoreResult<Option<Checkpoint>> {
+        let (reply, answer) = oneshot::channel();
+        self.uses
+            .send_async(UseJob::Checkpoint(reply))
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    async fn audit_lines(&self, query: &AuditQuery) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT line FROM audit_events WHERE seq > $1 \
+             AND ($2::TEXT IS NULL OR grant_id = $2) AND ($3::TEXT IS NULL OR actor = $3) \
+             AND ($4::TEXT IS NULL OR subject = $4) ORDER BY seq LIMIT $5",
+        )
+        .bind(query.since_seq.min(i64::MAX as u64) as i64)
+        .bind(&query.grant_id)
+        .bind(&query.actor)
+        .bind(&query.subject)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn checkpoints(&self, since_seq: u64) -> StoreResult<Vec<Checkpoint>> {
+        let rows = sqlx::query(
+            "SELECT seq, hash, ts, kid, sig FROM audit_checkpoints WHERE seq > $1 ORDER BY seq",
+        )
+        .bind(since_seq.min(i64::MAX as u64) as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(checkpoint_from_row).collect()
+    }
+
+    async fn action_uses(&self, subject: Option<&str>) -> StoreResult<Vec<ActionUse>> {
+        let rows = sqlx::query(
+            "SELECT grant_id, action, count(*) AS uses, max(at) AS last_used FROM audit_events \
+             WHERE kind = 'gateway.request' AND decision = 'allow' \
+             AND grant_id IS NOT NULL AND action IS NOT NULL \
+             AND ($1::TEXT IS NULL OR subject = $1) GROUP BY grant_id, action",
+        )
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|row| {
+                Ok(ActionUse {
+                    grant_id: row.column("grant_id")?,
+                    action: row.column("action")?,
+                    count: row.int("uses")?.max(0) as u64,
+                    last_used: row.int("last_used")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_approval(&self, a: &Approval) -> StoreResult<()> {
+        sqlx::query(&format!(
+            "INSERT INTO approvals ({APPROVAL_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+        ))
+        .bind(&a.id)
+        .bind(&a.grant_id)
+        .bind(&a.subject)
+        .bind(&a.agent)
+        .bind(&a.action)
+        .bind(&a.upstream)
+        .bind(&a.method)
+        .bind(&a.path)
+        .bind(&a.query)
+        .bind(&a.body_sha256)
+        .bind(a.body_size)
+        .bind(a.status.as_str())
+        .bind(a.requested_at)
+        .bind(a.expires_at)
+        .bind(a.decided_at)
+        .bind(&a.approver)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn approval(&self, id: &str) -> StoreResult<Option<Approval>> {
+        let row = sqlx::query(&format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(approval_from_row).transpose()
+    }
+
+    async fn list_approvals(&self, subject: Option<&str>) -> StoreResult<Vec<Approval>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE ($1::TEXT IS NULL OR subject = $1) \
+             ORDER BY requested_at DESC, id"
+        ))
+        .bind(subject)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(approval_from_row).collect()
+    }
+
+    async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        approver: &str,
+        now: i64,
+    ) -> StoreResult<Option<Approval>> {
+        let status = if approve {
+            ApprovalStatus::Approved
+        } else {
+            ApprovalStatus::Denied
+        };
+        let row = sqlx::query(&format!(
+            "UPDATE approvals SET status = $1, decided_at = $2, approver = $3 \
+             WHERE id = $4 AND status = 'pending' AND expires_at > $2 RETURNING {APPROVAL_COLUMNS}"
+        ))
+        .bind(status.as_str())
+        .bind(now)
+        .bind(approver)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(approval_from_row).transpose()
+    }
+
+    async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO vault (subject, upstream, kind, header_name, sealed, expires_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (subject, upstream) DO UPDATE SET \
+             kind = excluded.kind, header_name = excluded.header_name, sealed = excluded.sealed, \
+             expires_at = excluded.expires_at, created_at = excluded.created_at",
+        )
+        .bind(&entry.subject)
+        .bind(&entry.upstream)
+        .bind(&entry.kind)
+        .bind(&entry.header_name)
+        .bind(&entry.sealed)
+        .bind(entry.expires_at)
+        .bind(entry.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        Change::Vault(&entry.subject, &entry.upstream)
+            .send(&mut tx)
+            .await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.memos
+            .vault
+            .invalidate(&vault_key(&entry.subject, &entry.upstream));
+        Ok(())
+    }
+
+    async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>> {
+        let key = vault_key(subject, upstream);
+        if let Some(entry) = self.memos.vault.get(&key) {
+            return Ok(entry.as_deref().cloned());
+        }
+        let read_at = self.memos.vault.epoch();
+        let row = sqlx::query("SELECT * FROM vault WHERE subject = $1 AND upstream = $2")
+            .bind(subject)
+            .bind(upstream)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let entry = row.as_ref().map(vault_from_row).transpose()?;
+        self.memos
+            .vault
+            .fill(key, entry.clone().map(Arc::new), read_at);
+        Ok(entry)
+    }
+
+    async fn list_credentials(&self, subject: &str) -> StoreResult<Vec<VaultEntry>> {
+        let rows = sqlx::query("SELECT * FROM vault WHERE subject = $1 ORDER BY upstream")
+            .bind(subject)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(vault_from_row).collect()
+    }
+
+    async fn delete_credential(&self, subject: &str, upstream: &str) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("DELETE FROM vault WHERE subject = $1 AND upstream = $2")
+            .bind(subject)
+            .bind(upstream)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        Change::Vault(subject, upstream).send(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.memos.vault.invalidate(&vault_key(subject, upstream));
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()> {
+        // In memory first: if the write fails the token is refused here anyway (fail closed).
+        self.memos.revoked.invalidate(jti);
+        self.memos
+            .revoked
+            .fill(jti.to_owned(), true, self.memos.revoked.epoch());
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO revoked_tokens (jti, grant_id, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(jti)
+        .bind(grant_id)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        Change::Token(jti).send(&mut tx).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn is_token_revoked(&self, jti: &str) -> StoreResult<bool> {
+        if let Some(revoked) = self.memos.revoked.get(jti) {
+            return Ok(revoked);
+        }
+        let read_at = self.memos.revoked.epoch();
+        let revoked = sqlx::query("SELECT 1 FROM revoked_tokens WHERE jti = $1")
+            .bind(jti)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .is_some();
+        self.memos.revoked.fill(jti.to_owned(), revoked, read_at);
+        Ok(revoked)
+    }
+
+    async fn prune(&self, now: i64) -> StoreResult<u64> {
+        let replay = sqlx::query("DELETE FROM replay WHERE until < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        let tokens = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        Ok(replay + tokens)
+    }
+}

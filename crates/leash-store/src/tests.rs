@@ -1,0 +1,724 @@
+//! One suite for both backends: every behaviour test runs on an embedded SQLite file and on a
+//! fresh PostgreSQL database (`LEASH_TEST_POSTGRES`, default the local server as `postgres`).
+//! Then what only a cluster has: two PostgreSQL stores (two nodes) on one database.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests abort loudly on failure"
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use leash_core::audit::Outcome;
+use leash_core::dpop::ReplayKey;
+use leash_core::grant::{Grant, GrantStatus};
+use leash_core::secret::SecretDigest;
+
+use crate::{
+    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, RequestUse, Store,
+    StoreError, UseVerdict, User, VaultEntry,
+};
+
+/// The server the PostgreSQL tests create their databases on.
+const ENV_TEST_POSTGRES: &str = "LEASH_TEST_POSTGRES";
+const DEFAULT_TEST_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A fresh, empty database of one backend, removed when dropped.
+struct Fixture {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    /// The PostgreSQL database to drop afterwards, and the server URL to drop it from.
+    postgres: Option<(String, String)>,
+}
+
+fn server_url() -> String {
+    std::env::var(ENV_TEST_POSTGRES).unwrap_or_else(|_| DEFAULT_TEST_POSTGRES.to_owned())
+}
+
+/// `postgres://…/db` with the database name replaced.
+fn with_database(server: &str, database: &str) -> String {
+    let mut url = url::Url::parse(server).expect("LEASH_TEST_POSTGRES is a URL");
+    url.set_path(database);
+    url.to_string()
+}
+
+impl Fixture {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        Self {
+            url,
+            _dir: Some(dir),
+            postgres: None,
+        }
+    }
+
+    /// A new database on the test server. No server is a failure, never a skip: the tests
+    /// must run wherever the suite runs (`.ci/run` installs and starts one).
+    async fn postgres() -> Self {
+        use sqlx::Connection as _;
+        let server = server_url();
+        let mut admin = sqlx::PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the PostgreSQL tests need a server at {server} ({ENV_TEST_POSTGRES}); \
+                 `.ci/run` installs and starts one: {e}"
+                )
+            });
+        let name = format!("leash_t_{}", hex::encode(rand::random::<[u8; 8]>()));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        Self {
+            url: with_database(&server, &name),
+            _dir: None,
+            postgres: Some((server, name)),
+        }
+    }
+
+    async fn open(&self) -> Arc<dyn Store> {
+        crate::open(&self.url).await.unwrap()
+    }
+
+    /// Makes every audit insert fail from outside the store, as a full or broken disk would;
+    /// `false` undoes it.
+    async fn sabotage_audit(&self, on: bool) {
+        use sqlx::Connection as _;
+        if self.postgres.is_some() {
+            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+            let statements: &[&str] = if on {
+                &[
+                    "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
+                     $$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$",
+                    "CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
+                     FOR EACH ROW EXECUTE FUNCTION sabotage()",
+                ]
+            } else {
+                &["DROP TRIGGER sabotage ON audit_events"]
+            };
+            for statement in statements {
+                sqlx::query(statement).execute(&mut conn).await.unwrap();
+            }
+        } else {
+            let path = self.url.trim_start_matches("sqlite://");
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.execute_batch(if on {
+                "CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
+                 BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;"
+            } else {
+                "DROP TRIGGER sabotage"
+            })
+            .unwrap();
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let Some((server, name)) = self.postgres.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which cannot be blocked on: a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                use sqlx::Connection as _;
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&server).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Runs the body once per backend, as two tests: `name::sqlite` and `name::postgres`.
+macro_rules! both_backends {
+    ($(#[$meta:meta])* async fn $name:ident($fixture:ident) $body:block) => {
+        mod $name {
+            use super::*;
+
+            async fn run($fixture: Fixture) $body
+
+            $(#[$meta])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                run(Fixture::sqlite().await).await;
+            }
+
+            $(#[$meta])*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                run(Fixture::postgres().await).await;
+            }
+        }
+    };
+}
+
+fn k(name: &str) -> ReplayKey {
+    leash_core::dpop::replay_key("test", "", name)
+}
+
+both_backends! {
+    async fn consume_once_is_all_or_nothing(fx) {
+        let store = fx.open().await;
+        let a = (k("a"), 10);
+        let b = (k("b"), 10);
+        assert_eq!(store.consume_once(std::slice::from_ref(&a)).await.unwrap(), None);
+        // b is new but a is not: nothing is stored, and index 0 is named.
+        assert_eq!(store.consume_once(&[a, b]).await.unwrap(), Some(0));
+        assert_eq!(store.consume_once(&[b, a]).await.unwrap(), Some(1));
+        assert_eq!(store.consume_once(&[b]).await.unwrap(), None);
+    }
+}
+
+both_backends! {
+    async fn parallel_copies_are_consumed_exactly_once(fx) {
+        let store = fx.open().await;
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let store = store.clone();
+                // Each request shares "proof" and has its own assertion.
+                tokio::spawn(async move {
+                    store
+                        .consume_once(&[(k(&format!("assertion-{i}")), 10), (k("proof"), 10)])
+                        .await
+                })
+            })
+            .collect();
+        let mut winners = 0;
+        for task in tasks {
+            if task.await.unwrap().unwrap().is_none() {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1);
+        // The losers' own assertions were not consumed.
+        let mut taken = 0;
+        for i in 0..32 {
+            let entry = (k(&format!("assertion-{i}")), 10);
+            if store.consume_once(&[entry]).await.unwrap().is_some() {
+                taken += 1;
+            }
+        }
+        assert_eq!(taken, 1, "only the winner's assertion is taken");
+    }
+}
+
+both_backends! {
+    async fn a_request_repeating_its_own_value_is_refused(fx) {
+        let store = fx.open().await;
+        let a = (k("a"), 10);
+        assert_eq!(store.consume_once(&[a, a]).await.unwrap(), Some(1));
+        assert_eq!(store.consume_once(&[a]).await.unwrap(), None);
+    }
+}
+
+both_backends! {
+    async fn settings_initialise_once(fx) {
+        let store = fx.open().await;
+        assert_eq!(store.setting("k").await.unwrap(), None);
+        assert_eq!(store.init_setting("k", b"one").await.unwrap(), b"one");
+        assert_eq!(store.init_setting("k", b"two").await.unwrap(), b"one");
+    }
+}
+
+both_backends! {
+    async fn prune_drops_only_expired_entries(fx) {
+        let store = fx.open().await;
+        store.consume_once(&[(k("old"), 5), (k("new"), 50)]).await.unwrap();
+        assert_eq!(store.prune(10).await.unwrap(), 1);
+        assert_eq!(store.consume_once(&[(k("new"), 50)]).await.unwrap(), Some(0));
+        assert_eq!(store.consume_once(&[(k("old"), 50)]).await.unwrap(), None);
+    }
+}
+
+async fn with_grant(store: &dyn Store, max_requests: Option<i64>) -> Grant {
+    let user = User {
+        id: "usr_1".into(),
+        name: "alice".into(),
+        created_at: 1,
+    };
+    store
+        .create_user(&user, &SecretDigest::from_stored("d1".into()))
+        .await
+        .unwrap();
+    let agent = Agent {
+        id: "spiffe://t/a".into(),
+        name: "a".into(),
+        jwks: serde_json::json!({"keys": []}),
+        disabled: false,
+        created_at: 1,
+    };
+    store.create_agent(&agent).await.unwrap();
+    let grant = Grant {
+        id: "grt_1".into(),
+        subject: user.id,
+        agent: agent.id,
+        purpose: "p".into(),
+        upstreams: vec!["mail".into()],
+        actions: vec!["mail:read".into()],
+        approval_required: Vec::new(),
+        single_use: Vec::new(),
+        created_at: 1,
+        expires_at: 1000,
+        max_requests,
+        requests_used: 0,
+        status: GrantStatus::Active,
+    };
+    store
+        .create_grant(&grant, &SecretDigest::from_stored("h1".into()))
+        .await
+        .unwrap();
+    grant
+}
+
+fn use_of(grant: &Grant, key: &str, now: i64) -> RequestUse {
+    RequestUse {
+        once: vec![(k(key), 1000)],
+        grant: Some(grant.id.clone()),
+        now,
+        approval: None,
+        audit: None,
+    }
+}
+
+both_backends! {
+    async fn the_grant_and_its_agent_are_found_by_the_handle(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), Some(3)).await;
+        let (found, agent) = store
+            .grant_by_handle(&SecretDigest::from_stored("h1".into()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found, grant);
+        assert_eq!(agent.id, grant.agent);
+        assert!(!agent.disabled);
+        assert!(store
+            .grant_by_handle(&SecretDigest::from_stored("h2".into()))
+            .await
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            store
+                .create_grant(&grant, &SecretDigest::from_stored("h3".into()))
+                .await,
+            Err(StoreError::Conflict)
+        ));
+        assert_eq!(store.list_grants(Some("usr_1")).await.unwrap(), vec![grant]);
+        assert!(store.list_grants(Some("usr_2")).await.unwrap().is_empty());
+    }
+}
+
+both_backends! {
+    async fn a_cached_grant_dies_with_its_end_and_its_budget(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), Some(2)).await;
+        assert!(store.live_grant(&grant.id).await.unwrap().unwrap().is_live(10));
+        for (i, expected) in [UseVerdict::Recorded, UseVerdict::Recorded, UseVerdict::GrantSpent]
+            .into_iter()
+            .enumerate()
+        {
+            let verdict = store.record_use(use_of(&grant, &format!("p{i}"), 10)).await;
+            assert_eq!(verdict.unwrap(), expected, "use {i}");
+        }
+        // The budget ran out: the grant read from memory says so.
+        let cached = store.live_grant(&grant.id).await.unwrap().unwrap();
+        assert!(!cached.is_live(10), "an exhausted grant left live in memory");
+    }
+}
+
+both_backends! {
+    async fn an_ended_grant_is_dead_in_memory_and_spends_nothing(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        assert!(store.live_grant(&grant.id).await.unwrap().unwrap().is_live(10));
+        store.end_grant(&grant.id, GrantEnd::Revoked, None, 11).await.unwrap().unwrap();
+        // A second end finds it no longer active.
+        assert!(store.end_grant(&grant.id, GrantEnd::Completed, None, 12).await.unwrap().is_none());
+        let cached = store.live_grant(&grant.id).await.unwrap().unwrap();
+        assert_eq!(cached.status, GrantStatus::Revoked);
+        assert_eq!(
+            store.record_use(use_of(&grant, "late", 12)).await.unwrap(),
+            UseVerdict::GrantSpent
+        );
+    }
+}
+
+both_backends! {
+    async fn a_disabled_agent_takes_its_cached_grants_down(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        assert!(store.live_grant(&grant.id).await.unwrap().unwrap().is_live(10));
+        assert!(store.disable_agent(&grant.agent, 11).await.unwrap());
+        let cached = store.live_grant(&grant.id).await.unwrap().unwrap();
+        assert_eq!(cached.status, GrantStatus::Revoked);
+        assert!(store.agent(&grant.agent).await.unwrap().unwrap().disabled);
+    }
+}
+
+both_backends! {
+    async fn a_replayed_use_counts_nothing(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), Some(5)).await;
+        assert_eq!(store.record_use(use_of(&grant, "p", 10)).await.unwrap(), UseVerdict::Recorded);
+        assert_eq!(
+            store.record_use(use_of(&grant, "p", 10)).await.unwrap(),
+            UseVerdict::Replayed(0)
+        );
+        assert_eq!(store.grant(&grant.id).await.unwrap().unwrap().requests_used, 1);
+    }
+}
+
+both_backends! {
+    async fn revoked_tokens_are_known_after_reopening(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        store.revoke_token("tok_1", &grant.id, 100).await.unwrap();
+        assert!(store.is_token_revoked("tok_1").await.unwrap());
+        drop(store);
+        let store = fx.open().await;
+        assert!(store.is_token_revoked("tok_1").await.unwrap());
+        assert!(!store.is_token_revoked("tok_2").await.unwrap());
+        store.prune(101).await.unwrap();
+        let reopened = fx.open().await;
+        assert!(!reopened.is_token_revoked("tok_1").await.unwrap());
+    }
+}
+
+both_backends! {
+    async fn a_remembered_credential_follows_replacement_and_deletion(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let entry = |sealed: &[u8]| VaultEntry {
+            subject: grant.subject.clone(),
+            upstream: "mail".into(),
+            kind: "bearer".into(),
+            header_name: None,
+            sealed: sealed.to_vec(),
+            expires_at: None,
+            created_at: 1,
+        };
+        assert_eq!(store.credential(&grant.subject, "mail").await.unwrap(), None);
+        store.put_credential(&entry(b"one")).await.unwrap();
+        let read = store.credential(&grant.subject, "mail").await.unwrap();
+        assert_eq!(read.unwrap().sealed, b"one");
+        store.put_credential(&entry(b"two")).await.unwrap();
+        let read = store.credential(&grant.subject, "mail").await.unwrap();
+        assert_eq!(read.unwrap().sealed, b"two");
+        assert_eq!(store.list_credentials(&grant.subject).await.unwrap().len(), 1);
+        assert!(store.delete_credential(&grant.subject, "mail").await.unwrap());
+        assert_eq!(store.credential(&grant.subject, "mail").await.unwrap(), None);
+    }
+}
+
+fn approval_of(grant: &Grant, id: &str) -> Approval {
+    Approval {
+        id: id.into(),
+        grant_id: grant.id.clone(),
+        subject: grant.subject.clone(),
+        agent: grant.agent.clone(),
+        action: "mail:read".into(),
+        upstream: "mail".into(),
+        method: "POST".into(),
+        path: "/messages/1/send".into(),
+        query: None,
+        body_sha256: "00".into(),
+        body_size: 0,
+        status: ApprovalStatus::Pending,
+        requested_at: 5,
+        expires_at: 100,
+        decided_at: None,
+        approver: None,
+    }
+}
+
+both_backends! {
+    async fn an_approval_is_decided_once_and_used_once(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        store.create_approval(&approval_of(&grant, "apr_1")).await.unwrap();
+        let decided = store.decide_approval("apr_1", true, "usr_1", 6).await.unwrap().unwrap();
+        assert_eq!((decided.status, decided.approver.as_deref()), (ApprovalStatus::Approved, Some("usr_1")));
+        assert!(store.decide_approval("apr_1", false, "usr_1", 7).await.unwrap().is_none());
+        let spend = |key: &str| RequestUse {
+            approval: Some("apr_1".into()),
+            ..use_of(&grant, key, 10)
+        };
+        assert_eq!(store.record_use(spend("a")).await.unwrap(), UseVerdict::Recorded);
+        assert_eq!(store.record_use(spend("b")).await.unwrap(), UseVerdict::ApprovalSpent);
+        let used = store.approval("apr_1").await.unwrap().unwrap();
+        assert_eq!(used.status, ApprovalStatus::Used);
+        assert_eq!(store.list_approvals(Some("usr_1")).await.unwrap(), vec![used]);
+    }
+}
+
+fn event(n: u64) -> leash_core::audit::AuditEvent {
+    let mut event = leash_core::audit::AuditEvent::new(
+        "gateway.request",
+        leash_core::audit::Mode::Delegated,
+        1_800_000_000 + n as i64,
+    );
+    event.subject = Some(format!("usr_{}", n % 2));
+    event.decision = Some(Outcome::Allow);
+    event
+}
+
+fn test_key() -> leash_core::token::SigningKey {
+    leash_core::token::SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]))
+}
+
+async fn verify_stored(store: &dyn Store) -> u64 {
+    let key = test_key().public();
+    let checkpoints = store.checkpoints(0).await.unwrap();
+    let mut verifier =
+        leash_core::audit::ChainVerifier::new(&checkpoints, |_| Some(key.clone())).unwrap();
+    let query = AuditQuery {
+        limit: u32::MAX,
+        ..AuditQuery::default()
+    };
+    for line in store.audit_lines(&query).await.unwrap() {
+        verifier.push(&line).unwrap();
+    }
+    verifier.finish().unwrap()
+}
+
+fn sign_with_test_key() -> CheckpointSigner {
+    let key = test_key();
+    Arc::new(move |seq, hash| {
+        leash_core::audit::Checkpoint::sign(&key, seq, hash, 1_800_000_000).ok()
+    })
+}
+
+both_backends! {
+    async fn parallel_appends_form_one_chain_with_checkpoints_every_thousand_events(fx) {
+        let store = fx.open().await;
+        store.set_checkpoint_signer(sign_with_test_key());
+        let tasks: Vec<_> = (0..2_100u64)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move { store.append_audit(event(n)).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(verify_stored(store.as_ref()).await, 2_100);
+        let seqs: Vec<u64> = store.checkpoints(0).await.unwrap().iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, vec![1_000, 2_000]);
+        let latest = store.checkpoint_now().await.unwrap().unwrap();
+        assert_eq!(latest.seq, 2_100);
+        // A reopened store continues the same chain.
+        drop(store);
+        let reopened = fx.open().await;
+        reopened.append_audit(event(9)).await.unwrap();
+        assert_eq!(verify_stored(reopened.as_ref()).await, 2_101);
+        let mine = reopened
+            .audit_lines(&AuditQuery {
+                subject: Some("usr_1".into()),
+                since_seq: 2_000,
+                limit: 10,
+                ..AuditQuery::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(mine.len(), 10);
+        assert!(mine.iter().all(|line| line.contains(r#""subject":"usr_1""#)));
+    }
+}
+
+both_backends! {
+    async fn a_refused_use_is_audited_as_a_deny_and_allowed_uses_are_counted(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let mut first = use_of(&grant, "a", 10);
+        let mut allowed = event(1);
+        allowed.kind = "gateway.request".into();
+        allowed.grant_id = Some(grant.id.clone());
+        allowed.action = Some("mail:read".into());
+        first.audit = Some(allowed);
+        assert_eq!(store.record_use(first).await.unwrap(), UseVerdict::Recorded);
+        let mut replay = use_of(&grant, "a", 10);
+        replay.audit = Some(event(2));
+        assert_eq!(store.record_use(replay).await.unwrap(), UseVerdict::Replayed(0));
+        let lines = store
+            .audit_lines(&AuditQuery { limit: 10, ..AuditQuery::default() })
+            .await
+            .unwrap();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].contains(r#""decision":"allow""#));
+        assert!(lines[1].contains(r#""decision":"deny""#) && lines[1].contains(r#""reason":"replayed""#));
+        let uses = store.action_uses(None).await.unwrap();
+        assert_eq!(uses.len(), 1);
+        assert_eq!((uses[0].action.as_str(), uses[0].count), ("mail:read", 1));
+    }
+}
+
+both_backends! {
+    async fn a_failed_audit_write_stores_nothing_and_the_chain_goes_on(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        store.append_audit(event(1)).await.unwrap();
+        fx.sabotage_audit(true).await;
+        let mut request = use_of(&grant, "b", 10);
+        request.audit = Some(event(2));
+        assert!(matches!(store.record_use(request).await, Err(StoreError::Unavailable(_))));
+        // Nothing of the failed request stayed: its proof and its count were rolled back.
+        assert_eq!(store.grant(&grant.id).await.unwrap().unwrap().requests_used, 0);
+        fx.sabotage_audit(false).await;
+        let mut retry = use_of(&grant, "b", 10);
+        retry.audit = Some(event(3));
+        assert_eq!(store.record_use(retry).await.unwrap(), UseVerdict::Recorded);
+        assert_eq!(verify_stored(store.as_ref()).await, 2);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster: two nodes (two stores) on one PostgreSQL database.
+
+/// Polls `check` until it holds, for at most `limit`; returns how long it took.
+async fn within(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_value_or_approval_used_on_one_node_is_refused_on_the_other() {
+    let fx = Fixture::postgres().await;
+    let (a, b) = (fx.open().await, fx.open().await);
+    let grant = with_grant(a.as_ref(), Some(3)).await;
+    assert_eq!(a.consume_once(&[(k("proof"), 100)]).await.unwrap(), None);
+    assert_eq!(b.consume_once(&[(k("proof"), 100)]).await.unwrap(), Some(0));
+    b.create_approval(&approval_of(&grant, "apr_1"))
+        .await
+        .unwrap();
+    a.decide_approval("apr_1", true, "usr_1", 6)
+        .await
+        .unwrap()
+        .unwrap();
+    let spend = |key: &str| RequestUse {
+        approval: Some("apr_1".into()),
+        ..use_of(&grant, key, 10)
+    };
+    assert_eq!(
+        b.record_use(spend("x")).await.unwrap(),
+        UseVerdict::Recorded
+    );
+    assert_eq!(
+        a.record_use(spend("y")).await.unwrap(),
+        UseVerdict::ApprovalSpent
+    );
+    // The budget of 3 holds across nodes: one use above, two more, then spent on either node.
+    assert_eq!(
+        a.record_use(use_of(&grant, "u1", 10)).await.unwrap(),
+        UseVerdict::Recorded
+    );
+    assert_eq!(
+        b.record_use(use_of(&grant, "u2", 10)).await.unwrap(),
+        UseVerdict::Recorded
+    );
+    assert_eq!(
+        a.record_use(use_of(&grant, "u3", 10)).await.unwrap(),
+        UseVerdict::GrantSpent
+    );
+    assert_eq!(
+        b.record_use(use_of(&grant, "u4", 10)).await.unwrap(),
+        UseVerdict::GrantSpent
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_an_end_or_revocation_on_one_node_reaches_the_others_memory() {
+    let fx = Fixture::postgres().await;
+    let (a, b) = (fx.open().await, fx.open().await);
+    let grant = with_grant(a.as_ref(), None).await;
+    // Node B holds the grant, a credential and a token's status in memory.
+    assert!(b.live_grant(&grant.id).await.unwrap().unwrap().is_live(10));
+    assert!(!b.is_token_revoked("tok_1").await.unwrap());
+    let entry = VaultEntry {
+        subject: grant.subject.clone(),
+        upstream: "mail".into(),
+        kind: "bearer".into(),
+        header_name: None,
+        sealed: b"one".to_vec(),
+        expires_at: None,
+        created_at: 1,
+    };
+    a.put_credential(&entry).await.unwrap();
+    assert!(
+        b.credential(&grant.subject, "mail")
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let limit = Duration::from_secs(1);
+    a.revoke_token("tok_1", &grant.id, 100).await.unwrap();
+    let took = within(limit, async || b.is_token_revoked("tok_1").await.unwrap()).await;
+    assert!(
+        took.is_some(),
+        "a token revoked on A is still good on B after 1 s"
+    );
+    a.delete_credential(&grant.subject, "mail").await.unwrap();
+    let took = within(limit, async || {
+        b.credential(&grant.subject, "mail")
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "a deleted credential is still injected by B after 1 s"
+    );
+    a.end_grant(&grant.id, GrantEnd::Revoked, None, 11)
+        .await
+        .unwrap()
+        .unwrap();
+    let took = within(limit, async || {
+        !b.live_grant(&grant.id).await.unwrap().unwrap().is_live(12)
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "a grant revoked on A is live on B after 1 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_appends_from_two_nodes_form_one_chain() {
+    let fx = Fixture::postgres().await;
+    let nodes = [fx.open().await, fx.open().await];
+    for node in &nodes {
+        node.set_checkpoint_signer(sign_with_test_key());
+    }
+    let tasks: Vec<_> = (0..1_200u64)
+        .map(|n| {
+            let node = nodes[(n % 2) as usize].clone();
+            tokio::spawn(async move { node.append_audit(event(n)).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(nodes[1].checkpoint_now().await.unwrap().unwrap().seq, 1_200);
+    for node in &nodes {
+        assert_eq!(verify_stored(node.as_ref()).await, 1_200);
+    }
+}
