@@ -1,5 +1,7 @@
-//! Test harness: the real `leash` binary on a random loopback port with a temporary SQLite
-//! store, plus helpers that play the admin, a human and an agent over real HTTP.
+//! Test harness: the real `leash` binary on a random loopback port with a temporary store —
+//! a SQLite file, or with `LEASH_TEST_BACKEND=postgres` a fresh PostgreSQL database (so the one
+//! suite runs on both backends) — plus helpers that play the admin, a human and an agent over
+//! real HTTP.
 
 #![allow(
     clippy::expect_used,
@@ -60,6 +62,113 @@ pub fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// Selects the integration tests' backend: `postgres`, or SQLite when unset.
+pub const ENV_TEST_BACKEND: &str = "LEASH_TEST_BACKEND";
+/// The PostgreSQL server the tests create their databases on.
+pub const ENV_TEST_POSTGRES: &str = "LEASH_TEST_POSTGRES";
+const DEFAULT_TEST_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Whether this run's servers store in PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var(ENV_TEST_BACKEND).is_ok_and(|v| v == "postgres")
+}
+
+/// A fresh PostgreSQL database, dropped with its guard.
+pub struct TestDatabase {
+    /// `postgres://…/leash_it_…`.
+    pub url: String,
+    server: String,
+    name: String,
+}
+
+impl TestDatabase {
+    /// Cuts every connection to the database and refuses new ones (`false`), or lets them in
+    /// again (`true`): to Leash this is the database server going down and coming back.
+    pub async fn allow_connections(&self, allow: bool) {
+        use sqlx::Connection as _;
+        let mut admin = sqlx::PgConnection::connect(&self.server)
+            .await
+            .expect("connect to the test server");
+        sqlx::query(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS {allow}",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await
+        .expect("alter database");
+        if !allow {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&self.name)
+            .execute(&mut admin)
+            .await
+            .expect("terminate connections");
+        }
+    }
+
+    /// Runs SQL in the database as the superuser (bypassing Leash).
+    pub async fn execute(&self, sql: &str) {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.url)
+            .await
+            .expect("connect");
+        sqlx::raw_sql(sql).execute(&mut conn).await.expect("sql");
+    }
+
+    /// Creates one on the test server. No server is a failure, never a skip.
+    pub async fn create() -> Self {
+        use sqlx::Connection as _;
+        let server =
+            std::env::var(ENV_TEST_POSTGRES).unwrap_or_else(|_| DEFAULT_TEST_POSTGRES.to_owned());
+        let mut admin = sqlx::PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the PostgreSQL tests need a server at {server} ({ENV_TEST_POSTGRES}); \
+                     `bash .ci/postgres.sh` installs and starts one: {e}"
+                )
+            });
+        let name = format!("leash_it_{}", hex::encode(rand::random::<[u8; 8]>()));
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        let mut url = url::Url::parse(&server).expect("LEASH_TEST_POSTGRES is a URL");
+        url.set_path(&name);
+        Self {
+            url: url.to_string(),
+            server,
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Drop may run inside a runtime, which cannot be blocked on: a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                use sqlx::Connection as _;
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&server).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// A running `leash serve` child process.
 pub struct Leash {
     /// Base URL, e.g. `http://127.0.0.1:41234`.
@@ -72,7 +181,18 @@ pub struct Leash {
     http: reqwest::Client,
     listen: String,
     log_level: &'static str,
+    /// The PostgreSQL database, when the run is on PostgreSQL or the server is a cluster node
+    /// (after `child`: dropped last).
+    database: Option<std::sync::Arc<TestDatabase>>,
+    /// The base URL in tokens and proofs: the server's own, or a cluster's shared issuer.
+    public: Option<String>,
+    /// The vault master key every node of a cluster shares.
+    master_key: Option<String>,
 }
+
+/// The issuer and public URL every node of a test cluster shares (what a load balancer in
+/// front of them would be called); requests still go to each node's own address.
+pub const CLUSTER_URL: &str = "http://leash.cluster.test";
 
 impl Leash {
     /// Starts the binary at `bin` with the test upstreams and `extra` config lines.
@@ -108,18 +228,83 @@ impl Leash {
             http: reqwest::Client::new(),
             listen: "127.0.0.1:0".into(),
             log_level,
+            database: if on_postgres() {
+                Some(std::sync::Arc::new(TestDatabase::create().await))
+            } else {
+                None
+            },
+            public: None,
+            master_key: None,
         };
         leash.spawn().await;
         leash
     }
 
+    /// Starts `nodes` servers on one fresh PostgreSQL database, with one master key and one
+    /// issuer ([`CLUSTER_URL`]): a cluster as the README describes it.
+    pub async fn start_cluster(bin: &Path, nodes: usize, upstream_url: &str) -> Vec<Self> {
+        use base64::Engine as _;
+        let database = std::sync::Arc::new(TestDatabase::create().await);
+        let master_key =
+            base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+        let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
+        let mut cluster = Vec::new();
+        for _ in 0..nodes {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(
+                dir.path().join("leash.toml"),
+                format!("issuer = \"{CLUSTER_URL}\"\n{upstreams}"),
+            )
+            .expect("config");
+            let mut node = Self {
+                url: String::new(),
+                output: Default::default(),
+                bin: bin.to_owned(),
+                dir,
+                child: None,
+                http: reqwest::Client::new(),
+                listen: "127.0.0.1:0".into(),
+                log_level: "warn",
+                database: Some(database.clone()),
+                public: Some(CLUSTER_URL.to_owned()),
+                master_key: Some(master_key.clone()),
+            };
+            node.spawn().await;
+            cluster.push(node);
+        }
+        cluster
+    }
+
+    /// The vault master key a cluster's nodes share.
+    pub fn master_key(&self) -> Option<&str> {
+        self.master_key.as_deref()
+    }
+
+    /// The database as the PostgreSQL superuser sees it, to simulate an outage.
+    pub fn test_database(&self) -> Option<&TestDatabase> {
+        self.database.as_deref()
+    }
+
+    /// The base URL tokens and proofs name (`htu`, assertion `aud`).
+    pub fn public_url(&self) -> &str {
+        self.public.as_deref().unwrap_or(&self.url)
+    }
+
     async fn spawn(&mut self) {
-        let mut child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(key) = &self.master_key {
+            command.env("LEASH_MASTER_KEY", key);
+        } else {
+            command.env_remove("LEASH_MASTER_KEY");
+        }
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(self.dir.path().join("leash.toml"))
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
+            .arg("--database")
+            .arg(self.database_url())
             .arg("--listen")
             .arg(&self.listen)
             .env("LEASH_ADMIN_TOKEN", ADMIN_KEY)
@@ -191,6 +376,71 @@ impl Leash {
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The store's database URL.
+    pub fn database_url(&self) -> String {
+        match &self.database {
+            Some(database) => database.url.clone(),
+            None => format!("sqlite://{}", self.data_dir().join("leash.db").display()),
+        }
+    }
+
+    /// Whether this server stores in PostgreSQL.
+    pub fn on_postgres(&self) -> bool {
+        self.database.is_some()
+    }
+
+    /// Runs SQL on the server's database from outside the server (as an operator or a failing
+    /// disk would): `sqlite` or `postgres`, whichever the server is on.
+    pub async fn sql(&self, sqlite: &str, postgres: &str) {
+        match &self.database {
+            Some(database) => database.execute(postgres).await,
+            None => rusqlite::Connection::open(self.data_dir().join("leash.db"))
+                .expect("open")
+                .execute_batch(sqlite)
+                .expect("sql"),
+        }
+    }
+
+    /// Everything the store holds at rest, to search for secrets: the SQLite files' bytes, or
+    /// every PostgreSQL row as text with its byte columns also decoded.
+    pub async fn stored_bytes(&self) -> Vec<u8> {
+        let Some(database) = &self.database else {
+            let mut bytes = std::fs::read(self.data_dir().join("leash.db")).expect("db file");
+            bytes.extend(std::fs::read(self.data_dir().join("leash.db-wal")).unwrap_or_default());
+            return bytes;
+        };
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connect");
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name::TEXT FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("tables");
+        let mut bytes = Vec::new();
+        for table in tables {
+            let rows: Vec<String> =
+                sqlx::query_scalar(&format!("SELECT row_to_json(t)::TEXT FROM {table} t"))
+                    .fetch_all(&mut conn)
+                    .await
+                    .expect("rows");
+            for row in rows {
+                bytes.extend(row.as_bytes());
+                // Byte columns appear as "\\x<hex>": add them decoded too.
+                for hex_run in row.split("\\\\x").skip(1) {
+                    let digits: String = hex_run
+                        .chars()
+                        .take_while(char::is_ascii_hexdigit)
+                        .collect();
+                    bytes.extend(hex::decode(&digits[..digits.len() & !1]).unwrap_or_default());
+                }
+            }
+        }
+        bytes
     }
 
     /// Kills the server with SIGKILL (no shutdown of any kind).
@@ -288,9 +538,9 @@ impl Leash {
         body
     }
 
-    /// The token endpoint URL.
+    /// The token endpoint URL as tokens and proofs name it.
     pub fn token_url(&self) -> String {
-        format!("{}/oauth2/token", self.url)
+        format!("{}/oauth2/token", self.public_url())
     }
 
     /// Posts a raw form body to `path` with extra headers.

@@ -53,7 +53,7 @@ fn text(out: &Output) -> String {
 /// `leash audit verify --database` on the server's own database, with its master key.
 fn verify_database(leash: &Leash) {
     let data = leash.data_dir();
-    let url = format!("sqlite://{}", data.join("leash.db").display());
+    let url = leash.database_url();
     let data = data.to_str().unwrap();
     let out = cli(
         leash,
@@ -476,14 +476,16 @@ async fn a_failing_audit_write_answers_503_and_forwards_nothing() {
         200
     );
     // The store fails as a full disk would: every audit insert is refused.
-    let db = gw.leash.data_dir().join("leash.db");
-    let saboteur = rusqlite::Connection::open(&db).unwrap();
-    saboteur
-        .execute_batch(
+    gw.leash
+        .sql(
             "CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
              BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'disk full'; END $$; \
+             CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
+             FOR EACH ROW EXECUTE FUNCTION sabotage();",
         )
-        .unwrap();
+        .await;
     let before = gw.upstream.count();
     let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/2", &[]).await;
     assert_eq!(
@@ -495,7 +497,12 @@ async fn a_failing_audit_write_answers_503_and_forwards_nothing() {
         before,
         "forwarded without an audit event"
     );
-    saboteur.execute_batch("DROP TRIGGER sabotage").unwrap();
+    gw.leash
+        .sql(
+            "DROP TRIGGER sabotage",
+            "DROP TRIGGER sabotage ON audit_events",
+        )
+        .await;
     // The failed request used nothing: its grant count is unchanged and the chain continues.
     assert_eq!(
         gw.call(Method::GET, "/gw/mail/messages/3", &[]).await.0,
@@ -615,11 +622,8 @@ async fn the_review_names_unused_actions_and_flags_over_broad_grants_and_standin
     assert_eq!(theirs, json!({"grants": [], "agents": []}));
 
     // A grant live for more than a day is standing access.
-    let db = gw.leash.data_dir().join("leash.db");
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute_batch("UPDATE grants SET created_at = created_at - 2 * 86400")
-        .unwrap();
+    let older = "UPDATE grants SET created_at = created_at - 2 * 86400";
+    gw.leash.sql(older, older).await;
     let out = cli(&gw.leash, &["review"]);
     assert!(out.status.success(), "{}", text(&out));
     let table = text(&out);

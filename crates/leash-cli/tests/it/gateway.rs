@@ -598,14 +598,11 @@ async fn vault_lists_metadata_only_and_never_returns_secrets() {
         .await;
     assert_eq!(status, 400);
     // The secret is sealed at rest.
-    let db = std::fs::read(gw.leash.data_dir().join("leash.db")).unwrap();
-    let wal = std::fs::read(gw.leash.data_dir().join("leash.db-wal")).unwrap_or_default();
-    for file in [db, wal] {
-        assert!(
-            !file.windows(17).any(|w| w == b"alice-mail-secret"),
-            "a vaulted secret is stored in the clear"
-        );
-    }
+    let stored = gw.leash.stored_bytes().await;
+    assert!(
+        !stored.windows(17).any(|w| w == b"alice-mail-secret"),
+        "a vaulted secret is stored in the clear"
+    );
     assert!(!gw.leash.logs().contains("alice-mail-secret"));
     let (status, _) = gw
         .leash

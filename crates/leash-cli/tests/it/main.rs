@@ -10,6 +10,7 @@
 mod approvals;
 mod audit;
 mod cli;
+mod cluster;
 mod demo;
 mod durability;
 mod exchange;

@@ -1,0 +1,270 @@
+//! Cluster mode (API §11): three `leash serve` nodes on one PostgreSQL database, one issuer and
+//! one master key, as the README runs them behind a load balancer. Any node takes any call;
+//! revocation, replay caches, approvals, budgets and the audit chain hold across nodes; a
+//! database outage fails closed and the nodes recover by themselves.
+
+use std::time::{Duration, Instant};
+
+use leash_core::client::AgentKey;
+use leash_core::jws::Alg;
+use leash_testkit::{ADMIN_KEY, AGENT, Leash, RecordingUpstream, Scenario, now, read};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::bin;
+
+struct Cluster {
+    nodes: Vec<Leash>,
+    upstream: RecordingUpstream,
+    s: Scenario,
+}
+
+fn grant_body(extra: Value) -> Value {
+    let mut body = json!({
+        "agent": AGENT, "purpose": "Triage my inbox", "upstreams": ["mail"],
+        "actions": ["mail:read", "mail:send"], "ttl_seconds": 600,
+    });
+    if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+        body.extend(extra);
+    }
+    body
+}
+
+async fn cluster(grant: Value) -> Cluster {
+    let upstream = RecordingUpstream::start().await;
+    let nodes = Leash::start_cluster(bin(), 3, &upstream.url).await;
+    let s = Scenario::with_grant(&nodes[0], Alg::EdDsa, grant).await;
+    let (status, body) = nodes[1]
+        .call(
+            Method::PUT,
+            "/v1/vault/mail",
+            &s.user_key,
+            Some(json!({"kind": "cookie", "secret": "session=alice"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    Cluster { nodes, upstream, s }
+}
+
+/// Sends `proof` as it is (a replay sends the same one twice).
+async fn send(
+    node: &Leash,
+    method: Method,
+    path: &str,
+    token: &str,
+    proof: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let mut request = node
+        .http()
+        .request(method, format!("{}{path}", node.url))
+        .header("Authorization", format!("DPoP {token}"))
+        .header("DPoP", proof);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let (status, _, body) = read(request.send().await.expect("request")).await;
+    (status, body)
+}
+
+/// One gateway call to `node` with a fresh proof naming the cluster's URL.
+async fn call(
+    node: &Leash,
+    method: Method,
+    path: &str,
+    token: &str,
+    dpop: &AgentKey,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let url = format!("{}{path}", node.public_url());
+    let proof = dpop.dpop_proof(method.as_str(), &url, Some(token), None, now());
+    send(node, method, path, token, &proof, headers).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_is_refused_by_the_others_within_a_second_100_times() {
+    let mut c = cluster(grant_body(json!({}))).await;
+    let (a, others) = c.nodes.split_first().expect("nodes");
+    let mut propagation = Vec::new();
+    for round in 0..100 {
+        if round > 0 {
+            c.s.grant = a.create_grant(&c.s.user_key, grant_body(json!({}))).await;
+        }
+        let (token, dpop) = c.s.token(&others[round % 2]).await;
+        // Every other node holds the grant in memory as live.
+        for node in others {
+            let (status, body) =
+                call(node, Method::GET, "/gw/mail/messages/1", &token, &dpop, &[]).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let revoke = format!("/v1/grants/{}/revoke", c.s.grant_id());
+        assert_eq!(
+            a.call(Method::POST, &revoke, &c.s.user_key, None).await.0,
+            200
+        );
+        let revoked_at = Instant::now();
+        let mut refused = [false; 2];
+        while !refused.iter().all(|r| *r) {
+            assert!(
+                revoked_at.elapsed() < Duration::from_secs(1),
+                "round {round}: a grant revoked on node A still works on another node after 1 s"
+            );
+            for (node, done) in others.iter().zip(&mut refused) {
+                if !*done {
+                    let (status, body) =
+                        call(node, Method::GET, "/gw/mail/messages/1", &token, &dpop, &[]).await;
+                    assert!(matches!(status, 200 | 401), "{status} {body}");
+                    *done = status == 401;
+                }
+            }
+        }
+        propagation.push(revoked_at.elapsed());
+    }
+    propagation.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    // Reported in BENCHMARKS.md (cluster revocation propagation).
+    eprintln!(
+        "revocation propagation over {} rounds: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        propagation.len(),
+        ms(propagation[propagation.len() / 2]),
+        ms(propagation[propagation.len() * 99 / 100 - 1]),
+        ms(propagation[propagation.len() - 1]),
+    );
+    assert_eq!(
+        c.upstream.count(),
+        200,
+        "only the warm-up calls got through"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_an_assertion_and_an_approval_used_on_one_node_are_refused_on_another() {
+    let c = cluster(grant_body(json!({"approval_required": ["mail:send"]}))).await;
+    let [a, b, cn] = &c.nodes[..] else {
+        panic!("three nodes")
+    };
+
+    // A client assertion used at node A's token endpoint is refused at node B.
+    let form = c.s.exchange_form(a);
+    let dpop = AgentKey::generate(Alg::EdDsa);
+    let token_proof = || dpop.dpop_proof("POST", &a.token_url(), None, None, now());
+    let (status, _, body) = c.s.exchange_raw(a, &form, Some(token_proof())).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().expect("token").to_owned();
+    let (status, _, body) = c.s.exchange_raw(b, &form, Some(token_proof())).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_client"))
+    );
+
+    // A DPoP proof used at node A is refused at node B.
+    let url = format!("{}/gw/mail/messages/1", a.public_url());
+    let proof = dpop.dpop_proof("GET", &url, Some(&token), None, now());
+    let path = "/gw/mail/messages/1";
+    assert_eq!(send(a, Method::GET, path, &token, &proof, &[]).await.0, 200);
+    let (status, body) = send(b, Method::GET, path, &token, &proof, &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_dpop_proof")),
+        "{body}"
+    );
+
+    // An approval asked on A, given on B, used on C, cannot be used again on A.
+    let send_path = "/gw/mail/messages/7/send";
+    let (status, body) = call(a, Method::POST, send_path, &token, &dpop, &[]).await;
+    assert_eq!(status, 403, "{body}");
+    let approval = body["approval_id"]
+        .as_str()
+        .expect("approval id")
+        .to_owned();
+    let decide = format!("/v1/approvals/{approval}/approve");
+    assert_eq!(
+        b.call(Method::POST, &decide, &c.s.user_key, None).await.0,
+        200
+    );
+    let with = [("Leash-Approval", approval.as_str())];
+    let (status, body) = call(cn, Method::POST, send_path, &token, &dpop, &with).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(a, Method::POST, send_path, &token, &dpop, &with).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("approval_required")),
+        "{body}"
+    );
+    let sends = c
+        .upstream
+        .requests()
+        .iter()
+        .filter(|r| r.target == "/messages/7/send")
+        .count();
+    assert_eq!(sends, 1, "the approved send went through once");
+
+    // Concurrent requests on every node, then one chain that verifies.
+    let calls: Vec<_> = (0..60)
+        .map(|i| call(&c.nodes[i % 3], Method::GET, path, &token, &dpop, &[]))
+        .collect();
+    for (status, body) in futures::future::join_all(calls).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let database = a.test_database().expect("a cluster is on PostgreSQL");
+    let out = std::process::Command::new(bin())
+        .args(["audit", "verify", "--database", &database.url])
+        .env("LEASH_MASTER_KEY", a.master_key().expect("shared key"))
+        .output()
+        .expect("run leash audit verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("audit chain verified"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_fails_closed_and_the_nodes_recover_without_a_restart() {
+    let c = cluster(grant_body(json!({}))).await;
+    let (token, dpop) = c.s.token(&c.nodes[0]).await;
+    let path = "/gw/mail/messages/1";
+    for node in &c.nodes {
+        assert_eq!(
+            call(node, Method::GET, path, &token, &dpop, &[]).await.0,
+            200
+        );
+    }
+    let database = c.nodes[0].test_database().expect("postgres");
+    // The database goes away: every connection is cut and none is let in.
+    database.allow_connections(false).await;
+    for node in &c.nodes {
+        let (status, body) = call(node, Method::GET, path, &token, &dpop, &[]).await;
+        assert_eq!(status, 503, "{body}");
+        let (status, _) = node.call(Method::GET, "/v1/grants", ADMIN_KEY, None).await;
+        assert_eq!(status, 503);
+    }
+    // Meanwhile the grant is revoked behind every node's back (no notification reaches them).
+    database.allow_connections(true).await;
+    database
+        .execute(&format!(
+            "UPDATE grants SET status = 'revoked', ended_at = 1 WHERE id = '{}'",
+            c.s.grant_id()
+        ))
+        .await;
+    // Back: the revoked grant's token never gets a 2xx again, on any node.
+    let before = c.upstream.count();
+    for _ in 0..20 {
+        for node in &c.nodes {
+            let (status, body) = call(node, Method::GET, path, &token, &dpop, &[]).await;
+            assert!(matches!(status, 401 | 503), "{status} {body}");
+        }
+    }
+    assert_eq!(c.upstream.count(), before);
+    // And the nodes work again without a restart: a new task's token goes through everywhere.
+    let mut s = c.s;
+    s.grant = c.nodes[1]
+        .create_grant(&s.user_key, grant_body(json!({})))
+        .await;
+    let (token, dpop) = s.token(&c.nodes[2]).await;
+    for node in &c.nodes {
+        let (status, body) = call(node, Method::GET, path, &token, &dpop, &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
