@@ -14,6 +14,7 @@
 //! Like the SQLite writer thread, one task per node commits the request uses waiting at that
 //! moment in one transaction (group commit).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -364,16 +365,20 @@ fn checkpoint_from_row(row: &sqlx::postgres::PgRow) -> StoreResult<Checkpoint> {
 /// (a deny when the use was refused). Within a batch the earlier of two requests sharing a value
 /// claims it. The chain head is locked first, so audited batches of all nodes take turns and
 /// never deadlock on each other's rows.
+///
+/// Each step is one statement for the whole batch (arrays bound with `unnest`): a round trip to
+/// the server costs more than the work of a row, so a batch costs the same eight round trips
+/// whether it holds one request or sixty-four.
 async fn record_batch(
     pool: &PgPool,
     uses: &[Box<Prepared>],
     signer: Option<&CheckpointSigner>,
 ) -> StoreResult<Committed> {
     let mut verdicts = vec![UseVerdict::Recorded; uses.len()];
-    let mut claimed: std::collections::HashSet<&ReplayKey> = std::collections::HashSet::new();
+    let mut claimed: HashSet<&ReplayKey> = HashSet::new();
     let mut candidates = Vec::new();
     for (index, used) in uses.iter().enumerate() {
-        let mut own = std::collections::HashSet::new();
+        let mut own = HashSet::new();
         let seen = used
             .request
             .once
@@ -398,37 +403,59 @@ async fn record_batch(
     } else {
         None
     };
-    for &index in &candidates {
-        let request = &uses[index].request;
-        let mut inserted = Vec::new();
-        let mut replayed = None;
-        for (position, (key, until)) in request.once.iter().enumerate() {
-            let done = sqlx::query(
-                "INSERT INTO replay (key, until) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(key.as_slice())
-            .bind(until)
+
+    // One-time values: those already stored come back missing from RETURNING.
+    let (keys, untils): (Vec<&[u8]>, Vec<i64>) = candidates
+        .iter()
+        .flat_map(|&index| uses[index].request.once.iter())
+        .map(|(key, until)| (key.as_slice(), *until))
+        .unzip();
+    let inserted: HashSet<Vec<u8>> = if keys.is_empty() {
+        HashSet::new()
+    } else {
+        sqlx::query_scalar(
+            "INSERT INTO replay (key, until) SELECT * FROM unnest($1::BYTEA[], $2::BIGINT[]) \
+             ON CONFLICT DO NOTHING RETURNING key",
+        )
+        .bind(&keys)
+        .bind(&untils)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .into_iter()
+        .collect()
+    };
+    let mut release: Vec<&[u8]> = Vec::new();
+    candidates.retain(|&index| {
+        let once = &uses[index].request.once;
+        match once
+            .iter()
+            .position(|(key, _)| !inserted.contains(key.as_slice()))
+        {
+            None => true,
+            Some(position) => {
+                verdicts[index] = UseVerdict::Replayed(position);
+                release.extend(
+                    once.iter()
+                        .map(|(key, _)| key.as_slice())
+                        .filter(|key| inserted.contains(*key)),
+                );
+                false
+            }
+        }
+    });
+    if !release.is_empty() {
+        sqlx::query("DELETE FROM replay WHERE key = ANY($1::BYTEA[])")
+            .bind(&release)
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-            if done.rows_affected() == 1 {
-                inserted.push(key);
-            } else {
-                replayed = Some(position);
-                break;
-            }
-        }
-        if let Some(position) = replayed {
-            verdicts[index] = UseVerdict::Replayed(position);
-            for key in inserted {
-                sqlx::query("DELETE FROM replay WHERE key = $1")
-                    .bind(key.as_slice())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-            }
-            continue;
-        }
+    }
+
+    // An approval's single use (rare: one statement each).
+    let mut counted = Vec::new();
+    for &index in &candidates {
+        let request = &uses[index].request;
         if let Some(approval) = &request.approval {
             let done = sqlx::query(
                 "UPDATE approvals SET status = 'used', used_at = $1 \
@@ -444,37 +471,90 @@ async fn record_batch(
                 continue;
             }
         }
-        let Some(grant) = &request.grant else {
-            continue;
-        };
-        let counted = sqlx::query(
-            "UPDATE grants SET requests_used = requests_used + 1 \
-             WHERE id = $1 AND status = 'active' AND expires_at > $2 \
-             AND (max_requests IS NULL OR requests_used < max_requests) \
-             RETURNING requests_used, max_requests",
-        )
-        .bind(grant)
-        .bind(request.now)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let exhausted = match counted {
-            None => {
-                verdicts[index] = UseVerdict::GrantSpent;
-                true
-            }
-            Some(row) => {
-                let used = row.int("requests_used")?;
-                let max: Option<i64> = row.column("max_requests")?;
-                max.is_some_and(|max| used >= max)
-            }
-        };
-        if exhausted {
-            Change::Grant(grant).send(&mut tx).await?;
-            spent.push(grant.clone());
+        if request.grant.is_some() {
+            counted.push(index);
         }
     }
+
+    // Budgets: lock the batch's grants, give each request a count in batch order while the
+    // grant is active, unexpired and under its max, then add the counts.
+    if !counted.is_empty() {
+        let latest = counted
+            .iter()
+            .map(|&index| uses[index].request.now)
+            .max()
+            .unwrap_or(0);
+        let ids: Vec<&str> = counted
+            .iter()
+            .filter_map(|&index| uses[index].request.grant.as_deref())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let rows = sqlx::query(
+            "SELECT id, requests_used, max_requests FROM grants \
+             WHERE id = ANY($1::TEXT[]) AND status = 'active' AND expires_at > $2 FOR UPDATE",
+        )
+        .bind(&ids)
+        .bind(latest)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        // Grant → (requests used, its max).
+        let mut budgets: HashMap<String, (i64, Option<i64>)> = HashMap::new();
+        for row in &rows {
+            budgets.insert(
+                row.column("id")?,
+                (row.int("requests_used")?, row.column("max_requests")?),
+            );
+        }
+        let before: HashMap<String, i64> = budgets
+            .iter()
+            .map(|(id, (used, _))| (id.clone(), *used))
+            .collect();
+        for &index in &counted {
+            let Some(grant) = uses[index].request.grant.as_deref() else {
+                continue;
+            };
+            match budgets.get_mut(grant) {
+                Some((used, max)) if max.is_none_or(|max| *used < max) => *used += 1,
+                _ => {
+                    verdicts[index] = UseVerdict::GrantSpent;
+                    spent.push(grant.to_owned());
+                }
+            }
+        }
+        let (grown, counts): (Vec<&str>, Vec<i64>) = budgets
+            .iter()
+            .filter_map(|(id, (used, _))| {
+                let added = used - before.get(id).copied().unwrap_or(*used);
+                (added > 0).then_some((id.as_str(), added))
+            })
+            .unzip();
+        if !grown.is_empty() {
+            sqlx::query(
+                "UPDATE grants SET requests_used = requests_used + c.added \
+                 FROM unnest($1::TEXT[], $2::BIGINT[]) AS c(id, added) WHERE grants.id = c.id",
+            )
+            .bind(&grown)
+            .bind(&counts)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        for (id, (used, max)) in &budgets {
+            if max.is_some_and(|max| *used >= max) {
+                spent.push(id.clone());
+            }
+        }
+        spent.sort();
+        spent.dedup();
+        for id in &spent {
+            Change::Grant(id).send(&mut tx).await?;
+        }
+    }
+
     if let Some(head) = &mut head {
+        let mut rows = AuditRows::default();
         for (used, verdict) in uses.iter().zip(&verdicts) {
             let Some(event) = &used.request.audit else {
                 continue;
@@ -498,37 +578,82 @@ async fn record_batch(
                     (line, unix_of(&event.ts))
                 }
             };
-            sqlx::query(
-                "INSERT INTO audit_events \
-                 (seq, kind, subject, actor, grant_id, action, decision, at, hash, line) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(seq as i64)
-            .bind(&event.kind)
-            .bind(&event.subject)
-            .bind(&event.actor)
-            .bind(&event.grant_id)
-            .bind(&event.action)
-            .bind(event.decision.map(outcome_name))
-            .bind(at)
-            .bind(&event.hash)
-            .bind(line)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
             head.seq = seq;
             head.hash = event.hash.clone();
+            rows.push(seq, event, at, line);
             if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
                 && let Some(signer) = signer
-                && insert_checkpoint(&mut tx, signer, head).await?
             {
-                head.checkpointed = head.seq;
+                // The checkpoint's events must be in before it.
+                rows.insert(&mut tx).await?;
+                if insert_checkpoint(&mut tx, signer, head).await? {
+                    head.checkpointed = head.seq;
+                }
             }
         }
+        rows.insert(&mut tx).await?;
         save_head(&mut tx, head).await?;
     }
     tx.commit().await.map_err(unavailable)?;
     Ok(Committed { verdicts, spent })
+}
+
+/// Audit events waiting to be inserted, as columns.
+#[derive(Default)]
+struct AuditRows {
+    seq: Vec<i64>,
+    kind: Vec<String>,
+    subject: Vec<Option<String>>,
+    actor: Vec<Option<String>>,
+    grant_id: Vec<Option<String>>,
+    action: Vec<Option<String>>,
+    decision: Vec<Option<&'static str>>,
+    at: Vec<i64>,
+    hash: Vec<String>,
+    line: Vec<String>,
+}
+
+impl AuditRows {
+    fn push(&mut self, seq: u64, event: leash_core::audit::AuditEvent, at: i64, line: String) {
+        self.seq.push(seq as i64);
+        self.decision.push(event.decision.map(outcome_name));
+        self.kind.push(event.kind);
+        self.subject.push(event.subject);
+        self.actor.push(event.actor);
+        self.grant_id.push(event.grant_id);
+        self.action.push(event.action);
+        self.at.push(at);
+        self.hash.push(event.hash);
+        self.line.push(line);
+    }
+
+    /// Inserts the waiting rows in one statement and empties the buffer.
+    async fn insert(&mut self, tx: &mut Transaction<'_, Postgres>) -> StoreResult<()> {
+        if self.seq.is_empty() {
+            return Ok(());
+        }
+        let rows = std::mem::take(self);
+        sqlx::query(
+            "INSERT INTO audit_events \
+             (seq, kind, subject, actor, grant_id, action, decision, at, hash, line) \
+             SELECT * FROM unnest($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], \
+             $6::TEXT[], $7::TEXT[], $8::BIGINT[], $9::TEXT[], $10::TEXT[])",
+        )
+        .bind(rows.seq)
+        .bind(rows.kind)
+        .bind(rows.subject)
+        .bind(rows.actor)
+        .bind(rows.grant_id)
+        .bind(rows.action)
+        .bind(rows.decision)
+        .bind(rows.at)
+        .bind(rows.hash)
+        .bind(rows.line)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 fn stopped() -> StoreError {

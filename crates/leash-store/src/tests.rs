@@ -368,6 +368,30 @@ both_backends! {
 }
 
 both_backends! {
+    async fn parallel_uses_never_exceed_the_budget(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), Some(5)).await;
+        let tasks: Vec<_> = (0..24)
+            .map(|i| {
+                let (store, request) = (store.clone(), use_of(&grant, &format!("p{i}"), 10));
+                tokio::spawn(async move { store.record_use(request).await })
+            })
+            .collect();
+        let mut recorded = 0;
+        for task in tasks {
+            match task.await.unwrap().unwrap() {
+                UseVerdict::Recorded => recorded += 1,
+                verdict => assert_eq!(verdict, UseVerdict::GrantSpent),
+            }
+        }
+        assert_eq!(recorded, 5);
+        let stored = store.grant(&grant.id).await.unwrap().unwrap();
+        assert_eq!(stored.requests_used, 5);
+        assert!(!store.live_grant(&grant.id).await.unwrap().unwrap().is_live(10));
+    }
+}
+
+both_backends! {
     async fn a_replayed_use_counts_nothing(fx) {
         let store = fx.open().await;
         let grant = with_grant(store.as_ref(), Some(5)).await;

@@ -211,7 +211,27 @@ impl Leash {
         Self::launch(bin, extra, upstream_url, "warn").await
     }
 
+    /// Quiet, on the backend named (not the run's): for benchmarks that compare the two.
+    pub async fn start_quiet_on(
+        bin: &Path,
+        extra: &str,
+        upstream_url: &str,
+        postgres: bool,
+    ) -> Self {
+        Self::launch_on(bin, extra, upstream_url, "warn", postgres).await
+    }
+
     async fn launch(bin: &Path, extra: &str, upstream_url: &str, log_level: &'static str) -> Self {
+        Self::launch_on(bin, extra, upstream_url, log_level, on_postgres()).await
+    }
+
+    async fn launch_on(
+        bin: &Path,
+        extra: &str,
+        upstream_url: &str,
+        log_level: &'static str,
+        postgres: bool,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
         std::fs::write(
@@ -228,7 +248,7 @@ impl Leash {
             http: reqwest::Client::new(),
             listen: "127.0.0.1:0".into(),
             log_level,
-            database: if on_postgres() {
+            database: if postgres {
                 Some(std::sync::Arc::new(TestDatabase::create().await))
             } else {
                 None
