@@ -267,3 +267,20 @@ pub(crate) fn grant_with_agent_from_row(row: &impl Columns) -> StoreResult<(Gran
     };
     Ok((grant, agent))
 }
+
+/// A use's audit event in canonical form with its Unix time, made by the calling task so that
+/// the single writer only splices in the chain members and hashes.
+pub(crate) fn draft_of(
+    request: &crate::RequestUse,
+) -> StoreResult<Option<(leash_core::audit::Draft, i64)>> {
+    request
+        .audit
+        .as_ref()
+        .map(|event| {
+            let draft = event
+                .draft()
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            Ok((draft, unix_of(&event.ts)))
+        })
+        .transpose()
+}

@@ -3,6 +3,7 @@
 
 mod common;
 mod postgres;
+mod queries;
 mod sqlite;
 #[cfg(test)]
 mod tests;

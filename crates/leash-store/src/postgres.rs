@@ -28,14 +28,11 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::oneshot;
 
 use crate::common::{
-    APPROVAL_COLUMNS, Columns as _, GRANT_BY_HANDLE, GRANT_COLUMNS, Memo, SignerSlot,
-    agent_from_row, approval_from_row, grant_from_row, grant_with_agent_from_row, json_list,
-    outcome_name, unavailable, unix_of, user_from_row, vault_from_row, vault_key,
+    Columns as _, Memo, SignerSlot, draft_of, outcome_name, unavailable, unix_of, vault_key,
 };
 use crate::{
-    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, CHECKPOINT_EVERY_EVENTS,
-    CheckpointSigner, GrantEnd, RequestUse, Store, StoreError, StoreResult, UseVerdict, User,
-    VaultEntry,
+    ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
+    RequestUse, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
 };
 
 /// The notification channel of row changes.
@@ -660,119 +657,56 @@ fn stopped() -> StoreError {
     StoreError::Unavailable("the writer has stopped".into())
 }
 
+/// The statements shared with the SQLite backend.
+mod q {
+    crate::queries::shared_queries!(sqlx::Postgres);
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        q::ping(&self.pool).await
     }
 
     async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
-        let row = sqlx::query("SELECT value FROM settings WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        row.map(|r| r.column("value")).transpose()
+        q::setting(&self.pool, name).await
     }
 
     async fn init_setting(&self, name: &str, value: &[u8]) -> StoreResult<Vec<u8>> {
-        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(name)
-            .bind(value)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        let row = sqlx::query("SELECT value FROM settings WHERE name = $1")
-            .bind(name)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        row.column("value")
+        q::insert_setting(&self.pool, name, value).await?;
+        q::setting(&self.pool, name)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("setting {name} vanished")))
     }
 
     async fn create_user(&self, user: &User, key: &SecretDigest) -> StoreResult<()> {
-        sqlx::query("INSERT INTO users (id, name, key_digest, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(&user.id)
-            .bind(&user.name)
-            .bind(key.as_str())
-            .bind(user.created_at)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        q::create_user(&self.pool, user, key).await
     }
 
     async fn user_by_key(&self, key: &SecretDigest) -> StoreResult<Option<User>> {
-        let row = sqlx::query("SELECT id, name, created_at FROM users WHERE key_digest = $1")
-            .bind(key.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(user_from_row).transpose()
+        q::user_by_key(&self.pool, key).await
     }
 
     async fn list_users(&self) -> StoreResult<Vec<User>> {
-        let rows = sqlx::query("SELECT id, name, created_at FROM users ORDER BY created_at, id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        rows.iter().map(user_from_row).collect()
+        q::list_users(&self.pool).await
     }
 
     async fn create_agent(&self, agent: &Agent) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO agents (id, name, jwks, disabled, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&agent.id)
-        .bind(&agent.name)
-        .bind(agent.jwks.to_string())
-        .bind(i64::from(agent.disabled))
-        .bind(agent.created_at)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        q::create_agent(&self.pool, agent).await
     }
 
     async fn agent(&self, id: &str) -> StoreResult<Option<Agent>> {
-        let row = sqlx::query("SELECT * FROM agents WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(agent_from_row).transpose()
+        q::agent(&self.pool, id).await
     }
 
     async fn list_agents(&self) -> StoreResult<Vec<Agent>> {
-        let rows = sqlx::query("SELECT * FROM agents ORDER BY created_at, id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        rows.iter().map(agent_from_row).collect()
+        q::list_agents(&self.pool).await
     }
 
     async fn disable_agent(&self, id: &str, now: i64) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
-        let found = sqlx::query("UPDATE agents SET disabled = 1 WHERE id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected()
-            > 0;
-        sqlx::query(
-            "UPDATE grants SET status = 'revoked', ended_at = $1, end_reason = 'agent disabled' \
-             WHERE agent = $2 AND status = 'active'",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let found = q::disable_agent_row(&mut *tx, id).await?;
+        q::revoke_agent_grants(&mut *tx, id, now).await?;
         Change::AllGrants.send(&mut tx).await?;
         tx.commit().await.map_err(unavailable)?;
         self.memos.grants.invalidate_all();
@@ -780,59 +714,19 @@ impl Store for PgStore {
     }
 
     async fn create_grant(&self, grant: &Grant, handle: &SecretDigest) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO grants (id, handle_digest, subject, agent, purpose, upstreams, actions, \
-             approval_required, single_use, created_at, expires_at, max_requests, requests_used, \
-             status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .bind(&grant.id)
-        .bind(handle.as_str())
-        .bind(&grant.subject)
-        .bind(&grant.agent)
-        .bind(&grant.purpose)
-        .bind(json_list(&grant.upstreams))
-        .bind(json_list(&grant.actions))
-        .bind(json_list(&grant.approval_required))
-        .bind(json_list(&grant.single_use))
-        .bind(grant.created_at)
-        .bind(grant.expires_at)
-        .bind(grant.max_requests)
-        .bind(grant.requests_used)
-        .bind(grant.status.as_str())
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        q::create_grant(&self.pool, grant, handle).await
     }
 
     async fn grant(&self, id: &str) -> StoreResult<Option<Grant>> {
-        let row = sqlx::query(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(grant_from_row).transpose()
+        q::grant(&self.pool, id).await
     }
 
     async fn grant_by_handle(&self, handle: &SecretDigest) -> StoreResult<Option<(Grant, Agent)>> {
-        let row = sqlx::query(&GRANT_BY_HANDLE)
-            .bind(handle.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(grant_with_agent_from_row).transpose()
+        q::grant_by_handle(&self.pool, handle).await
     }
 
     async fn list_grants(&self, subject: Option<&str>) -> StoreResult<Vec<Grant>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {GRANT_COLUMNS} FROM grants WHERE ($1::TEXT IS NULL OR subject = $1) \
-             ORDER BY created_at DESC, id"
-        ))
-        .bind(subject)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(grant_from_row).collect()
+        q::list_grants(&self.pool, subject).await
     }
 
     async fn end_grant(
@@ -843,21 +737,11 @@ impl Store for PgStore {
         now: i64,
     ) -> StoreResult<Option<Grant>> {
         let mut tx = self.begin().await?;
-        let row = sqlx::query(&format!(
-            "UPDATE grants SET status = $1, ended_at = $2, end_reason = $3 \
-             WHERE id = $4 AND status = 'active' AND expires_at > $2 RETURNING {GRANT_COLUMNS}"
-        ))
-        .bind(end.status().as_str())
-        .bind(now)
-        .bind(reason)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let ended = q::end_grant(&mut *tx, id, end, reason, now).await?;
         Change::Grant(id).send(&mut tx).await?;
         tx.commit().await.map_err(unavailable)?;
         self.memos.grants.invalidate(id);
-        row.as_ref().map(grant_from_row).transpose()
+        Ok(ended)
     }
 
     async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
@@ -878,15 +762,7 @@ impl Store for PgStore {
         if request.once.is_empty() && request.grant.is_none() && request.audit.is_none() {
             return Ok(UseVerdict::Recorded);
         }
-        let draft = match &request.audit {
-            Some(event) => Some((
-                event
-                    .draft()
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-                unix_of(&event.ts),
-            )),
-            None => None,
-        };
+        let draft = draft_of(&request)?;
         let (reply, answer) = oneshot::channel();
         self.uses
             .send_async(UseJob::Use(Box::new(Prepared { request, draft }), reply))
@@ -909,103 +785,27 @@ impl Store for PgStore {
     }
 
     async fn audit_lines(&self, query: &AuditQuery) -> StoreResult<Vec<String>> {
-        sqlx::query_scalar(
-            "SELECT line FROM audit_events WHERE seq > $1 \
-             AND ($2::TEXT IS NULL OR grant_id = $2) AND ($3::TEXT IS NULL OR actor = $3) \
-             AND ($4::TEXT IS NULL OR subject = $4) ORDER BY seq LIMIT $5",
-        )
-        .bind(query.since_seq.min(i64::MAX as u64) as i64)
-        .bind(&query.grant_id)
-        .bind(&query.actor)
-        .bind(&query.subject)
-        .bind(i64::from(query.limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)
+        q::audit_lines(&self.pool, query).await
     }
 
     async fn checkpoints(&self, since_seq: u64) -> StoreResult<Vec<Checkpoint>> {
-        let rows = sqlx::query(
-            "SELECT seq, hash, ts, kid, sig FROM audit_checkpoints WHERE seq > $1 ORDER BY seq",
-        )
-        .bind(since_seq.min(i64::MAX as u64) as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(checkpoint_from_row).collect()
+        q::checkpoints(&self.pool, since_seq).await
     }
 
     async fn action_uses(&self, subject: Option<&str>) -> StoreResult<Vec<ActionUse>> {
-        let rows = sqlx::query(
-            "SELECT grant_id, action, count(*) AS uses, max(at) AS last_used FROM audit_events \
-             WHERE kind = 'gateway.request' AND decision = 'allow' \
-             AND grant_id IS NOT NULL AND action IS NOT NULL \
-             AND ($1::TEXT IS NULL OR subject = $1) GROUP BY grant_id, action",
-        )
-        .bind(subject)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                Ok(ActionUse {
-                    grant_id: row.column("grant_id")?,
-                    action: row.column("action")?,
-                    count: row.int("uses")?.max(0) as u64,
-                    last_used: row.int("last_used")?,
-                })
-            })
-            .collect()
+        q::action_uses(&self.pool, subject).await
     }
 
-    async fn create_approval(&self, a: &Approval) -> StoreResult<()> {
-        sqlx::query(&format!(
-            "INSERT INTO approvals ({APPROVAL_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
-        ))
-        .bind(&a.id)
-        .bind(&a.grant_id)
-        .bind(&a.subject)
-        .bind(&a.agent)
-        .bind(&a.action)
-        .bind(&a.upstream)
-        .bind(&a.method)
-        .bind(&a.path)
-        .bind(&a.query)
-        .bind(&a.body_sha256)
-        .bind(a.body_size)
-        .bind(a.status.as_str())
-        .bind(a.requested_at)
-        .bind(a.expires_at)
-        .bind(a.decided_at)
-        .bind(&a.approver)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+    async fn create_approval(&self, approval: &Approval) -> StoreResult<()> {
+        q::create_approval(&self.pool, approval).await
     }
 
     async fn approval(&self, id: &str) -> StoreResult<Option<Approval>> {
-        let row = sqlx::query(&format!(
-            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        row.as_ref().map(approval_from_row).transpose()
+        q::approval(&self.pool, id).await
     }
 
     async fn list_approvals(&self, subject: Option<&str>) -> StoreResult<Vec<Approval>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE ($1::TEXT IS NULL OR subject = $1) \
-             ORDER BY requested_at DESC, id"
-        ))
-        .bind(subject)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(approval_from_row).collect()
+        q::list_approvals(&self.pool, subject).await
     }
 
     async fn decide_approval(
@@ -1015,43 +815,12 @@ impl Store for PgStore {
         approver: &str,
         now: i64,
     ) -> StoreResult<Option<Approval>> {
-        let status = if approve {
-            ApprovalStatus::Approved
-        } else {
-            ApprovalStatus::Denied
-        };
-        let row = sqlx::query(&format!(
-            "UPDATE approvals SET status = $1, decided_at = $2, approver = $3 \
-             WHERE id = $4 AND status = 'pending' AND expires_at > $2 RETURNING {APPROVAL_COLUMNS}"
-        ))
-        .bind(status.as_str())
-        .bind(now)
-        .bind(approver)
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        row.as_ref().map(approval_from_row).transpose()
+        q::decide_approval(&self.pool, id, approve, approver, now).await
     }
 
     async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO vault (subject, upstream, kind, header_name, sealed, expires_at, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (subject, upstream) DO UPDATE SET \
-             kind = excluded.kind, header_name = excluded.header_name, sealed = excluded.sealed, \
-             expires_at = excluded.expires_at, created_at = excluded.created_at",
-        )
-        .bind(&entry.subject)
-        .bind(&entry.upstream)
-        .bind(&entry.kind)
-        .bind(&entry.header_name)
-        .bind(&entry.sealed)
-        .bind(entry.expires_at)
-        .bind(entry.created_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        q::put_credential(&mut *tx, entry).await?;
         Change::Vault(&entry.subject, &entry.upstream)
             .send(&mut tx)
             .await?;
@@ -1068,13 +837,7 @@ impl Store for PgStore {
             return Ok(entry.as_deref().cloned());
         }
         let read_at = self.memos.vault.epoch();
-        let row = sqlx::query("SELECT * FROM vault WHERE subject = $1 AND upstream = $2")
-            .bind(subject)
-            .bind(upstream)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        let entry = row.as_ref().map(vault_from_row).transpose()?;
+        let entry = q::credential(&self.pool, subject, upstream).await?;
         self.memos
             .vault
             .fill(key, entry.clone().map(Arc::new), read_at);
@@ -1082,26 +845,16 @@ impl Store for PgStore {
     }
 
     async fn list_credentials(&self, subject: &str) -> StoreResult<Vec<VaultEntry>> {
-        let rows = sqlx::query("SELECT * FROM vault WHERE subject = $1 ORDER BY upstream")
-            .bind(subject)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?;
-        rows.iter().map(vault_from_row).collect()
+        q::list_credentials(&self.pool, subject).await
     }
 
     async fn delete_credential(&self, subject: &str, upstream: &str) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
-        let done = sqlx::query("DELETE FROM vault WHERE subject = $1 AND upstream = $2")
-            .bind(subject)
-            .bind(upstream)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let deleted = q::delete_credential(&mut *tx, subject, upstream).await?;
         Change::Vault(subject, upstream).send(&mut tx).await?;
         tx.commit().await.map_err(unavailable)?;
         self.memos.vault.invalidate(&vault_key(subject, upstream));
-        Ok(done.rows_affected() > 0)
+        Ok(deleted)
     }
 
     async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()> {
@@ -1111,16 +864,7 @@ impl Store for PgStore {
             .revoked
             .fill(jti.to_owned(), true, self.memos.revoked.epoch());
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO revoked_tokens (jti, grant_id, expires_at) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(jti)
-        .bind(grant_id)
-        .bind(expires_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        q::revoke_token(&mut *tx, jti, grant_id, expires_at).await?;
         Change::Token(jti).send(&mut tx).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(())
@@ -1142,18 +886,6 @@ impl Store for PgStore {
     }
 
     async fn prune(&self, now: i64) -> StoreResult<u64> {
-        let replay = sqlx::query("DELETE FROM replay WHERE until < $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        let tokens = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        Ok(replay + tokens)
+        Ok(q::prune_replay(&self.pool, now).await? + q::prune_revoked(&self.pool, now).await?)
     }
 }

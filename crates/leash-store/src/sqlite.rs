@@ -17,15 +17,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row as _, SqlitePool};
 use tokio::sync::oneshot;
 
-use crate::common::{
-    APPROVAL_COLUMNS, GRANT_BY_HANDLE, GRANT_COLUMNS, Memo, SignerSlot, agent_from_row,
-    approval_from_row, grant_from_row, grant_with_agent_from_row, json_list, outcome_name,
-    unavailable, unix_of, user_from_row, vault_from_row, vault_key,
-};
+use crate::common::{Memo, SignerSlot, draft_of, outcome_name, unavailable, unix_of, vault_key};
 use crate::{
-    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, CHECKPOINT_EVERY_EVENTS,
-    CheckpointSigner, GrantEnd, RequestUse, Store, StoreError, StoreResult, UseVerdict, User,
-    VaultEntry,
+    ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
+    RequestUse, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
 };
 
 /// SQLite-backed [`Store`].
@@ -546,179 +541,75 @@ impl SqliteStore {
     }
 }
 
+/// The statements shared with the PostgreSQL backend.
+mod q {
+    crate::queries::shared_queries!(sqlx::Sqlite);
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        q::ping(&self.reader).await
     }
 
     async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {
-        let row = sqlx::query("SELECT value FROM settings WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        row.map(|r| r.try_get("value").map_err(unavailable))
-            .transpose()
+        q::setting(&self.reader, name).await
     }
 
     async fn init_setting(&self, name: &str, value: &[u8]) -> StoreResult<Vec<u8>> {
-        sqlx::query("INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING")
-            .bind(name)
-            .bind(value)
-            .execute(&self.writer)
-            .await
-            .map_err(unavailable)?;
-        let row = sqlx::query("SELECT value FROM settings WHERE name = ?")
-            .bind(name)
-            .fetch_one(&self.writer)
-            .await
-            .map_err(unavailable)?;
-        row.try_get("value").map_err(unavailable)
+        q::insert_setting(&self.writer, name, value).await?;
+        q::setting(&self.writer, name)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("setting {name} vanished")))
     }
 
     async fn create_user(&self, user: &User, key: &SecretDigest) -> StoreResult<()> {
-        sqlx::query("INSERT INTO users (id, name, key_digest, created_at) VALUES (?, ?, ?, ?)")
-            .bind(&user.id)
-            .bind(&user.name)
-            .bind(key.as_str())
-            .bind(user.created_at)
-            .execute(&self.writer)
-            .await
-            .map_err(unavailable)?;
-        Ok(())
+        q::create_user(&self.writer, user, key).await
     }
 
     async fn user_by_key(&self, key: &SecretDigest) -> StoreResult<Option<User>> {
-        let row = sqlx::query("SELECT id, name, created_at FROM users WHERE key_digest = ?")
-            .bind(key.as_str())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(user_from_row).transpose()
+        q::user_by_key(&self.reader, key).await
     }
 
     async fn list_users(&self) -> StoreResult<Vec<User>> {
-        let rows = sqlx::query("SELECT id, name, created_at FROM users ORDER BY created_at, id")
-            .fetch_all(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        rows.iter().map(user_from_row).collect()
+        q::list_users(&self.reader).await
     }
 
     async fn create_agent(&self, agent: &Agent) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO agents (id, name, jwks, disabled, created_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(&agent.id)
-        .bind(&agent.name)
-        .bind(agent.jwks.to_string())
-        .bind(i64::from(agent.disabled))
-        .bind(agent.created_at)
-        .execute(&self.writer)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        q::create_agent(&self.writer, agent).await
     }
 
     async fn agent(&self, id: &str) -> StoreResult<Option<Agent>> {
-        let row = sqlx::query("SELECT * FROM agents WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(agent_from_row).transpose()
+        q::agent(&self.reader, id).await
     }
 
     async fn list_agents(&self) -> StoreResult<Vec<Agent>> {
-        let rows = sqlx::query("SELECT * FROM agents ORDER BY created_at, id")
-            .fetch_all(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        rows.iter().map(agent_from_row).collect()
+        q::list_agents(&self.reader).await
     }
 
     async fn disable_agent(&self, id: &str, now: i64) -> StoreResult<bool> {
         let mut tx = self.writer.begin().await.map_err(unavailable)?;
-        let found = sqlx::query("UPDATE agents SET disabled = 1 WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected()
-            > 0;
-        sqlx::query(
-            "UPDATE grants SET status = 'revoked', ended_at = ?, end_reason = 'agent disabled' \
-             WHERE agent = ? AND status = 'active'",
-        )
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let found = q::disable_agent_row(&mut *tx, id).await?;
+        q::revoke_agent_grants(&mut *tx, id, now).await?;
         tx.commit().await.map_err(unavailable)?;
         self.grants.invalidate_all();
         Ok(found)
     }
 
     async fn create_grant(&self, grant: &Grant, handle: &SecretDigest) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO grants (id, handle_digest, subject, agent, purpose, upstreams, actions, \
-             approval_required, single_use, created_at, expires_at, max_requests, requests_used, \
-             status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&grant.id)
-        .bind(handle.as_str())
-        .bind(&grant.subject)
-        .bind(&grant.agent)
-        .bind(&grant.purpose)
-        .bind(json_list(&grant.upstreams))
-        .bind(json_list(&grant.actions))
-        .bind(json_list(&grant.approval_required))
-        .bind(json_list(&grant.single_use))
-        .bind(grant.created_at)
-        .bind(grant.expires_at)
-        .bind(grant.max_requests)
-        .bind(grant.requests_used)
-        .bind(grant.status.as_str())
-        .execute(&self.writer)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        q::create_grant(&self.writer, grant, handle).await
     }
 
     async fn grant(&self, id: &str) -> StoreResult<Option<Grant>> {
-        let row = sqlx::query(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = ?"))
-            .bind(id)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(grant_from_row).transpose()
+        q::grant(&self.reader, id).await
     }
 
     async fn grant_by_handle(&self, handle: &SecretDigest) -> StoreResult<Option<(Grant, Agent)>> {
-        let row = sqlx::query(&GRANT_BY_HANDLE)
-            .bind(handle.as_str())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        row.as_ref().map(grant_with_agent_from_row).transpose()
+        q::grant_by_handle(&self.reader, handle).await
     }
 
     async fn list_grants(&self, subject: Option<&str>) -> StoreResult<Vec<Grant>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {GRANT_COLUMNS} FROM grants WHERE (?1 IS NULL OR subject = ?1) \
-             ORDER BY created_at DESC, id"
-        ))
-        .bind(subject)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(grant_from_row).collect()
+        q::list_grants(&self.reader, subject).await
     }
 
     async fn end_grant(
@@ -728,20 +619,9 @@ impl Store for SqliteStore {
         reason: Option<&str>,
         now: i64,
     ) -> StoreResult<Option<Grant>> {
-        let row = sqlx::query(&format!(
-            "UPDATE grants SET status = ?, ended_at = ?, end_reason = ? \
-             WHERE id = ? AND status = 'active' AND expires_at > ? RETURNING {GRANT_COLUMNS}"
-        ))
-        .bind(end.status().as_str())
-        .bind(now)
-        .bind(reason)
-        .bind(id)
-        .bind(now)
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(unavailable)?;
+        let ended = q::end_grant(&self.writer, id, end, reason, now).await;
         self.grants.invalidate(id);
-        row.as_ref().map(grant_from_row).transpose()
+        ended
     }
 
     async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
@@ -761,15 +641,7 @@ impl Store for SqliteStore {
         if request.once.is_empty() && request.grant.is_none() && request.audit.is_none() {
             return Ok(UseVerdict::Recorded);
         }
-        let draft = match &request.audit {
-            Some(event) => Some((
-                event
-                    .draft()
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-                unix_of(&event.ts),
-            )),
-            None => None,
-        };
+        let draft = draft_of(&request)?;
         let (reply, answer) = oneshot::channel();
         self.uses
             .send_async(WriteJob::Use(Box::new(Prepared { request, draft }), reply))
@@ -793,113 +665,27 @@ impl Store for SqliteStore {
     }
 
     async fn audit_lines(&self, query: &AuditQuery) -> StoreResult<Vec<String>> {
-        sqlx::query_scalar(
-            "SELECT line FROM audit_events WHERE seq > ?1 \
-             AND (?2 IS NULL OR grant_id = ?2) AND (?3 IS NULL OR actor = ?3) \
-             AND (?4 IS NULL OR subject = ?4) ORDER BY seq LIMIT ?5",
-        )
-        .bind(query.since_seq.min(i64::MAX as u64) as i64)
-        .bind(&query.grant_id)
-        .bind(&query.actor)
-        .bind(&query.subject)
-        .bind(i64::from(query.limit))
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)
+        q::audit_lines(&self.reader, query).await
     }
 
     async fn checkpoints(&self, since_seq: u64) -> StoreResult<Vec<Checkpoint>> {
-        let rows = sqlx::query(
-            "SELECT seq, hash, ts, kid, sig FROM audit_checkpoints WHERE seq > ? ORDER BY seq",
-        )
-        .bind(since_seq.min(i64::MAX as u64) as i64)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                Ok(Checkpoint {
-                    seq: row.try_get::<i64, _>("seq").map_err(unavailable)?.max(0) as u64,
-                    hash: row.try_get("hash").map_err(unavailable)?,
-                    ts: row.try_get("ts").map_err(unavailable)?,
-                    kid: row.try_get("kid").map_err(unavailable)?,
-                    sig: row.try_get("sig").map_err(unavailable)?,
-                })
-            })
-            .collect()
+        q::checkpoints(&self.reader, since_seq).await
     }
 
     async fn action_uses(&self, subject: Option<&str>) -> StoreResult<Vec<ActionUse>> {
-        let rows = sqlx::query(
-            "SELECT grant_id, action, count(*) AS uses, max(at) AS last_used FROM audit_events \
-             WHERE kind = 'gateway.request' AND decision = 'allow' \
-             AND grant_id IS NOT NULL AND action IS NOT NULL \
-             AND (?1 IS NULL OR subject = ?1) GROUP BY grant_id, action",
-        )
-        .bind(subject)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        rows.iter()
-            .map(|row| {
-                Ok(ActionUse {
-                    grant_id: row.try_get("grant_id").map_err(unavailable)?,
-                    action: row.try_get("action").map_err(unavailable)?,
-                    count: row.try_get::<i64, _>("uses").map_err(unavailable)?.max(0) as u64,
-                    last_used: row.try_get("last_used").map_err(unavailable)?,
-                })
-            })
-            .collect()
+        q::action_uses(&self.reader, subject).await
     }
 
-    async fn create_approval(&self, a: &Approval) -> StoreResult<()> {
-        sqlx::query(&format!(
-            "INSERT INTO approvals ({APPROVAL_COLUMNS}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(&a.id)
-        .bind(&a.grant_id)
-        .bind(&a.subject)
-        .bind(&a.agent)
-        .bind(&a.action)
-        .bind(&a.upstream)
-        .bind(&a.method)
-        .bind(&a.path)
-        .bind(&a.query)
-        .bind(&a.body_sha256)
-        .bind(a.body_size)
-        .bind(a.status.as_str())
-        .bind(a.requested_at)
-        .bind(a.expires_at)
-        .bind(a.decided_at)
-        .bind(&a.approver)
-        .execute(&self.writer)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+    async fn create_approval(&self, approval: &Approval) -> StoreResult<()> {
+        q::create_approval(&self.writer, approval).await
     }
 
     async fn approval(&self, id: &str) -> StoreResult<Option<Approval>> {
-        let row = sqlx::query(&format!(
-            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        row.as_ref().map(approval_from_row).transpose()
+        q::approval(&self.reader, id).await
     }
 
     async fn list_approvals(&self, subject: Option<&str>) -> StoreResult<Vec<Approval>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE (?1 IS NULL OR subject = ?1) \
-             ORDER BY requested_at DESC, id"
-        ))
-        .bind(subject)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(unavailable)?;
-        rows.iter().map(approval_from_row).collect()
+        q::list_approvals(&self.reader, subject).await
     }
 
     async fn decide_approval(
@@ -909,43 +695,11 @@ impl Store for SqliteStore {
         approver: &str,
         now: i64,
     ) -> StoreResult<Option<Approval>> {
-        let status = if approve {
-            ApprovalStatus::Approved
-        } else {
-            ApprovalStatus::Denied
-        };
-        let row = sqlx::query(&format!(
-            "UPDATE approvals SET status = ?, decided_at = ?, approver = ? \
-             WHERE id = ? AND status = 'pending' AND expires_at > ? RETURNING {APPROVAL_COLUMNS}"
-        ))
-        .bind(status.as_str())
-        .bind(now)
-        .bind(approver)
-        .bind(id)
-        .bind(now)
-        .fetch_optional(&self.writer)
-        .await
-        .map_err(unavailable)?;
-        row.as_ref().map(approval_from_row).transpose()
+        q::decide_approval(&self.writer, id, approve, approver, now).await
     }
 
     async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO vault (subject, upstream, kind, header_name, sealed, expires_at, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (subject, upstream) DO UPDATE SET \
-             kind = excluded.kind, header_name = excluded.header_name, sealed = excluded.sealed, \
-             expires_at = excluded.expires_at, created_at = excluded.created_at",
-        )
-        .bind(&entry.subject)
-        .bind(&entry.upstream)
-        .bind(&entry.kind)
-        .bind(&entry.header_name)
-        .bind(&entry.sealed)
-        .bind(entry.expires_at)
-        .bind(entry.created_at)
-        .execute(&self.writer)
-        .await
-        .map_err(unavailable)?;
+        q::put_credential(&self.writer, entry).await?;
         self.vault
             .invalidate(&vault_key(&entry.subject, &entry.upstream));
         Ok(())
@@ -957,35 +711,19 @@ impl Store for SqliteStore {
             return Ok(entry.as_deref().cloned());
         }
         let read_at = self.vault.epoch();
-        let row = sqlx::query("SELECT * FROM vault WHERE subject = ? AND upstream = ?")
-            .bind(subject)
-            .bind(upstream)
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        let entry = row.as_ref().map(vault_from_row).transpose()?;
+        let entry = q::credential(&self.reader, subject, upstream).await?;
         self.vault.fill(key, entry.clone().map(Arc::new), read_at);
         Ok(entry)
     }
 
     async fn list_credentials(&self, subject: &str) -> StoreResult<Vec<VaultEntry>> {
-        let rows = sqlx::query("SELECT * FROM vault WHERE subject = ? ORDER BY upstream")
-            .bind(subject)
-            .fetch_all(&self.reader)
-            .await
-            .map_err(unavailable)?;
-        rows.iter().map(vault_from_row).collect()
+        q::list_credentials(&self.reader, subject).await
     }
 
     async fn delete_credential(&self, subject: &str, upstream: &str) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM vault WHERE subject = ? AND upstream = ?")
-            .bind(subject)
-            .bind(upstream)
-            .execute(&self.writer)
-            .await
-            .map_err(unavailable)?;
+        let deleted = q::delete_credential(&self.writer, subject, upstream).await;
         self.vault.invalidate(&vault_key(subject, upstream));
-        Ok(done.rows_affected() > 0)
+        deleted
     }
 
     async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()> {
@@ -994,17 +732,7 @@ impl Store for SqliteStore {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(jti.to_owned(), expires_at);
-        sqlx::query(
-            "INSERT INTO revoked_tokens (jti, grant_id, expires_at) VALUES (?, ?, ?) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(jti)
-        .bind(grant_id)
-        .bind(expires_at)
-        .execute(&self.writer)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        q::revoke_token(&self.writer, jti, grant_id, expires_at).await
     }
 
     async fn is_token_revoked(&self, jti: &str) -> StoreResult<bool> {
@@ -1016,18 +744,8 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&self, now: i64) -> StoreResult<u64> {
-        let replay = sqlx::query("DELETE FROM replay WHERE until < ?")
-            .bind(now)
-            .execute(&self.writer)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
-        let tokens = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < ?")
-            .bind(now)
-            .execute(&self.writer)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
+        let replay = q::prune_replay(&self.writer, now).await?;
+        let tokens = q::prune_revoked(&self.writer, now).await?;
         self.revoked
             .write()
             .unwrap_or_else(PoisonError::into_inner)

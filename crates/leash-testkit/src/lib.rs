@@ -232,14 +232,27 @@ impl Leash {
         log_level: &'static str,
         postgres: bool,
     ) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
         let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
-        std::fs::write(
-            dir.path().join("leash.toml"),
-            format!("{extra}\n{upstreams}"),
-        )
-        .expect("config");
-        let mut leash = Self {
+        let database = if postgres {
+            Some(std::sync::Arc::new(TestDatabase::create().await))
+        } else {
+            None
+        };
+        let mut leash = Self::prepare(bin, &format!("{extra}\n{upstreams}"), log_level, database);
+        leash.spawn().await;
+        leash
+    }
+
+    /// A server not started yet, with its config file written.
+    fn prepare(
+        bin: &Path,
+        config: &str,
+        log_level: &'static str,
+        database: Option<std::sync::Arc<TestDatabase>>,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("leash.toml"), config).expect("config");
+        Self {
             url: String::new(),
             output: Default::default(),
             bin: bin.to_owned(),
@@ -248,16 +261,10 @@ impl Leash {
             http: reqwest::Client::new(),
             listen: "127.0.0.1:0".into(),
             log_level,
-            database: if postgres {
-                Some(std::sync::Arc::new(TestDatabase::create().await))
-            } else {
-                None
-            },
+            database,
             public: None,
             master_key: None,
-        };
-        leash.spawn().await;
-        leash
+        }
     }
 
     /// Starts `nodes` servers on one fresh PostgreSQL database, with one master key and one
@@ -268,27 +275,12 @@ impl Leash {
         let master_key =
             base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
         let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
+        let config = format!("issuer = \"{CLUSTER_URL}\"\n{upstreams}");
         let mut cluster = Vec::new();
         for _ in 0..nodes {
-            let dir = tempfile::tempdir().expect("tempdir");
-            std::fs::write(
-                dir.path().join("leash.toml"),
-                format!("issuer = \"{CLUSTER_URL}\"\n{upstreams}"),
-            )
-            .expect("config");
-            let mut node = Self {
-                url: String::new(),
-                output: Default::default(),
-                bin: bin.to_owned(),
-                dir,
-                child: None,
-                http: reqwest::Client::new(),
-                listen: "127.0.0.1:0".into(),
-                log_level: "warn",
-                database: Some(database.clone()),
-                public: Some(CLUSTER_URL.to_owned()),
-                master_key: Some(master_key.clone()),
-            };
+            let mut node = Self::prepare(bin, &config, "warn", Some(database.clone()));
+            node.public = Some(CLUSTER_URL.to_owned());
+            node.master_key = Some(master_key.clone());
             node.spawn().await;
             cluster.push(node);
         }
