@@ -119,9 +119,15 @@ impl TestDatabase {
 
     /// Creates one on the test server. No server is a failure, never a skip.
     pub async fn create() -> Self {
-        use sqlx::Connection as _;
         let server =
             std::env::var(ENV_TEST_POSTGRES).unwrap_or_else(|_| DEFAULT_TEST_POSTGRES.to_owned());
+        Self::create_on(&server).await
+    }
+
+    /// Creates one on the server at `server` (a superuser URL).
+    pub async fn create_on(server: &str) -> Self {
+        use sqlx::Connection as _;
+        let server = server.to_owned();
         let mut admin = sqlx::PgConnection::connect(&server)
             .await
             .unwrap_or_else(|e| {
@@ -166,6 +172,155 @@ impl Drop for TestDatabase {
             });
         })
         .join();
+    }
+}
+
+/// A PostgreSQL server of the test's own (initdb in a temp dir, on a free loopback port), for
+/// tests that stop and start the database server itself. Needs the server binaries
+/// (`/usr/lib/postgresql/<version>/bin`, which `bash .ci/postgres.sh` installs); as root it runs
+/// them as the `postgres` user, which PostgreSQL requires.
+pub struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// Creates and starts it (blocking: a few hundred milliseconds).
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries in /usr/lib/postgresql (bash .ci/postgres.sh)")
+            .filter_map(|entry| entry.ok().map(|e| e.path().join("bin")))
+            .filter(|bin| bin.join("initdb").exists())
+            .max_by_key(|bin| {
+                bin.parent()
+                    .and_then(|v| v.file_name())
+                    .and_then(|v| v.to_str())
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(0)
+            })
+            .expect("no initdb under /usr/lib/postgresql/*/bin");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let server = Self { dir, bin, port };
+        if server.as_root() {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(server.dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown the data dir to postgres");
+        }
+        let data = server.dir.path().join("data");
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().expect("utf-8 path"),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        server.up();
+        server
+    }
+
+    fn as_root(&self) -> bool {
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.starts_with(b"0\n"))
+    }
+
+    /// One of the server's programs, run as `postgres` when we are root.
+    fn command(&self, program: &str) -> std::process::Command {
+        let path = self.bin.join(program);
+        if self.as_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&path);
+            command
+        } else {
+            std::process::Command::new(&path)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program)
+            .args(args)
+            .output()
+            .expect("run a PostgreSQL program");
+        assert!(
+            out.status.success(),
+            "{program} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the server and waits until it accepts connections (blocking).
+    pub fn up(&self) {
+        let dir = self.dir.path();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            dir.display()
+        );
+        let data = dir.join("data");
+        let log = dir.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().expect("utf-8 path"),
+                "-o",
+                &options,
+                "-l",
+                log.to_str().expect("utf-8 path"),
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server (fast shutdown: every connection is cut; blocking).
+    pub fn down(&self) {
+        let data = self.dir.path().join("data");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().expect("utf-8 path"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    /// The superuser URL.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        if let Some(data) = data.to_str() {
+            let _ = self
+                .command("pg_ctl")
+                .args(["-D", data, "-m", "immediate", "stop"])
+                .output();
+        }
     }
 }
 
@@ -270,8 +425,18 @@ impl Leash {
     /// Starts `nodes` servers on one fresh PostgreSQL database, with one master key and one
     /// issuer ([`CLUSTER_URL`]): a cluster as the README describes it.
     pub async fn start_cluster(bin: &Path, nodes: usize, upstream_url: &str) -> Vec<Self> {
+        Self::start_cluster_on(bin, nodes, upstream_url, TestDatabase::create().await).await
+    }
+
+    /// The same on a database of choice (of a [`PrivatePostgres`], say).
+    pub async fn start_cluster_on(
+        bin: &Path,
+        nodes: usize,
+        upstream_url: &str,
+        database: TestDatabase,
+    ) -> Vec<Self> {
         use base64::Engine as _;
-        let database = std::sync::Arc::new(TestDatabase::create().await);
+        let database = std::sync::Arc::new(database);
         let master_key =
             base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
         let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);

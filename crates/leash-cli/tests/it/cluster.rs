@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use leash_core::client::AgentKey;
 use leash_core::jws::Alg;
-use leash_testkit::{ADMIN_KEY, AGENT, Leash, RecordingUpstream, Scenario, now, read};
+use leash_testkit::{
+    ADMIN_KEY, AGENT, Leash, PrivatePostgres, RecordingUpstream, Scenario, TestDatabase, now, read,
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -265,6 +267,108 @@ async fn a_database_outage_fails_closed_and_the_nodes_recover_without_a_restart(
     let (token, dpop) = s.token(&c.nodes[2]).await;
     for node in &c.nodes {
         let (status, body) = call(node, Method::GET, path, &token, &dpop, &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_load_fails_closed_and_the_nodes_recover_by_themselves() {
+    let server = PrivatePostgres::start();
+    let upstream = RecordingUpstream::start().await;
+    let database = TestDatabase::create_on(&server.url()).await;
+    let nodes = Leash::start_cluster_on(bin(), 3, &upstream.url, database).await;
+    let mut s = Scenario::with_grant(&nodes[0], Alg::EdDsa, grant_body(json!({}))).await;
+    let (token, dpop) = s.token(&nodes[1]).await;
+    let (nodes, dpop) = (std::sync::Arc::new(nodes), std::sync::Arc::new(dpop));
+
+    // Load on every node until told to stop: (when, node, status) of each answer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..3)
+        .map(|n| {
+            let (nodes, stop, token, dpop) =
+                (nodes.clone(), stop.clone(), token.clone(), dpop.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, _) = call(
+                        &nodes[n],
+                        Method::GET,
+                        "/gw/mail/messages/1",
+                        &token,
+                        &dpop,
+                        &[],
+                    )
+                    .await;
+                    seen.push((Instant::now(), status));
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The task is revoked mid-load, then the database server restarts under the load.
+    let revoke = format!("/v1/grants/{}/revoke", s.grant_id());
+    assert_eq!(
+        nodes[2]
+            .call(Method::POST, &revoke, &s.user_key, None)
+            .await
+            .0,
+        200
+    );
+    let revoked_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::task::block_in_place(|| server.down());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut unavailable = 0;
+    for node in nodes.iter() {
+        let (status, _) = node.call(Method::GET, "/v1/grants", ADMIN_KEY, None).await;
+        assert_eq!(status, 503, "a call while the database is down");
+        unavailable += 1;
+    }
+    tokio::task::block_in_place(|| server.up());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for task in load {
+        answers.extend(task.await.expect("load task"));
+    }
+    let after: Vec<u16> = answers
+        .iter()
+        .filter(|(when, _)| *when > revoked_at)
+        .map(|(_, status)| *status)
+        .collect();
+    assert!(
+        after.iter().all(|status| matches!(status, 401 | 503)),
+        "a revoked grant's request was answered otherwise: {after:?}"
+    );
+    assert!(after.contains(&401), "{after:?}");
+    assert!(answers.iter().any(|(_, status)| *status == 200));
+    assert_eq!(unavailable, 3);
+
+    // Recovered without a restart: a new task works on every node (after at most a few
+    // seconds of reconnecting).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let grant = loop {
+        let (status, body) = nodes[0]
+            .call(
+                Method::POST,
+                "/v1/grants",
+                &s.user_key,
+                Some(grant_body(json!({}))),
+            )
+            .await;
+        if status == 201 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    s.grant = grant;
+    let (token, dpop) = s.token(&nodes[1]).await;
+    for node in nodes.iter() {
+        let (status, body) =
+            call(node, Method::GET, "/gw/mail/messages/1", &token, &dpop, &[]).await;
         assert_eq!(status, 200, "{body}");
     }
 }
