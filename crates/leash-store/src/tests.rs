@@ -282,6 +282,18 @@ async fn with_grant(store: &dyn Store, max_requests: Option<i64>) -> Grant {
     grant
 }
 
+/// Another grant of the user and agent [`with_grant`] made.
+async fn with_grant_named(store: &dyn Store, id: &str, handle: &str) -> Grant {
+    let mut grant = store.grant("grt_1").await.unwrap().unwrap();
+    grant.id = id.into();
+    grant.status = GrantStatus::Active;
+    store
+        .create_grant(&grant, &SecretDigest::from_stored(handle.into()))
+        .await
+        .unwrap();
+    grant
+}
+
 fn use_of(grant: &Grant, key: &str, now: i64) -> RequestUse {
     RequestUse {
         once: vec![(k(key), 1000)],
@@ -722,6 +734,19 @@ async fn cluster_an_end_or_revocation_on_one_node_reaches_the_others_memory() {
     assert!(
         took.is_some(),
         "a grant revoked on A is live on B after 1 s"
+    );
+
+    // An agent disabled on A takes its grants down in B's memory too.
+    let second = with_grant_named(a.as_ref(), "grt_2", "h2").await;
+    assert!(b.live_grant(&second.id).await.unwrap().unwrap().is_live(12));
+    assert!(a.disable_agent(&second.agent, 12).await.unwrap());
+    let took = within(limit, async || {
+        b.live_grant(&second.id).await.unwrap().unwrap().status == GrantStatus::Revoked
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "a disabled agent's grant is live on B after 1 s"
     );
 }
 
