@@ -478,9 +478,10 @@ async fn verify_database(
     data_dir: &Path,
     remote: &Remote,
 ) -> anyhow::Result<u64> {
-    let store = leash_store::open(url)
-        .await
-        .map_err(|e| anyhow!("cannot open database {url}: {e}"))?;
+    let store = leash_store::open(url).await.map_err(|e| {
+        let url = leash_store::display_url(url);
+        anyhow!("cannot open database {url}: {e}")
+    })?;
     let keys = match jwks {
         Some(source) => load_jwks(&source).await?,
         None => match local_key(store.as_ref(), data_dir).await? {

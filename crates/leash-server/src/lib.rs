@@ -109,9 +109,10 @@ pub async fn run(
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
     let master = state::load_master_key(secrets.master_key, &config.data_dir)?;
-    let store = leash_store::open(&config.database)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", config.database))?;
+    let store = leash_store::open(&config.database).await.map_err(|e| {
+        let url = leash_store::display_url(&config.database);
+        anyhow::anyhow!("cannot open database {url}: {e}")
+    })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

@@ -404,6 +404,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn prune(&self, now: i64) -> StoreResult<u64>;
 }
 
+/// The database URL as it may be shown: a password in it is replaced by `***`.
+pub fn display_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Opens the store named by a database URL, creating and migrating it as needed.
 pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
     if let Some(path) = url.strip_prefix("sqlite://") {
@@ -411,6 +422,6 @@ pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PgStore::open(url).await?))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_owned()))
+        Err(StoreError::UnsupportedUrl(display_url(url)))
     }
 }

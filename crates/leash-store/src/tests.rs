@@ -771,3 +771,32 @@ async fn cluster_appends_from_two_nodes_form_one_chain() {
         assert_eq!(verify_stored(node.as_ref()).await, 1_200);
     }
 }
+
+#[test]
+fn a_database_password_is_never_shown() {
+    assert_eq!(
+        crate::display_url("postgres://leash:s3cret@db.internal:5432/leash"),
+        "postgres://leash:***@db.internal:5432/leash"
+    );
+    assert_eq!(
+        crate::display_url("sqlite:///var/lib/leash/leash.db"),
+        "sqlite:///var/lib/leash/leash.db"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_connection_names_the_server_without_its_password() {
+    let error = crate::open("postgres://leash:s3cret@127.0.0.1:1/leash")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!error.contains("s3cret"), "{error}");
+    let unsupported = crate::open("mysql://leash:s3cret@127.0.0.1/leash")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        !unsupported.contains("s3cret") && unsupported.contains("***"),
+        "{unsupported}"
+    );
+}
