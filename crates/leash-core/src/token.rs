@@ -289,6 +289,32 @@ mod tests {
         }
     }
 
+    /// ATTACKS 3 and 8: the header's `alg` must be the key's own, and a token not valid yet
+    /// (`nbf` beyond the skew) is refused like an expired one.
+    #[test]
+    fn an_alg_other_than_the_keys_and_a_future_nbf_are_refused() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let signing = SigningKey::new(key.clone());
+        let public = signing.public();
+        let verify = |token: &str| {
+            verify_access_token(token, |_| Some(public.clone()), &claims(0).iss, 1000)
+        };
+        let sign = |header: Value, claims: Value| crate::jws::sign_ed25519(&header, &claims, &key);
+        let good = json!({"alg": "EdDSA", "typ": ACCESS_TOKEN_TYP, "kid": signing.kid()});
+        let body = serde_json::to_value(claims(1000)).unwrap();
+        assert!(verify(&sign(good.clone(), body.clone())).is_ok());
+        // An Ed25519 signature under a header claiming ES256: the key refuses the algorithm.
+        let mut es256 = good.clone();
+        es256["alg"] = json!("ES256");
+        assert!(verify(&sign(es256, body.clone())).is_err());
+        let mut early = body.clone();
+        early["nbf"] = json!(1000 + 31);
+        assert!(verify(&sign(good.clone(), early)).is_err(), "future nbf");
+        let mut within_skew = body;
+        within_skew["nbf"] = json!(1000 + 30);
+        assert!(verify(&sign(good, within_skew)).is_ok());
+    }
+
     #[test]
     fn other_typ_refused() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);

@@ -344,3 +344,31 @@ async fn introspection_needs_the_admin_and_says_only_inactive_for_dead_tokens() 
     assert_eq!(status, 200);
     assert_eq!(s.introspect(&leash, &token).await, json!({"active": false}));
 }
+
+/// ATTACKS 34: a revocation the store could not write is answered 503, never 200.
+#[tokio::test]
+async fn a_storage_failure_during_revocation_is_503_never_200() {
+    let leash = leash().await;
+    let s = Scenario::new(&leash).await;
+    let (token, _) = s.token(&leash).await;
+    leash
+        .sql(
+            "CREATE TRIGGER sabotage BEFORE INSERT ON revoked_tokens \
+             BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
+            "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'disk full'; END $$; \
+             CREATE TRIGGER sabotage BEFORE INSERT ON revoked_tokens \
+             FOR EACH ROW EXECUTE FUNCTION sabotage();",
+        )
+        .await;
+    let human = [("Authorization", format!("Bearer {}", s.user_key))];
+    assert_eq!(revoke(&leash, &token, &human, &[]).await, 503);
+    leash
+        .sql(
+            "DROP TRIGGER sabotage",
+            "DROP TRIGGER sabotage ON revoked_tokens",
+        )
+        .await;
+    assert_eq!(revoke(&leash, &token, &human, &[]).await, 200);
+    assert_eq!(s.introspect(&leash, &token).await["active"], false);
+}
