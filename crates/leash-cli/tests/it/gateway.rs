@@ -773,3 +773,31 @@ async fn two_dpop_headers_and_unknown_keys_are_refused_at_the_gateway() {
     );
     assert_eq!(gw.upstream.count(), 0);
 }
+
+/// ATTACKS 19: the URL a proof must name is Leash's own; `X-Forwarded-Host` or `Forwarded`
+/// from the caller never make another host acceptable.
+#[tokio::test]
+async fn a_forwarded_host_never_changes_the_url_a_proof_must_name() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let path = "/gw/mail/messages/1";
+    let forged = format!("http://evil.example{path}");
+    let proof = gw
+        .dpop
+        .dpop_proof("GET", &forged, Some(&gw.token), None, now());
+    let response = gw
+        .leash
+        .http()
+        .get(format!("{}{path}", gw.leash.url))
+        .header("Authorization", format!("DPoP {}", gw.token))
+        .header("DPoP", proof)
+        .header("X-Forwarded-Host", "evil.example")
+        .header("X-Forwarded-Proto", "http")
+        .header("Forwarded", "host=evil.example;proto=http")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_dpop_proof");
+    assert_eq!(gw.upstream.count(), 0);
+}
