@@ -580,6 +580,32 @@ impl Leash {
         }
     }
 
+    /// Makes every insert into `table` fail from outside the server (as a full or broken disk
+    /// would), or, with `fail` false, undoes it; on either backend.
+    pub async fn fail_inserts(&self, table: &str, fail: bool) {
+        if fail {
+            self.sql(
+                &format!(
+                    "CREATE TRIGGER sabotage BEFORE INSERT ON {table} \
+                     BEGIN SELECT RAISE(ABORT, 'disk full'); END;"
+                ),
+                &format!(
+                    "CREATE OR REPLACE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
+                     $$ BEGIN RAISE EXCEPTION 'disk full'; END $$; \
+                     CREATE TRIGGER sabotage BEFORE INSERT ON {table} \
+                     FOR EACH ROW EXECUTE FUNCTION sabotage();"
+                ),
+            )
+            .await;
+        } else {
+            self.sql(
+                "DROP TRIGGER sabotage",
+                &format!("DROP TRIGGER sabotage ON {table}"),
+            )
+            .await;
+        }
+    }
+
     /// Everything the store holds at rest, to search for secrets: the SQLite files' bytes, or
     /// every PostgreSQL row as text with its byte columns also decoded.
     pub async fn stored_bytes(&self) -> Vec<u8> {

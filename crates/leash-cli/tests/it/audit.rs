@@ -476,16 +476,7 @@ async fn a_failing_audit_write_answers_503_and_forwards_nothing() {
         200
     );
     // The store fails as a full disk would: every audit insert is refused.
-    gw.leash
-        .sql(
-            "CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
-             BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
-            "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN RAISE EXCEPTION 'disk full'; END $$; \
-             CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
-             FOR EACH ROW EXECUTE FUNCTION sabotage();",
-        )
-        .await;
+    gw.leash.fail_inserts("audit_events", true).await;
     let before = gw.upstream.count();
     let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/2", &[]).await;
     assert_eq!(
@@ -497,12 +488,7 @@ async fn a_failing_audit_write_answers_503_and_forwards_nothing() {
         before,
         "forwarded without an audit event"
     );
-    gw.leash
-        .sql(
-            "DROP TRIGGER sabotage",
-            "DROP TRIGGER sabotage ON audit_events",
-        )
-        .await;
+    gw.leash.fail_inserts("audit_events", false).await;
     // The failed request used nothing: its grant count is unchanged and the chain continues.
     assert_eq!(
         gw.call(Method::GET, "/gw/mail/messages/3", &[]).await.0,

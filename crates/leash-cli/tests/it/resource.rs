@@ -351,24 +351,10 @@ async fn a_storage_failure_during_revocation_is_503_never_200() {
     let leash = leash().await;
     let s = Scenario::new(&leash).await;
     let (token, _) = s.token(&leash).await;
-    leash
-        .sql(
-            "CREATE TRIGGER sabotage BEFORE INSERT ON revoked_tokens \
-             BEGIN SELECT RAISE(ABORT, 'disk full'); END;",
-            "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN RAISE EXCEPTION 'disk full'; END $$; \
-             CREATE TRIGGER sabotage BEFORE INSERT ON revoked_tokens \
-             FOR EACH ROW EXECUTE FUNCTION sabotage();",
-        )
-        .await;
+    leash.fail_inserts("revoked_tokens", true).await;
     let human = [("Authorization", format!("Bearer {}", s.user_key))];
     assert_eq!(revoke(&leash, &token, &human, &[]).await, 503);
-    leash
-        .sql(
-            "DROP TRIGGER sabotage",
-            "DROP TRIGGER sabotage ON revoked_tokens",
-        )
-        .await;
+    leash.fail_inserts("revoked_tokens", false).await;
     assert_eq!(revoke(&leash, &token, &human, &[]).await, 200);
     assert_eq!(s.introspect(&leash, &token).await["active"], false);
 }
