@@ -21,27 +21,12 @@ use crate::{
     StoreError, UseVerdict, User, VaultEntry,
 };
 
-/// The server the PostgreSQL tests create their databases on.
-const ENV_TEST_POSTGRES: &str = "LEASH_TEST_POSTGRES";
-const DEFAULT_TEST_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-
 /// A fresh, empty database of one backend, removed when dropped.
 struct Fixture {
     url: String,
     _dir: Option<tempfile::TempDir>,
-    /// The PostgreSQL database to drop afterwards, and the server URL to drop it from.
-    postgres: Option<(String, String)>,
-}
-
-fn server_url() -> String {
-    std::env::var(ENV_TEST_POSTGRES).unwrap_or_else(|_| DEFAULT_TEST_POSTGRES.to_owned())
-}
-
-/// `postgres://…/db` with the database name replaced.
-fn with_database(server: &str, database: &str) -> String {
-    let mut url = url::Url::parse(server).expect("LEASH_TEST_POSTGRES is a URL");
-    url.set_path(database);
-    url.to_string()
+    /// The PostgreSQL database (the test harness's: dropped with it).
+    postgres: Option<leash_testkit::TestDatabase>,
 }
 
 impl Fixture {
@@ -55,28 +40,14 @@ impl Fixture {
         }
     }
 
-    /// A new database on the test server. No server is a failure, never a skip: the tests
-    /// must run wherever the suite runs (`.ci/run` installs and starts one).
+    /// A new database on the test server (`LEASH_TEST_POSTGRES`). No server is a failure,
+    /// never a skip.
     async fn postgres() -> Self {
-        use sqlx::Connection as _;
-        let server = server_url();
-        let mut admin = sqlx::PgConnection::connect(&server)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "the PostgreSQL tests need a server at {server} ({ENV_TEST_POSTGRES}); \
-                 `.ci/run` installs and starts one: {e}"
-                )
-            });
-        let name = format!("leash_t_{}", hex::encode(rand::random::<[u8; 8]>()));
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
+        let database = leash_testkit::TestDatabase::create().await;
         Self {
-            url: with_database(&server, &name),
+            url: database.url.clone(),
             _dir: None,
-            postgres: Some((server, name)),
+            postgres: Some(database),
         }
     }
 
@@ -87,57 +58,31 @@ impl Fixture {
     /// Makes every audit insert fail from outside the store, as a full or broken disk would;
     /// `false` undoes it.
     async fn sabotage_audit(&self, on: bool) {
-        use sqlx::Connection as _;
-        if self.postgres.is_some() {
-            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
-            let statements: &[&str] = if on {
-                &[
-                    "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
-                     $$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$",
-                    "CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
-                     FOR EACH ROW EXECUTE FUNCTION sabotage()",
-                ]
-            } else {
-                &["DROP TRIGGER sabotage ON audit_events"]
-            };
-            for statement in statements {
-                sqlx::query(statement).execute(&mut conn).await.unwrap();
+        match &self.postgres {
+            Some(database) => {
+                database
+                    .execute(if on {
+                        "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
+                         $$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$; \
+                         CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
+                         FOR EACH ROW EXECUTE FUNCTION sabotage();"
+                    } else {
+                        "DROP TRIGGER sabotage ON audit_events"
+                    })
+                    .await
             }
-        } else {
-            let path = self.url.trim_start_matches("sqlite://");
-            let conn = rusqlite::Connection::open(path).unwrap();
-            conn.execute_batch(if on {
-                "CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
-                 BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;"
-            } else {
-                "DROP TRIGGER sabotage"
-            })
-            .unwrap();
-        }
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let Some((server, name)) = self.postgres.take() else {
-            return;
-        };
-        // Drop runs inside the test's runtime, which cannot be blocked on: a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+            None => {
+                let path = self.url.trim_start_matches("sqlite://");
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.execute_batch(if on {
+                    "CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
+                     BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;"
+                } else {
+                    "DROP TRIGGER sabotage"
+                })
                 .unwrap();
-            runtime.block_on(async {
-                use sqlx::Connection as _;
-                if let Ok(mut admin) = sqlx::PgConnection::connect(&server).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-            });
-        })
-        .join();
+            }
+        }
     }
 }
 
