@@ -84,6 +84,21 @@ struct FileConfig {
     #[serde(default)]
     upstream: Vec<UpstreamFile>,
     approvals: Option<ApprovalsFile>,
+    limits: Option<LimitsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    header_read_timeout: Option<i64>,
+    max_connections: Option<usize>,
+    gateway_body_bytes: Option<usize>,
+    token_rate: Option<u32>,
+    token_burst: Option<u32>,
+    gateway_rate: Option<u32>,
+    gateway_burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,6 +211,126 @@ impl std::fmt::Debug for ApprovalsConfig {
     }
 }
 
+/// A per-caller rate: `per_second` sustained with bursts of `burst`; `None` is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Requests per second, sustained.
+    pub per_second: std::num::NonZeroU32,
+    /// Requests allowed at once after a quiet spell.
+    pub burst: std::num::NonZeroU32,
+}
+
+/// What one connection and one caller may ask of the server (`[limits]`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request head (request line and headers), bytes; larger → 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request; more → 431.
+    pub max_headers: usize,
+    /// Time a client has to send a request head, and the longest a kept-alive connection may
+    /// idle between requests, before the connection is closed.
+    pub header_read_timeout: std::time::Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request body forwarded through the gateway; larger → 413.
+    pub gateway_body_bytes: usize,
+    /// Token requests per authenticated agent.
+    pub token_rate: Option<Rate>,
+    /// Gateway and `/v1/authorize` requests per authenticated caller.
+    pub gateway_rate: Option<Rate>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let rate = |per_second, burst| {
+            Some(Rate {
+                per_second: std::num::NonZeroU32::new(per_second)?,
+                burst: std::num::NonZeroU32::new(burst)?,
+            })
+        };
+        Self {
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            header_read_timeout: std::time::Duration::from_secs(10),
+            max_connections: 1024,
+            gateway_body_bytes: 16 * 1024 * 1024,
+            token_rate: rate(10, 20),
+            gateway_rate: rate(100, 200),
+        }
+    }
+}
+
+/// Smallest header limit accepted: hyper needs an 8 KiB read buffer, and a DPoP request's
+/// token and proof alone take a few KiB.
+const MIN_HEADER_BYTES: usize = 4 * 1024;
+
+fn limits(file: Option<LimitsFile>) -> Result<Limits, ConfigError> {
+    let defaults = Limits::default();
+    let Some(file) = file else {
+        return Ok(defaults);
+    };
+    let rate = |key: &str, rate: Option<u32>, burst: Option<u32>, default: Option<Rate>| {
+        let per_second = match (rate, default) {
+            (Some(0), _) => return Ok(None),
+            (Some(r), _) => r,
+            (None, Some(d)) => d.per_second.get(),
+            (None, None) => return Ok(None),
+        };
+        let burst = burst.unwrap_or(per_second.saturating_mul(2));
+        match (
+            std::num::NonZeroU32::new(per_second),
+            std::num::NonZeroU32::new(burst),
+        ) {
+            (Some(per_second), Some(burst)) => Ok(Some(Rate { per_second, burst })),
+            _ => Err(invalid(
+                format!("limits.{key}_burst"),
+                "must be at least 1 (set the rate to 0 to turn the limit off)",
+            )),
+        }
+    };
+    let max_header_bytes = file.max_header_bytes.unwrap_or(defaults.max_header_bytes);
+    if !(MIN_HEADER_BYTES..=1024 * 1024).contains(&max_header_bytes) {
+        return Err(invalid(
+            "limits.max_header_bytes",
+            format!("must be between {MIN_HEADER_BYTES} and 1048576"),
+        ));
+    }
+    let max_headers = file.max_headers.unwrap_or(defaults.max_headers);
+    if !(16..=1024).contains(&max_headers) {
+        return Err(invalid("limits.max_headers", "must be between 16 and 1024"));
+    }
+    let max_connections = file.max_connections.unwrap_or(defaults.max_connections);
+    if max_connections == 0 {
+        return Err(invalid("limits.max_connections", "must be at least 1"));
+    }
+    let gateway_body_bytes = file
+        .gateway_body_bytes
+        .unwrap_or(defaults.gateway_body_bytes);
+    Ok(Limits {
+        max_header_bytes,
+        max_headers,
+        header_read_timeout: std::time::Duration::from_secs(positive(
+            "limits.header_read_timeout",
+            file.header_read_timeout,
+            defaults.header_read_timeout.as_secs() as i64,
+        )? as u64),
+        max_connections,
+        gateway_body_bytes,
+        token_rate: rate(
+            "token",
+            file.token_rate,
+            file.token_burst,
+            defaults.token_rate,
+        )?,
+        gateway_rate: rate(
+            "gateway",
+            file.gateway_rate,
+            file.gateway_burst,
+            defaults.gateway_rate,
+        )?,
+    })
+}
+
 /// The resolved configuration of `leash serve`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -223,6 +358,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Upstream>,
     /// Approval notifications.
     pub approvals: ApprovalsConfig,
+    /// Connection, size and rate limits.
+    pub limits: Limits,
 }
 
 fn positive(key: &str, value: Option<i64>, default: i64) -> Result<i64, ConfigError> {
@@ -409,6 +546,7 @@ impl Config {
             dpop_nonce: file.dpop_nonce.unwrap_or(false),
             upstreams: upstreams(file.upstream)?,
             approvals,
+            limits: limits(file.limits)?,
         })
     }
 
@@ -501,6 +639,44 @@ mod tests {
             Config::load(&flags, env(&[])),
             Err(ConfigError::Read { .. })
         ));
+    }
+
+    fn limits_of(text: &str) -> Result<Limits, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leash.toml");
+        std::fs::write(&path, text).unwrap();
+        let flags = Flags {
+            config: Some(path),
+            ..Flags::default()
+        };
+        Config::load(&flags, env(&[])).map(|c| c.limits)
+    }
+
+    #[test]
+    fn limits_default_set_and_turned_off() {
+        let defaults = limits_of("").unwrap();
+        assert_eq!(defaults.max_headers, 64);
+        assert_eq!(defaults.token_rate.unwrap().per_second.get(), 10);
+        assert_eq!(defaults.gateway_rate.unwrap().burst.get(), 200);
+
+        let set =
+            limits_of("[limits]\ngateway_rate = 5\ntoken_rate = 0\nheader_read_timeout = 3\n")
+                .unwrap();
+        let gateway = set.gateway_rate.unwrap();
+        assert_eq!((gateway.per_second.get(), gateway.burst.get()), (5, 10));
+        assert!(set.token_rate.is_none());
+        assert_eq!(set.header_read_timeout.as_secs(), 3);
+
+        for bad in [
+            "[limits]\ngateway_burst = 0",
+            "[limits]\nmax_header_bytes = 100",
+            "[limits]\nmax_headers = 5",
+            "[limits]\nmax_connections = 0",
+            "[limits]\nheader_read_timeout = 0",
+            "[limits]\nrate = 1",
+        ] {
+            assert!(limits_of(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

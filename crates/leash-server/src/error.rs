@@ -84,6 +84,15 @@ pub enum ApiError {
     /// 403 `approval_mismatch`: the attached approval is for another request, grant or agent.
     #[error("{0}")]
     ApprovalMismatch(String),
+    /// 429 `rate_limited`, with `Retry-After`: the caller is over its rate (`[limits]`).
+    #[error("too many requests from this caller; retry after {retry_after_secs} s")]
+    RateLimited {
+        /// Whole seconds until a request would be allowed (at least 1).
+        retry_after_secs: u64,
+    },
+    /// 431 `invalid_request`: the request head is over `[limits]`.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// 502 `bad_gateway`: the upstream could not be reached.
     #[error("{0}")]
     BadGateway(String),
@@ -144,6 +153,11 @@ impl ApiError {
             Self::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "policy_denied"),
             Self::ApprovalRequired { .. } => (StatusCode::FORBIDDEN, "approval_required"),
             Self::ApprovalMismatch(_) => (StatusCode::FORBIDDEN, "approval_mismatch"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::HeadersTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalid_request",
+            ),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Self::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
@@ -185,6 +199,9 @@ impl IntoResponse for ApiError {
             Self::InvalidToken(_) | Self::ResourceInvalidProof(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, challenge(code, &description));
             }
+            Self::RateLimited { retry_after_secs } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
             Self::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
@@ -210,6 +227,7 @@ impl IntoResponse for ApiError {
             | Self::PolicyDenied { .. }
             | Self::ApprovalRequired { .. }
             | Self::ApprovalMismatch(_)
+            | Self::HeadersTooLarge(_)
             | Self::BadGateway(_)
             | Self::AuditUnavailable
             | Self::Unavailable(_) => {}

@@ -141,8 +141,18 @@ async fn gateway(
 ) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
     let decided = decide(state, &parts.method, &parts.uri, &parts.headers, trail).await?;
+    let body_limit = state.config.limits.gateway_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > body_limit as u64) {
+        return Err(ApiError::TooLarge(body_limit));
+    }
     let body = match &decided.approval {
-        ApprovalState::NotNeeded => body,
+        // A body without a length is cut off at the limit while it streams.
+        ApprovalState::NotNeeded => Body::new(http_body_util::Limited::new(body, body_limit)),
         ApprovalState::Needed { policies } => {
             let (bytes, digest) = hash_body(body).await?;
             let id = ask_approval(state, &decided, parts.uri.query(), &bytes, digest).await?;
@@ -402,6 +412,9 @@ pub async fn decide<'s>(
     if let Some(grant) = &principal.grant {
         trail.grant(grant);
     }
+    // Counted once the caller is authenticated: forged requests naming an agent cannot use up
+    // its allowance, and the table holds registered callers only.
+    state.gateway_rates.check(&principal.actor)?;
 
     // Step 4: route → action, within the grant and the token's scope.
     let upstream = state
@@ -612,6 +625,9 @@ async fn forward(
         .send()
         .await
         .map_err(|e| {
+            if body_over_limit(&e) {
+                return ApiError::TooLarge(state.config.limits.gateway_body_bytes);
+            }
             tracing::warn!(upstream = %upstream.name, error = %e, "upstream unreachable");
             ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))
         })?;
@@ -633,6 +649,18 @@ async fn forward(
     builder
         .body(Body::from_stream(response.bytes_stream()))
         .map_err(|_| ApiError::BadGateway("the upstream's response could not be relayed".into()))
+}
+
+/// Whether sending failed because the agent's body went over the gateway's limit.
+fn body_over_limit(error: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// `POST|GET /v1/authorize`: steps 1–6 as a decision API for an existing proxy (nginx

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod gateway;
+pub mod limits;
 pub mod meta;
 pub mod notify;
 pub mod oauth;
@@ -74,6 +75,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/gw/{upstream}/{*path}", any(gateway::handle))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::check_head,
+        ))
         .with_state(state)
 }
 
@@ -152,6 +157,7 @@ pub async fn run(
         })
     };
     let checkpoints = tokio::spawn(audit::checkpoint_timer(store.clone()));
+    let rates = boot.state.clone();
     let pruner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -159,14 +165,15 @@ pub async fn run(
             if let Err(e) = store.prune(clock.now()).await {
                 tracing::warn!(error = %e, "pruning replay entries failed");
             }
+            rates.token_rates.forget_idle();
+            rates.gateway_rates.forget_idle();
         }
     });
-    let served = axum::serve(listener, router(boot.state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let limits = boot.state.config.limits.clone();
+    limits::serve(listener, router(boot.state), &limits, shutdown).await;
     pruner.abort();
     checkpoints.abort();
     #[cfg(unix)]
     reloader.abort();
-    served.map_err(|e| anyhow::anyhow!("server error: {e}"))
+    Ok(())
 }

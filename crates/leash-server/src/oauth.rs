@@ -130,6 +130,7 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
     let audiences = [state.issuer.as_str(), token_endpoint];
     let (agent, assertion_entry) =
         authenticate_client(state, form, &audiences, found.as_ref().map(|(_, a)| a)).await?;
+    state.token_rates.check(&agent)?;
 
     let now = state.clock.now();
     let proof = single_dpop_header(headers)

@@ -74,6 +74,10 @@ pub struct AppState {
     pub verified_tokens: quick_cache::sync::Cache<[u8; 32], Arc<AccessClaims>>,
     /// Approval notifications (`[approvals] webhook_url`).
     pub notifier: crate::notify::Notifier,
+    /// Token requests per agent (`[limits] token_rate`).
+    pub token_rates: crate::limits::CallerRates,
+    /// Gateway and authorize requests per caller (`[limits] gateway_rate`).
+    pub gateway_rates: crate::limits::CallerRates,
 }
 
 /// Verified access tokens held in memory at most.
@@ -225,6 +229,8 @@ impl AppState {
         let token_endpoint = url::Url::parse(&format!("{issuer}/oauth2/token"))?;
         let mut verify_keys = HashMap::new();
         verify_keys.insert(signing.kid().to_owned(), signing.public());
+        let token_rates = crate::limits::CallerRates::new(config.limits.token_rate);
+        let gateway_rates = crate::limits::CallerRates::new(config.limits.gateway_rate);
         let state = Self {
             config,
             issuer,
@@ -245,6 +251,8 @@ impl AppState {
                 .build()?,
             verified_tokens: quick_cache::sync::Cache::new(VERIFIED_TOKEN_CAPACITY),
             notifier,
+            token_rates,
+            gateway_rates,
         };
         Ok(Bootstrap {
             state: Arc::new(state),

@@ -25,6 +25,10 @@ pub use leash_core::token::{GRANT_TOKEN_TYPE, TOKEN_EXCHANGE};
 /// The default test agent.
 pub const AGENT: &str = "spiffe://example.org/agent/mailbot";
 
+/// The rate limits of test servers, unless a test sets its own `[limits]`: off, because the
+/// suites and load benchmarks drive one agent far faster than a real one works.
+pub const UNLIMITED: &str = "[limits]\ntoken_rate = 0\ngateway_rate = 0\n";
+
 /// Upstreams every test server knows.
 pub const UPSTREAMS: &str = r#"
 [[upstream]]
@@ -388,12 +392,18 @@ impl Leash {
         postgres: bool,
     ) -> Self {
         let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
+        let limits = if extra.contains("[limits]") {
+            ""
+        } else {
+            UNLIMITED
+        };
         let database = if postgres {
             Some(std::sync::Arc::new(TestDatabase::create().await))
         } else {
             None
         };
-        let mut leash = Self::prepare(bin, &format!("{extra}\n{upstreams}"), log_level, database);
+        let config = format!("{extra}\n{upstreams}\n{limits}");
+        let mut leash = Self::prepare(bin, &config, log_level, database);
         leash.spawn().await;
         leash
     }
@@ -440,7 +450,7 @@ impl Leash {
         let master_key =
             base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
         let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
-        let config = format!("issuer = \"{CLUSTER_URL}\"\n{upstreams}");
+        let config = format!("issuer = \"{CLUSTER_URL}\"\n{upstreams}\n{UNLIMITED}");
         let mut cluster = Vec::new();
         for _ in 0..nodes {
             let mut node = Self::prepare(bin, &config, "warn", Some(database.clone()));
@@ -644,6 +654,33 @@ impl Leash {
             }
         }
         bytes
+    }
+
+    /// The server process's resident memory, KiB (Linux `/proc`).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().and_then(Child::id).expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// One value of `/metrics` by its full series name (`name{labels}`).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no series {series} in {text}"))
     }
 
     /// Kills the server with SIGKILL (no shutdown of any kind).

@@ -12,7 +12,7 @@ use super::bin;
 use super::gateway::{Gw, grant, setup};
 
 /// `GET /v1/audit?…` as `key`: status and the events.
-async fn audit(leash: &Leash, key: &str, query: &str) -> (u16, Vec<Value>) {
+pub async fn audit(leash: &Leash, key: &str, query: &str) -> (u16, Vec<Value>) {
     let response = leash
         .http()
         .get(format!("{}/v1/audit{query}", leash.url))

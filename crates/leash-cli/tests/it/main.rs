@@ -17,6 +17,7 @@ mod exchange;
 mod gateway;
 mod input;
 mod jose_python;
+mod limits;
 mod nginx;
 mod proofs;
 mod resource;

@@ -1,0 +1,402 @@
+//! Limits (issue #8): per-caller rates answered with 429 and `Retry-After`, request heads and
+//! gateway bodies over their limits, slow and idle clients, the connection cap, and the tables
+//! that must stay bounded under a flood of unique `jti`s.
+
+use std::time::Duration;
+
+use leash_core::client::AgentKey;
+use leash_core::jws::Alg;
+use leash_testkit::{ADMIN_KEY, AGENT, Leash, Scenario, form, now, read};
+use reqwest::Method;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use super::bin;
+use super::gateway::{Gw, grant, setup};
+
+/// The `Retry-After` of a 429, checked to be whole seconds.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
+    let value = headers
+        .get("retry-after")
+        .expect("a 429 carries Retry-After")
+        .to_str()
+        .unwrap();
+    let seconds: u64 = value.parse().expect("Retry-After is delay-seconds");
+    assert!((1..=60).contains(&seconds), "Retry-After {seconds}");
+    seconds
+}
+
+#[tokio::test]
+async fn the_token_endpoint_limits_each_agent_and_forged_requests_use_none_of_its_allowance() {
+    let leash = Leash::start(bin(), "[limits]\ntoken_rate = 1\ntoken_burst = 2\n").await;
+    let s = Scenario::new(&leash).await;
+
+    // Assertions signed with a key that is not the agent's name it all the same.
+    let thief = AgentKey::generate(Alg::EdDsa);
+    for _ in 0..4 {
+        let mut form = s.exchange_form(&leash);
+        form[4].1 = thief.client_assertion(AGENT, &leash.token_url(), now());
+        let proof = thief.dpop_proof("POST", &leash.token_url(), None, None, now());
+        let (status, _, body) = s.exchange_raw(&leash, &form, Some(proof)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_client"))
+        );
+    }
+
+    for _ in 0..2 {
+        s.token(&leash).await;
+    }
+    let dpop = AgentKey::generate(Alg::EdDsa);
+    let proof = dpop.dpop_proof("POST", &leash.token_url(), None, None, now());
+    let (status, headers, body) = s
+        .exchange_raw(&leash, &s.exchange_form(&leash), Some(proof))
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("retry")
+    );
+    let wait = retry_after(&headers);
+
+    // Another agent has its own allowance.
+    let other = "spiffe://example.org/agent/other";
+    let other_key = AgentKey::generate(Alg::EdDsa);
+    leash.register_agent(other, &other_key).await;
+    let other_grant = leash
+        .create_grant(
+            &s.user_key,
+            json!({"agent": other, "purpose": "Other task", "upstreams": ["mail"],
+                   "actions": ["mail:read"], "ttl_seconds": 600}),
+        )
+        .await;
+    let assertion = other_key.client_assertion(other, &leash.token_url(), now());
+    let body = form(&[
+        ("grant_type", leash_core::token::TOKEN_EXCHANGE),
+        ("subject_token", other_grant["handle"].as_str().unwrap()),
+        ("subject_token_type", leash_core::token::GRANT_TOKEN_TYPE),
+        ("client_assertion_type", leash_core::assertion::JWT_BEARER),
+        ("client_assertion", &assertion),
+    ]);
+    let proof = other_key.dpop_proof("POST", &leash.token_url(), None, None, now());
+    let (status, _, answer) = leash
+        .post_form("/oauth2/token", body, &[("DPoP", proof)])
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    s.token(&leash).await;
+    assert_eq!(
+        leash
+            .metric("leash_rate_limited_total{endpoint=\"token\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_gateway_limits_each_caller_audits_the_refusal_and_forwards_nothing() {
+    let gw = setup(
+        "[limits]\ngateway_rate = 1\ngateway_burst = 3\n",
+        grant(&["mail:read"], &["mail"], json!({})),
+    )
+    .await;
+    for _ in 0..3 {
+        let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, headers, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    let wait = retry_after(&headers);
+    assert_eq!(
+        gw.upstream.count(),
+        3,
+        "a limited request reached the upstream"
+    );
+
+    // A request that does not authenticate is refused for that, not counted against the agent.
+    let url = format!("{}/gw/mail/messages/1", gw.leash.url);
+    let (status, _, body) = read(
+        gw.leash
+            .http()
+            .get(&url)
+            .header("Authorization", "DPoP forged.token.here")
+            .header("DPoP", gw.dpop.dpop_proof("GET", &url, None, None, now()))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("invalid_token"))
+    );
+
+    let (status, events) = super::audit::audit(&gw.leash, ADMIN_KEY, "?limit=100").await;
+    assert_eq!(status, 200);
+    let limited = events
+        .iter()
+        .filter(|e| e["reason"] == "rate_limited")
+        .collect::<Vec<_>>();
+    assert_eq!(limited.len(), 1, "{events:?}");
+    assert_eq!(limited[0]["actor"], AGENT);
+    assert_eq!(limited[0]["decision"], "deny");
+
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn request_heads_over_the_limits_are_refused_and_the_server_keeps_serving() {
+    let leash = Leash::start(bin(), "").await;
+    let url = format!("{}/v1/users", leash.url);
+
+    let mut many = leash.http().get(&url);
+    for i in 0..70 {
+        many = many.header(format!("x-filler-{i}"), "1");
+    }
+    let (status, _, body) = read(many.send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (431, Some("invalid_request"))
+    );
+    assert!(body["error_description"].as_str().unwrap().contains("64"));
+
+    let big = "a".repeat(20 * 1024);
+    let (status, _, body) = read(
+        leash
+            .http()
+            .get(&url)
+            .header("x-filler", &big)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (431, Some("invalid_request"))
+    );
+
+    // Far over the limit, the connection's own parser refuses before buffering it all.
+    let huge = "a".repeat(200 * 1024);
+    let response = reqwest::Client::new()
+        .get(&url)
+        .header("x-filler", &huge)
+        .send()
+        .await;
+    if let Ok(response) = response {
+        assert_eq!(response.status().as_u16(), 431);
+    }
+
+    let (status, _, body) = read(
+        leash
+            .http()
+            .get(format!("{}/healthz", leash.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Reads until the server closes the connection; `None` if it stayed open for `wait`.
+async fn until_closed(stream: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    tokio::time::timeout(wait, stream.read_to_end(&mut got))
+        .await
+        .ok()
+        .map(|_| got)
+}
+
+#[tokio::test]
+async fn a_slow_client_and_an_idle_connection_are_closed_after_the_header_timeout() {
+    let leash = Leash::start(bin(), "[limits]\nheader_read_timeout = 1\n").await;
+    let addr = leash.url.trim_start_matches("http://").to_owned();
+
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let got = until_closed(&mut slow, Duration::from_secs(10))
+        .await
+        .expect("a client that never finishes its head is cut off");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
+
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let got = until_closed(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("an idle kept-alive connection is closed");
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_until_one_closes() {
+    let leash = Leash::start(bin(), "[limits]\nmax_connections = 2\n").await;
+    let addr = leash.url.trim_start_matches("http://").to_owned();
+    let first = TcpStream::connect(&addr).await.unwrap();
+    let _second = TcpStream::connect(&addr).await.unwrap();
+    let health = format!("{}/healthz", leash.url);
+
+    let waiting = reqwest::Client::new()
+        .get(&health)
+        .timeout(Duration::from_millis(800))
+        .send()
+        .await;
+    assert!(
+        waiting.is_err(),
+        "a third connection was served beside two open ones"
+    );
+
+    drop(first);
+    let response = reqwest::Client::new()
+        .get(&health)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("served once a connection closed");
+    assert_eq!(response.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn gateway_bodies_over_the_limit_are_413_and_never_forwarded_whole() {
+    let gw = setup(
+        "[limits]\ngateway_body_bytes = 1024\ntoken_rate = 0\ngateway_rate = 0\n",
+        grant(&["mail:draft"], &["mail"], json!({})),
+    )
+    .await;
+    let url = format!("{}/gw/mail/drafts", gw.leash.url);
+    let send = |body: reqwest::Body| {
+        let proof = gw
+            .dpop
+            .dpop_proof("POST", &url, Some(&gw.token), None, now());
+        gw.leash
+            .http()
+            .post(&url)
+            .header("Authorization", format!("DPoP {}", gw.token))
+            .header("DPoP", proof)
+            .body(body)
+    };
+
+    let (status, _, body) = read(send(vec![b'x'; 2000].into()).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("invalid_request"))
+    );
+    assert_eq!(gw.upstream.count(), 0);
+
+    let (status, _, body) = read(send(vec![b'x'; 1000].into()).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(gw.upstream.count(), 1);
+
+    // Without a declared length the body is cut off while it streams.
+    let chunks = futures::stream::iter((0..8).map(|_| Ok::<_, std::io::Error>(vec![b'y'; 512])));
+    let (status, _, body) = read(
+        send(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (413, Some("invalid_request"))
+    );
+    assert_eq!(
+        gw.upstream.count(),
+        1,
+        "the upstream accepted a cut-off body"
+    );
+}
+
+/// `rounds` requests, 8 at a time: valid calls with fresh proofs, forged tokens, and token
+/// requests from agents nobody registered, each with a `jti` never seen before.
+async fn flood(gw: &Gw, rounds: usize) {
+    let url = &format!("{}/gw/mail/messages/1", gw.leash.url);
+    futures::future::join_all((0..8).map(|_| async move {
+        for i in 0..rounds / 8 {
+            match i % 3 {
+                0 => {
+                    let (status, _, _) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+                    assert_eq!(status, 200);
+                }
+                1 => {
+                    let proof = gw.dpop.dpop_proof("GET", url, None, None, now());
+                    let response = gw
+                        .leash
+                        .http()
+                        .get(url)
+                        .header("Authorization", format!("DPoP forged.{i}.token"))
+                        .header("DPoP", proof)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status().as_u16(), 401);
+                }
+                _ => {
+                    let stranger = format!("spiffe://example.org/agent/stranger-{i}");
+                    let key = AgentKey::generate(Alg::EdDsa);
+                    let assertion = key.client_assertion(&stranger, &gw.leash.token_url(), now());
+                    let body = form(&[
+                        ("grant_type", leash_core::token::TOKEN_EXCHANGE),
+                        ("subject_token", gw.s.handle()),
+                        ("subject_token_type", leash_core::token::GRANT_TOKEN_TYPE),
+                        ("client_assertion_type", leash_core::assertion::JWT_BEARER),
+                        ("client_assertion", &assertion),
+                    ]);
+                    let proof = key.dpop_proof("POST", &gw.leash.token_url(), None, None, now());
+                    let (status, _, _) = gw
+                        .leash
+                        .post_form("/oauth2/token", body, &[("DPoP", proof)])
+                        .await;
+                    assert_eq!(status, 401);
+                }
+            }
+        }
+    }))
+    .await;
+}
+
+/// ATTACKS 22: a flood of unique `jti`s (valid proofs, forged tokens, forged assertions naming
+/// unknown agents) leaves the server's memory and its rate tables bounded.
+#[tokio::test]
+async fn a_flood_of_unique_jtis_leaves_memory_and_rate_tables_bounded() {
+    let gw = setup(
+        "[limits]\ntoken_rate = 1000000\ngateway_rate = 1000000\n",
+        grant(&["mail:read"], &["mail"], json!({})),
+    )
+    .await;
+    flood(&gw, 1_200).await;
+    let warm = gw.leash.rss_kib();
+    flood(&gw, 9_000).await;
+    let after = gw.leash.rss_kib();
+    assert!(
+        after.saturating_sub(warm) < 24 * 1024,
+        "memory grew from {warm} KiB to {after} KiB under the flood"
+    );
+    for endpoint in ["token", "gateway"] {
+        let tracked = gw
+            .leash
+            .metric(&format!(
+                "leash_rate_limit_callers{{endpoint=\"{endpoint}\"}}"
+            ))
+            .await;
+        assert!(tracked <= 1.0, "{endpoint}: {tracked} callers tracked");
+    }
+}

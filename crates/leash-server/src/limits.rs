@@ -1,0 +1,255 @@
+//! What a connection and a caller may ask of the server: the HTTP listener with its
+//! connection-level limits (head size, header count, slow or idle clients, connection count),
+//! the head check that answers those limits with Leash's JSON errors, and per-caller rates.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::Clock as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+use crate::config::{Limits, Rate};
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// How long a shutdown waits for requests in flight before closing their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// hyper's own header-count limit when none is set; setting one moves its header parsing to
+/// the heap on every request, so it is only raised when the configured limit needs it.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// The smallest read buffer hyper accepts.
+const HYPER_MIN_BUF: usize = 8192;
+
+/// Serves `router` on `listener` until `shutdown` resolves, under `limits`.
+///
+/// The configured head limits are answered by [`check_head`] with a JSON 431; hyper's own
+/// limits are set at twice them, as the backstop that stops a client from making the server
+/// buffer an unbounded head (hyper answers those with a bare 431 and closes the connection).
+/// A client has `header_read_timeout` to send each request head, which also closes a
+/// kept-alive connection idle for that long. At `max_connections`, new connections wait in the
+/// listen backlog until one closes.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: &Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    {
+        let mut http1 = builder.http1();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // hyper-util exposes no head-only limit; the read buffer bounds the head.
+            .max_buf_size((limits.max_header_bytes * 2).max(HYPER_MIN_BUF));
+        if limits.max_headers * 2 > HYPER_DEFAULT_MAX_HEADERS {
+            http1.max_headers(limits.max_headers * 2);
+        }
+    }
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes * 2).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.header_read_timeout))
+        .keep_alive_timeout(limits.header_read_timeout);
+    let builder = Arc::new(builder);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit,
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = permit else { break };
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Responses are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after the shutdown grace period; closing");
+    }
+}
+
+/// A failed accept: a client that gave up is nothing; anything else (out of file
+/// descriptors, say) is logged and waited out so the loop does not spin.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if !matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        tracing::error!(error = %e, "accept failed");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The configured head limits, answered with a JSON 431 before any handler runs.
+pub async fn check_head(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let limits = &state.config.limits;
+    let headers = request.headers();
+    if headers.len() > limits.max_headers {
+        return ApiError::HeadersTooLarge(format!(
+            "a request may carry at most {} header fields",
+            limits.max_headers
+        ))
+        .into_response();
+    }
+    // The size as it was on the wire, give or take the line endings' exact spelling.
+    let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+    let size = headers.iter().fold(line, |sum, (name, value)| {
+        sum + name.as_str().len() + value.len() + 4
+    });
+    if size > limits.max_header_bytes {
+        return ApiError::HeadersTooLarge(format!(
+            "the request head may be at most {} bytes",
+            limits.max_header_bytes
+        ))
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Requests per caller over time, by the generic cell rate algorithm (governor). Keys are
+/// authenticated callers only (an agent whose assertion or token checked out, a human whose
+/// key did), so the table holds at most one entry per registered caller, and
+/// [`CallerRates::forget_idle`] drops those back at full allowance.
+#[derive(Debug)]
+pub struct CallerRates {
+    limiter: Option<governor::DefaultKeyedRateLimiter<String>>,
+    refused: AtomicU64,
+}
+
+impl CallerRates {
+    /// Limits at `rate`; `None` allows everything.
+    pub fn new(rate: Option<Rate>) -> Self {
+        Self {
+            limiter: rate.map(|rate| {
+                governor::RateLimiter::keyed(
+                    governor::Quota::per_second(rate.per_second).allow_burst(rate.burst),
+                )
+            }),
+            refused: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one request of `caller`; over the rate → 429 with the wait.
+    pub fn check(&self, caller: &str) -> ApiResult<()> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        limiter.check_key(&caller.to_owned()).map_err(|not_until| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            let wait = not_until.wait_time_from(limiter.clock().now());
+            ApiError::RateLimited {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            }
+        })
+    }
+
+    /// Drops the entries of callers back at full allowance (run periodically).
+    pub fn forget_idle(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    /// Callers currently tracked.
+    pub fn tracked(&self) -> usize {
+        self.limiter.as_ref().map_or(0, |l| l.len())
+    }
+
+    /// Requests refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn rate(per_second: u32, burst: u32) -> Option<Rate> {
+        Some(Rate {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        })
+    }
+
+    #[test]
+    fn a_burst_is_allowed_then_refused_with_a_wait_per_caller() {
+        let rates = CallerRates::new(rate(1, 3));
+        for _ in 0..3 {
+            rates.check("spiffe://a").unwrap();
+        }
+        match rates.check("spiffe://a") {
+            Err(ApiError::RateLimited { retry_after_secs }) => assert_eq!(retry_after_secs, 1),
+            other => panic!("expected 429, got {other:?}"),
+        }
+        // Another caller has its own allowance.
+        rates.check("spiffe://b").unwrap();
+        assert_eq!(rates.refused(), 1);
+        assert_eq!(rates.tracked(), 2);
+    }
+
+    #[test]
+    fn no_rate_allows_everything_and_tracks_nobody() {
+        let rates = CallerRates::new(None);
+        for i in 0..1000 {
+            rates.check(&format!("caller-{i}")).unwrap();
+        }
+        assert_eq!(rates.tracked(), 0);
+    }
+
+    #[test]
+    fn callers_back_at_full_allowance_are_forgotten() {
+        let rates = CallerRates::new(rate(1000, 1));
+        for i in 0..100 {
+            rates.check(&format!("caller-{i}")).unwrap();
+        }
+        assert_eq!(rates.tracked(), 100);
+        std::thread::sleep(Duration::from_millis(20));
+        rates.forget_idle();
+        assert_eq!(rates.tracked(), 0);
+    }
+}
