@@ -10,8 +10,9 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jwk::parse_jwks;
 use leash_core::secret::{API_KEY_PREFIX, HANDLE_PREFIX, Secret, random_id};
 use leash_store::{Agent, GrantEnd, RequestUse, User};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use crate::audit;
 use crate::config::valid_action;
@@ -20,26 +21,59 @@ use crate::extract::{
     Admin, Caller, JsonBody, ResourceCaller, StatusQuery, authenticate_resource, commit_use,
     status_filter,
 };
+use crate::openapi::ApiErrors;
 use crate::state::{AppState, rfc3339};
 use leash_core::audit::Mode;
 
-fn user_json(user: &User) -> Value {
-    json!({"id": user.id, "name": user.name, "created_at": rfc3339(user.created_at)})
+/// A human as the API shows them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserView {
+    /// `usr_…`.
+    id: String,
+    name: String,
+    /// RFC 3339.
+    created_at: String,
+}
+
+impl From<&User> for UserView {
+    fn from(user: &User) -> Self {
+        Self {
+            id: user.id.clone(),
+            name: user.name.clone(),
+            created_at: rfc3339(user.created_at),
+        }
+    }
+}
+
+/// A human just created, with their API key (shown once).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedUser {
+    #[serde(flatten)]
+    user: UserView,
+    api_key: String,
+}
+
+/// `GET /v1/users`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserList {
+    users: Vec<UserView>,
 }
 
 /// Body of `POST /v1/users`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     name: String,
 }
 
 /// `POST /v1/users` (admin).
+#[utoipa::path(post, path = "/v1/users", tag = "humans", request_body = NewUser,
+    responses((status = 201, body = CreatedUser), ApiErrors), security(("api_key" = [])))]
 pub async fn create_user(
     State(state): State<Arc<AppState>>,
     _: Admin,
     JsonBody(body): JsonBody<NewUser>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<CreatedUser>)> {
     let name = body.name.trim();
     if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
         return Err(ApiError::InvalidRequest(
@@ -71,35 +105,62 @@ pub async fn create_user(
         user.created_at,
     );
     audit::record(&state, event).await?;
-    let mut out = user_json(&user);
-    out["api_key"] = json!(key.expose());
+    let out = CreatedUser {
+        user: UserView::from(&user),
+        api_key: key.expose().to_owned(),
+    };
     Ok((StatusCode::CREATED, Json(out)))
 }
 
 /// `GET /v1/users` (admin).
-pub async fn list_users(State(state): State<Arc<AppState>>, _: Admin) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/users", tag = "humans",
+    responses((status = 200, body = UserList), ApiErrors), security(("api_key" = [])))]
+pub async fn list_users(State(state): State<Arc<AppState>>, _: Admin) -> ApiResult<Json<UserList>> {
     let users = state.store.list_users().await?;
-    Ok(Json(
-        json!({"users": users.iter().map(user_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(UserList {
+        users: users.iter().map(UserView::from).collect(),
+    }))
 }
 
-fn agent_json(agent: &Agent) -> Value {
-    json!({
-        "id": agent.id,
-        "name": agent.name,
-        "jwks": agent.jwks,
-        "status": if agent.disabled { "disabled" } else { "active" },
-        "created_at": rfc3339(agent.created_at),
-    })
+/// An agent as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentView {
+    /// The agent's URI (a SPIFFE ID, normally).
+    id: String,
+    name: String,
+    /// Its public keys, `{"keys": [JWK…]}`.
+    jwks: Value,
+    /// `active` or `disabled`.
+    status: String,
+    created_at: String,
+}
+
+impl From<&Agent> for AgentView {
+    fn from(agent: &Agent) -> Self {
+        Self {
+            id: agent.id.clone(),
+            name: agent.name.clone(),
+            jwks: agent.jwks.clone(),
+            status: if agent.disabled { "disabled" } else { "active" }.to_owned(),
+            created_at: rfc3339(agent.created_at),
+        }
+    }
+}
+
+/// `GET /v1/agents`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AgentList {
+    agents: Vec<AgentView>,
 }
 
 /// Body of `POST /v1/agents`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAgent {
+    /// A URI such as `spiffe://example.org/agent/mailbot`.
     id: String,
     name: Option<String>,
+    /// A JWK Set of the agent's public keys (Ed25519 or P-256).
     jwks: Value,
 }
 
@@ -110,11 +171,13 @@ fn valid_agent_id(id: &str) -> bool {
 }
 
 /// `POST /v1/agents` (admin): registers an agent with its public keys.
+#[utoipa::path(post, path = "/v1/agents", tag = "agents", request_body = NewAgent,
+    responses((status = 201, body = AgentView), ApiErrors), security(("api_key" = [])))]
 pub async fn create_agent(
     State(state): State<Arc<AppState>>,
     _: Admin,
     JsonBody(body): JsonBody<NewAgent>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<AgentView>)> {
     if !valid_agent_id(&body.id) {
         return Err(ApiError::InvalidRequest(
             "id must be a URI such as spiffe://example.org/agent/mailbot".into(),
@@ -149,37 +212,46 @@ pub async fn create_agent(
     tracing::info!(agent = %agent.id, "agent registered");
     let event = audit::system_event("agent.registered", &agent.id, None, None, agent.created_at);
     audit::record(&state, event).await?;
-    Ok((StatusCode::CREATED, Json(agent_json(&agent))))
+    Ok((StatusCode::CREATED, Json(AgentView::from(&agent))))
 }
 
 /// `GET /v1/agents` (admin).
-pub async fn list_agents(State(state): State<Arc<AppState>>, _: Admin) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/agents", tag = "agents",
+    responses((status = 200, body = AgentList), ApiErrors), security(("api_key" = [])))]
+pub async fn list_agents(
+    State(state): State<Arc<AppState>>,
+    _: Admin,
+) -> ApiResult<Json<AgentList>> {
     let agents = state.store.list_agents().await?;
-    Ok(Json(
-        json!({"agents": agents.iter().map(agent_json).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(AgentList {
+        agents: agents.iter().map(AgentView::from).collect(),
+    }))
 }
 
 /// `GET /v1/agents/{id}` (admin).
+#[utoipa::path(get, path = "/v1/agents/{id}", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), ApiErrors), security(("api_key" = [])))]
 pub async fn get_agent(
     State(state): State<Arc<AppState>>,
     _: Admin,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentView>> {
     let agent = state
         .store
         .agent(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such agent".into()))?;
-    Ok(Json(agent_json(&agent)))
+    Ok(Json(AgentView::from(&agent)))
 }
 
 /// `POST /v1/agents/{id}/disable` (admin): no new tokens, every grant revoked.
+#[utoipa::path(post, path = "/v1/agents/{id}/disable", tag = "agents", params(("id" = String, Path)),
+    responses((status = 200, body = AgentView), ApiErrors), security(("api_key" = [])))]
 pub async fn disable_agent(
     State(state): State<Arc<AppState>>,
     _: Admin,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<AgentView>> {
     let now = state.clock.now();
     if !state.store.disable_agent(&id, now).await? {
         return Err(ApiError::NotFound("no such agent".into()));
@@ -198,30 +270,68 @@ pub async fn disable_agent(
         .agent(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound("no such agent".into()))?;
-    Ok(Json(agent_json(&agent)))
+    Ok(Json(AgentView::from(&agent)))
 }
 
 /// A grant as the API shows it (never its handle).
-pub fn grant_json(grant: &Grant, now: i64) -> Value {
-    json!({
-        "id": grant.id,
-        "status": grant.status_at(now).as_str(),
-        "subject": grant.subject,
-        "agent": grant.agent,
-        "purpose": grant.purpose,
-        "upstreams": grant.upstreams,
-        "actions": grant.actions,
-        "approval_required": grant.approval_required,
-        "single_use": grant.single_use,
-        "created_at": rfc3339(grant.created_at),
-        "expires_at": rfc3339(grant.expires_at),
-        "max_requests": grant.max_requests,
-        "requests_used": grant.requests_used,
-    })
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantView {
+    /// `grt_…`.
+    id: String,
+    /// `active`, `completed`, `revoked` or `expired`.
+    status: String,
+    /// The human (`usr_…`).
+    subject: String,
+    /// The agent's URI.
+    agent: String,
+    purpose: String,
+    upstreams: Vec<String>,
+    actions: Vec<String>,
+    approval_required: Vec<String>,
+    single_use: Vec<String>,
+    created_at: String,
+    expires_at: String,
+    max_requests: Option<i64>,
+    requests_used: i64,
+}
+
+impl GrantView {
+    /// The view of `grant` at `now`.
+    pub fn of(grant: &Grant, now: i64) -> Self {
+        Self {
+            id: grant.id.clone(),
+            status: grant.status_at(now).as_str().to_owned(),
+            subject: grant.subject.clone(),
+            agent: grant.agent.clone(),
+            purpose: grant.purpose.clone(),
+            upstreams: grant.upstreams.clone(),
+            actions: grant.actions.clone(),
+            approval_required: grant.approval_required.clone(),
+            single_use: grant.single_use.clone(),
+            created_at: rfc3339(grant.created_at),
+            expires_at: rfc3339(grant.expires_at),
+            max_requests: grant.max_requests,
+            requests_used: grant.requests_used,
+        }
+    }
+}
+
+/// A grant just created, with its handle (shown once; the agent exchanges it for tokens).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedGrant {
+    #[serde(flatten)]
+    grant: GrantView,
+    handle: String,
+}
+
+/// `GET /v1/grants`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantList {
+    grants: Vec<GrantView>,
 }
 
 /// Body of `POST /v1/grants`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewGrant {
     agent: String,
@@ -244,11 +354,13 @@ fn dedup(list: Vec<String>) -> Vec<String> {
 }
 
 /// `POST /v1/grants` (human): delegates one task to one agent; the handle is shown once.
+#[utoipa::path(post, path = "/v1/grants", tag = "grants", request_body = NewGrant,
+    responses((status = 201, body = CreatedGrant), ApiErrors), security(("api_key" = [])))]
 pub async fn create_grant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     JsonBody(body): JsonBody<NewGrant>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<CreatedGrant>)> {
     let Caller::Human(user) = caller else {
         return Err(ApiError::Forbidden(
             "grants are created by the human who delegates, with their own key".into(),
@@ -334,17 +446,22 @@ pub async fn create_grant(
     tracing::info!(grant_id = %grant.id, agent = %grant.agent, subject = %grant.subject, "grant created");
     let event = audit::grant_event("grant.created", Mode::Direct, &grant, now);
     audit::record(&state, event).await?;
-    let mut out = grant_json(&grant, now);
-    out["handle"] = json!(handle.expose());
+    let out = CreatedGrant {
+        grant: GrantView::of(&grant, now),
+        handle: handle.expose().to_owned(),
+    };
     Ok((StatusCode::CREATED, Json(out)))
 }
 
 /// `GET /v1/grants[?status=]`: a human sees their own, admin all.
+#[utoipa::path(get, path = "/v1/grants", tag = "grants",
+    params(("status" = Option<String>, Query, description = "active, completed, revoked or expired")),
+    responses((status = 200, body = GrantList), ApiErrors), security(("api_key" = [])))]
 pub async fn list_grants(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GrantList>> {
     let status = status_filter(
         query,
         GrantStatus::parse,
@@ -353,12 +470,12 @@ pub async fn list_grants(
     let subject = caller.list_scope();
     let now = state.clock.now();
     let grants = state.store.list_grants(subject).await?;
-    let shown: Vec<Value> = grants
+    let grants = grants
         .iter()
         .filter(|g| status.is_none_or(|s| g.status_at(now) == s))
-        .map(|g| grant_json(g, now))
+        .map(|g| GrantView::of(g, now))
         .collect();
-    Ok(Json(json!({"grants": shown})))
+    Ok(Json(GrantList { grants }))
 }
 
 async fn visible_grant(state: &AppState, caller: &Caller, id: &str) -> ApiResult<Grant> {
@@ -371,17 +488,19 @@ async fn visible_grant(state: &AppState, caller: &Caller, id: &str) -> ApiResult
 }
 
 /// `GET /v1/grants/{id}`.
+#[utoipa::path(get, path = "/v1/grants/{id}", tag = "grants", params(("id" = String, Path)),
+    responses((status = 200, body = GrantView), ApiErrors), security(("api_key" = [])))]
 pub async fn get_grant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GrantView>> {
     let grant = visible_grant(&state, &caller, &id).await?;
-    Ok(Json(grant_json(&grant, state.clock.now())))
+    Ok(Json(GrantView::of(&grant, state.clock.now())))
 }
 
 /// Optional body of `POST /v1/grants/{id}/revoke`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeBody {
     reason: Option<String>,
@@ -393,7 +512,7 @@ async fn end(
     end: GrantEnd,
     reason: Option<&str>,
     mode: Mode,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GrantView>> {
     let now = state.clock.now();
     match state.store.end_grant(&grant.id, end, reason, now).await? {
         Some(ended) => {
@@ -405,7 +524,7 @@ async fn end(
             let mut event = audit::grant_event(kind, mode, &ended, now);
             event.reason = reason.map(str::to_owned);
             audit::record(state, event).await?;
-            Ok(Json(grant_json(&ended, now)))
+            Ok(Json(GrantView::of(&ended, now)))
         }
         None => {
             let current = state
@@ -422,13 +541,16 @@ async fn end(
 }
 
 /// `POST /v1/grants/{id}/revoke` (the grant's human, or admin).
+#[utoipa::path(post, path = "/v1/grants/{id}/revoke", tag = "grants", params(("id" = String, Path)),
+    request_body(content = Option<RevokeBody>, description = "optional"),
+    responses((status = 200, body = GrantView), ApiErrors), security(("api_key" = [])))]
 pub async fn revoke_grant(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GrantView>> {
     let grant = visible_grant(&state, &caller, &id).await?;
     let reason = if body.is_empty() {
         RevokeBody::default()
@@ -460,13 +582,15 @@ pub async fn revoke_grant(
 }
 
 /// `POST /v1/grants/{id}/complete` (the grant's human, or the agent with a token of it).
+#[utoipa::path(post, path = "/v1/grants/{id}/complete", tag = "grants", params(("id" = String, Path)),
+    responses((status = 200, body = GrantView), ApiErrors), security(("api_key" = []), ("dpop" = [])))]
 pub async fn complete_grant(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GrantView>> {
     let (grant, mode) = match authenticate_resource(&state, &method, &uri, &headers).await? {
         ResourceCaller::Agent(agent) if agent.grant.id == id => {
             let request = RequestUse {
@@ -489,13 +613,34 @@ pub async fn complete_grant(
     end(&state, &grant, GrantEnd::Completed, reason, mode).await
 }
 
+/// An upstream as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UpstreamView {
+    name: String,
+    /// The actions its routes define.
+    actions: Vec<String>,
+    routes: Vec<crate::config::Route>,
+}
+
+/// `GET /v1/upstreams`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UpstreamList {
+    upstreams: Vec<UpstreamView>,
+}
+
 /// `GET /v1/upstreams`: names, routes and actions (any authenticated caller).
-pub async fn list_upstreams(State(state): State<Arc<AppState>>, _: Caller) -> Json<Value> {
-    let upstreams: Vec<Value> = state
+#[utoipa::path(get, path = "/v1/upstreams", tag = "gateway",
+    responses((status = 200, body = UpstreamList), ApiErrors), security(("api_key" = [])))]
+pub async fn list_upstreams(State(state): State<Arc<AppState>>, _: Caller) -> Json<UpstreamList> {
+    let upstreams = state
         .config
         .upstreams
         .values()
-        .map(|u| json!({"name": u.name, "actions": u.actions(), "routes": u.routes}))
+        .map(|u| UpstreamView {
+            name: u.name.clone(),
+            actions: u.actions().into_iter().map(str::to_owned).collect(),
+            routes: u.routes.clone(),
+        })
         .collect();
-    Json(json!({"upstreams": upstreams}))
+    Json(UpstreamList { upstreams })
 }

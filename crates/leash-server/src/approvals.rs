@@ -9,49 +9,87 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, Uri};
 use leash_core::audit::{AuditEvent, Outcome};
 use leash_store::{Approval, ApprovalStatus, RequestUse};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
     Caller, ResourceCaller, StatusQuery, authenticate_resource, authorization, commit_use,
     status_filter,
 };
+use crate::openapi::ApiErrors;
 use crate::state::{AppState, rfc3339};
 
 /// The wire form of an approval: what exactly will happen if it is approved.
-pub fn approval_json(approval: &Approval, purpose: Option<&str>, now: i64) -> Value {
-    json!({
-        "id": approval.id,
-        "status": approval.status_at(now).as_str(),
-        "grant_id": approval.grant_id,
-        "purpose": purpose,
-        "agent": approval.agent,
-        "action": approval.action,
-        "upstream": approval.upstream,
-        "method": approval.method,
-        "path": approval.path,
-        "query": approval.query,
-        "body_sha256": approval.body_sha256,
-        "body_size": approval.body_size,
-        "requested_at": rfc3339(approval.requested_at),
-        "expires_at": rfc3339(approval.expires_at),
-        "decided_at": approval.decided_at.map(rfc3339),
-        "approver": approval.approver,
-    })
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalView {
+    /// `apr_…`.
+    id: String,
+    /// `pending`, `approved`, `denied`, `expired` or `used`.
+    status: String,
+    grant_id: String,
+    /// The grant's purpose.
+    purpose: Option<String>,
+    agent: String,
+    action: String,
+    upstream: String,
+    method: String,
+    path: String,
+    query: Option<String>,
+    /// Hex SHA-256 of the exact request body.
+    body_sha256: String,
+    body_size: i64,
+    requested_at: String,
+    expires_at: String,
+    decided_at: Option<String>,
+    approver: Option<String>,
 }
 
-async fn with_purpose(state: &AppState, approval: &Approval, now: i64) -> ApiResult<Value> {
+impl ApprovalView {
+    /// The view of `approval` at `now`, with its grant's purpose.
+    pub fn of(approval: &Approval, purpose: Option<&str>, now: i64) -> Self {
+        Self {
+            id: approval.id.clone(),
+            status: approval.status_at(now).as_str().to_owned(),
+            grant_id: approval.grant_id.clone(),
+            purpose: purpose.map(str::to_owned),
+            agent: approval.agent.clone(),
+            action: approval.action.clone(),
+            upstream: approval.upstream.clone(),
+            method: approval.method.clone(),
+            path: approval.path.clone(),
+            query: approval.query.clone(),
+            body_sha256: approval.body_sha256.clone(),
+            body_size: approval.body_size,
+            requested_at: rfc3339(approval.requested_at),
+            expires_at: rfc3339(approval.expires_at),
+            decided_at: approval.decided_at.map(rfc3339),
+            approver: approval.approver.clone(),
+        }
+    }
+}
+
+/// `GET /v1/approvals`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ApprovalList {
+    approvals: Vec<ApprovalView>,
+}
+
+async fn with_purpose(state: &AppState, approval: &Approval, now: i64) -> ApiResult<ApprovalView> {
     let grant = state.store.grant(&approval.grant_id).await?;
     let purpose = grant.as_ref().map(|g| g.purpose.as_str());
-    Ok(approval_json(approval, purpose, now))
+    Ok(ApprovalView::of(approval, purpose, now))
 }
 
 /// `GET /v1/approvals[?status=…]`: the human's (of their grants) or, for the admin, all.
+#[utoipa::path(get, path = "/v1/approvals", tag = "approvals",
+    params(("status" = Option<String>, Query, description = "pending, approved, denied, expired or used")),
+    responses((status = 200, body = ApprovalList), ApiErrors), security(("api_key" = [])))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ApprovalList>> {
     let status = status_filter(
         query,
         ApprovalStatus::parse,
@@ -65,18 +103,20 @@ pub async fn list(
             shown.push(with_purpose(&state, &approval, now).await?);
         }
     }
-    Ok(Json(json!({"approvals": shown})))
+    Ok(Json(ApprovalList { approvals: shown }))
 }
 
 /// `GET /v1/approvals/{id}`: the grant's human, the admin, or the agent with a token of the
 /// approval's grant.
+#[utoipa::path(get, path = "/v1/approvals/{id}", tag = "approvals", params(("id" = String, Path)),
+    responses((status = 200, body = ApprovalView), ApiErrors), security(("api_key" = []), ("dpop" = [])))]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ApprovalView>> {
     let now = state.clock.now();
     let approval = state.store.approval(&id).await?;
     let visible = match authenticate_resource(&state, &method, &uri, &headers).await? {
@@ -96,20 +136,24 @@ pub async fn get(
 }
 
 /// `POST /v1/approvals/{id}/approve`.
+#[utoipa::path(post, path = "/v1/approvals/{id}/approve", tag = "approvals", params(("id" = String, Path)),
+    responses((status = 200, body = ApprovalView), ApiErrors), security(("api_key" = [])))]
 pub async fn approve(
     state: State<Arc<AppState>>,
     path: Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ApprovalView>> {
     decide(state, path, headers, true).await
 }
 
 /// `POST /v1/approvals/{id}/deny`.
+#[utoipa::path(post, path = "/v1/approvals/{id}/deny", tag = "approvals", params(("id" = String, Path)),
+    responses((status = 200, body = ApprovalView), ApiErrors), security(("api_key" = [])))]
 pub async fn deny(
     state: State<Arc<AppState>>,
     path: Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ApprovalView>> {
     decide(state, path, headers, false).await
 }
 
@@ -118,7 +162,7 @@ async fn decide(
     Path(id): Path<String>,
     headers: HeaderMap,
     approve: bool,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ApprovalView>> {
     // An agent never decides, whatever its token or proof: refuse before looking further.
     if matches!(authorization(&headers)?, Some((scheme, _)) if scheme == "dpop") {
         return Err(ApiError::Forbidden(
@@ -170,7 +214,7 @@ async fn decide(
             event.approver = Some(approver);
             event.request_id = Some(decided.id.clone());
             let shown = with_purpose(&state, &decided, now).await?;
-            event.purpose = shown["purpose"].as_str().map(str::to_owned);
+            event.purpose = shown.purpose.clone();
             crate::audit::record(&state, event).await?;
             Ok(Json(shown))
         }

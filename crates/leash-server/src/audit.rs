@@ -175,6 +175,15 @@ fn ndjson(lines: impl IntoIterator<Item = String>) -> Response {
 
 /// `GET /v1/audit?grant_id=&actor=&subject=&since_seq=&limit=`: the admin reads all events, a
 /// human those on their own behalf; JSON lines, oldest first.
+#[utoipa::path(get, path = "/v1/audit", tag = "audit",
+    params(
+        ("grant_id" = Option<String>, Query), ("actor" = Option<String>, Query),
+        ("subject" = Option<String>, Query),
+        ("since_seq" = Option<u64>, Query, description = "events after this seq"),
+        ("limit" = Option<u32>, Query, description = "at most this many (default 1000, at most 10000)"),
+    ),
+    responses((status = 200, description = "one event per line (API §8)", content_type = "application/x-ndjson", body = String), crate::openapi::ApiErrors),
+    security(("api_key" = [])))]
 pub async fn list(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -216,6 +225,10 @@ fn admin_only(caller: &Caller) -> ApiResult<()> {
 }
 
 /// `GET /v1/audit/checkpoints?since_seq=` (admin): signed checkpoints as JSON lines.
+#[utoipa::path(get, path = "/v1/audit/checkpoints", tag = "audit",
+    params(("since_seq" = Option<u64>, Query)),
+    responses((status = 200, description = "one signed checkpoint per line", content_type = "application/x-ndjson", body = String), crate::openapi::ApiErrors),
+    security(("api_key" = [])))]
 pub async fn checkpoints(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -237,6 +250,9 @@ pub async fn checkpoints(
 
 /// `POST /v1/audit/checkpoints` (admin): signs the head now, so that an export covers every
 /// event up to it; returns the latest checkpoint (`null` while the log is empty).
+#[utoipa::path(post, path = "/v1/audit/checkpoints", tag = "audit",
+    responses((status = 200, description = "the latest checkpoint, or null", body = Option<Object>), crate::openapi::ApiErrors),
+    security(("api_key" = [])))]
 pub async fn checkpoint_now(
     State(state): State<Arc<AppState>>,
     caller: Caller,

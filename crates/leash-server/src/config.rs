@@ -140,7 +140,7 @@ pub struct Flags {
 }
 
 /// How risky an action is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Risk {
     /// Ordinary.
@@ -150,7 +150,7 @@ pub enum Risk {
 }
 
 /// One route of an upstream.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Route {
     /// HTTP method, upper case, or `*` for any.
     pub method: String,

@@ -243,7 +243,7 @@ async fn ask_approval(
     state.store.create_approval(&approval).await?;
     state.notifier.send(serde_json::json!({
         "type": "approval.requested",
-        "approval": crate::approvals::approval_json(&approval, Some(&grant.purpose), now),
+        "approval": crate::approvals::ApprovalView::of(&approval, Some(&grant.purpose), now),
     }));
     tracing::info!(approval = %approval.id, grant = %grant.id, action = %approval.action, "approval requested");
     Ok(approval.id)
@@ -670,6 +670,13 @@ fn body_over_limit(error: &reqwest::Error) -> bool {
 /// carries the headers to inject: `Leash-Subject`, `Leash-Actor`, `Leash-Grant`,
 /// `Leash-Request-Id`, and the credential as `Leash-Inject-Authorization`,
 /// `Leash-Inject-Cookie`, or `Leash-Inject-Name` + `Leash-Inject-Value`.
+#[utoipa::path(method(get, post), path = "/v1/authorize", tag = "gateway",
+    params(
+        ("X-Original-Method" = String, Header, description = "the original request's method"),
+        ("X-Original-URI" = String, Header, description = "the original `/gw/{upstream}/{path}` target"),
+    ),
+    responses((status = 200, description = "allowed; the headers to inject are in the response headers"), crate::openapi::GatewayErrors),
+    security(("dpop" = []), ("api_key" = [])))]
 pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let request_id = random_id("req_");
     let original = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());

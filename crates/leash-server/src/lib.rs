@@ -12,6 +12,7 @@ pub mod limits;
 pub mod meta;
 pub mod notify;
 pub mod oauth;
+pub mod openapi;
 pub mod review;
 pub mod state;
 pub mod vault;
@@ -20,56 +21,71 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{any, get, post, put};
+use axum::routing::{any, get};
 use leash_core::Clock;
 use leash_core::secret::Secret;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use config::{Config, Flags};
 pub use state::AppState;
 
 use crate::error::ApiError;
 
+/// The documented routes, each registered together with its `#[utoipa::path]` description.
+fn documented() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(meta::healthz))
+        .routes(routes!(meta::readyz))
+        .routes(routes!(meta::metrics))
+        .routes(routes!(meta::metadata))
+        .routes(routes!(meta::jwks))
+        .routes(routes!(oauth::token))
+        .routes(routes!(oauth::revoke))
+        .routes(routes!(oauth::introspect))
+        .routes(routes!(api::create_user, api::list_users))
+        .routes(routes!(api::create_agent, api::list_agents))
+        .routes(routes!(api::get_agent))
+        .routes(routes!(api::disable_agent))
+        .routes(routes!(api::create_grant, api::list_grants))
+        .routes(routes!(api::get_grant))
+        .routes(routes!(api::revoke_grant))
+        .routes(routes!(api::complete_grant))
+        .routes(routes!(api::list_upstreams))
+        .routes(routes!(approvals::list))
+        .routes(routes!(approvals::get))
+        .routes(routes!(approvals::approve))
+        .routes(routes!(approvals::deny))
+        .routes(routes!(audit::list))
+        .routes(routes!(audit::checkpoints, audit::checkpoint_now))
+        .routes(routes!(review::review))
+        .routes(routes!(vault::list))
+        .routes(routes!(vault::put, vault::delete))
+        .routes(routes!(gateway::authorize))
+}
+
+/// The OpenAPI 3.1 description of the API, as `GET /openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().into_openapi()
+}
+
 /// The full router over a prepared state.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(meta::healthz))
-        .route("/readyz", get(meta::readyz))
-        .route("/metrics", get(meta::metrics))
+    let (documented, description) = documented().split_for_parts();
+    let description = axum::body::Bytes::from(description.to_json().unwrap_or_default());
+    documented
         .route(
-            "/.well-known/oauth-authorization-server",
-            get(meta::metadata),
-        )
-        .route("/.well-known/jwks.json", get(meta::jwks))
-        .route("/oauth2/token", post(oauth::token))
-        .route("/oauth2/revoke", post(oauth::revoke))
-        .route("/oauth2/introspect", post(oauth::introspect))
-        .route("/v1/users", post(api::create_user).get(api::list_users))
-        .route("/v1/agents", post(api::create_agent).get(api::list_agents))
-        .route("/v1/agents/{id}", get(api::get_agent))
-        .route("/v1/agents/{id}/disable", post(api::disable_agent))
-        .route("/v1/grants", post(api::create_grant).get(api::list_grants))
-        .route("/v1/grants/{id}", get(api::get_grant))
-        .route("/v1/grants/{id}/revoke", post(api::revoke_grant))
-        .route("/v1/grants/{id}/complete", post(api::complete_grant))
-        .route("/v1/upstreams", get(api::list_upstreams))
-        .route("/v1/approvals", get(approvals::list))
-        .route("/v1/approvals/{id}", get(approvals::get))
-        .route("/v1/approvals/{id}/approve", post(approvals::approve))
-        .route("/v1/approvals/{id}/deny", post(approvals::deny))
-        .route("/v1/audit", get(audit::list))
-        .route(
-            "/v1/audit/checkpoints",
-            get(audit::checkpoints).post(audit::checkpoint_now),
-        )
-        .route("/v1/review", get(review::review))
-        .route("/v1/vault", get(vault::list))
-        .route(
-            "/v1/vault/{upstream}",
-            put(vault::put).delete(vault::delete),
-        )
-        .route(
-            "/v1/authorize",
-            get(gateway::authorize).post(gateway::authorize),
+            "/openapi.json",
+            get(move || {
+                let description = description.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        description,
+                    )
+                }
+            }),
         )
         .route("/gw/{upstream}", any(gateway::handle))
         .route("/gw/{upstream}/{*path}", any(gateway::handle))

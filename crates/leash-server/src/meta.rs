@@ -10,10 +10,13 @@ use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
+use crate::openapi::{Metadata, Status, UnavailableError};
 use crate::state::AppState;
 use leash_core::token::TOKEN_EXCHANGE;
 
 /// `GET /.well-known/oauth-authorization-server`.
+#[utoipa::path(get, path = "/.well-known/oauth-authorization-server", tag = "discovery",
+    responses((status = 200, body = Metadata)))]
 pub async fn metadata(State(state): State<Arc<AppState>>) -> Json<Value> {
     let issuer = &state.issuer;
     Json(json!({
@@ -34,16 +37,21 @@ pub async fn metadata(State(state): State<Arc<AppState>>) -> Json<Value> {
 }
 
 /// `GET /.well-known/jwks.json`.
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "discovery",
+    responses((status = 200, body = crate::openapi::Jwks)))]
 pub async fn jwks(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"keys": [state.signing.jwks_entry()]}))
 }
 
 /// `GET /healthz`: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Status)))]
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// `GET /readyz`: the store answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Status), UnavailableError))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     state
         .store
@@ -54,6 +62,8 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, A
 }
 
 /// `GET /metrics` in Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let m = &state.metrics;
     let body = format!(

@@ -19,10 +19,13 @@ use leash_core::token::{
     verify_access_token,
 };
 use leash_store::{Agent, RequestUse, UseVerdict};
+use serde::Serialize;
 use serde_json::json;
+use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, Form, authorization, caller_from_key, single_dpop_header};
+use crate::openapi::{IntrospectForm, OAuthErrors, RevokeForm, TokenForm};
 use crate::state::{AppState, Metrics};
 
 fn no_store(mut response: Response) -> Response {
@@ -84,6 +87,44 @@ async fn authenticate_client(
 }
 
 /// `POST /oauth2/token`.
+/// A successful exchange (RFC 8693 §2.2.1).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenResponse {
+    /// The DPoP-bound access token (a JWT).
+    access_token: String,
+    #[schema(value_type = String)]
+    issued_token_type: &'static str,
+    /// Always `DPoP`.
+    #[schema(value_type = String)]
+    token_type: &'static str,
+    expires_in: i64,
+    /// The actions granted, space-separated.
+    scope: String,
+}
+
+/// An introspection answer (RFC 7662); only `active` when the token is not live.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Introspection {
+    active: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    claims: Option<ActiveToken>,
+}
+
+/// The claims of a live token.
+#[derive(Debug, Serialize)]
+pub struct ActiveToken {
+    #[serde(flatten)]
+    claims: AccessClaims,
+    token_type: &'static str,
+}
+
+/// `POST /oauth2/token`: token exchange (RFC 8693) authenticated with private_key_jwt and
+/// bound with DPoP.
+#[utoipa::path(post, path = "/oauth2/token", tag = "oauth",
+    request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    params(("DPoP" = Option<String>, Header, description = "DPoP proof (RFC 9449)")),
+    responses((status = 200, body = TokenResponse), OAuthErrors))]
 pub async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, form: Form) -> Response {
     match exchange(&state, &headers, &form).await {
         Ok(response) => no_store(response),
@@ -226,13 +267,13 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
     let access_token = state.signing.sign(&claims);
     Metrics::incr(&state.metrics.tokens_issued);
     tracing::info!(grant_id = %grant.id, agent = %claims.client_id, jti = %claims.jti, "token issued");
-    let mut response = Json(json!({
-        "access_token": access_token,
-        "issued_token_type": ACCESS_TOKEN_TYPE,
-        "token_type": "DPoP",
-        "expires_in": exp - now,
-        "scope": scope,
-    }))
+    let mut response = Json(TokenResponse {
+        access_token,
+        issued_token_type: ACCESS_TOKEN_TYPE,
+        token_type: "DPoP",
+        expires_in: exp - now,
+        scope,
+    })
     .into_response();
     if state.config.dpop_nonce
         && let Ok(nonce) = HeaderValue::from_str(&state.nonce_key.issue(now))
@@ -282,6 +323,10 @@ async fn oauth_caller(
 
 /// `POST /oauth2/revoke`: 200 for any well-formed request; the token is dead afterwards if the
 /// caller may revoke it (its agent, its human, or admin).
+#[utoipa::path(post, path = "/oauth2/revoke", tag = "oauth",
+    request_body(content = RevokeForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, description = "the token is dead if the caller may revoke it", body = Object), OAuthErrors),
+    security((), ("api_key" = [])))]
 pub async fn revoke(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -331,6 +376,9 @@ pub async fn revoke(
 
 /// `POST /oauth2/introspect` (admin): `{"active": false}` and nothing else for any token that
 /// is not live.
+#[utoipa::path(post, path = "/oauth2/introspect", tag = "oauth",
+    request_body(content = IntrospectForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = Introspection), OAuthErrors), security(("api_key" = [])))]
 pub async fn introspect(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -347,7 +395,13 @@ pub async fn introspect(
     }
     let token = form.require("token")?;
     let now = state.clock.now();
-    let inactive = || no_store(Json(json!({"active": false})).into_response());
+    let inactive = || {
+        let answer = Introspection {
+            active: false,
+            claims: None,
+        };
+        no_store(Json(answer).into_response())
+    };
     let Ok(claims) = verify_access_token(token, |kid| state.verify_key(kid), &state.issuer, now)
     else {
         return Ok(inactive());
@@ -357,22 +411,12 @@ pub async fn introspect(
         Err(ApiError::InvalidToken(_)) => return Ok(inactive()),
         Err(e) => return Err(e),
     }
-    Ok(no_store(
-        Json(json!({
-            "active": true,
-            "sub": claims.sub,
-            "client_id": claims.client_id,
-            "act": claims.act,
-            "scope": claims.scope,
-            "exp": claims.exp,
-            "iat": claims.iat,
-            "iss": claims.iss,
-            "aud": claims.aud,
-            "jti": claims.jti,
-            "grant_id": claims.grant_id,
-            "cnf": claims.cnf,
-            "token_type": "DPoP",
-        }))
-        .into_response(),
-    ))
+    let answer = Introspection {
+        active: true,
+        claims: Some(ActiveToken {
+            claims,
+            token_type: "DPoP",
+        }),
+    };
+    Ok(no_store(Json(answer).into_response()))
 }

@@ -9,21 +9,55 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use leash_core::secret::Secret;
 use leash_store::VaultEntry;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody};
+use crate::openapi::ApiErrors;
 use crate::state::{AppState, rfc3339};
 
 /// Body of `PUT /v1/vault/{upstream}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewCredential {
+    /// `bearer`, `cookie` or `header`.
     kind: String,
+    /// The credential itself; never shown again.
+    #[schema(value_type = String)]
     secret: Secret,
+    /// The header name, for kind `header`.
+    name: Option<String>,
+    /// RFC 3339.
+    expires_at: Option<String>,
+}
+
+/// A stored credential as the API shows it: metadata, never the secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CredentialView {
+    upstream: String,
+    kind: String,
     name: Option<String>,
     expires_at: Option<String>,
+    created_at: String,
+}
+
+impl From<&VaultEntry> for CredentialView {
+    fn from(entry: &VaultEntry) -> Self {
+        Self {
+            upstream: entry.upstream.clone(),
+            kind: entry.kind.clone(),
+            name: entry.header_name.clone(),
+            expires_at: entry.expires_at.map(rfc3339),
+            created_at: rfc3339(entry.created_at),
+        }
+    }
+}
+
+/// `GET /v1/vault`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CredentialList {
+    credentials: Vec<CredentialView>,
 }
 
 /// The header a credential is injected as.
@@ -56,16 +90,6 @@ fn context(entry_subject: &str, upstream: &str, kind: &str, name: Option<&str>) 
     .into_bytes()
 }
 
-fn metadata(entry: &VaultEntry) -> Value {
-    json!({
-        "upstream": entry.upstream,
-        "kind": entry.kind,
-        "name": entry.header_name,
-        "expires_at": entry.expires_at.map(rfc3339),
-        "created_at": rfc3339(entry.created_at),
-    })
-}
-
 fn human(caller: Caller) -> ApiResult<leash_store::User> {
     match caller {
         Caller::Human(user) => Ok(user),
@@ -76,12 +100,15 @@ fn human(caller: Caller) -> ApiResult<leash_store::User> {
 }
 
 /// `PUT /v1/vault/{upstream}` (human).
+#[utoipa::path(put, path = "/v1/vault/{upstream}", tag = "vault", params(("upstream" = String, Path)),
+    request_body = NewCredential,
+    responses((status = 200, body = CredentialView), ApiErrors), security(("api_key" = [])))]
 pub async fn put(
     State(state): State<Arc<AppState>>,
     caller: Caller,
     Path(upstream): Path<String>,
     JsonBody(body): JsonBody<NewCredential>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<CredentialView>)> {
     let user = human(caller)?;
     if !state.config.upstreams.contains_key(&upstream) {
         return Err(ApiError::InvalidRequest("unknown upstream".into()));
@@ -152,7 +179,7 @@ pub async fn put(
     tracing::info!(subject = %entry.subject, upstream = %entry.upstream, kind = %entry.kind, "credential stored");
     let event = credential_event("credential.stored", &entry.subject, &entry.upstream, now);
     crate::audit::record(&state, event).await?;
-    Ok((StatusCode::OK, Json(metadata(&entry))))
+    Ok((StatusCode::OK, Json(CredentialView::from(&entry))))
 }
 
 /// A human's own change to their vault: which upstream, never the secret or its kind's value.
@@ -170,15 +197,22 @@ fn credential_event(
 }
 
 /// `GET /v1/vault` (human): metadata only.
-pub async fn list(State(state): State<Arc<AppState>>, caller: Caller) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/vault", tag = "vault",
+    responses((status = 200, body = CredentialList), ApiErrors), security(("api_key" = [])))]
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+) -> ApiResult<Json<CredentialList>> {
     let user = human(caller)?;
     let entries = state.store.list_credentials(&user.id).await?;
-    Ok(Json(
-        json!({"credentials": entries.iter().map(metadata).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(CredentialList {
+        credentials: entries.iter().map(CredentialView::from).collect(),
+    }))
 }
 
 /// `DELETE /v1/vault/{upstream}` (human).
+#[utoipa::path(delete, path = "/v1/vault/{upstream}", tag = "vault", params(("upstream" = String, Path)),
+    responses((status = 204, description = "deleted"), ApiErrors), security(("api_key" = [])))]
 pub async fn delete(
     State(state): State<Arc<AppState>>,
     caller: Caller,

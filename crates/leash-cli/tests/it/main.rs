@@ -19,6 +19,7 @@ mod input;
 mod jose_python;
 mod limits;
 mod nginx;
+mod openapi;
 mod proofs;
 mod resource;
 mod secrets;
