@@ -83,6 +83,11 @@ impl Form {
                     .map_err(|_| ApiError::InvalidRequest("form parameter is not UTF-8".into()))
             };
             let name = decode(name)?;
+            if name.is_empty() {
+                return Err(ApiError::InvalidRequest(
+                    "a form parameter has no name".into(),
+                ));
+            }
             if params.contains_key(&name) {
                 return Err(ApiError::InvalidRequest(format!(
                     "parameter `{}` is repeated",
