@@ -155,27 +155,8 @@ async fn gateway_requests(setup: &Setup) -> Vec<Prepared> {
         .collect()
 }
 
-/// An upstream answering every request with a small JSON body, on its own threads.
-fn start_upstream() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let app = axum::Router::new().fallback(|| async { r#"{"ok":true}"# });
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            axum::serve(listener, app).await.expect("serve");
-        });
-    });
-    format!("http://{addr}")
-}
-
 async fn run() {
-    let upstream = start_upstream();
+    let upstream = leash_testkit::fixed_upstream(br#"{"ok":true}"#);
     let backends = [("SQLite", false), ("PostgreSQL", true)];
     let mut setups = Vec::new();
     for (_, postgres) in backends {

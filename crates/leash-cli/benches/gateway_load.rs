@@ -150,29 +150,6 @@ async fn at_rate(target: &Target, client: &reqwest::Client, rate: f64) -> Run {
     summarise(latencies, start.elapsed(), failures.load(Ordering::Relaxed))
 }
 
-/// An upstream answering every request with 1 KiB, on its own threads.
-fn start_upstream() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let body = axum::body::Bytes::from(vec![b'x'; BODY]);
-            let app = axum::Router::new().fallback(move || {
-                let body = body.clone();
-                async move { body }
-            });
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            axum::serve(listener, app).await.expect("serve");
-        });
-    });
-    format!("http://{addr}")
-}
-
 /// nginx as a plain reverse proxy to `upstream`, with keep-alive both ways, as many workers
 /// as cores, and no access log (Leash runs with per-request logging off too).
 async fn start_nginx(prefix: &Path, upstream: &str) -> (tokio::process::Child, String) {
@@ -235,7 +212,7 @@ fn leash_target(leash: &Leash, token: &str, dpop: &AgentKey) -> Target {
 }
 
 async fn run() {
-    let upstream = start_upstream();
+    let upstream = leash_testkit::fixed_upstream(&[b'x'; BODY]);
     let prefix = tempfile::tempdir().expect("tempdir");
     let (mut nginx_process, nginx_url) = start_nginx(prefix.path(), &upstream).await;
     let leash = Leash::start_quiet(Path::new(env!("CARGO_BIN_EXE_leash")), "", &upstream).await;

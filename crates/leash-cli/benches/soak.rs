@@ -59,56 +59,62 @@ impl Tally {
     }
 }
 
-fn start_upstream() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let body = axum::body::Bytes::from(vec![b'x'; 1024]);
-            let app = axum::Router::new().fallback(move || {
-                let body = body.clone();
-                async move { body }
-            });
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            axum::serve(listener, app).await.expect("serve");
-        });
-    });
-    format!("http://{addr}")
-}
-
 struct Agent {
     id: String,
     key: AgentKey,
     user_key: String,
 }
 
-async fn gateway(
-    leash: &Leash,
-    client: &reqwest::Client,
-    token: &str,
-    dpop: &AgentKey,
-    method: Method,
-    path: &str,
-    approval: Option<&str>,
-) -> (u16, Value) {
-    let url = format!("{}{path}", leash.url);
-    let proof = dpop.dpop_proof(method.as_str(), &url, Some(token), None, now());
-    let mut request = client
-        .request(method, &url)
-        .header("Authorization", format!("DPoP {token}"))
-        .header("DPoP", proof);
-    if let Some(id) = approval {
-        request = request.header("Leash-Approval", id);
-    }
-    let (status, _, body) = read(request.body("{\"to\":\"bob\"}").send().await.unwrap()).await;
-    (status, body)
+/// An agent's token and DPoP key on one task, and where its answers are tallied.
+struct Caller<'a> {
+    leash: &'a Leash,
+    client: &'a reqwest::Client,
+    token: String,
+    dpop: AgentKey,
+    tally: &'a Mutex<Tally>,
 }
+
+impl Caller<'_> {
+    /// A gateway request with a fresh proof (and `token` in place of the caller's own, if
+    /// given); tallies the answer against `expected`.
+    async fn gateway(
+        &self,
+        what: &'static str,
+        expected: u16,
+        (method, path): (Method, &str),
+        approval: Option<&str>,
+        token: Option<&str>,
+    ) -> Value {
+        let token = token.unwrap_or(&self.token);
+        let url = format!("{}{path}", self.leash.url);
+        let proof = self
+            .dpop
+            .dpop_proof(method.as_str(), &url, Some(token), None, now());
+        let mut request = self
+            .client
+            .request(method, &url)
+            .header("Authorization", format!("DPoP {token}"))
+            .header("DPoP", proof);
+        if let Some(id) = approval {
+            request = request.header("Leash-Approval", id);
+        }
+        let (status, _, body) = read(request.body("{\"to\":\"bob\"}").send().await.unwrap()).await;
+        self.tally
+            .lock()
+            .unwrap()
+            .record(what, status, expected, &body);
+        body
+    }
+
+    /// A management call as the human; tallied the same way.
+    async fn human(&self, what: &'static str, key: &str, path: &str) {
+        let (status, body) = self.leash.call(Method::POST, path, key, None).await;
+        self.tally.lock().unwrap().record(what, status, 200, &body);
+    }
+}
+
+const READ: (Method, &str) = (Method::GET, "/gw/mail/messages/1");
+const SEND: (Method, &str) = (Method::POST, "/gw/mail/messages/9/send");
 
 /// One task, start to end.
 async fn task(
@@ -118,9 +124,6 @@ async fn task(
     round: u64,
     tally: &Mutex<Tally>,
 ) {
-    let record = |what, status, expected, body: &Value| {
-        tally.lock().unwrap().record(what, status, expected, body);
-    };
     let grant = leash
         .create_grant(
             &agent.user_key,
@@ -129,143 +132,75 @@ async fn task(
         )
         .await;
     let dpop = AgentKey::generate(Alg::EdDsa);
+    let assertion = agent
+        .key
+        .client_assertion(&agent.id, &leash.token_url(), now());
     let body = form(&[
         ("grant_type", TOKEN_EXCHANGE),
         ("subject_token", grant["handle"].as_str().unwrap()),
         ("subject_token_type", GRANT_TOKEN_TYPE),
         ("client_assertion_type", leash_core::assertion::JWT_BEARER),
-        (
-            "client_assertion",
-            &agent
-                .key
-                .client_assertion(&agent.id, &leash.token_url(), now()),
-        ),
+        ("client_assertion", &assertion),
     ]);
     let proof = dpop.dpop_proof("POST", &leash.token_url(), None, None, now());
     let (status, _, answer) = leash
         .post_form("/oauth2/token", body, &[("DPoP", proof)])
         .await;
-    record("token exchange", status, 200, &answer);
+    tally
+        .lock()
+        .unwrap()
+        .record("token exchange", status, 200, &answer);
     let Some(token) = answer["access_token"].as_str().map(str::to_owned) else {
         return;
     };
+    let caller = Caller {
+        leash,
+        client,
+        token,
+        dpop,
+        tally,
+    };
 
     for _ in 0..READS {
-        let (status, body) = gateway(
-            leash,
-            client,
-            &token,
-            &dpop,
-            Method::GET,
-            "/gw/mail/messages/1",
-            None,
-        )
-        .await;
-        record("allowed read", status, 200, &body);
+        caller.gateway("allowed read", 200, READ, None, None).await;
     }
-    let (status, body) = gateway(
-        leash,
-        client,
-        &token,
-        &dpop,
-        Method::GET,
-        "/gw/mail/export",
-        None,
-    )
-    .await;
-    record("action outside the grant", status, 403, &body);
-    let (status, body) = gateway(
-        leash,
-        client,
-        &token,
-        &dpop,
-        Method::GET,
-        "/gw/mail/nowhere",
-        None,
-    )
-    .await;
-    record("unmapped route", status, 403, &body);
+    let export = (Method::GET, "/gw/mail/export");
+    caller
+        .gateway("action outside the grant", 403, export, None, None)
+        .await;
+    let nowhere = (Method::GET, "/gw/mail/nowhere");
+    caller
+        .gateway("unmapped route", 403, nowhere, None, None)
+        .await;
 
-    let (status, body) = gateway(
-        leash,
-        client,
-        &token,
-        &dpop,
-        Method::POST,
-        "/gw/mail/messages/9/send",
-        None,
-    )
-    .await;
-    record("high-risk send", status, 403, &body);
-    if let Some(id) = body["approval_id"].as_str() {
-        let (status, answer) = leash
-            .call(
-                Method::POST,
-                &format!("/v1/approvals/{id}/approve"),
-                &agent.user_key,
-                None,
-            )
+    let asked = caller
+        .gateway("high-risk send", 403, SEND, None, None)
+        .await;
+    if let Some(id) = asked["approval_id"].as_str() {
+        let path = format!("/v1/approvals/{id}/approve");
+        caller.human("approve", &agent.user_key, &path).await;
+        caller
+            .gateway("approved send", 200, SEND, Some(id), None)
             .await;
-        record("approve", status, 200, &answer);
-        let (status, body) = gateway(
-            leash,
-            client,
-            &token,
-            &dpop,
-            Method::POST,
-            "/gw/mail/messages/9/send",
-            Some(id),
-        )
-        .await;
-        record("approved send", status, 200, &body);
-        let (status, body) = gateway(
-            leash,
-            client,
-            &token,
-            &dpop,
-            Method::POST,
-            "/gw/mail/messages/9/send",
-            Some(id),
-        )
-        .await;
-        record("approval reused", status, 403, &body);
+        caller
+            .gateway("approval reused", 403, SEND, Some(id), None)
+            .await;
     }
 
-    let forged = format!("{}x", &token[..token.len() - 1]);
-    let (status, body) = gateway(
-        leash,
-        client,
-        &forged,
-        &dpop,
-        Method::GET,
-        "/gw/mail/messages/1",
-        None,
-    )
-    .await;
-    record("forged token", status, 401, &body);
+    let forged = format!("{}x", &caller.token[..caller.token.len() - 1]);
+    caller
+        .gateway("forged token", 401, READ, None, Some(&forged))
+        .await;
 
     let id = grant["id"].as_str().unwrap();
-    let verb = if round.is_multiple_of(2) { "revoke" } else { "complete" };
-    let (status, answer) = leash
-        .call(
-            Method::POST,
-            &format!("/v1/grants/{id}/{verb}"),
-            &agent.user_key,
-            None,
-        )
-        .await;
-    record("end the grant", status, 200, &answer);
-    let (status, body) = gateway(
-        leash,
-        client,
-        &token,
-        &dpop,
-        Method::GET,
-        "/gw/mail/messages/1",
-        None,
-    )
-    .await;
-    record("after the end", status, 401, &body);
+    let verb = if round.is_multiple_of(2) {
+        "revoke"
+    } else {
+        "complete"
+    };
+    let path = format!("/v1/grants/{id}/{verb}");
+    caller.human("end the grant", &agent.user_key, &path).await;
+    caller.gateway("after the end", 401, READ, None, None).await;
 }
 
 async fn run() {
@@ -273,7 +208,7 @@ async fn run() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
-    let upstream = start_upstream();
+    let upstream = leash_testkit::fixed_upstream(&[b'x'; 1024]);
     let leash = Arc::new(
         Leash::start_quiet(Path::new(env!("CARGO_BIN_EXE_leash")), CONFIG, &upstream).await,
     );

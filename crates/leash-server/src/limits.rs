@@ -134,7 +134,11 @@ pub async fn check_head(
         .into_response();
     }
     // The size as it was on the wire, give or take the line endings' exact spelling.
-    let line = request.method().as_str().len() + request.uri().to_string().len() + 12;
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(1, |target| target.as_str().len());
+    let line = request.method().as_str().len() + target + 12;
     let size = headers.iter().fold(line, |sum, (name, value)| {
         sum + name.as_str().len() + value.len() + 4
     });

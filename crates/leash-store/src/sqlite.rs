@@ -105,6 +105,14 @@ struct Writer {
     head: ChainHead,
     grants: Arc<Memo<Arc<Grant>>>,
     signer: Arc<SignerSlot>,
+    wal: WalBound,
+}
+
+/// The write-ahead log's file, its size limit, and when the writer last looked.
+struct WalBound {
+    path: std::path::PathBuf,
+    restart_at: u64,
+    checked: std::time::Instant,
 }
 
 /// Group commit: one thread owns these writes (request uses and the audit chain) and commits
@@ -133,6 +141,7 @@ fn writer_thread(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
         waiting = gather(&jobs, &mut batch, last_batch);
         last_batch = batch.len();
         writer.commit_batch(batch);
+        writer.bound_wal();
     }
 }
 
@@ -170,6 +179,38 @@ fn gather(
 }
 
 impl Writer {
+    /// Keeps the write-ahead log bounded. The log only starts over when a write finds every
+    /// frame copied back and no reader in it, a moment that unbroken load never leaves, so the
+    /// passive checkpointer alone lets it (and the shared-memory index every connection maps)
+    /// grow without end: a soak run reached 37 GB in six minutes. Past the limit, the writer
+    /// itself, between two commits, runs a `TRUNCATE` checkpoint: it waits (busy timeout) for
+    /// readers to leave the log, copies what the passive rounds left, and empties the file. The
+    /// commits waiting meanwhile pay that pause; it is the price of a bounded log.
+    fn bound_wal(&mut self) {
+        if self.wal.checked.elapsed() < WAL_CHECK_EVERY {
+            return;
+        }
+        self.wal.checked = std::time::Instant::now();
+        let size = std::fs::metadata(&self.wal.path).map_or(0, |m| m.len());
+        if size <= self.wal.restart_at {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let busy = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                row.get::<_, i64>(0)
+            });
+        match busy {
+            Ok(0) => tracing::debug!(bytes = size, took = ?started.elapsed(), "WAL started over"),
+            Ok(_) => tracing::warn!(
+                bytes = size,
+                "WAL restart found readers still in the log; will retry"
+            ),
+            Err(e) => tracing::warn!(error = %e, bytes = size, "WAL restart failed; will retry"),
+        }
+    }
+
     fn commit_batch(&mut self, batch: Vec<(Box<Prepared>, oneshot::Sender<Answer>)>) {
         let (mut uses, replies): (Vec<Box<Prepared>>, Vec<_>) = batch.into_iter().unzip();
         let started = std::time::Instant::now();
@@ -453,6 +494,12 @@ fn stopped() -> StoreError {
 /// How often the write-ahead log is copied back into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// Size of the write-ahead log past which the writer starts it over (see `Writer::bound_wal`).
+pub(crate) const WAL_RESTART_BYTES: u64 = 64 << 20;
+
+/// How often the writer looks at the size of the write-ahead log.
+const WAL_CHECK_EVERY: Duration = Duration::from_millis(250);
+
 /// Copies the WAL into the database file off the write path. `PASSIVE` never blocks the writer
 /// or readers; pages a reader still needs wait for the next round.
 async fn checkpointer(pool: SqlitePool) {
@@ -475,6 +522,11 @@ async fn checkpointer(pool: SqlitePool) {
 impl SqliteStore {
     /// Opens (creating if missing) the database file at `path` and applies migrations.
     pub async fn open(path: &str) -> StoreResult<Self> {
+        Self::open_with_wal_limit(path, WAL_RESTART_BYTES).await
+    }
+
+    /// The same, with the WAL started over past `restart_at` bytes (tests use a small one).
+    pub(crate) async fn open_with_wal_limit(path: &str, restart_at: u64) -> StoreResult<Self> {
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .create_if_missing(true)
@@ -523,6 +575,11 @@ impl SqliteStore {
             head,
             grants: grants.clone(),
             signer: signer.clone(),
+            wal: WalBound {
+                path: format!("{path}-wal").into(),
+                restart_at,
+                checked: std::time::Instant::now(),
+            },
         };
         std::thread::Builder::new()
             .name("leash-writer".into())

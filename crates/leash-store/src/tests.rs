@@ -745,3 +745,68 @@ async fn a_failed_connection_names_the_server_without_its_password() {
         "{unsupported}"
     );
 }
+
+/// Four writers and four readers on a store whose WAL starts over past `restart_at` bytes,
+/// for `seconds`; returns the events written and the largest WAL seen.
+async fn wal_under_load(restart_at: u64, seconds: u64) -> (u64, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db").display().to_string();
+    let wal = format!("{path}-wal");
+    let store: Arc<dyn Store> = Arc::new(
+        crate::SqliteStore::open_with_wal_limit(&path, restart_at)
+            .await
+            .unwrap(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut load = Vec::new();
+    for writer in 0..4u64 {
+        let store = store.clone();
+        load.push(tokio::spawn(async move {
+            let mut n = writer;
+            while tokio::time::Instant::now() < deadline {
+                store.append_audit(event(n)).await.unwrap();
+                n += 4;
+            }
+        }));
+    }
+    for _ in 0..4 {
+        let store = store.clone();
+        load.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                let query = AuditQuery {
+                    limit: 50,
+                    ..AuditQuery::default()
+                };
+                store.audit_lines(&query).await.unwrap();
+            }
+        }));
+    }
+    let mut largest = 0;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+    }
+    for task in load {
+        task.await.unwrap();
+    }
+    (verify_stored(store.as_ref()).await, largest)
+}
+
+/// Unbroken writes with readers always in the database: the WAL must still start over (a
+/// passive checkpointer alone let it grow to 37 GB in a six-minute soak run). Compared in one
+/// run with the same load on an unbounded log, so the machine's speed cancels out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_write_ahead_log_stays_bounded_under_unbroken_load() {
+    let (unbounded_events, unbounded_wal) = wal_under_load(u64::MAX, 3).await;
+    let (events, largest) = wal_under_load(256 * 1024, 3).await;
+    assert!(
+        unbounded_events > 1_000 && events > 1_000,
+        "too little load to tell"
+    );
+    let unbounded_per_event = unbounded_wal as f64 / unbounded_events as f64;
+    // The bounded log holds what a quarter second or two writes, the unbounded one everything.
+    assert!(
+        (largest as f64) < 0.5 * unbounded_per_event * events as f64,
+        "the WAL reached {largest} bytes for {events} events; unbounded: {unbounded_wal} bytes for {unbounded_events}"
+    );
+}

@@ -969,6 +969,27 @@ pub struct Recorded {
     pub body: Vec<u8>,
 }
 
+/// An upstream on loopback answering every request with `body`, on its own thread and
+/// runtime (so that a load generator in the caller's runtime does not slow it): what the load
+/// benchmarks put behind the gateway. Returns its base URL.
+pub fn fixed_upstream(body: &'static [u8]) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let app = axum::Router::new().fallback(move || async move { body });
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    format!("http://{addr}")
+}
+
 /// An upstream on loopback that records every request and answers 200 with a JSON body, a
 /// `Set-Cookie` (which the gateway must strip) and an `X-Upstream` header.
 pub struct RecordingUpstream {
