@@ -1,6 +1,8 @@
 //! Soak (issue: hardening): mixed traffic on loopback for `SOAK_SECONDS` (default 600) against
-//! the release binary on its embedded store with the default limits: several agents, each in a
-//! loop of one task — a grant, a token exchange, reads through the gateway, a request outside
+//! the release binary on its embedded store with the default limits (but a gateway rate above
+//! what the loops ask; the token endpoint's rate is met by waiting out `Retry-After`): several
+//! agents, each in a loop of one task — a grant, a token exchange, reads through the gateway, a
+//! request outside
 //! the grant (denied), a high-risk send that waits for an approval, is approved by the human
 //! and then goes through, a forged token (refused), and the grant revoked or completed, after
 //! which its token is refused. Reports the server's resident memory over time and every status
@@ -132,24 +134,43 @@ async fn task(
         )
         .await;
     let dpop = AgentKey::generate(Alg::EdDsa);
-    let assertion = agent
-        .key
-        .client_assertion(&agent.id, &leash.token_url(), now());
-    let body = form(&[
-        ("grant_type", TOKEN_EXCHANGE),
-        ("subject_token", grant["handle"].as_str().unwrap()),
-        ("subject_token_type", GRANT_TOKEN_TYPE),
-        ("client_assertion_type", leash_core::assertion::JWT_BEARER),
-        ("client_assertion", &assertion),
-    ]);
-    let proof = dpop.dpop_proof("POST", &leash.token_url(), None, None, now());
-    let (status, _, answer) = leash
-        .post_form("/oauth2/token", body, &[("DPoP", proof)])
-        .await;
-    tally
-        .lock()
-        .unwrap()
-        .record("token exchange", status, 200, &answer);
+    // The token endpoint's default rate (10 a second per agent) is below what these loops ask
+    // for: like a real agent, wait as long as Retry-After says, then try again.
+    let answer = loop {
+        let assertion = agent
+            .key
+            .client_assertion(&agent.id, &leash.token_url(), now());
+        let body = form(&[
+            ("grant_type", TOKEN_EXCHANGE),
+            ("subject_token", grant["handle"].as_str().unwrap()),
+            ("subject_token_type", GRANT_TOKEN_TYPE),
+            ("client_assertion_type", leash_core::assertion::JWT_BEARER),
+            ("client_assertion", &assertion),
+        ]);
+        let proof = dpop.dpop_proof("POST", &leash.token_url(), None, None, now());
+        let (status, headers, answer) = leash
+            .post_form("/oauth2/token", body, &[("DPoP", proof)])
+            .await;
+        let wait = headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        match (status, wait) {
+            (429, Some(seconds)) => {
+                tally
+                    .lock()
+                    .unwrap()
+                    .record("token exchange over the rate", 429, 429, &answer);
+                tokio::time::sleep(Duration::from_secs(seconds)).await;
+            }
+            _ => {
+                tally
+                    .lock()
+                    .unwrap()
+                    .record("token exchange", status, 200, &answer);
+                break answer;
+            }
+        }
+    };
     let Some(token) = answer["access_token"].as_str().map(str::to_owned) else {
         return;
     };

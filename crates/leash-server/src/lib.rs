@@ -65,12 +65,8 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(gateway::authorize))
 }
 
-/// The OpenAPI 3.1 description of the API, as `GET /openapi.json` serves it.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented().into_openapi()
-}
-
-/// The full router over a prepared state.
+/// The full router over a prepared state; `GET /openapi.json` serves the description of its
+/// documented routes.
 pub fn router(state: Arc<AppState>) -> Router {
     let (documented, description) = documented().split_for_parts();
     let description = axum::body::Bytes::from(description.to_json().unwrap_or_default());

@@ -102,21 +102,64 @@ pub struct TokenResponse {
     scope: String,
 }
 
-/// An introspection answer (RFC 7662); only `active` when the token is not live.
-#[derive(Debug, Serialize, ToSchema)]
+/// An introspection answer (RFC 7662): only `active` when the token is not live, otherwise its
+/// claims as well.
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct Introspection {
     active: bool,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<String>,
+    /// `{"sub": agent}` (RFC 8693 §4.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
-    claims: Option<ActiveToken>,
+    act: Option<Actor>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exp: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iat: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jti: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grant_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    purpose: Option<String>,
+    /// `{"jkt": thumbprint}` (RFC 9449 §6.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    cnf: Option<Confirmation>,
+    /// `DPoP`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    token_type: Option<&'static str>,
 }
 
-/// The claims of a live token.
-#[derive(Debug, Serialize)]
-pub struct ActiveToken {
-    #[serde(flatten)]
-    claims: AccessClaims,
-    token_type: &'static str,
+impl Introspection {
+    fn live(claims: AccessClaims) -> Self {
+        Self {
+            active: true,
+            sub: Some(claims.sub),
+            client_id: Some(claims.client_id),
+            act: Some(claims.act),
+            scope: Some(claims.scope),
+            exp: Some(claims.exp),
+            iat: Some(claims.iat),
+            iss: Some(claims.iss),
+            aud: Some(claims.aud),
+            jti: Some(claims.jti),
+            grant_id: Some(claims.grant_id),
+            purpose: Some(claims.purpose),
+            cnf: Some(claims.cnf),
+            token_type: Some("DPoP"),
+        }
+    }
 }
 
 /// `POST /oauth2/token`: token exchange (RFC 8693) authenticated with private_key_jwt and
@@ -395,13 +438,7 @@ pub async fn introspect(
     }
     let token = form.require("token")?;
     let now = state.clock.now();
-    let inactive = || {
-        let answer = Introspection {
-            active: false,
-            claims: None,
-        };
-        no_store(Json(answer).into_response())
-    };
+    let inactive = || no_store(Json(Introspection::default()).into_response());
     let Ok(claims) = verify_access_token(token, |kid| state.verify_key(kid), &state.issuer, now)
     else {
         return Ok(inactive());
@@ -411,12 +448,5 @@ pub async fn introspect(
         Err(ApiError::InvalidToken(_)) => return Ok(inactive()),
         Err(e) => return Err(e),
     }
-    let answer = Introspection {
-        active: true,
-        claims: Some(ActiveToken {
-            claims,
-            token_type: "DPoP",
-        }),
-    };
-    Ok(no_store(Json(answer).into_response()))
+    Ok(no_store(Json(Introspection::live(claims)).into_response()))
 }
