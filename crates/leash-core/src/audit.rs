@@ -197,9 +197,9 @@ impl AuditEvent {
             open.hash = String::new();
             json(&open)?
         };
+        // memchr's vectorised search: str::find's two-way search was a tenth of each append.
         let find = |member: &str| {
-            canonical
-                .find(member)
+            memchr::memmem::find(canonical.as_bytes(), member.as_bytes())
                 .ok_or_else(|| CanonicalError(format!("no {member} in the canonical form")))
         };
         let (hash_at, prev_at, seq_at) = (find(OPEN_HASH)?, find(OPEN_PREV)?, find(OPEN_SEQ)?);
@@ -229,12 +229,19 @@ impl Draft {
         let between = &c[self.hash_at + OPEN_HASH.len()..self.prev_at];
         let middle = &c[self.prev_at + OPEN_PREV.len()..self.seq_at];
         let rest = &c[self.seq_at + OPEN_SEQ.len()..];
-        let seq = seq.to_string();
+        let mut seq_digits = itoa::Buffer::new();
+        let seq = seq_digits.format(seq);
         let mut digest = self.before_prev.clone();
-        for part in [prev_hash, "\",", middle, "\"seq\":", &seq, ",", rest] {
+        for part in [prev_hash, "\",", middle, "\"seq\":", seq, ",", rest] {
             digest.update(part.as_bytes());
         }
-        let hash = hex::encode(digest.finalize());
+        let digest = digest.finalize();
+        // Into a buffer: hex::encode's char iterator was a fifth of this function.
+        let mut hex_digits = [0u8; 64];
+        let hash = match hex::encode_to_slice(digest, &mut hex_digits) {
+            Ok(()) => String::from_utf8_lossy(&hex_digits).into_owned(),
+            Err(_) => hex::encode(digest),
+        };
         let parts = [
             before_hash,
             "\"hash\":\"",
@@ -246,7 +253,7 @@ impl Draft {
             "\",",
             middle,
             "\"seq\":",
-            &seq,
+            seq,
             ",",
             rest,
         ];

@@ -7,6 +7,7 @@ mod queries;
 mod sqlite;
 #[cfg(test)]
 mod tests;
+pub mod wal;
 
 use std::sync::Arc;
 

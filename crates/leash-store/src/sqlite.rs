@@ -18,6 +18,7 @@ use sqlx::{Row as _, SqlitePool};
 use tokio::sync::oneshot;
 
 use crate::common::{Memo, SignerSlot, draft_of, outcome_name, unavailable, unix_of, vault_key};
+use crate::wal::{Checkpointer, WAL_RESTART_BYTES, WalBound};
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
     RequestUse, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
@@ -35,6 +36,8 @@ pub struct SqliteStore {
     /// Revoked token `jti`s with their expiry: every revocation of this database goes through
     /// this process, so the set is complete (loaded at open, added to before the write).
     revoked: Arc<RwLock<HashMap<String, i64>>>,
+    /// Runs while any handle to the store does.
+    _checkpointer: Arc<Checkpointer>,
 }
 
 /// Work for the writer thread.
@@ -59,11 +62,12 @@ struct Prepared {
 type Answer = (StoreResult<UseVerdict>, Box<Prepared>);
 
 /// Most requests committed in one transaction. Below the concurrency a loaded server sees, so
-/// that the next batch fills while this one commits instead of every caller waiting in lockstep
-/// (with 64 callers, batches of 64 left the writer idle a third of the time).
-const MAX_USE_BATCH: usize = 32;
+/// that callers are already waiting when a batch commits: with as many callers as a batch
+/// holds, every commit woke them all and the writer sat idle until the first was back (a sixth
+/// of its time with 64 callers and batches of 64).
+const MAX_USE_BATCH: usize = 48;
 
-/// The longest the writer holds a batch open for callers it expects.
+/// The longest the writer naps, per transaction, waiting for callers it expects.
 const BATCH_LINGER: Duration = Duration::from_micros(300);
 /// How long it sleeps between looks; a sleeping writer is woken by no send.
 const LINGER_STEP: Duration = Duration::from_micros(30);
@@ -108,121 +112,124 @@ struct Writer {
     wal: WalBound,
 }
 
-/// The write-ahead log's file, its size limit, and when the writer last looked.
-struct WalBound {
-    path: std::path::PathBuf,
-    restart_at: u64,
-    checked: std::time::Instant,
-}
-
-/// Group commit: one thread owns these writes (request uses and the audit chain) and commits
-/// whatever requests are waiting in one transaction, so concurrent token and gateway calls
-/// share a commit. It has its own connection (rusqlite, same SQLite library as sqlx) and runs a
-/// whole batch in one synchronous call: through sqlx every statement is a hand-off to its
+/// Group commit: one thread owns these writes (request uses and the audit chain) and records
+/// every request that arrives while its transaction is open in that transaction, so concurrent
+/// token and gateway calls share a commit. It has its own connection (rusqlite, same SQLite
+/// library as sqlx) and works synchronously: through sqlx every statement is a hand-off to its
 /// worker thread and back, which under load cost ≈ 300 µs per commit of four statements.
 fn writer_thread(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
     let mut waiting = None;
     let mut last_batch = 1;
     loop {
-        let first = match waiting.take() {
+        let job = match waiting.take() {
             Some(job) => job,
             None => match jobs.recv() {
                 Ok(job) => job,
                 Err(_) => return,
             },
         };
-        let WriteJob::Use(request, reply) = first else {
-            if let WriteJob::Checkpoint(reply) = first {
+        match job {
+            WriteJob::Checkpoint(reply) => {
                 let _ = reply.send(writer.checkpoint_now());
             }
-            continue;
-        };
-        let mut batch = vec![(request, reply)];
-        waiting = gather(&jobs, &mut batch, last_batch);
-        last_batch = batch.len();
-        writer.commit_batch(batch);
-        writer.bound_wal();
-    }
-}
-
-/// Adds the uses waiting behind the batch's first; returns a job of another kind that stopped
-/// the gathering. Under steady load the last batch's callers are on their way back with their
-/// next request: while fewer than that are here, the writer naps and looks again, for as long
-/// as each nap brought more and within `BATCH_LINGER`. A commit's fixed cost is then shared by
-/// the whole load; when the load drops, one short linger finds nobody and the next batch
-/// expects fewer.
-fn gather(
-    jobs: &flume::Receiver<WriteJob>,
-    batch: &mut Vec<(Box<Prepared>, oneshot::Sender<Answer>)>,
-    last_batch: usize,
-) -> Option<WriteJob> {
-    let linger_until = std::time::Instant::now() + BATCH_LINGER;
-    let mut arrived = true;
-    while batch.len() < MAX_USE_BATCH {
-        match jobs.try_recv() {
-            Ok(WriteJob::Use(request, reply)) => {
-                batch.push((request, reply));
-                arrived = true;
-            }
-            Ok(other) => return Some(other),
-            Err(_) => {
-                let expecting = batch.len() < last_batch && arrived;
-                if !expecting || std::time::Instant::now() >= linger_until {
-                    return None;
-                }
-                arrived = false;
-                std::thread::sleep(LINGER_STEP);
+            WriteJob::Use(used, reply) => {
+                let mut arrivals = Arrivals {
+                    jobs: &jobs,
+                    expected: last_batch,
+                    napped: Duration::ZERO,
+                    interrupted: None,
+                };
+                last_batch = writer.commit_batch(used, reply, &mut arrivals);
+                waiting = arrivals.interrupted;
+                writer.wal.keep(&writer.conn);
             }
         }
     }
-    None
+}
+
+/// The uses that join an open transaction. Each is recorded as soon as it is taken, so the
+/// writer works while its batch fills instead of waiting for the batch first (which, with as
+/// many callers as the batch holds, left it idle while they made their next requests). Under
+/// steady load the last batch's callers are on their way back: while fewer than that have
+/// joined and none is waiting, the writer naps and looks again, for as long as each nap brought
+/// one and within `BATCH_LINGER` of naps per transaction. A commit's fixed cost is then shared
+/// by the whole load; when the load drops, one short linger finds nobody and the next batch
+/// expects fewer.
+struct Arrivals<'a> {
+    jobs: &'a flume::Receiver<WriteJob>,
+    expected: usize,
+    napped: Duration,
+    /// A job of another kind that ended the batch; handled after the commit.
+    interrupted: Option<WriteJob>,
+}
+
+impl Arrivals<'_> {
+    /// The next use for a transaction that holds `joined` already; `None` to commit.
+    fn next(&mut self, joined: usize) -> Option<(Box<Prepared>, oneshot::Sender<Answer>)> {
+        if joined >= MAX_USE_BATCH || self.interrupted.is_some() {
+            return None;
+        }
+        let mut napping = false;
+        loop {
+            match self.jobs.try_recv() {
+                Ok(WriteJob::Use(used, reply)) => return Some((used, reply)),
+                Ok(other) => {
+                    self.interrupted = Some(other);
+                    return None;
+                }
+                Err(_) => {
+                    if napping || joined >= self.expected || self.napped >= BATCH_LINGER {
+                        return None;
+                    }
+                    napping = true;
+                    let started = std::time::Instant::now();
+                    std::thread::sleep(LINGER_STEP);
+                    self.napped += started.elapsed();
+                }
+            }
+        }
+    }
+}
+
+/// A use in the open transaction, with its caller and (once recorded) its verdict.
+struct Joined {
+    used: Box<Prepared>,
+    reply: oneshot::Sender<Answer>,
+    verdict: UseVerdict,
 }
 
 impl Writer {
-    /// Keeps the write-ahead log bounded. The log only starts over when a write finds every
-    /// frame copied back and no reader in it, a moment that unbroken load never leaves, so the
-    /// passive checkpointer alone lets it (and the shared-memory index every connection maps)
-    /// grow without end: a soak run reached 37 GB in six minutes. Past the limit, the writer
-    /// itself, between two commits, runs a `TRUNCATE` checkpoint: it waits (busy timeout) for
-    /// readers to leave the log, copies what the passive rounds left, and empties the file. The
-    /// commits waiting meanwhile pay that pause; it is the price of a bounded log.
-    fn bound_wal(&mut self) {
-        if self.wal.checked.elapsed() < WAL_CHECK_EVERY {
-            return;
-        }
-        self.wal.checked = std::time::Instant::now();
-        let size = std::fs::metadata(&self.wal.path).map_or(0, |m| m.len());
-        if size <= self.wal.restart_at {
-            return;
-        }
+    /// Records `first` and the uses that join it in one transaction, commits, and answers each
+    /// caller. Returns how many uses the transaction held.
+    fn commit_batch(
+        &mut self,
+        first: Box<Prepared>,
+        reply: oneshot::Sender<Answer>,
+        arrivals: &mut Arrivals<'_>,
+    ) -> usize {
+        let mut joined = Vec::with_capacity(MAX_USE_BATCH);
+        joined.push(Joined {
+            used: first,
+            reply,
+            verdict: UseVerdict::Recorded,
+        });
         let started = std::time::Instant::now();
-        let busy = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
-                row.get::<_, i64>(0)
-            });
-        match busy {
-            Ok(0) => tracing::debug!(bytes = size, took = ?started.elapsed(), "WAL started over"),
-            Ok(_) => tracing::warn!(
-                bytes = size,
-                "WAL restart found readers still in the log; will retry"
-            ),
-            Err(e) => tracing::warn!(error = %e, bytes = size, "WAL restart failed; will retry"),
-        }
-    }
-
-    fn commit_batch(&mut self, batch: Vec<(Box<Prepared>, oneshot::Sender<Answer>)>) {
-        let (mut uses, replies): (Vec<Box<Prepared>>, Vec<_>) = batch.into_iter().unzip();
-        let started = std::time::Instant::now();
-        let result = record_batch(&mut self.conn, &mut uses, &self.head, self.signer.0.get());
+        let result = record_batch(
+            &mut self.conn,
+            &mut joined,
+            arrivals,
+            &self.head,
+            self.signer.0.get(),
+        );
         let took = started.elapsed();
         if took > SLOW_COMMIT {
             tracing::warn!(
                 ms = took.as_millis() as u64,
-                requests = uses.len(),
+                requests = joined.len(),
                 "slow commit: the disk held up every request waiting on it"
             );
         }
+        let count = joined.len();
         match result {
             Ok(committed) => {
                 self.head = committed.head;
@@ -230,8 +237,11 @@ impl Writer {
                 for id in committed.spent {
                     self.grants.invalidate(&id);
                 }
-                for ((reply, verdict), used) in
-                    replies.into_iter().zip(committed.verdicts).zip(uses)
+                for Joined {
+                    used,
+                    reply,
+                    verdict,
+                } in joined
                 {
                     let _ = reply.send((Ok(verdict), used));
                 }
@@ -239,11 +249,12 @@ impl Writer {
             Err(e) => {
                 let message = e.to_string();
                 tracing::error!(error = %message, "commit failed: the requests are refused");
-                for (reply, used) in replies.into_iter().zip(uses) {
+                for Joined { used, reply, .. } in joined {
                     let _ = reply.send((Err(StoreError::Unavailable(message.clone())), used));
                 }
             }
         }
+        count
     }
 
     fn checkpoint_now(&mut self) -> StoreResult<Option<Checkpoint>> {
@@ -317,206 +328,208 @@ fn open_writer_connection(path: &str) -> rusqlite::Result<rusqlite::Connection> 
 
 /// What a committed batch produced.
 struct Committed {
-    verdicts: Vec<UseVerdict>,
     /// Grants whose budget this batch used up.
     spent: Vec<String>,
     /// The chain head after the batch's events.
     head: ChainHead,
 }
 
-/// Records each request's use, in one transaction for the whole batch: its one-time values
-/// all-or-nothing, then one count against its grant, then its audit event (a deny when the
-/// use was refused). Within a batch the earlier of two requests sharing a value claims it, even
-/// if that request then fails on another of its values: the later one is refused (fail closed).
+/// Records each use in one transaction: the first of `joined`, then each arrival as it is
+/// taken. Per request: its one-time values all-or-nothing, then one count against its grant,
+/// then its audit event (a deny when the use was refused). Within a transaction the earlier of
+/// two requests sharing a value claims it, even if that request then fails on another of its
+/// values: the later one is refused (fail closed).
 fn record_batch(
     conn: &mut rusqlite::Connection,
-    uses: &mut [Box<Prepared>],
+    joined: &mut Vec<Joined>,
+    arrivals: &mut Arrivals<'_>,
     head: &ChainHead,
     signer: Option<&CheckpointSigner>,
 ) -> rusqlite::Result<Committed> {
-    use rusqlite::OptionalExtension as _;
-    let mut verdicts = vec![UseVerdict::Recorded; uses.len()];
-    let mut claimed: HashSet<&ReplayKey> = HashSet::new();
-    let mut candidates = Vec::new();
-    for (index, request) in uses.iter().map(|used| &used.request).enumerate() {
-        let mut own = HashSet::new();
-        let seen = request
-            .once
-            .iter()
-            .position(|(key, _)| claimed.contains(key) || !own.insert(key));
-        match seen {
-            Some(position) => verdicts[index] = UseVerdict::Replayed(position),
-            None => {
-                claimed.extend(own);
-                candidates.push(index);
-            }
-        }
-    }
-    let mut spent = Vec::new();
-    let mut head = head.clone();
-    let has_events = uses.iter().any(|used| used.request.audit.is_some());
-    if candidates.is_empty() && !has_events {
-        return Ok(Committed {
-            verdicts,
-            spent,
-            head,
-        });
-    }
     // IMMEDIATE: take the write lock up front (waiting on the busy timeout), so the transaction
     // never has to upgrade a read snapshot that another writer moved past.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut spent = Vec::new();
+    let mut head = head.clone();
     {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO replay (key, until) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )?;
-        let mut delete = tx.prepare_cached("DELETE FROM replay WHERE key = ?1")?;
-        let mut count = tx.prepare_cached(
-            "UPDATE grants SET requests_used = requests_used + 1 \
-             WHERE id = ?1 AND status = 'active' AND expires_at > ?2 \
-             AND (max_requests IS NULL OR requests_used < max_requests) \
-             RETURNING requests_used, max_requests",
-        )?;
-        // The approval's single use: a compare-and-set, so of N parallel retries one wins.
-        let mut use_approval = tx.prepare_cached(
-            "UPDATE approvals SET status = 'used', used_at = ?1 \
-             WHERE id = ?2 AND status = 'approved' AND expires_at > ?1",
-        )?;
-        for &index in &candidates {
-            let request = &uses[index].request;
-            let mut inserted = Vec::new();
-            let mut replayed = None;
-            for (position, (key, until)) in request.once.iter().enumerate() {
-                if insert.execute(rusqlite::params![key.as_slice(), until])? == 1 {
-                    inserted.push(key);
-                } else {
-                    replayed = Some(position);
-                    break;
-                }
-            }
-            if let Some(position) = replayed {
-                verdicts[index] = UseVerdict::Replayed(position);
-                for key in inserted {
-                    delete.execute([key.as_slice()])?;
-                }
-                continue;
-            }
-            if let Some(approval) = &request.approval
-                && use_approval.execute(rusqlite::params![request.now, approval])? == 0
-            {
-                verdicts[index] = UseVerdict::ApprovalSpent;
-                continue;
-            }
-            let Some(grant) = &request.grant else {
-                continue;
-            };
-            let counted = count
-                .query_row(rusqlite::params![grant, request.now], |row| {
-                    Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?))
-                })
-                .optional()?;
-            match counted {
-                None => {
-                    verdicts[index] = UseVerdict::GrantSpent;
-                    spent.push(grant.clone());
-                }
-                Some((used, max)) => {
-                    if max.is_some_and(|max| used >= max) {
-                        spent.push(grant.clone());
-                    }
-                }
-            }
-        }
-        let mut append = tx.prepare_cached(
-            "INSERT INTO audit_events \
-             (seq, kind, subject, actor, grant_id, action, decision, at, hash, line) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?;
-        let unsealable = |e| rusqlite::Error::ToSqlConversionFailure(Box::new(e));
-        for (used, verdict) in uses.iter_mut().zip(&verdicts) {
-            let Prepared { request, draft } = &mut **used;
-            let Some(event) = request.audit.as_mut() else {
-                continue;
-            };
-            let seq = head.seq + 1;
-            let (line, at) = match (verdict.reason(), draft) {
-                (None, Some((draft, at))) => {
-                    let (line, hash) = draft.seal(seq, &head.hash);
-                    event.hash = hash;
-                    (line, *at)
-                }
-                // Refused here: the event changes to a deny and is canonicalised anew.
-                (reason, _) => {
-                    if let Some(reason) = reason {
-                        event.decision = Some(Outcome::Deny);
-                        event.reason = Some(reason.to_owned());
-                    }
-                    (
-                        event.seal(seq, &head.hash).map_err(unsealable)?,
-                        unix_of(&event.ts),
-                    )
-                }
-            };
-            let decision = event.decision.map(outcome_name);
-            append.execute(rusqlite::params![
-                seq as i64,
-                event.kind,
-                event.subject,
-                event.actor,
-                event.grant_id,
-                event.action,
-                decision,
-                at,
-                event.hash,
-                line
-            ])?;
-            head.seq = seq;
-            head.hash = event.hash.clone();
+        let mut statements = UseStatements::prepare(&tx)?;
+        let mut claimed = HashSet::new();
+        let mut index = 0;
+        loop {
+            let Joined { used, verdict, .. } = &mut joined[index];
+            *verdict = statements.record_use(&used.request, &mut claimed, &mut spent)?;
+            statements.append_event(used, *verdict, &mut head)?;
             if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
                 && let Some(signer) = signer
                 && insert_checkpoint(&tx, signer, &head)?.is_some()
             {
                 head.checkpointed = head.seq;
             }
+            index += 1;
+            match arrivals.next(joined.len()) {
+                Some((used, reply)) => joined.push(Joined {
+                    used,
+                    reply,
+                    verdict: UseVerdict::Recorded,
+                }),
+                None => break,
+            }
         }
     }
     tx.commit()?;
-    Ok(Committed {
-        verdicts,
-        spent,
-        head,
-    })
+    Ok(Committed { spent, head })
+}
+
+/// The writer's statements, prepared once per transaction.
+struct UseStatements<'tx> {
+    remember: rusqlite::CachedStatement<'tx>,
+    forget: rusqlite::CachedStatement<'tx>,
+    count: rusqlite::CachedStatement<'tx>,
+    use_approval: rusqlite::CachedStatement<'tx>,
+    append: rusqlite::CachedStatement<'tx>,
+}
+
+impl<'tx> UseStatements<'tx> {
+    fn prepare(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            remember: tx.prepare_cached(
+                "INSERT INTO replay (key, until) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            )?,
+            forget: tx.prepare_cached("DELETE FROM replay WHERE key = ?1")?,
+            count: tx.prepare_cached(
+                "UPDATE grants SET requests_used = requests_used + 1 \
+                 WHERE id = ?1 AND status = 'active' AND expires_at > ?2 \
+                 AND (max_requests IS NULL OR requests_used < max_requests) \
+                 RETURNING requests_used, max_requests",
+            )?,
+            // The approval's single use: a compare-and-set, so of N parallel retries one wins.
+            use_approval: tx.prepare_cached(
+                "UPDATE approvals SET status = 'used', used_at = ?1 \
+                 WHERE id = ?2 AND status = 'approved' AND expires_at > ?1",
+            )?,
+            append: tx.prepare_cached(
+                "INSERT INTO audit_events \
+                 (seq, kind, subject, actor, grant_id, action, decision, at, hash, line) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?,
+        })
+    }
+
+    /// One request's one-time values, approval and grant count; `claimed` holds the values of
+    /// the requests before it in this transaction.
+    fn record_use(
+        &mut self,
+        request: &RequestUse,
+        claimed: &mut HashSet<ReplayKey>,
+        spent: &mut Vec<String>,
+    ) -> rusqlite::Result<UseVerdict> {
+        use rusqlite::OptionalExtension as _;
+        let mut own = HashSet::new();
+        let seen = request
+            .once
+            .iter()
+            .position(|(key, _)| claimed.contains(key) || !own.insert(*key));
+        if let Some(position) = seen {
+            return Ok(UseVerdict::Replayed(position));
+        }
+        claimed.extend(own);
+        let mut inserted = Vec::new();
+        for (position, (key, until)) in request.once.iter().enumerate() {
+            if self
+                .remember
+                .execute(rusqlite::params![key.as_slice(), until])?
+                == 1
+            {
+                inserted.push(key);
+            } else {
+                for key in inserted {
+                    self.forget.execute([key.as_slice()])?;
+                }
+                return Ok(UseVerdict::Replayed(position));
+            }
+        }
+        if let Some(approval) = &request.approval
+            && self
+                .use_approval
+                .execute(rusqlite::params![request.now, approval])?
+                == 0
+        {
+            return Ok(UseVerdict::ApprovalSpent);
+        }
+        let Some(grant) = &request.grant else {
+            return Ok(UseVerdict::Recorded);
+        };
+        let counted = self
+            .count
+            .query_row(rusqlite::params![grant, request.now], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?))
+            })
+            .optional()?;
+        match counted {
+            None => {
+                spent.push(grant.clone());
+                Ok(UseVerdict::GrantSpent)
+            }
+            Some((used, max)) => {
+                if max.is_some_and(|max| used >= max) {
+                    spent.push(grant.clone());
+                }
+                Ok(UseVerdict::Recorded)
+            }
+        }
+    }
+
+    /// Appends the request's audit event, if it has one, after `head`.
+    fn append_event(
+        &mut self,
+        used: &mut Prepared,
+        verdict: UseVerdict,
+        head: &mut ChainHead,
+    ) -> rusqlite::Result<()> {
+        let Prepared { request, draft } = used;
+        let Some(event) = request.audit.as_mut() else {
+            return Ok(());
+        };
+        let seq = head.seq + 1;
+        let (line, at) = match (verdict.reason(), draft) {
+            (None, Some((draft, at))) => {
+                let (line, hash) = draft.seal(seq, &head.hash);
+                event.hash = hash;
+                (line, *at)
+            }
+            // Refused here: the event changes to a deny and is canonicalised anew.
+            (reason, _) => {
+                if let Some(reason) = reason {
+                    event.decision = Some(Outcome::Deny);
+                    event.reason = Some(reason.to_owned());
+                }
+                let sealed = event
+                    .seal(seq, &head.hash)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                (sealed, unix_of(&event.ts))
+            }
+        };
+        let decision = event.decision.map(outcome_name);
+        self.append.execute(rusqlite::params![
+            seq as i64,
+            event.kind,
+            event.subject,
+            event.actor,
+            event.grant_id,
+            event.action,
+            decision,
+            at,
+            event.hash,
+            line
+        ])?;
+        head.seq = seq;
+        head.hash.clone_from(&event.hash);
+        Ok(())
+    }
 }
 
 fn stopped() -> StoreError {
     StoreError::Unavailable("the writer has stopped".into())
-}
-
-/// How often the write-ahead log is copied back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
-
-/// Size of the write-ahead log past which the writer starts it over (see `Writer::bound_wal`).
-pub(crate) const WAL_RESTART_BYTES: u64 = 64 << 20;
-
-/// How often the writer looks at the size of the write-ahead log.
-const WAL_CHECK_EVERY: Duration = Duration::from_millis(250);
-
-/// Copies the WAL into the database file off the write path. `PASSIVE` never blocks the writer
-/// or readers; pages a reader still needs wait for the next round.
-async fn checkpointer(pool: SqlitePool) {
-    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if pool.is_closed() {
-            return;
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&pool)
-            .await
-        {
-            tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-        }
-    }
 }
 
 impl SqliteStore {
@@ -534,17 +547,12 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
-        // The writer never checkpoints: a checkpoint syncs the database file, and on the
-        // writer that stall would land on every request waiting for the group commit. A
-        // separate connection checkpoints in the background instead (see `checkpointer`).
+        // The writers never checkpoint on their own: a checkpoint syncs the database file, and
+        // on the writer that stall would land on every request waiting for the group commit. A
+        // separate connection checkpoints in the background instead (see `wal`).
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
-            .await
-            .map_err(unavailable)?;
-        let checkpoints = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
             .await
             .map_err(unavailable)?;
         sqlx::migrate!("./migrations/sqlite")
@@ -566,28 +574,26 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let grants = Arc::new(Memo::new());
         let (uses, jobs) = flume::bounded(1024);
-        let conn =
-            open_writer_connection(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let head = ChainHead::load(&conn).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let sqlite_error = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
+        let conn = open_writer_connection(path).map_err(sqlite_error)?;
+        let head = ChainHead::load(&conn).map_err(sqlite_error)?;
+        let wal = WalBound::attach(&conn, path, restart_at).map_err(sqlite_error)?;
+        let checkpointer = Checkpointer::start(path).map_err(sqlite_error)?;
         let signer = Arc::new(SignerSlot::default());
         let chain_writer = Writer {
             conn,
             head,
             grants: grants.clone(),
             signer: signer.clone(),
-            wal: WalBound {
-                path: format!("{path}-wal").into(),
-                restart_at,
-                checked: std::time::Instant::now(),
-            },
+            wal,
         };
         std::thread::Builder::new()
             .name("leash-writer".into())
             .spawn(move || writer_thread(chain_writer, jobs))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
-        tokio::spawn(checkpointer(checkpoints));
         Ok(Self {
             writer,
+            _checkpointer: Arc::new(checkpointer),
             reader,
             uses,
             signer,
