@@ -112,8 +112,9 @@ fn bare_insert(path: &Path, lines: &[String], upkeep: Upkeep) -> Duration {
     conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
     conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
     let path = path.to_str().unwrap();
-    let mut bound = wal::WalBound::attach(&conn, path, wal::WAL_RESTART_BYTES).unwrap();
     let checkpointer = wal::Checkpointer::start(path).unwrap();
+    let mut bound =
+        wal::WalBound::attach(&conn, path, wal::WAL_RESTART_BYTES, &checkpointer).unwrap();
     let rows: Vec<(AuditEvent, &String)> = lines
         .iter()
         .map(|l| (serde_json::from_str(l).unwrap(), l))

@@ -577,8 +577,8 @@ impl SqliteStore {
         let sqlite_error = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
         let conn = open_writer_connection(path).map_err(sqlite_error)?;
         let head = ChainHead::load(&conn).map_err(sqlite_error)?;
-        let wal = WalBound::attach(&conn, path, restart_at).map_err(sqlite_error)?;
         let checkpointer = Checkpointer::start(path).map_err(sqlite_error)?;
+        let wal = WalBound::attach(&conn, path, restart_at, &checkpointer).map_err(sqlite_error)?;
         let signer = Arc::new(SignerSlot::default());
         let chain_writer = Writer {
             conn,

@@ -3,11 +3,11 @@
 //! that the audit benchmark holds its bare SQLite insert to exactly the store's upkeep.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// How often the background thread copies the log into the database file. Short, so that the
-/// log's restart (see [`WalBound`]) finds little left to copy on the writer's time: under load
-/// the copying is done here, beside the writer, not by it.
+/// How often the background thread copies the log into the database file.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Size of the write-ahead log past which the writer starts it over.
@@ -17,18 +17,37 @@ pub const WAL_RESTART_BYTES: u64 = 64 << 20;
 /// overshoots its limit by what this interval writes.
 const WAL_CHECK_EVERY: Duration = Duration::from_millis(25);
 
+/// A round of the background thread that copied at most this many pages found the log caught
+/// up: what is left for the writer's restart is about one round of writes.
+const CAUGHT_UP_PAGES: i64 = 256;
+
+/// The longest the writer lets the log run past its limit waiting for the background thread to
+/// catch up (a reader pinning old pages can hold it back); then it restarts the log itself.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
+
+/// What the background thread and the writer tell each other.
+#[derive(Debug, Default)]
+struct Signals {
+    stop: AtomicBool,
+    /// Set by the writer: the log passed its limit; copy without pause until caught up.
+    restart_wanted: AtomicBool,
+    /// Set by the background thread: little is left to copy, restart now.
+    caught_up: AtomicBool,
+}
+
 /// A thread that copies the write-ahead log into the database file with `PASSIVE` checkpoints,
 /// which never wait for the writer or readers (pages a reader still needs wait for the next
-/// round). Dropping the handle stops it and waits for a round in progress to end, so that
+/// round): every [`CHECKPOINT_EVERY`], and round after round while the writer waits to restart
+/// the log. Dropping the handle stops it and waits for a round in progress to end, so that
 /// nothing of it touches the database afterwards.
 #[derive(Debug)]
 pub struct Checkpointer {
-    stop: Option<flume::Sender<()>>,
+    signals: Arc<Signals>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Checkpointer {
-    /// Starts copying the log of the database at `db_path` every [`CHECKPOINT_EVERY`].
+    /// Starts copying the log of the database at `db_path`.
     ///
     /// # Errors
     /// When the database cannot be opened or the thread cannot start.
@@ -36,38 +55,78 @@ impl Checkpointer {
         let conn = rusqlite::Connection::open(db_path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let (stop, stopped) = flume::bounded::<()>(0);
+        let signals = Arc::new(Signals::default());
+        let shared = Arc::clone(&signals);
         let thread = std::thread::Builder::new()
             .name("leash-checkpoint".into())
-            .spawn(move || {
-                // Nothing is ever sent: the wait ends in a timeout, or in disconnection when
-                // the handle is dropped.
-                while let Err(flume::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
-                {
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                    {
-                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-                    }
-                }
-            })
+            .spawn(move || copy_rounds(&conn, &shared))
             .map_err(|e| {
                 rusqlite::Error::ToSqlConversionFailure(
                     format!("cannot start the checkpointer: {e}").into(),
                 )
             })?;
         Ok(Self {
-            stop: Some(stop),
+            signals,
             thread: Some(thread),
         })
+    }
+
+    fn wake(&self) {
+        if let Some(thread) = &self.thread {
+            thread.thread().unpark();
+        }
     }
 }
 
 impl Drop for Checkpointer {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        self.signals.stop.store(true, Ordering::Release);
+        self.wake();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+fn copy_rounds(conn: &rusqlite::Connection, signals: &Signals) {
+    // Pages of the log already copied after the previous round; a restarted log counts anew.
+    let mut copied_before = 0;
+    loop {
+        if !signals.restart_wanted.load(Ordering::Acquire) {
+            std::thread::park_timeout(CHECKPOINT_EVERY);
+        }
+        if signals.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let round = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        });
+        match round {
+            Ok((busy, log, copied)) => {
+                let this_round = if copied >= copied_before {
+                    copied - copied_before
+                } else {
+                    copied
+                };
+                copied_before = copied;
+                if busy == 0
+                    && copied == log
+                    && this_round <= CAUGHT_UP_PAGES
+                    && signals.restart_wanted.load(Ordering::Acquire)
+                {
+                    signals.caught_up.store(true, Ordering::Release);
+                    // The writer restarts the log at its next look; nap meanwhile.
+                    std::thread::park_timeout(WAL_CHECK_EVERY);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                std::thread::park_timeout(CHECKPOINT_EVERY);
+            }
         }
     }
 }
@@ -75,63 +134,94 @@ impl Drop for Checkpointer {
 /// Keeps the write-ahead log bounded; owned by the one writing connection.
 ///
 /// The log only starts over when a write finds every frame copied back and no reader in it, a
-/// moment that unbroken load never leaves, so the passive checkpointer alone lets it (and the
-/// shared-memory index every connection maps) grow without end: a soak run reached 37 GB in
-/// six minutes. Past the limit, the writer itself, between two commits, runs a `RESTART`
-/// checkpoint: it waits (busy timeout) for readers to leave the log, copies what the background
-/// rounds have not (at most [`CHECKPOINT_EVERY`] of writes) and syncs. The next commit writes
-/// the log from its start again, over the file's existing blocks (cheaper than growing a
-/// truncated file anew), and `journal_size_limit` trims the file to the limit, so the file only
-/// grows past the limit when the log in it does.
+/// moment that unbroken load never leaves, so background checkpoints alone let it (and the
+/// shared-memory index every connection maps) grow without end: a soak run reached 37 GB in six
+/// minutes. Past the limit, the writer asks the background thread to copy round after round
+/// until a round finds little to copy, and only then, between two commits, runs a `RESTART`
+/// checkpoint itself: it waits (busy timeout) for readers to leave the log, copies the pages of
+/// the last round or so, syncs, and the next commit writes the log from its start again. The
+/// copying of the whole log is thus done beside the writer, not on its time (a restart that
+/// copied the last 100 ms of writes itself held every waiting request up for tens of
+/// milliseconds). The file's existing blocks are written over (cheaper than growing a truncated
+/// file anew), and `journal_size_limit` trims the file to the limit, so the file only grows past
+/// the limit when the log in it does.
 #[derive(Debug)]
 pub struct WalBound {
     path: PathBuf,
     restart_at: u64,
     checked: Instant,
+    /// When the writer asked the background thread to catch up, if it is waiting for that.
+    asked: Option<Instant>,
+    signals: Arc<Signals>,
+    background: std::thread::Thread,
 }
 
 impl WalBound {
-    /// Bounds the log of the database at `db_path`, written through `conn`, to about
-    /// `restart_at` bytes.
+    /// Bounds the log of the database at `db_path`, written through `conn` and copied by
+    /// `checkpointer`, to about `restart_at` bytes.
     ///
     /// # Errors
-    /// When the connection refuses the size limit.
+    /// When the connection refuses the size limit, or the checkpointer has stopped.
     pub fn attach(
         conn: &rusqlite::Connection,
         db_path: &str,
         restart_at: u64,
+        checkpointer: &Checkpointer,
     ) -> rusqlite::Result<Self> {
         let kept = i64::try_from(restart_at).unwrap_or(i64::MAX);
         conn.pragma_update(None, "journal_size_limit", kept)?;
+        let background = checkpointer
+            .thread
+            .as_ref()
+            .map(|thread| thread.thread().clone())
+            .ok_or_else(|| {
+                rusqlite::Error::ToSqlConversionFailure("the checkpointer has stopped".into())
+            })?;
         Ok(Self {
             path: format!("{db_path}-wal").into(),
             restart_at,
             checked: Instant::now(),
+            asked: None,
+            signals: Arc::clone(&checkpointer.signals),
+            background,
         })
     }
 
-    /// Starts the log over if it has passed its limit; called by the writer between commits.
-    /// The commits waiting meanwhile pay that pause: it is the price of a bounded log.
+    /// Starts the log over once it has passed its limit and the background thread has caught
+    /// up (or has not within [`CATCH_UP_WAIT`]); called by the writer between commits.
     pub fn keep(&mut self, conn: &rusqlite::Connection) {
+        if let Some(asked) = self.asked {
+            if self.signals.caught_up.load(Ordering::Acquire) || asked.elapsed() > CATCH_UP_WAIT {
+                self.restart(conn);
+            }
+            return;
+        }
         if self.checked.elapsed() < WAL_CHECK_EVERY {
             return;
         }
         self.checked = Instant::now();
         let size = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        if size <= self.restart_at {
-            return;
+        if size > self.restart_at {
+            self.signals.caught_up.store(false, Ordering::Release);
+            self.signals.restart_wanted.store(true, Ordering::Release);
+            self.background.unpark();
+            self.asked = Some(Instant::now());
         }
+    }
+
+    fn restart(&mut self, conn: &rusqlite::Connection) {
         let started = Instant::now();
         let busy = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| {
             row.get::<_, i64>(0)
         });
         match busy {
-            Ok(0) => tracing::debug!(bytes = size, took = ?started.elapsed(), "WAL started over"),
-            Ok(_) => tracing::warn!(
-                bytes = size,
-                "WAL restart found readers still in the log; will retry"
-            ),
-            Err(e) => tracing::warn!(error = %e, bytes = size, "WAL restart failed; will retry"),
+            Ok(0) => tracing::debug!(took = ?started.elapsed(), "WAL started over"),
+            Ok(_) => tracing::warn!("WAL restart found readers still in the log; will retry"),
+            Err(e) => tracing::warn!(error = %e, "WAL restart failed; will retry"),
         }
+        self.signals.restart_wanted.store(false, Ordering::Release);
+        self.signals.caught_up.store(false, Ordering::Release);
+        self.asked = None;
+        self.checked = Instant::now();
     }
 }
