@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use leash_core::audit::{Checkpoint, Draft, Outcome};
+use leash_core::audit::{Checkpoint, Draft};
 use leash_core::dpop::ReplayKey;
 use leash_core::grant::Grant;
 use leash_core::secret::SecretDigest;
@@ -28,7 +28,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::oneshot;
 
 use crate::common::{
-    Columns as _, Memo, SignerSlot, draft_of, outcome_name, unavailable, unix_of, vault_key,
+    Columns as _, Memo, SignerSlot, draft_of, outcome_name, seal_use_event, unavailable, vault_key,
 };
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
@@ -558,23 +558,9 @@ async fn record_batch(
             };
             let seq = head.seq + 1;
             let mut event = event.clone();
-            let (line, at) = match (verdict.reason(), &used.draft) {
-                (None, Some((draft, at))) => {
-                    let (line, hash) = draft.seal(seq, &head.hash);
-                    event.hash = hash;
-                    (line, *at)
-                }
-                (reason, _) => {
-                    if let Some(reason) = reason {
-                        event.decision = Some(Outcome::Deny);
-                        event.reason = Some(reason.to_owned());
-                    }
-                    let line = event
-                        .seal(seq, &head.hash)
-                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                    (line, unix_of(&event.ts))
-                }
-            };
+            let (line, at) =
+                seal_use_event(&mut event, used.draft.as_ref(), *verdict, seq, &head.hash)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             head.seq = seq;
             head.hash = event.hash.clone();
             rows.push(seq, event, at, line);

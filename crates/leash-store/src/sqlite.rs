@@ -9,7 +9,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use leash_core::audit::{Checkpoint, Draft, GENESIS_HASH, Outcome};
+use leash_core::audit::{Checkpoint, Draft, GENESIS_HASH};
 use leash_core::dpop::ReplayKey;
 use leash_core::grant::Grant;
 use leash_core::secret::SecretDigest;
@@ -17,7 +17,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row as _, SqlitePool};
 use tokio::sync::oneshot;
 
-use crate::common::{Memo, SignerSlot, draft_of, outcome_name, unavailable, unix_of, vault_key};
+use crate::common::{
+    Memo, SignerSlot, draft_of, outcome_name, seal_use_event, unavailable, vault_key,
+};
 use crate::wal::{Checkpointer, WAL_RESTART_BYTES, WalBound};
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
@@ -491,24 +493,8 @@ impl<'tx> UseStatements<'tx> {
             return Ok(());
         };
         let seq = head.seq + 1;
-        let (line, at) = match (verdict.reason(), draft) {
-            (None, Some((draft, at))) => {
-                let (line, hash) = draft.seal(seq, &head.hash);
-                event.hash = hash;
-                (line, *at)
-            }
-            // Refused here: the event changes to a deny and is canonicalised anew.
-            (reason, _) => {
-                if let Some(reason) = reason {
-                    event.decision = Some(Outcome::Deny);
-                    event.reason = Some(reason.to_owned());
-                }
-                let sealed = event
-                    .seal(seq, &head.hash)
-                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                (sealed, unix_of(&event.ts))
-            }
-        };
+        let (line, at) = seal_use_event(event, draft.as_ref(), verdict, seq, &head.hash)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let decision = event.decision.map(outcome_name);
         self.append.execute(rusqlite::params![
             seq as i64,
