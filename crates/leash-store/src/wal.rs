@@ -121,6 +121,10 @@ fn copy_rounds(conn: &rusqlite::Connection, signals: &Signals) {
                     signals.caught_up.store(true, Ordering::Release);
                     // The writer restarts the log at its next look; nap meanwhile.
                     std::thread::park_timeout(WAL_CHECK_EVERY);
+                } else if this_round == 0 {
+                    // Nothing could be copied (a reader still needs the old pages): look again
+                    // later instead of spinning.
+                    std::thread::park_timeout(WAL_CHECK_EVERY);
                 }
             }
             Err(e) => {
