@@ -236,7 +236,7 @@ impl Draft {
             digest.update(part.as_bytes());
         }
         let digest = digest.finalize();
-        // Into a buffer: hex::encode's char iterator was a fifth of this function.
+        // Into a buffer: hex::encode's char iterator was a sixth of this function.
         let mut hex_digits = [0u8; 64];
         let hash = match hex::encode_to_slice(digest, &mut hex_digits) {
             Ok(()) => String::from_utf8_lossy(&hex_digits).into_owned(),

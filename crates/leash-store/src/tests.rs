@@ -474,6 +474,19 @@ async fn verify_stored(store: &dyn Store) -> u64 {
     verifier.finish().unwrap()
 }
 
+/// Appends `count` events, each from its own task.
+fn append_in_parallel(
+    store: &Arc<dyn Store>,
+    count: u64,
+) -> Vec<tokio::task::JoinHandle<crate::StoreResult<()>>> {
+    (0..count)
+        .map(|n| {
+            let store = Arc::clone(store);
+            tokio::spawn(async move { store.append_audit(event(n)).await })
+        })
+        .collect()
+}
+
 fn sign_with_test_key() -> CheckpointSigner {
     let key = test_key();
     Arc::new(move |seq, hash| {
@@ -485,13 +498,7 @@ both_backends! {
     async fn parallel_appends_form_one_chain_with_checkpoints_every_thousand_events(fx) {
         let store = fx.open().await;
         store.set_checkpoint_signer(sign_with_test_key());
-        let tasks: Vec<_> = (0..2_100u64)
-            .map(|n| {
-                let store = store.clone();
-                tokio::spawn(async move { store.append_audit(event(n)).await })
-            })
-            .collect();
-        for task in tasks {
+        for task in append_in_parallel(&store, 2_100) {
             task.await.unwrap().unwrap();
         }
         assert_eq!(verify_stored(store.as_ref()).await, 2_100);
@@ -524,12 +531,7 @@ both_backends! {
     async fn checkpoints_asked_for_during_appends_sign_committed_heads(fx) {
         let store = fx.open().await;
         store.set_checkpoint_signer(sign_with_test_key());
-        let appends: Vec<_> = (0..600u64)
-            .map(|n| {
-                let store = store.clone();
-                tokio::spawn(async move { store.append_audit(event(n)).await })
-            })
-            .collect();
+        let appends = append_in_parallel(&store, 600);
         let checkpoints: Vec<_> = (0..20)
             .map(|_| {
                 let store = store.clone();

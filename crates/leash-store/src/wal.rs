@@ -89,7 +89,7 @@ impl Drop for Checkpointer {
 }
 
 fn copy_rounds(conn: &rusqlite::Connection, signals: &Signals) {
-    // Pages of the log already copied after the previous round; a restarted log counts anew.
+    // Pages of the log already copied after the previous round.
     let mut copied_before = 0;
     loop {
         if !signals.restart_wanted.load(Ordering::Acquire) {
@@ -107,11 +107,8 @@ fn copy_rounds(conn: &rusqlite::Connection, signals: &Signals) {
         });
         match round {
             Ok((busy, log, copied)) => {
-                let this_round = if copied >= copied_before {
-                    copied - copied_before
-                } else {
-                    copied
-                };
+                // A log restarted since the last round counts from its start.
+                let this_round = copied.checked_sub(copied_before).unwrap_or(copied);
                 copied_before = copied;
                 if busy == 0
                     && copied == log
