@@ -224,6 +224,16 @@ impl Draft {
     /// Places the event at `seq` after `prev_hash`: returns its stored line and its hash,
     /// exactly as [`AuditEvent::seal`] would.
     pub fn seal(&self, seq: u64, prev_hash: &str) -> (String, String) {
+        let (mut line, mut hash) = (String::new(), String::new());
+        self.seal_into(seq, prev_hash, &mut line, &mut hash);
+        (line, hash)
+    }
+
+    /// [`Draft::seal`] into the caller's buffers, overwriting them; they allocate only when
+    /// short of capacity. The store's single writer seals every event: it reuses one line
+    /// buffer, and writes the hash into capacity the calling task reserved (so that it is
+    /// freed where it was allocated).
+    pub fn seal_into(&self, seq: u64, prev_hash: &str, line: &mut String, hash: &mut String) {
         let c = &self.canonical;
         let before_hash = &c[..self.hash_at];
         let between = &c[self.hash_at + OPEN_HASH.len()..self.prev_at];
@@ -238,14 +248,18 @@ impl Draft {
         let digest = digest.finalize();
         // Into a buffer: hex::encode's char iterator was a sixth of this function.
         let mut hex_digits = [0u8; 64];
-        let hash = match hex::encode_to_slice(digest, &mut hex_digits) {
-            Ok(()) => String::from_utf8_lossy(&hex_digits).into_owned(),
-            Err(_) => hex::encode(digest),
-        };
+        hash.clear();
+        match hex::encode_to_slice(digest, &mut hex_digits)
+            .ok()
+            .and_then(|()| std::str::from_utf8(&hex_digits).ok())
+        {
+            Some(hex) => hash.push_str(hex),
+            None => hash.push_str(&hex::encode(digest)),
+        }
         let parts = [
             before_hash,
             "\"hash\":\"",
-            &hash,
+            hash.as_str(),
             "\",",
             between,
             PREV_KEY,
@@ -257,11 +271,11 @@ impl Draft {
             ",",
             rest,
         ];
-        let mut line = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        line.clear();
+        line.reserve(parts.iter().map(|p| p.len()).sum());
         for part in parts {
             line.push_str(part);
         }
-        (line, hash)
     }
 }
 

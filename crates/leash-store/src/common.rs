@@ -287,22 +287,24 @@ pub(crate) fn draft_of(
 
 /// Seals a use's audit event at `seq` after `prev_hash` and sets its hash: from the draft the
 /// caller made when the use was recorded, or, when the store refused the use, as a deny with
-/// the verdict's reason, canonicalised anew. Returns the stored line and the event's Unix time.
+/// the verdict's reason, canonicalised anew. Writes the stored line into `line` (overwritten)
+/// and returns the event's Unix time.
 pub(crate) fn seal_use_event(
     event: &mut leash_core::audit::AuditEvent,
     draft: Option<&(leash_core::audit::Draft, i64)>,
     verdict: crate::UseVerdict,
     seq: u64,
     prev_hash: &str,
-) -> Result<(String, i64), leash_core::audit::CanonicalError> {
+    line: &mut String,
+) -> Result<i64, leash_core::audit::CanonicalError> {
     if let (None, Some((draft, at))) = (verdict.reason(), draft) {
-        let (line, hash) = draft.seal(seq, prev_hash);
-        event.hash = hash;
-        return Ok((line, *at));
+        draft.seal_into(seq, prev_hash, line, &mut event.hash);
+        return Ok(*at);
     }
     if let Some(reason) = verdict.reason() {
         event.decision = Some(Outcome::Deny);
         event.reason = Some(reason.to_owned());
     }
-    Ok((event.seal(seq, prev_hash)?, unix_of(&event.ts)))
+    *line = event.seal(seq, prev_hash)?;
+    Ok(unix_of(&event.ts))
 }

@@ -558,9 +558,16 @@ async fn record_batch(
             };
             let seq = head.seq + 1;
             let mut event = event.clone();
-            let (line, at) =
-                seal_use_event(&mut event, used.draft.as_ref(), *verdict, seq, &head.hash)
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let mut line = String::new();
+            let at = seal_use_event(
+                &mut event,
+                used.draft.as_ref(),
+                *verdict,
+                seq,
+                &head.hash,
+                &mut line,
+            )
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             head.seq = seq;
             head.hash = event.hash.clone();
             rows.push(seq, event, at, line);

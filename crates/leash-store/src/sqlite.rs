@@ -389,6 +389,8 @@ struct UseStatements<'tx> {
     count: rusqlite::CachedStatement<'tx>,
     use_approval: rusqlite::CachedStatement<'tx>,
     append: rusqlite::CachedStatement<'tx>,
+    /// The stored line of the event being appended, reused from one event to the next.
+    line: String,
 }
 
 impl<'tx> UseStatements<'tx> {
@@ -414,6 +416,7 @@ impl<'tx> UseStatements<'tx> {
                  (seq, kind, subject, actor, grant_id, action, decision, at, hash, line) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?,
+            line: String::new(),
         })
     }
 
@@ -493,8 +496,15 @@ impl<'tx> UseStatements<'tx> {
             return Ok(());
         };
         let seq = head.seq + 1;
-        let (line, at) = seal_use_event(event, draft.as_ref(), verdict, seq, &head.hash)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        let at = seal_use_event(
+            event,
+            draft.as_ref(),
+            verdict,
+            seq,
+            &head.hash,
+            &mut self.line,
+        )
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let decision = event.decision.map(outcome_name);
         self.append.execute(rusqlite::params![
             seq as i64,
@@ -506,7 +516,7 @@ impl<'tx> UseStatements<'tx> {
             decision,
             at,
             event.hash,
-            line
+            self.line
         ])?;
         head.seq = seq;
         head.hash.clone_from(&event.hash);
@@ -686,11 +696,15 @@ impl Store for SqliteStore {
         Ok(grant)
     }
 
-    async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict> {
+    async fn record_use(&self, mut request: RequestUse) -> StoreResult<UseVerdict> {
         if request.once.is_empty() && request.grant.is_none() && request.audit.is_none() {
             return Ok(UseVerdict::Recorded);
         }
         let draft = draft_of(&request)?;
+        if let Some(event) = &mut request.audit {
+            // The writer writes the hash into this; the request comes back to be freed here.
+            event.hash.reserve(64);
+        }
         let (reply, answer) = oneshot::channel();
         self.uses
             .send_async(WriteJob::Use(Box::new(Prepared { request, draft }), reply))

@@ -220,10 +220,16 @@ proptest! {
         event.path = Some(path);
         event.reason = reason;
         event.policies = Some(vec![r#"quote " and "hash":"","#.into()]);
-        let (line, hash) = event.draft().expect("draft").seal(seq, &prev);
+        let draft = event.draft().expect("draft");
+        let (line, hash) = draft.seal(seq, &prev);
         let whole = event.seal(seq, &prev).expect("seal");
-        prop_assert_eq!(line, whole);
-        prop_assert_eq!(hash, event.hash);
+        prop_assert_eq!(&line, &whole);
+        prop_assert_eq!(&hash, &event.hash);
+        // The writer seals into buffers it reuses: what they held before leaves no trace.
+        let (mut reused_line, mut reused_hash) = ("x".repeat(2048), "y".repeat(100));
+        draft.seal_into(seq, &prev, &mut reused_line, &mut reused_hash);
+        prop_assert_eq!(reused_line, whole);
+        prop_assert_eq!(reused_hash, hash);
     }
 }
 
