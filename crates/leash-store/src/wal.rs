@@ -190,7 +190,8 @@ fn copy_rounds(conn: &rusqlite::Connection, wal: &std::path::Path, signals: &Sig
 /// copied the last 100 ms of writes itself held every waiting request up for tens of
 /// milliseconds). The file's existing blocks are written over (cheaper than growing a truncated
 /// file anew; the background thread keeps them cached, see `keep_log_cached`), and
-/// `journal_size_limit` trims the file to twice the limit, so the file stays within that.
+/// `journal_size_limit` trims the file to the limit, so the file only grows past the limit when
+/// the log in it does.
 #[derive(Debug)]
 pub struct WalBound {
     path: PathBuf,
@@ -214,11 +215,9 @@ impl WalBound {
         restart_at: u64,
         checkpointer: &Checkpointer,
     ) -> rusqlite::Result<Self> {
-        // Room for the log's overshoot while the background thread catches up, so that a
-        // restart does not cut the file back (a truncation took ~10 ms of the writer's time on
-        // the benchmark VM, whose disk is mounted with `discard`) only for the next pass to
-        // grow it again.
-        let kept = i64::try_from(restart_at.saturating_mul(2)).unwrap_or(i64::MAX);
+        // Exactly the restart size: `keep` reads the log's size off the file, so a file kept
+        // larger would ask for a restart after every restart.
+        let kept = i64::try_from(restart_at).unwrap_or(i64::MAX);
         conn.pragma_update(None, "journal_size_limit", kept)?;
         let background = checkpointer
             .thread
