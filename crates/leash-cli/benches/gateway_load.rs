@@ -289,11 +289,11 @@ async fn run() {
     let slow: Vec<String> = leash
         .logs()
         .lines()
-        .filter(|line| line.contains("slow commit"))
+        .filter(|line| line.contains("slow commit") || line.contains("slow WAL restart"))
         .map(str::to_owned)
         .collect();
     println!(
-        "Leash commits slower than 100 ms (disk stalls): {}",
+        "Leash commits or WAL restarts slower than 100 ms (disk stalls): {}",
         slow.len()
     );
     for line in slow.iter().take(5) {

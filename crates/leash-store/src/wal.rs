@@ -25,6 +25,9 @@ const CAUGHT_UP_PAGES: i64 = 256;
 /// catch up (a reader pinning old pages can hold it back); then it restarts the log itself.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
 
+/// A restart slower than this is logged (as a slow commit is): the writer waits for it.
+const SLOW_RESTART: Duration = Duration::from_millis(100);
+
 /// What the background thread and the writer tell each other.
 #[derive(Debug, Default)]
 struct Signals {
@@ -263,8 +266,13 @@ impl WalBound {
         let busy = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| {
             row.get::<_, i64>(0)
         });
+        let took = started.elapsed();
         match busy {
-            Ok(0) => tracing::debug!(took = ?started.elapsed(), "WAL started over"),
+            Ok(0) if took > SLOW_RESTART => tracing::warn!(
+                ms = took.as_millis() as u64,
+                "slow WAL restart: every request waiting on the writer sat through it"
+            ),
+            Ok(0) => tracing::debug!(?took, "WAL started over"),
             Ok(_) => tracing::warn!("WAL restart found readers still in the log; will retry"),
             Err(e) => tracing::warn!(error = %e, "WAL restart failed; will retry"),
         }
