@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use crate::common::{
     Memo, SignerSlot, draft_of, outcome_name, seal_use_event, unavailable, vault_key,
 };
-use crate::wal::{Checkpointer, WAL_RESTART_BYTES, WalBound};
+use crate::wal::{Checkpointer, SLOW_WRITER_PAUSE, WAL_RESTART_BYTES, WalBound};
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
     RequestUse, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
@@ -224,7 +224,7 @@ impl Writer {
             self.signer.0.get(),
         );
         let took = started.elapsed();
-        if took > SLOW_COMMIT {
+        if took > SLOW_WRITER_PAUSE {
             tracing::warn!(
                 ms = took.as_millis() as u64,
                 requests = joined.len(),
@@ -313,9 +313,6 @@ fn latest_checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<Option<Che
     )
     .optional()
 }
-
-/// A commit slower than this is logged: every waiting request sat through it.
-const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
 /// The writer's connection: the same durability as the pools, and no checkpoints.
 fn open_writer_connection(path: &str) -> rusqlite::Result<rusqlite::Connection> {
@@ -703,7 +700,7 @@ impl Store for SqliteStore {
         let draft = draft_of(&request)?;
         if let Some(event) = &mut request.audit {
             // The writer writes the hash into this; the request comes back to be freed here.
-            event.hash.reserve(64);
+            event.hash.reserve(GENESIS_HASH.len());
         }
         let (reply, answer) = oneshot::channel();
         self.uses

@@ -25,8 +25,9 @@ const CAUGHT_UP_PAGES: i64 = 256;
 /// catch up (a reader pinning old pages can hold it back); then it restarts the log itself.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
 
-/// A restart slower than this is logged (as a slow commit is): the writer waits for it.
-const SLOW_RESTART: Duration = Duration::from_millis(100);
+/// A pause of the writer (a commit or a restart of the log) longer than this is logged: every
+/// request waiting on the writer sat through it.
+pub(crate) const SLOW_WRITER_PAUSE: Duration = Duration::from_millis(100);
 
 /// What the background thread and the writer tell each other.
 #[derive(Debug, Default)]
@@ -117,8 +118,10 @@ fn yield_to_requests() {
 }
 
 /// SQLite's WAL header, before the first frame.
+#[cfg(target_os = "linux")]
 const WAL_HEADER_BYTES: u64 = 32;
 /// Each frame's header, before its page.
+#[cfg(target_os = "linux")]
 const FRAME_HEADER_BYTES: u64 = 24;
 
 /// Asks the kernel to read back, in the background, the pages it dropped from its cache of the
@@ -132,30 +135,28 @@ const FRAME_HEADER_BYTES: u64 = 24;
 /// synchronously, while every request of the batch waits: this was the gateway's p99 tail
 /// (1–3 ms per such write, seen with `perf trace`). Pages still cached cost a lookup; a log
 /// that has not restarted yet (the file ends where the log does) costs nothing.
+#[cfg(target_os = "linux")]
 fn keep_log_cached(wal: &std::path::Path, log_frames: i64, page_size: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        let Ok(file) = std::fs::File::open(wal) else {
-            return;
-        };
-        let Ok(size) = file.metadata().map(|m| m.len()) else {
-            return;
-        };
-        let Some((written, ahead)) = not_yet_overwritten(size, log_frames, page_size) else {
-            return;
-        };
-        if let Err(e) =
-            rustix::fs::fadvise(&file, written, Some(ahead), rustix::fs::Advice::WillNeed)
-        {
-            tracing::debug!(error = %e, "cannot ask for the WAL's pages to be read ahead");
-        }
+    let Ok(file) = std::fs::File::open(wal) else {
+        return;
+    };
+    let Ok(size) = file.metadata().map(|m| m.len()) else {
+        return;
+    };
+    let Some((written, ahead)) = not_yet_overwritten(size, log_frames, page_size) else {
+        return;
+    };
+    if let Err(e) = rustix::fs::fadvise(&file, written, Some(ahead), rustix::fs::Advice::WillNeed) {
+        tracing::debug!(error = %e, "cannot ask for the WAL's pages to be read ahead");
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (wal, log_frames, page_size);
 }
+
+#[cfg(not(target_os = "linux"))]
+fn keep_log_cached(_wal: &std::path::Path, _log_frames: i64, _page_size: u64) {}
 
 /// Where the part of a log file of `size` bytes that the log of `log_frames` frames has not
 /// reached begins, and its length; `None` when the log reaches the end of the file.
+#[cfg(target_os = "linux")]
 fn not_yet_overwritten(
     size: u64,
     log_frames: i64,
@@ -309,7 +310,7 @@ impl WalBound {
         });
         let took = started.elapsed();
         match busy {
-            Ok(0) if took > SLOW_RESTART => tracing::warn!(
+            Ok(0) if took > SLOW_WRITER_PAUSE => tracing::warn!(
                 ms = took.as_millis() as u64,
                 "slow WAL restart: every request waiting on the writer sat through it"
             ),
