@@ -206,6 +206,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await
 }
 
+/// Per-thread caches: requests allocate on one worker and often free on another (or on the
+/// store's writer thread), where glibc's arenas contend; see BENCHMARKS.md, "Gateway load".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
