@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr as _;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,6 +38,8 @@ pub struct SqliteStore {
     /// Revoked token `jti`s with their expiry: every revocation of this database goes through
     /// this process, so the set is complete (loaded at open, added to before the write).
     revoked: Arc<RwLock<HashMap<String, i64>>>,
+    /// The writer's copy of the consumed one-time values, pruned with the table.
+    replay: Arc<Mutex<ReplaySet>>,
     /// Runs while any handle to the store does.
     _checkpointer: Arc<Checkpointer>,
 }
@@ -105,10 +107,59 @@ impl ChainHead {
     }
 }
 
+/// The one-time values consumed and not yet pruned, as the `replay` table holds them: every
+/// consumption of this database goes through the writer, so the copy is complete (loaded at
+/// open, added to when a transaction that consumed values commits). Checking here instead of
+/// through a unique key keeps each consumption an append (see migration 0005).
+///
+/// Keys are kept by their first 16 bytes (of a SHA-256): half the memory, and two distinct
+/// values sharing them (a 2^-128 chance per pair) would only refuse a request, never admit one.
+#[derive(Debug, Default)]
+struct ReplaySet {
+    until: HashMap<[u8; 16], i64>,
+}
+
+impl ReplaySet {
+    fn load(conn: &rusqlite::Connection) -> rusqlite::Result<Self> {
+        let mut set = Self::default();
+        let mut statement = conn.prepare("SELECT key, until FROM replay")?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let key: Vec<u8> = row.get(0)?;
+            let until: i64 = row.get(1)?;
+            if let Ok(key) = ReplayKey::try_from(key.as_slice()) {
+                set.insert(&key, until);
+            }
+        }
+        Ok(set)
+    }
+
+    fn short(key: &ReplayKey) -> [u8; 16] {
+        let mut short = [0; 16];
+        short.copy_from_slice(&key[..16]);
+        short
+    }
+
+    fn contains(&self, key: &ReplayKey) -> bool {
+        self.until.contains_key(&Self::short(key))
+    }
+
+    fn insert(&mut self, key: &ReplayKey, until: i64) {
+        let kept = self.until.entry(Self::short(key)).or_insert(until);
+        *kept = (*kept).max(until);
+    }
+
+    /// Forgets what `DELETE FROM replay WHERE until < now` deletes.
+    fn prune(&mut self, now: i64) {
+        self.until.retain(|_, until| *until >= now);
+    }
+}
+
 /// What the writer thread shares with the store.
 struct Writer {
     conn: rusqlite::Connection,
     head: ChainHead,
+    replay: Arc<Mutex<ReplaySet>>,
     grants: Arc<Memo<Arc<Grant>>>,
     signer: Arc<SignerSlot>,
     wal: WalBound,
@@ -216,12 +267,15 @@ impl Writer {
             verdict: UseVerdict::Recorded,
         });
         let started = std::time::Instant::now();
+        // Held for the transaction: a prune meanwhile would forget what it is about to add.
+        let mut replay = self.replay.lock().unwrap_or_else(PoisonError::into_inner);
         let result = record_batch(
             &mut self.conn,
             &mut joined,
             arrivals,
             &self.head,
             self.signer.0.get(),
+            &replay,
         );
         let took = started.elapsed();
         if took > SLOW_WRITER_PAUSE {
@@ -235,6 +289,10 @@ impl Writer {
         match result {
             Ok(committed) => {
                 self.head = committed.head;
+                for (key, until) in &committed.consumed {
+                    replay.insert(key, *until);
+                }
+                drop(replay);
                 // A grant whose budget ran out must not stay live in memory.
                 for id in committed.spent {
                     self.grants.invalidate(&id);
@@ -331,6 +389,8 @@ struct Committed {
     spent: Vec<String>,
     /// The chain head after the batch's events.
     head: ChainHead,
+    /// The one-time values the batch consumed, with the time until which each is kept.
+    consumed: Vec<(ReplayKey, i64)>,
 }
 
 /// Records each use in one transaction: the first of `joined`, then each arrival as it is
@@ -344,11 +404,13 @@ fn record_batch(
     arrivals: &mut Arrivals<'_>,
     head: &ChainHead,
     signer: Option<&CheckpointSigner>,
+    replay: &ReplaySet,
 ) -> rusqlite::Result<Committed> {
     // IMMEDIATE: take the write lock up front (waiting on the busy timeout), so the transaction
     // never has to upgrade a read snapshot that another writer moved past.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut spent = Vec::new();
+    let mut consumed = Vec::new();
     let mut head = head.clone();
     {
         let mut statements = UseStatements::prepare(&tx)?;
@@ -356,7 +418,11 @@ fn record_batch(
         let mut index = 0;
         loop {
             let Joined { used, verdict, .. } = &mut joined[index];
-            *verdict = statements.record_use(&used.request, &mut claimed, &mut spent)?;
+            *verdict = statements.record_use(&used.request, replay, &mut claimed, &mut spent)?;
+            // Values of a request refused later on (a spent grant or approval) stay consumed.
+            if !matches!(*verdict, UseVerdict::Replayed(_)) {
+                consumed.extend(used.request.once.iter().copied());
+            }
             statements.append_event(used, *verdict, &mut head)?;
             if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
                 && let Some(signer) = signer
@@ -376,13 +442,16 @@ fn record_batch(
         }
     }
     tx.commit()?;
-    Ok(Committed { spent, head })
+    Ok(Committed {
+        spent,
+        head,
+        consumed,
+    })
 }
 
 /// The writer's statements, prepared once per transaction.
 struct UseStatements<'tx> {
     remember: rusqlite::CachedStatement<'tx>,
-    forget: rusqlite::CachedStatement<'tx>,
     count: rusqlite::CachedStatement<'tx>,
     use_approval: rusqlite::CachedStatement<'tx>,
     append: rusqlite::CachedStatement<'tx>,
@@ -393,10 +462,7 @@ struct UseStatements<'tx> {
 impl<'tx> UseStatements<'tx> {
     fn prepare(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
-            remember: tx.prepare_cached(
-                "INSERT INTO replay (key, until) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-            )?,
-            forget: tx.prepare_cached("DELETE FROM replay WHERE key = ?1")?,
+            remember: tx.prepare_cached("INSERT INTO replay (key, until) VALUES (?1, ?2)")?,
             count: tx.prepare_cached(
                 "UPDATE grants SET requests_used = requests_used + 1 \
                  WHERE id = ?1 AND status = 'active' AND expires_at > ?2 \
@@ -417,38 +483,28 @@ impl<'tx> UseStatements<'tx> {
         })
     }
 
-    /// One request's one-time values, approval and grant count; `claimed` holds the values of
-    /// the requests before it in this transaction.
+    /// One request's one-time values, approval and grant count; `replay` holds the values
+    /// committed before this transaction and `claimed` those of the requests before it in it.
+    /// A request with any value seen before consumes none of its values.
     fn record_use(
         &mut self,
         request: &RequestUse,
+        replay: &ReplaySet,
         claimed: &mut HashSet<ReplayKey>,
         spent: &mut Vec<String>,
     ) -> rusqlite::Result<UseVerdict> {
         use rusqlite::OptionalExtension as _;
         let mut own = HashSet::new();
-        let seen = request
-            .once
-            .iter()
-            .position(|(key, _)| claimed.contains(key) || !own.insert(*key));
+        let seen = request.once.iter().position(|(key, _)| {
+            replay.contains(key) || claimed.contains(key) || !own.insert(*key)
+        });
         if let Some(position) = seen {
             return Ok(UseVerdict::Replayed(position));
         }
         claimed.extend(own);
-        let mut inserted = Vec::new();
-        for (position, (key, until)) in request.once.iter().enumerate() {
-            if self
-                .remember
-                .execute(rusqlite::params![key.as_slice(), until])?
-                == 1
-            {
-                inserted.push(key);
-            } else {
-                for key in inserted {
-                    self.forget.execute([key.as_slice()])?;
-                }
-                return Ok(UseVerdict::Replayed(position));
-            }
+        for (key, until) in &request.once {
+            self.remember
+                .execute(rusqlite::params![key.as_slice(), until])?;
         }
         if let Some(approval) = &request.approval
             && self
@@ -570,12 +626,14 @@ impl SqliteStore {
         let sqlite_error = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
         let conn = open_writer_connection(path).map_err(sqlite_error)?;
         let head = ChainHead::load(&conn).map_err(sqlite_error)?;
+        let replay = Arc::new(Mutex::new(ReplaySet::load(&conn).map_err(sqlite_error)?));
         let checkpointer = Checkpointer::start(path).map_err(sqlite_error)?;
         let wal = WalBound::attach(&conn, path, restart_at, &checkpointer).map_err(sqlite_error)?;
         let signer = Arc::new(SignerSlot::default());
         let chain_writer = Writer {
             conn,
             head,
+            replay: replay.clone(),
             grants: grants.clone(),
             signer: signer.clone(),
             wal,
@@ -593,6 +651,7 @@ impl SqliteStore {
             grants,
             vault: Arc::new(Memo::new()),
             revoked: Arc::new(RwLock::new(revoked)),
+            replay,
         })
     }
 }
@@ -805,11 +864,67 @@ impl Store for SqliteStore {
 
     async fn prune(&self, now: i64) -> StoreResult<u64> {
         let replay = q::prune_replay(&self.writer, now).await?;
+        self.replay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .prune(now);
         let tokens = q::prune_revoked(&self.writer, now).await?;
         self.revoked
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .retain(|_, expires_at| *expires_at >= now);
         Ok(replay + tokens)
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    #![allow(clippy::unwrap_used, reason = "tests abort loudly on failure")]
+
+    use super::ReplaySet;
+
+    /// Migration 0005 keeps the values consumed before it, and the writer's copy loads them.
+    #[test]
+    fn values_consumed_before_the_migration_stay_consumed() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        for migration in [
+            include_str!("../migrations/sqlite/0001_foundation.sql"),
+            include_str!("../migrations/sqlite/0002_gateway.sql"),
+            include_str!("../migrations/sqlite/0003_approvals.sql"),
+            include_str!("../migrations/sqlite/0004_audit.sql"),
+        ] {
+            conn.execute_batch(migration).unwrap();
+        }
+        let old = leash_core::dpop::replay_key("dpop", "jkt", "before");
+        conn.execute(
+            "INSERT INTO replay (key, until) VALUES (?1, 500)",
+            [old.as_slice()],
+        )
+        .unwrap();
+        conn.execute_batch(include_str!(
+            "../migrations/sqlite/0005_replay_in_arrival_order.sql"
+        ))
+        .unwrap();
+
+        let mut set = ReplaySet::load(&conn).unwrap();
+        assert!(set.contains(&old));
+        let new = leash_core::dpop::replay_key("dpop", "jkt", "after");
+        assert!(!set.contains(&new));
+        // Pruning forgets exactly what the table's prune deletes: until < now.
+        set.prune(500);
+        assert!(set.contains(&old));
+        set.prune(501);
+        assert!(!set.contains(&old));
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN DELETE FROM replay WHERE until < 1",
+                [],
+                |row| row.get(3),
+            )
+            .unwrap();
+        assert!(
+            plan.contains("replay_until"),
+            "pruning scans the table: {plan}"
+        );
     }
 }

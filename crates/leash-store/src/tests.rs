@@ -127,6 +127,24 @@ both_backends! {
 }
 
 both_backends! {
+    async fn consumed_values_are_known_after_reopening_until_pruned(fx) {
+        let store = fx.open().await;
+        let a = (k("a"), 100);
+        assert_eq!(store.consume_once(&[a]).await.unwrap(), None);
+        drop(store);
+        let store = fx.open().await;
+        assert_eq!(store.consume_once(&[a]).await.unwrap(), Some(0));
+        assert_eq!(store.consume_once(&[(k("b"), 100), a]).await.unwrap(), Some(1));
+        // A refused request consumed none of its values.
+        assert_eq!(store.consume_once(&[(k("b"), 100)]).await.unwrap(), None);
+        store.prune(100).await.unwrap();
+        assert_eq!(store.consume_once(&[a]).await.unwrap(), Some(0), "kept until its time");
+        store.prune(101).await.unwrap();
+        assert_eq!(store.consume_once(&[a]).await.unwrap(), None, "pruned, then new again");
+    }
+}
+
+both_backends! {
     async fn parallel_copies_are_consumed_exactly_once(fx) {
         let store = fx.open().await;
         let tasks: Vec<_> = (0..32)
