@@ -117,16 +117,19 @@ impl ChainHead {
 #[derive(Debug, Default)]
 struct ReplaySet {
     until: HashMap<[u8; 16], i64>,
+    /// The `seq` of the next row: above every stored one, so rows never collide.
+    next_seq: i64,
 }
 
 impl ReplaySet {
     fn load(conn: &rusqlite::Connection) -> rusqlite::Result<Self> {
         let mut set = Self::default();
-        let mut statement = conn.prepare("SELECT key, until FROM replay")?;
+        let mut statement = conn.prepare("SELECT key, until, seq FROM replay")?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
             let key: Vec<u8> = row.get(0)?;
             let until: i64 = row.get(1)?;
+            set.next_seq = set.next_seq.max(row.get::<_, i64>(2)?.saturating_add(1));
             if let Ok(key) = ReplayKey::try_from(key.as_slice()) {
                 set.insert(&key, until);
             }
@@ -292,6 +295,7 @@ impl Writer {
                 for (key, until) in &committed.consumed {
                     replay.insert(key, *until);
                 }
+                replay.next_seq = committed.next_seq;
                 drop(replay);
                 // A grant whose budget ran out must not stay live in memory.
                 for id in committed.spent {
@@ -391,6 +395,8 @@ struct Committed {
     head: ChainHead,
     /// The one-time values the batch consumed, with the time until which each is kept.
     consumed: Vec<(ReplayKey, i64)>,
+    /// The replay table's next `seq` after the batch.
+    next_seq: i64,
 }
 
 /// Records each use in one transaction: the first of `joined`, then each arrival as it is
@@ -411,6 +417,7 @@ fn record_batch(
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut spent = Vec::new();
     let mut consumed = Vec::new();
+    let mut next_seq = replay.next_seq;
     let mut head = head.clone();
     {
         let mut statements = UseStatements::prepare(&tx)?;
@@ -418,7 +425,13 @@ fn record_batch(
         let mut index = 0;
         loop {
             let Joined { used, verdict, .. } = &mut joined[index];
-            *verdict = statements.record_use(&used.request, replay, &mut claimed, &mut spent)?;
+            *verdict = statements.record_use(
+                &used.request,
+                replay,
+                &mut claimed,
+                &mut next_seq,
+                &mut spent,
+            )?;
             // Values of a request refused later on (a spent grant or approval) stay consumed.
             if !matches!(*verdict, UseVerdict::Replayed(_)) {
                 consumed.extend(used.request.once.iter().copied());
@@ -446,6 +459,7 @@ fn record_batch(
         spent,
         head,
         consumed,
+        next_seq,
     })
 }
 
@@ -462,7 +476,8 @@ struct UseStatements<'tx> {
 impl<'tx> UseStatements<'tx> {
     fn prepare(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
-            remember: tx.prepare_cached("INSERT INTO replay (key, until) VALUES (?1, ?2)")?,
+            remember: tx
+                .prepare_cached("INSERT INTO replay (until, seq, key) VALUES (?1, ?2, ?3)")?,
             count: tx.prepare_cached(
                 "UPDATE grants SET requests_used = requests_used + 1 \
                  WHERE id = ?1 AND status = 'active' AND expires_at > ?2 \
@@ -491,6 +506,7 @@ impl<'tx> UseStatements<'tx> {
         request: &RequestUse,
         replay: &ReplaySet,
         claimed: &mut HashSet<ReplayKey>,
+        next_seq: &mut i64,
         spent: &mut Vec<String>,
     ) -> rusqlite::Result<UseVerdict> {
         use rusqlite::OptionalExtension as _;
@@ -504,7 +520,8 @@ impl<'tx> UseStatements<'tx> {
         claimed.extend(own);
         for (key, until) in &request.once {
             self.remember
-                .execute(rusqlite::params![key.as_slice(), until])?;
+                .execute(rusqlite::params![until, *next_seq, key.as_slice()])?;
+            *next_seq += 1;
         }
         if let Some(approval) = &request.approval
             && self
@@ -915,6 +932,7 @@ mod replay_tests {
         assert!(set.contains(&old));
         set.prune(501);
         assert!(!set.contains(&old));
+        assert_eq!(set.next_seq, 2, "new rows come after the migrated one");
         let plan: String = conn
             .query_row(
                 "EXPLAIN QUERY PLAN DELETE FROM replay WHERE until < 1",
@@ -923,7 +941,7 @@ mod replay_tests {
             )
             .unwrap();
         assert!(
-            plan.contains("replay_until"),
+            plan.contains("PRIMARY KEY"),
             "pruning scans the table: {plan}"
         );
     }
