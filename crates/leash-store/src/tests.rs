@@ -549,13 +549,18 @@ both_backends! {
     async fn checkpoints_asked_for_during_appends_sign_committed_heads(fx) {
         let store = fx.open().await;
         store.set_checkpoint_signer(sign_with_test_key());
-        let appends = append_in_parallel(&store, 600);
+        // One event committed first and the checkpoints asked for before the other appends are
+        // even spawned: the first checkpoint has a head to sign however the tasks are
+        // scheduled, and the last call below has one more (only 1 in total meant the test had
+        // raced past every append on a loaded machine, not a fault).
+        store.append_audit(event(600)).await.unwrap();
         let checkpoints: Vec<_> = (0..20)
             .map(|_| {
                 let store = store.clone();
                 tokio::spawn(async move { store.checkpoint_now().await })
             })
             .collect();
+        let appends = append_in_parallel(&store, 599);
         for task in appends {
             task.await.unwrap().unwrap();
         }

@@ -349,6 +349,62 @@ mod tests {
         assert_eq!(super::not_yet_overwritten(32 + frame, 2, 4096), None);
     }
 
+    /// The handshake, driven by hand: past the limit the writer asks the copier to catch up,
+    /// the copier says when it has (the writer stands still meanwhile, as a quiet writer
+    /// would), and on its word the writer starts the log over.
+    #[test]
+    fn the_writer_restarts_the_log_once_the_copier_has_caught_up() {
+        use std::sync::atomic::Ordering;
+        use std::time::{Duration, Instant};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.db");
+        let path = path.to_str().unwrap();
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        conn.execute_batch("CREATE TABLE t (payload BLOB NOT NULL)")
+            .unwrap();
+        let checkpointer = super::Checkpointer::start(path).unwrap();
+        let mut bound = super::WalBound::attach(&conn, path, 512 * 1024, &checkpointer).unwrap();
+        let insert = || {
+            conn.execute("INSERT INTO t (payload) VALUES (zeroblob(3000))", [])
+                .unwrap();
+        };
+        let log_frames = || -> i64 {
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))
+                .unwrap()
+        };
+        for _ in 0..2 {
+            let started = Instant::now();
+            while bound.asked.is_none() {
+                assert!(started.elapsed() < Duration::from_secs(20), "never asked");
+                insert();
+                bound.keep(&conn);
+            }
+            assert!(!bound.signals.caught_up.load(Ordering::Acquire));
+            let asked = Instant::now();
+            while !bound.signals.caught_up.load(Ordering::Acquire) {
+                assert!(
+                    asked.elapsed() < Duration::from_secs(20),
+                    "the copier never caught up"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            bound.keep(&conn);
+            assert!(bound.asked.is_none(), "caught up, yet no restart");
+            assert!(
+                !bound.signals.caught_up.load(Ordering::Acquire),
+                "the restart clears the copier's word for the next time"
+            );
+            // Over the limit the log held more than 120 frames; one insert writes a few.
+            insert();
+            let log = log_frames();
+            assert!(log < 32, "the log did not start over: {log} frames");
+        }
+    }
+
     #[test]
     fn the_copier_lowers_only_its_own_priority() {
         let before = own_niceness();
