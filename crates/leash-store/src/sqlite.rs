@@ -128,11 +128,13 @@ impl ReplaySet {
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
             let key: Vec<u8> = row.get(0)?;
-            let until: i64 = row.get(1)?;
+            // A key of another length is not one Leash wrote: refuse to start on it rather than
+            // leave that value unprotected.
+            let key = ReplayKey::try_from(key.as_slice()).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
+            })?;
+            set.insert(&key, row.get(1)?);
             set.next_seq = set.next_seq.max(row.get::<_, i64>(2)?.saturating_add(1));
-            if let Ok(key) = ReplayKey::try_from(key.as_slice()) {
-                set.insert(&key, until);
-            }
         }
         Ok(set)
     }
@@ -152,9 +154,13 @@ impl ReplaySet {
         *kept = (*kept).max(until);
     }
 
-    /// Forgets what `DELETE FROM replay WHERE until < now` deletes.
+    /// Forgets what `DELETE FROM replay WHERE until < now` deletes, and gives back the memory
+    /// of a burst that has passed.
     fn prune(&mut self, now: i64) {
         self.until.retain(|_, until| *until >= now);
+        if self.until.capacity() > 4 * self.until.len().max(1024) {
+            self.until.shrink_to_fit();
+        }
     }
 }
 
@@ -394,7 +400,7 @@ struct Committed {
     /// The chain head after the batch's events.
     head: ChainHead,
     /// The one-time values the batch consumed, with the time until which each is kept.
-    consumed: Vec<(ReplayKey, i64)>,
+    consumed: HashMap<ReplayKey, i64>,
     /// The replay table's next `seq` after the batch.
     next_seq: i64,
 }
@@ -416,26 +422,21 @@ fn record_batch(
     // never has to upgrade a read snapshot that another writer moved past.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut spent = Vec::new();
-    let mut consumed = Vec::new();
+    let mut consumed = HashMap::new();
     let mut next_seq = replay.next_seq;
     let mut head = head.clone();
     {
         let mut statements = UseStatements::prepare(&tx)?;
-        let mut claimed = HashSet::new();
         let mut index = 0;
         loop {
             let Joined { used, verdict, .. } = &mut joined[index];
             *verdict = statements.record_use(
                 &used.request,
                 replay,
-                &mut claimed,
+                &mut consumed,
                 &mut next_seq,
                 &mut spent,
             )?;
-            // Values of a request refused later on (a spent grant or approval) stay consumed.
-            if !matches!(*verdict, UseVerdict::Replayed(_)) {
-                consumed.extend(used.request.once.iter().copied());
-            }
             statements.append_event(used, *verdict, &mut head)?;
             if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
                 && let Some(signer) = signer
@@ -500,24 +501,25 @@ impl<'tx> UseStatements<'tx> {
 
     /// One request's one-time values, approval and grant count; `replay` holds the values
     /// committed before this transaction and `claimed` those of the requests before it in it.
-    /// A request with any value seen before consumes none of its values.
+    /// A request with any value seen before consumes none of its values; one refused later on
+    /// (a spent grant or approval) has consumed them.
     fn record_use(
         &mut self,
         request: &RequestUse,
         replay: &ReplaySet,
-        claimed: &mut HashSet<ReplayKey>,
+        claimed: &mut HashMap<ReplayKey, i64>,
         next_seq: &mut i64,
         spent: &mut Vec<String>,
     ) -> rusqlite::Result<UseVerdict> {
         use rusqlite::OptionalExtension as _;
         let mut own = HashSet::new();
         let seen = request.once.iter().position(|(key, _)| {
-            replay.contains(key) || claimed.contains(key) || !own.insert(*key)
+            replay.contains(key) || claimed.contains_key(key) || !own.insert(*key)
         });
         if let Some(position) = seen {
             return Ok(UseVerdict::Replayed(position));
         }
-        claimed.extend(own);
+        claimed.extend(request.once.iter().copied());
         for (key, until) in &request.once {
             self.remember
                 .execute(rusqlite::params![until, *next_seq, key.as_slice()])?;
@@ -944,5 +946,19 @@ mod replay_tests {
             plan.contains("PRIMARY KEY"),
             "pruning scans the table: {plan}"
         );
+    }
+
+    /// A stored key Leash cannot have written is refused, not skipped: skipping would leave
+    /// that value unprotected.
+    #[test]
+    fn a_malformed_stored_key_is_refused_at_open() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE replay (until INTEGER NOT NULL, seq INTEGER NOT NULL, key BLOB NOT NULL, \
+             PRIMARY KEY (until, seq)) WITHOUT ROWID;
+             INSERT INTO replay VALUES (10, 0, x'0102');",
+        )
+        .unwrap();
+        assert!(ReplaySet::load(&conn).is_err());
     }
 }
