@@ -281,7 +281,9 @@ async fn a_postgres_restart_mid_load_fails_closed_and_the_nodes_recover_by_thems
     let (token, dpop) = s.token(&nodes[1]).await;
     let (nodes, dpop) = (std::sync::Arc::new(nodes), std::sync::Arc::new(dpop));
 
-    // Load on every node until told to stop: (when, node, status) of each answer.
+    // Load on every node until told to stop: (when sent, status) of each request. The time
+    // is the sending's: a request sent before the revocation may be committed before it and
+    // answered 200 after it, which is no fault.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load: Vec<_> = (0..3)
         .map(|n| {
@@ -290,6 +292,7 @@ async fn a_postgres_restart_mid_load_fails_closed_and_the_nodes_recover_by_thems
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let sent = Instant::now();
                     let (status, _) = call(
                         &nodes[n],
                         Method::GET,
@@ -299,7 +302,7 @@ async fn a_postgres_restart_mid_load_fails_closed_and_the_nodes_recover_by_thems
                         &[],
                     )
                     .await;
-                    seen.push((Instant::now(), status));
+                    seen.push((sent, status));
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 seen
