@@ -383,7 +383,7 @@ fn latest_checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<Option<Che
 }
 
 /// The writer's connection: the same durability as the pools, and no checkpoints.
-fn open_writer_connection(path: &str) -> rusqlite::Result<rusqlite::Connection> {
+pub(crate) fn open_writer_connection(path: &str) -> rusqlite::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;

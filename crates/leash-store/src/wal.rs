@@ -360,10 +360,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal.db");
         let path = path.to_str().unwrap();
-        let conn = rusqlite::Connection::open(path).unwrap();
-        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
-        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        let conn = crate::sqlite::open_writer_connection(path).unwrap();
         conn.execute_batch("CREATE TABLE t (payload BLOB NOT NULL)")
             .unwrap();
         let checkpointer = super::Checkpointer::start(path).unwrap();
