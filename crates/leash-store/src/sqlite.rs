@@ -301,7 +301,7 @@ impl Writer {
                 for (key, until) in &committed.consumed {
                     replay.insert(key, *until);
                 }
-                replay.next_seq = committed.next_seq;
+                replay.next_seq += committed.consumed.len() as i64;
                 drop(replay);
                 // A grant whose budget ran out must not stay live in memory.
                 for id in committed.spent {
@@ -399,10 +399,9 @@ struct Committed {
     spent: Vec<String>,
     /// The chain head after the batch's events.
     head: ChainHead,
-    /// The one-time values the batch consumed, with the time until which each is kept.
+    /// The one-time values the batch consumed (each stored as a row), with the time until
+    /// which each is kept.
     consumed: HashMap<ReplayKey, i64>,
-    /// The replay table's next `seq` after the batch.
-    next_seq: i64,
 }
 
 /// Records each use in one transaction: the first of `joined`, then each arrival as it is
@@ -423,20 +422,13 @@ fn record_batch(
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut spent = Vec::new();
     let mut consumed = HashMap::new();
-    let mut next_seq = replay.next_seq;
     let mut head = head.clone();
     {
         let mut statements = UseStatements::prepare(&tx)?;
         let mut index = 0;
         loop {
             let Joined { used, verdict, .. } = &mut joined[index];
-            *verdict = statements.record_use(
-                &used.request,
-                replay,
-                &mut consumed,
-                &mut next_seq,
-                &mut spent,
-            )?;
+            *verdict = statements.record_use(&used.request, replay, &mut consumed, &mut spent)?;
             statements.append_event(used, *verdict, &mut head)?;
             if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
                 && let Some(signer) = signer
@@ -460,7 +452,6 @@ fn record_batch(
         spent,
         head,
         consumed,
-        next_seq,
     })
 }
 
@@ -508,7 +499,6 @@ impl<'tx> UseStatements<'tx> {
         request: &RequestUse,
         replay: &ReplaySet,
         claimed: &mut HashMap<ReplayKey, i64>,
-        next_seq: &mut i64,
         spent: &mut Vec<String>,
     ) -> rusqlite::Result<UseVerdict> {
         use rusqlite::OptionalExtension as _;
@@ -519,11 +509,12 @@ impl<'tx> UseStatements<'tx> {
         if let Some(position) = seen {
             return Ok(UseVerdict::Replayed(position));
         }
-        claimed.extend(request.once.iter().copied());
         for (key, until) in &request.once {
+            // Each value claimed in this transaction is one row after the stored ones.
+            let seq = replay.next_seq + claimed.len() as i64;
+            claimed.insert(*key, *until);
             self.remember
-                .execute(rusqlite::params![until, *next_seq, key.as_slice()])?;
-            *next_seq += 1;
+                .execute(rusqlite::params![until, seq, key.as_slice()])?;
         }
         if let Some(approval) = &request.approval
             && self
