@@ -64,6 +64,10 @@ async fn secrets_never_reach_logs_or_error_bodies() {
         logs.contains("token issued"),
         "the logs were captured: {logs}"
     );
+    assert!(
+        !logs.contains('\u{1b}'),
+        "logs written to a file carry no terminal colour codes: {logs}"
+    );
     let bodies = format!("{refused}{bad_key}{downgrade}{listed}{gw_answer}");
     for secret in [
         "vaulted-upstream-token",
