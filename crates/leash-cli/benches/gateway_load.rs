@@ -263,8 +263,10 @@ async fn run() {
     let nginx_rate = at_rate(&nginx, &client, rate).await;
     print_row("nginx reverse proxy", &nginx_rate);
     let gateway = leash_target(&leash, &token, &dpop);
+    let logged_before = leash.logs().len();
     let leash_rate = at_rate(&gateway, &client, rate).await;
     print_row("Leash gateway", &leash_rate);
+    let restarts = log_restart_pauses(&leash.logs()[logged_before..]);
 
     // Stop nginx with its workers (a kill of the master alone would orphan them).
     let _ = tokio::process::Command::new(NGINX)
@@ -286,6 +288,12 @@ async fn run() {
         "Leash p99 added over direct at half its peak: {:.2} ms (target <= 1 ms)",
         (leash_rate.p99_us as f64 - direct_rate.p99_us as f64) / 1000.0
     );
+    println!(
+        "SQLite log restarts during the half-peak run: {} (writer paused p50 {} µs, max {} µs)",
+        restarts.len(),
+        restarts.get(restarts.len() / 2).copied().unwrap_or(0),
+        restarts.last().copied().unwrap_or(0),
+    );
     let slow: Vec<String> = leash
         .logs()
         .lines()
@@ -299,6 +307,25 @@ async fn run() {
     for line in slow.iter().take(5) {
         println!("  {line}");
     }
+}
+
+/// The writer's pause (µs) at each restart of the write-ahead log in `logs`, sorted: every
+/// request waiting on the writer sat through it.
+fn log_restart_pauses(logs: &str) -> Vec<u64> {
+    let mut pauses: Vec<u64> = logs
+        .lines()
+        .filter(|line| line.contains("WAL started over"))
+        .filter_map(|line| {
+            line.split("us=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    pauses.sort_unstable();
+    pauses
 }
 
 fn main() {

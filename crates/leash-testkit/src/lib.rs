@@ -353,6 +353,9 @@ pub struct Leash {
 /// front of them would be called); requests still go to each node's own address.
 pub const CLUSTER_URL: &str = "http://leash.cluster.test";
 
+/// Warnings, and the debug line of each restart of SQLite's write-ahead log.
+const QUIET_WITH_LOG_RESTARTS: &str = "warn,leash_store::wal=debug";
+
 impl Leash {
     /// Starts the binary at `bin` with the test upstreams and `extra` config lines.
     pub async fn start(bin: &Path, extra: &str) -> Self {
@@ -365,9 +368,10 @@ impl Leash {
     }
 
     /// The same, logging warnings only (for load runs, where a line per request would be
-    /// measured too and kept in memory by this harness).
+    /// measured too and kept in memory by this harness), and each restart of SQLite's log
+    /// (about one a second under load), whose pause every waiting request sits through.
     pub async fn start_quiet(bin: &Path, extra: &str, upstream_url: &str) -> Self {
-        Self::launch(bin, extra, upstream_url, "warn").await
+        Self::launch(bin, extra, upstream_url, QUIET_WITH_LOG_RESTARTS).await
     }
 
     /// Quiet, on the backend named (not the run's): for benchmarks that compare the two.
