@@ -90,7 +90,7 @@ impl Checkpointer {
         let shared = Arc::clone(&signals);
         let files = LogFiles {
             db: PathBuf::from(db_path),
-            wal: PathBuf::from(format!("{db_path}-wal")),
+            wal: wal_path(db_path),
         };
         let thread = std::thread::Builder::new()
             .name("leash-checkpoint".into())
@@ -204,6 +204,11 @@ fn not_yet_overwritten(
     Some((written, ahead))
 }
 
+/// Where SQLite keeps the write-ahead log of the database at `db_path`.
+fn wal_path(db_path: &str) -> PathBuf {
+    format!("{db_path}-wal").into()
+}
+
 /// The database file and its write-ahead log.
 struct LogFiles {
     db: PathBuf,
@@ -300,6 +305,9 @@ fn copy_rounds(conn: &rusqlite::Connection, files: &LogFiles, signals: &Signals)
 pub struct WalBound {
     path: PathBuf,
     restart_at: u64,
+    /// Past this size the file is trimmed at a restart, and holds a log past the limit even
+    /// when the background thread's count is behind.
+    file_kept: u64,
     checked: Instant,
     /// When the writer asked the background thread to catch up, if it is waiting for that.
     asked: Option<Instant>,
@@ -322,7 +330,8 @@ impl WalBound {
         // The file is reused across restarts, not trimmed back to the limit at each (the trim
         // took the writer 0.7 ms in a trace, and the next pass grew the file again past the
         // limit); twice the limit bounds what a long catch-up left behind.
-        let kept = i64::try_from(restart_at.saturating_mul(2)).unwrap_or(i64::MAX);
+        let file_kept = restart_at.saturating_mul(2);
+        let kept = i64::try_from(file_kept).unwrap_or(i64::MAX);
         conn.pragma_update(None, "journal_size_limit", kept)?;
         let background = checkpointer
             .thread
@@ -332,8 +341,9 @@ impl WalBound {
                 rusqlite::Error::ToSqlConversionFailure("the checkpointer has stopped".into())
             })?;
         Ok(Self {
-            path: format!("{db_path}-wal").into(),
+            path: wal_path(db_path),
             restart_at,
+            file_kept,
             checked: Instant::now(),
             asked: None,
             signals: Arc::clone(&checkpointer.signals),
@@ -354,11 +364,9 @@ impl WalBound {
             return;
         }
         self.checked = Instant::now();
-        // The background thread counts the log at each round; a file past twice the limit
-        // (what is kept of it) holds a longer log even when that thread falls behind.
         let counted = self.signals.log_bytes.load(Ordering::Acquire);
         let file = std::fs::metadata(&self.path).map_or(0, |m| m.len());
-        if counted > self.restart_at || file > self.restart_at.saturating_mul(2) {
+        if counted > self.restart_at || file > self.file_kept {
             self.signals.caught_up.store(false, Ordering::Release);
             self.signals.restart_wanted.store(true, Ordering::Release);
             self.background.unpark();
@@ -439,11 +447,7 @@ mod tests {
             conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))
                 .unwrap()
         };
-        let file_len = || {
-            std::fs::metadata(dir.path().join("wal.db-wal"))
-                .unwrap()
-                .len()
-        };
+        let file_len = || std::fs::metadata(super::wal_path(path)).unwrap().len();
         // Paced: the log stops a little past the limit until the copier has counted it, so the
         // file is kept whole; unpaced: the file runs past twice the limit, and is trimmed.
         for paced in [true, false] {
