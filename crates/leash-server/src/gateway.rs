@@ -617,26 +617,28 @@ async fn forward(
     for (name, value) in decided.upstream_headers(state, request_id).await? {
         out.insert(name, value);
     }
-    let response = state
-        .upstream_client
-        .request(method.clone(), &target)
-        .headers(out)
-        .body(reqwest::Body::wrap_stream(body.into_data_stream()))
-        .send()
-        .await
-        .map_err(|e| {
-            if body_over_limit(&e) {
-                return ApiError::TooLarge(state.config.limits.gateway_body_bytes);
-            }
-            tracing::warn!(upstream = %upstream.name, error = %e, "upstream unreachable");
-            ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))
-        })?;
-    let status = response.status();
-    let listed = connection_listed(response.headers());
-    let mut builder = Response::builder().status(status);
-    for (name, value) in response.headers() {
+    let mut request = axum::http::Request::new(body);
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = target
+        .parse()
+        .map_err(|_| ApiError::InvalidRequest("the request target cannot be forwarded".into()))?;
+    *request.headers_mut() = out;
+    let response = state.upstream_client.request(request).await.map_err(|e| {
+        if body_over_limit(&e) {
+            return ApiError::TooLarge(state.config.limits.gateway_body_bytes);
+        }
+        tracing::warn!(upstream = %upstream.name, error = %e, "upstream unreachable");
+        ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))
+    })?;
+    let (upstream_parts, upstream_body) = response.into_parts();
+    let status = upstream_parts.status;
+    let listed = connection_listed(&upstream_parts.headers);
+    let mut relayed = Response::new(Body::new(upstream_body));
+    *relayed.status_mut() = status;
+    let kept = relayed.headers_mut();
+    for (name, value) in &upstream_parts.headers {
         if !is_stripped_response_header(name) && !listed.iter().any(|l| l == name.as_str()) {
-            builder = builder.header(name, value);
+            kept.append(name.clone(), value.clone());
         }
     }
     tracing::info!(
@@ -646,14 +648,37 @@ async fn forward(
         status = status.as_u16(),
         "forwarded"
     );
-    builder
-        .body(Body::from_stream(response.bytes_stream()))
-        .map_err(|_| ApiError::BadGateway("the upstream's response could not be relayed".into()))
+    Ok(relayed)
+}
+
+/// The gateway's client to upstreams. The request and response bodies are handed to hyper as
+/// they are, so their framing passes through: a bodiless request is sent without a body, a
+/// length stays a length (a stream adapter would turn both into chunked transfers). No
+/// redirects are followed and no proxy from the environment is used: the upstream's address
+/// comes only from configuration.
+pub type UpstreamClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Body,
+>;
+
+/// Builds [`UpstreamClient`]: HTTP/1.1 over plain TCP or TLS (Mozilla's roots), `TCP_NODELAY`
+/// so a small request is not held back waiting for an acknowledgement.
+pub fn upstream_client() -> UpstreamClient {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.set_nodelay(true);
+    tcp.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
 }
 
 /// Whether sending failed because the agent's body went over the gateway's limit.
-fn body_over_limit(error: &reqwest::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+fn body_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
     while let Some(e) = source {
         if e.is::<http_body_util::LengthLimitError>() {
             return true;

@@ -67,7 +67,7 @@ pub struct AppState {
     /// The policy set in force; replaced whole on reload.
     pub policy: std::sync::RwLock<Arc<PolicyEngine>>,
     /// The client that forwards gateway requests.
-    pub upstream_client: reqwest::Client,
+    pub upstream_client: crate::gateway::UpstreamClient,
     /// Claims of access tokens whose signature checked out, by SHA-256 of the token: the
     /// gateway verifies a token's signature once, not on every request. Liveness (grant,
     /// revocation) and the proof are still checked every time.
@@ -245,10 +245,7 @@ impl AppState {
             metrics: Metrics::default(),
             master,
             policy: std::sync::RwLock::new(Arc::new(policy)),
-            upstream_client: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .build()?,
+            upstream_client: crate::gateway::upstream_client(),
             verified_tokens: quick_cache::sync::Cache::new(VERIFIED_TOKEN_CAPACITY),
             notifier,
             token_rates,

@@ -162,6 +162,15 @@ async fn allowed_read_gets_the_vaulted_credential_and_attribution_and_nothing_of
         !everything.contains(&gw.token),
         "the agent's token reached the upstream"
     );
+    // A request without a body is forwarded without one: no chunked framing for a GET.
+    assert!(
+        r.headers.get("transfer-encoding").is_none() && r.body.is_empty(),
+        "a bodiless GET was forwarded with a body: {:?}",
+        r.headers
+    );
+    // The upstream's length passes through, so the agent's response is not re-framed.
+    assert!(headers.get("content-length").is_some(), "{headers:?}");
+    assert!(headers.get("transfer-encoding").is_none(), "{headers:?}");
 
     // A POST body streams through unchanged.
     let url = format!("{}/gw/mail/drafts", gw.leash.url);
@@ -179,7 +188,10 @@ async fn allowed_read_gets_the_vaulted_credential_and_attribution_and_nothing_of
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    assert_eq!(gw.upstream.requests()[1].body, vec![7u8; 300_000]);
+    let post = &gw.upstream.requests()[1];
+    assert_eq!(post.body, vec![7u8; 300_000]);
+    assert_eq!(post.headers["content-length"], "300000");
+    assert!(post.headers.get("transfer-encoding").is_none());
 }
 
 #[tokio::test]
