@@ -500,19 +500,6 @@ macro_rules! shared_queries {
             Ok(())
         }
 
-        /// Deletes replay entries past their time; returns how many.
-        pub(crate) async fn prune_replay<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
-            now: i64,
-        ) -> StoreResult<u64> {
-            let done = sqlx::query("DELETE FROM replay WHERE until < $1")
-                .bind(now)
-                .execute(db)
-                .await
-                .map_err(unavailable)?;
-            Ok(done.rows_affected())
-        }
-
         /// Deletes revoked-token rows of tokens expired anyway; returns how many.
         pub(crate) async fn prune_revoked<'c>(
             db: impl sqlx::Executor<'c, Database = $db>,

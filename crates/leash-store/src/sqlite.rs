@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr as _;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,8 +38,6 @@ pub struct SqliteStore {
     /// Revoked token `jti`s with their expiry: every revocation of this database goes through
     /// this process, so the set is complete (loaded at open, added to before the write).
     revoked: Arc<RwLock<HashMap<String, i64>>>,
-    /// The writer's copy of the consumed one-time values, pruned with the table.
-    replay: Arc<Mutex<ReplaySet>>,
     /// Runs while any handle to the store does.
     _checkpointer: Arc<Checkpointer>,
 }
@@ -50,7 +48,15 @@ enum WriteJob {
     Use(Box<Prepared>, oneshot::Sender<Answer>),
     /// Sign the head now (if it moved) and send back the latest checkpoint.
     Checkpoint(oneshot::Sender<StoreResult<Option<Checkpoint>>>),
+    /// Delete the one-time values kept until before `now`; answers how many were deleted.
+    Prune(i64, oneshot::Sender<StoreResult<u64>>),
 }
+
+/// One-time values deleted per transaction while pruning. Deleting a minute of them at a few
+/// thousand requests a second in one statement held SQLite's write lock for ≈ 85 ms, and every
+/// request waited behind it; a step of this many takes a fraction of a millisecond, and the
+/// writer commits the requests that arrived before taking the next step.
+pub(crate) const PRUNE_STEP: usize = 1024;
 
 /// A request's use with its audit event already in canonical form (done by the calling task,
 /// so the single writer only splices in the chain members and hashes).
@@ -127,12 +133,9 @@ impl ReplaySet {
         let mut statement = conn.prepare("SELECT key, until, seq FROM replay")?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
-            let key: Vec<u8> = row.get(0)?;
             // A key of another length is not one Leash wrote: refuse to start on it rather than
             // leave that value unprotected.
-            let key = ReplayKey::try_from(key.as_slice()).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
-            })?;
+            let key = stored_key(row)?;
             set.insert(&key, row.get(1)?);
             set.next_seq = set.next_seq.max(row.get::<_, i64>(2)?.saturating_add(1));
         }
@@ -154,12 +157,37 @@ impl ReplaySet {
         *kept = (*kept).max(until);
     }
 
-    /// Forgets what `DELETE FROM replay WHERE until < now` deletes, and gives back the memory
-    /// of a burst that has passed.
-    fn prune(&mut self, now: i64) {
-        self.until.retain(|_, until| *until >= now);
+    /// Forgets a value whose row a prune at `now` deleted, unless a value sharing its short
+    /// key is kept past `now` (that one's row is still stored).
+    fn forget(&mut self, key: &ReplayKey, now: i64) {
+        let short = Self::short(key);
+        if self.until.get(&short).is_some_and(|until| *until < now) {
+            self.until.remove(&short);
+        }
+    }
+
+    /// Gives back the memory of a burst that has passed.
+    fn shrink(&mut self) {
         if self.until.capacity() > 4 * self.until.len().max(1024) {
             self.until.shrink_to_fit();
+        }
+    }
+}
+
+/// A prune under way: it goes on in steps between the writer's other work.
+struct Pruning {
+    now: i64,
+    deleted: u64,
+    /// Every caller waiting for it (a prune asked for while one runs joins it, with the later
+    /// time).
+    replies: Vec<oneshot::Sender<StoreResult<u64>>>,
+}
+
+impl Pruning {
+    /// `Err` carries the failure's message, given to every caller.
+    fn answer(self, result: Result<u64, &str>) {
+        for reply in self.replies {
+            let _ = reply.send(result.map_err(|e| StoreError::Unavailable(e.to_owned())));
         }
     }
 }
@@ -168,7 +196,8 @@ impl ReplaySet {
 struct Writer {
     conn: rusqlite::Connection,
     head: ChainHead,
-    replay: Arc<Mutex<ReplaySet>>,
+    /// Only the writer reads and changes it: every consumption and every prune is its work.
+    replay: ReplaySet,
     grants: Arc<Memo<Arc<Grant>>>,
     signer: Arc<SignerSlot>,
     wal: WalBound,
@@ -182,10 +211,20 @@ struct Writer {
 fn writer_thread(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
     let mut waiting = None;
     let mut last_batch = 1;
+    let mut pruning: Option<Pruning> = None;
     loop {
-        let job = match waiting.take() {
-            Some(job) => job,
-            None => match jobs.recv() {
+        let job = match (waiting.take(), &pruning) {
+            (Some(job), _) => job,
+            // A prune goes on only while nothing else waits.
+            (None, Some(_)) => match jobs.try_recv() {
+                Ok(job) => job,
+                Err(flume::TryRecvError::Empty) => {
+                    writer.prune_step(&mut pruning);
+                    continue;
+                }
+                Err(flume::TryRecvError::Disconnected) => return,
+            },
+            (None, None) => match jobs.recv() {
                 Ok(job) => job,
                 Err(_) => return,
             },
@@ -194,6 +233,19 @@ fn writer_thread(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
             WriteJob::Checkpoint(reply) => {
                 let _ = reply.send(writer.checkpoint_now());
             }
+            WriteJob::Prune(now, reply) => match &mut pruning {
+                Some(under_way) => {
+                    under_way.now = under_way.now.max(now);
+                    under_way.replies.push(reply);
+                }
+                None => {
+                    pruning = Some(Pruning {
+                        now,
+                        deleted: 0,
+                        replies: vec![reply],
+                    });
+                }
+            },
             WriteJob::Use(used, reply) => {
                 let mut arrivals = Arrivals {
                     jobs: &jobs,
@@ -204,6 +256,8 @@ fn writer_thread(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
                 last_batch = writer.commit_batch(used, reply, &mut arrivals);
                 waiting = arrivals.interrupted;
                 writer.wal.keep(&writer.conn);
+                // Under unbroken load the queue is never empty: one step per batch.
+                writer.prune_step(&mut pruning);
             }
         }
     }
@@ -276,15 +330,13 @@ impl Writer {
             verdict: UseVerdict::Recorded,
         });
         let started = std::time::Instant::now();
-        // Held for the transaction: a prune meanwhile would forget what it is about to add.
-        let mut replay = self.replay.lock().unwrap_or_else(PoisonError::into_inner);
         let result = record_batch(
             &mut self.conn,
             &mut joined,
             arrivals,
             &self.head,
             self.signer.0.get(),
-            &replay,
+            &self.replay,
         );
         let took = started.elapsed();
         if took > SLOW_WRITER_PAUSE {
@@ -299,10 +351,9 @@ impl Writer {
             Ok(committed) => {
                 self.head = committed.head;
                 for (key, until) in &committed.consumed {
-                    replay.insert(key, *until);
+                    self.replay.insert(key, *until);
                 }
-                replay.next_seq += committed.consumed.len() as i64;
-                drop(replay);
+                self.replay.next_seq += committed.consumed.len() as i64;
                 // A grant whose budget ran out must not stay live in memory.
                 for id in committed.spent {
                     self.grants.invalidate(&id);
@@ -325,6 +376,36 @@ impl Writer {
             }
         }
         count
+    }
+
+    /// Deletes up to [`PRUNE_STEP`] expired one-time values of the prune under way, if any, in
+    /// one transaction, and forgets them; answers its callers once a step finds fewer.
+    fn prune_step(&mut self, pruning: &mut Option<Pruning>) {
+        let Some(under_way) = pruning.as_mut() else {
+            return;
+        };
+        let now = under_way.now;
+        match delete_expired(&mut self.conn, now) {
+            Ok(keys) => {
+                for key in &keys {
+                    self.replay.forget(key, now);
+                }
+                under_way.deleted += keys.len() as u64;
+                if keys.len() < PRUNE_STEP
+                    && let Some(done) = pruning.take()
+                {
+                    self.replay.shrink();
+                    let deleted = done.deleted;
+                    done.answer(Ok(deleted));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pruning one-time values failed");
+                if let Some(failed) = pruning.take() {
+                    failed.answer(Err(&e.to_string()));
+                }
+            }
+        }
     }
 
     fn checkpoint_now(&mut self) -> StoreResult<Option<Checkpoint>> {
@@ -380,6 +461,49 @@ fn latest_checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<Option<Che
         },
     )
     .optional()
+}
+
+/// A stored one-time value's key, the row's first column; one of another length is an error.
+fn stored_key(row: &rusqlite::Row<'_>) -> rusqlite::Result<ReplayKey> {
+    let key: Vec<u8> = row.get(0)?;
+    ReplayKey::try_from(key.as_slice()).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, e.into())
+    })
+}
+
+/// Deletes the oldest [`PRUNE_STEP`] (at most) one-time values kept until before `now`, in one
+/// transaction; returns their keys. Rows are ordered by `(until, seq)`: a step finds the last
+/// row it deletes and deletes the range up to it, one stretch at the start of the table (an
+/// `IN (SELECT …)` of the same rows took a third longer).
+fn delete_expired(conn: &mut rusqlite::Connection, now: i64) -> rusqlite::Result<Vec<ReplayKey>> {
+    use rusqlite::OptionalExtension as _;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let keys = {
+        let last: Option<(i64, i64)> = tx
+            .prepare_cached(
+                "SELECT until, seq FROM replay WHERE until < ?1 ORDER BY until, seq \
+                 LIMIT 1 OFFSET ?2",
+            )?
+            .query_row(rusqlite::params![now, PRUNE_STEP as i64 - 1], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
+        let (statement, bounds) = match last {
+            Some((until, seq)) => (
+                "DELETE FROM replay WHERE (until, seq) <= (?1, ?2) RETURNING key",
+                vec![until, seq],
+            ),
+            None => (
+                "DELETE FROM replay WHERE until < ?1 RETURNING key",
+                vec![now],
+            ),
+        };
+        let mut delete = tx.prepare_cached(statement)?;
+        let rows = delete.query_map(rusqlite::params_from_iter(bounds), stored_key)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    tx.commit()?;
+    Ok(keys)
 }
 
 /// The writer's connection: the same durability as the pools, and no checkpoints.
@@ -636,14 +760,14 @@ impl SqliteStore {
         let sqlite_error = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
         let conn = open_writer_connection(path).map_err(sqlite_error)?;
         let head = ChainHead::load(&conn).map_err(sqlite_error)?;
-        let replay = Arc::new(Mutex::new(ReplaySet::load(&conn).map_err(sqlite_error)?));
+        let replay = ReplaySet::load(&conn).map_err(sqlite_error)?;
         let checkpointer = Checkpointer::start(path).map_err(sqlite_error)?;
         let wal = WalBound::attach(&conn, path, restart_at, &checkpointer).map_err(sqlite_error)?;
         let signer = Arc::new(SignerSlot::default());
         let chain_writer = Writer {
             conn,
             head,
-            replay: replay.clone(),
+            replay,
             grants: grants.clone(),
             signer: signer.clone(),
             wal,
@@ -661,7 +785,6 @@ impl SqliteStore {
             grants,
             vault: Arc::new(Memo::new()),
             revoked: Arc::new(RwLock::new(revoked)),
-            replay,
         })
     }
 }
@@ -873,11 +996,13 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&self, now: i64) -> StoreResult<u64> {
-        let replay = q::prune_replay(&self.writer, now).await?;
-        self.replay
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .prune(now);
+        // Through the writer, in steps between its commits (see `PRUNE_STEP`).
+        let (reply, answer) = oneshot::channel();
+        self.uses
+            .send_async(WriteJob::Prune(now, reply))
+            .await
+            .map_err(|_| stopped())?;
+        let replay = answer.await.map_err(|_| stopped())??;
         let tokens = q::prune_revoked(&self.writer, now).await?;
         self.revoked
             .write()
@@ -891,12 +1016,14 @@ impl Store for SqliteStore {
 mod replay_tests {
     #![allow(clippy::unwrap_used, reason = "tests abort loudly on failure")]
 
+    use leash_core::dpop::ReplayKey;
+
     use super::ReplaySet;
 
     /// Migration 0005 keeps the values consumed before it, and the writer's copy loads them.
     #[test]
     fn values_consumed_before_the_migration_stay_consumed() {
-        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        let mut conn = rusqlite::Connection::open_in_memory().unwrap();
         for migration in [
             include_str!("../migrations/sqlite/0001_foundation.sql"),
             include_str!("../migrations/sqlite/0002_gateway.sql"),
@@ -920,23 +1047,41 @@ mod replay_tests {
         assert!(set.contains(&old));
         let new = leash_core::dpop::replay_key("dpop", "jkt", "after");
         assert!(!set.contains(&new));
-        // Pruning forgets exactly what the table's prune deletes: until < now.
-        set.prune(500);
-        assert!(set.contains(&old));
-        set.prune(501);
-        assert!(!set.contains(&old));
         assert_eq!(set.next_seq, 2, "new rows come after the migrated one");
-        let plan: String = conn
-            .query_row(
-                "EXPLAIN QUERY PLAN DELETE FROM replay WHERE until < 1",
-                [],
-                |row| row.get(3),
-            )
-            .unwrap();
-        assert!(
-            plan.contains("PRIMARY KEY"),
-            "pruning scans the table: {plan}"
-        );
+        // A prune deletes what is kept until before its time, and the copy forgets that.
+        assert!(super::delete_expired(&mut conn, 500).unwrap().is_empty());
+        assert_eq!(super::delete_expired(&mut conn, 501).unwrap(), vec![old]);
+        set.forget(&old, 501);
+        assert!(!set.contains(&old));
+        for step in [
+            "SELECT until, seq FROM replay WHERE until < 1 ORDER BY until, seq LIMIT 1 OFFSET 9",
+            "DELETE FROM replay WHERE (until, seq) <= (1, 2)",
+            "DELETE FROM replay WHERE until < 1",
+        ] {
+            let plan: String = conn
+                .query_row(&format!("EXPLAIN QUERY PLAN {step}"), [], |row| row.get(3))
+                .unwrap();
+            assert!(
+                plan.contains("SEARCH") && plan.contains("PRIMARY KEY"),
+                "a prune step scans the table: {step}: {plan}"
+            );
+        }
+    }
+
+    /// Two values sharing their short key: pruning the one that expired must not forget the
+    /// one still kept (its row is still stored, and a replay of it must still be refused).
+    #[test]
+    fn pruning_one_value_keeps_another_with_the_same_short_key() {
+        let expired: ReplayKey = [1; 32];
+        let mut kept: ReplayKey = [1; 32];
+        kept[31] = 2;
+        let mut set = ReplaySet::default();
+        set.insert(&expired, 10);
+        set.insert(&kept, 50);
+        set.forget(&expired, 20);
+        assert!(set.contains(&kept));
+        set.forget(&kept, 51);
+        assert!(!set.contains(&kept));
     }
 
     /// A stored key Leash cannot have written is refused, not skipped: skipping would leave
