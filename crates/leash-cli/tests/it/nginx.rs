@@ -35,7 +35,7 @@ async fn nginx_auth_request_example_decides_with_leash() {
     let upstream = RecordingUpstream::start().await;
     let port = free_port();
     let public_url = format!("http://127.0.0.1:{port}");
-    let leash = Leash::start_with_upstream(
+    let mut leash = Leash::start_with_upstream(
         bin(),
         &format!("public_url = \"{public_url}\""),
         &upstream.url,
@@ -122,6 +122,30 @@ async fn nginx_auth_request_example_decides_with_leash() {
         .status(),
         401
     );
+    // Input Leash finds malformed (two proofs) is its 400, not nginx's 500.
+    let url = format!("{public_url}/gw/mail/messages/3");
+    let proof = dpop.dpop_proof("GET", &url, Some(&token), None, now());
+    let (status, _, body) = read(
+        http.get(&url)
+            .header("Authorization", format!("DPoP {token}"))
+            .header("DPoP", &proof)
+            .header("DPoP", &proof)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    assert_eq!(upstream.count(), 1);
+
+    // With Leash gone nothing is decided, so nothing is forwarded: 503, not 500.
+    leash.kill9().await;
+    let (status, _, body) = read(call("/gw/mail/messages/4", &dpop).await.unwrap()).await;
+    assert_eq!(status, 503, "{body}");
     assert_eq!(upstream.count(), 1);
     nginx.start_kill().unwrap();
     let _ = nginx.wait().await;
