@@ -139,21 +139,50 @@ impl<T> RouteTable<T> {
     }
 }
 
+/// Whether `path` matches `pattern`, `**` standing for any run of segments. Wildcard matching
+/// that goes back only to the latest `**`: a later `**` can absorb whatever an earlier one
+/// would have, so earlier choices never need revisiting. At most pattern × path steps; trying
+/// every split of the path between the `**`s instead took time to the power of their number, so
+/// a long path against a route with a few of them could hold a worker for hours.
 fn matches(pattern: &[Segment], path: &[&str]) -> bool {
-    match pattern.split_first() {
-        None => path.is_empty(),
-        Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| matches(rest, &path[skip..])),
-        Some((segment, rest)) => match path.split_first() {
-            None => false,
-            Some((first, tail)) => {
-                let ok = match segment {
-                    Segment::One => !first.is_empty(),
-                    Segment::Literal(literal) => literal == first,
-                    Segment::Any => false,
-                };
-                ok && matches(rest, tail)
+    let (mut at_pattern, mut at_path) = (0, 0);
+    // After the latest `**`: where the pattern goes on, and the path segment it resumed at.
+    let mut resume: Option<(usize, usize)> = None;
+    while at_path < path.len() {
+        match pattern.get(at_pattern) {
+            Some(Segment::Any) => {
+                at_pattern += 1;
+                resume = Some((at_pattern, at_path));
+                continue;
             }
-        },
+            Some(segment) if segment.matches_one(path[at_path]) => {
+                at_pattern += 1;
+                at_path += 1;
+                continue;
+            }
+            _ => {}
+        }
+        // A mismatch: let the latest `**` take one more segment, or fail without one.
+        let Some((after_any, resumed_at)) = resume else {
+            return false;
+        };
+        resume = Some((after_any, resumed_at + 1));
+        at_pattern = after_any;
+        at_path = resumed_at + 1;
+    }
+    pattern[at_pattern..]
+        .iter()
+        .all(|segment| *segment == Segment::Any)
+}
+
+impl Segment {
+    /// Whether this segment, not a `**`, matches `segment`.
+    fn matches_one(&self, segment: &str) -> bool {
+        match self {
+            Self::One => !segment.is_empty(),
+            Self::Literal(literal) => literal == segment,
+            Self::Any => false,
+        }
     }
 }
 
@@ -227,5 +256,58 @@ mod tests {
     fn bad_patterns_refused() {
         assert!(RouteTable::new([("GET", "messages", 1)]).is_err());
         assert!(RouteTable::new([("GET", "/mess*ges", 1)]).is_err());
+    }
+
+    /// The definition, written as the recursion it is: every way of splitting the path among
+    /// the `**`s. Exponential; the property below checks the matcher against it on short input.
+    fn by_definition(pattern: &[Segment], path: &[&str]) -> bool {
+        match pattern.split_first() {
+            None => path.is_empty(),
+            Some((Segment::Any, rest)) => {
+                (0..=path.len()).any(|skip| by_definition(rest, &path[skip..]))
+            }
+            Some((segment, rest)) => path.split_first().is_some_and(|(first, tail)| {
+                segment.matches_one(first) && by_definition(rest, tail)
+            }),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn matching_agrees_with_the_definition(
+            pattern in proptest::collection::vec(0u8..5, 0..7),
+            path in proptest::collection::vec(0u8..3, 0..9),
+        ) {
+            // Literals "a" and "b", `*` and `**` in the pattern; "a", "b" and "" in the path.
+            let pattern: Vec<Segment> = pattern
+                .iter()
+                .map(|p| match p {
+                    0 => Segment::Literal("a".into()),
+                    1 => Segment::Literal("b".into()),
+                    2 => Segment::One,
+                    _ => Segment::Any,
+                })
+                .collect();
+            let path: Vec<&str> = path.iter().map(|p| ["a", "b", ""][*p as usize]).collect();
+            proptest::prop_assert_eq!(matches(&pattern, &path), by_definition(&pattern, &path));
+        }
+    }
+
+    /// A path that almost matches a route with several `**`: the split-every-way matcher took
+    /// 23 ms for 80 repetitions here, growing as the fourth power (minutes for these 1,000, a
+    /// 6 KB path); this one answers at once.
+    #[test]
+    fn several_any_wildcards_and_a_long_path_are_answered() {
+        let table = RouteTable::new([("GET", "/a/**/b/**/c/**/d/**/e", "deep")]).unwrap();
+        let mut path = String::from("/a");
+        for _ in 0..1_000 {
+            path.push_str("/b/c/d");
+        }
+        assert_eq!(table.find("GET", &safe_segments(&path).unwrap()), None);
+        path.push_str("/e");
+        assert_eq!(
+            table.find("GET", &safe_segments(&path).unwrap()),
+            Some(&"deep")
+        );
     }
 }
