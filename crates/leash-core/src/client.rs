@@ -52,12 +52,11 @@ impl AgentKey {
                 }
             }
             Self::P256(key) => {
-                let vk = *key.verifying_key();
-                let point = vk.to_encoded_point(false);
+                let point = key.verifying_key().to_encoded_point(false);
                 PublicJwk::P256 {
                     x: point.x().map(b64::encode).unwrap_or_default(),
                     y: point.y().map(b64::encode).unwrap_or_default(),
-                    key: vk,
+                    point,
                 }
             }
         }

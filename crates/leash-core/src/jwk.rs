@@ -24,8 +24,8 @@ pub enum PublicJwk {
         x: String,
         /// base64url of the y coordinate, as received.
         y: String,
-        /// The decoded key.
-        key: p256::ecdsa::VerifyingKey,
+        /// The point, uncompressed (SEC1), checked to be on the curve.
+        point: p256::EncodedPoint,
     },
 }
 
@@ -97,12 +97,12 @@ impl PublicJwk {
                 let y = coordinate(obj, "y")?;
                 let point =
                     p256::EncodedPoint::from_affine_coordinates(&x.into(), &y.into(), false);
-                let key = p256::ecdsa::VerifyingKey::from_encoded_point(&point)
+                p256::ecdsa::VerifyingKey::from_encoded_point(&point)
                     .map_err(|_| JoseError::BadKey("jwk is not a point on P-256".into()))?;
                 Ok(Self::P256 {
                     x: str_member(obj, "x")?.to_owned(),
                     y: str_member(obj, "y")?.to_owned(),
-                    key,
+                    point,
                 })
             }
             (kty, crv) => Err(JoseError::BadKey(format!(
@@ -149,12 +149,12 @@ impl PublicJwk {
                 key.verify_strict(input, &sig)
                     .map_err(|_| JoseError::BadSignature)
             }
-            Self::P256 { key, .. } => {
-                use p256::ecdsa::signature::Verifier as _;
-                let sig = p256::ecdsa::Signature::from_slice(signature)
-                    .map_err(|_| JoseError::BadSignature)?;
-                key.verify(input, &sig).map_err(|_| JoseError::BadSignature)
-            }
+            Self::P256 { point, .. } => ring::signature::UnparsedPublicKey::new(
+                &ring::signature::ECDSA_P256_SHA256_FIXED,
+                point.as_bytes(),
+            )
+            .verify(input, signature)
+            .map_err(|_| JoseError::BadSignature),
         }
     }
 }
