@@ -95,6 +95,7 @@ struct LimitsFile {
     header_read_timeout: Option<i64>,
     max_connections: Option<usize>,
     gateway_body_bytes: Option<usize>,
+    upstream_timeout: Option<i64>,
     token_rate: Option<u32>,
     token_burst: Option<u32>,
     gateway_rate: Option<u32>,
@@ -234,6 +235,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request body forwarded through the gateway; larger → 413.
     pub gateway_body_bytes: usize,
+    /// Time an upstream has to start its answer once a request is forwarded; longer → 504.
+    pub upstream_timeout: std::time::Duration,
     /// Token requests per authenticated agent.
     pub token_rate: Option<Rate>,
     /// Gateway and `/v1/authorize` requests per authenticated caller.
@@ -254,6 +257,7 @@ impl Default for Limits {
             header_read_timeout: std::time::Duration::from_secs(10),
             max_connections: 1024,
             gateway_body_bytes: 16 * 1024 * 1024,
+            upstream_timeout: std::time::Duration::from_secs(60),
             token_rate: rate(10, 20),
             gateway_rate: rate(100, 200),
         }
@@ -316,6 +320,11 @@ fn limits(file: Option<LimitsFile>) -> Result<Limits, ConfigError> {
         )? as u64),
         max_connections,
         gateway_body_bytes,
+        upstream_timeout: std::time::Duration::from_secs(positive(
+            "limits.upstream_timeout",
+            file.upstream_timeout,
+            defaults.upstream_timeout.as_secs() as i64,
+        )? as u64),
         token_rate: rate(
             "token",
             file.token_rate,
@@ -658,14 +667,17 @@ mod tests {
         assert_eq!(defaults.max_headers, 64);
         assert_eq!(defaults.token_rate.unwrap().per_second.get(), 10);
         assert_eq!(defaults.gateway_rate.unwrap().burst.get(), 200);
+        assert_eq!(defaults.upstream_timeout.as_secs(), 60);
 
-        let set =
-            limits_of("[limits]\ngateway_rate = 5\ntoken_rate = 0\nheader_read_timeout = 3\n")
-                .unwrap();
+        let set = limits_of(
+            "[limits]\ngateway_rate = 5\ntoken_rate = 0\nheader_read_timeout = 3\nupstream_timeout = 7\n",
+        )
+        .unwrap();
         let gateway = set.gateway_rate.unwrap();
         assert_eq!((gateway.per_second.get(), gateway.burst.get()), (5, 10));
         assert!(set.token_rate.is_none());
         assert_eq!(set.header_read_timeout.as_secs(), 3);
+        assert_eq!(set.upstream_timeout.as_secs(), 7);
 
         for bad in [
             "[limits]\ngateway_burst = 0",
@@ -673,6 +685,7 @@ mod tests {
             "[limits]\nmax_headers = 5",
             "[limits]\nmax_connections = 0",
             "[limits]\nheader_read_timeout = 0",
+            "[limits]\nupstream_timeout = 0",
             "[limits]\nrate = 1",
         ] {
             assert!(limits_of(bad).is_err(), "{bad}");

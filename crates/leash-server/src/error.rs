@@ -96,6 +96,9 @@ pub enum ApiError {
     /// 502 `bad_gateway`: the upstream could not be reached.
     #[error("{0}")]
     BadGateway(String),
+    /// 504 `gateway_timeout`: the upstream did not start its answer in time.
+    #[error("{0}")]
+    GatewayTimeout(String),
     /// 503 `audit_unavailable`: the audit event could not be written, so nothing was done.
     #[error("the audit log cannot be written; nothing was done")]
     AuditUnavailable,
@@ -159,6 +162,7 @@ impl ApiError {
                 "invalid_request",
             ),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+            Self::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "gateway_timeout"),
             Self::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
         }
@@ -229,6 +233,7 @@ impl IntoResponse for ApiError {
             | Self::ApprovalMismatch(_)
             | Self::HeadersTooLarge(_)
             | Self::BadGateway(_)
+            | Self::GatewayTimeout(_)
             | Self::AuditUnavailable
             | Self::Unavailable(_) => {}
         }

@@ -623,9 +623,23 @@ async fn forward(
         .parse()
         .map_err(|_| ApiError::InvalidRequest("the request target cannot be forwarded".into()))?;
     *request.headers_mut() = out;
-    let response = state.upstream_client.request(request).await.map_err(|e| {
+    let limits = &state.config.limits;
+    let response = tokio::time::timeout(
+        limits.upstream_timeout,
+        state.upstream_client.request(request),
+    )
+    .await
+    .map_err(|_| {
+        tracing::warn!(upstream = %upstream.name, "upstream did not answer in time");
+        ApiError::GatewayTimeout(format!(
+            "upstream {} did not answer within {} s",
+            upstream.name,
+            limits.upstream_timeout.as_secs()
+        ))
+    })?
+    .map_err(|e| {
         if body_over_limit(&e) {
-            return ApiError::TooLarge(state.config.limits.gateway_body_bytes);
+            return ApiError::TooLarge(limits.gateway_body_bytes);
         }
         tracing::warn!(upstream = %upstream.name, error = %e, "upstream unreachable");
         ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))

@@ -28,8 +28,15 @@ pub fn grant(actions: &[&str], upstreams: &[&str], extra: Value) -> Value {
 }
 
 pub async fn setup(config: &str, grant_body: Value) -> Gw {
+    setup_with(config, grant_body, None).await
+}
+
+/// [`setup`] with the test upstreams at `upstream_url` instead of the recording upstream
+/// (which then receives nothing).
+pub async fn setup_with(config: &str, grant_body: Value, upstream_url: Option<&str>) -> Gw {
     let upstream = RecordingUpstream::start().await;
-    let leash = Leash::start_with_upstream(bin(), config, &upstream.url).await;
+    let url = upstream_url.unwrap_or(&upstream.url);
+    let leash = Leash::start_with_upstream(bin(), config, url).await;
     let s = Scenario::with_grant(&leash, Alg::EdDsa, grant_body).await;
     let (status, body) = leash
         .call(

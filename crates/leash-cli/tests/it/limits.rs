@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::bin;
-use super::gateway::{Gw, grant, setup};
+use super::gateway::{Gw, grant, setup, setup_with};
 
 /// The `Retry-After` of a 429, checked to be whole seconds.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
@@ -402,4 +402,31 @@ async fn a_flood_of_unique_jtis_leaves_memory_and_rate_tables_bounded() {
             .await;
         assert!(tracked <= 1.0, "{endpoint}: {tracked} callers tracked");
     }
+}
+
+/// An upstream that takes the connection and never answers: the agent gets `504` once
+/// `upstream_timeout` has passed instead of waiting as long as the upstream does.
+#[tokio::test]
+async fn an_upstream_that_never_answers_is_a_504_after_the_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            connections.push(connection);
+        }
+    });
+    let gw = setup_with(
+        "[limits]\nupstream_timeout = 1\n",
+        grant(&["mail:read"], &["mail"], json!({})),
+        Some(&url),
+    )
+    .await;
+    let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (504, Some("gateway_timeout")),
+        "{body}"
+    );
+    held.abort();
 }
