@@ -90,6 +90,18 @@ fn summarise(mut latencies: Vec<u64>, elapsed: Duration, failures: u64) -> Run {
     }
 }
 
+/// Sends 200 requests one by one, right before a measured run of `target`. Leash closes
+/// connections idle for its `header_read_timeout` (10 s), and the runs of the other paths take
+/// longer than that: without this, the Leash runs began by reopening the client's pooled
+/// connections under full load, which put 15–30 ms on their first ~150 requests (and likely
+/// was the source of the runs whose p99 was 70–200 ms), a cost of the client's pool and not
+/// of the gateway. nginx and the upstream keep idle connections longer than the whole bench.
+async fn warm(target: &Target, client: &reqwest::Client) {
+    for _ in 0..200 {
+        send(target, client).await;
+    }
+}
+
 /// Closed loop: `CONCURRENCY` keep-alive connections send back to back for `SECONDS`.
 async fn peak(target: &Target, client: &reqwest::Client) -> Run {
     let failures = Arc::new(AtomicU64::new(0));
@@ -237,9 +249,7 @@ async fn run() {
 
     // Warm every path (connections, caches) before measuring.
     for target in [&direct, &nginx] {
-        for _ in 0..200 {
-            send(target, &client).await;
-        }
+        warm(target, &client).await;
     }
 
     println!("peak, {CONCURRENCY} connections, {SECONDS} s each");
@@ -250,6 +260,7 @@ async fn run() {
     let nginx_peak = peak(&nginx, &client).await;
     print_row("nginx reverse proxy", &nginx_peak);
     let gateway = leash_target(&leash, &token, &dpop);
+    warm(&gateway, &client).await;
     let leash_peak = peak(&gateway, &client).await;
     print_row("Leash gateway", &leash_peak);
 
@@ -263,6 +274,7 @@ async fn run() {
     let nginx_rate = at_rate(&nginx, &client, rate).await;
     print_row("nginx reverse proxy", &nginx_rate);
     let gateway = leash_target(&leash, &token, &dpop);
+    warm(&gateway, &client).await;
     let logged_before = leash.logs().len();
     let leash_rate = at_rate(&gateway, &client, rate).await;
     print_row("Leash gateway", &leash_rate);
