@@ -666,10 +666,9 @@ async fn forward(
 }
 
 /// The gateway's client to upstreams. The request and response bodies are handed to hyper as
-/// they are, so their framing passes through: a bodiless request is sent without a body, a
-/// length stays a length (a stream adapter would turn both into chunked transfers). No
-/// redirects are followed and no proxy from the environment is used: the upstream's address
-/// comes only from configuration.
+/// they are, with their sizes, without stream adapters in between: a bodiless request is sent
+/// without a body and a length stays a length. No redirects are followed and no proxy from the
+/// environment is used: the upstream's address comes only from configuration.
 pub type UpstreamClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Body,

@@ -54,8 +54,8 @@ enum WriteJob {
 
 /// One-time values deleted per transaction while pruning. Deleting a minute of them at a few
 /// thousand requests a second in one statement held SQLite's write lock for ≈ 85 ms, and every
-/// request waited behind it; a step of this many takes a fraction of a millisecond, and the
-/// writer commits the requests that arrived before taking the next step.
+/// request waited behind it; a step of this many took about a millisecond with its commit, and
+/// the writer commits the requests that arrived before taking the next step.
 pub(crate) const PRUNE_STEP: usize = 1024;
 
 /// A request's use with its audit event already in canonical form (done by the calling task,
