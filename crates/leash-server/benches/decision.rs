@@ -16,6 +16,7 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use criterion::{BatchSize, Criterion, black_box, criterion_group, criterion_main};
 use leash_core::aead::MasterKey;
+use leash_core::audit::{AuditEvent, Mode};
 use leash_core::client::AgentKey;
 use leash_core::clock::SystemClock;
 use leash_core::grant::{Grant, GrantStatus};
@@ -82,7 +83,11 @@ fn setup() -> Setup {
             created_at: t,
         };
         store
-            .create_user(&user, &Secret::generate("lsk_").digest())
+            .create_user(
+                &user,
+                &Secret::generate("lsk_").digest(),
+                &ev("user.created"),
+            )
             .await
             .expect("user");
         let agent = Agent {
@@ -92,7 +97,10 @@ fn setup() -> Setup {
             disabled: false,
             created_at: t,
         };
-        store.create_agent(&agent).await.expect("agent");
+        store
+            .create_agent(&agent, &ev("agent.registered"))
+            .await
+            .expect("agent");
         let grant = Grant {
             id: "grt_bench".into(),
             subject: user.id.clone(),
@@ -109,7 +117,11 @@ fn setup() -> Setup {
             status: GrantStatus::Active,
         };
         store
-            .create_grant(&grant, &Secret::generate("lgh_").digest())
+            .create_grant(
+                &grant,
+                &Secret::generate("lgh_").digest(),
+                &ev("grant.created"),
+            )
             .await
             .expect("grant");
         let claims = AccessClaims {
@@ -234,3 +246,8 @@ fn bench(c: &mut Criterion) {
 
 criterion_group!(benches, bench);
 criterion_main!(benches);
+
+/// The event the store records with a setup change.
+fn ev(kind: &str) -> AuditEvent {
+    AuditEvent::new(kind, Mode::System, now())
+}

@@ -86,9 +86,16 @@ pub async fn create_user(
         name: name.to_owned(),
         created_at: state.clock.now(),
     };
+    let event = audit::system_event(
+        "user.created",
+        "admin",
+        Some(&user.id),
+        None,
+        user.created_at,
+    );
     state
         .store
-        .create_user(&user, &key.digest())
+        .create_user(&user, &key.digest(), &event)
         .await
         .map_err(|e| match e {
             leash_store::StoreError::Conflict => {
@@ -97,14 +104,6 @@ pub async fn create_user(
             e => e.into(),
         })?;
     tracing::info!(user = %user.id, "user created");
-    let event = audit::system_event(
-        "user.created",
-        "admin",
-        Some(&user.id),
-        None,
-        user.created_at,
-    );
-    audit::record(&state, event).await?;
     let out = CreatedUser {
         user: UserView::from(&user),
         api_key: key.expose().to_owned(),
@@ -199,9 +198,10 @@ pub async fn create_agent(
         disabled: false,
         created_at: state.clock.now(),
     };
+    let event = audit::system_event("agent.registered", &agent.id, None, None, agent.created_at);
     state
         .store
-        .create_agent(&agent)
+        .create_agent(&agent, &event)
         .await
         .map_err(|e| match e {
             leash_store::StoreError::Conflict => {
@@ -210,8 +210,6 @@ pub async fn create_agent(
             e => e.into(),
         })?;
     tracing::info!(agent = %agent.id, "agent registered");
-    let event = audit::system_event("agent.registered", &agent.id, None, None, agent.created_at);
-    audit::record(&state, event).await?;
     Ok((StatusCode::CREATED, Json(AgentView::from(&agent))))
 }
 
@@ -253,10 +251,6 @@ pub async fn disable_agent(
     Path(id): Path<String>,
 ) -> ApiResult<Json<AgentView>> {
     let now = state.clock.now();
-    if !state.store.disable_agent(&id, now).await? {
-        return Err(ApiError::NotFound("no such agent".into()));
-    }
-    tracing::info!(agent = %id, "agent disabled");
     let event = audit::system_event(
         "agent.disabled",
         &id,
@@ -264,7 +258,10 @@ pub async fn disable_agent(
         Some("offboarded: every grant revoked"),
         now,
     );
-    audit::record(&state, event).await?;
+    if !state.store.disable_agent(&id, now, &event).await? {
+        return Err(ApiError::NotFound("no such agent".into()));
+    }
+    tracing::info!(agent = %id, "agent disabled");
     let agent = state
         .store
         .agent(&id)
@@ -442,10 +439,12 @@ pub async fn create_grant(
         status: GrantStatus::Active,
     };
     let handle = Secret::generate(HANDLE_PREFIX);
-    state.store.create_grant(&grant, &handle.digest()).await?;
-    tracing::info!(grant_id = %grant.id, agent = %grant.agent, subject = %grant.subject, "grant created");
     let event = audit::grant_event("grant.created", Mode::Direct, &grant, now);
-    audit::record(&state, event).await?;
+    state
+        .store
+        .create_grant(&grant, &handle.digest(), &event)
+        .await?;
+    tracing::info!(grant_id = %grant.id, agent = %grant.agent, subject = %grant.subject, "grant created");
     let out = CreatedGrant {
         grant: GrantView::of(&grant, now),
         handle: handle.expose().to_owned(),
@@ -514,16 +513,20 @@ async fn end(
     mode: Mode,
 ) -> ApiResult<Json<GrantView>> {
     let now = state.clock.now();
-    match state.store.end_grant(&grant.id, end, reason, now).await? {
+    let kind = match end {
+        GrantEnd::Completed => "grant.completed",
+        GrantEnd::Revoked => "grant.revoked",
+    };
+    // What the event names of the grant never changes, so it is known before the change.
+    let mut event = audit::grant_event(kind, mode, grant, now);
+    event.reason = reason.map(str::to_owned);
+    match state
+        .store
+        .end_grant(&grant.id, end, reason, now, &event)
+        .await?
+    {
         Some(ended) => {
             tracing::info!(grant_id = %ended.id, status = ended.status.as_str(), "grant ended");
-            let kind = match end {
-                GrantEnd::Completed => "grant.completed",
-                GrantEnd::Revoked => "grant.revoked",
-            };
-            let mut event = audit::grant_event(kind, mode, &ended, now);
-            event.reason = reason.map(str::to_owned);
-            audit::record(state, event).await?;
             Ok(Json(GrantView::of(&ended, now)))
         }
         None => {

@@ -181,9 +181,36 @@ async fn decide(
         Caller::Admin => "admin".to_owned(),
         Caller::Human(user) => user.id.clone(),
     };
+    let purpose = state
+        .store
+        .grant(&approval.grant_id)
+        .await?
+        .map(|grant| grant.purpose);
+    // What the event names of the approval never changes, so it is known before the decision.
+    let kind = if approve {
+        "approval.approved"
+    } else {
+        "approval.denied"
+    };
+    let mut event = AuditEvent::new(kind, crate::audit::caller_mode(&caller), now);
+    event.subject = Some(approval.subject.clone());
+    event.actor = Some(approval.agent.clone());
+    event.grant_id = Some(approval.grant_id.clone());
+    event.action = Some(approval.action.clone());
+    event.upstream = Some(approval.upstream.clone());
+    event.method = Some(approval.method.clone());
+    event.path = Some(approval.path.clone());
+    event.decision = Some(if approve {
+        Outcome::Allow
+    } else {
+        Outcome::Deny
+    });
+    event.approver = Some(approver.clone());
+    event.request_id = Some(approval.id.clone());
+    event.purpose.clone_from(&purpose);
     match state
         .store
-        .decide_approval(&approval.id, approve, &approver, now)
+        .decide_approval(&approval.id, approve, &approver, now, &event)
         .await?
     {
         Some(decided) => {
@@ -193,30 +220,7 @@ async fn decide(
                 approver = %approver,
                 "approval decided"
             );
-            let kind = if approve {
-                "approval.approved"
-            } else {
-                "approval.denied"
-            };
-            let mut event = AuditEvent::new(kind, crate::audit::caller_mode(&caller), now);
-            event.subject = Some(decided.subject.clone());
-            event.actor = Some(decided.agent.clone());
-            event.grant_id = Some(decided.grant_id.clone());
-            event.action = Some(decided.action.clone());
-            event.upstream = Some(decided.upstream.clone());
-            event.method = Some(decided.method.clone());
-            event.path = Some(decided.path.clone());
-            event.decision = Some(if approve {
-                Outcome::Allow
-            } else {
-                Outcome::Deny
-            });
-            event.approver = Some(approver);
-            event.request_id = Some(decided.id.clone());
-            let shown = with_purpose(&state, &decided, now).await?;
-            event.purpose = shown.purpose.clone();
-            crate::audit::record(&state, event).await?;
-            Ok(Json(shown))
+            Ok(Json(ApprovalView::of(&decided, purpose.as_deref(), now)))
         }
         None => Err(ApiError::Conflict(format!(
             "the approval is {}, not pending",

@@ -396,11 +396,6 @@ pub async fn revoke(
             OAuthCaller::Agent(agent, _) => *agent == claims.client_id,
         };
         if allowed {
-            state
-                .store
-                .revoke_token(&claims.jti, &claims.grant_id, claims.exp)
-                .await?;
-            tracing::info!(jti = %claims.jti, grant_id = %claims.grant_id, "token revoked");
             let mode = match &caller {
                 OAuthCaller::Key(c) => crate::audit::caller_mode(c),
                 OAuthCaller::Agent(..) => Mode::Delegated,
@@ -411,7 +406,11 @@ pub async fn revoke(
             event.grant_id = Some(claims.grant_id.clone());
             event.purpose = Some(claims.purpose.clone());
             event.request_id = Some(claims.jti.clone());
-            crate::audit::record(&state, event).await?;
+            state
+                .store
+                .revoke_token(&claims.jti, &claims.grant_id, claims.exp, &event)
+                .await?;
+            tracing::info!(jti = %claims.jti, grant_id = %claims.grant_id, "token revoked");
         }
     }
     Ok(no_store(Json(json!({})).into_response()))

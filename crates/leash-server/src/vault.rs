@@ -175,10 +175,9 @@ pub async fn put(
         expires_at,
         created_at: now,
     };
-    state.store.put_credential(&entry).await?;
-    tracing::info!(subject = %entry.subject, upstream = %entry.upstream, kind = %entry.kind, "credential stored");
     let event = credential_event("credential.stored", &entry.subject, &entry.upstream, now);
-    crate::audit::record(&state, event).await?;
+    state.store.put_credential(&entry, &event).await?;
+    tracing::info!(subject = %entry.subject, upstream = %entry.upstream, kind = %entry.kind, "credential stored");
     Ok((StatusCode::OK, Json(CredentialView::from(&entry))))
 }
 
@@ -219,11 +218,13 @@ pub async fn delete(
     Path(upstream): Path<String>,
 ) -> ApiResult<StatusCode> {
     let user = human(caller)?;
-    if state.store.delete_credential(&user.id, &upstream).await? {
+    let event = credential_event("credential.deleted", &user.id, &upstream, state.clock.now());
+    if state
+        .store
+        .delete_credential(&user.id, &upstream, &event)
+        .await?
+    {
         tracing::info!(subject = %user.id, upstream = %upstream, "credential deleted");
-        let now = state.clock.now();
-        let event = credential_event("credential.deleted", &user.id, &upstream, now);
-        crate::audit::record(&state, event).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("no credential for this upstream".into()))

@@ -285,6 +285,18 @@ pub(crate) fn draft_of(
         .transpose()
 }
 
+/// An event read back from the audit outbox (written there by `queries::stage_event`).
+pub(crate) fn staged_event(id: i64, text: &str) -> StoreResult<leash_core::audit::AuditEvent> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("audit outbox row {id} is not an event: {e}")))
+}
+
+/// Logs a failed move of the outbox's events into the chain. Nothing is lost: the events stay
+/// in the outbox, and the next change, checkpoint or start tries again.
+pub(crate) fn log_unflushed(error: &StoreError) {
+    tracing::error!(error = %error, "audit events stay in the outbox: the chain cannot be written");
+}
+
 /// Seals a use's audit event at `seq` after `prev_hash` and sets its hash: from the draft the
 /// caller made when the use was recorded, or, when the store refused the use, as a deny with
 /// the verdict's reason, canonicalised anew. Writes the stored line into `line` (overwritten)

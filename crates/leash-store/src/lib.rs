@@ -281,6 +281,14 @@ impl GrantEnd {
 }
 
 /// The repository interface; every backend implements all of it with the same behaviour.
+///
+/// A management change (user, agent, grant, approval decision, vault, token revocation) takes
+/// its audit event (`event`) and stores it in the change's own transaction, in an outbox, when
+/// the change takes effect; the chain's one appender then moves it into the chain before the
+/// call returns. So a change is never stored without its event, whatever fails or dies in
+/// between: an event left in the outbox (the append failed, or the process was killed) joins
+/// the chain at the next change, checkpoint or start, and the call that made the change still
+/// succeeds (its change and its event are both durable; the failure is logged).
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Whether the database answers.
@@ -293,23 +301,34 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn init_setting(&self, name: &str, value: &[u8]) -> StoreResult<Vec<u8>>;
 
     /// Adds a user; `Conflict` if the name is taken.
-    async fn create_user(&self, user: &User, key: &SecretDigest) -> StoreResult<()>;
+    async fn create_user(
+        &self,
+        user: &User,
+        key: &SecretDigest,
+        event: &AuditEvent,
+    ) -> StoreResult<()>;
     /// The user owning an API key.
     async fn user_by_key(&self, key: &SecretDigest) -> StoreResult<Option<User>>;
     /// All users.
     async fn list_users(&self) -> StoreResult<Vec<User>>;
 
     /// Registers an agent; `Conflict` if the id is taken.
-    async fn create_agent(&self, agent: &Agent) -> StoreResult<()>;
+    async fn create_agent(&self, agent: &Agent, event: &AuditEvent) -> StoreResult<()>;
     /// One agent.
     async fn agent(&self, id: &str) -> StoreResult<Option<Agent>>;
     /// All agents.
     async fn list_agents(&self) -> StoreResult<Vec<Agent>>;
-    /// Disables an agent and revokes its active grants in one transaction; false if unknown.
-    async fn disable_agent(&self, id: &str, now: i64) -> StoreResult<bool>;
+    /// Disables an agent and revokes its active grants in one transaction; false if unknown
+    /// (and then no event).
+    async fn disable_agent(&self, id: &str, now: i64, event: &AuditEvent) -> StoreResult<bool>;
 
     /// Stores a new grant with the digest of its handle.
-    async fn create_grant(&self, grant: &Grant, handle: &SecretDigest) -> StoreResult<()>;
+    async fn create_grant(
+        &self,
+        grant: &Grant,
+        handle: &SecretDigest,
+        event: &AuditEvent,
+    ) -> StoreResult<()>;
     /// One grant.
     async fn grant(&self, id: &str) -> StoreResult<Option<Grant>>;
     /// The grant a handle was issued for, with its agent (one round trip for the token
@@ -318,13 +337,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Grants, all or of one human, newest first.
     async fn list_grants(&self, subject: Option<&str>) -> StoreResult<Vec<Grant>>;
     /// Moves an active, unexpired grant to a terminal status (a compare-and-set); `None` if it
-    /// was not active any more, else the grant as it now is.
+    /// was not active any more (and then no event), else the grant as it now is.
     async fn end_grant(
         &self,
         id: &str,
         end: GrantEnd,
         reason: Option<&str>,
         now: i64,
+        event: &AuditEvent,
     ) -> StoreResult<Option<Grant>>;
 
     /// The grant a token names, for the per-request liveness check: held in memory and dropped
@@ -344,23 +364,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Approvals, all or of one human, newest first.
     async fn list_approvals(&self, subject: Option<&str>) -> StoreResult<Vec<Approval>>;
     /// Approves or denies a pending, unexpired approval (a compare-and-set); `None` if it was
-    /// not pending any more or has expired, else the approval as it now is.
+    /// not pending any more or has expired (and then no event), else the approval as it now is.
     async fn decide_approval(
         &self,
         id: &str,
         approve: bool,
         approver: &str,
         now: i64,
+        event: &AuditEvent,
     ) -> StoreResult<Option<Approval>>;
 
     /// Stores (or replaces) a human's credential for an upstream.
-    async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()>;
+    async fn put_credential(&self, entry: &VaultEntry, event: &AuditEvent) -> StoreResult<()>;
     /// A human's credential for an upstream.
     async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>>;
     /// A human's credentials.
     async fn list_credentials(&self, subject: &str) -> StoreResult<Vec<VaultEntry>>;
-    /// Deletes a human's credential for an upstream; false if there was none.
-    async fn delete_credential(&self, subject: &str, upstream: &str) -> StoreResult<bool>;
+    /// Deletes a human's credential for an upstream; false if there was none (and then no
+    /// event).
+    async fn delete_credential(
+        &self,
+        subject: &str,
+        upstream: &str,
+        event: &AuditEvent,
+    ) -> StoreResult<bool>;
 
     /// Records one-time values (`jti`s) atomically: either all are new and all are stored, or
     /// nothing is stored and the index of the first one already seen is returned.
@@ -397,8 +424,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Forwarded-request counts per grant and action, all or of one human's grants.
     async fn action_uses(&self, subject: Option<&str>) -> StoreResult<Vec<ActionUse>>;
 
-    /// Marks a token dead until its expiry.
-    async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()>;
+    /// Marks a token dead until its expiry (the event is stored on every call, a repeated
+    /// revocation included: the request was made).
+    async fn revoke_token(
+        &self,
+        jti: &str,
+        grant_id: &str,
+        expires_at: i64,
+        event: &AuditEvent,
+    ) -> StoreResult<()>;
     /// Whether a token was revoked.
     async fn is_token_revoked(&self, jti: &str) -> StoreResult<bool>;
     /// Deletes replay entries and revoked-token rows that can no longer matter.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use leash_core::audit::{Checkpoint, Draft};
+use leash_core::audit::{AuditEvent, Checkpoint, Draft};
 use leash_core::dpop::ReplayKey;
 use leash_core::grant::Grant;
 use leash_core::secret::SecretDigest;
@@ -28,7 +28,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::oneshot;
 
 use crate::common::{
-    Columns as _, Memo, SignerSlot, draft_of, outcome_name, seal_use_event, unavailable, vault_key,
+    Columns as _, Memo, SignerSlot, draft_of, log_unflushed, outcome_name, seal_use_event,
+    staged_event, unavailable, vault_key,
 };
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
@@ -148,17 +149,111 @@ impl PgStore {
         let (uses, jobs) = flume::bounded(1024);
         tokio::spawn(follow_changes(pool.clone(), Arc::downgrade(&memos)));
         tokio::spawn(writer(pool.clone(), jobs, memos.clone(), signer.clone()));
-        Ok(Self {
+        let store = Self {
             pool,
             uses,
             signer,
             memos,
-        })
+        };
+        // Events whose change committed but whose move into the chain did not (a node died
+        // in between) join the chain now.
+        store.flush_outbox().await;
+        Ok(store)
     }
 
     async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
         self.pool.begin().await.map_err(unavailable)
     }
+
+    /// Ends a management change: stores its event in the change's transaction when the change
+    /// took effect, commits, and moves the event into the chain.
+    async fn commit_change(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        event: Option<&AuditEvent>,
+    ) -> StoreResult<()> {
+        if let Some(event) = event {
+            q::stage_event(&mut *tx, event).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        if event.is_some() {
+            self.flush_outbox().await;
+        }
+        Ok(())
+    }
+
+    /// Moves the outbox's events (of every node) into the chain. A failure leaves them there
+    /// for the next flush (see `Store`), so it is logged, not returned.
+    async fn flush_outbox(&self) {
+        if let Err(e) = flush_outbox(&self.pool, self.signer.0.get()).await {
+            log_unflushed(&e);
+        }
+    }
+}
+
+/// Appends the events waiting in the outbox to the chain, in their order, and deletes them from
+/// it, in one transaction that locks the head first (as every appender does); returns how many
+/// moved. A node that waited for the lock sees the rows another node moved meanwhile as gone.
+async fn flush_outbox(pool: &PgPool, signer: Option<&CheckpointSigner>) -> StoreResult<usize> {
+    let mut tx = pool.begin().await.map_err(unavailable)?;
+    let mut head = lock_head(&mut tx).await?;
+    let staged = sqlx::query("SELECT id, event FROM audit_outbox ORDER BY id")
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let mut last = None;
+    let mut rows = AuditRows::default();
+    for row in &staged {
+        let id = row.int("id")?;
+        let mut event = staged_event(id, &row.column::<String>("event")?)?;
+        let seq = head.seq + 1;
+        let mut line = String::new();
+        let at = seal_use_event(
+            &mut event,
+            None,
+            UseVerdict::Recorded,
+            seq,
+            &head.hash,
+            &mut line,
+        )
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        head.seq = seq;
+        head.hash.clone_from(&event.hash);
+        rows.push(seq, event, at, line);
+        checkpoint_if_due(&mut tx, signer, &mut head, &mut rows).await?;
+        last = Some(id);
+    }
+    let Some(last) = last else {
+        return Ok(0);
+    };
+    rows.insert(&mut tx).await?;
+    sqlx::query("DELETE FROM audit_outbox WHERE id <= $1")
+        .bind(last)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    save_head(&mut tx, &head).await?;
+    tx.commit().await.map_err(unavailable)?;
+    Ok(staged.len())
+}
+
+/// Signs a checkpoint in `tx` once [`CHECKPOINT_EVERY_EVENTS`] events passed since the last,
+/// inserting the events waiting in `rows` first (a checkpoint's events are in before it).
+async fn checkpoint_if_due(
+    tx: &mut Transaction<'_, Postgres>,
+    signer: Option<&CheckpointSigner>,
+    head: &mut Head,
+    rows: &mut AuditRows,
+) -> StoreResult<()> {
+    if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
+        && let Some(signer) = signer
+    {
+        rows.insert(tx).await?;
+        if insert_checkpoint(tx, signer, head).await? {
+            head.checkpointed = head.seq;
+        }
+    }
+    Ok(())
 }
 
 /// Listens for other nodes' (and this node's) changes and drops the memos they name. Ends when
@@ -224,6 +319,10 @@ async fn writer(
             match job {
                 UseJob::Use(request, reply) => batch.push((request, reply)),
                 UseJob::Checkpoint(reply) => {
+                    // The timer's checkpoint also retries events an earlier flush left behind.
+                    if let Err(e) = flush_outbox(&pool, signer.0.get()).await {
+                        log_unflushed(&e);
+                    }
                     let _ = reply.send(checkpoint_now(&pool, signer.0.get()).await);
                 }
             }
@@ -571,15 +670,7 @@ async fn record_batch(
             head.seq = seq;
             head.hash = event.hash.clone();
             rows.push(seq, event, at, line);
-            if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
-                && let Some(signer) = signer
-            {
-                // The checkpoint's events must be in before it.
-                rows.insert(&mut tx).await?;
-                if insert_checkpoint(&mut tx, signer, head).await? {
-                    head.checkpointed = head.seq;
-                }
-            }
+            checkpoint_if_due(&mut tx, signer, head, &mut rows).await?;
         }
         rows.insert(&mut tx).await?;
         save_head(&mut tx, head).await?;
@@ -672,8 +763,15 @@ impl Store for PgStore {
             .ok_or_else(|| StoreError::Corrupt(format!("setting {name} vanished")))
     }
 
-    async fn create_user(&self, user: &User, key: &SecretDigest) -> StoreResult<()> {
-        q::create_user(&self.pool, user, key).await
+    async fn create_user(
+        &self,
+        user: &User,
+        key: &SecretDigest,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        q::create_user(&mut *tx, user, key).await?;
+        self.commit_change(tx, Some(event)).await
     }
 
     async fn user_by_key(&self, key: &SecretDigest) -> StoreResult<Option<User>> {
@@ -684,8 +782,10 @@ impl Store for PgStore {
         q::list_users(&self.pool).await
     }
 
-    async fn create_agent(&self, agent: &Agent) -> StoreResult<()> {
-        q::create_agent(&self.pool, agent).await
+    async fn create_agent(&self, agent: &Agent, event: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        q::create_agent(&mut *tx, agent).await?;
+        self.commit_change(tx, Some(event)).await
     }
 
     async fn agent(&self, id: &str) -> StoreResult<Option<Agent>> {
@@ -696,18 +796,25 @@ impl Store for PgStore {
         q::list_agents(&self.pool).await
     }
 
-    async fn disable_agent(&self, id: &str, now: i64) -> StoreResult<bool> {
+    async fn disable_agent(&self, id: &str, now: i64, event: &AuditEvent) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let found = q::disable_agent_row(&mut *tx, id).await?;
         q::revoke_agent_grants(&mut *tx, id, now).await?;
         Change::AllGrants.send(&mut tx).await?;
-        tx.commit().await.map_err(unavailable)?;
+        let committed = self.commit_change(tx, found.then_some(event)).await;
         self.memos.grants.invalidate_all();
-        Ok(found)
+        committed.map(|()| found)
     }
 
-    async fn create_grant(&self, grant: &Grant, handle: &SecretDigest) -> StoreResult<()> {
-        q::create_grant(&self.pool, grant, handle).await
+    async fn create_grant(
+        &self,
+        grant: &Grant,
+        handle: &SecretDigest,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        q::create_grant(&mut *tx, grant, handle).await?;
+        self.commit_change(tx, Some(event)).await
     }
 
     async fn grant(&self, id: &str) -> StoreResult<Option<Grant>> {
@@ -728,13 +835,16 @@ impl Store for PgStore {
         end: GrantEnd,
         reason: Option<&str>,
         now: i64,
+        event: &AuditEvent,
     ) -> StoreResult<Option<Grant>> {
         let mut tx = self.begin().await?;
         let ended = q::end_grant(&mut *tx, id, end, reason, now).await?;
         Change::Grant(id).send(&mut tx).await?;
-        tx.commit().await.map_err(unavailable)?;
+        let committed = self
+            .commit_change(tx, ended.is_some().then_some(event))
+            .await;
         self.memos.grants.invalidate(id);
-        Ok(ended)
+        committed.map(|()| ended)
     }
 
     async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
@@ -807,21 +917,26 @@ impl Store for PgStore {
         approve: bool,
         approver: &str,
         now: i64,
+        event: &AuditEvent,
     ) -> StoreResult<Option<Approval>> {
-        q::decide_approval(&self.pool, id, approve, approver, now).await
+        let mut tx = self.begin().await?;
+        let decided = q::decide_approval(&mut *tx, id, approve, approver, now).await?;
+        self.commit_change(tx, decided.is_some().then_some(event))
+            .await
+            .map(|()| decided)
     }
 
-    async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()> {
+    async fn put_credential(&self, entry: &VaultEntry, event: &AuditEvent) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         q::put_credential(&mut *tx, entry).await?;
         Change::Vault(&entry.subject, &entry.upstream)
             .send(&mut tx)
             .await?;
-        tx.commit().await.map_err(unavailable)?;
+        let committed = self.commit_change(tx, Some(event)).await;
         self.memos
             .vault
             .invalidate(&vault_key(&entry.subject, &entry.upstream));
-        Ok(())
+        committed
     }
 
     async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>> {
@@ -841,16 +956,27 @@ impl Store for PgStore {
         q::list_credentials(&self.pool, subject).await
     }
 
-    async fn delete_credential(&self, subject: &str, upstream: &str) -> StoreResult<bool> {
+    async fn delete_credential(
+        &self,
+        subject: &str,
+        upstream: &str,
+        event: &AuditEvent,
+    ) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let deleted = q::delete_credential(&mut *tx, subject, upstream).await?;
         Change::Vault(subject, upstream).send(&mut tx).await?;
-        tx.commit().await.map_err(unavailable)?;
+        let committed = self.commit_change(tx, deleted.then_some(event)).await;
         self.memos.vault.invalidate(&vault_key(subject, upstream));
-        Ok(deleted)
+        committed.map(|()| deleted)
     }
 
-    async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()> {
+    async fn revoke_token(
+        &self,
+        jti: &str,
+        grant_id: &str,
+        expires_at: i64,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
         // In memory first: if the write fails the token is refused here anyway (fail closed).
         self.memos.revoked.invalidate(jti);
         self.memos
@@ -859,8 +985,7 @@ impl Store for PgStore {
         let mut tx = self.begin().await?;
         q::revoke_token(&mut *tx, jti, grant_id, expires_at).await?;
         Change::Token(jti).send(&mut tx).await?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok(())
+        self.commit_change(tx, Some(event)).await
     }
 
     async fn is_token_revoked(&self, jti: &str) -> StoreResult<bool> {

@@ -500,6 +500,22 @@ macro_rules! shared_queries {
             Ok(())
         }
 
+        /// Writes a management change's audit event into the outbox, in the change's
+        /// transaction; the chain's appender moves it into the chain (see `Store`).
+        pub(crate) async fn stage_event<'c>(
+            db: impl sqlx::Executor<'c, Database = $db>,
+            event: &leash_core::audit::AuditEvent,
+        ) -> StoreResult<()> {
+            let text = serde_json::to_string(event)
+                .map_err(|e| crate::StoreError::Unavailable(e.to_string()))?;
+            sqlx::query("INSERT INTO audit_outbox (event) VALUES ($1)")
+                .bind(text)
+                .execute(db)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        }
+
         /// Deletes revoked-token rows of tokens expired anyway; returns how many.
         pub(crate) async fn prune_revoked<'c>(
             db: impl sqlx::Executor<'c, Database = $db>,

@@ -9,7 +9,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use leash_core::audit::{Checkpoint, Draft, GENESIS_HASH};
+use leash_core::audit::{AuditEvent, Checkpoint, Draft, GENESIS_HASH};
 use leash_core::dpop::ReplayKey;
 use leash_core::grant::Grant;
 use leash_core::secret::SecretDigest;
@@ -18,7 +18,8 @@ use sqlx::{Row as _, SqlitePool};
 use tokio::sync::oneshot;
 
 use crate::common::{
-    Memo, SignerSlot, draft_of, outcome_name, seal_use_event, unavailable, vault_key,
+    Memo, SignerSlot, draft_of, log_unflushed, outcome_name, seal_use_event, staged_event,
+    unavailable, vault_key,
 };
 use crate::wal::{Checkpointer, SLOW_WRITER_PAUSE, WAL_RESTART_BYTES, WalBound};
 use crate::{
@@ -50,6 +51,8 @@ enum WriteJob {
     Checkpoint(oneshot::Sender<StoreResult<Option<Checkpoint>>>),
     /// Delete the one-time values kept until before `now`; answers how many were deleted.
     Prune(i64, oneshot::Sender<StoreResult<u64>>),
+    /// Move the management events waiting in the outbox into the chain; answers how many.
+    Flush(oneshot::Sender<StoreResult<usize>>),
 }
 
 /// One-time values deleted per transaction while pruning. Deleting a minute of them at a few
@@ -231,7 +234,12 @@ fn writer_thread(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
         };
         match job {
             WriteJob::Checkpoint(reply) => {
+                // The timer's checkpoint also retries events an earlier flush left behind.
+                writer.flush_or_log();
                 let _ = reply.send(writer.checkpoint_now());
+            }
+            WriteJob::Flush(reply) => {
+                let _ = reply.send(writer.flush_outbox());
             }
             WriteJob::Prune(now, reply) => match &mut pruning {
                 Some(under_way) => {
@@ -408,6 +416,61 @@ impl Writer {
         }
     }
 
+    /// Appends the events waiting in the outbox to the chain, in their order, and deletes them
+    /// from it, in one transaction; returns how many moved.
+    fn flush_outbox(&mut self) -> StoreResult<usize> {
+        let fail = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(fail)?;
+        let mut head = self.head.clone();
+        let moved = {
+            let staged = tx
+                .prepare_cached("SELECT id, event FROM audit_outbox ORDER BY id")
+                .map_err(fail)?
+                .query_map([], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                })
+                .map_err(fail)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(fail)?;
+            let Some(&(last, _)) = staged.last() else {
+                return Ok(0);
+            };
+            let mut statements = UseStatements::prepare(&tx).map_err(fail)?;
+            for (id, text) in &staged {
+                let mut used = Prepared {
+                    request: RequestUse {
+                        audit: Some(staged_event(*id, text)?),
+                        ..RequestUse::default()
+                    },
+                    draft: None,
+                };
+                statements
+                    .append_event(&mut used, UseVerdict::Recorded, &mut head)
+                    .map_err(fail)?;
+                checkpoint_if_due(&tx, self.signer.0.get(), &mut head).map_err(fail)?;
+            }
+            tx.prepare_cached("DELETE FROM audit_outbox WHERE id <= ?1")
+                .map_err(fail)?
+                .execute([last])
+                .map_err(fail)?;
+            staged.len()
+        };
+        tx.commit().map_err(fail)?;
+        self.head = head;
+        Ok(moved)
+    }
+
+    /// [`Self::flush_outbox`] where nobody waits for the answer: a failure is logged, and the
+    /// events stay in the outbox for the next try.
+    fn flush_or_log(&mut self) {
+        if let Err(e) = self.flush_outbox() {
+            log_unflushed(&e);
+        }
+    }
+
     fn checkpoint_now(&mut self) -> StoreResult<Option<Checkpoint>> {
         let fail = |e: rusqlite::Error| StoreError::Unavailable(e.to_string());
         if self.head.seq > self.head.checkpointed
@@ -443,6 +506,21 @@ fn insert_checkpoint(
         checkpoint.sig
     ])?;
     Ok(Some(checkpoint))
+}
+
+/// Signs a checkpoint in `tx` once [`CHECKPOINT_EVERY_EVENTS`] events passed since the last.
+fn checkpoint_if_due(
+    tx: &rusqlite::Transaction<'_>,
+    signer: Option<&CheckpointSigner>,
+    head: &mut ChainHead,
+) -> rusqlite::Result<()> {
+    if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
+        && let Some(signer) = signer
+        && insert_checkpoint(tx, signer, head)?.is_some()
+    {
+        head.checkpointed = head.seq;
+    }
+    Ok(())
 }
 
 fn latest_checkpoint(conn: &rusqlite::Connection) -> rusqlite::Result<Option<Checkpoint>> {
@@ -554,12 +632,7 @@ fn record_batch(
             let Joined { used, verdict, .. } = &mut joined[index];
             *verdict = statements.record_use(&used.request, replay, &mut consumed, &mut spent)?;
             statements.append_event(used, *verdict, &mut head)?;
-            if head.seq - head.checkpointed >= CHECKPOINT_EVERY_EVENTS
-                && let Some(signer) = signer
-                && insert_checkpoint(&tx, signer, &head)?.is_some()
-            {
-                head.checkpointed = head.seq;
-            }
+            checkpoint_if_due(&tx, signer, &mut head)?;
             index += 1;
             match arrivals.next(joined.len()) {
                 Some((used, reply)) => joined.push(Joined {
@@ -764,7 +837,7 @@ impl SqliteStore {
         let checkpointer = Checkpointer::start(path).map_err(sqlite_error)?;
         let wal = WalBound::attach(&conn, path, restart_at, &checkpointer).map_err(sqlite_error)?;
         let signer = Arc::new(SignerSlot::default());
-        let chain_writer = Writer {
+        let mut chain_writer = Writer {
             conn,
             head,
             replay,
@@ -772,6 +845,9 @@ impl SqliteStore {
             signer: signer.clone(),
             wal,
         };
+        // Events whose change committed but whose move into the chain did not (the process
+        // died in between) join the chain now.
+        chain_writer.flush_or_log();
         std::thread::Builder::new()
             .name("leash-writer".into())
             .spawn(move || writer_thread(chain_writer, jobs))
@@ -786,6 +862,42 @@ impl SqliteStore {
             vault: Arc::new(Memo::new()),
             revoked: Arc::new(RwLock::new(revoked)),
         })
+    }
+}
+
+impl SqliteStore {
+    async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.writer.begin().await.map_err(unavailable)
+    }
+
+    /// Ends a management change: stores its event in the change's transaction when the change
+    /// took effect, commits, and has the writer move the event into the chain.
+    async fn commit_change(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        event: Option<&AuditEvent>,
+    ) -> StoreResult<()> {
+        if let Some(event) = event {
+            q::stage_event(&mut *tx, event).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        if event.is_some() {
+            self.flush_outbox().await;
+        }
+        Ok(())
+    }
+
+    /// Asks the writer to move the outbox's events into the chain. A failure leaves them there
+    /// for the next flush (see `Store`), so it is logged, not returned.
+    async fn flush_outbox(&self) {
+        let (reply, answer) = oneshot::channel();
+        let moved = match self.uses.send_async(WriteJob::Flush(reply)).await {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(stopped())),
+            Err(_) => Err(stopped()),
+        };
+        if let Err(e) = moved {
+            log_unflushed(&e);
+        }
     }
 }
 
@@ -811,8 +923,15 @@ impl Store for SqliteStore {
             .ok_or_else(|| StoreError::Corrupt(format!("setting {name} vanished")))
     }
 
-    async fn create_user(&self, user: &User, key: &SecretDigest) -> StoreResult<()> {
-        q::create_user(&self.writer, user, key).await
+    async fn create_user(
+        &self,
+        user: &User,
+        key: &SecretDigest,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        q::create_user(&mut *tx, user, key).await?;
+        self.commit_change(tx, Some(event)).await
     }
 
     async fn user_by_key(&self, key: &SecretDigest) -> StoreResult<Option<User>> {
@@ -823,8 +942,10 @@ impl Store for SqliteStore {
         q::list_users(&self.reader).await
     }
 
-    async fn create_agent(&self, agent: &Agent) -> StoreResult<()> {
-        q::create_agent(&self.writer, agent).await
+    async fn create_agent(&self, agent: &Agent, event: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        q::create_agent(&mut *tx, agent).await?;
+        self.commit_change(tx, Some(event)).await
     }
 
     async fn agent(&self, id: &str) -> StoreResult<Option<Agent>> {
@@ -835,17 +956,24 @@ impl Store for SqliteStore {
         q::list_agents(&self.reader).await
     }
 
-    async fn disable_agent(&self, id: &str, now: i64) -> StoreResult<bool> {
-        let mut tx = self.writer.begin().await.map_err(unavailable)?;
+    async fn disable_agent(&self, id: &str, now: i64, event: &AuditEvent) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
         let found = q::disable_agent_row(&mut *tx, id).await?;
         q::revoke_agent_grants(&mut *tx, id, now).await?;
-        tx.commit().await.map_err(unavailable)?;
+        let committed = self.commit_change(tx, found.then_some(event)).await;
         self.grants.invalidate_all();
-        Ok(found)
+        committed.map(|()| found)
     }
 
-    async fn create_grant(&self, grant: &Grant, handle: &SecretDigest) -> StoreResult<()> {
-        q::create_grant(&self.writer, grant, handle).await
+    async fn create_grant(
+        &self,
+        grant: &Grant,
+        handle: &SecretDigest,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        q::create_grant(&mut *tx, grant, handle).await?;
+        self.commit_change(tx, Some(event)).await
     }
 
     async fn grant(&self, id: &str) -> StoreResult<Option<Grant>> {
@@ -866,8 +994,16 @@ impl Store for SqliteStore {
         end: GrantEnd,
         reason: Option<&str>,
         now: i64,
+        event: &AuditEvent,
     ) -> StoreResult<Option<Grant>> {
-        let ended = q::end_grant(&self.writer, id, end, reason, now).await;
+        let ended = async {
+            let mut tx = self.begin().await?;
+            let ended = q::end_grant(&mut *tx, id, end, reason, now).await?;
+            self.commit_change(tx, ended.is_some().then_some(event))
+                .await
+                .map(|()| ended)
+        }
+        .await;
         self.grants.invalidate(id);
         ended
     }
@@ -946,15 +1082,22 @@ impl Store for SqliteStore {
         approve: bool,
         approver: &str,
         now: i64,
+        event: &AuditEvent,
     ) -> StoreResult<Option<Approval>> {
-        q::decide_approval(&self.writer, id, approve, approver, now).await
+        let mut tx = self.begin().await?;
+        let decided = q::decide_approval(&mut *tx, id, approve, approver, now).await?;
+        self.commit_change(tx, decided.is_some().then_some(event))
+            .await
+            .map(|()| decided)
     }
 
-    async fn put_credential(&self, entry: &VaultEntry) -> StoreResult<()> {
-        q::put_credential(&self.writer, entry).await?;
+    async fn put_credential(&self, entry: &VaultEntry, event: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        q::put_credential(&mut *tx, entry).await?;
+        let committed = self.commit_change(tx, Some(event)).await;
         self.vault
             .invalidate(&vault_key(&entry.subject, &entry.upstream));
-        Ok(())
+        committed
     }
 
     async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>> {
@@ -972,19 +1115,39 @@ impl Store for SqliteStore {
         q::list_credentials(&self.reader, subject).await
     }
 
-    async fn delete_credential(&self, subject: &str, upstream: &str) -> StoreResult<bool> {
-        let deleted = q::delete_credential(&self.writer, subject, upstream).await;
+    async fn delete_credential(
+        &self,
+        subject: &str,
+        upstream: &str,
+        event: &AuditEvent,
+    ) -> StoreResult<bool> {
+        let deleted = async {
+            let mut tx = self.begin().await?;
+            let deleted = q::delete_credential(&mut *tx, subject, upstream).await?;
+            self.commit_change(tx, deleted.then_some(event))
+                .await
+                .map(|()| deleted)
+        }
+        .await;
         self.vault.invalidate(&vault_key(subject, upstream));
         deleted
     }
 
-    async fn revoke_token(&self, jti: &str, grant_id: &str, expires_at: i64) -> StoreResult<()> {
+    async fn revoke_token(
+        &self,
+        jti: &str,
+        grant_id: &str,
+        expires_at: i64,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
         // In memory first: if the write fails the token is refused here anyway (fail closed).
         self.revoked
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(jti.to_owned(), expires_at);
-        q::revoke_token(&self.writer, jti, grant_id, expires_at).await
+        let mut tx = self.begin().await?;
+        q::revoke_token(&mut *tx, jti, grant_id, expires_at).await?;
+        self.commit_change(tx, Some(event)).await
     }
 
     async fn is_token_revoked(&self, jti: &str) -> StoreResult<bool> {

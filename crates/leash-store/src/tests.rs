@@ -62,7 +62,7 @@ impl Fixture {
             Some(database) => {
                 database
                     .execute(if on {
-                        "CREATE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
+                        "CREATE OR REPLACE FUNCTION sabotage() RETURNS trigger LANGUAGE plpgsql AS \
                          $$ BEGIN RAISE EXCEPTION 'disk on fire'; END $$; \
                          CREATE TRIGGER sabotage BEFORE INSERT ON audit_events \
                          FOR EACH ROW EXECUTE FUNCTION sabotage();"
@@ -212,7 +212,11 @@ async fn with_grant(store: &dyn Store, max_requests: Option<i64>) -> Grant {
         created_at: 1,
     };
     store
-        .create_user(&user, &SecretDigest::from_stored("d1".into()))
+        .create_user(
+            &user,
+            &SecretDigest::from_stored("d1".into()),
+            &ev("user.created"),
+        )
         .await
         .unwrap();
     let agent = Agent {
@@ -222,7 +226,10 @@ async fn with_grant(store: &dyn Store, max_requests: Option<i64>) -> Grant {
         disabled: false,
         created_at: 1,
     };
-    store.create_agent(&agent).await.unwrap();
+    store
+        .create_agent(&agent, &ev("agent.registered"))
+        .await
+        .unwrap();
     let grant = Grant {
         id: "grt_1".into(),
         subject: user.id,
@@ -239,7 +246,11 @@ async fn with_grant(store: &dyn Store, max_requests: Option<i64>) -> Grant {
         status: GrantStatus::Active,
     };
     store
-        .create_grant(&grant, &SecretDigest::from_stored("h1".into()))
+        .create_grant(
+            &grant,
+            &SecretDigest::from_stored("h1".into()),
+            &ev("grant.created"),
+        )
         .await
         .unwrap();
     grant
@@ -251,7 +262,11 @@ async fn with_grant_named(store: &dyn Store, id: &str, handle: &str) -> Grant {
     grant.id = id.into();
     grant.status = GrantStatus::Active;
     store
-        .create_grant(&grant, &SecretDigest::from_stored(handle.into()))
+        .create_grant(
+            &grant,
+            &SecretDigest::from_stored(handle.into()),
+            &ev("grant.created"),
+        )
         .await
         .unwrap();
     grant
@@ -286,7 +301,7 @@ both_backends! {
             .is_none());
         assert!(matches!(
             store
-                .create_grant(&grant, &SecretDigest::from_stored("h3".into()))
+                .create_grant(&grant, &SecretDigest::from_stored("h3".into()), &ev("grant.created"))
                 .await,
             Err(StoreError::Conflict)
         ));
@@ -318,9 +333,9 @@ both_backends! {
         let store = fx.open().await;
         let grant = with_grant(store.as_ref(), None).await;
         assert!(store.live_grant(&grant.id).await.unwrap().unwrap().is_live(10));
-        store.end_grant(&grant.id, GrantEnd::Revoked, None, 11).await.unwrap().unwrap();
+        store.end_grant(&grant.id, GrantEnd::Revoked, None, 11, &ev("grant.ended")).await.unwrap().unwrap();
         // A second end finds it no longer active.
-        assert!(store.end_grant(&grant.id, GrantEnd::Completed, None, 12).await.unwrap().is_none());
+        assert!(store.end_grant(&grant.id, GrantEnd::Completed, None, 12, &ev("grant.ended")).await.unwrap().is_none());
         let cached = store.live_grant(&grant.id).await.unwrap().unwrap();
         assert_eq!(cached.status, GrantStatus::Revoked);
         assert_eq!(
@@ -335,7 +350,7 @@ both_backends! {
         let store = fx.open().await;
         let grant = with_grant(store.as_ref(), None).await;
         assert!(store.live_grant(&grant.id).await.unwrap().unwrap().is_live(10));
-        assert!(store.disable_agent(&grant.agent, 11).await.unwrap());
+        assert!(store.disable_agent(&grant.agent, 11, &ev("agent.disabled")).await.unwrap());
         let cached = store.live_grant(&grant.id).await.unwrap().unwrap();
         assert_eq!(cached.status, GrantStatus::Revoked);
         assert!(store.agent(&grant.agent).await.unwrap().unwrap().disabled);
@@ -383,7 +398,7 @@ both_backends! {
     async fn revoked_tokens_are_known_after_reopening(fx) {
         let store = fx.open().await;
         let grant = with_grant(store.as_ref(), None).await;
-        store.revoke_token("tok_1", &grant.id, 100).await.unwrap();
+        store.revoke_token("tok_1", &grant.id, 100, &ev("token.revoked")).await.unwrap();
         assert!(store.is_token_revoked("tok_1").await.unwrap());
         drop(store);
         let store = fx.open().await;
@@ -409,14 +424,14 @@ both_backends! {
             created_at: 1,
         };
         assert_eq!(store.credential(&grant.subject, "mail").await.unwrap(), None);
-        store.put_credential(&entry(b"one")).await.unwrap();
+        store.put_credential(&entry(b"one"), &ev("credential.stored")).await.unwrap();
         let read = store.credential(&grant.subject, "mail").await.unwrap();
         assert_eq!(read.unwrap().sealed, b"one");
-        store.put_credential(&entry(b"two")).await.unwrap();
+        store.put_credential(&entry(b"two"), &ev("credential.stored")).await.unwrap();
         let read = store.credential(&grant.subject, "mail").await.unwrap();
         assert_eq!(read.unwrap().sealed, b"two");
         assert_eq!(store.list_credentials(&grant.subject).await.unwrap().len(), 1);
-        assert!(store.delete_credential(&grant.subject, "mail").await.unwrap());
+        assert!(store.delete_credential(&grant.subject, "mail", &ev("credential.deleted")).await.unwrap());
         assert_eq!(store.credential(&grant.subject, "mail").await.unwrap(), None);
     }
 }
@@ -447,9 +462,9 @@ both_backends! {
         let store = fx.open().await;
         let grant = with_grant(store.as_ref(), None).await;
         store.create_approval(&approval_of(&grant, "apr_1")).await.unwrap();
-        let decided = store.decide_approval("apr_1", true, "usr_1", 6).await.unwrap().unwrap();
+        let decided = store.decide_approval("apr_1", true, "usr_1", 6, &ev("approval.decided")).await.unwrap().unwrap();
         assert_eq!((decided.status, decided.approver.as_deref()), (ApprovalStatus::Approved, Some("usr_1")));
-        assert!(store.decide_approval("apr_1", false, "usr_1", 7).await.unwrap().is_none());
+        assert!(store.decide_approval("apr_1", false, "usr_1", 7, &ev("approval.decided")).await.unwrap().is_none());
         let spend = |key: &str| RequestUse {
             approval: Some("apr_1".into()),
             ..use_of(&grant, key, 10)
@@ -471,6 +486,29 @@ fn event(n: u64) -> leash_core::audit::AuditEvent {
     event.subject = Some(format!("usr_{}", n % 2));
     event.decision = Some(Outcome::Allow);
     event
+}
+
+/// A management change's event (the store records it with the change).
+fn ev(kind: &str) -> leash_core::audit::AuditEvent {
+    leash_core::audit::AuditEvent::new(kind, leash_core::audit::Mode::System, 1_800_000_000)
+}
+
+/// The kinds of the chain's events, in order.
+async fn kinds(store: &dyn Store) -> Vec<String> {
+    let query = AuditQuery {
+        limit: u32::MAX,
+        ..AuditQuery::default()
+    };
+    store
+        .audit_lines(&query)
+        .await
+        .unwrap()
+        .iter()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).unwrap();
+            event["kind"].as_str().unwrap().to_owned()
+        })
+        .collect()
 }
 
 fn test_key() -> leash_core::token::SigningKey {
@@ -589,8 +627,9 @@ both_backends! {
         let mut replay = use_of(&grant, "a", 10);
         replay.audit = Some(event(2));
         assert_eq!(store.record_use(replay).await.unwrap(), UseVerdict::Replayed(0));
+        // After the user's, agent's and grant's events.
         let lines = store
-            .audit_lines(&AuditQuery { limit: 10, ..AuditQuery::default() })
+            .audit_lines(&AuditQuery { since_seq: 3, limit: 10, ..AuditQuery::default() })
             .await
             .unwrap();
         assert_eq!(lines.len(), 2);
@@ -617,7 +656,60 @@ both_backends! {
         let mut retry = use_of(&grant, "b", 10);
         retry.audit = Some(event(3));
         assert_eq!(store.record_use(retry).await.unwrap(), UseVerdict::Recorded);
-        assert_eq!(verify_stored(store.as_ref()).await, 2);
+        // The user's, agent's and grant's events, then the two appended here.
+        assert_eq!(verify_stored(store.as_ref()).await, 5);
+    }
+}
+
+both_backends! {
+    async fn a_change_is_chained_with_its_event_only_when_it_takes_effect(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        assert_eq!(kinds(store.as_ref()).await, ["user.created", "agent.registered", "grant.created"]);
+        let (revoked, again) = (ev("grant.revoked"), ev("grant.revoked.again"));
+        assert!(store.end_grant(&grant.id, GrantEnd::Revoked, None, 11, &revoked).await.unwrap().is_some());
+        // Not active any more: no change, so no event.
+        assert!(store.end_grant(&grant.id, GrantEnd::Revoked, None, 11, &again).await.unwrap().is_none());
+        let deleted = ev("credential.deleted");
+        assert!(!store.delete_credential(&grant.subject, "mail", &deleted).await.unwrap());
+        assert!(!store.disable_agent("agt_nobody", 12, &ev("agent.disabled")).await.unwrap());
+        assert_eq!(
+            kinds(store.as_ref()).await,
+            ["user.created", "agent.registered", "grant.created", "grant.revoked"]
+        );
+        // A change that fails stores no event either.
+        let (handle, created) = (SecretDigest::from_stored("h9".into()), ev("grant.created.again"));
+        assert!(matches!(store.create_grant(&grant, &handle, &created).await, Err(StoreError::Conflict)));
+        assert_eq!(verify_stored(store.as_ref()).await, 4);
+    }
+}
+
+both_backends! {
+    /// A change whose event cannot join the chain right away (a full or broken disk, the
+    /// process killed in between) is kept with its event, which joins the chain at the next
+    /// checkpoint or start; the change is never stored without it.
+    async fn a_change_keeps_its_event_until_the_chain_takes_it(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        fx.sabotage_audit(true).await;
+        let completed = ev("grant.completed");
+        let ended = store.end_grant(&grant.id, GrantEnd::Completed, None, 11, &completed).await;
+        assert!(ended.unwrap().is_some(), "the change and its event are both stored");
+        assert_eq!(kinds(store.as_ref()).await.len(), 3, "not in the chain yet");
+        fx.sabotage_audit(false).await;
+        store.checkpoint_now().await.unwrap();
+        assert_eq!(kinds(store.as_ref()).await.last().map(String::as_str), Some("grant.completed"));
+
+        fx.sabotage_audit(true).await;
+        store.revoke_token("tok_1", &grant.id, 100, &ev("token.revoked")).await.unwrap();
+        drop(store);
+        fx.sabotage_audit(false).await;
+        let store = fx.open().await;
+        assert_eq!(kinds(store.as_ref()).await.last().map(String::as_str), Some("token.revoked"));
+        assert_eq!(verify_stored(store.as_ref()).await, 5);
+        // Each event joined the chain once.
+        store.checkpoint_now().await.unwrap();
+        assert_eq!(verify_stored(store.as_ref()).await, 5);
     }
 }
 
@@ -646,7 +738,7 @@ async fn cluster_a_value_or_approval_used_on_one_node_is_refused_on_the_other() 
     b.create_approval(&approval_of(&grant, "apr_1"))
         .await
         .unwrap();
-    a.decide_approval("apr_1", true, "usr_1", 6)
+    a.decide_approval("apr_1", true, "usr_1", 6, &ev("approval.decided"))
         .await
         .unwrap()
         .unwrap();
@@ -698,7 +790,9 @@ async fn cluster_an_end_or_revocation_on_one_node_reaches_the_others_memory() {
         expires_at: None,
         created_at: 1,
     };
-    a.put_credential(&entry).await.unwrap();
+    a.put_credential(&entry, &ev("credential.stored"))
+        .await
+        .unwrap();
     assert!(
         b.credential(&grant.subject, "mail")
             .await
@@ -707,13 +801,17 @@ async fn cluster_an_end_or_revocation_on_one_node_reaches_the_others_memory() {
     );
 
     let limit = Duration::from_secs(1);
-    a.revoke_token("tok_1", &grant.id, 100).await.unwrap();
+    a.revoke_token("tok_1", &grant.id, 100, &ev("token.revoked"))
+        .await
+        .unwrap();
     let took = within(limit, async || b.is_token_revoked("tok_1").await.unwrap()).await;
     assert!(
         took.is_some(),
         "a token revoked on A is still good on B after 1 s"
     );
-    a.delete_credential(&grant.subject, "mail").await.unwrap();
+    a.delete_credential(&grant.subject, "mail", &ev("credential.deleted"))
+        .await
+        .unwrap();
     let took = within(limit, async || {
         b.credential(&grant.subject, "mail")
             .await
@@ -725,7 +823,7 @@ async fn cluster_an_end_or_revocation_on_one_node_reaches_the_others_memory() {
         took.is_some(),
         "a deleted credential is still injected by B after 1 s"
     );
-    a.end_grant(&grant.id, GrantEnd::Revoked, None, 11)
+    a.end_grant(&grant.id, GrantEnd::Revoked, None, 11, &ev("grant.ended"))
         .await
         .unwrap()
         .unwrap();
@@ -741,7 +839,11 @@ async fn cluster_an_end_or_revocation_on_one_node_reaches_the_others_memory() {
     // An agent disabled on A takes its grants down in B's memory too.
     let second = with_grant_named(a.as_ref(), "grt_2", "h2").await;
     assert!(b.live_grant(&second.id).await.unwrap().unwrap().is_live(12));
-    assert!(a.disable_agent(&second.agent, 12).await.unwrap());
+    assert!(
+        a.disable_agent(&second.agent, 12, &ev("agent.disabled"))
+            .await
+            .unwrap()
+    );
     let took = within(limit, async || {
         b.live_grant(&second.id).await.unwrap().unwrap().status == GrantStatus::Revoked
     })

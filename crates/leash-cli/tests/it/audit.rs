@@ -507,6 +507,43 @@ async fn a_failing_audit_write_answers_503_and_forwards_nothing() {
     verify_database(&gw.leash);
 }
 
+/// A management change and its event are stored in one transaction: while the chain cannot be
+/// written, a revocation still takes effect (it is not a 503 with the change made anyway), and
+/// its event joins the chain, before the next change's, once it can.
+#[tokio::test]
+async fn a_revocation_while_the_chain_cannot_be_written_stands_and_is_chained_later() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    gw.leash.fail_inserts("audit_events", true).await;
+    let revoke = format!("/v1/grants/{}/revoke", gw.s.grant_id());
+    let (status, body) = gw
+        .leash
+        .call(Method::POST, &revoke, &gw.s.user_key, None)
+        .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("revoked")),
+        "{body}"
+    );
+    gw.refused(Method::GET, "/gw/mail/messages/1", 401, "invalid_token")
+        .await;
+    let (_, events) = audit(&gw.leash, ADMIN_KEY, "").await;
+    assert!(!events.iter().any(|e| e["kind"] == "grant.revoked"));
+    gw.leash.fail_inserts("audit_events", false).await;
+    let (bob, _) = gw.leash.create_user("bob").await;
+    let (_, events) = audit(&gw.leash, ADMIN_KEY, "").await;
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
+    let revoked = kinds.iter().position(|k| *k == "grant.revoked");
+    let created = events
+        .iter()
+        .position(|e| e["kind"] == "user.created" && e["subject"] == bob.as_str());
+    assert!(
+        revoked.is_some() && revoked < created,
+        "the revocation's event, then bob's: {kinds:?}"
+    );
+    assert_eq!(kinds.iter().filter(|k| **k == "grant.revoked").count(), 1);
+    verify_database(&gw.leash);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_under_load_every_forwarded_request_is_in_a_chain_that_verifies() {
     let mut gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
