@@ -630,7 +630,7 @@ async fn forward(
     )
     .await
     .map_err(|_| {
-        tracing::warn!(upstream = %upstream.name, "upstream did not answer in time");
+        tracing::warn!(request_id = %request_id, upstream = %upstream.name, "upstream did not answer in time");
         ApiError::GatewayTimeout(format!(
             "upstream {} did not answer within {} s",
             upstream.name,
@@ -641,7 +641,7 @@ async fn forward(
         if body_over_limit(&e) {
             return ApiError::TooLarge(limits.gateway_body_bytes);
         }
-        tracing::warn!(upstream = %upstream.name, error = %e, "upstream unreachable");
+        tracing::warn!(request_id = %request_id, upstream = %upstream.name, error = %e, "upstream unreachable");
         ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))
     })?;
     let (upstream_parts, upstream_body) = response.into_parts();

@@ -428,5 +428,20 @@ async fn an_upstream_that_never_answers_is_a_504_after_the_timeout() {
         (504, Some("gateway_timeout")),
         "{body}"
     );
+    // The warning names the request, as its audit event does.
+    let (_, events) = super::audit::audit(&gw.leash, leash_testkit::ADMIN_KEY, "").await;
+    let request_id = events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "gateway.request")
+        .and_then(|e| e["request_id"].as_str())
+        .expect("the request's event")
+        .to_owned();
+    let logs = gw.leash.logs();
+    let warning = logs
+        .lines()
+        .find(|line| line.contains("did not answer in time"))
+        .unwrap_or_else(|| panic!("no warning in {logs}"));
+    assert!(warning.contains(&request_id), "{warning}");
     held.abort();
 }
