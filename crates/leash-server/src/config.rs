@@ -235,7 +235,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request body forwarded through the gateway; larger → 413.
     pub gateway_body_bytes: usize,
-    /// Time an upstream has to start its answer once a request is forwarded; longer → 504.
+    /// Time an upstream has to start its answer once a request is forwarded (longer → 504), and
+    /// then between two parts of it (longer → the answer is cut off).
     pub upstream_timeout: std::time::Duration,
     /// Token requests per authenticated agent.
     pub token_rate: Option<Rate>,

@@ -9,12 +9,14 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt as _;
 use leash_core::audit::{Mode as AuditMode, Outcome};
 use leash_core::dpop::ReplayKey;
 use leash_core::route::safe_segments;
 use leash_core::secret::random_id;
 use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
 use leash_store::{Approval, ApprovalStatus, RequestUse};
+use tower_http::timeout::TimeoutBody;
 
 use crate::audit::Trail;
 use crate::config::{Risk, Upstream};
@@ -647,6 +649,15 @@ async fn forward(
     let (upstream_parts, upstream_body) = response.into_parts();
     let status = upstream_parts.status;
     let listed = connection_listed(&upstream_parts.headers);
+    // Between two parts of its answer the upstream has as long as it had to start it (nginx's
+    // `proxy_read_timeout`): a stalled answer is cut off instead of holding the agent's
+    // connection, and the upstream's, for as long as the upstream does.
+    let stalled = request_id.to_owned();
+    let upstream_body =
+        TimeoutBody::new(limits.upstream_timeout, upstream_body).map_err(move |e| {
+            tracing::warn!(request_id = %stalled, error = %e, "upstream answer cut off");
+            e
+        });
     let mut relayed = Response::new(Body::new(upstream_body));
     *relayed.status_mut() = status;
     let kept = relayed.headers_mut();

@@ -64,6 +64,16 @@ impl Gw {
         target: &str,
         headers: &[(&str, &str)],
     ) -> (u16, reqwest::header::HeaderMap, Value) {
+        read(self.send(method, target, headers).await).await
+    }
+
+    /// The agent's request as sent, with its response unread.
+    pub async fn send(
+        &self,
+        method: Method,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
         let url = format!("{}{target}", self.leash.url);
         let proof = self
             .dpop
@@ -77,7 +87,7 @@ impl Gw {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        read(request.send().await.unwrap()).await
+        request.send().await.unwrap()
     }
 
     pub async fn refused(&self, method: Method, target: &str, status: u16, code: &str) -> Value {

@@ -445,3 +445,52 @@ async fn an_upstream_that_never_answers_is_a_504_after_the_timeout() {
     assert!(warning.contains(&request_id), "{warning}");
     held.abort();
 }
+
+/// An upstream that starts its answer and then stalls: the answer is cut off once
+/// `upstream_timeout` passes without a part of it, instead of holding the agent's connection as
+/// long as the upstream does; what came before reaches the agent.
+#[tokio::test]
+async fn an_answer_that_stalls_midway_is_cut_off_after_the_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", stalling.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((mut connection, _)) = stalling.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = connection.read(&mut head).await;
+            let _ = connection
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+                      Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                )
+                .await;
+            connections.push(connection);
+        }
+    });
+    let gw = setup_with(
+        "[limits]\nupstream_timeout = 1\n",
+        grant(&["mail:read"], &["mail"], json!({})),
+        Some(&url),
+    )
+    .await;
+    let mut response = gw.send(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(response.status(), 200);
+    let mut received = Vec::new();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        loop {
+            match response.chunk().await {
+                Ok(Some(part)) => received.extend_from_slice(&part),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the stalled answer was held past the timeout");
+    assert!(ended.is_err(), "a cut-off answer must not read as complete");
+    assert_eq!(received, b"hello");
+    let logs = gw.leash.logs();
+    assert!(logs.contains("upstream answer cut off"), "{logs}");
+    held.abort();
+}
