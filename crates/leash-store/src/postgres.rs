@@ -201,7 +201,7 @@ async fn flush_outbox(pool: &PgPool, signer: Option<&CheckpointSigner>) -> Store
         .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
-    let mut last = None;
+    let mut moved = Vec::with_capacity(staged.len());
     let mut rows = AuditRows::default();
     for row in &staged {
         let id = row.int("id")?;
@@ -221,20 +221,22 @@ async fn flush_outbox(pool: &PgPool, signer: Option<&CheckpointSigner>) -> Store
         head.hash.clone_from(&event.hash);
         rows.push(seq, event, at, line);
         checkpoint_if_due(&mut tx, signer, &mut head, &mut rows).await?;
-        last = Some(id);
+        moved.push(id);
     }
-    let Some(last) = last else {
+    if moved.is_empty() {
         return Ok(0);
-    };
+    }
     rows.insert(&mut tx).await?;
-    sqlx::query("DELETE FROM audit_outbox WHERE id <= $1")
-        .bind(last)
+    // Exactly the rows read: another node's change may commit a lower id after this read (ids
+    // are handed out before commit), and a range delete would drop its event unchained.
+    sqlx::query("DELETE FROM audit_outbox WHERE id = ANY($1::BIGINT[])")
+        .bind(&moved)
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
     save_head(&mut tx, &head).await?;
     tx.commit().await.map_err(unavailable)?;
-    Ok(staged.len())
+    Ok(moved.len())
 }
 
 /// Signs a checkpoint in `tx` once [`CHECKPOINT_EVERY_EVENTS`] events passed since the last,

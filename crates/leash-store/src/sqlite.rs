@@ -435,10 +435,15 @@ impl Writer {
                 .map_err(fail)?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(fail)?;
-            let Some(&(last, _)) = staged.last() else {
+            if staged.is_empty() {
                 return Ok(0);
-            };
+            }
             let mut statements = UseStatements::prepare(&tx).map_err(fail)?;
+            // Exactly the rows read (as on PostgreSQL, where a range would be wrong; here the
+            // write lock held since the read makes either right).
+            let mut taken = tx
+                .prepare_cached("DELETE FROM audit_outbox WHERE id = ?1")
+                .map_err(fail)?;
             for (id, text) in &staged {
                 let mut used = Prepared {
                     request: RequestUse {
@@ -451,11 +456,8 @@ impl Writer {
                     .append_event(&mut used, UseVerdict::Recorded, &mut head)
                     .map_err(fail)?;
                 checkpoint_if_due(&tx, self.signer.0.get(), &mut head).map_err(fail)?;
+                taken.execute([id]).map_err(fail)?;
             }
-            tx.prepare_cached("DELETE FROM audit_outbox WHERE id <= ?1")
-                .map_err(fail)?
-                .execute([last])
-                .map_err(fail)?;
             staged.len()
         };
         tx.commit().map_err(fail)?;

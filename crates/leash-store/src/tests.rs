@@ -876,6 +876,65 @@ async fn cluster_appends_from_two_nodes_form_one_chain() {
     }
 }
 
+/// Management changes on two nodes, among request uses: every change's event joins the one
+/// chain exactly once, and an event one node could not chain is chained by the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_changes_on_two_nodes_are_chained_once_each() {
+    let fx = Fixture::postgres().await;
+    let nodes = [fx.open().await, fx.open().await];
+    let grant = with_grant(nodes[0].as_ref(), None).await;
+    let tasks: Vec<_> = (0..160u64)
+        .map(|n| {
+            let node = nodes[(n % 2) as usize].clone();
+            let grant_id = grant.id.clone();
+            tokio::spawn(async move {
+                if n % 4 < 2 {
+                    let event = ev("token.revoked");
+                    node.revoke_token(&format!("tok_{n}"), &grant_id, 100, &event)
+                        .await
+                } else {
+                    node.append_audit(event(n)).await
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    fx.sabotage_audit(true).await;
+    let left = ev("credential.deleted");
+    let stored = VaultEntry {
+        subject: grant.subject.clone(),
+        upstream: "mail".into(),
+        kind: "bearer".into(),
+        header_name: None,
+        sealed: b"x".to_vec(),
+        expires_at: None,
+        created_at: 1,
+    };
+    nodes[0]
+        .put_credential(&stored, &ev("credential.stored"))
+        .await
+        .unwrap();
+    assert!(
+        nodes[0]
+            .delete_credential(&grant.subject, "mail", &left)
+            .await
+            .unwrap()
+    );
+    fx.sabotage_audit(false).await;
+    nodes[1].checkpoint_now().await.unwrap();
+    let chained = kinds(nodes[0].as_ref()).await;
+    let count = |kind: &str| chained.iter().filter(|k| *k == kind).count();
+    assert_eq!(count("token.revoked"), 80);
+    assert_eq!(count("gateway.request"), 80);
+    assert_eq!(
+        chained[chained.len() - 2..],
+        ["credential.stored", "credential.deleted"]
+    );
+    assert_eq!(verify_stored(nodes[1].as_ref()).await, 3 + 160 + 2);
+}
+
 #[test]
 fn a_database_password_is_never_shown() {
     assert_eq!(
