@@ -98,9 +98,17 @@ pub async fn list(
     let subject = caller.list_scope();
     let now = state.clock.now();
     let mut shown = Vec::new();
+    // One read per grant, not per approval: a task's approvals share its grant.
+    let mut purposes: std::collections::HashMap<String, Option<String>> =
+        std::collections::HashMap::new();
     for approval in state.store.list_approvals(subject).await? {
         if status.is_none_or(|s| approval.status_at(now) == s) {
-            shown.push(with_purpose(&state, &approval, now).await?);
+            if !purposes.contains_key(&approval.grant_id) {
+                let grant = state.store.grant(&approval.grant_id).await?;
+                purposes.insert(approval.grant_id.clone(), grant.map(|g| g.purpose));
+            }
+            let purpose = purposes.get(&approval.grant_id).and_then(Option::as_deref);
+            shown.push(ApprovalView::of(&approval, purpose, now));
         }
     }
     Ok(Json(ApprovalList { approvals: shown }))
