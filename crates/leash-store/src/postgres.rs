@@ -165,21 +165,13 @@ impl PgStore {
         self.pool.begin().await.map_err(unavailable)
     }
 
-    /// Ends a management change: stores its event in the change's transaction when the change
-    /// took effect, commits, and moves the event into the chain.
+    /// Ends a management change (see `queries::commit_change`).
     async fn commit_change(
         &self,
-        mut tx: Transaction<'static, Postgres>,
+        tx: Transaction<'static, Postgres>,
         event: Option<&AuditEvent>,
     ) -> StoreResult<()> {
-        if let Some(event) = event {
-            q::stage_event(&mut *tx, event).await?;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        if event.is_some() {
-            self.flush_outbox().await;
-        }
-        Ok(())
+        q::commit_change(tx, event, async || self.flush_outbox().await).await
     }
 
     /// Moves the outbox's events (of every node) into the chain. A failure leaves them there

@@ -500,19 +500,27 @@ macro_rules! shared_queries {
             Ok(())
         }
 
-        /// Writes a management change's audit event into the outbox, in the change's
-        /// transaction; the chain's appender moves it into the chain (see `Store`).
-        pub(crate) async fn stage_event<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
-            event: &leash_core::audit::AuditEvent,
+        /// Ends a management change: writes its audit event (when the change took effect)
+        /// into the outbox in the change's own transaction, commits, and then has `flush` move
+        /// it into the chain (see `Store`).
+        pub(crate) async fn commit_change(
+            mut tx: sqlx::Transaction<'static, $db>,
+            event: Option<&leash_core::audit::AuditEvent>,
+            flush: impl AsyncFnOnce(),
         ) -> StoreResult<()> {
-            let text = serde_json::to_string(event)
-                .map_err(|e| crate::StoreError::Unavailable(e.to_string()))?;
-            sqlx::query("INSERT INTO audit_outbox (event) VALUES ($1)")
-                .bind(text)
-                .execute(db)
-                .await
-                .map_err(unavailable)?;
+            if let Some(event) = event {
+                let text = serde_json::to_string(event)
+                    .map_err(|e| crate::StoreError::Unavailable(e.to_string()))?;
+                sqlx::query("INSERT INTO audit_outbox (event) VALUES ($1)")
+                    .bind(text)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            tx.commit().await.map_err(unavailable)?;
+            if event.is_some() {
+                flush().await;
+            }
             Ok(())
         }
 

@@ -872,21 +872,13 @@ impl SqliteStore {
         self.writer.begin().await.map_err(unavailable)
     }
 
-    /// Ends a management change: stores its event in the change's transaction when the change
-    /// took effect, commits, and has the writer move the event into the chain.
+    /// Ends a management change (see `queries::commit_change`).
     async fn commit_change(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        tx: sqlx::Transaction<'static, sqlx::Sqlite>,
         event: Option<&AuditEvent>,
     ) -> StoreResult<()> {
-        if let Some(event) = event {
-            q::stage_event(&mut *tx, event).await?;
-        }
-        tx.commit().await.map_err(unavailable)?;
-        if event.is_some() {
-            self.flush_outbox().await;
-        }
-        Ok(())
+        q::commit_change(tx, event, async || self.flush_outbox().await).await
     }
 
     /// Asks the writer to move the outbox's events into the chain. A failure leaves them there
