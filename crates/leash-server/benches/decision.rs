@@ -27,7 +27,7 @@ use leash_server::audit::Trail;
 use leash_server::gateway::decide;
 use leash_server::{AppState, Config, Flags};
 use leash_store::{Agent, User};
-use leash_testkit::{AGENT, UPSTREAMS, now};
+use leash_testkit::{AGENT, UNLIMITED, UPSTREAMS, now};
 
 const ISSUER: &str = "http://127.0.0.1:8470";
 const TARGET: &str = "/gw/mail/messages/42";
@@ -47,7 +47,8 @@ fn setup() -> Setup {
     let config_path = dir.path().join("leash.toml");
     std::fs::write(
         &config_path,
-        format!("policy_dir = {policies:?}\n{UPSTREAMS}"),
+        // No per-caller rate: the bench calls the decision far faster than an agent may.
+        format!("policy_dir = {policies:?}\n{UPSTREAMS}{UNLIMITED}"),
     )
     .expect("config");
     let flags = Flags {
