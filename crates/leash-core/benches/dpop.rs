@@ -30,6 +30,17 @@ fn bench(c: &mut Criterion) {
                     .expect("verifies")
             })
         });
+        if let leash_core::jwk::PublicJwk::Ed25519 { key, .. } = &public {
+            // What `bare_signature_verify` would cost with ed25519-dalek's own strict check
+            // (it also decompresses `R`; see `jwk::verify_ed25519_strict`).
+            let signature = ed25519_dalek::Signature::from_slice(&sig).expect("64 bytes");
+            group.bench_function("dalek_verify_strict", |b| {
+                b.iter(|| {
+                    key.verify_strict(black_box(input.as_bytes()), black_box(&signature))
+                        .expect("verifies")
+                })
+            });
+        }
         group.bench_function("full_proof_check", |b| {
             b.iter(|| {
                 let cx = ProofContext {

@@ -146,8 +146,7 @@ impl PublicJwk {
             Self::Ed25519 { key, .. } => {
                 let sig = ed25519_dalek::Signature::from_slice(signature)
                     .map_err(|_| JoseError::BadSignature)?;
-                key.verify_strict(input, &sig)
-                    .map_err(|_| JoseError::BadSignature)
+                verify_ed25519_strict(key, input, &sig).map_err(|_| JoseError::BadSignature)
             }
             Self::P256 { point, .. } => ring::signature::UnparsedPublicKey::new(
                 &ring::signature::ECDSA_P256_SHA256_FIXED,
@@ -157,6 +156,29 @@ impl PublicJwk {
             .map_err(|_| JoseError::BadSignature),
         }
     }
+}
+
+/// Exactly ed25519-dalek's `verify_strict` (canonical `S`, neither `A` nor `R` of small order,
+/// cofactorless equation), for about one field exponentiation less. `verify_strict` decompresses
+/// `R` to test its order and then compares the compressed recomputed point with `R`'s bytes, so
+/// it pays for a square root and an inversion. Here the cofactorless `verify` does the
+/// comparison, which already refuses any `R` that is not the canonical encoding of a point, and
+/// `R` is of small order exactly when its bytes are the canonical encoding of one of the eight
+/// torsion points, taken from curve25519-dalek's own constant. No crate offers this check
+/// without the decompression; the proof check runs it on every gateway request.
+fn verify_ed25519_strict(
+    key: &ed25519_dalek::VerifyingKey,
+    input: &[u8],
+    signature: &ed25519_dalek::Signature,
+) -> Result<(), ed25519_dalek::SignatureError> {
+    use ed25519_dalek::Verifier as _;
+    static SMALL_ORDER: std::sync::LazyLock<[[u8; 32]; 8]> = std::sync::LazyLock::new(|| {
+        curve25519_dalek::constants::EIGHT_TORSION.map(|point| point.compress().to_bytes())
+    });
+    if key.is_weak() || SMALL_ORDER.contains(signature.r_bytes()) {
+        return Err(ed25519_dalek::SignatureError::new());
+    }
+    key.verify(input, signature)
 }
 
 /// A bounded memo of decoded Ed25519 keys. Decoding (point decompression and the small-order
@@ -286,6 +308,77 @@ mod tests {
         identity[0] = 1;
         let jwk = serde_json::json!({"kty":"OKP","crv":"Ed25519","x": b64::encode(identity)});
         assert!(PublicJwk::from_value(&jwk).is_err());
+    }
+
+    fn ed25519_jwk(key: &ed25519_dalek::VerifyingKey) -> PublicJwk {
+        let jwk = serde_json::json!({"kty":"OKP","crv":"Ed25519","x": b64::encode(key.as_bytes())});
+        PublicJwk::from_value(&jwk).unwrap()
+    }
+
+    /// `R` = the identity (small order) with `S = k·a` satisfies the cofactorless equation:
+    /// `[S]B − [k]A` is the identity, `R`'s own point. ed25519-dalek's non-strict `verify`
+    /// accepts it; the strict check refuses it, as it refuses every other small-order `R`.
+    #[test]
+    fn a_signature_whose_r_is_of_small_order_is_refused() {
+        use ed25519_dalek::Verifier as _;
+        use sha2::Digest as _;
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let public = signing.verifying_key();
+        let jwk = ed25519_jwk(&public);
+        let message = b"header.claims";
+        let a = signing.to_scalar();
+        for (index, torsion) in curve25519_dalek::constants::EIGHT_TORSION
+            .iter()
+            .enumerate()
+        {
+            let r = torsion.compress().to_bytes();
+            let digest = sha2::Sha512::new()
+                .chain_update(r)
+                .chain_update(public.as_bytes())
+                .chain_update(message)
+                .finalize();
+            let k = curve25519_dalek::Scalar::from_bytes_mod_order_wide(&digest.into());
+            let mut bytes = [0u8; 64];
+            bytes[..32].copy_from_slice(&r);
+            bytes[32..].copy_from_slice((k * a).as_bytes());
+            let forged = ed25519_dalek::Signature::from_bytes(&bytes);
+            if index == 0 {
+                assert!(
+                    public.verify(message, &forged).is_ok(),
+                    "the forgery is cofactorless-valid"
+                );
+            }
+            assert!(public.verify_strict(message, &forged).is_err());
+            assert!(
+                jwk.verify(Alg::EdDsa, message, &bytes).is_err(),
+                "torsion point {index}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// The check agrees with ed25519-dalek's `verify_strict` on genuine signatures and on
+        /// every one-bit change of them.
+        #[test]
+        fn ed25519_check_agrees_with_verify_strict(
+            seed in proptest::array::uniform32(proptest::num::u8::ANY),
+            message in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            flip in proptest::option::of(0usize..512),
+        ) {
+            use ed25519_dalek::Signer as _;
+            let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+            let public = signing.verifying_key();
+            let mut bytes = signing.sign(&message).to_bytes();
+            if let Some(bit) = flip {
+                bytes[bit / 8] ^= 1 << (bit % 8);
+            }
+            let strict = public
+                .verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&bytes))
+                .is_ok();
+            let ours = ed25519_jwk(&public).verify(Alg::EdDsa, &message, &bytes).is_ok();
+            proptest::prop_assert_eq!(ours, strict);
+            proptest::prop_assert_eq!(ours, flip.is_none());
+        }
     }
 
     #[test]
