@@ -109,14 +109,20 @@ pub fn verify_proof(proof: &str, cx: &ProofContext<'_>) -> Result<VerifiedProof,
         return Err(invalid("htm does not match the request method"));
     }
     let htu = jws.str_claim("htu")?;
-    let mut htu = url::Url::parse(htu).map_err(|_| invalid("htu is not a URL"))?;
-    htu.set_query(None);
-    htu.set_fragment(None);
-    let mut expected = cx.url.clone();
-    expected.set_query(None);
-    expected.set_fragment(None);
-    if htu != expected {
-        return Err(invalid("htu does not match the request URL"));
+    // An `htu` spelled exactly as the request URL (without query or fragment) matches without
+    // being parsed; any other spelling is parsed and compared as a URL.
+    let spelled_alike =
+        cx.url.query().is_none() && cx.url.fragment().is_none() && htu == cx.url.as_str();
+    if !spelled_alike {
+        let mut htu = url::Url::parse(htu).map_err(|_| invalid("htu is not a URL"))?;
+        htu.set_query(None);
+        htu.set_fragment(None);
+        let mut expected = cx.url.clone();
+        expected.set_query(None);
+        expected.set_fragment(None);
+        if htu != expected {
+            return Err(invalid("htu does not match the request URL"));
+        }
     }
     let iat = jws
         .time_claim("iat")?
