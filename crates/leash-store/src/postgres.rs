@@ -165,13 +165,23 @@ impl PgStore {
         self.pool.begin().await.map_err(unavailable)
     }
 
-    /// Ends a management change (see `queries::commit_change`).
+    /// Ends a management change that nothing in memory holds (see `queries::commit_change`).
     async fn commit_change(
         &self,
         tx: Transaction<'static, Postgres>,
         event: Option<&AuditEvent>,
     ) -> StoreResult<()> {
-        q::commit_change(tx, event, async || self.flush_outbox().await).await
+        self.commit_change_then(tx, event, || ()).await
+    }
+
+    /// Ends a management change, running `committed` right after the commit.
+    async fn commit_change_then(
+        &self,
+        tx: Transaction<'static, Postgres>,
+        event: Option<&AuditEvent>,
+        committed: impl FnOnce() + Send,
+    ) -> StoreResult<()> {
+        q::commit_change(tx, event, committed, async || self.flush_outbox().await).await
     }
 
     /// Moves the outbox's events (of every node) into the chain. A failure leaves them there
@@ -795,9 +805,11 @@ impl Store for PgStore {
         let found = q::disable_agent_row(&mut *tx, id).await?;
         q::revoke_agent_grants(&mut *tx, id, now).await?;
         Change::AllGrants.send(&mut tx).await?;
-        let committed = self.commit_change(tx, found.then_some(event)).await;
-        self.memos.grants.invalidate_all();
-        committed.map(|()| found)
+        self.commit_change_then(tx, found.then_some(event), || {
+            self.memos.grants.invalidate_all();
+        })
+        .await
+        .map(|()| found)
     }
 
     async fn create_grant(
@@ -834,11 +846,11 @@ impl Store for PgStore {
         let mut tx = self.begin().await?;
         let ended = q::end_grant(&mut *tx, id, end, reason, now).await?;
         Change::Grant(id).send(&mut tx).await?;
-        let committed = self
-            .commit_change(tx, ended.is_some().then_some(event))
-            .await;
-        self.memos.grants.invalidate(id);
-        committed.map(|()| ended)
+        self.commit_change_then(tx, ended.is_some().then_some(event), || {
+            self.memos.grants.invalidate(id);
+        })
+        .await
+        .map(|()| ended)
     }
 
     async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
@@ -926,11 +938,12 @@ impl Store for PgStore {
         Change::Vault(&entry.subject, &entry.upstream)
             .send(&mut tx)
             .await?;
-        let committed = self.commit_change(tx, Some(event)).await;
-        self.memos
-            .vault
-            .invalidate(&vault_key(&entry.subject, &entry.upstream));
-        committed
+        self.commit_change_then(tx, Some(event), || {
+            self.memos
+                .vault
+                .invalidate(&vault_key(&entry.subject, &entry.upstream));
+        })
+        .await
     }
 
     async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>> {
@@ -959,9 +972,11 @@ impl Store for PgStore {
         let mut tx = self.begin().await?;
         let deleted = q::delete_credential(&mut *tx, subject, upstream).await?;
         Change::Vault(subject, upstream).send(&mut tx).await?;
-        let committed = self.commit_change(tx, deleted.then_some(event)).await;
-        self.memos.vault.invalidate(&vault_key(subject, upstream));
-        committed.map(|()| deleted)
+        self.commit_change_then(tx, deleted.then_some(event), || {
+            self.memos.vault.invalidate(&vault_key(subject, upstream));
+        })
+        .await
+        .map(|()| deleted)
     }
 
     async fn revoke_token(

@@ -501,11 +501,13 @@ macro_rules! shared_queries {
         }
 
         /// Ends a management change: writes its audit event (when the change took effect)
-        /// into the outbox in the change's own transaction, commits, and then has `flush` move
-        /// it into the chain (see `Store`).
+        /// into the outbox in the change's own transaction, commits, runs `committed` (which
+        /// drops what memory holds of the changed rows, at once, not after the flush), and then
+        /// has `flush` move the event into the chain (see `Store`).
         pub(crate) async fn commit_change(
             mut tx: sqlx::Transaction<'static, $db>,
             event: Option<&leash_core::audit::AuditEvent>,
+            committed: impl FnOnce(),
             flush: impl AsyncFnOnce(),
         ) -> StoreResult<()> {
             if let Some(event) = event {
@@ -518,6 +520,7 @@ macro_rules! shared_queries {
                     .map_err(unavailable)?;
             }
             tx.commit().await.map_err(unavailable)?;
+            committed();
             if event.is_some() {
                 flush().await;
             }

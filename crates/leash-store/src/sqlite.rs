@@ -872,13 +872,23 @@ impl SqliteStore {
         self.writer.begin().await.map_err(unavailable)
     }
 
-    /// Ends a management change (see `queries::commit_change`).
+    /// Ends a management change that nothing in memory holds (see `queries::commit_change`).
     async fn commit_change(
         &self,
         tx: sqlx::Transaction<'static, sqlx::Sqlite>,
         event: Option<&AuditEvent>,
     ) -> StoreResult<()> {
-        q::commit_change(tx, event, async || self.flush_outbox().await).await
+        self.commit_change_then(tx, event, || ()).await
+    }
+
+    /// Ends a management change, running `committed` right after the commit.
+    async fn commit_change_then(
+        &self,
+        tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        event: Option<&AuditEvent>,
+        committed: impl FnOnce() + Send,
+    ) -> StoreResult<()> {
+        q::commit_change(tx, event, committed, async || self.flush_outbox().await).await
     }
 
     /// Asks the writer to move the outbox's events into the chain. A failure leaves them there
@@ -954,9 +964,9 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         let found = q::disable_agent_row(&mut *tx, id).await?;
         q::revoke_agent_grants(&mut *tx, id, now).await?;
-        let committed = self.commit_change(tx, found.then_some(event)).await;
-        self.grants.invalidate_all();
-        committed.map(|()| found)
+        self.commit_change_then(tx, found.then_some(event), || self.grants.invalidate_all())
+            .await
+            .map(|()| found)
     }
 
     async fn create_grant(
@@ -990,16 +1000,13 @@ impl Store for SqliteStore {
         now: i64,
         event: &AuditEvent,
     ) -> StoreResult<Option<Grant>> {
-        let ended = async {
-            let mut tx = self.begin().await?;
-            let ended = q::end_grant(&mut *tx, id, end, reason, now).await?;
-            self.commit_change(tx, ended.is_some().then_some(event))
-                .await
-                .map(|()| ended)
-        }
-        .await;
-        self.grants.invalidate(id);
-        ended
+        let mut tx = self.begin().await?;
+        let ended = q::end_grant(&mut *tx, id, end, reason, now).await?;
+        self.commit_change_then(tx, ended.is_some().then_some(event), || {
+            self.grants.invalidate(id);
+        })
+        .await
+        .map(|()| ended)
     }
 
     async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
@@ -1088,10 +1095,11 @@ impl Store for SqliteStore {
     async fn put_credential(&self, entry: &VaultEntry, event: &AuditEvent) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         q::put_credential(&mut *tx, entry).await?;
-        let committed = self.commit_change(tx, Some(event)).await;
-        self.vault
-            .invalidate(&vault_key(&entry.subject, &entry.upstream));
-        committed
+        self.commit_change_then(tx, Some(event), || {
+            self.vault
+                .invalidate(&vault_key(&entry.subject, &entry.upstream));
+        })
+        .await
     }
 
     async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>> {
@@ -1115,16 +1123,13 @@ impl Store for SqliteStore {
         upstream: &str,
         event: &AuditEvent,
     ) -> StoreResult<bool> {
-        let deleted = async {
-            let mut tx = self.begin().await?;
-            let deleted = q::delete_credential(&mut *tx, subject, upstream).await?;
-            self.commit_change(tx, deleted.then_some(event))
-                .await
-                .map(|()| deleted)
-        }
-        .await;
-        self.vault.invalidate(&vault_key(subject, upstream));
-        deleted
+        let mut tx = self.begin().await?;
+        let deleted = q::delete_credential(&mut *tx, subject, upstream).await?;
+        self.commit_change_then(tx, deleted.then_some(event), || {
+            self.vault.invalidate(&vault_key(subject, upstream));
+        })
+        .await
+        .map(|()| deleted)
     }
 
     async fn revoke_token(
