@@ -404,18 +404,29 @@ async fn a_flood_of_unique_jtis_leaves_memory_and_rate_tables_bounded() {
     }
 }
 
+/// An upstream on loopback that reads each request's head, writes `start` (nothing, or the
+/// start of an answer) and then holds the connection open, silent. Returns its URL and its task.
+async fn stalling_upstream(start: &'static [u8]) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut connections = Vec::new();
+        while let Ok((mut connection, _)) = listener.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = connection.read(&mut head).await;
+            let _ = connection.write_all(start).await;
+            connections.push(connection);
+        }
+    });
+    (url, held)
+}
+
 /// An upstream that takes the connection and never answers: the agent gets `504` once
 /// `upstream_timeout` has passed instead of waiting as long as the upstream does.
 #[tokio::test]
 async fn an_upstream_that_never_answers_is_a_504_after_the_timeout() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", silent.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut connections = Vec::new();
-        while let Ok((connection, _)) = silent.accept().await {
-            connections.push(connection);
-        }
-    });
+    let (url, held) = stalling_upstream(b"").await;
     let gw = setup_with(
         "[limits]\nupstream_timeout = 1\n",
         grant(&["mail:read"], &["mail"], json!({})),
@@ -451,23 +462,11 @@ async fn an_upstream_that_never_answers_is_a_504_after_the_timeout() {
 /// long as the upstream does; what came before reaches the agent.
 #[tokio::test]
 async fn an_answer_that_stalls_midway_is_cut_off_after_the_timeout() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", stalling.local_addr().unwrap());
-    let held = tokio::spawn(async move {
-        let mut connections = Vec::new();
-        while let Ok((mut connection, _)) = stalling.accept().await {
-            let mut head = [0u8; 4096];
-            let _ = connection.read(&mut head).await;
-            let _ = connection
-                .write_all(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
-                      Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
-                )
-                .await;
-            connections.push(connection);
-        }
-    });
+    let (url, held) = stalling_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+          Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await;
     let gw = setup_with(
         "[limits]\nupstream_timeout = 1\n",
         grant(&["mail:read"], &["mail"], json!({})),
