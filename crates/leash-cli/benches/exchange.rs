@@ -58,7 +58,7 @@ fn floor_ops_per_sec(threads: usize) -> f64 {
                         .expect("assertion");
                     let cx = ProofContext {
                         method: "POST",
-                        url: &token_url,
+                        url: token_url.as_str(),
                         access_token: None,
                         now: t,
                         nonces: None,

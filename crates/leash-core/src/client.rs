@@ -150,7 +150,7 @@ impl AgentKey {
         let mut claims =
             json!({"jti": crate::secret::random_id(""), "htm": method, "htu": htu, "iat": now});
         if let Some(token) = access_token {
-            claims["ath"] = json!(crate::dpop::access_token_hash(token));
+            claims["ath"] = json!(crate::dpop::AccessTokenHash::of(token).ath());
         }
         if let Some(nonce) = nonce {
             claims["nonce"] = json!(nonce);
@@ -175,7 +175,7 @@ mod tests {
             let proof = key.dpop_proof("POST", url.as_str(), None, None, 1000);
             let cx = ProofContext {
                 method: "POST",
-                url: &url,
+                url: url.as_str(),
                 access_token: None,
                 now: 1000,
                 nonces: None,

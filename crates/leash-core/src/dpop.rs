@@ -42,10 +42,10 @@ fn invalid(message: &str) -> ProofError {
 pub struct ProofContext<'a> {
     /// The request method, e.g. `POST`.
     pub method: &'a str,
-    /// The external URL of the request without query or fragment.
-    pub url: &'a url::Url,
-    /// At a resource: the access token the proof must be bound to through `ath`.
-    pub access_token: Option<&'a str>,
+    /// The external URL of the request without query or fragment, as the server spells it.
+    pub url: &'a str,
+    /// At a resource: the hash of the access token the proof must be bound to through `ath`.
+    pub access_token: Option<&'a AccessTokenHash>,
     /// The current time.
     pub now: i64,
     /// Whether a server nonce is required, and the key that made it.
@@ -88,9 +88,22 @@ pub fn replay_key(kind: &str, issuer: &str, jti: &str) -> ReplayKey {
     hasher.finalize().into()
 }
 
-/// `ath`: base64url(SHA-256(access token)).
-pub fn access_token_hash(token: &str) -> String {
-    b64::encode(Sha256::digest(token.as_bytes()))
+/// SHA-256 of an access token: a proof's `ath` is its base64url encoding. A resource server
+/// hashes the token once and uses the hash for `ath` and as the key of what it remembers about
+/// the token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AccessTokenHash(pub [u8; 32]);
+
+impl AccessTokenHash {
+    /// The hash of `token`.
+    pub fn of(token: &str) -> Self {
+        Self(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// `ath`: base64url(SHA-256(access token)).
+    pub fn ath(&self) -> String {
+        b64::encode(self.0)
+    }
 }
 
 /// Verifies a DPoP proof against the request, everything except `jti` replay.
@@ -109,18 +122,18 @@ pub fn verify_proof(proof: &str, cx: &ProofContext<'_>) -> Result<VerifiedProof,
         return Err(invalid("htm does not match the request method"));
     }
     let htu = jws.str_claim("htu")?;
-    // An `htu` spelled exactly as the request URL (without query or fragment) matches without
-    // being parsed; any other spelling is parsed and compared as a URL.
-    let spelled_alike =
-        cx.url.query().is_none() && cx.url.fragment().is_none() && htu == cx.url.as_str();
-    if !spelled_alike {
-        let mut htu = url::Url::parse(htu).map_err(|_| invalid("htu is not a URL"))?;
-        htu.set_query(None);
-        htu.set_fragment(None);
-        let mut expected = cx.url.clone();
-        expected.set_query(None);
-        expected.set_fragment(None);
-        if htu != expected {
+    // An `htu` spelled exactly as the request URL matches without being parsed; any other
+    // spelling is parsed and compared as a URL (RFC 9449 §4.3: query and fragment ignored).
+    if htu != cx.url {
+        let without_query = |text: &str| {
+            url::Url::parse(text).ok().map(|mut url| {
+                url.set_query(None);
+                url.set_fragment(None);
+                url
+            })
+        };
+        let htu = without_query(htu).ok_or_else(|| invalid("htu is not a URL"))?;
+        if Some(htu) != without_query(cx.url) {
             return Err(invalid("htu does not match the request URL"));
         }
     }
@@ -139,7 +152,7 @@ pub fn verify_proof(proof: &str, cx: &ProofContext<'_>) -> Result<VerifiedProof,
     }
     if let Some(token) = cx.access_token {
         match jws.claims.get("ath") {
-            Some(Value::String(ath)) if *ath == access_token_hash(token) => {}
+            Some(Value::String(ath)) if *ath == token.ath() => {}
             Some(_) => return Err(invalid("ath does not match the access token")),
             None => return Err(invalid("claim `ath` is missing")),
         }
@@ -222,7 +235,7 @@ mod tests {
     const JKT: &str = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I";
     const RFC_TOKEN: &str = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU";
 
-    fn cx<'a>(method: &'a str, url: &'a url::Url, now: i64) -> ProofContext<'a> {
+    fn cx<'a>(method: &'a str, url: &'a str, now: i64) -> ProofContext<'a> {
         ProofContext {
             method,
             url,
@@ -234,26 +247,28 @@ mod tests {
 
     #[test]
     fn rfc9449_token_request_proofs_verify_with_fixed_clock() {
-        let url = url::Url::parse("https://server.example.com/token").unwrap();
-        let p = verify_proof(FIG2, &cx("POST", &url, 1_562_262_616)).unwrap();
+        let url = "https://server.example.com/token";
+        let p = verify_proof(FIG2, &cx("POST", url, 1_562_262_616)).unwrap();
         assert_eq!(p.jkt, JKT);
         assert_eq!(p.jti, "-BwC3ESc6acc2lTc");
-        let p7 = verify_proof(FIG7, &cx("POST", &url, 1_562_265_296)).unwrap();
+        let p7 = verify_proof(FIG7, &cx("POST", url, 1_562_265_296)).unwrap();
         // Same key and jti: the replay key is equal, so the store refuses the second use.
         assert_eq!(p7.replay_key(), p.replay_key());
     }
 
     #[test]
     fn rfc9449_resource_proof_with_ath() {
+        let rfc_token = AccessTokenHash::of(RFC_TOKEN);
         assert_eq!(
-            access_token_hash(RFC_TOKEN),
+            rfc_token.ath(),
             "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
         );
-        let url = url::Url::parse("https://resource.example.org/protectedresource").unwrap();
-        let mut c = cx("GET", &url, 1_562_262_618);
-        c.access_token = Some(RFC_TOKEN);
+        let url = "https://resource.example.org/protectedresource";
+        let mut c = cx("GET", url, 1_562_262_618);
+        c.access_token = Some(&rfc_token);
         assert_eq!(verify_proof(FIG13, &c).unwrap().jkt, JKT);
-        c.access_token = Some("another-token");
+        let another = AccessTokenHash::of("another-token");
+        c.access_token = Some(&another);
         assert!(matches!(
             verify_proof(FIG13, &c),
             Err(ProofError::Invalid(_))
@@ -262,21 +277,50 @@ mod tests {
 
     #[test]
     fn rfc9449_proof_refused_on_method_url_and_time() {
-        let url = url::Url::parse("https://server.example.com/token").unwrap();
-        let other = url::Url::parse("https://server.example.com/other").unwrap();
+        let url = "https://server.example.com/token";
+        let other = "https://server.example.com/other";
         let now = 1_562_262_616;
-        assert!(verify_proof(FIG2, &cx("GET", &url, now)).is_err());
-        assert!(verify_proof(FIG2, &cx("POST", &other, now)).is_err());
-        assert!(verify_proof(FIG2, &cx("POST", &url, now + 61)).is_err());
-        assert!(verify_proof(FIG2, &cx("POST", &url, now - 61)).is_err());
-        let with_query = url::Url::parse("https://server.example.com/token?x=1").unwrap();
-        assert!(verify_proof(FIG2, &cx("POST", &with_query, now)).is_ok());
+        assert!(verify_proof(FIG2, &cx("GET", url, now)).is_err());
+        assert!(verify_proof(FIG2, &cx("POST", other, now)).is_err());
+        assert!(verify_proof(FIG2, &cx("POST", url, now + 61)).is_err());
+        assert!(verify_proof(FIG2, &cx("POST", url, now - 61)).is_err());
+        let with_query = "https://server.example.com/token?x=1";
+        assert!(verify_proof(FIG2, &cx("POST", with_query, now)).is_ok());
+    }
+
+    #[test]
+    fn htu_spelled_differently_matches_as_the_same_url() {
+        let key = crate::client::AgentKey::generate(crate::jws::Alg::EdDsa);
+        let url = "https://server.example.com/gw/mail/messages/42";
+        let mut header = serde_json::Map::new();
+        header.insert("typ".into(), serde_json::json!("dpop+jwt"));
+        header.insert("jwk".into(), key.public().to_value());
+        for (htu, ok) in [
+            (url, true),
+            ("HTTPS://Server.Example.COM:443/gw/mail/messages/42", true),
+            (
+                "https://server.example.com/gw/mail/messages/42?page=2#top",
+                true,
+            ),
+            ("https://server.example.com/gw/mail/messages/43", false),
+            ("https://server.example.com:8443/gw/mail/messages/42", false),
+            ("http://server.example.com/gw/mail/messages/42", false),
+            ("/gw/mail/messages/42", false),
+        ] {
+            let claims = serde_json::json!({"jti": "j", "htm": "GET", "htu": htu, "iat": 1000});
+            let proof = key.sign(header.clone(), &claims);
+            assert_eq!(
+                verify_proof(&proof, &cx("GET", url, 1000)).is_ok(),
+                ok,
+                "{htu}"
+            );
+        }
     }
 
     #[test]
     fn overlong_jti_refused() {
         let key = crate::client::AgentKey::generate(crate::jws::Alg::EdDsa);
-        let url = url::Url::parse("http://127.0.0.1:8470/oauth2/token").unwrap();
+        let url = "http://127.0.0.1:8470/oauth2/token";
         let mut header = serde_json::Map::new();
         header.insert("typ".into(), serde_json::json!("dpop+jwt"));
         header.insert("jwk".into(), key.public().to_value());
@@ -285,11 +329,10 @@ mod tests {
             ("j".repeat(257), false),
             (String::new(), false),
         ] {
-            let claims =
-                serde_json::json!({"jti": jti, "htm": "POST", "htu": url.as_str(), "iat": 1000});
+            let claims = serde_json::json!({"jti": jti, "htm": "POST", "htu": url, "iat": 1000});
             let proof = key.sign(header.clone(), &claims);
             assert_eq!(
-                verify_proof(&proof, &cx("POST", &url, 1000)).is_ok(),
+                verify_proof(&proof, &cx("POST", url, 1000)).is_ok(),
                 ok,
                 "{}",
                 jti.len()
@@ -306,8 +349,8 @@ mod tests {
         assert!(!key.accepts(&nonce, 1001 + NONCE_LIFETIME_SECS));
         assert!(!NonceKey::new([8; 32]).accepts(&nonce, 1000));
         assert!(!key.accepts("garbage", 1000));
-        let url = url::Url::parse("https://server.example.com/token").unwrap();
-        let mut c = cx("POST", &url, 1_562_262_616);
+        let url = "https://server.example.com/token";
+        let mut c = cx("POST", url, 1_562_262_616);
         c.nonces = Some(&key);
         assert_eq!(verify_proof(FIG2, &c), Err(ProofError::UseNonce));
     }

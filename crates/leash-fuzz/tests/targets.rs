@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use leash_core::audit::{AuditEvent, ChainVerifier, Checkpoint, Mode, Outcome};
 use leash_core::client::AgentKey;
-use leash_core::dpop::{ProofContext, verify_proof};
+use leash_core::dpop::{AccessTokenHash, ProofContext, verify_proof};
 use leash_core::jws::Alg;
 use leash_core::route::{RouteTable, safe_segments};
 use leash_core::token::{AccessClaims, Actor, Confirmation, SigningKey, verify_access_token};
@@ -191,10 +191,11 @@ fn jwt_and_dpop_parsing_and_checking() {
     let agent = AgentKey::generate(Alg::EdDsa);
     let token = access_token(&server, &agent.public().thumbprint());
     let valid_proof = agent.dpop_proof("GET", URL, Some(&token), None, NOW);
+    let token_hash = AccessTokenHash::of(&token);
     let cx = ProofContext {
         method: "GET",
-        url: &url,
-        access_token: Some(&token),
+        url: url.as_str(),
+        access_token: Some(&token_hash),
         now: NOW,
         nonces: None,
     };
@@ -238,7 +239,7 @@ fn jwt_and_dpop_parsing_and_checking() {
     });
 
     // Validly signed proofs with arbitrary claims: a proof passes only if every rule holds.
-    let ath = leash_core::dpop::access_token_hash(&token);
+    let ath = token_hash.ath();
     fuzz(
         "jose/signed proofs with arbitrary claims",
         proof_claims(),

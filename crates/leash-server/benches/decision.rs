@@ -19,11 +19,13 @@ use leash_core::aead::MasterKey;
 use leash_core::audit::{AuditEvent, Mode};
 use leash_core::client::AgentKey;
 use leash_core::clock::SystemClock;
+use leash_core::dpop::AccessTokenHash;
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jws::Alg;
 use leash_core::secret::Secret;
 use leash_core::token::{AccessClaims, Actor, Confirmation};
 use leash_server::audit::Trail;
+use leash_server::extract::{authorization, verify_agent};
 use leash_server::gateway::decide;
 use leash_server::{AppState, Config, Flags};
 use leash_store::{Agent, User};
@@ -207,9 +209,10 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("parts/verified_token", |b| {
         b.iter(|| {
+            let token = black_box(setup.token.as_str());
             setup
                 .state
-                .verified_token(black_box(&setup.token), now())
+                .verified_token(token, &AccessTokenHash::of(token), now())
                 .expect("valid")
         })
     });
@@ -217,7 +220,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let headers = next.next().expect("cycle");
             setup.runtime.block_on(async {
-                leash_server::extract::verify_agent(&setup.state, &Method::GET, &uri, headers)
+                let (_, token) = authorization(headers)
+                    .expect("well-formed")
+                    .expect("present");
+                verify_agent(&setup.state, &Method::GET, &uri, headers, token)
                     .await
                     .map(|_| ())
                     .expect("valid")

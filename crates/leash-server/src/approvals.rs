@@ -14,8 +14,8 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    Caller, ResourceCaller, StatusQuery, authenticate_resource, authorization, commit_use,
-    status_filter,
+    AuthScheme, Caller, ResourceCaller, StatusQuery, authenticate_resource, authorization,
+    commit_use, status_filter,
 };
 use crate::openapi::ApiErrors;
 use crate::state::{AppState, rfc3339};
@@ -172,7 +172,7 @@ async fn decide(
     approve: bool,
 ) -> ApiResult<Json<ApprovalView>> {
     // An agent never decides, whatever its token or proof: refuse before looking further.
-    if matches!(authorization(&headers)?, Some((scheme, _)) if scheme == "dpop") {
+    if matches!(authorization(&headers)?, Some((AuthScheme::Dpop, _))) {
         return Err(ApiError::Forbidden(
             "an agent cannot approve or deny: only the grant's human or the admin can".into(),
         ));

@@ -8,8 +8,7 @@ use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, Uri, header};
-use leash_core::dpop::ReplayKey;
-use leash_core::dpop::{ProofContext, ProofError, verify_proof};
+use leash_core::dpop::{AccessTokenHash, ProofContext, ProofError, ReplayKey, verify_proof};
 use leash_core::secret::SecretDigest;
 use leash_core::token::AccessClaims;
 use leash_store::{RequestUse, UseVerdict, User};
@@ -128,9 +127,20 @@ impl<S: Send + Sync> FromRequest<S> for Form {
     }
 }
 
+/// The scheme of an `Authorization` header, compared without regard to case (RFC 9110 §11.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthScheme {
+    /// `Bearer`: an API key.
+    Bearer,
+    /// `DPoP`: a DPoP-bound access token.
+    Dpop,
+    /// Any other scheme.
+    Other,
+}
+
 /// The `Authorization` header split into scheme and credentials; more than one header, or a
 /// value that is not `scheme SP credentials`, is `invalid_request`.
-pub fn authorization(headers: &HeaderMap) -> ApiResult<Option<(String, String)>> {
+pub fn authorization(headers: &HeaderMap) -> ApiResult<Option<(AuthScheme, &str)>> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -147,12 +157,21 @@ pub fn authorization(headers: &HeaderMap) -> ApiResult<Option<(String, String)>>
         ApiError::InvalidRequest("Authorization must be `scheme credentials`".into())
     })?;
     let credentials = credentials.trim();
-    if credentials.is_empty() || credentials.contains([' ', ',']) {
+    // Scanned as bytes (the value is ASCII): a token is hundreds of bytes, and `str::contains`
+    // with a set of chars decodes each one.
+    if credentials.is_empty() || credentials.bytes().any(|b| b == b' ' || b == b',') {
         return Err(ApiError::InvalidRequest(
             "Authorization carries more than one credential".into(),
         ));
     }
-    Ok(Some((scheme.to_ascii_lowercase(), credentials.to_owned())))
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        AuthScheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        AuthScheme::Dpop
+    } else {
+        AuthScheme::Other
+    };
+    Ok(Some((scheme, credentials)))
 }
 
 /// Who called, by API key.
@@ -202,7 +221,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
 /// The admin or human whose API key `headers` carry as `Authorization: Bearer`.
 pub async fn caller_from_headers(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
     match authorization(headers)? {
-        Some((scheme, key)) if scheme == "bearer" => caller_from_key(state, &key)
+        Some((AuthScheme::Bearer, key)) => caller_from_key(state, key)
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown API key".into())),
         Some(_) => Err(ApiError::Unauthorized(
@@ -312,12 +331,12 @@ pub async fn authenticate_resource(
     headers: &HeaderMap,
 ) -> ApiResult<ResourceCaller> {
     match authorization(headers)? {
-        Some((scheme, _)) if scheme == "dpop" => verify_agent(state, method, uri, headers)
+        Some((AuthScheme::Dpop, token)) => verify_agent(state, method, uri, headers, token)
             .await
             .map(|agent| ResourceCaller::Agent(Box::new(agent))),
-        Some((scheme, key)) if scheme == "bearer" => match caller_from_key(state, &key).await? {
+        Some((AuthScheme::Bearer, key)) => match caller_from_key(state, key).await? {
             Some(caller) => Ok(ResourceCaller::Key(caller)),
-            None if leash_core::jws::Jws::parse(&key).is_ok() => Err(ApiError::InvalidToken(
+            None if leash_core::jws::Jws::parse(key).is_ok() => Err(ApiError::InvalidToken(
                 "a DPoP-bound token must be sent with the DPoP scheme, not Bearer".into(),
             )),
             None => Err(ApiError::Unauthorized("unknown API key".into())),
@@ -328,30 +347,20 @@ pub async fn authenticate_resource(
     }
 }
 
-/// Checks an agent at a resource (RFC 9449 §7), in memory: token signature and claims (a
-/// verified token is cached), grant and token liveness, then the proof (method, URL, `ath`, key
-/// binding). The proof's `jti` is returned in `proof_once` for [`commit_use`].
+/// Checks an agent at a resource (RFC 9449 §7), in memory: `token` (from `Authorization:
+/// DPoP`) by signature and claims (a verified token is cached), grant and token liveness, then
+/// the proof (method, URL, `ath`, key binding). The proof's `jti` is returned in `proof_once` for
+/// [`commit_use`].
 pub async fn verify_agent(
     state: &AppState,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
+    token: &str,
 ) -> ApiResult<AgentAuth> {
-    let token = match authorization(headers)? {
-        Some((scheme, token)) if scheme == "dpop" => token,
-        Some((scheme, _)) if scheme == "bearer" => {
-            return Err(ApiError::InvalidToken(
-                "a DPoP-bound token must be sent with the DPoP scheme, not Bearer".into(),
-            ));
-        }
-        _ => {
-            return Err(ApiError::InvalidToken(
-                "Authorization: DPoP <token> is required".into(),
-            ));
-        }
-    };
     let now = state.clock.now();
-    let claims = state.verified_token(&token, now)?;
+    let token_hash = AccessTokenHash::of(token);
+    let claims = state.verified_token(token, &token_hash, now)?;
     let grant = state.check_token_live(&claims, now).await?;
 
     // API §6: two DPoP headers are a malformed request.
@@ -361,11 +370,11 @@ pub async fn verify_agent(
             DpopHeaderError::NotAscii => ApiError::ResourceInvalidProof(e.to_string()),
         })?
         .ok_or_else(|| ApiError::InvalidToken("DPoP proof header is missing".into()))?;
-    let url = state.resource_url(uri)?;
+    let url = state.resource_url(uri);
     let cx = ProofContext {
         method: method.as_str(),
         url: &url,
-        access_token: Some(&token),
+        access_token: Some(&token_hash),
         now,
         nonces: state.required_nonces(),
     };

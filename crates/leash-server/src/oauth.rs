@@ -24,7 +24,9 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, Form, authorization, caller_from_key, single_dpop_header};
+use crate::extract::{
+    AuthScheme, Caller, Form, authorization, caller_from_key, single_dpop_header,
+};
 use crate::openapi::{IntrospectForm, OAuthErrors, RevokeForm, TokenForm};
 use crate::state::{AppState, Metrics};
 
@@ -222,7 +224,7 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         .ok_or_else(|| ApiError::InvalidDpopProof("a DPoP proof header is required".into()))?;
     let cx = ProofContext {
         method: "POST",
-        url: &state.token_endpoint,
+        url: state.token_endpoint.as_str(),
         access_token: None,
         now,
         nonces: state.required_nonces(),
@@ -344,7 +346,7 @@ async fn oauth_caller(
     form: &Form,
 ) -> ApiResult<OAuthCaller> {
     match authorization(headers)? {
-        Some((scheme, key)) if scheme == "bearer" => caller_from_key(state, &key)
+        Some((AuthScheme::Bearer, key)) => caller_from_key(state, key)
             .await?
             .map(OAuthCaller::Key)
             .ok_or_else(|| ApiError::InvalidClient("unknown API key".into())),
@@ -427,7 +429,7 @@ pub async fn introspect(
     form: Form,
 ) -> ApiResult<Response> {
     let caller = match authorization(&headers)? {
-        Some((scheme, key)) if scheme == "bearer" => caller_from_key(&state, &key).await?,
+        Some((AuthScheme::Bearer, key)) => caller_from_key(&state, key).await?,
         _ => None,
     };
     if !matches!(caller, Some(Caller::Admin)) {

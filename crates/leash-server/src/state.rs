@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::http::Uri;
 use leash_core::Clock;
 use leash_core::aead::MasterKey;
-use leash_core::dpop::NonceKey;
+use leash_core::dpop::{AccessTokenHash, NonceKey};
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jwk::PublicJwk;
 use leash_core::secret::{API_KEY_PREFIX, Secret, SecretDigest};
@@ -71,7 +71,7 @@ pub struct AppState {
     /// Claims of access tokens whose signature checked out, by SHA-256 of the token: the
     /// gateway verifies a token's signature once, not on every request. Liveness (grant,
     /// revocation) and the proof are still checked every time.
-    pub verified_tokens: quick_cache::sync::Cache<[u8; 32], Arc<AccessClaims>>,
+    pub verified_tokens: quick_cache::sync::Cache<AccessTokenHash, Arc<AccessClaims>>,
     /// Approval notifications (`[approvals] webhook_url`).
     pub notifier: crate::notify::Notifier,
     /// Token requests per agent (`[limits] token_rate`).
@@ -287,17 +287,19 @@ impl AppState {
     }
 
     /// The external URL of a resource request, as the DPoP `htu` must name it.
-    pub fn resource_url(&self, uri: &Uri) -> ApiResult<url::Url> {
-        url::Url::parse(&format!("{}{}", self.public_url, uri.path()))
-            .map_err(|_| ApiError::InvalidRequest("request path is not a valid URL path".into()))
+    pub fn resource_url(&self, uri: &Uri) -> String {
+        format!("{}{}", self.public_url, uri.path())
     }
 
     /// Verifies an access token (signature, `typ`, `iss`, `aud`, times), answering from the
     /// cache of verified tokens when it can; the expiry is checked on every call.
-    pub fn verified_token(&self, token: &str, now: i64) -> ApiResult<Arc<AccessClaims>> {
-        use sha2::Digest as _;
-        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        if let Some(claims) = self.verified_tokens.get(&digest) {
+    pub fn verified_token(
+        &self,
+        token: &str,
+        token_hash: &AccessTokenHash,
+        now: i64,
+    ) -> ApiResult<Arc<AccessClaims>> {
+        if let Some(claims) = self.verified_tokens.get(token_hash) {
             if claims.exp <= now {
                 return Err(ApiError::InvalidToken(
                     "access token refused: exp has passed".into(),
@@ -308,7 +310,7 @@ impl AppState {
         let claims = verify_access_token(token, |kid| self.verify_key(kid), &self.issuer, now)
             .map_err(|e| ApiError::InvalidToken(format!("access token refused: {e}")))?;
         let claims = Arc::new(claims);
-        self.verified_tokens.insert(digest, claims.clone());
+        self.verified_tokens.insert(*token_hash, claims.clone());
         Ok(claims)
     }
 
