@@ -143,36 +143,66 @@ pub fn high_risk_by_name(action: &str) -> bool {
         .is_some_and(|(_, verb)| HIGH_RISK_VERBS.contains(&verb))
 }
 
+/// One attribute of the request context policies see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attr {
+    Mode,
+    Human,
+    Action,
+    App,
+    Verb,
+    Upstream,
+    Method,
+    Path,
+    GrantId,
+    Purpose,
+    GrantActions,
+    GrantAgeSeconds,
+    Risk,
+    NeedsApproval,
+    ApprovalAttached,
+    Hour,
+    MinuteOfDay,
+    Weekday,
+}
+
+/// The request context: each attribute's name and Cedar type, in the schema's order.
+const CONTEXT: [(Attr, &str, &str); 18] = [
+    (Attr::Mode, "mode", "String"),
+    (Attr::Human, "human", "String"),
+    (Attr::Action, "action", "String"),
+    (Attr::App, "app", "String"),
+    (Attr::Verb, "verb", "String"),
+    (Attr::Upstream, "upstream", "String"),
+    (Attr::Method, "method", "String"),
+    (Attr::Path, "path", "String"),
+    (Attr::GrantId, "grant_id", "String"),
+    (Attr::Purpose, "purpose", "String"),
+    (Attr::GrantActions, "grant_actions", "Set<String>"),
+    (Attr::GrantAgeSeconds, "grant_age_seconds", "Long"),
+    (Attr::Risk, "risk", "String"),
+    (Attr::NeedsApproval, "needs_approval", "Bool"),
+    (Attr::ApprovalAttached, "approval_attached", "Bool"),
+    (Attr::Hour, "hour", "Long"),
+    (Attr::MinuteOfDay, "minute_of_day", "Long"),
+    (Attr::Weekday, "weekday", "Long"),
+];
+
 /// The Cedar schema for a set of actions.
 pub fn schema_text(actions: &BTreeSet<String>) -> String {
     let mut text = String::from(
-        r#"namespace Leash {
+        "namespace Leash {
   entity Human;
   entity Agent;
   entity Upstream;
   entity Path in [Upstream];
   type RequestContext = {
-    mode: String,
-    human: String,
-    action: String,
-    app: String,
-    verb: String,
-    upstream: String,
-    method: String,
-    path: String,
-    grant_id: String,
-    purpose: String,
-    grant_actions: Set<String>,
-    grant_age_seconds: Long,
-    risk: String,
-    needs_approval: Bool,
-    approval_attached: Bool,
-    hour: Long,
-    minute_of_day: Long,
-    weekday: Long,
-  };
-"#,
+",
     );
+    for (_, name, cedar_type) in CONTEXT {
+        text.push_str(&format!("    {name}: {cedar_type},\n"));
+    }
+    text.push_str("  };\n");
     for action in actions {
         text.push_str(&format!(
             "  action \"{action}\" appliesTo {{ principal: [Agent, Human], resource: [Path], context: RequestContext }};\n"
@@ -180,6 +210,69 @@ pub fn schema_text(actions: &BTreeSet<String>) -> String {
     }
     text.push_str("}\n");
     text
+}
+
+/// The context attributes `policies` read. Evaluating a policy reads the context only through
+/// `context.name`, `context["name"]` or `context has name`; a policy that uses `context` in any
+/// other way (compares it, passes it on) is taken to read every attribute, and so is one that
+/// cannot be shown as JSON. Attributes outside the schema never occur: policies validate
+/// strictly.
+fn context_read_by(policies: &PolicySet) -> Vec<(Attr, &'static str)> {
+    let mut names = BTreeSet::new();
+    for policy in policies.policies() {
+        let whole = match policy.to_json() {
+            Ok(json) => !context_attributes_in(&json, &mut names),
+            Err(_) => true,
+        };
+        if whole {
+            return CONTEXT
+                .iter()
+                .map(|&(attr, name, _)| (attr, name))
+                .collect();
+        }
+    }
+    CONTEXT
+        .iter()
+        .filter(|(_, name, _)| names.contains(*name))
+        .map(|&(attr, name, _)| (attr, name))
+        .collect()
+}
+
+/// Adds to `names` the attributes that the policy expression `json` (Cedar's JSON policy
+/// format) reads from `context`; false if it uses `context` other than through its attributes.
+fn context_attributes_in(json: &serde_json::Value, names: &mut BTreeSet<String>) -> bool {
+    use serde_json::Value;
+    match json {
+        Value::Object(map) => {
+            if let Some(Value::String(var)) = map.get("Var") {
+                return var != "context";
+            }
+            for (key, value) in map {
+                if let (".", Value::Object(access)) | ("has", Value::Object(access)) =
+                    (key.as_str(), value)
+                {
+                    let on_context =
+                        access.get("left") == Some(&serde_json::json!({ "Var": "context" }));
+                    // `context has a.b` is `{"attr": ["a", "b"]}`: it reads `a`.
+                    let first = match access.get("attr") {
+                        Some(Value::String(name)) => Some(name.as_str()),
+                        Some(Value::Array(path)) => path.first().and_then(Value::as_str),
+                        _ => None,
+                    };
+                    if let (true, Some(name)) = (on_context, first) {
+                        names.insert(name.to_owned());
+                        continue;
+                    }
+                }
+                if !context_attributes_in(value, names) {
+                    return false;
+                }
+            }
+            true
+        }
+        Value::Array(items) => items.iter().all(|item| context_attributes_in(item, names)),
+        _ => true,
+    }
 }
 
 fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
@@ -197,6 +290,9 @@ pub struct PolicyEngine {
     human_type: EntityTypeName,
     path_type: EntityTypeName,
     action_type: EntityTypeName,
+    /// The context attributes the policies read (waivers are among the policies): only these
+    /// are built per request.
+    context_read: Vec<(Attr, &'static str)>,
     operator_policies: usize,
 }
 
@@ -296,6 +392,7 @@ impl PolicyEngine {
                     .map_err(|e| PolicyError::Schema(e.to_string()))?;
             }
         }
+        let context_read = context_read_by(&policies);
         Ok(Self {
             policies,
             waivers,
@@ -305,6 +402,7 @@ impl PolicyEngine {
             human_type: type_name("Leash::Human")?,
             path_type: type_name("Leash::Path")?,
             action_type: type_name("Leash::Action")?,
+            context_read,
             operator_policies,
         })
     }
@@ -322,57 +420,14 @@ impl PolicyEngine {
         let uid = |t: &EntityTypeName, id: &str| {
             EntityUid::from_type_name_and_id(t.clone(), EntityId::new(id))
         };
-        let (app, verb) = facts.action.split_once(':').unwrap_or((facts.action, ""));
-        let needs_approval = facts.high_risk || facts.grant_requires_approval;
-        let time = time_parts(facts.now);
-        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
-        let context = Context::from_pairs([
-            (
-                "mode".into(),
-                string(match facts.mode {
-                    Mode::Delegated => "delegated",
-                    Mode::Direct => "direct",
-                }),
-            ),
-            ("human".into(), string(facts.human)),
-            ("action".into(), string(facts.action)),
-            ("app".into(), string(app)),
-            ("verb".into(), string(verb)),
-            ("upstream".into(), string(facts.upstream)),
-            ("method".into(), string(facts.method)),
-            ("path".into(), string(facts.path)),
-            ("grant_id".into(), string(facts.grant_id)),
-            ("purpose".into(), string(facts.purpose)),
-            (
-                "grant_actions".into(),
-                RestrictedExpression::new_set(facts.grant_actions.iter().map(|a| string(a))),
-            ),
-            (
-                "grant_age_seconds".into(),
-                RestrictedExpression::new_long(facts.grant_age_seconds),
-            ),
-            (
-                "risk".into(),
-                string(if facts.high_risk { "high" } else { "normal" }),
-            ),
-            (
-                "needs_approval".into(),
-                RestrictedExpression::new_bool(needs_approval),
-            ),
-            (
-                "approval_attached".into(),
-                RestrictedExpression::new_bool(facts.approval_attached),
-            ),
-            ("hour".into(), RestrictedExpression::new_long(time.0)),
-            (
-                "minute_of_day".into(),
-                RestrictedExpression::new_long(time.1),
-            ),
-            ("weekday".into(), RestrictedExpression::new_long(time.2)),
-        ])
+        let context = Context::from_pairs(
+            self.context_read
+                .iter()
+                .map(|&(attr, name)| (name.to_owned(), context_value(attr, facts))),
+        )
         .map_err(|e| e.to_string())?;
-        // The context has a fixed shape that a unit test checks against the schema, so the
-        // per-request schema check is skipped.
+        // The context has a fixed shape (or a part of it) that a unit test checks against the
+        // schema, so the per-request schema check is skipped.
         Request::new(
             uid(&principal_type, facts.principal),
             uid(&self.action_type, facts.action),
@@ -401,7 +456,13 @@ impl PolicyEngine {
             .authorizer
             .is_authorized(&request, &self.policies, &self.entities);
         let diagnostics = response.diagnostics();
-        let policies: Vec<String> = diagnostics.reason().map(ToString::to_string).collect();
+        let mut policies: Vec<String> = diagnostics
+            .reason()
+            .map(|id: &PolicyId| AsRef::<str>::as_ref(id).to_owned())
+            .collect();
+        // Cedar keeps them in a hash set: sorted, the answer and the audit are the same for the
+        // same decision.
+        policies.sort_unstable();
         if let Some(error) = diagnostics.errors().next() {
             return Decision::Deny {
                 policies,
@@ -436,6 +497,39 @@ impl PolicyEngine {
             .is_authorized(request, &self.waivers, &self.entities);
         response.decision() == CedarDecision::Allow
             && response.diagnostics().errors().next().is_none()
+    }
+}
+
+/// The value of one context attribute for a request.
+fn context_value(attr: Attr, facts: &Facts<'_>) -> RestrictedExpression {
+    let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
+    let app_verb = || facts.action.split_once(':').unwrap_or((facts.action, ""));
+    match attr {
+        Attr::Mode => string(match facts.mode {
+            Mode::Delegated => "delegated",
+            Mode::Direct => "direct",
+        }),
+        Attr::Human => string(facts.human),
+        Attr::Action => string(facts.action),
+        Attr::App => string(app_verb().0),
+        Attr::Verb => string(app_verb().1),
+        Attr::Upstream => string(facts.upstream),
+        Attr::Method => string(facts.method),
+        Attr::Path => string(facts.path),
+        Attr::GrantId => string(facts.grant_id),
+        Attr::Purpose => string(facts.purpose),
+        Attr::GrantActions => {
+            RestrictedExpression::new_set(facts.grant_actions.iter().map(|a| string(a)))
+        }
+        Attr::GrantAgeSeconds => RestrictedExpression::new_long(facts.grant_age_seconds),
+        Attr::Risk => string(if facts.high_risk { "high" } else { "normal" }),
+        Attr::NeedsApproval => {
+            RestrictedExpression::new_bool(facts.high_risk || facts.grant_requires_approval)
+        }
+        Attr::ApprovalAttached => RestrictedExpression::new_bool(facts.approval_attached),
+        Attr::Hour => RestrictedExpression::new_long(time_parts(facts.now).0),
+        Attr::MinuteOfDay => RestrictedExpression::new_long(time_parts(facts.now).1),
+        Attr::Weekday => RestrictedExpression::new_long(time_parts(facts.now).2),
     }
 }
 

@@ -37,9 +37,97 @@ fn time_parts_are_utc_and_monday_based() {
     assert_eq!(time_parts(0), (0, 0, 3));
 }
 
+fn every_attribute() -> Vec<(Attr, &'static str)> {
+    CONTEXT
+        .iter()
+        .map(|&(attr, name, _)| (attr, name))
+        .collect()
+}
+
+fn context_read(policy: &str) -> Vec<&'static str> {
+    let engine =
+        PolicyEngine::from_sources(&actions(), &[("p.cedar".into(), policy.into())]).unwrap();
+    engine.context_read.iter().map(|&(_, name)| name).collect()
+}
+
+#[test]
+fn only_the_context_attributes_policies_read_are_built() {
+    let engine = PolicyEngine::from_sources(&actions(), &[]).unwrap();
+    assert!(
+        engine.context_read.is_empty(),
+        "the built-in permit reads nothing"
+    );
+    let example = include_str!("../../../examples/policies/business-hours.cedar");
+    assert_eq!(context_read(example), ["app", "verb", "hour", "weekday"]);
+    assert_eq!(
+        context_read(
+            r#"forbid(principal, action, resource) when { context["purpose"] like "*tax*" };"#
+        ),
+        ["purpose"]
+    );
+    assert_eq!(
+        context_read(
+            "forbid(principal, action, resource) when { context has grant_id && context.grant_actions.contains(\"mail:send\") };"
+        ),
+        ["grant_id", "grant_actions"]
+    );
+    // `context` used as a value: every attribute.
+    let all: Vec<&str> = CONTEXT.iter().map(|&(_, name, _)| name).collect();
+    assert_eq!(
+        context_read(r#"forbid(principal, action, resource) when { {"c": context}.c.hour > 30 };"#),
+        all
+    );
+    assert_eq!(
+        context_read(
+            r#"forbid(principal, action, resource) when { context == context && context.hour > 30 };"#
+        ),
+        all
+    );
+}
+
+#[test]
+fn decisions_on_the_read_attributes_equal_those_on_the_whole_context() {
+    let policies = r#"
+@id("a") forbid(principal, action, resource) when { context.verb == "export" && context.hour >= 17 };
+@id("b") forbid(principal is Leash::Agent, action, resource) when { context["app"] == "finance" };
+@id("c") forbid(principal, action, resource) when { context has purpose && context.purpose like "*secret*" };
+@id("d") forbid(principal, action, resource) when { context.grant_age_seconds > 3600 && context.risk == "high" };
+@id("e") forbid(principal, action, resource) unless { context.path like "/messages/*" || context.method == "POST" };
+@id("f") forbid(principal, action, resource) unless { context has approval_attached };
+@id("w") @approval("not_required") permit(principal, action, resource) when { context.weekday == 0 && context.minute_of_day < 660 };
+"#;
+    let sources = [("p.cedar".to_owned(), policies.to_owned())];
+    let read = PolicyEngine::from_sources(&actions(), &sources).unwrap();
+    assert!(read.context_read.len() < CONTEXT.len());
+    let mut whole = PolicyEngine::from_sources(&actions(), &sources).unwrap();
+    whole.context_read = every_attribute();
+    let mut decided = std::collections::HashSet::new();
+    for action in ["mail:read", "mail:export", "mail:send"] {
+        for now in [MONDAY_10, MONDAY_22, MONDAY_10 + 86_400] {
+            for (purpose, path, age) in [
+                ("triage", "/messages/1", 10),
+                ("secret stuff", "/messages/1", 10),
+                ("triage", "/drafts/1", 10),
+                ("triage", "/messages/1", 7200),
+            ] {
+                let mut f = facts(action, now);
+                f.purpose = purpose;
+                f.path = path;
+                f.grant_age_seconds = age;
+                let decision = read.authorize(&f);
+                assert_eq!(decision, whole.authorize(&f), "{f:?}");
+                decided.insert(format!("{decision:?}"));
+            }
+        }
+    }
+    // The cases reach allow, deny by several policies and approval.
+    assert!(decided.len() >= 5, "{decided:?}");
+}
+
 #[test]
 fn built_context_validates_against_the_schema() {
-    let engine = PolicyEngine::from_sources(&actions(), &[]).unwrap();
+    let mut engine = PolicyEngine::from_sources(&actions(), &[]).unwrap();
+    engine.context_read = every_attribute();
     let request = engine.request(&facts("mail:read", MONDAY_10)).unwrap();
     let (schema, _) = Schema::from_cedarschema_str(&schema_text(&actions())).unwrap();
     let context = request.context().unwrap().clone();
