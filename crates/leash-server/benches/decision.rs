@@ -3,7 +3,9 @@
 //! then answered from the verified-token cache; the grant's liveness comes from memory; the proof
 //! is verified on every call. Also measured, for reference: the same plus step 7's durable commit
 //! (the proof's `jti` and the budget count, one SQLite transaction), one request at a time.
-//! Target (issue: gateway): decision path median ≤ 1.5× the bare verify.
+//! Target (issue: gateway): decision path median ≤ 1.5× the bare verify. The two are also
+//! measured in interleaved rounds (last line of the output), which the machine's drift between
+//! criterion's measurements cannot skew.
 //! Run: cargo bench -p leash-server --bench decision
 
 #![allow(
@@ -12,6 +14,7 @@
 )]
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use criterion::{BatchSize, Criterion, black_box, criterion_group, criterion_main};
@@ -182,30 +185,30 @@ fn bench(c: &mut Criterion) {
     let proofs: Vec<HeaderMap> = (0..PROOFS).map(|_| headers(&setup)).collect();
     let mut next = proofs.iter().cycle();
 
+    let bare_verify = || {
+        public
+            .verify(Alg::EdDsa, black_box(input.as_bytes()), black_box(&sig))
+            .expect("verifies")
+    };
+    let decision_path = |headers: &HeaderMap| {
+        setup.runtime.block_on(async {
+            decide(
+                &setup.state,
+                &Method::GET,
+                &uri,
+                headers,
+                &mut Trail::default(),
+            )
+            .await
+            .map(|_| ())
+            .expect("allowed")
+        })
+    };
+
     let mut group = c.benchmark_group("gateway");
-    group.bench_function("bare_dpop_signature_verify", |b| {
-        b.iter(|| {
-            public
-                .verify(Alg::EdDsa, black_box(input.as_bytes()), black_box(&sig))
-                .expect("verifies")
-        })
-    });
+    group.bench_function("bare_dpop_signature_verify", |b| b.iter(bare_verify));
     group.bench_function("decision_path", |b| {
-        b.iter(|| {
-            let headers = next.next().expect("cycle");
-            setup.runtime.block_on(async {
-                decide(
-                    &setup.state,
-                    &Method::GET,
-                    &uri,
-                    headers,
-                    &mut Trail::default(),
-                )
-                .await
-                .map(|_| ())
-                .expect("allowed")
-            })
-        })
+        b.iter(|| decision_path(next.next().expect("cycle")))
     });
     group.bench_function("parts/verified_token", |b| {
         b.iter(|| {
@@ -249,6 +252,44 @@ fn bench(c: &mut Criterion) {
         )
     });
     group.finish();
+
+    interleaved_ratio(bare_verify, || decision_path(next.next().expect("cycle")));
+}
+
+/// The decision path over the bare verify again, in rounds that alternate between the two so
+/// that both see the same neighbours: on a shared machine the speed drifts by a third between
+/// criterion's two measurements, which run one after the other. Prints the medians of the
+/// rounds.
+fn interleaved_ratio(mut bare_verify: impl FnMut(), mut decision_path: impl FnMut()) {
+    const ROUNDS: usize = 60;
+    const CALLS: usize = 200;
+    let timed = |f: &mut dyn FnMut()| {
+        let start = Instant::now();
+        for _ in 0..CALLS {
+            f();
+        }
+        start.elapsed().as_secs_f64()
+    };
+    let rounds: Vec<(f64, f64)> = (0..ROUNDS)
+        .map(|_| (timed(&mut decision_path), timed(&mut bare_verify)))
+        .collect();
+    let quartiles = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        (
+            values[ROUNDS / 4],
+            values[ROUNDS / 2],
+            values[3 * ROUNDS / 4],
+        )
+    };
+    let per_call = |seconds: f64| seconds / CALLS as f64 * 1e6;
+    let (_, path, _) = quartiles(rounds.iter().map(|r| per_call(r.0)).collect());
+    let (_, bare, _) = quartiles(rounds.iter().map(|r| per_call(r.1)).collect());
+    let (low, ratio, high) = quartiles(rounds.iter().map(|r| r.0 / r.1).collect());
+    println!(
+        "gateway/interleaved: {ROUNDS} rounds of {CALLS} calls each; medians: decision path \
+         {path:.2} µs, bare verify {bare:.2} µs, ratio {ratio:.3}x (quartiles {low:.3}x to \
+         {high:.3}x)"
+    );
 }
 
 criterion_group!(benches, bench);
