@@ -229,8 +229,9 @@ pub fn thumbprint(jwk: &Value) -> Option<String> {
         "oct" => &["k", "kty"],
         _ => return None,
     };
-    // serde_json's Map is ordered by key (no preserve_order feature), and to_string emits no
-    // whitespace: together that is RFC 7638 §3.2's canonical form.
+    // The members are inserted in lexicographic order, which the Map keeps either way (cedar
+    // turns on serde_json's `preserve_order`, so it keeps insertion order), and to_string emits
+    // no whitespace: together that is RFC 7638 §3.2's canonical form.
     let mut members = Map::new();
     for name in required {
         members.insert(

@@ -3,7 +3,6 @@
 //! refuse duplicate JSON members and type-confused time claims, and choose the algorithm from
 //! the key, never from the header alone (RFC 8725). The signature primitives are RustCrypto's.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -242,10 +241,9 @@ impl<'de> Visitor<'de> for StrictVisitor {
         Ok(Value::Array(items))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut seen = HashSet::new();
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            if !seen.insert(key.clone()) {
+            if out.contains_key(&key) {
                 return Err(de::Error::custom("duplicate member"));
             }
             let value = map.next_value_seed(StrictValue)?;
