@@ -172,9 +172,10 @@ pub fn authorization(headers: &HeaderMap) -> ApiResult<Option<(AuthScheme, &str)
         ApiError::InvalidRequest("Authorization must be `scheme credentials`".into())
     })?;
     let credentials = credentials.trim();
-    // Scanned as bytes (the value is ASCII): a token is hundreds of bytes, and `str::contains`
-    // with a set of chars decodes each one.
-    if credentials.is_empty() || credentials.bytes().any(|b| b == b' ' || b == b',') {
+    // memchr's vectorised search: a token is hundreds of bytes (`str::contains` with a set of
+    // chars decodes each one).
+    let separated = memchr::memchr2(b' ', b',', credentials.as_bytes()).is_some();
+    if credentials.is_empty() || separated {
         return Err(ApiError::InvalidRequest(
             "Authorization carries more than one credential".into(),
         ));

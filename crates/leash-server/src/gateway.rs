@@ -34,7 +34,8 @@ struct Principal {
     /// The human.
     subject: String,
     grant: Option<leash_core::grant::Grant>,
-    scope: Vec<String>,
+    /// The agent's token (delegated).
+    token: Option<Arc<leash_core::token::AccessClaims>>,
 }
 
 /// Headers of the caller that never reach an upstream, besides hop-by-hop ones.
@@ -384,10 +385,10 @@ pub async fn decide<'s>(
             Principal {
                 mode: Mode::Delegated,
                 proof_once: Some(agent.proof_once),
-                scope: agent.claims.actions().map(str::to_owned).collect(),
                 actor: agent.claims.client_id.clone(),
                 subject: agent.claims.sub.clone(),
                 grant: Some(agent.grant),
+                token: Some(agent.claims),
             }
         }
         ResourceCaller::Key(Caller::Human(user)) => Principal {
@@ -396,7 +397,7 @@ pub async fn decide<'s>(
             actor: user.id.clone(),
             subject: user.id,
             grant: None,
-            scope: Vec::new(),
+            token: None,
         },
         ResourceCaller::Key(Caller::Admin) => {
             trail.known.mode = AuditMode::System;
@@ -439,7 +440,11 @@ pub async fn decide<'s>(
                 upstream.name
             )));
         }
-        if !principal.scope.contains(&route.action) {
+        let in_scope = principal
+            .token
+            .as_ref()
+            .is_some_and(|token| token.actions().any(|action| action == route.action));
+        if !in_scope {
             return Err(ApiError::InsufficientScope(format!(
                 "the token's scope does not include {}",
                 route.action
