@@ -8,14 +8,14 @@ use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
-use leash_core::dpop::{AccessTokenHash, ProofContext, ProofError, ReplayKey, verify_proof};
+use leash_core::dpop::{ProofContext, ProofError, ReplayKey, verify_proof};
 use leash_core::secret::SecretDigest;
 use leash_core::token::AccessClaims;
 use leash_store::{RequestUse, UseVerdict, User};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ApiResult};
-use crate::state::AppState;
+use crate::state::{AppState, PresentedToken};
 
 /// Largest JSON body of the management API.
 pub const JSON_LIMIT: usize = 64 * 1024;
@@ -374,8 +374,8 @@ pub async fn verify_agent(
     token: &str,
 ) -> ApiResult<AgentAuth> {
     let now = state.clock.now();
-    let token_hash = AccessTokenHash::of(token);
-    let claims = state.verified_token(token, &token_hash, now)?;
+    let token = PresentedToken::new(token);
+    let claims = state.verified_token(&token, now)?;
     let grant = state.check_token_live(&claims, now).await?;
 
     // API §6: two DPoP headers are a malformed request.
@@ -389,7 +389,7 @@ pub async fn verify_agent(
     let cx = ProofContext {
         method: method.as_str(),
         url: &url,
-        access_token: Some(&token_hash),
+        access_token: Some(token.hash()),
         now,
         nonces: state.required_nonces(),
     };

@@ -128,8 +128,8 @@ fn attribute_refused_token(state: &AppState, headers: &HeaderMap, trail: &mut Tr
     let Ok(Some((_, token))) = crate::extract::authorization(headers) else {
         return;
     };
-    let token_hash = leash_core::dpop::AccessTokenHash::of(token);
-    if let Ok(claims) = state.verified_token(token, &token_hash, state.clock.now()) {
+    let token = crate::state::PresentedToken::new(token);
+    if let Ok(claims) = state.verified_token(&token, state.clock.now()) {
         trail.known.subject = Some(claims.sub.clone());
         trail.known.actor = Some(claims.client_id.clone());
         trail.known.grant_id = Some(claims.grant_id.clone());

@@ -295,11 +295,10 @@ impl AppState {
     /// cache of verified tokens when it can; the expiry is checked on every call.
     pub fn verified_token(
         &self,
-        token: &str,
-        token_hash: &AccessTokenHash,
+        token: &PresentedToken<'_>,
         now: i64,
     ) -> ApiResult<Arc<AccessClaims>> {
-        if let Some(claims) = self.verified_tokens.get(token_hash) {
+        if let Some(claims) = self.verified_tokens.get(&token.hash) {
             if claims.exp <= now {
                 return Err(ApiError::InvalidToken(
                     "access token refused: exp has passed".into(),
@@ -307,10 +306,10 @@ impl AppState {
             }
             return Ok(claims);
         }
-        let claims = verify_access_token(token, |kid| self.verify_key(kid), &self.issuer, now)
+        let claims = verify_access_token(token.text, |kid| self.verify_key(kid), &self.issuer, now)
             .map_err(|e| ApiError::InvalidToken(format!("access token refused: {e}")))?;
         let claims = Arc::new(claims);
-        self.verified_tokens.insert(*token_hash, claims.clone());
+        self.verified_tokens.insert(token.hash, claims.clone());
         Ok(claims)
     }
 
@@ -337,6 +336,30 @@ impl AppState {
             return Err(ApiError::InvalidToken("the token was revoked".into()));
         }
         Ok(grant)
+    }
+}
+
+/// An access token as a request presents it, hashed once: the hash keys the verified-token cache
+/// and is what the proof's `ath` must name. Only [`PresentedToken::new`] makes one, so the hash
+/// is always the token's own.
+#[derive(Debug)]
+pub struct PresentedToken<'a> {
+    text: &'a str,
+    hash: AccessTokenHash,
+}
+
+impl<'a> PresentedToken<'a> {
+    /// Hashes `text`.
+    pub fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            hash: AccessTokenHash::of(text),
+        }
+    }
+
+    /// The token's SHA-256.
+    pub fn hash(&self) -> &AccessTokenHash {
+        &self.hash
     }
 }
 
