@@ -288,13 +288,18 @@ mod tests {
         assert!(verify_proof(FIG2, &cx("POST", with_query, now)).is_ok());
     }
 
+    /// A DPoP proof with any `claims`, signed by `key`.
+    fn proof_with(key: &crate::client::AgentKey, claims: &Value) -> String {
+        let mut header = serde_json::Map::new();
+        header.insert("typ".into(), serde_json::json!("dpop+jwt"));
+        header.insert("jwk".into(), key.public().to_value());
+        key.sign(header, claims)
+    }
+
     #[test]
     fn htu_spelled_differently_matches_as_the_same_url() {
         let key = crate::client::AgentKey::generate(crate::jws::Alg::EdDsa);
         let url = "https://server.example.com/gw/mail/messages/42";
-        let mut header = serde_json::Map::new();
-        header.insert("typ".into(), serde_json::json!("dpop+jwt"));
-        header.insert("jwk".into(), key.public().to_value());
         for (htu, ok) in [
             (url, true),
             ("HTTPS://Server.Example.COM:443/gw/mail/messages/42", true),
@@ -308,7 +313,7 @@ mod tests {
             ("/gw/mail/messages/42", false),
         ] {
             let claims = serde_json::json!({"jti": "j", "htm": "GET", "htu": htu, "iat": 1000});
-            let proof = key.sign(header.clone(), &claims);
+            let proof = proof_with(&key, &claims);
             assert_eq!(
                 verify_proof(&proof, &cx("GET", url, 1000)).is_ok(),
                 ok,
@@ -321,16 +326,13 @@ mod tests {
     fn overlong_jti_refused() {
         let key = crate::client::AgentKey::generate(crate::jws::Alg::EdDsa);
         let url = "http://127.0.0.1:8470/oauth2/token";
-        let mut header = serde_json::Map::new();
-        header.insert("typ".into(), serde_json::json!("dpop+jwt"));
-        header.insert("jwk".into(), key.public().to_value());
         for (jti, ok) in [
             ("j".repeat(256), true),
             ("j".repeat(257), false),
             (String::new(), false),
         ] {
             let claims = serde_json::json!({"jti": jti, "htm": "POST", "htu": url, "iat": 1000});
-            let proof = key.sign(header.clone(), &claims);
+            let proof = proof_with(&key, &claims);
             assert_eq!(
                 verify_proof(&proof, &cx("POST", url, 1000)).is_ok(),
                 ok,
