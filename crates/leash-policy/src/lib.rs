@@ -219,21 +219,18 @@ pub fn schema_text(actions: &BTreeSet<String>) -> String {
 /// strictly.
 fn context_read_by(policies: &PolicySet) -> Vec<(Attr, &'static str)> {
     let mut names = BTreeSet::new();
-    for policy in policies.policies() {
-        let whole = match policy.to_json() {
-            Ok(json) => !context_attributes_in(&json, &mut names),
-            Err(_) => true,
-        };
-        if whole {
-            return CONTEXT
-                .iter()
-                .map(|&(attr, name, _)| (attr, name))
-                .collect();
-        }
-    }
+    let whole = policies.policies().any(|policy| match policy.to_json() {
+        Ok(json) => !context_attributes_in(&json, &mut names),
+        Err(_) => true,
+    });
+    context_attributes(|name| whole || names.contains(name))
+}
+
+/// The context's attributes whose names `keep` accepts, in the schema's order.
+fn context_attributes(keep: impl Fn(&str) -> bool) -> Vec<(Attr, &'static str)> {
     CONTEXT
         .iter()
-        .filter(|(_, name, _)| names.contains(*name))
+        .filter(|(_, name, _)| keep(name))
         .map(|&(attr, name, _)| (attr, name))
         .collect()
 }
