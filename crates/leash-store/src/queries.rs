@@ -502,8 +502,9 @@ macro_rules! shared_queries {
 
         /// Ends a management change: writes its audit event (when the change took effect)
         /// into the outbox in the change's own transaction, commits, runs `committed` (which
-        /// drops what memory holds of the changed rows, at once, not after the flush), and then
-        /// has `flush` move the event into the chain (see `Store`).
+        /// drops what memory holds of the changed rows, at once, not after the flush, and also
+        /// when the commit reports a failure), and then has `flush` move the event into the
+        /// chain (see `Store`).
         pub(crate) async fn commit_change(
             mut tx: sqlx::Transaction<'static, $db>,
             event: Option<&leash_core::audit::AuditEvent>,
@@ -519,8 +520,11 @@ macro_rules! shared_queries {
                     .await
                     .map_err(unavailable)?;
             }
-            tx.commit().await.map_err(unavailable)?;
+            // Memory's copies are dropped even when the commit reports a failure: on PostgreSQL
+            // a lost connection can hide a commit that happened, and dropping is always safe.
+            let result = tx.commit().await.map_err(unavailable);
             committed();
+            result?;
             if event.is_some() {
                 flush().await;
             }
