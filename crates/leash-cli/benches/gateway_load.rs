@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use leash_core::client::AgentKey;
+use leash_core::jwk::PublicJwk;
+use leash_core::jws::Alg;
 use leash_testkit::{Leash, Scenario, now};
 use serde_json::json;
 
@@ -25,32 +27,41 @@ const SECONDS: u64 = 5;
 const CONCURRENCY: usize = 32;
 const BODY: usize = 1024;
 
-/// What a target needs per request: a URL and, for Leash, the next token + proof headers.
+// The floor proxies run in this process: allocate as the `leash` binary does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// What a target needs per request: a URL and, for Leash and the floors, the token and the
+/// next proof.
 #[derive(Clone)]
 enum Target {
     Plain(String),
-    Leash(Arc<LeashTarget>),
+    Proofs(Arc<ProofTarget>),
 }
 
-struct LeashTarget {
+struct ProofTarget {
     url: String,
     authorization: String,
-    proofs: Vec<String>,
+    proofs: Arc<Vec<String>>,
     next: AtomicUsize,
+    /// Leash refuses a proof seen before; the floors do not look.
+    each_once: bool,
 }
 
 impl Target {
     fn request(&self, client: &reqwest::Client) -> Option<reqwest::RequestBuilder> {
         match self {
             Self::Plain(url) => Some(client.get(url)),
-            Self::Leash(leash) => {
-                let proof = leash
-                    .proofs
-                    .get(leash.next.fetch_add(1, Ordering::Relaxed))?;
+            Self::Proofs(target) => {
+                let mut next = target.next.fetch_add(1, Ordering::Relaxed);
+                if !target.each_once {
+                    next %= target.proofs.len();
+                }
+                let proof = target.proofs.get(next)?;
                 Some(
                     client
-                        .get(&leash.url)
-                        .header("Authorization", &leash.authorization)
+                        .get(&target.url)
+                        .header("Authorization", &target.authorization)
                         .header("DPoP", proof),
                 )
             }
@@ -90,15 +101,29 @@ fn summarise(mut latencies: Vec<u64>, elapsed: Duration, failures: u64) -> Run {
     }
 }
 
-/// Sends 200 requests one by one, right before a measured run of `target`. Leash closes
-/// connections idle for its `header_read_timeout` (10 s), and the runs of the other paths take
-/// longer than that: without this, the Leash runs began by reopening the client's pooled
-/// connections under full load, which put 15–30 ms on their first ~150 requests (and likely
-/// was the source of the runs whose p99 was 70–200 ms), a cost of the client's pool and not
-/// of the gateway. nginx and the upstream keep idle connections longer than the whole bench.
+/// Opens `CONCURRENCY` connections to `target` and sends 256 requests over them, right before
+/// a measured run, so that the run starts with the client's pool (and a proxy's pool to the
+/// upstream) as full as the run keeps it. Leash closes connections idle for its
+/// `header_read_timeout` (10 s), and the runs of the other paths take longer than that: without
+/// a warm-up the Leash runs began by reopening the client's pooled connections under full load,
+/// which put 15–30 ms on their first ~150 requests (the likely source of runs whose p99 was
+/// 70–200 ms). Warming one request at a time left a single connection open: the open-loop run
+/// then opened the dozen it needs in its first few hundred milliseconds, and in two runs timed
+/// inside the server (throwaway instrumentation) 200–270 of those requests took over 2 ms there,
+/// 1–2 % of the run, which is its p99. Connecting is not the gateway's steady state.
 async fn warm(target: &Target, client: &reqwest::Client) {
-    for _ in 0..200 {
-        send(target, client).await;
+    let tasks: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (target, client) = (target.clone(), client.clone());
+            tokio::spawn(async move {
+                for _ in 0..256 / CONCURRENCY {
+                    send(&target, &client).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("warm-up");
     }
 }
 
@@ -215,12 +240,91 @@ fn leash_target(leash: &Leash, token: &str, dpop: &AgentKey) -> Target {
     let proofs: Vec<String> = (0..60_000)
         .map(|_| dpop.dpop_proof("GET", &url, Some(token), None, now()))
         .collect();
-    Target::Leash(Arc::new(LeashTarget {
+    Target::Proofs(Arc::new(ProofTarget {
         url,
         authorization: format!("DPoP {token}"),
-        proofs,
+        proofs: Arc::new(proofs),
         next: AtomicUsize::new(0),
+        each_once: true,
     }))
+}
+
+/// A floor proxy gets the same request bytes as Leash (token and a proof, reused in turn).
+fn floor_target(url: &str, token: &str, proofs: &Arc<Vec<String>>) -> Target {
+    Target::Proofs(Arc::new(ProofTarget {
+        url: format!("{url}/messages/1"),
+        authorization: format!("DPoP {token}"),
+        proofs: proofs.clone(),
+        next: AtomicUsize::new(0),
+        each_once: false,
+    }))
+}
+
+/// What any gateway built like Leash pays before its own checks: Leash's HTTP stack (axum
+/// serving the agent, `leash_server::gateway::upstream_client` forwarding, the same 2-worker
+/// runtime, mimalloc) relaying to the upstream with no checks, and with `key`, also the one
+/// check the issue forbids skipping: the proof's Ed25519 signature, verified strictly against a
+/// decoded key (nothing else of the proof is looked at). Runs on its own runtime, as the
+/// upstream does; returns its base URL.
+fn floor_proxy(upstream: &str, key: Option<PublicJwk>) -> String {
+    use axum::extract::{Request, State};
+    use axum::response::{IntoResponse, Response};
+    use base64::Engine as _;
+
+    struct Floor {
+        upstream: String,
+        key: Option<PublicJwk>,
+        client: leash_server::gateway::UpstreamClient,
+    }
+    async fn relay(State(floor): State<Arc<Floor>>, request: Request) -> Response {
+        if let Some(key) = &floor.key {
+            let verified = request
+                .headers()
+                .get("dpop")
+                .and_then(|proof| proof.to_str().ok())
+                .and_then(|proof| proof.rsplit_once('.'))
+                .and_then(|(input, signature)| {
+                    let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(signature)
+                        .ok()?;
+                    key.verify(Alg::EdDsa, input.as_bytes(), &signature).ok()
+                });
+            if verified.is_none() {
+                return axum::http::StatusCode::UNAUTHORIZED.into_response();
+            }
+        }
+        let (parts, body) = request.into_parts();
+        let mut forwarded = axum::http::Request::new(body);
+        *forwarded.method_mut() = parts.method;
+        *forwarded.uri_mut() = format!("{}{}", floor.upstream, parts.uri.path())
+            .parse()
+            .expect("target");
+        match floor.client.request(forwarded).await {
+            Ok(response) => response.map(axum::body::Body::new),
+            Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
+        }
+    }
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    let floor = Arc::new(Floor {
+        upstream: upstream.to_owned(),
+        key,
+        client: leash_server::gateway::upstream_client(),
+    });
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let app = axum::Router::new().fallback(relay).with_state(floor);
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    format!("http://{addr}")
 }
 
 async fn run() {
@@ -246,9 +350,24 @@ async fn run() {
 
     let direct = Target::Plain(format!("{upstream}/messages/1"));
     let nginx = Target::Plain(format!("{nginx_url}/messages/1"));
+    let floor_proofs = Arc::new(
+        (0..1_000)
+            .map(|_| dpop.dpop_proof("GET", &leash.url, Some(&token), None, now()))
+            .collect::<Vec<_>>(),
+    );
+    let relay = floor_target(&floor_proxy(&upstream, None), &token, &floor_proofs);
+    let verify = floor_target(
+        &floor_proxy(&upstream, Some(dpop.public())),
+        &token,
+        &floor_proofs,
+    );
+    let floors = [
+        ("floor: relay only", &relay),
+        ("floor: relay + Ed25519 verify", &verify),
+    ];
 
     // Warm every path (connections, caches) before measuring.
-    for target in [&direct, &nginx] {
+    for target in [&direct, &nginx, &relay, &verify] {
         warm(target, &client).await;
     }
 
@@ -259,6 +378,13 @@ async fn run() {
     print_row("direct", &direct_peak);
     let nginx_peak = peak(&nginx, &client).await;
     print_row("nginx reverse proxy", &nginx_peak);
+    let mut floor_peaks = Vec::new();
+    for (name, target) in floors {
+        warm(target, &client).await;
+        let run = peak(target, &client).await;
+        print_row(name, &run);
+        floor_peaks.push(run.per_second);
+    }
     let gateway = leash_target(&leash, &token, &dpop);
     warm(&gateway, &client).await;
     let leash_peak = peak(&gateway, &client).await;
@@ -273,6 +399,13 @@ async fn run() {
     print_row("direct", &direct_rate);
     let nginx_rate = at_rate(&nginx, &client, rate).await;
     print_row("nginx reverse proxy", &nginx_rate);
+    let mut floor_p99s = Vec::new();
+    for (name, target) in floors {
+        warm(target, &client).await;
+        let run = at_rate(target, &client, rate).await;
+        print_row(name, &run);
+        floor_p99s.push(run.p99_us);
+    }
     let gateway = leash_target(&leash, &token, &dpop);
     warm(&gateway, &client).await;
     let logged_before = leash.logs().len();
@@ -300,6 +433,14 @@ async fn run() {
         "Leash p99 added over direct at half its peak: {:.2} ms (target <= 1 ms)",
         (leash_rate.p99_us as f64 - direct_rate.p99_us as f64) / 1000.0
     );
+    for (((name, _), floor_peak), floor_p99) in floors.iter().zip(&floor_peaks).zip(&floor_p99s) {
+        println!(
+            "{name}: {:.1} % of nginx's requests/s; p99 added over direct at Leash's half peak \
+             {:.2} ms",
+            100.0 * floor_peak / nginx_peak.per_second,
+            (*floor_p99 as f64 - direct_rate.p99_us as f64) / 1000.0
+        );
+    }
     println!(
         "SQLite log restarts during the half-peak run: {} (writer paused p50 {} µs, max {} µs)",
         restarts.len(),
