@@ -265,7 +265,7 @@ fn floor_target(url: &str, token: &str, proofs: &Arc<Vec<String>>) -> Target {
 /// runtime, mimalloc) relaying to the upstream with no checks, and with `key`, also the one
 /// check the issue forbids skipping: the proof's Ed25519 signature, verified strictly against a
 /// decoded key (nothing else of the proof is looked at). Runs on its own runtime, as the
-/// upstream does; returns its base URL.
+/// upstream does (`leash_testkit::serve_apart`); returns its base URL.
 fn floor_proxy(upstream: &str, key: Option<PublicJwk>) -> String {
     use axum::extract::{Request, State};
     use axum::response::{IntoResponse, Response};
@@ -305,26 +305,12 @@ fn floor_proxy(upstream: &str, key: Option<PublicJwk>) -> String {
         }
     }
 
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let addr = listener.local_addr().expect("addr");
     let floor = Arc::new(Floor {
         upstream: upstream.to_owned(),
         key,
         client: leash_server::gateway::upstream_client(),
     });
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let app = axum::Router::new().fallback(relay).with_state(floor);
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-            axum::serve(listener, app).await.expect("serve");
-        });
-    });
-    format!("http://{addr}")
+    leash_testkit::serve_apart(axum::Router::new().fallback(relay).with_state(floor))
 }
 
 async fn run() {

@@ -974,9 +974,15 @@ pub struct Recorded {
 }
 
 /// An upstream on loopback answering every request with `body`, on its own thread and
-/// runtime (so that a load generator in the caller's runtime does not slow it): what the load
-/// benchmarks put behind the gateway. Returns its base URL.
+/// runtime: what the load benchmarks put behind the gateway. Returns its base URL.
 pub fn fixed_upstream(body: &'static [u8]) -> String {
+    serve_apart(axum::Router::new().fallback(move || async move { body }))
+}
+
+/// Serves `app` on a random loopback port from its own thread and runtime, so that a load
+/// generator in the caller's runtime does not slow it (nor it the generator). Returns its base
+/// URL.
+pub fn serve_apart(app: axum::Router) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).expect("nonblocking");
     let addr = listener.local_addr().expect("addr");
@@ -986,7 +992,6 @@ pub fn fixed_upstream(body: &'static [u8]) -> String {
             .build()
             .expect("runtime");
         runtime.block_on(async move {
-            let app = axum::Router::new().fallback(move || async move { body });
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             axum::serve(listener, app).await.expect("serve");
         });
