@@ -336,9 +336,11 @@ async fn run() {
 
     let direct = Target::Plain(format!("{upstream}/messages/1"));
     let nginx = Target::Plain(format!("{nginx_url}/messages/1"));
+    // Proofs for Leash's URL, so that the floors read requests of the same size.
+    let leash_url = format!("{}/gw/mail/messages/1", leash.url);
     let floor_proofs = Arc::new(
         (0..1_000)
-            .map(|_| dpop.dpop_proof("GET", &leash.url, Some(&token), None, now()))
+            .map(|_| dpop.dpop_proof("GET", &leash_url, Some(&token), None, now()))
             .collect::<Vec<_>>(),
     );
     let relay = floor_target(&floor_proxy(&upstream, None), &token, &floor_proofs);
