@@ -234,8 +234,13 @@ fn print_row(name: &str, run: &Run) {
     );
 }
 
+/// The gateway URL every Leash request (and every floor's proof) names.
+fn leash_url(leash: &Leash) -> String {
+    format!("{}/gw/mail/messages/1", leash.url)
+}
+
 fn leash_target(leash: &Leash, token: &str, dpop: &AgentKey) -> Target {
-    let url = format!("{}/gw/mail/messages/1", leash.url);
+    let url = leash_url(leash);
     // Enough fresh proofs for a peak run and a rate run, made before measuring.
     let proofs: Vec<String> = (0..60_000)
         .map(|_| dpop.dpop_proof("GET", &url, Some(token), None, now()))
@@ -337,7 +342,7 @@ async fn run() {
     let direct = Target::Plain(format!("{upstream}/messages/1"));
     let nginx = Target::Plain(format!("{nginx_url}/messages/1"));
     // Proofs for Leash's URL, so that the floors read requests of the same size.
-    let leash_url = format!("{}/gw/mail/messages/1", leash.url);
+    let leash_url = leash_url(&leash);
     let floor_proofs = Arc::new(
         (0..1_000)
             .map(|_| dpop.dpop_proof("GET", &leash_url, Some(&token), None, now()))
