@@ -470,8 +470,8 @@ async fn run() {
     print_row("Leash gateway", &leash_rate);
     let restarts = log_restart_pauses(&leash.logs()[logged_before..]);
 
-    // Where the tail comes from: the same paths at half that rate, when the machine (which the
-    // client and upstream share with the proxy) has room to spare.
+    // Direct and Leash again at half that rate: how the added p99 falls as the machine, which
+    // the client and upstream share with the proxy, gets room to spare.
     let quarter = rate / 2.0;
     println!();
     println!("open loop at {quarter:.0} requests/s (a quarter of Leash's peak), {SECONDS} s each");
