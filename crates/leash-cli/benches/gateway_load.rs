@@ -300,6 +300,11 @@ fn print_row(name: &str, run: &Run) {
     );
 }
 
+/// What `run` adds to the direct path's p99, in ms.
+fn added_p99_ms(run: &Run, direct: &Run) -> f64 {
+    (run.p99_us as f64 - direct.p99_us as f64) / 1000.0
+}
+
 /// The gateway URL every Leash request (and every floor's proof) names.
 fn leash_url(leash: &Leash) -> String {
     format!("{}/gw/mail/messages/1", leash.url)
@@ -456,12 +461,12 @@ async fn run() {
     print_row("direct", &direct_rate);
     let nginx_rate = at_rate(&nginx, &client, rate).await;
     print_row("nginx reverse proxy", &nginx_rate);
-    let mut floor_p99s = Vec::new();
+    let mut floor_rates = Vec::new();
     for (name, target) in floors {
         warm(target, &client).await;
         let run = at_rate(target, &client, rate).await;
         print_row(name, &run);
-        floor_p99s.push(run.p99_us);
+        floor_rates.push(run);
     }
     let gateway = leash_target(&leash, &token, &dpop);
     warm(&gateway, &client).await;
@@ -501,18 +506,18 @@ async fn run() {
     );
     println!(
         "Leash p99 added over direct at half its peak: {:.2} ms (target <= 1 ms)",
-        (leash_rate.p99_us as f64 - direct_rate.p99_us as f64) / 1000.0
+        added_p99_ms(&leash_rate, &direct_rate)
     );
     println!(
         "Leash p99 added over direct at a quarter of its peak: {:.2} ms",
-        (leash_quarter.p99_us as f64 - direct_quarter.p99_us as f64) / 1000.0
+        added_p99_ms(&leash_quarter, &direct_quarter)
     );
-    for (((name, _), floor_peak), floor_p99) in floors.iter().zip(&floor_peaks).zip(&floor_p99s) {
+    for (((name, _), floor_peak), floor_rate) in floors.iter().zip(&floor_peaks).zip(&floor_rates) {
         println!(
             "{name}: {:.1} % of nginx's requests/s; p99 added over direct at Leash's half peak \
              {:.2} ms",
             100.0 * floor_peak / nginx_peak.per_second,
-            (*floor_p99 as f64 - direct_rate.p99_us as f64) / 1000.0
+            added_p99_ms(floor_rate, &direct_rate)
         );
     }
     println!(
