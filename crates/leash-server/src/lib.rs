@@ -130,8 +130,7 @@ pub async fn run(
         let url = leash_store::display_url(&config.database);
         anyhow::anyhow!("cannot open database {url}: {e}")
     })?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = limits::listen(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let issuer = config

@@ -30,6 +30,27 @@ const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 /// The smallest read buffer hyper accepts.
 const HYPER_MIN_BUF: usize = 8192;
 
+/// Connections the kernel completes and queues for `accept` while the server is busy or at
+/// `max_connections`. The standard library's (and tokio's) 128 overflowed under a burst of
+/// connects, a client pool refilling after a pause: a SYN that finds the queue full is dropped,
+/// and the client sends it again only after a second. Linux clamps this to
+/// `net.core.somaxconn` (4096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// The server's listening socket on `addr`, with a backlog of [`LISTEN_BACKLOG`].
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted server can listen again at once.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, under `limits`.
 ///
 /// The configured head limits are answered by [`check_head`] with a JSON 431; hyper's own
@@ -37,7 +58,7 @@ const HYPER_MIN_BUF: usize = 8192;
 /// buffer an unbounded head (hyper answers those with a bare 431 and closes the connection).
 /// A client has `header_read_timeout` to send each request head, which also closes a
 /// kept-alive connection idle for that long. At `max_connections`, new connections wait in the
-/// listen backlog until one closes.
+/// listen backlog (see [`listen`]) until one closes.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
