@@ -981,21 +981,29 @@ pub fn fixed_upstream(body: &'static [u8]) -> String {
 
 /// Serves `app` on a random loopback port from its own thread and runtime, so that a load
 /// generator in the caller's runtime does not slow it (nor it the generator). Returns its base
-/// URL.
+/// URL. Its backlog is as long as the `leash` server's (`leash_server::limits::listen`): the
+/// load bench's upstream and floor proxies must not drop the connects a burst opens when the
+/// proxy they are compared with does not.
 pub fn serve_apart(app: axum::Router) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.set_nonblocking(true).expect("nonblocking");
-    let addr = listener.local_addr().expect("addr");
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .expect("runtime");
         runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind("127.0.0.1:0".parse().expect("address"))
+                .expect("bind");
+            let listener = socket.listen(4096).expect("listen");
+            addr_tx
+                .send(listener.local_addr().expect("addr"))
+                .expect("caller waits");
             axum::serve(listener, app).await.expect("serve");
         });
     });
+    let addr = addr_rx.recv().expect("serving thread started");
     format!("http://{addr}")
 }
 
