@@ -216,8 +216,8 @@ async fn peak(target: &Target, client: &reqwest::Client) -> Run {
 /// with its fixed connections; a request due while all are busy waits for one, and that wait
 /// counts in its latency. Without the cap, every request due during a pause of a few
 /// milliseconds opened a connection of its own: `nstat` showed 2,500–4,100 connects in the runs
-/// whose p99 was 200–660 ms (700–840 in the runs without), the proxy paying for each connect
-/// and for one to the upstream as well, which turned a pause into a storm.
+/// whose p99 was 200–660 ms (700–840 in the runs without), up to 1,150 connections open to
+/// Leash at once: the proxy paid for each connect, which turned a pause into a storm.
 async fn at_rate(target: &Target, client: &reqwest::Client, rate: f64) -> Run {
     let total = (rate * SECONDS as f64) as usize;
     let interval = Duration::from_secs_f64(1.0 / rate);
