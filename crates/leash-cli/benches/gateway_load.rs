@@ -464,7 +464,10 @@ async fn run() {
 
     let rate = leash_peak.per_second / 2.0;
     println!();
-    println!("open loop at {rate:.0} requests/s (half of Leash's peak), {SECONDS} s each");
+    println!(
+        "open loop at {rate:.0} requests/s (half of Leash's peak), at most {CONCURRENCY} in \
+         flight, {SECONDS} s each"
+    );
     print_header();
     let direct_rate = at_rate(&direct, &client, rate).await;
     print_row("direct", &direct_rate);
@@ -488,7 +491,10 @@ async fn run() {
     // the client and upstream share with the proxy, gets room to spare.
     let quarter = rate / 2.0;
     println!();
-    println!("open loop at {quarter:.0} requests/s (a quarter of Leash's peak), {SECONDS} s each");
+    println!(
+        "open loop at {quarter:.0} requests/s (a quarter of Leash's peak), at most {CONCURRENCY} \
+         in flight, {SECONDS} s each"
+    );
     print_header();
     warm(&direct, &client).await;
     let direct_quarter = at_rate(&direct, &client, quarter).await;
