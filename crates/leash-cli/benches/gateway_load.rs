@@ -6,6 +6,7 @@
 //! direct at half of Leash's own peak rate. Each run also shows how busy the machine was, and
 //! direct and Leash are measured once more at a quarter of Leash's peak.
 //! Run: cargo bench -p leash-cli --bench gateway_load   (needs nginx: apt-get install nginx)
+//! With `GATEWAY_LOAD_PROFILE_RATE=<requests/s>` it runs only Leash at that rate, for a profiler.
 
 #![allow(
     clippy::expect_used,
@@ -219,7 +220,11 @@ async fn peak(target: &Target, client: &reqwest::Client) -> Run {
 /// whose p99 was 200–660 ms (700–840 in the runs without), up to 1,150 connections open to
 /// Leash at once: the proxy paid for each connect, which turned a pause into a storm.
 async fn at_rate(target: &Target, client: &reqwest::Client, rate: f64) -> Run {
-    let total = (rate * SECONDS as f64) as usize;
+    at_rate_for(target, client, rate, SECONDS).await
+}
+
+async fn at_rate_for(target: &Target, client: &reqwest::Client, rate: f64, seconds: u64) -> Run {
+    let total = (rate * seconds as f64) as usize;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let connections = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let failures = Arc::new(AtomicU64::new(0));
@@ -400,8 +405,6 @@ fn floor_proxy(upstream: &str, key: Option<PublicJwk>) -> String {
 
 async fn run() {
     let upstream = leash_testkit::fixed_upstream(&[b'x'; BODY]);
-    let prefix = tempfile::tempdir().expect("tempdir");
-    let (mut nginx_process, nginx_url) = start_nginx(prefix.path(), &upstream).await;
     let leash = Leash::start_quiet(Path::new(env!("CARGO_BIN_EXE_leash")), "", &upstream).await;
     let s = Scenario::new(&leash).await;
     let (status, body) = leash
@@ -418,6 +421,12 @@ async fn run() {
         .pool_max_idle_per_host(256)
         .build()
         .expect("client");
+
+    if let Some(rate) = profile_rate() {
+        return profile(&leash, &token, &dpop, &client, rate).await;
+    }
+    let prefix = tempfile::tempdir().expect("tempdir");
+    let (mut nginx_process, nginx_url) = start_nginx(prefix.path(), &upstream).await;
 
     let direct = Target::Plain(format!("{upstream}/messages/1"));
     let nginx = Target::Plain(format!("{nginx_url}/messages/1"));
@@ -556,6 +565,39 @@ async fn run() {
     }
 }
 
+/// `GATEWAY_LOAD_PROFILE_RATE=<requests/s>`: only Leash, open loop at that rate for
+/// `PROFILE_SECONDS` (20 s), for attaching a profiler (`perf record -p`, `perf stat -p`) to the
+/// server, whose pid it prints first.
+fn profile_rate() -> Option<f64> {
+    std::env::var("GATEWAY_LOAD_PROFILE_RATE")
+        .ok()?
+        .parse()
+        .ok()
+}
+
+async fn profile(leash: &Leash, token: &str, dpop: &AgentKey, client: &reqwest::Client, rate: f64) {
+    const PROFILE_SECONDS: u64 = 20;
+    let url = leash_url(leash);
+    let proofs: Vec<String> = (0..(rate as u64 * (PROFILE_SECONDS + 1) + 1_000))
+        .map(|_| dpop.dpop_proof("GET", &url, Some(token), None, now()))
+        .collect();
+    let gateway = Target::Proofs(Arc::new(ProofTarget {
+        url,
+        authorization: format!("DPoP {token}"),
+        proofs: Arc::new(proofs),
+        next: AtomicUsize::new(0),
+        each_once: true,
+    }));
+    warm(&gateway, client).await;
+    println!(
+        "leash pid {}: {rate:.0} requests/s for {PROFILE_SECONDS} s",
+        leash.pid()
+    );
+    print_header();
+    let run = at_rate_for(&gateway, client, rate, PROFILE_SECONDS).await;
+    print_row("Leash gateway", &run);
+}
+
 /// The writer's pause (µs) at each restart of the write-ahead log in `logs`, sorted: every
 /// request waiting on the writer sat through it.
 fn log_restart_pauses(logs: &str) -> Vec<u64> {
@@ -581,7 +623,7 @@ fn main() {
         return;
     }
     assert!(
-        Path::new(NGINX).exists(),
+        profile_rate().is_some() || Path::new(NGINX).exists(),
         "this benchmark compares against nginx: apt-get install nginx"
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -553,9 +553,14 @@ impl Leash {
         self.dir.path().to_owned()
     }
 
+    /// The server's process id (for a profiler to attach to).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().and_then(Child::id).expect("running")
+    }
+
     /// Sends SIGHUP (reload policies).
     pub async fn hangup(&self) {
-        let pid = self.child.as_ref().and_then(Child::id).expect("running");
+        let pid = self.pid();
         Command::new("kill")
             .arg("-HUP")
             .arg(pid.to_string())
@@ -662,7 +667,7 @@ impl Leash {
 
     /// The server process's resident memory, KiB (Linux `/proc`).
     pub fn rss_kib(&self) -> u64 {
-        let pid = self.child.as_ref().and_then(Child::id).expect("running");
+        let pid = self.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
         status
             .lines()
