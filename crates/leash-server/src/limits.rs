@@ -257,6 +257,26 @@ mod tests {
         assert_eq!(rates.tracked(), 2);
     }
 
+    #[tokio::test]
+    async fn listens_on_ipv4_and_ipv6_addresses_alike() {
+        // A machine without IPv6 on its loopback cannot run the second half.
+        let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+        for (addr, wanted) in [("127.0.0.1:0", true), ("[::1]:0", ipv6)] {
+            if !wanted {
+                eprintln!("no IPv6 loopback here: {addr} not tried");
+                continue;
+            }
+            let listener = listen(addr.parse().unwrap()).unwrap();
+            let bound = listener.local_addr().unwrap();
+            assert_eq!(bound.is_ipv6(), addr.starts_with('['), "{bound}");
+            assert_ne!(bound.port(), 0);
+            let (client, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(bound), listener.accept());
+            let (_, peer) = accepted.unwrap();
+            assert_eq!(peer, client.unwrap().local_addr().unwrap());
+        }
+    }
+
     #[test]
     fn no_rate_allows_everything_and_tracks_nobody() {
         let rates = CallerRates::new(None);
