@@ -110,11 +110,16 @@ pub async fn record(state: &AppState, event: AuditEvent) -> ApiResult<()> {
     })
 }
 
-/// Records a refusal as `event`'s outcome: `approval_required` with the approval's id as
-/// reason (when one was created), else a deny with the error code; the deciding policies when
-/// the error names some. The refusal stands even if its event cannot be written (that failure
-/// is logged by [`record`]).
-pub async fn record_refusal(state: &AppState, mut event: AuditEvent, error: &ApiError) {
+/// Records a refusal as `event`'s outcome (see [`as_refusal`]). The refusal stands even if its
+/// event cannot be written (that failure is logged by [`record`]).
+pub async fn record_refusal(state: &AppState, event: AuditEvent, error: &ApiError) {
+    let _ = record(state, as_refusal(event, error)).await;
+}
+
+/// `event` as the record of a refusal with `error`: `approval_required` with the approval's id
+/// as reason (when one was created), else a deny with the error code; the deciding policies
+/// when the error names some.
+pub fn as_refusal(mut event: AuditEvent, error: &ApiError) -> AuditEvent {
     let (_, code) = error.status_and_code();
     let (outcome, reason) = match error {
         ApiError::ApprovalRequired {
@@ -133,7 +138,7 @@ pub async fn record_refusal(state: &AppState, mut event: AuditEvent, error: &Api
     }
     event.decision = Some(outcome);
     event.reason = Some(reason);
-    let _ = record(state, event).await;
+    event
 }
 
 /// Query of `GET /v1/audit`; numbers are taken as text so that a bad one is our

@@ -21,7 +21,7 @@ use tower_http::timeout::TimeoutBody;
 use crate::audit::Trail;
 use crate::config::{Risk, Upstream};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, ResourceCaller, authenticate_resource, commit_use, verdict_result};
+use crate::extract::{Caller, ResourceCaller, authenticate_resource, verdict_result};
 use crate::state::AppState;
 
 /// Who the request is for and by whom.
@@ -159,11 +159,13 @@ async fn gateway(
         ApprovalState::NotNeeded => Body::new(http_body_util::Limited::new(body, body_limit)),
         ApprovalState::Needed { policies } => {
             let (bytes, digest) = hash_body(body).await?;
-            let id = ask_approval(state, &decided, parts.uri.query(), &bytes, digest).await?;
-            return Err(ApiError::ApprovalRequired {
-                policies: policies.clone(),
-                approval: Some(id),
-            });
+            let asked = Asked {
+                query: parts.uri.query(),
+                body: &bytes,
+                body_sha256: digest,
+                policies,
+            };
+            return Err(ask_approval(state, &decided, asked, trail, request_id).await);
         }
         ApprovalState::Attached(approval) => {
             let (bytes, digest) = hash_body(body).await?;
@@ -205,27 +207,31 @@ async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
     Ok((bytes, digest))
 }
 
-/// Creates the approval request for a decided request that needs one. The proof's `jti` is
-/// claimed first, so a replay of the refused request cannot pile up approval requests.
+/// The request an approval is asked for: what [`Decided`] does not hold.
+struct Asked<'r> {
+    query: Option<&'r str>,
+    body: &'r [u8],
+    body_sha256: String,
+    /// The policies that require the approval.
+    policies: &'r [String],
+}
+
+/// Creates the approval request for a decided request that needs one, and returns the refusal
+/// to answer with. The proof's `jti` is claimed, the pending approval stored and the refusal
+/// audited in one commit: a replay of the refused request cannot pile up approval requests,
+/// and no approval is stored without its event.
 async fn ask_approval(
     state: &AppState,
     decided: &Decided<'_>,
-    query: Option<&str>,
-    body: &[u8],
-    body_sha256: String,
-) -> ApiResult<String> {
+    asked: Asked<'_>,
+    trail: &mut Trail,
+    request_id: &str,
+) -> ApiError {
     let principal = &decided.principal;
-    let grant = principal
-        .grant
-        .as_ref()
-        .ok_or_else(|| ApiError::Forbidden("only delegated requests wait for approval".into()))?;
-    let now = state.clock.now();
-    let request = RequestUse {
-        once: principal.proof_once.into_iter().collect(),
-        now,
-        ..RequestUse::default()
+    let Some(grant) = principal.grant.as_ref() else {
+        return ApiError::Forbidden("only delegated requests wait for approval".into());
     };
-    commit_use(state, request).await?;
+    let now = state.clock.now();
     let approval = Approval {
         id: random_id("apr_"),
         grant_id: grant.id.clone(),
@@ -235,22 +241,44 @@ async fn ask_approval(
         upstream: decided.upstream.name.clone(),
         method: decided.method.clone(),
         path: decided.path.clone(),
-        query: query.map(str::to_owned),
-        body_sha256,
-        body_size: body.len() as i64,
+        query: asked.query.map(str::to_owned),
+        body_sha256: asked.body_sha256,
+        body_size: asked.body.len() as i64,
         status: ApprovalStatus::Pending,
         requested_at: now,
         expires_at: (now + state.config.approval_ttl).min(grant.expires_at),
         decided_at: None,
         approver: None,
     };
-    state.store.create_approval(&approval).await?;
+    let refusal = ApiError::ApprovalRequired {
+        policies: asked.policies.to_vec(),
+        approval: Some(approval.id.clone()),
+    };
+    let event = trail.event(GATEWAY_EVENT, now, request_id, Outcome::Deny, None);
+    let request = RequestUse {
+        once: principal.proof_once.into_iter().collect(),
+        now,
+        pending_approval: Some(Box::new(approval.clone())),
+        audit: Some(crate::audit::as_refusal(event, &refusal)),
+        ..RequestUse::default()
+    };
+    let verdict = match state.store.record_use(request).await {
+        Ok(verdict) => verdict,
+        Err(e) => {
+            tracing::error!(error = %e, "approval request commit failed: nothing is stored");
+            return ApiError::AuditUnavailable;
+        }
+    };
+    trail.recorded = true;
+    if let Err(refused) = verdict_result(verdict) {
+        return refused;
+    }
     state.notifier.send(serde_json::json!({
         "type": "approval.requested",
         "approval": crate::approvals::ApprovalView::of(&approval, Some(&grant.purpose), now),
     }));
     tracing::info!(approval = %approval.id, grant = %grant.id, action = %approval.action, "approval requested");
-    Ok(approval.id)
+    refusal
 }
 
 /// Where a decided request stands with step 6.
@@ -308,6 +336,7 @@ impl Decided<'_> {
             grant: principal.grant.as_ref().map(|g| g.id.clone()),
             now,
             approval,
+            pending_approval: None,
             audit: Some(trail.event(kind, now, request_id, Outcome::Allow, None)),
         };
         let verdict = state.store.record_use(request).await.map_err(|e| {

@@ -196,10 +196,25 @@ pub struct RequestUse {
     pub now: i64,
     /// An approved approval the request spends (its single use).
     pub approval: Option<String>,
+    /// A new pending approval the request waits for, stored once the request's one-time values
+    /// are claimed, in the same transaction as them and its audit event (so neither is stored
+    /// without the other); not stored when a value was seen before.
+    pub pending_approval: Option<Box<Approval>>,
     /// The audit event of the request, appended to the chain in the same transaction. If the
     /// verdict is not [`UseVerdict::Recorded`], it is stored as a deny with the verdict's
     /// [`UseVerdict::reason`].
     pub audit: Option<AuditEvent>,
+}
+
+impl RequestUse {
+    /// Whether it asks nothing of the store (then nothing is written).
+    pub fn is_empty(&self) -> bool {
+        self.once.is_empty()
+            && self.grant.is_none()
+            && self.approval.is_none()
+            && self.pending_approval.is_none()
+            && self.audit.is_none()
+    }
 }
 
 /// The outcome of [`Store::record_use`].
@@ -352,13 +367,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// exhaustion are exact; only `requests_used` below `max_requests` may lag.
     async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>>;
     /// Commits what a request that passed its checks uses, in one durable transaction (group
-    /// committed with other requests) before it acts: its one-time values and one count against
-    /// its grant's budget. Nothing is counted when a value was seen before; the values stay
-    /// consumed when the grant turns out spent (the request is refused either way).
+    /// committed with other requests) before it acts: its one-time values, the approval it
+    /// spends or waits for, one count against its grant's budget, and its audit event. Nothing
+    /// is counted or stored when a value was seen before; the values stay consumed when the
+    /// grant turns out spent (the request is refused either way).
     async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict>;
 
-    /// Stores a new pending approval.
-    async fn create_approval(&self, approval: &Approval) -> StoreResult<()>;
     /// One approval.
     async fn approval(&self, id: &str) -> StoreResult<Option<Approval>>;
     /// Approvals, all or of one human, newest first.
@@ -394,10 +408,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn consume_once(&self, entries: &[(ReplayKey, i64)]) -> StoreResult<Option<usize>> {
         let request = RequestUse {
             once: entries.to_vec(),
-            grant: None,
-            now: 0,
-            approval: None,
-            audit: None,
+            ..RequestUse::default()
         };
         match self.record_use(request).await? {
             UseVerdict::Replayed(position) => Ok(Some(position)),

@@ -28,8 +28,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::oneshot;
 
 use crate::common::{
-    Columns as _, Memo, SignerSlot, draft_of, log_unflushed, outcome_name, seal_use_event,
-    staged_event, unavailable, vault_key,
+    APPROVAL_COLUMNS, Columns as _, Memo, SignerSlot, draft_of, log_unflushed, outcome_name,
+    seal_use_event, staged_event, unavailable, vault_key,
 };
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
@@ -552,10 +552,13 @@ async fn record_batch(
             .map_err(unavailable)?;
     }
 
-    // An approval's single use (rare: one statement each).
+    // A new pending approval, and an approval's single use (rare: one statement each).
     let mut counted = Vec::new();
     for &index in &candidates {
         let request = &uses[index].request;
+        if let Some(pending) = &request.pending_approval {
+            insert_approval(&mut tx, pending).await?;
+        }
         if let Some(approval) = &request.approval {
             let done = sqlx::query(
                 "UPDATE approvals SET status = 'used', used_at = $1 \
@@ -681,6 +684,34 @@ async fn record_batch(
     }
     tx.commit().await.map_err(unavailable)?;
     Ok(Committed { verdicts, spent })
+}
+
+/// Stores a new pending approval (the SQLite writer's `insert_approval`).
+async fn insert_approval(tx: &mut Transaction<'_, Postgres>, a: &Approval) -> StoreResult<()> {
+    sqlx::query(&format!(
+        "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+    ))
+    .bind(&a.id)
+    .bind(&a.grant_id)
+    .bind(&a.subject)
+    .bind(&a.agent)
+    .bind(&a.action)
+    .bind(&a.upstream)
+    .bind(&a.method)
+    .bind(&a.path)
+    .bind(&a.query)
+    .bind(&a.body_sha256)
+    .bind(a.body_size)
+    .bind(a.status.as_str())
+    .bind(a.requested_at)
+    .bind(a.expires_at)
+    .bind(a.decided_at)
+    .bind(&a.approver)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 /// Audit events waiting to be inserted, as columns.
@@ -868,7 +899,7 @@ impl Store for PgStore {
     }
 
     async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict> {
-        if request.once.is_empty() && request.grant.is_none() && request.audit.is_none() {
+        if request.is_empty() {
             return Ok(UseVerdict::Recorded);
         }
         let draft = draft_of(&request)?;
@@ -903,10 +934,6 @@ impl Store for PgStore {
 
     async fn action_uses(&self, subject: Option<&str>) -> StoreResult<Vec<ActionUse>> {
         q::action_uses(&self.pool, subject).await
-    }
-
-    async fn create_approval(&self, approval: &Approval) -> StoreResult<()> {
-        q::create_approval(&self.pool, approval).await
     }
 
     async fn approval(&self, id: &str) -> StoreResult<Option<Approval>> {

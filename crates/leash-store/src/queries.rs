@@ -329,36 +329,6 @@ macro_rules! shared_queries {
                 .collect()
         }
 
-        pub(crate) async fn create_approval<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
-            a: &Approval,
-        ) -> StoreResult<()> {
-            sqlx::query(&format!(
-                "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES \
-                 ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
-            ))
-            .bind(&a.id)
-            .bind(&a.grant_id)
-            .bind(&a.subject)
-            .bind(&a.agent)
-            .bind(&a.action)
-            .bind(&a.upstream)
-            .bind(&a.method)
-            .bind(&a.path)
-            .bind(&a.query)
-            .bind(&a.body_sha256)
-            .bind(a.body_size)
-            .bind(a.status.as_str())
-            .bind(a.requested_at)
-            .bind(a.expires_at)
-            .bind(a.decided_at)
-            .bind(&a.approver)
-            .execute(db)
-            .await
-            .map_err(unavailable)?;
-            Ok(())
-        }
-
         pub(crate) async fn approval<'c>(
             db: impl sqlx::Executor<'c, Database = $db>,
             id: &str,

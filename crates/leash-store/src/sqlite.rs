@@ -18,8 +18,8 @@ use sqlx::{Row as _, SqlitePool};
 use tokio::sync::oneshot;
 
 use crate::common::{
-    Memo, SignerSlot, draft_of, log_unflushed, outcome_name, seal_use_event, staged_event,
-    unavailable, vault_key,
+    APPROVAL_COLUMNS, Memo, SignerSlot, draft_of, log_unflushed, outcome_name, seal_use_event,
+    staged_event, unavailable, vault_key,
 };
 use crate::wal::{Checkpointer, SLOW_WRITER_PAUSE, WAL_RESTART_BYTES, WalBound};
 use crate::{
@@ -656,6 +656,7 @@ fn record_batch(
 
 /// The writer's statements, prepared once per transaction.
 struct UseStatements<'tx> {
+    conn: &'tx rusqlite::Connection,
     remember: rusqlite::CachedStatement<'tx>,
     count: rusqlite::CachedStatement<'tx>,
     use_approval: rusqlite::CachedStatement<'tx>,
@@ -667,6 +668,7 @@ struct UseStatements<'tx> {
 impl<'tx> UseStatements<'tx> {
     fn prepare(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
+            conn: tx,
             remember: tx
                 .prepare_cached("INSERT INTO replay (until, seq, key) VALUES (?1, ?2, ?3)")?,
             count: tx.prepare_cached(
@@ -714,6 +716,9 @@ impl<'tx> UseStatements<'tx> {
             claimed.insert(*key, *until);
             self.remember
                 .execute(rusqlite::params![until, seq, key.as_slice()])?;
+        }
+        if let Some(pending) = &request.pending_approval {
+            insert_approval(self.conn, pending)?;
         }
         if let Some(approval) = &request.approval
             && self
@@ -784,6 +789,33 @@ impl<'tx> UseStatements<'tx> {
         head.hash.clone_from(&event.hash);
         Ok(())
     }
+}
+
+/// Stores a new pending approval (rare: its statement is prepared only when one comes).
+fn insert_approval(conn: &rusqlite::Connection, a: &Approval) -> rusqlite::Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES \
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+    ))?
+    .execute(rusqlite::params![
+        a.id,
+        a.grant_id,
+        a.subject,
+        a.agent,
+        a.action,
+        a.upstream,
+        a.method,
+        a.path,
+        a.query,
+        a.body_sha256,
+        a.body_size,
+        a.status.as_str(),
+        a.requested_at,
+        a.expires_at,
+        a.decided_at,
+        a.approver,
+    ])?;
+    Ok(())
 }
 
 fn stopped() -> StoreError {
@@ -1023,7 +1055,7 @@ impl Store for SqliteStore {
     }
 
     async fn record_use(&self, mut request: RequestUse) -> StoreResult<UseVerdict> {
-        if request.once.is_empty() && request.grant.is_none() && request.audit.is_none() {
+        if request.is_empty() {
             return Ok(UseVerdict::Recorded);
         }
         let draft = draft_of(&request)?;
@@ -1063,10 +1095,6 @@ impl Store for SqliteStore {
 
     async fn action_uses(&self, subject: Option<&str>) -> StoreResult<Vec<ActionUse>> {
         q::action_uses(&self.reader, subject).await
-    }
-
-    async fn create_approval(&self, approval: &Approval) -> StoreResult<()> {
-        q::create_approval(&self.writer, approval).await
     }
 
     async fn approval(&self, id: &str) -> StoreResult<Option<Approval>> {

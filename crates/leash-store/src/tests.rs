@@ -277,8 +277,7 @@ fn use_of(grant: &Grant, key: &str, now: i64) -> RequestUse {
         once: vec![(k(key), 1000)],
         grant: Some(grant.id.clone()),
         now,
-        approval: None,
-        audit: None,
+        ..RequestUse::default()
     }
 }
 
@@ -457,11 +456,52 @@ fn approval_of(grant: &Grant, id: &str) -> Approval {
     }
 }
 
+/// A use that only stores a new pending approval.
+fn ask(grant: &Grant, id: &str) -> RequestUse {
+    RequestUse {
+        pending_approval: Some(Box::new(approval_of(grant, id))),
+        ..RequestUse::default()
+    }
+}
+
+both_backends! {
+    async fn a_pending_approval_is_stored_with_its_proof_and_event_or_not_at_all(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let mut refusal = event(1);
+        refusal.decision = Some(Outcome::ApprovalRequired);
+        refusal.reason = Some("apr_1".into());
+        let waiting = |id: &str, key: &str| RequestUse {
+            once: vec![(k(key), 1000)],
+            now: 5,
+            pending_approval: Some(Box::new(approval_of(&grant, id))),
+            audit: Some(refusal.clone()),
+            ..RequestUse::default()
+        };
+        assert_eq!(store.record_use(waiting("apr_1", "proof")).await.unwrap(), UseVerdict::Recorded);
+        assert_eq!(store.approval("apr_1").await.unwrap().unwrap().status, ApprovalStatus::Pending);
+        // The same proof again: refused, and the approval it asks for is not stored.
+        assert_eq!(store.record_use(waiting("apr_2", "proof")).await.unwrap(), UseVerdict::Replayed(0));
+        assert_eq!(store.approval("apr_2").await.unwrap(), None);
+        assert_eq!(store.list_approvals(None).await.unwrap().len(), 1);
+        // Both requests are in the chain: the first as asked, the replay as a deny.
+        let lines = store.audit_lines(&AuditQuery { limit: u32::MAX, ..AuditQuery::default() }).await.unwrap();
+        let outcomes: Vec<(String, String)> = lines
+            .iter()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|event| event["kind"] == "gateway.request")
+            .map(|event| (event["decision"].as_str().unwrap().to_owned(), event["reason"].as_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(outcomes, [("approval_required".to_owned(), "apr_1".to_owned()), ("deny".to_owned(), "replayed".to_owned())]);
+        assert!(verify_stored(store.as_ref()).await > 0);
+    }
+}
+
 both_backends! {
     async fn an_approval_is_decided_once_and_used_once(fx) {
         let store = fx.open().await;
         let grant = with_grant(store.as_ref(), None).await;
-        store.create_approval(&approval_of(&grant, "apr_1")).await.unwrap();
+        store.record_use(ask(&grant, "apr_1")).await.unwrap();
         let decided = store.decide_approval("apr_1", true, "usr_1", 6, &ev("approval.decided")).await.unwrap().unwrap();
         assert_eq!((decided.status, decided.approver.as_deref()), (ApprovalStatus::Approved, Some("usr_1")));
         assert!(store.decide_approval("apr_1", false, "usr_1", 7, &ev("approval.decided")).await.unwrap().is_none());
@@ -735,9 +775,7 @@ async fn cluster_a_value_or_approval_used_on_one_node_is_refused_on_the_other() 
     let grant = with_grant(a.as_ref(), Some(3)).await;
     assert_eq!(a.consume_once(&[(k("proof"), 100)]).await.unwrap(), None);
     assert_eq!(b.consume_once(&[(k("proof"), 100)]).await.unwrap(), Some(0));
-    b.create_approval(&approval_of(&grant, "apr_1"))
-        .await
-        .unwrap();
+    b.record_use(ask(&grant, "apr_1")).await.unwrap();
     a.decide_approval("apr_1", true, "usr_1", 6, &ev("approval.decided"))
         .await
         .unwrap()

@@ -605,3 +605,56 @@ async fn two_approval_headers_and_an_oversized_body_are_refused() {
         200
     );
 }
+
+#[tokio::test]
+async fn a_replayed_request_that_needs_approval_stores_no_second_approval() {
+    let gw = mail_send("").await;
+    let url = format!("{}{SEND}", gw.leash.url);
+    let proof = gw
+        .dpop
+        .dpop_proof("POST", &url, Some(&gw.token), None, now());
+    let post = || {
+        gw.leash
+            .http()
+            .post(&url)
+            .header("Authorization", format!("DPoP {}", gw.token))
+            .header("DPoP", &proof)
+            .body("pay")
+            .send()
+    };
+    let (status, _, first) = read(post().await.unwrap()).await;
+    assert_eq!(
+        (status, first["error"].as_str()),
+        (403, Some("approval_required")),
+        "{first}"
+    );
+    let id = first["approval_id"].as_str().expect("approval_id");
+    let (status, _, again) = read(post().await.unwrap()).await;
+    assert_eq!(status, 401, "the same proof twice: {again}");
+
+    let (_, listed) = gw
+        .leash
+        .call(Method::GET, "/v1/approvals", &gw.s.user_key, None)
+        .await;
+    let ids: Vec<&str> = listed["approvals"]
+        .as_array()
+        .expect("approvals")
+        .iter()
+        .filter_map(|a| a["id"].as_str())
+        .collect();
+    assert_eq!(ids, [id]);
+    // The request that asked is audited with its approval; the replay as a refusal.
+    let (_, events) = super::audit::audit(&gw.leash, leash_testkit::ADMIN_KEY, "?limit=1000").await;
+    let outcomes: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["kind"] == "gateway.request")
+        .map(|e| {
+            (
+                e["decision"].as_str().unwrap_or(""),
+                e["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(outcomes, [("approval_required", id), ("deny", "replayed")]);
+    assert_eq!(gw.upstream.count(), 0);
+}
