@@ -196,9 +196,9 @@ pub struct RequestUse {
     pub now: i64,
     /// An approved approval the request spends (its single use).
     pub approval: Option<String>,
-    /// A new pending approval the request waits for, stored once the request's one-time values
-    /// are claimed, in the same transaction as them and its audit event (so neither is stored
-    /// without the other); not stored when a value was seen before.
+    /// A new pending approval the request waits for, stored only when the use is recorded
+    /// ([`UseVerdict::Recorded`]), in the same transaction as its one-time values and its audit
+    /// event, so that neither is stored without the other.
     pub pending_approval: Option<Box<Approval>>,
     /// The audit event of the request, appended to the chain in the same transaction. If the
     /// verdict is not [`UseVerdict::Recorded`], it is stored as a deny with the verdict's

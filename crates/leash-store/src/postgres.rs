@@ -552,13 +552,10 @@ async fn record_batch(
             .map_err(unavailable)?;
     }
 
-    // A new pending approval, and an approval's single use (rare: one statement each).
+    // An approval's single use (rare: one statement each).
     let mut counted = Vec::new();
     for &index in &candidates {
         let request = &uses[index].request;
-        if let Some(pending) = &request.pending_approval {
-            insert_approval(&mut tx, pending).await?;
-        }
         if let Some(approval) = &request.approval {
             let done = sqlx::query(
                 "UPDATE approvals SET status = 'used', used_at = $1 \
@@ -653,6 +650,15 @@ async fn record_batch(
         spent.dedup();
         for id in &spent {
             Change::Grant(id).send(&mut tx).await?;
+        }
+    }
+
+    // New pending approvals, of the requests recorded (rare: one statement each).
+    for &index in &candidates {
+        if let (UseVerdict::Recorded, Some(pending)) =
+            (verdicts[index], &uses[index].request.pending_approval)
+        {
+            insert_approval(&mut tx, pending).await?;
         }
     }
 

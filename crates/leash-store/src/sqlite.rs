@@ -633,6 +633,11 @@ fn record_batch(
         loop {
             let Joined { used, verdict, .. } = &mut joined[index];
             *verdict = statements.record_use(&used.request, replay, &mut consumed, &mut spent)?;
+            if let (UseVerdict::Recorded, Some(pending)) =
+                (*verdict, &used.request.pending_approval)
+            {
+                insert_approval(&tx, pending)?;
+            }
             statements.append_event(used, *verdict, &mut head)?;
             checkpoint_if_due(&tx, signer, &mut head)?;
             index += 1;
@@ -656,7 +661,6 @@ fn record_batch(
 
 /// The writer's statements, prepared once per transaction.
 struct UseStatements<'tx> {
-    conn: &'tx rusqlite::Connection,
     remember: rusqlite::CachedStatement<'tx>,
     count: rusqlite::CachedStatement<'tx>,
     use_approval: rusqlite::CachedStatement<'tx>,
@@ -668,7 +672,6 @@ struct UseStatements<'tx> {
 impl<'tx> UseStatements<'tx> {
     fn prepare(tx: &'tx rusqlite::Transaction<'_>) -> rusqlite::Result<Self> {
         Ok(Self {
-            conn: tx,
             remember: tx
                 .prepare_cached("INSERT INTO replay (until, seq, key) VALUES (?1, ?2, ?3)")?,
             count: tx.prepare_cached(
@@ -716,9 +719,6 @@ impl<'tx> UseStatements<'tx> {
             claimed.insert(*key, *until);
             self.remember
                 .execute(rusqlite::params![until, seq, key.as_slice()])?;
-        }
-        if let Some(pending) = &request.pending_approval {
-            insert_approval(self.conn, pending)?;
         }
         if let Some(approval) = &request.approval
             && self

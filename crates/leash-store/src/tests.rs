@@ -483,6 +483,11 @@ both_backends! {
         // The same proof again: refused, and the approval it asks for is not stored.
         assert_eq!(store.record_use(waiting("apr_2", "proof")).await.unwrap(), UseVerdict::Replayed(0));
         assert_eq!(store.approval("apr_2").await.unwrap(), None);
+        // Refused for another reason (its grant ended meanwhile): its approval is not stored.
+        store.end_grant(&grant.id, GrantEnd::Revoked, None, 6, &ev("grant.ended")).await.unwrap().unwrap();
+        let counted = RequestUse { grant: Some(grant.id.clone()), ..waiting("apr_3", "fresh") };
+        assert_eq!(store.record_use(counted).await.unwrap(), UseVerdict::GrantSpent);
+        assert_eq!(store.approval("apr_3").await.unwrap(), None);
         assert_eq!(store.list_approvals(None).await.unwrap().len(), 1);
         // Both requests are in the chain: the first as asked, the replay as a deny.
         let lines = store.audit_lines(&AuditQuery { limit: u32::MAX, ..AuditQuery::default() }).await.unwrap();
@@ -492,7 +497,8 @@ both_backends! {
             .filter(|event| event["kind"] == "gateway.request")
             .map(|event| (event["decision"].as_str().unwrap().to_owned(), event["reason"].as_str().unwrap().to_owned()))
             .collect();
-        assert_eq!(outcomes, [("approval_required".to_owned(), "apr_1".to_owned()), ("deny".to_owned(), "replayed".to_owned())]);
+        let expected = [("approval_required", "apr_1"), ("deny", "replayed"), ("deny", "grant_spent")];
+        assert_eq!(outcomes, expected.map(|(d, r)| (d.to_owned(), r.to_owned())));
         assert!(verify_stored(store.as_ref()).await > 0);
     }
 }
