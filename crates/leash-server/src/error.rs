@@ -14,6 +14,10 @@ pub enum ApiError {
     /// 413 `invalid_request`: the body is over the endpoint's limit.
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    /// 408 `invalid_request`: the client stopped sending the request body (see
+    /// [`crate::limits::StallTimed`]); the connection is closed.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 415 `invalid_request`.
     #[error("content type must be {0}")]
     UnsupportedMediaType(&'static str),
@@ -134,6 +138,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request"),
             Self::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request")
             }
@@ -214,6 +219,10 @@ impl IntoResponse for ApiError {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer error=\"invalid_client\""),
                 );
+            }
+            Self::RequestTimeout(_) => {
+                // What is left of the body will not be read.
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::InvalidRequest(_)
             | Self::TooLarge(_)

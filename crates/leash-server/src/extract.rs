@@ -25,7 +25,16 @@ pub const FORM_LIMIT: usize = 64 * 1024;
 async fn read_body(body: Body, limit: usize) -> ApiResult<axum::body::Bytes> {
     axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| ApiError::TooLarge(limit))
+        .map_err(|e| body_error(&e, limit))
+}
+
+/// What a request body that could not be read whole (under `limit`) is answered with.
+pub fn body_error(error: &axum::Error, limit: usize) -> ApiError {
+    if crate::limits::stalled(error) {
+        ApiError::RequestTimeout("the request body stopped arriving".into())
+    } else {
+        ApiError::TooLarge(limit)
+    }
 }
 
 fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {

@@ -202,7 +202,7 @@ async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
     use sha2::Digest as _;
     let bytes = axum::body::to_bytes(body, APPROVAL_BODY_LIMIT)
         .await
-        .map_err(|_| ApiError::TooLarge(APPROVAL_BODY_LIMIT))?;
+        .map_err(|e| crate::extract::body_error(&e, APPROVAL_BODY_LIMIT))?;
     let digest = hex::encode(sha2::Sha256::digest(&bytes));
     Ok((bytes, digest))
 }
@@ -677,6 +677,9 @@ async fn forward(
     .map_err(|e| {
         if body_over_limit(&e) {
             return ApiError::TooLarge(limits.gateway_body_bytes);
+        }
+        if crate::limits::stalled(&e) {
+            return ApiError::RequestTimeout("the request body stopped arriving".into());
         }
         tracing::warn!(request_id = %request_id, upstream = %upstream.name, error = %e, "upstream unreachable");
         ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))

@@ -2,6 +2,8 @@
 //! connection-level limits (head size, header count, slow or idle clients, connection count),
 //! the head check that answers those limits with Leash's JSON errors, and per-caller rates.
 
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower::ServiceExt as _;
 
 use crate::config::{Limits, Rate};
 use crate::error::{ApiError, ApiResult};
@@ -84,6 +87,7 @@ pub async fn serve(
         .keep_alive_interval(Some(limits.header_read_timeout))
         .keep_alive_timeout(limits.header_read_timeout);
     let builder = Arc::new(builder);
+    let stall_limit = limits.header_read_timeout;
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -105,7 +109,11 @@ pub async fn serve(
         };
         // Responses are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |request: hyper::Request<hyper::body::Incoming>| {
+                request.map(|body| StallTimed::new(body, stall_limit))
+            },
+        ));
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
@@ -124,6 +132,90 @@ pub async fn serve(
     {
         tracing::warn!("requests still in flight after the shutdown grace period; closing");
     }
+}
+
+/// A request body that is cut off when its client sends no part of it for `limit`: hyper times
+/// out request heads only, so a client that sent a head announcing a body and then nothing held
+/// its connection (one of `max_connections`), and at the gateway the upstream's, for as long as
+/// it liked, so such connections, unauthenticated, could take every one. Its size and end are
+/// the inner body's, so a request without a body stays one and is never timed.
+pub struct StallTimed<B> {
+    inner: B,
+    limit: Duration,
+    /// Made at the first wait and then reset: a body that arrives whole needs none.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the timer runs for the current wait.
+    waiting: bool,
+}
+
+impl<B> StallTimed<B> {
+    /// `inner`, cut off after `limit` without a part of it.
+    pub fn new(inner: B, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            timer: None,
+            waiting: false,
+        }
+    }
+}
+
+/// The error a [`StallTimed`] body ends with; see [`stalled`].
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent no part of the request body for {0:?}")]
+pub struct BodyStalled(Duration);
+
+impl<B> hyper::body::Body for StallTimed<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = B::Data;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|part| part.map_err(Into::into)));
+        }
+        if !this.waiting {
+            let deadline = tokio::time::Instant::now() + this.limit;
+            match this.timer.as_mut() {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            this.waiting = true;
+        }
+        match this.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.limit))))),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether `error` (or what caused it) is a request body cut off by [`StallTimed`].
+pub fn stalled(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<BodyStalled>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// A failed accept: a client that gave up is nothing; anything else (out of file

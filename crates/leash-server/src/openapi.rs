@@ -91,6 +91,9 @@ pub enum ApiErrors {
     /// The object is not in a state that allows this.
     #[response(status = 409)]
     Conflict(ErrorBody),
+    /// The body stopped arriving for `header_read_timeout`; the connection is closed.
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
     /// The body is over the endpoint's limit.
     #[response(status = 413)]
     TooLarge(ErrorBody),
@@ -115,6 +118,9 @@ pub enum OAuthErrors {
     /// `invalid_client`.
     #[response(status = 401)]
     InvalidClient(ErrorBody),
+    /// The form stopped arriving for `header_read_timeout`; the connection is closed.
+    #[response(status = 408)]
+    RequestTimeout(ErrorBody),
     /// The form is over 64 KiB.
     #[response(status = 413)]
     TooLarge(ErrorBody),
