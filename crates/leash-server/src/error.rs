@@ -16,8 +16,8 @@ pub enum ApiError {
     TooLarge(usize),
     /// 408 `invalid_request`: the client stopped sending the request body (see
     /// [`crate::limits::StallTimed`]); the connection is closed.
-    #[error("{0}")]
-    RequestTimeout(String),
+    #[error("the request body stopped arriving for longer than the header read timeout")]
+    RequestTimeout,
     /// 415 `invalid_request`.
     #[error("content type must be {0}")]
     UnsupportedMediaType(&'static str),
@@ -138,7 +138,7 @@ impl ApiError {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request"),
-            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request"),
+            Self::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "invalid_request"),
             Self::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request")
             }
@@ -220,7 +220,7 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer error=\"invalid_client\""),
                 );
             }
-            Self::RequestTimeout(_) => {
+            Self::RequestTimeout => {
                 // What is left of the body will not be read.
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -252,3 +252,18 @@ impl IntoResponse for ApiError {
 
 /// Result of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Whether `error`, or an error that caused it, is a `T`: how a failure deep in hyper or axum
+/// (a body over its limit, a stalled body) is told apart from the rest.
+pub fn caused_by<T: std::error::Error + 'static>(
+    error: &(dyn std::error::Error + 'static),
+) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<T>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}

@@ -30,8 +30,8 @@ async fn read_body(body: Body, limit: usize) -> ApiResult<axum::body::Bytes> {
 
 /// What a request body that could not be read whole (under `limit`) is answered with.
 pub fn body_error(error: &axum::Error, limit: usize) -> ApiError {
-    if crate::limits::stalled(error) {
-        ApiError::RequestTimeout("the request body stopped arriving".into())
+    if crate::error::caused_by::<crate::limits::BodyStalled>(error) {
+        ApiError::RequestTimeout
     } else {
         ApiError::TooLarge(limit)
     }

@@ -20,7 +20,7 @@ use tower_http::timeout::TimeoutBody;
 
 use crate::audit::Trail;
 use crate::config::{Risk, Upstream};
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, caused_by};
 use crate::extract::{Caller, ResourceCaller, authenticate_resource, verdict_result};
 use crate::state::AppState;
 
@@ -675,11 +675,12 @@ async fn forward(
         ))
     })?
     .map_err(|e| {
-        if body_over_limit(&e) {
+        // Sending failed because of the agent's body: over the gateway's limit, or stalled.
+        if caused_by::<http_body_util::LengthLimitError>(&e) {
             return ApiError::TooLarge(limits.gateway_body_bytes);
         }
-        if crate::limits::stalled(&e) {
-            return ApiError::RequestTimeout("the request body stopped arriving".into());
+        if caused_by::<crate::limits::BodyStalled>(&e) {
+            return ApiError::RequestTimeout;
         }
         tracing::warn!(request_id = %request_id, upstream = %upstream.name, error = %e, "upstream unreachable");
         ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))
@@ -736,18 +737,6 @@ pub fn upstream_client() -> UpstreamClient {
         .wrap_connector(tcp);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(connector)
-}
-
-/// Whether sending failed because the agent's body went over the gateway's limit.
-fn body_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// `POST|GET /v1/authorize`: steps 1–6 as a decision API for an existing proxy (nginx

@@ -160,7 +160,7 @@ impl<B> StallTimed<B> {
     }
 }
 
-/// The error a [`StallTimed`] body ends with; see [`stalled`].
+/// The error a [`StallTimed`] body ends with.
 #[derive(Debug, thiserror::Error)]
 #[error("the client sent no part of the request body for {0:?}")]
 pub struct BodyStalled(Duration);
@@ -204,18 +204,6 @@ where
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// Whether `error` (or what caused it) is a request body cut off by [`StallTimed`].
-pub fn stalled(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if e.is::<BodyStalled>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// A failed accept: a client that gave up is nothing; anything else (out of file
