@@ -200,16 +200,18 @@ async fn request_heads_over_the_limits_are_refused_and_the_server_keeps_serving(
         assert_eq!(response.status().as_u16(), 431);
     }
 
-    let (status, _, body) = read(
-        leash
-            .http()
-            .get(format!("{}/healthz", leash.url))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+    assert_eq!(health(&leash).await, 200);
+}
+
+/// The status of `GET /healthz` over a new request.
+async fn health(leash: &Leash) -> u16 {
+    let response = leash
+        .http()
+        .get(format!("{}/healthz", leash.url))
+        .send()
+        .await
+        .unwrap();
+    read(response).await.0
 }
 
 /// Reads until the server closes the connection; `None` if it stayed open for `wait`.
@@ -559,16 +561,11 @@ async fn a_client_that_stops_sending_its_body_gets_408_and_frees_its_connection(
         let answer = String::from_utf8_lossy(&got);
         assert!(answer.starts_with("HTTP/1.1 408"), "{head}: {answer}");
         assert!(answer.contains("invalid_request"), "{answer}");
-        let (status, _, _) = read(
-            leash
-                .http()
-                .get(format!("{}/healthz", leash.url))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(status, 200, "the only connection slot is free again");
+        assert_eq!(
+            health(&leash).await,
+            200,
+            "the only connection slot is free again"
+        );
     }
 }
 
