@@ -565,16 +565,8 @@ async fn two_approval_headers_and_an_oversized_body_are_refused() {
     let gw = mail_send("").await;
     let id = ask(&gw, "hi").await;
     assert_eq!(decide(&gw, &gw.s.user_key, &id, "approve").await.0, 200);
-    let url = format!("{}{SEND}", gw.leash.url);
-    let proof = gw
-        .dpop
-        .dpop_proof("POST", &url, Some(&gw.token), None, now());
     let (status, _, body) = read(
-        gw.leash
-            .http()
-            .post(&url)
-            .header("Authorization", format!("DPoP {}", gw.token))
-            .header("DPoP", proof)
+        gw.request(Method::POST, SEND)
             .header("Leash-Approval", id.as_str())
             .header("Leash-Approval", "apr_other")
             .body("hi")

@@ -67,6 +67,19 @@ impl Gw {
         read(self.send(method, target, headers).await).await
     }
 
+    /// The agent's request with its token and a fresh proof, ready for a body or more headers.
+    pub fn request(&self, method: Method, target: &str) -> reqwest::RequestBuilder {
+        let url = format!("{}{target}", self.leash.url);
+        let proof = self
+            .dpop
+            .dpop_proof(method.as_str(), &url, Some(&self.token), None, now());
+        self.leash
+            .http()
+            .request(method, &url)
+            .header("Authorization", format!("DPoP {}", self.token))
+            .header("DPoP", proof)
+    }
+
     /// The agent's request as sent, with its response unread.
     pub async fn send(
         &self,
@@ -74,16 +87,7 @@ impl Gw {
         target: &str,
         headers: &[(&str, &str)],
     ) -> reqwest::Response {
-        let url = format!("{}{target}", self.leash.url);
-        let proof = self
-            .dpop
-            .dpop_proof(method.as_str(), &url, Some(&self.token), None, now());
-        let mut request = self
-            .leash
-            .http()
-            .request(method, &url)
-            .header("Authorization", format!("DPoP {}", self.token))
-            .header("DPoP", proof);
+        let mut request = self.request(method, target);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }

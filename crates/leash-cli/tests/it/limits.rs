@@ -319,18 +319,7 @@ async fn gateway_bodies_over_the_limit_are_413_and_never_reach_the_upstream_whol
         grant(&["mail:draft"], &["mail"], json!({})),
     )
     .await;
-    let url = format!("{}/gw/mail/drafts", gw.leash.url);
-    let send = |body: reqwest::Body| {
-        let proof = gw
-            .dpop
-            .dpop_proof("POST", &url, Some(&gw.token), None, now());
-        gw.leash
-            .http()
-            .post(&url)
-            .header("Authorization", format!("DPoP {}", gw.token))
-            .header("DPoP", proof)
-            .body(body)
-    };
+    let send = |body: reqwest::Body| gw.request(Method::POST, "/gw/mail/drafts").body(body);
 
     let (status, _, body) = read(send(vec![b'x'; 2000].into()).send().await.unwrap()).await;
     assert_eq!(
@@ -617,15 +606,8 @@ async fn a_gateway_body_that_stalls_midway_is_cut_off_and_a_slow_one_is_not() {
         tokio::time::sleep(Duration::from_millis(600)).await;
         Ok::<_, std::io::Error>(part.to_vec())
     });
-    let proof = gw
-        .dpop
-        .dpop_proof("POST", &url, Some(&gw.token), None, now());
     let (status, _, body) = read(
-        gw.leash
-            .http()
-            .post(&url)
-            .header("Authorization", format!("DPoP {}", gw.token))
-            .header("DPoP", proof)
+        gw.request(Method::POST, "/gw/mail/drafts")
             .body(reqwest::Body::wrap_stream(parts))
             .send()
             .await
