@@ -4,7 +4,9 @@
 //! proof's `jti` and the budget count, the vaulted credential injected).
 //! Targets (issue: gateway): Leash ≥ 50 % of nginx's requests/s, and ≤ 1 ms added p99 over
 //! direct at half of Leash's own peak rate. Each run also shows how busy the machine was, and
-//! direct and Leash are measured once more at a quarter of Leash's peak.
+//! direct and Leash are measured once more at a quarter of Leash's peak. nginx and the floor
+//! proxy that verifies each proof are measured at half of their own peaks too: the p99 target
+//! applied to them.
 //! Run: cargo bench -p leash-cli --bench gateway_load   (needs nginx: apt-get install nginx)
 //! With `GATEWAY_LOAD_PROFILE_RATE=<requests/s>` it runs only Leash at that rate, for a profiler.
 
@@ -512,6 +514,31 @@ async fn run() {
     let leash_quarter = at_rate(&gateway, &client, quarter).await;
     print_row("Leash gateway", &leash_quarter);
 
+    // nginx and the verify floor at half of their own peaks, each against direct at the same
+    // rate: whether a plain proxy, and a proxy that only verifies each proof, add at most 1 ms
+    // p99 at half of their own peak on this machine, as the target asks of Leash.
+    let verify_peak = floor_peaks[1];
+    let mut own_half = Vec::new();
+    for (name, target, own_peak) in [
+        ("nginx reverse proxy", &nginx, nginx_peak.per_second),
+        (floors[1].0, &verify, verify_peak),
+    ] {
+        let rate = own_peak / 2.0;
+        println!();
+        println!(
+            "open loop at {rate:.0} requests/s (half of the peak of {name}), at most \
+             {CONCURRENCY} in flight, {SECONDS} s each"
+        );
+        print_header();
+        warm(&direct, &client).await;
+        let direct_run = at_rate(&direct, &client, rate).await;
+        print_row("direct", &direct_run);
+        warm(target, &client).await;
+        let run = at_rate(target, &client, rate).await;
+        print_row(name, &run);
+        own_half.push((name, added_p99_ms(&run, &direct_run)));
+    }
+
     // Stop nginx with its workers (a kill of the master alone would orphan them).
     let _ = tokio::process::Command::new(NGINX)
         .arg("-p")
@@ -543,6 +570,9 @@ async fn run() {
             100.0 * floor_peak / nginx_peak.per_second,
             added_p99_ms(floor_rate, &direct_rate)
         );
+    }
+    for (name, added) in own_half {
+        println!("{name}: p99 added over direct at half of its own peak {added:.2} ms");
     }
     println!(
         "SQLite log restarts during the half-peak run: {} (writer paused p50 {} µs, max {} µs)",
