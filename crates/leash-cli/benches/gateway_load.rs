@@ -571,6 +571,10 @@ async fn run() {
             added_p99_ms(floor_rate, &direct_rate)
         );
     }
+    println!(
+        "Leash / verify floor requests/s: {:.1} %",
+        100.0 * leash_peak.per_second / verify_peak
+    );
     for (name, added) in own_half {
         println!("{name}: p99 added over direct at half of its own peak {added:.2} ms");
     }
