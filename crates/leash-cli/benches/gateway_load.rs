@@ -306,6 +306,16 @@ fn print_header() {
     println!("|---|---|---|---|---|---|");
 }
 
+/// The table of an open-loop run at `rate`, which is `what` (of whose peak).
+fn print_open_loop_header(rate: f64, what: &str) {
+    println!();
+    println!(
+        "open loop at {rate:.0} requests/s ({what}), at most {CONCURRENCY} in flight, {SECONDS} s \
+         each"
+    );
+    print_header();
+}
+
 fn print_row(name: &str, run: &Run) {
     let busy = run
         .machine_busy
@@ -461,12 +471,12 @@ async fn run() {
     print_row("direct", &direct_peak);
     let nginx_peak = peak(&nginx, &client).await;
     print_row("nginx reverse proxy", &nginx_peak);
-    let mut floor_peaks = Vec::new();
-    for (name, target) in floors {
+    let mut floor_peaks = [0.0; 2];
+    for (floor_peak, (name, target)) in floor_peaks.iter_mut().zip(floors) {
         warm(target, &client).await;
         let run = peak(target, &client).await;
         print_row(name, &run);
-        floor_peaks.push(run.per_second);
+        *floor_peak = run.per_second;
     }
     let gateway = leash_target(&leash, &token, &dpop);
     warm(&gateway, &client).await;
@@ -474,12 +484,7 @@ async fn run() {
     print_row("Leash gateway", &leash_peak);
 
     let rate = leash_peak.per_second / 2.0;
-    println!();
-    println!(
-        "open loop at {rate:.0} requests/s (half of Leash's peak), at most {CONCURRENCY} in \
-         flight, {SECONDS} s each"
-    );
-    print_header();
+    print_open_loop_header(rate, "half of Leash's peak");
     let direct_rate = at_rate(&direct, &client, rate).await;
     print_row("direct", &direct_rate);
     let nginx_rate = at_rate(&nginx, &client, rate).await;
@@ -501,12 +506,7 @@ async fn run() {
     // Direct and Leash again at half that rate: how the added p99 falls as the machine, which
     // the client and upstream share with the proxy, gets room to spare.
     let quarter = rate / 2.0;
-    println!();
-    println!(
-        "open loop at {quarter:.0} requests/s (a quarter of Leash's peak), at most {CONCURRENCY} \
-         in flight, {SECONDS} s each"
-    );
-    print_header();
+    print_open_loop_header(quarter, "a quarter of Leash's peak");
     warm(&direct, &client).await;
     let direct_quarter = at_rate(&direct, &client, quarter).await;
     print_row("direct", &direct_quarter);
@@ -517,19 +517,14 @@ async fn run() {
     // nginx and the verify floor at half of their own peaks, each against direct at the same
     // rate: whether a plain proxy, and a proxy that only verifies each proof, add at most 1 ms
     // p99 at half of their own peak on this machine, as the target asks of Leash.
-    let verify_peak = floor_peaks[1];
+    let ([_, (verify_name, _)], [_, verify_peak]) = (floors, floor_peaks);
     let mut own_half = Vec::new();
     for (name, target, own_peak) in [
         ("nginx reverse proxy", &nginx, nginx_peak.per_second),
-        (floors[1].0, &verify, verify_peak),
+        (verify_name, &verify, verify_peak),
     ] {
         let rate = own_peak / 2.0;
-        println!();
-        println!(
-            "open loop at {rate:.0} requests/s (half of the peak of {name}), at most \
-             {CONCURRENCY} in flight, {SECONDS} s each"
-        );
-        print_header();
+        print_open_loop_header(rate, &format!("half of the peak of {name}"));
         warm(&direct, &client).await;
         let direct_run = at_rate(&direct, &client, rate).await;
         print_row("direct", &direct_run);
