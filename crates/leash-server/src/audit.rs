@@ -110,6 +110,29 @@ pub async fn record(state: &AppState, event: AuditEvent) -> ApiResult<()> {
     })
 }
 
+/// Kind of the event that counts, once a minute, the unidentified refusals that were over
+/// `[limits] unauthenticated_rate` and so got no event of their own.
+pub const REFUSAL_SUMMARY_EVENT: &str = "gateway.refusals_summary";
+
+/// Appends the minute's [`REFUSAL_SUMMARY_EVENT`], if anything was counted.
+pub async fn record_refusal_summary(state: &AppState) {
+    let Some(summary) = state.unauthenticated.take_summary() else {
+        return;
+    };
+    let mut event = AuditEvent::new(REFUSAL_SUMMARY_EVENT, Mode::System, state.clock.now());
+    event.decision = Some(Outcome::Deny);
+    event.reason = Some(format!(
+        "rate_limited: {} unidentified requests from {} source addresses refused with 429 without an event each",
+        summary.requests, summary.addresses
+    ));
+    if record(state, event).await.is_err() {
+        tracing::warn!(
+            requests = summary.requests,
+            "the refusal summary could not be written"
+        );
+    }
+}
+
 /// Records a refusal as `event`'s outcome (see [`as_refusal`]). The refusal stands even if its
 /// event cannot be written (that failure is logged by [`record`]).
 pub async fn record_refusal(state: &AppState, event: AuditEvent, error: &ApiError) {

@@ -23,6 +23,9 @@ pub const ENV_CONFIG: &str = "LEASH_CONFIG";
 pub const ENV_ADMIN_TOKEN: &str = "LEASH_ADMIN_TOKEN";
 /// Environment variable: base64 of the 32-byte vault master key.
 pub const ENV_MASTER_KEY: &str = "LEASH_MASTER_KEY";
+/// Environment variable: a key a proxy presents to `POST /v1/authorize` (`Leash-Proxy-Key`),
+/// in addition to the digests in `[authorize] proxy_keys`.
+pub const ENV_AUTHORIZE_KEY: &str = "LEASH_AUTHORIZE_KEY";
 /// Environment variable: log filter (tracing `EnvFilter` syntax) for `leash serve`.
 pub const ENV_LOG: &str = "LEASH_LOG";
 
@@ -85,6 +88,16 @@ struct FileConfig {
     upstream: Vec<UpstreamFile>,
     approvals: Option<ApprovalsFile>,
     limits: Option<LimitsFile>,
+    authorize: Option<AuthorizeFile>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeFile {
+    #[serde(default)]
+    proxy_keys: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -100,6 +113,10 @@ struct LimitsFile {
     token_burst: Option<u32>,
     gateway_rate: Option<u32>,
     gateway_burst: Option<u32>,
+    unauthenticated_rate: Option<u32>,
+    unauthenticated_burst: Option<u32>,
+    body_read_timeout: Option<i64>,
+    max_connections_per_address: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +229,58 @@ impl std::fmt::Debug for ApprovalsConfig {
     }
 }
 
+/// Who may call `POST /v1/authorize` (API §6): the proxies the operator configured, each by
+/// the SHA-256 of its key. None configured: nobody may.
+#[derive(Debug, Clone, Default)]
+pub struct AuthorizeConfig {
+    /// Digests of the accepted `Leash-Proxy-Key` values.
+    pub proxy_keys: Vec<leash_core::secret::SecretDigest>,
+}
+
+impl AuthorizeConfig {
+    /// Whether `key` is one of the configured proxy keys. Every configured digest is compared,
+    /// each in constant time, so the answer's timing does not tell which one came close.
+    pub fn accepts(&self, key: &str) -> bool {
+        let presented = leash_core::secret::SecretDigest::of(key);
+        self.proxy_keys
+            .iter()
+            .fold(false, |found, digest| digest.ct_eq(&presented) | found)
+    }
+}
+
+/// Shortest `LEASH_AUTHORIZE_KEY` accepted: a proxy key must be as hard to guess as an API key
+/// (128 bits as 32 hex digits).
+const MIN_PROXY_KEY_LEN: usize = 32;
+
+fn authorize(
+    file: Option<AuthorizeFile>,
+    env_key: Option<String>,
+) -> Result<AuthorizeConfig, ConfigError> {
+    let mut proxy_keys = Vec::new();
+    for digest in file.map(|f| f.proxy_keys).unwrap_or_default() {
+        let digest = digest.trim().to_ascii_lowercase();
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(
+                "authorize.proxy_keys",
+                "each entry must be the SHA-256 of a key as 64 hex digits (printf %s \"$KEY\" | sha256sum)",
+            ));
+        }
+        proxy_keys.push(leash_core::secret::SecretDigest::from_stored(digest));
+    }
+    if let Some(key) = env_key {
+        if key.len() < MIN_PROXY_KEY_LEN || key.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err(invalid(
+                ENV_AUTHORIZE_KEY,
+                format!(
+                    "must be at least {MIN_PROXY_KEY_LEN} visible ASCII characters (e.g. openssl rand -hex 32)"
+                ),
+            ));
+        }
+        proxy_keys.push(leash_core::secret::SecretDigest::of(&key));
+    }
+    Ok(AuthorizeConfig { proxy_keys })
+}
+
 /// A per-caller rate: `per_second` sustained with bursts of `burst`; `None` is unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -242,6 +311,18 @@ pub struct Limits {
     pub token_rate: Option<Rate>,
     /// Gateway and `/v1/authorize` requests per authenticated caller.
     pub gateway_rate: Option<Rate>,
+    /// Gateway and `/v1/authorize` refusals of callers nobody could identify, per source
+    /// address: each within it is audited; beyond it they get 429 and one summary event a
+    /// minute counts them, so garbage cannot flood the audit log.
+    pub unauthenticated_rate: Option<Rate>,
+    /// Time a client has to send a whole request body outside the gateway (token, management
+    /// and authorize calls, whose bodies are small): a body dripped in a byte at a time is cut
+    /// off with 408 however steadily it arrives. Gateway bodies may be large and are only
+    /// timed between parts (`header_read_timeout`).
+    pub body_read_timeout: std::time::Duration,
+    /// Connections one source address may hold at once; more are closed as they arrive, so
+    /// one client cannot take every one of `max_connections`.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for Limits {
@@ -261,6 +342,9 @@ impl Default for Limits {
             upstream_timeout: std::time::Duration::from_secs(60),
             token_rate: rate(10, 20),
             gateway_rate: rate(100, 200),
+            unauthenticated_rate: rate(20, 40),
+            body_read_timeout: std::time::Duration::from_secs(10),
+            max_connections_per_address: 1024 / 2,
         }
     }
 }
@@ -308,6 +392,17 @@ fn limits(file: Option<LimitsFile>) -> Result<Limits, ConfigError> {
     if max_connections == 0 {
         return Err(invalid("limits.max_connections", "must be at least 1"));
     }
+    // Half of all by default: one client never holds every connection, and a server with
+    // one proxy in front still has most of them for it.
+    let max_connections_per_address = file
+        .max_connections_per_address
+        .unwrap_or((max_connections / 2).max(1));
+    if !(1..=max_connections).contains(&max_connections_per_address) {
+        return Err(invalid(
+            "limits.max_connections_per_address",
+            "must be between 1 and max_connections",
+        ));
+    }
     let gateway_body_bytes = file
         .gateway_body_bytes
         .unwrap_or(defaults.gateway_body_bytes);
@@ -338,6 +433,18 @@ fn limits(file: Option<LimitsFile>) -> Result<Limits, ConfigError> {
             file.gateway_burst,
             defaults.gateway_rate,
         )?,
+        unauthenticated_rate: rate(
+            "unauthenticated",
+            file.unauthenticated_rate,
+            file.unauthenticated_burst,
+            defaults.unauthenticated_rate,
+        )?,
+        body_read_timeout: std::time::Duration::from_secs(positive(
+            "limits.body_read_timeout",
+            file.body_read_timeout,
+            defaults.body_read_timeout.as_secs() as i64,
+        )? as u64),
+        max_connections_per_address,
     })
 }
 
@@ -370,6 +477,10 @@ pub struct Config {
     pub approvals: ApprovalsConfig,
     /// Connection, size and rate limits.
     pub limits: Limits,
+    /// Who may call `/v1/authorize`.
+    pub authorize: AuthorizeConfig,
+    /// Proxies whose `X-Forwarded-For` names the client for per-address limits.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 fn positive(key: &str, value: Option<i64>, default: i64) -> Result<i64, ConfigError> {
@@ -557,6 +668,16 @@ impl Config {
             upstreams: upstreams(file.upstream)?,
             approvals,
             limits: limits(file.limits)?,
+            authorize: authorize(file.authorize, env(ENV_AUTHORIZE_KEY))?,
+            trusted_proxies: file
+                .trusted_proxies
+                .iter()
+                .map(|ip| {
+                    ip.parse().map_err(|_| {
+                        invalid("trusted_proxies", format!("{ip:?} is not an IP address"))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -583,6 +704,47 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn proxy_keys_come_from_the_file_as_digests_and_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leash.toml");
+        let file_key = "file-proxy-key-0123456789abcdef0123";
+        let env_key = "env-proxy-key-0123456789abcdef01234";
+        std::fs::write(
+            &path,
+            format!(
+                "[authorize]\nproxy_keys = [\"{}\"]\n",
+                leash_core::secret::SecretDigest::of(file_key)
+                    .as_str()
+                    .to_ascii_uppercase()
+            ),
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        let c = Config::load(&flags, env(&[(ENV_AUTHORIZE_KEY, env_key)])).unwrap();
+        assert!(c.authorize.accepts(file_key));
+        assert!(c.authorize.accepts(env_key));
+        assert!(!c.authorize.accepts("file-proxy-key"));
+        // The file holds digests, never keys: a key itself is not a digest.
+        let digest = leash_core::secret::SecretDigest::of(file_key);
+        assert!(!c.authorize.accepts(digest.as_str()));
+        let none = Config::load(&Flags::default(), env(&[])).unwrap();
+        assert!(!none.authorize.accepts(""));
+        for text in [
+            "[authorize]\nproxy_keys = [\"not-a-digest\"]",
+            "[authorize]\nproxy_keys = \"abc\"",
+            "[authorize]\nkeys = []",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            assert!(Config::load(&flags, env(&[])).is_err(), "{text}");
+        }
+        let short = Config::load(&Flags::default(), env(&[(ENV_AUTHORIZE_KEY, "short")]));
+        assert!(short.unwrap_err().to_string().contains(ENV_AUTHORIZE_KEY));
     }
 
     #[test]

@@ -5,6 +5,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use leash_store::StoreError;
 
+/// The header naming the decision of an answer Leash produced itself (API §6).
+pub const LEASH_DECISION: &str = "leash-decision";
+
 /// An error answered to a caller. Descriptions never contain secrets or tokens.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -14,9 +17,11 @@ pub enum ApiError {
     /// 413 `invalid_request`: the body is over the endpoint's limit.
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
-    /// 408 `invalid_request`: the client stopped sending the request body (see
-    /// [`crate::limits::StallTimed`]); the connection is closed.
-    #[error("the request body stopped arriving for longer than the header read timeout")]
+    /// 408 `invalid_request`: the client stopped sending the request body, or took longer than
+    /// allowed for all of it (see [`crate::limits::StallTimed`]); the connection is closed.
+    #[error(
+        "the request body did not arrive in time: it stalled for longer than header_read_timeout, or took longer than body_read_timeout in all"
+    )]
     RequestTimeout,
     /// 415 `invalid_request`.
     #[error("content type must be {0}")]
@@ -88,6 +93,12 @@ pub enum ApiError {
     /// 403 `approval_mismatch`: the attached approval is for another request, grant or agent.
     #[error("{0}")]
     ApprovalMismatch(String),
+    /// 403 `approval_unsupported`: the request needs an approval, and the proxy asking
+    /// `/v1/authorize` did not send the request's whole body, which an approval is bound to.
+    #[error(
+        "this action needs a human approval, which a proxy can only ask for when it sends the whole request body to /v1/authorize"
+    )]
+    ApprovalUnsupported,
     /// 429 `rate_limited`, with `Retry-After`: the caller is over its rate (`[limits]`).
     #[error("too many requests from this caller; retry after {retry_after_secs} s")]
     RateLimited {
@@ -161,6 +172,7 @@ impl ApiError {
             Self::PolicyDenied { .. } => (StatusCode::FORBIDDEN, "policy_denied"),
             Self::ApprovalRequired { .. } => (StatusCode::FORBIDDEN, "approval_required"),
             Self::ApprovalMismatch(_) => (StatusCode::FORBIDDEN, "approval_mismatch"),
+            Self::ApprovalUnsupported => (StatusCode::FORBIDDEN, "approval_unsupported"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::HeadersTooLarge(_) => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -193,6 +205,9 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // API §6: every answer Leash itself produces names its decision, so a client can tell
+        // Leash's refusals from an upstream's (the gateway strips this header from upstreams).
+        headers.insert(LEASH_DECISION, HeaderValue::from_static(code));
         match &self {
             Self::UseDpopNonce(nonce) => {
                 if let Ok(v) = HeaderValue::from_str(nonce) {
@@ -240,6 +255,7 @@ impl IntoResponse for ApiError {
             | Self::PolicyDenied { .. }
             | Self::ApprovalRequired { .. }
             | Self::ApprovalMismatch(_)
+            | Self::ApprovalUnsupported
             | Self::HeadersTooLarge(_)
             | Self::BadGateway(_)
             | Self::GatewayTimeout(_)

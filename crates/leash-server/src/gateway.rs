@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
@@ -63,7 +62,8 @@ fn is_stripped_request_header(name: &HeaderName) -> bool {
 fn is_stripped_response_header(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "set-cookie"
+        crate::error::LEASH_DECISION
+            | "set-cookie"
             | "set-cookie2"
             | "connection"
             | "keep-alive"
@@ -91,19 +91,49 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let request_id = random_id("req_");
     let mut trail = Trail::default();
+    let source = source_of(&state, &request);
     match gateway(&state, request, &request_id, &mut trail).await {
         Ok(response) => response,
-        Err(e) => {
-            tracing::info!(request_id = %request_id, error = %e, "gateway request refused");
-            audit_refusal(&state, &trail, GATEWAY_EVENT, &request_id, &e).await;
-            e.into_response()
-        }
+        Err(e) => refuse(&state, &trail, GATEWAY_EVENT, &request_id, source, e).await,
     }
+}
+
+/// The source address a request's refusal counts against (`[limits] unauthenticated_rate`).
+pub(crate) fn source_of(state: &AppState, request: &Request) -> Option<std::net::IpAddr> {
+    crate::limits::source_address(
+        request.extensions().get(),
+        request.headers(),
+        &state.config.trusted_proxies,
+    )
+}
+
+/// Answers a refused gateway or authorize request and audits it — unless nobody could be
+/// identified for it and its source is over `[limits] unauthenticated_rate`: then it is
+/// answered 429 and counted in the minutely summary instead (API §6), so garbage cannot flood
+/// the audit log. A refusal naming a caller (even a dead token's) is always audited.
+pub(crate) async fn refuse(
+    state: &AppState,
+    trail: &Trail,
+    kind: &str,
+    request_id: &str,
+    source: Option<std::net::IpAddr>,
+    error: ApiError,
+) -> Response {
+    let identified = trail.known.actor.is_some() || trail.known.subject.is_some();
+    if !trail.recorded && !identified && !state.unauthenticated.admit(source) {
+        tracing::debug!(request_id = %request_id, error = %error, "unidentified refusal over the rate");
+        return ApiError::RateLimited {
+            retry_after_secs: 1,
+        }
+        .into_response();
+    }
+    tracing::info!(request_id = %request_id, error = %error, "{kind} refused");
+    audit_refusal(state, trail, kind, request_id, &error).await;
+    error.into_response()
 }
 
 /// Audit kinds of the two decision points.
 const GATEWAY_EVENT: &str = "gateway.request";
-const AUTHORIZE_EVENT: &str = "authorize.request";
 
 /// Records a refused request, unless its commit recorded it already.
 async fn audit_refusal(
@@ -124,7 +154,7 @@ async fn audit_refusal(
 /// the human, agent and grant the token names — who held a stolen token, or kept calling after
 /// the task ended, is what an investigator asks first. Only a token whose signature and expiry
 /// check out is used; verification is the cached in-memory one.
-fn attribute_refused_token(state: &AppState, headers: &HeaderMap, trail: &mut Trail) {
+pub(crate) fn attribute_refused_token(state: &AppState, headers: &HeaderMap, trail: &mut Trail) {
     let Ok(Some((_, token))) = crate::extract::authorization(headers) else {
         return;
     };
@@ -154,27 +184,14 @@ async fn gateway(
     if declared.is_some_and(|length| length > body_limit as u64) {
         return Err(ApiError::TooLarge(body_limit));
     }
-    let body = match &decided.approval {
+    let body = match decided.approval {
         // A body without a length is cut off at the limit while it streams.
         ApprovalState::NotNeeded => Body::new(http_body_util::Limited::new(body, body_limit)),
-        ApprovalState::Needed { policies } => {
-            let (bytes, digest) = hash_body(body).await?;
-            let asked = Asked {
-                query: parts.uri.query(),
-                body: &bytes,
-                body_sha256: digest,
-                policies,
-            };
-            return Err(ask_approval(state, &decided, asked, trail, request_id).await);
-        }
-        ApprovalState::Attached(approval) => {
-            let (bytes, digest) = hash_body(body).await?;
-            if approval.body_sha256 != digest || approval.body_size != bytes.len() as i64 {
-                return Err(ApiError::ApprovalMismatch(format!(
-                    "approval {} was given for another request body",
-                    approval.id
-                )));
-            }
+        ApprovalState::Needed { .. } | ApprovalState::Attached(_) => {
+            let query = parts.uri.query();
+            let bytes = decided
+                .bind_body(state, body, query, trail, GATEWAY_EVENT, request_id)
+                .await?;
             Body::from(bytes)
         }
     };
@@ -225,6 +242,7 @@ async fn ask_approval(
     decided: &Decided<'_>,
     asked: Asked<'_>,
     trail: &mut Trail,
+    kind: &str,
     request_id: &str,
 ) -> ApiError {
     let principal = &decided.principal;
@@ -254,7 +272,7 @@ async fn ask_approval(
         policies: asked.policies.to_vec(),
         approval: Some(approval.id.clone()),
     };
-    let event = trail.event(GATEWAY_EVENT, now, request_id, Outcome::Deny, None);
+    let event = trail.event(kind, now, request_id, Outcome::Deny, None);
     let request = RequestUse {
         once: principal.proof_once.into_iter().collect(),
         now,
@@ -308,6 +326,53 @@ pub struct Decided<'s> {
 }
 
 impl Decided<'_> {
+    /// The upstream the request is for.
+    pub fn upstream(&self) -> &Upstream {
+        self.upstream
+    }
+
+    /// The agent (delegated) or the human (direct) making the request.
+    pub fn actor(&self) -> &str {
+        &self.principal.actor
+    }
+
+    /// Step 6 for a request whose approval is needed or attached, which binds its body: reads
+    /// the body whole and hashes it. Needed: stores the pending approval and returns the
+    /// refusal to answer with. Attached: checks the approval was given for this body and
+    /// returns the body to forward.
+    pub async fn bind_body(
+        &self,
+        state: &AppState,
+        body: Body,
+        query: Option<&str>,
+        trail: &mut Trail,
+        kind: &str,
+        request_id: &str,
+    ) -> ApiResult<axum::body::Bytes> {
+        let (bytes, digest) = hash_body(body).await?;
+        match &self.approval {
+            ApprovalState::NotNeeded => Ok(bytes),
+            ApprovalState::Needed { policies } => {
+                let asked = Asked {
+                    query,
+                    body: &bytes,
+                    body_sha256: digest,
+                    policies,
+                };
+                Err(ask_approval(state, self, asked, trail, kind, request_id).await)
+            }
+            ApprovalState::Attached(approval) => {
+                if approval.body_sha256 != digest || approval.body_size != bytes.len() as i64 {
+                    return Err(ApiError::ApprovalMismatch(format!(
+                        "approval {} was given for another request body",
+                        approval.id
+                    )));
+                }
+                Ok(bytes)
+            }
+        }
+    }
+
     /// Step 7: claims the proof's `jti`, counts the request against its grant's budget and
     /// appends its audit event, atomically and durably, before anything is forwarded. A
     /// replayed proof, or a grant that ended or ran out meanwhile, is refused here (and
@@ -737,76 +802,4 @@ pub fn upstream_client() -> UpstreamClient {
         .wrap_connector(tcp);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(connector)
-}
-
-/// `POST|GET /v1/authorize`: steps 1–6 as a decision API for an existing proxy (nginx
-/// `auth_request`, Envoy `ext_authz`). The proxy passes the original request line in
-/// `X-Original-Method` and `X-Original-URI` (a `/gw/{upstream}/{path}` target as seen at the
-/// proxy, whose external base URL is Leash's `public_url`) and the caller's own headers. `200`
-/// carries the headers to inject: `Leash-Subject`, `Leash-Actor`, `Leash-Grant`,
-/// `Leash-Request-Id`, and the credential as `Leash-Inject-Authorization`,
-/// `Leash-Inject-Cookie`, or `Leash-Inject-Name` + `Leash-Inject-Value`.
-#[utoipa::path(method(get, post), path = "/v1/authorize", tag = "gateway",
-    params(
-        ("X-Original-Method" = String, Header, description = "the original request's method"),
-        ("X-Original-URI" = String, Header, description = "the original `/gw/{upstream}/{path}` target"),
-    ),
-    responses((status = 200, description = "allowed; the headers to inject are in the response headers"), crate::openapi::GatewayErrors),
-    security(("dpop" = []), ("api_key" = [])))]
-pub async fn authorize(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let request_id = random_id("req_");
-    let original = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let mut trail = Trail::default();
-    let result = async {
-        let method = original("x-original-method")
-            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-            .ok_or_else(|| ApiError::InvalidRequest("X-Original-Method is required".into()))?;
-        let uri: axum::http::Uri = original("x-original-uri")
-            .and_then(|u| u.parse().ok())
-            .ok_or_else(|| ApiError::InvalidRequest("X-Original-URI must be the original request target".into()))?;
-        let decided = decide(&state, &method, &uri, &headers, &mut trail).await?;
-        if let ApprovalState::Attached(approval) = &decided.approval {
-            // An approval is bound to the request body, which a proxy does not pass here.
-            return Err(ApiError::ApprovalMismatch(format!(
-                "approval {} can only be used through the gateway, which sees the body",
-                approval.id
-            )));
-        }
-        decided
-            .commit(&state, &mut trail, AUTHORIZE_EVENT, &request_id)
-            .await?;
-        let mut response = StatusCode::OK.into_response();
-        let out = response.headers_mut();
-        out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        for (name, value) in decided.upstream_headers(&state, &request_id).await? {
-            match name.as_str() {
-                "authorization" => {
-                    out.insert("leash-inject-authorization", value);
-                }
-                "cookie" => {
-                    out.insert("leash-inject-cookie", value);
-                }
-                n if n.starts_with("leash-") => {
-                    out.insert(name, value);
-                }
-                _ => {
-                    if let Ok(n) = HeaderValue::from_str(name.as_str()) {
-                        out.insert("leash-inject-name", n);
-                        out.insert("leash-inject-value", value);
-                    }
-                }
-            }
-        }
-        tracing::info!(request_id = %request_id, upstream = %decided.upstream.name, actor = %decided.principal.actor, "authorized for a proxy");
-        Ok::<_, ApiError>(response)
-    }
-    .await;
-    match result {
-        Ok(response) => response,
-        Err(e) => {
-            tracing::info!(request_id = %request_id, error = %e, "proxy authorization refused");
-            audit_refusal(&state, &trail, AUTHORIZE_EVENT, &request_id, &e).await;
-            e.into_response()
-        }
-    }
 }

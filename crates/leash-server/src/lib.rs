@@ -4,6 +4,7 @@
 pub mod api;
 pub mod approvals;
 pub mod audit;
+pub mod authorize;
 pub mod config;
 pub mod error;
 pub mod extract;
@@ -62,7 +63,7 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(review::review))
         .routes(routes!(vault::list))
         .routes(routes!(vault::put, vault::delete))
-        .routes(routes!(gateway::authorize))
+        .routes(routes!(authorize::authorize))
 }
 
 /// The full router over a prepared state; `GET /openapi.json` serves the description of its
@@ -178,11 +179,16 @@ pub async fn run(
             }
             rates.token_rates.forget_idle();
             rates.gateway_rates.forget_idle();
+            rates.unauthenticated.forget_idle();
+            audit::record_refusal_summary(&rates).await;
         }
     });
     let limits = boot.state.config.limits.clone();
+    let state = boot.state.clone();
     limits::serve(listener, router(boot.state), &limits, shutdown).await;
     pruner.abort();
+    // What the minute had counted so far is not lost with the process.
+    audit::record_refusal_summary(&state).await;
     checkpoints.abort();
     #[cfg(unix)]
     reloader.abort();

@@ -2,7 +2,9 @@
 //! connection-level limits (head size, header count, slow or idle clients, connection count),
 //! the head check that answers those limits with Leash's JSON errors, and per-caller rates.
 
+use std::collections::HashMap;
 use std::future::Future as _;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,7 +90,9 @@ pub async fn serve(
         .keep_alive_timeout(limits.header_read_timeout);
     let builder = Arc::new(builder);
     let stall_limit = limits.header_read_timeout;
+    let body_limit = limits.body_read_timeout;
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let shares = AddressShares::new(limits.max_connections_per_address);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -97,7 +101,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Ok(permit) = permit else { break };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -107,11 +111,22 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Some(share) = shares.take(peer.ip()) else {
+            // Closed at once: waiting would hold the place a client under its share needs.
+            tracing::debug!(peer = %peer.ip(), "connection over the address's share closed");
+            continue;
+        };
         // Responses are small and latency matters more than packet count.
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone().map_request(
             move |request: hyper::Request<hyper::body::Incoming>| {
-                request.map(|body| StallTimed::new(body, stall_limit))
+                // Gateway bodies may be large and slow; every other body is small and gets
+                // a total deadline too.
+                let total = (!request.uri().path().starts_with("/gw/")).then_some(body_limit);
+                let mut request =
+                    request.map(|body| StallTimed::new(body, stall_limit).with_total(total));
+                request.extensions_mut().insert(Peer(peer));
+                request
             },
         ));
         let connection = builder
@@ -122,6 +137,7 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(share);
             drop(permit);
         });
     }
@@ -142,6 +158,9 @@ pub async fn serve(
 pub struct StallTimed<B> {
     inner: B,
     limit: Duration,
+    /// The time the whole body must have arrived by, if any (see [`StallTimed::with_total`]).
+    total: Option<Duration>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Made at the first wait and then reset: a body that arrives whole needs none.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Whether the timer runs for the current wait.
@@ -154,16 +173,32 @@ impl<B> StallTimed<B> {
         Self {
             inner,
             limit,
+            total: None,
+            deadline: None,
             timer: None,
             waiting: false,
         }
+    }
+
+    /// Also cut off once `total` has passed since the body was first waited for, however
+    /// steadily it arrives: a body dripped in a byte a second never stalls, yet held a
+    /// connection for as long as its client liked.
+    pub fn with_total(mut self, total: Option<Duration>) -> Self {
+        self.total = total;
+        self
     }
 }
 
 /// The error a [`StallTimed`] body ends with.
 #[derive(Debug, thiserror::Error)]
-#[error("the client sent no part of the request body for {0:?}")]
-pub struct BodyStalled(Duration);
+pub enum BodyStalled {
+    /// No part arrived for this long.
+    #[error("the client sent no part of the request body for {0:?}")]
+    Stalled(Duration),
+    /// The whole body did not arrive within this long.
+    #[error("the client did not send the whole request body within {0:?}")]
+    TooSlow(Duration),
+}
 
 impl<B> hyper::body::Body for StallTimed<B>
 where
@@ -183,6 +218,14 @@ where
             this.waiting = false;
             return Poll::Ready(frame.map(|part| part.map_err(Into::into)));
         }
+        if let Some(total) = this.total {
+            let deadline = this
+                .deadline
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(total)));
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(Box::new(BodyStalled::TooSlow(total)))));
+            }
+        }
         if !this.waiting {
             let deadline = tokio::time::Instant::now() + this.limit;
             match this.timer.as_mut() {
@@ -192,7 +235,9 @@ where
             this.waiting = true;
         }
         match this.timer.as_mut().map(|timer| timer.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.limit))))),
+            Some(Poll::Ready(())) => {
+                Poll::Ready(Some(Err(Box::new(BodyStalled::Stalled(this.limit)))))
+            }
             _ => Poll::Pending,
         }
     }
@@ -203,6 +248,181 @@ where
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The TCP peer of a request's connection, put in its extensions by [`serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// The address a request counts against: the TCP peer, or, when the peer is a trusted proxy,
+/// the nearest address in `X-Forwarded-For` that is not one (a client can prepend anything to
+/// that header, but not what the proxies after it appended).
+pub fn source_address(
+    peer: Option<&Peer>,
+    headers: &axum::http::HeaderMap,
+    trusted: &[IpAddr],
+) -> Option<IpAddr> {
+    let peer = peer?.0.ip();
+    if !trusted.contains(&peer) {
+        return Some(peer);
+    }
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for hop in forwarded.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => continue,
+            Ok(ip) => return Some(ip),
+            // Garbage where an address should be: the hop before it is the last one known.
+            Err(_) => return Some(peer),
+        }
+    }
+    Some(peer)
+}
+
+/// Connections held per source address, at most `share` each.
+#[derive(Clone)]
+struct AddressShares {
+    share: usize,
+    held: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One connection's place in its address's share, given back when dropped.
+struct SharePlace {
+    shares: AddressShares,
+    address: IpAddr,
+}
+
+impl AddressShares {
+    fn new(share: usize) -> Self {
+        Self {
+            share,
+            held: Arc::default(),
+        }
+    }
+
+    fn take(&self, address: IpAddr) -> Option<SharePlace> {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = held.entry(address).or_insert(0);
+        if *count >= self.share {
+            return None;
+        }
+        *count += 1;
+        Some(SharePlace {
+            shares: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for SharePlace {
+    fn drop(&mut self) {
+        let mut held = self
+            .shares
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// Refusals of requests nobody could be identified for (no credential, a forged one, a
+/// malformed request), per source address: within `[limits] unauthenticated_rate` each is
+/// audited; beyond it they are answered 429 and only counted, and
+/// [`UnauthenticatedRefusals::take_summary`] reports the count once a minute.
+#[derive(Debug)]
+pub struct UnauthenticatedRefusals {
+    limiter: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
+    suppressed: std::sync::Mutex<Suppressed>,
+}
+
+/// Refusals answered 429 since the last summary.
+#[derive(Debug, Default)]
+struct Suppressed {
+    requests: u64,
+    /// Distinct addresses, counted up to [`MAX_SUMMARY_ADDRESSES`].
+    addresses: std::collections::HashSet<IpAddr>,
+}
+
+/// Addresses a summary counts one by one; beyond it, "at least" this many.
+const MAX_SUMMARY_ADDRESSES: usize = 4096;
+
+/// What a summary says: requests refused without an event of their own, and from how many
+/// addresses (at least).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefusalSummary {
+    /// Requests.
+    pub requests: u64,
+    /// Source addresses.
+    pub addresses: usize,
+}
+
+impl UnauthenticatedRefusals {
+    /// Limits at `rate` per source address; `None` audits every refusal.
+    pub fn new(rate: Option<Rate>) -> Self {
+        Self {
+            limiter: rate.map(|rate| {
+                governor::RateLimiter::keyed(
+                    governor::Quota::per_second(rate.per_second).allow_burst(rate.burst),
+                )
+            }),
+            suppressed: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Whether a refusal from `source` is audited on its own (within the rate); otherwise it
+    /// is counted for the summary and the caller answers 429. A request whose source is not
+    /// known is audited.
+    pub fn admit(&self, source: Option<IpAddr>) -> bool {
+        let (Some(limiter), Some(source)) = (&self.limiter, source) else {
+            return true;
+        };
+        if limiter.check_key(&source).is_ok() {
+            return true;
+        }
+        let mut suppressed = self
+            .suppressed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        suppressed.requests = suppressed.requests.saturating_add(1);
+        if suppressed.addresses.len() < MAX_SUMMARY_ADDRESSES {
+            suppressed.addresses.insert(source);
+        }
+        false
+    }
+
+    /// The refusals counted since the last call, if any; starts a new count.
+    pub fn take_summary(&self) -> Option<RefusalSummary> {
+        let taken = std::mem::take(
+            &mut *self
+                .suppressed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        (taken.requests > 0).then_some(RefusalSummary {
+            requests: taken.requests,
+            addresses: taken.addresses.len(),
+        })
+    }
+
+    /// Drops the entries of addresses back at full allowance (run periodically).
+    pub fn forget_idle(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 }
 

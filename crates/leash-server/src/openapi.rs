@@ -148,7 +148,8 @@ pub enum GatewayErrors {
     #[response(status = 401)]
     Unauthorized(ErrorBody),
     /// `no_route`, `insufficient_scope`, `policy_denied`, `approval_required`,
-    /// `approval_mismatch`, `forbidden`.
+    /// `approval_mismatch`, `approval_unsupported` (`/v1/authorize` without the whole body),
+    /// `forbidden`.
     #[response(status = 403)]
     Forbidden(ErrorBody),
     /// `rate_limited`: this caller is over its rate; see `Retry-After`.

@@ -78,6 +78,8 @@ pub struct AppState {
     pub token_rates: crate::limits::CallerRates,
     /// Gateway and authorize requests per caller (`[limits] gateway_rate`).
     pub gateway_rates: crate::limits::CallerRates,
+    /// Refusals of unidentified callers per source address (`[limits] unauthenticated_rate`).
+    pub unauthenticated: crate::limits::UnauthenticatedRefusals,
 }
 
 /// Verified access tokens held in memory at most.
@@ -231,6 +233,8 @@ impl AppState {
         verify_keys.insert(signing.kid().to_owned(), signing.public());
         let token_rates = crate::limits::CallerRates::new(config.limits.token_rate);
         let gateway_rates = crate::limits::CallerRates::new(config.limits.gateway_rate);
+        let unauthenticated =
+            crate::limits::UnauthenticatedRefusals::new(config.limits.unauthenticated_rate);
         let state = Self {
             config,
             issuer,
@@ -250,6 +254,7 @@ impl AppState {
             notifier,
             token_rates,
             gateway_rates,
+            unauthenticated,
         };
         Ok(Bootstrap {
             state: Arc::new(state),

@@ -27,7 +27,18 @@ pub const AGENT: &str = "spiffe://example.org/agent/mailbot";
 
 /// The rate limits of test servers, unless a test sets its own `[limits]`: off, because the
 /// suites and load benchmarks drive one agent far faster than a real one works.
-pub const UNLIMITED: &str = "[limits]\ntoken_rate = 0\ngateway_rate = 0\n";
+pub const UNLIMITED: &str =
+    "[limits]\ntoken_rate = 0\ngateway_rate = 0\nunauthenticated_rate = 0\n";
+
+/// The key of the test proxy that may call `/v1/authorize` (see [`proxy_key_config`]).
+pub const PROXY_KEY: &str = "lpk_test_proxy_0123456789abcdef0123456789abcdef";
+
+/// The config lines that let the holder of [`PROXY_KEY`] call `/v1/authorize`: its SHA-256,
+/// as an operator writes it.
+pub fn proxy_key_config() -> String {
+    let digest = leash_core::secret::SecretDigest::of(PROXY_KEY);
+    format!("[authorize]\nproxy_keys = [\"{}\"]\n", digest.as_str())
+}
 
 /// Upstreams every test server knows.
 pub const UPSTREAMS: &str = r#"
@@ -1050,6 +1061,8 @@ impl RecordingUpstream {
                     [
                         ("set-cookie", "upstream_session=secret; Path=/"),
                         ("x-upstream", "yes"),
+                        // An upstream posing as Leash: the gateway must strip this.
+                        ("leash-decision", "approval_required"),
                     ],
                     axum::Json(json!({"ok": true, "received_bytes": size})),
                 )

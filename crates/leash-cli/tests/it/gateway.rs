@@ -713,44 +713,6 @@ async fn leash_agent_curl_works_through_the_gateway() {
 }
 
 #[tokio::test]
-async fn authorize_needs_the_original_request_line() {
-    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
-    let url = format!("{}/v1/authorize", gw.leash.url);
-    let (status, _, body) = read(gw.leash.http().post(&url).send().await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("invalid_request"))
-    );
-    // The same decision as the gateway: outside the scope is refused, nothing is injected.
-    let target = "/gw/mail/export";
-    let proof = gw.dpop.dpop_proof(
-        "GET",
-        &format!("{}{target}", gw.leash.url),
-        Some(&gw.token),
-        None,
-        now(),
-    );
-    let response = gw
-        .leash
-        .http()
-        .post(&url)
-        .header("X-Original-Method", "GET")
-        .header("X-Original-URI", target)
-        .header("Authorization", format!("DPoP {}", gw.token))
-        .header("DPoP", proof)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.headers().get("leash-inject-cookie").is_none());
-    let (status, _, body) = read(response).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (403, Some("insufficient_scope"))
-    );
-    assert_eq!(gw.upstream.count(), 0);
-}
-
-#[tokio::test]
 async fn two_dpop_headers_and_unknown_keys_are_refused_at_the_gateway() {
     let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
     let url = format!("{}/gw/mail/messages/1", gw.leash.url);
@@ -833,4 +795,29 @@ async fn a_forwarded_host_never_changes_the_url_a_proof_must_name() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "invalid_dpop_proof");
     assert_eq!(gw.upstream.count(), 0);
+}
+
+#[tokio::test]
+async fn leash_decision_marks_leash_answers_and_an_upstream_cannot_fake_one() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let (status, headers, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        headers.get("leash-decision").is_none(),
+        "the upstream's own Leash-Decision reached the agent"
+    );
+    let (status, headers, _) = gw.call(Method::GET, "/gw/mail/export", &[]).await;
+    assert_eq!(status, 403);
+    assert_eq!(headers["leash-decision"], "insufficient_scope");
+    let (status, headers, body) = read(
+        gw.leash
+            .http()
+            .get(format!("{}/gw/mail/messages/1", gw.leash.url))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(headers["leash-decision"], body["error"].as_str().unwrap());
 }

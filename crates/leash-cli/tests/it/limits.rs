@@ -251,7 +251,11 @@ async fn a_slow_client_and_an_idle_connection_are_closed_after_the_header_timeou
 
 #[tokio::test]
 async fn connections_over_the_cap_wait_until_one_closes() {
-    let leash = Leash::start(bin(), "[limits]\nmax_connections = 2\n").await;
+    let leash = Leash::start(
+        bin(),
+        "[limits]\nmax_connections = 2\nmax_connections_per_address = 2\n",
+    )
+    .await;
     let addr = leash.url.trim_start_matches("http://").to_owned();
     let first = TcpStream::connect(&addr).await.unwrap();
     let _second = TcpStream::connect(&addr).await.unwrap();
@@ -377,7 +381,9 @@ async fn flood(gw: &Gw, rounds: usize) {
                         .send()
                         .await
                         .unwrap();
-                    assert_eq!(response.status().as_u16(), 401);
+                    // 429 once the address is over `unauthenticated_rate` (not audited).
+                    let status = response.status().as_u16();
+                    assert!(matches!(status, 401 | 429), "{status}");
                 }
                 _ => {
                     let stranger = format!("spiffe://example.org/agent/stranger-{i}");
@@ -618,4 +624,185 @@ async fn a_gateway_body_that_stalls_midway_is_cut_off_and_a_slow_one_is_not() {
     let requests = gw.upstream.requests();
     assert_eq!(requests.len(), 2);
     assert_eq!(requests[1].body, b"one two six!");
+}
+
+/// A connection to the server from `source`, one of the loopback range's addresses.
+async fn connect_from(source: &str, addr: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
+}
+
+/// `GET /healthz` over a new connection from `source`; the answer's status line, if any.
+async fn health_from(source: &str, addr: &str) -> Option<String> {
+    let mut stream = connect_from(source, addr).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let got = until_closed(&mut stream, Duration::from_secs(5)).await?;
+    String::from_utf8_lossy(&got)
+        .lines()
+        .next()
+        .map(str::to_owned)
+}
+
+/// ATTACKS.md 47: bodies dripped in a byte at a time never stall, so only a total deadline
+/// ends them. Outside the gateway the whole body must arrive within `body_read_timeout`, and
+/// clients from one address hold at most their share of the connections: with
+/// `max_connections = 4` and four drippers, `/healthz` stays reachable.
+#[tokio::test]
+async fn slow_drip_bodies_are_cut_off_and_one_address_cannot_hold_every_connection() {
+    let leash = Leash::start(
+        bin(),
+        "[limits]\nheader_read_timeout = 3\nbody_read_timeout = 2\nmax_connections = 4\n",
+    )
+    .await;
+    let addr = leash.url.trim_start_matches("http://").to_owned();
+    let drip = |source: &'static str, path: &'static str| {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let mut stream = connect_from(source, &addr).await;
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let started = std::time::Instant::now();
+            let mut answer = Vec::new();
+            let mut byte = [0u8; 1];
+            // One byte every 500 ms: never a stall of header_read_timeout, 50 s for the body.
+            for _ in 0..100 {
+                if stream.write_all(b"a").await.is_err() {
+                    break;
+                }
+                match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut byte)).await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(_)) => {
+                        answer.push(byte[0]);
+                        let _ = stream.read_to_end(&mut answer).await;
+                        break;
+                    }
+                    Err(_) => {}
+                }
+            }
+            (
+                started.elapsed(),
+                String::from_utf8_lossy(&answer).into_owned(),
+            )
+        })
+    };
+    // Four drippers from one address: two take its share, two are closed at once.
+    let drippers: Vec<_> = (0..4).map(|_| drip("127.0.0.2", "/oauth2/token")).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        health_from("127.0.0.3", &addr).await.as_deref(),
+        Some("HTTP/1.1 200 OK"),
+        "another address is served while one drips"
+    );
+    let mut cut_off = 0;
+    for dripper in drippers {
+        let (took, answer) = dripper.await.unwrap();
+        assert!(took < Duration::from_secs(8), "held for {took:?}: {answer}");
+        if answer.starts_with("HTTP/1.1 408") {
+            assert!(took >= Duration::from_millis(1500), "{took:?}");
+            cut_off += 1;
+        } else {
+            assert_eq!(answer, "", "a connection over the share was answered");
+        }
+    }
+    assert_eq!(cut_off, 2, "each address holds half of max_connections");
+    assert_eq!(health(&leash).await, 200);
+}
+
+/// ATTACKS.md 50: unidentified garbage at the gateway is audited one event per refusal only
+/// within `unauthenticated_rate` per source address; beyond it, 429 and one summary event.
+#[tokio::test]
+async fn unauthenticated_garbage_cannot_flood_the_audit_log() {
+    let gw = setup(
+        "[limits]\ntoken_rate = 0\ngateway_rate = 0\nunauthenticated_rate = 2\nunauthenticated_burst = 5\n",
+        grant(&["mail:read"], &["mail"], json!({})),
+    )
+    .await;
+    let events = |body: &str| {
+        body.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .collect::<Vec<_>>()
+    };
+    let audit = |leash: &Leash| {
+        let url = format!("{}/v1/audit?limit=10000", leash.url);
+        let http = leash.http().clone();
+        async move {
+            http.get(url)
+                .bearer_auth(ADMIN_KEY)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let before = events(&audit(&gw.leash).await).len();
+    let url = format!("{}/gw/mail/messages/1", gw.leash.url);
+    let started = std::time::Instant::now();
+    let (mut refused, mut limited) = (0u32, 0u32);
+    for i in 0..200 {
+        let request = gw.leash.http().get(&url);
+        // No credential, a forged token, a path trick: nobody is identified.
+        let request = match i % 3 {
+            0 => request,
+            1 => request.header("Authorization", "DPoP eyJhbGciOiJFZERTQSJ9.e30.AAAA"),
+            _ => gw
+                .leash
+                .http()
+                .get(format!("{}/gw/mail/a/../b", gw.leash.url)),
+        };
+        let status = request.send().await.unwrap().status().as_u16();
+        match status {
+            429 => limited += 1,
+            400 | 401 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(limited > 150, "{limited} of 200 rate-limited");
+    assert!(
+        f64::from(refused) <= 5.0 + 2.0 * elapsed + 1.0,
+        "{refused} audited in {elapsed:.1} s"
+    );
+    // A genuine agent is not affected, and a genuine token's refusal is always audited.
+    let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = gw.call(Method::GET, "/gw/mail/export", &[]).await;
+    assert_eq!(status, 403);
+
+    let mut leash = gw.leash;
+    assert!(leash.terminate().await.success());
+    leash.restart().await;
+    let all = events(&audit(&leash).await);
+    let new = &all[before..];
+    let individual = new
+        .iter()
+        .filter(|e| e["kind"] == "gateway.request" && e["actor"].is_null())
+        .count();
+    assert_eq!(
+        individual, refused as usize,
+        "each admitted refusal has its event"
+    );
+    let summaries: Vec<_> = new
+        .iter()
+        .filter(|e| e["kind"] == "gateway.refusals_summary")
+        .collect();
+    assert_eq!(summaries.len(), 1, "{summaries:?}");
+    let reason = summaries[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!("{limited} unidentified requests from 1 source")),
+        "{reason}"
+    );
+    assert!(
+        new.iter()
+            .any(|e| e["kind"] == "gateway.request" && e["reason"] == "insufficient_scope"),
+        "the genuine token's refusal was audited"
+    );
 }

@@ -9,6 +9,7 @@
 
 mod approvals;
 mod audit;
+mod authorize;
 mod cli;
 mod cluster;
 mod demo;

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use leash_core::client::AgentKey;
-use leash_testkit::{AGENT, Leash, RecordingUpstream, Scenario, now, read};
+use leash_testkit::{
+    AGENT, Leash, PROXY_KEY, RecordingUpstream, Scenario, now, proxy_key_config, read,
+};
 use reqwest::Method;
 use serde_json::json;
 
@@ -37,12 +39,12 @@ async fn nginx_auth_request_example_decides_with_leash() {
     let public_url = format!("http://127.0.0.1:{port}");
     let mut leash = Leash::start_with_upstream(
         bin(),
-        &format!("public_url = \"{public_url}\""),
+        &format!("public_url = \"{public_url}\"\n{}", proxy_key_config()),
         &upstream.url,
     )
     .await;
     let s = Scenario::with_grant(&leash, leash_core::jws::Alg::EdDsa, json!({
-        "agent": AGENT, "purpose": "Triage", "upstreams": ["mail"], "actions": ["mail:read"], "ttl_seconds": 600,
+        "agent": AGENT, "purpose": "Triage", "upstreams": ["mail"], "actions": ["mail:read", "mail:send"], "ttl_seconds": 600,
     }))
     .await;
     let (status, _) = leash
@@ -66,7 +68,8 @@ async fn nginx_auth_request_example_decides_with_leash() {
         .replace("{{PREFIX}}", prefix.path().to_str().unwrap())
         .replace("{{LISTEN}}", &port.to_string())
         .replace("{{LEASH}}", leash.url.trim_start_matches("http://"))
-        .replace("{{MAIL}}", upstream.url.trim_start_matches("http://"));
+        .replace("{{MAIL}}", upstream.url.trim_start_matches("http://"))
+        .replace("{{PROXY_KEY}}", PROXY_KEY);
     let conf = prefix.path().join("nginx.conf");
     std::fs::write(&conf, config).unwrap();
     let mut nginx = tokio::process::Command::new(NGINX)
@@ -95,6 +98,9 @@ async fn nginx_auth_request_example_decides_with_leash() {
             .header("Authorization", format!("DPoP {token}"))
             .header("DPoP", proof)
             .header("Cookie", "agent=1")
+            .header("X-HTTP-Method-Override", "DELETE")
+            .header("X-Original-URL", "/export")
+            .header("Leash-Proxy-Key", "forged-by-the-agent")
             .send()
     };
     let (status, headers, body) = read(call("/gw/mail/messages/1", &dpop).await.unwrap()).await;
@@ -109,6 +115,43 @@ async fn nginx_auth_request_example_decides_with_leash() {
     assert_eq!(r.headers["leash-actor"], AGENT);
     assert_eq!(r.headers["leash-grant"], s.grant_id());
     assert!(r.headers.get("authorization").is_none() && r.headers.get("dpop").is_none());
+    // What Leash judged is what the app acts on, and the proxy's key stays with the proxy.
+    for name in [
+        "x-http-method-override",
+        "x-original-url",
+        "leash-proxy-key",
+    ] {
+        assert!(r.headers.get(name).is_none(), "{name} reached the app");
+    }
+    assert_eq!(r.method, "GET");
+
+    // nginx cannot pass the body to Leash, so an action that needs approval is refused
+    // (`approval_unsupported`; nginx answers auth_request's 403 with its own page) and no
+    // approval is asked for.
+    let url = format!("{public_url}/gw/mail/messages/1/send");
+    let proof = dpop.dpop_proof("POST", &url, Some(&token), None, now());
+    let response = http
+        .post(&url)
+        .header("Authorization", format!("DPoP {token}"))
+        .header("DPoP", proof)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let (_, pending) = leash
+        .call(
+            Method::GET,
+            "/v1/approvals?status=pending",
+            &s.user_key,
+            None,
+        )
+        .await;
+    assert_eq!(
+        pending["approvals"].as_array().map(Vec::len),
+        Some(0),
+        "{pending}"
+    );
 
     // Refusals pass through nginx as 401/403 and reach nothing.
     assert_eq!(call("/gw/mail/export", &dpop).await.unwrap().status(), 403);
