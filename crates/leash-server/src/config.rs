@@ -409,18 +409,18 @@ fn limits(file: Option<LimitsFile>) -> Result<Limits, ConfigError> {
     Ok(Limits {
         max_header_bytes,
         max_headers,
-        header_read_timeout: std::time::Duration::from_secs(positive(
+        header_read_timeout: seconds(
             "limits.header_read_timeout",
             file.header_read_timeout,
-            defaults.header_read_timeout.as_secs() as i64,
-        )? as u64),
+            defaults.header_read_timeout,
+        )?,
         max_connections,
         gateway_body_bytes,
-        upstream_timeout: std::time::Duration::from_secs(positive(
+        upstream_timeout: seconds(
             "limits.upstream_timeout",
             file.upstream_timeout,
-            defaults.upstream_timeout.as_secs() as i64,
-        )? as u64),
+            defaults.upstream_timeout,
+        )?,
         token_rate: rate(
             "token",
             file.token_rate,
@@ -439,11 +439,11 @@ fn limits(file: Option<LimitsFile>) -> Result<Limits, ConfigError> {
             file.unauthenticated_burst,
             defaults.unauthenticated_rate,
         )?,
-        body_read_timeout: std::time::Duration::from_secs(positive(
+        body_read_timeout: seconds(
             "limits.body_read_timeout",
             file.body_read_timeout,
-            defaults.body_read_timeout.as_secs() as i64,
-        )? as u64),
+            defaults.body_read_timeout,
+        )?,
         max_connections_per_address,
     })
 }
@@ -481,6 +481,16 @@ pub struct Config {
     pub authorize: AuthorizeConfig,
     /// Proxies whose `X-Forwarded-For` names the client for per-address limits.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+/// A positive number of seconds as a duration, `default` when unset.
+fn seconds(
+    key: &str,
+    value: Option<i64>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, ConfigError> {
+    let default = i64::try_from(default.as_secs()).unwrap_or(i64::MAX);
+    positive(key, value, default).map(|secs| std::time::Duration::from_secs(secs.unsigned_abs()))
 }
 
 fn positive(key: &str, value: Option<i64>, default: i64) -> Result<i64, ConfigError> {

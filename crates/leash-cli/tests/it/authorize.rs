@@ -29,6 +29,22 @@ fn ask(gw: &Gw, method: &str, target: &str) -> reqwest::RequestBuilder {
         .header("Leash-Original-URI", target)
 }
 
+/// Sends `request` and asserts Leash refused it with `status` and `code`.
+async fn refused(
+    request: reqwest::RequestBuilder,
+    status: u16,
+    code: &str,
+) -> (reqwest::header::HeaderMap, Value) {
+    let (got, headers, body) = read(request.send().await.unwrap()).await;
+    assert_eq!(
+        (got, body["error"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+    assert_eq!(headers["leash-decision"], code);
+    (headers, body)
+}
+
 /// Asserts the answer carries nothing from the vault, in headers or body.
 fn assert_no_credential(headers: &reqwest::header::HeaderMap, body: &Value) {
     for (name, value) in headers {
@@ -53,12 +69,7 @@ async fn the_agent_calling_authorize_itself_never_gets_the_credential() {
         if let Some(key) = key {
             request = request.header("Leash-Proxy-Key", key);
         }
-        let (status, headers, body) = read(request.send().await.unwrap()).await;
-        assert_eq!(
-            (status, body["error"].as_str()),
-            (401, Some("unauthorized")),
-            "{body}"
-        );
+        let (headers, body) = refused(request, 401, "unauthorized").await;
         assert_no_credential(&headers, &body);
     }
 }
@@ -78,12 +89,7 @@ async fn only_a_configured_proxy_key_is_answered_with_the_credential() {
         for key in keys {
             request = request.header("Leash-Proxy-Key", *key);
         }
-        let (status, headers, body) = read(request.send().await.unwrap()).await;
-        assert_eq!(
-            (status, body["error"].as_str()),
-            (401, Some("unauthorized")),
-            "{keys:?}: {body}"
-        );
+        let (headers, body) = refused(request, 401, "unauthorized").await;
         assert_no_credential(&headers, &body);
     }
     // A refused call spends nothing: the same proof still works for the proxy.
@@ -115,39 +121,26 @@ async fn only_a_configured_proxy_key_is_answered_with_the_credential() {
         );
     }
     // The same decision as the gateway: outside the scope is refused, nothing is injected.
-    let (status, headers, body) = read(
-        ask(&gw, "GET", "/gw/mail/export")
-            .header("Leash-Proxy-Key", PROXY_KEY)
-            .send()
-            .await
-            .unwrap(),
+    let (headers, body) = refused(
+        ask(&gw, "GET", "/gw/mail/export").header("Leash-Proxy-Key", PROXY_KEY),
+        403,
+        "insufficient_scope",
     )
     .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (403, Some("insufficient_scope")),
-        "{body}"
-    );
     assert_no_credential(&headers, &body);
     // Only the proxy's headers say what the original request was.
     let url = format!("{}/v1/authorize", gw.leash.url);
-    let (status, _, body) = read(
+    refused(
         gw.leash
             .http()
             .post(&url)
             .header("Leash-Proxy-Key", PROXY_KEY)
             .header("X-Original-Method", "GET")
-            .header("X-Original-URI", "/gw/mail/messages/1")
-            .send()
-            .await
-            .unwrap(),
+            .header("X-Original-URI", "/gw/mail/messages/1"),
+        400,
+        "invalid_request",
     )
     .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("invalid_request")),
-        "{body}"
-    );
     assert_eq!(gw.upstream.count(), 0);
 }
 
@@ -187,19 +180,12 @@ async fn approvals_work_through_authorize_only_with_the_whole_body() {
         request
     };
     // Without the whole body, no approval can be bound: refused, and none is created.
-    let (status, headers, body) = read(
-        ask(&gw, "POST", send)
-            .header("Leash-Proxy-Key", PROXY_KEY)
-            .send()
-            .await
-            .unwrap(),
+    let (headers, _) = refused(
+        ask(&gw, "POST", send).header("Leash-Proxy-Key", PROXY_KEY),
+        403,
+        "approval_unsupported",
     )
     .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (403, Some("approval_unsupported")),
-        "{body}"
-    );
     assert_eq!(headers["leash-decision"], "approval_unsupported");
     let (_, pending) = gw
         .leash
@@ -216,27 +202,17 @@ async fn approvals_work_through_authorize_only_with_the_whole_body() {
         "{pending}"
     );
     // Anything but `complete` is malformed.
-    let (status, _, body) = read(
+    refused(
         ask(&gw, "POST", send)
             .header("Leash-Proxy-Key", PROXY_KEY)
-            .header("Leash-Original-Body", "partial")
-            .send()
-            .await
-            .unwrap(),
+            .header("Leash-Original-Body", "partial"),
+        400,
+        "invalid_request",
     )
     .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("invalid_request"))
-    );
 
     // With it: an approval is asked for this exact body.
-    let (status, headers, body) = read(proxied(MESSAGE, None).send().await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (403, Some("approval_required")),
-        "{body}"
-    );
+    let (headers, body) = refused(proxied(MESSAGE, None), 403, "approval_required").await;
     assert_no_credential(&headers, &body);
     let id = body["approval_id"].as_str().unwrap().to_owned();
     let (status, _) = gw
@@ -250,42 +226,25 @@ async fn approvals_work_through_authorize_only_with_the_whole_body() {
         .await;
     assert_eq!(status, 200);
     // Another body under the approval is a mismatch; without the whole body it is unsupported.
-    let (status, _, body) = read(
-        proxied(r#"{"to":"mallory@example.com"}"#, Some(&id))
-            .send()
-            .await
-            .unwrap(),
+    refused(
+        proxied(r#"{"to":"mallory@example.com"}"#, Some(&id)),
+        403,
+        "approval_mismatch",
     )
     .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (403, Some("approval_mismatch")),
-        "{body}"
-    );
-    let (status, _, body) = read(
+    refused(
         ask(&gw, "POST", send)
             .header("Leash-Proxy-Key", PROXY_KEY)
-            .header("Leash-Approval", &id)
-            .send()
-            .await
-            .unwrap(),
+            .header("Leash-Approval", &id),
+        403,
+        "approval_unsupported",
     )
     .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (403, Some("approval_unsupported")),
-        "{body}"
-    );
     // The approved body: allowed once, with the credential for the proxy to inject.
     let (status, headers, body) = read(proxied(MESSAGE, Some(&id)).send().await.unwrap()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["leash-inject-cookie"], format!("session={VAULTED}"));
-    let (status, _, body) = read(proxied(MESSAGE, Some(&id)).send().await.unwrap()).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (403, Some("approval_required")),
-        "a used approval was honoured again: {body}"
-    );
+    refused(proxied(MESSAGE, Some(&id)), 403, "approval_required").await;
     let (_, approval) = gw
         .leash
         .call(
