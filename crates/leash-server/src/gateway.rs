@@ -333,7 +333,10 @@ impl Decided<'_> {
         let now = state.clock.now();
         let request = RequestUse {
             once: principal.proof_once.into_iter().collect(),
+            single_use: None,
+            token: None,
             grant: principal.grant.as_ref().map(|g| g.id.clone()),
+            exchanged_grant: None,
             now,
             approval,
             pending_approval: None,

@@ -291,7 +291,11 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
                 "dpop proof jti was already used".into(),
             ));
         }
-        UseVerdict::Recorded | UseVerdict::GrantSpent | UseVerdict::ApprovalSpent => {}
+        UseVerdict::Recorded
+        | UseVerdict::GrantSpent
+        | UseVerdict::ApprovalSpent
+        | UseVerdict::SingleUseSpent
+        | UseVerdict::TokenRevoked => {}
     }
 
     let exp = (now + state.config.max_token_ttl).min(grant.expires_at);
