@@ -306,6 +306,10 @@ pub fn verdict_result(verdict: UseVerdict) -> ApiResult<()> {
             policies: Vec::new(),
             approval: None,
         }),
+        UseVerdict::SingleUseSpent => Err(ApiError::InvalidToken(
+            "single-use action already used by this token".into(),
+        )),
+        UseVerdict::TokenRevoked => Err(ApiError::InvalidToken("the token was revoked".into())),
     }
 }
 

@@ -10,11 +10,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
 use leash_core::audit::{Mode as AuditMode, Outcome};
-use leash_core::dpop::ReplayKey;
+use leash_core::dpop::{ReplayKey, replay_key};
 use leash_core::route::safe_segments;
 use leash_core::secret::random_id;
 use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
-use leash_store::{Approval, ApprovalStatus, RequestUse};
+use leash_store::{Approval, ApprovalStatus, RequestUse, SingleUse};
 use tower_http::timeout::TimeoutBody;
 
 use crate::audit::Trail;
@@ -131,6 +131,9 @@ pub(crate) async fn refuse(
     audit_refusal(state, trail, kind, request_id, &error).await;
     error.into_response()
 }
+
+/// How long a token's single use of an action is remembered after the token expired.
+const SINGLE_USE_KEPT_PAST_EXPIRY: i64 = 60;
 
 /// Audit kinds of the two decision points.
 const GATEWAY_EVENT: &str = "gateway.request";
@@ -275,6 +278,11 @@ async fn ask_approval(
     let event = trail.event(kind, now, request_id, Outcome::Deny, None);
     let request = RequestUse {
         once: principal.proof_once.into_iter().collect(),
+        // A token that used its single use of the action is refused before a human is asked;
+        // asking consumes nothing: the approved retry does.
+        single_use: decided.single_use(false),
+        // A token revoked while it asked stores no approval another token could use.
+        token: principal.token.as_ref().map(|token| token.jti.clone()),
         now,
         pending_approval: Some(Box::new(approval.clone())),
         audit: Some(crate::audit::as_refusal(event, &refusal)),
@@ -373,9 +381,10 @@ impl Decided<'_> {
         }
     }
 
-    /// Step 7: claims the proof's `jti`, counts the request against its grant's budget and
-    /// appends its audit event, atomically and durably, before anything is forwarded. A
-    /// replayed proof, or a grant that ended or ran out meanwhile, is refused here (and
+    /// Step 7: claims the proof's `jti` and the token's single use of a `single_use` action,
+    /// counts the request against its grant's budget and appends its audit event, atomically
+    /// and durably, before anything is forwarded. A replayed proof, a single use used before,
+    /// or a token revoked or a grant that ended or ran out since step 2 is refused here (and
     /// audited as refused in the same transaction); a failed write is `audit_unavailable`.
     pub async fn commit(
         &self,
@@ -398,7 +407,10 @@ impl Decided<'_> {
         let now = state.clock.now();
         let request = RequestUse {
             once: principal.proof_once.into_iter().collect(),
+            single_use: self.single_use(true),
+            token: principal.token.as_ref().map(|token| token.jti.clone()),
             grant: principal.grant.as_ref().map(|g| g.id.clone()),
+            exchanged_grant: None,
             now,
             approval,
             pending_approval: None,
@@ -410,6 +422,21 @@ impl Decided<'_> {
         })?;
         trail.recorded = true;
         verdict_result(verdict)
+    }
+
+    /// The token's single use of the action, if the grant makes it `single_use` (API §2): one
+    /// per token and action, kept past the token's expiry (a request checked just before it
+    /// may commit just after). `spend`: whether a recorded use consumes it.
+    fn single_use(&self, spend: bool) -> Option<SingleUse> {
+        let principal = &self.principal;
+        let (Some(grant), Some(token)) = (&principal.grant, &principal.token) else {
+            return None;
+        };
+        grant.single_use.contains(&self.action).then(|| SingleUse {
+            key: replay_key("single_use", &token.jti, &self.action),
+            until: token.exp.saturating_add(SINGLE_USE_KEPT_PAST_EXPIRY),
+            spend,
+        })
     }
 
     /// The headers the upstream gets from Leash: the human's vaulted credential (if any) and

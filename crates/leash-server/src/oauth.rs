@@ -270,9 +270,12 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
     event.decision = Some(Outcome::Allow);
 
     // Both one-time values are consumed together, and only once every check passed; the
-    // issuance is audited in the same transaction (as refused if a value was seen before).
+    // grant is checked live again in the same transaction (a grant revoked since it was read
+    // issues no token); the issuance is audited in it (as refused if a value was seen before
+    // or the grant ended).
     let request = RequestUse {
         once: vec![assertion_entry, (proof.replay_key(), proof.replay_until())],
+        exchanged_grant: Some(grant.id.clone()),
         now,
         audit: Some(event),
         ..RequestUse::default()
@@ -291,7 +294,18 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
                 "dpop proof jti was already used".into(),
             ));
         }
-        UseVerdict::Recorded | UseVerdict::GrantSpent | UseVerdict::ApprovalSpent => {}
+        UseVerdict::GrantSpent => {
+            return Err(ApiError::InvalidGrant(
+                "the grant is no longer active".into(),
+            ));
+        }
+        UseVerdict::Recorded => {}
+        // An exchange names no approval, action or token: these cannot come, and would refuse.
+        UseVerdict::ApprovalSpent | UseVerdict::SingleUseSpent | UseVerdict::TokenRevoked => {
+            return Err(ApiError::InvalidGrant(
+                "the grant cannot issue a token now".into(),
+            ));
+        }
     }
 
     let exp = (now + state.config.max_token_ttl).min(grant.expires_at);

@@ -190,8 +190,21 @@ impl Approval {
 pub struct RequestUse {
     /// One-time values with the time until which each must be remembered.
     pub once: Vec<(ReplayKey, i64)>,
+    /// The token's one use of a `single_use` action (API §2). Checked with `once`, all or
+    /// nothing, but consumed only when the use is recorded: a request refused for any reason
+    /// leaves it unused. Seen before → [`UseVerdict::SingleUseSpent`].
+    pub single_use: Option<SingleUse>,
+    /// The `jti` of the access token the request presents: a token revoked by the time the use
+    /// commits is refused ([`UseVerdict::TokenRevoked`]) and nothing of the use is counted or
+    /// spent but its one-time values. Set it together with `grant`: on PostgreSQL the check is
+    /// ordered against revocations by the lock on the grant's row, which a revocation takes too.
+    pub token: Option<String>,
     /// The grant whose budget the request counts against.
     pub grant: Option<String>,
+    /// The grant a token exchange issues a token for: it must still be active, unexpired and
+    /// under its `max_requests` when the use commits (else [`UseVerdict::GrantSpent`]), so a
+    /// grant ended after it was read issues no token. It is not counted.
+    pub exchanged_grant: Option<String>,
     /// The time of the request (a grant expired at `now` is spent).
     pub now: i64,
     /// An approved approval the request spends (its single use).
@@ -210,11 +223,57 @@ impl RequestUse {
     /// Whether it asks nothing of the store (then nothing is written).
     pub fn is_empty(&self) -> bool {
         self.once.is_empty()
+            && self.single_use.is_none()
+            && self.token.is_none()
             && self.grant.is_none()
+            && self.exchanged_grant.is_none()
             && self.approval.is_none()
             && self.pending_approval.is_none()
             && self.audit.is_none()
     }
+
+    /// Every one-time value it checks: `once`, then the single use. A position past `once` is
+    /// the single use's.
+    pub(crate) fn one_time_keys(&self) -> impl Iterator<Item = &ReplayKey> {
+        self.once
+            .iter()
+            .map(|(key, _)| key)
+            .chain(self.single_use.as_ref().map(|single| &single.key))
+    }
+
+    /// The values a recorded use consumes, with the time until which each is kept: `once`,
+    /// then the single use if it is spent. Positions agree with [`Self::one_time_keys`].
+    pub(crate) fn consumed(&self) -> impl Iterator<Item = (&ReplayKey, i64)> {
+        self.once.iter().map(|(key, until)| (key, *until)).chain(
+            self.single_use
+                .as_ref()
+                .filter(|single| single.spend)
+                .map(|single| (&single.key, single.until)),
+        )
+    }
+
+    /// The verdict when the value at `position` of [`Self::one_time_keys`] was seen before.
+    pub(crate) fn seen_at(&self, position: usize) -> UseVerdict {
+        if position < self.once.len() {
+            UseVerdict::Replayed(position)
+        } else {
+            UseVerdict::SingleUseSpent
+        }
+    }
+}
+
+/// A token's use of a `single_use` action: a one-time value like a proof's `jti`, kept in the
+/// same replay store (so it is cluster-wide and survives restarts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SingleUse {
+    /// `dpop::replay_key("single_use", <token jti>, <action>)`.
+    pub key: ReplayKey,
+    /// Until when it must be remembered: past the token's expiry.
+    pub until: i64,
+    /// Whether a recorded use consumes it. A request that only asks for an approval checks it
+    /// (a token that used the action is refused before a human is asked) but leaves it for the
+    /// approved retry.
+    pub spend: bool,
 }
 
 /// The outcome of [`Store::record_use`].
@@ -228,6 +287,11 @@ pub enum UseVerdict {
     GrantSpent,
     /// The approval is not (or no longer) approved and unexpired: used, denied or expired.
     ApprovalSpent,
+    /// The token used its single use of the action before ([`RequestUse::single_use`]);
+    /// nothing was stored.
+    SingleUseSpent,
+    /// The token was revoked ([`RequestUse::token`]).
+    TokenRevoked,
 }
 
 impl UseVerdict {
@@ -238,6 +302,8 @@ impl UseVerdict {
             Self::Replayed(_) => Some("replayed"),
             Self::GrantSpent => Some("grant_spent"),
             Self::ApprovalSpent => Some("approval_spent"),
+            Self::SingleUseSpent => Some("single_use_spent"),
+            Self::TokenRevoked => Some("token_revoked"),
         }
     }
 }
@@ -368,9 +434,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>>;
     /// Commits what a request that passed its checks uses, in one durable transaction (group
     /// committed with other requests) before it acts: its one-time values, the approval it
-    /// spends or waits for, one count against its grant's budget, and its audit event. Nothing
-    /// is counted or stored when a value was seen before; the values stay consumed when the
-    /// grant turns out spent (the request is refused either way).
+    /// spends or waits for, its single use of an action, one count against its grant's budget,
+    /// and its audit event, after checking that its token is not revoked and the grant it
+    /// exchanges is live. Nothing is counted or stored when a value was seen before; the values
+    /// of `once` stay consumed when the token, grant or approval turns out spent (the request is
+    /// refused either way), but nothing else is counted, spent or stored then.
     async fn record_use(&self, request: RequestUse) -> StoreResult<UseVerdict>;
 
     /// One approval.
@@ -412,7 +480,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         };
         match self.record_use(request).await? {
             UseVerdict::Replayed(position) => Ok(Some(position)),
-            UseVerdict::Recorded | UseVerdict::GrantSpent | UseVerdict::ApprovalSpent => Ok(None),
+            UseVerdict::Recorded
+            | UseVerdict::GrantSpent
+            | UseVerdict::ApprovalSpent
+            | UseVerdict::SingleUseSpent
+            | UseVerdict::TokenRevoked => Ok(None),
         }
     }
     /// Appends one event to the audit chain, durably, before returning.

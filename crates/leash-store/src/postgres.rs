@@ -461,32 +461,37 @@ fn checkpoint_from_row(row: &sqlx::postgres::PgRow) -> StoreResult<Checkpoint> {
 }
 
 /// The same rules as the SQLite writer's `record_batch`: per request its one-time values
-/// all-or-nothing, its approval's single use, one count against its grant, then its audit event
-/// (a deny when the use was refused). Within a batch the earlier of two requests sharing a value
-/// claims it. The chain head is locked first, so audited batches of all nodes take turns and
-/// never deadlock on each other's rows.
+/// all-or-nothing, its token not revoked, its approval's single use, the grant it exchanges
+/// live, one count against its grant, its single use of an action, then its audit event (a deny
+/// when the use was refused). Within a batch the earlier of two requests sharing a value claims
+/// it. The chain head is locked first, so audited batches of all nodes take turns and never
+/// deadlock on each other's rows.
 ///
 /// Each step is one statement for the whole batch (arrays bound with `unnest`): a round trip to
-/// the server costs more than the work of a row, so a batch costs the same eight round trips
+/// the server costs more than the work of a row, so a batch costs the same nine round trips
 /// whether it holds one request or sixty-four.
 async fn record_batch(
     pool: &PgPool,
     uses: &[Box<Prepared>],
     signer: Option<&CheckpointSigner>,
 ) -> StoreResult<Committed> {
-    let mut verdicts = vec![UseVerdict::Recorded; uses.len()];
+    use UseVerdict::Recorded;
+    let mut verdicts = vec![Recorded; uses.len()];
     let mut claimed: HashSet<&ReplayKey> = HashSet::new();
     let mut candidates = Vec::new();
     for (index, used) in uses.iter().enumerate() {
+        let request = &used.request;
         let mut own = HashSet::new();
-        let seen = used
-            .request
-            .once
-            .iter()
-            .position(|(key, _)| claimed.contains(key) || !own.insert(key));
+        let seen = request
+            .one_time_keys()
+            .position(|key| claimed.contains(key) || !own.insert(key));
         match seen {
-            Some(position) => verdicts[index] = UseVerdict::Replayed(position),
+            Some(position) => verdicts[index] = request.seen_at(position),
             None => {
+                // A single use only checked claims nothing.
+                if let Some(single) = request.single_use.as_ref().filter(|s| !s.spend) {
+                    own.remove(&single.key);
+                }
                 claimed.extend(own);
                 candidates.push(index);
             }
@@ -504,11 +509,13 @@ async fn record_batch(
         None
     };
 
-    // One-time values: those already stored come back missing from RETURNING.
+    // One-time values: those already stored come back missing from RETURNING. A single use
+    // that is spent goes in with them (of two nodes, one wins) and is deleted again at the end
+    // if its request is refused for another reason.
     let (keys, untils): (Vec<&[u8]>, Vec<i64>) = candidates
         .iter()
-        .flat_map(|&index| uses[index].request.once.iter())
-        .map(|(key, until)| (key.as_slice(), *until))
+        .flat_map(|&index| uses[index].request.consumed())
+        .map(|(key, until)| (key.as_slice(), until))
         .unzip();
     let inserted: HashSet<Vec<u8>> = if keys.is_empty() {
         HashSet::new()
@@ -527,16 +534,17 @@ async fn record_batch(
     };
     let mut release: Vec<&[u8]> = Vec::new();
     candidates.retain(|&index| {
-        let once = &uses[index].request.once;
-        match once
-            .iter()
+        let request = &uses[index].request;
+        match request
+            .consumed()
             .position(|(key, _)| !inserted.contains(key.as_slice()))
         {
             None => true,
             Some(position) => {
-                verdicts[index] = UseVerdict::Replayed(position);
+                verdicts[index] = request.seen_at(position);
                 release.extend(
-                    once.iter()
+                    request
+                        .consumed()
                         .map(|(key, _)| key.as_slice())
                         .filter(|key| inserted.contains(*key)),
                 );
@@ -552,10 +560,103 @@ async fn record_batch(
             .map_err(unavailable)?;
     }
 
+    // Single uses only checked (requests asking for an approval; rare): used → refused.
+    let checked: Vec<&[u8]> = candidates
+        .iter()
+        .filter_map(|&index| uses[index].request.single_use.as_ref())
+        .filter(|single| !single.spend)
+        .map(|single| single.key.as_slice())
+        .collect();
+    if !checked.is_empty() {
+        let used: HashSet<Vec<u8>> =
+            sqlx::query_scalar("SELECT key FROM replay WHERE key = ANY($1::BYTEA[])")
+                .bind(&checked)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .collect();
+        for &index in &candidates {
+            if let Some(single) = &uses[index].request.single_use
+                && !single.spend
+                && used.contains(single.key.as_slice())
+            {
+                verdicts[index] = UseVerdict::SingleUseSpent;
+            }
+        }
+    }
+
+    // Lock the batch's grants (to count, or to check for an exchange) before anything is
+    // spent. A token's revocation locks its grant's row too (`revoke_token`), so the revoked
+    // tokens read next, in a statement that starts after this lock was granted, include every
+    // revocation of these grants committed before, and a later one waits for this commit.
+    let ids: Vec<&str> = candidates
+        .iter()
+        .filter(|&&index| verdicts[index] == Recorded)
+        .flat_map(|&index| {
+            let request = &uses[index].request;
+            request.grant.iter().chain(&request.exchanged_grant)
+        })
+        .map(String::as_str)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    // Grant → (requests used, its max), of the grants active and unexpired.
+    let mut budgets: HashMap<String, (i64, Option<i64>)> = HashMap::new();
+    if !ids.is_empty() {
+        let latest = candidates
+            .iter()
+            .map(|&index| uses[index].request.now)
+            .max()
+            .unwrap_or(0);
+        let rows = sqlx::query(
+            "SELECT id, requests_used, max_requests FROM grants \
+             WHERE id = ANY($1::TEXT[]) AND status = 'active' AND expires_at > $2 FOR UPDATE",
+        )
+        .bind(&ids)
+        .bind(latest)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        for row in &rows {
+            budgets.insert(
+                row.column("id")?,
+                (row.int("requests_used")?, row.column("max_requests")?),
+            );
+        }
+    }
+
+    // Revoked tokens: one indexed lookup per token, in one statement.
+    let tokens: Vec<&str> = candidates
+        .iter()
+        .filter(|&&index| verdicts[index] == Recorded)
+        .filter_map(|&index| uses[index].request.token.as_deref())
+        .collect();
+    if !tokens.is_empty() {
+        let revoked: HashSet<String> =
+            sqlx::query_scalar("SELECT jti FROM revoked_tokens WHERE jti = ANY($1::TEXT[])")
+                .bind(&tokens)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .collect();
+        for &index in &candidates {
+            if let Some(jti) = &uses[index].request.token
+                && revoked.contains(jti)
+                && verdicts[index] == Recorded
+            {
+                verdicts[index] = UseVerdict::TokenRevoked;
+            }
+        }
+    }
+
     // An approval's single use (rare: one statement each).
-    let mut counted = Vec::new();
     for &index in &candidates {
         let request = &uses[index].request;
+        if verdicts[index] != Recorded {
+            continue;
+        }
         if let Some(approval) = &request.approval {
             let done = sqlx::query(
                 "UPDATE approvals SET status = 'used', used_at = $1 \
@@ -568,89 +669,85 @@ async fn record_batch(
             .map_err(unavailable)?;
             if done.rows_affected() == 0 {
                 verdicts[index] = UseVerdict::ApprovalSpent;
-                continue;
             }
-        }
-        if request.grant.is_some() {
-            counted.push(index);
         }
     }
 
-    // Budgets: lock the batch's grants, give each request a count in batch order while the
-    // grant is active, unexpired and under its max, then add the counts.
-    if !counted.is_empty() {
-        let latest = counted
-            .iter()
-            .map(|&index| uses[index].request.now)
-            .max()
-            .unwrap_or(0);
-        let ids: Vec<&str> = counted
-            .iter()
-            .filter_map(|&index| uses[index].request.grant.as_deref())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let rows = sqlx::query(
-            "SELECT id, requests_used, max_requests FROM grants \
-             WHERE id = ANY($1::TEXT[]) AND status = 'active' AND expires_at > $2 FOR UPDATE",
-        )
-        .bind(&ids)
-        .bind(latest)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        // Grant → (requests used, its max).
-        let mut budgets: HashMap<String, (i64, Option<i64>)> = HashMap::new();
-        for row in &rows {
-            budgets.insert(
-                row.column("id")?,
-                (row.int("requests_used")?, row.column("max_requests")?),
-            );
+    // Budgets: give each request a count in batch order while its grant is active, unexpired
+    // and under its max (a grant exchanged must be so too, and is not counted), then add the
+    // counts.
+    let before: HashMap<String, i64> = budgets
+        .iter()
+        .map(|(id, (used, _))| (id.clone(), *used))
+        .collect();
+    let under_max = |budget: Option<&(i64, Option<i64>)>| {
+        budget.is_some_and(|(used, max)| max.is_none_or(|max| *used < max))
+    };
+    for &index in &candidates {
+        let request = &uses[index].request;
+        if verdicts[index] != Recorded {
+            continue;
         }
-        let before: HashMap<String, i64> = budgets
-            .iter()
-            .map(|(id, (used, _))| (id.clone(), *used))
-            .collect();
-        for &index in &counted {
-            let Some(grant) = uses[index].request.grant.as_deref() else {
-                continue;
-            };
-            match budgets.get_mut(grant) {
-                Some((used, max)) if max.is_none_or(|max| *used < max) => *used += 1,
-                _ => {
-                    verdicts[index] = UseVerdict::GrantSpent;
-                    spent.push(grant.to_owned());
-                }
+        if let Some(grant) = request.exchanged_grant.as_deref()
+            && !under_max(budgets.get(grant))
+        {
+            verdicts[index] = UseVerdict::GrantSpent;
+            continue;
+        }
+        let Some(grant) = request.grant.as_deref() else {
+            continue;
+        };
+        match budgets.get_mut(grant) {
+            Some((used, max)) if max.is_none_or(|max| *used < max) => *used += 1,
+            _ => {
+                verdicts[index] = UseVerdict::GrantSpent;
+                spent.push(grant.to_owned());
             }
         }
-        let (grown, counts): (Vec<&str>, Vec<i64>) = budgets
-            .iter()
-            .filter_map(|(id, (used, _))| {
-                let added = used - before.get(id).copied().unwrap_or(*used);
-                (added > 0).then_some((id.as_str(), added))
-            })
-            .unzip();
-        if !grown.is_empty() {
-            sqlx::query(
-                "UPDATE grants SET requests_used = requests_used + c.added \
-                 FROM unnest($1::TEXT[], $2::BIGINT[]) AS c(id, added) WHERE grants.id = c.id",
-            )
-            .bind(&grown)
-            .bind(&counts)
+    }
+    let (grown, counts): (Vec<&str>, Vec<i64>) = budgets
+        .iter()
+        .filter_map(|(id, (used, _))| {
+            let added = used - before.get(id).copied().unwrap_or(*used);
+            (added > 0).then_some((id.as_str(), added))
+        })
+        .unzip();
+    if !grown.is_empty() {
+        sqlx::query(
+            "UPDATE grants SET requests_used = requests_used + c.added \
+             FROM unnest($1::TEXT[], $2::BIGINT[]) AS c(id, added) WHERE grants.id = c.id",
+        )
+        .bind(&grown)
+        .bind(&counts)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    }
+    for (id, (used, max)) in &budgets {
+        if max.is_some_and(|max| *used >= max) {
+            spent.push(id.clone());
+        }
+    }
+    spent.sort();
+    spent.dedup();
+    for id in &spent {
+        Change::Grant(id).send(&mut tx).await?;
+    }
+
+    // A single use is consumed only by a use that is recorded.
+    let unused: Vec<&[u8]> = candidates
+        .iter()
+        .filter(|&&index| verdicts[index] != Recorded)
+        .filter_map(|&index| uses[index].request.single_use.as_ref())
+        .filter(|single| single.spend)
+        .map(|single| single.key.as_slice())
+        .collect();
+    if !unused.is_empty() {
+        sqlx::query("DELETE FROM replay WHERE key = ANY($1::BYTEA[])")
+            .bind(&unused)
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        }
-        for (id, (used, max)) in &budgets {
-            if max.is_some_and(|max| *used >= max) {
-                spent.push(id.clone());
-            }
-        }
-        spent.sort();
-        spent.dedup();
-        for id in &spent {
-            Change::Grant(id).send(&mut tx).await?;
-        }
     }
 
     // New pending approvals, of the requests recorded (rare: one statement each).
@@ -1025,6 +1122,14 @@ impl Store for PgStore {
             .revoked
             .fill(jti.to_owned(), true, self.memos.revoked.epoch());
         let mut tx = self.begin().await?;
+        // The grant's row lock orders the revocation against the commits of the token's
+        // requests, which lock it too (`record_batch`): one that locked it first commits
+        // before this one; one that waits reads the revocation.
+        sqlx::query("SELECT 1 FROM grants WHERE id = $1 FOR SHARE")
+            .bind(grant_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         q::revoke_token(&mut *tx, jti, grant_id, expires_at).await?;
         Change::Token(jti).send(&mut tx).await?;
         self.commit_change(tx, Some(event)).await

@@ -202,6 +202,10 @@ struct Writer {
     /// Only the writer reads and changes it: every consumption and every prune is its work.
     replay: ReplaySet,
     grants: Arc<Memo<Arc<Grant>>>,
+    /// The store's revoked tokens: a use naming one is refused at its commit. Added to before a
+    /// revocation is written, and that write waits for the writer's open transaction (SQLite has
+    /// one write lock), so a revocation that has returned is seen by every later commit.
+    revoked: Arc<RwLock<HashMap<String, i64>>>,
     signer: Arc<SignerSlot>,
     wal: WalBound,
 }
@@ -345,6 +349,7 @@ impl Writer {
             &self.head,
             self.signer.0.get(),
             &self.replay,
+            &self.revoked,
         );
         let took = started.elapsed();
         if took > SLOW_WRITER_PAUSE {
@@ -620,6 +625,7 @@ fn record_batch(
     head: &ChainHead,
     signer: Option<&CheckpointSigner>,
     replay: &ReplaySet,
+    revoked: &RwLock<HashMap<String, i64>>,
 ) -> rusqlite::Result<Committed> {
     // IMMEDIATE: take the write lock up front (waiting on the busy timeout), so the transaction
     // never has to upgrade a read snapshot that another writer moved past.
@@ -632,7 +638,8 @@ fn record_batch(
         let mut index = 0;
         loop {
             let Joined { used, verdict, .. } = &mut joined[index];
-            *verdict = statements.record_use(&used.request, replay, &mut consumed, &mut spent)?;
+            *verdict =
+                statements.record_use(&used.request, replay, revoked, &mut consumed, &mut spent)?;
             if let (UseVerdict::Recorded, Some(pending)) =
                 (*verdict, &used.request.pending_approval)
             {
@@ -663,6 +670,7 @@ fn record_batch(
 struct UseStatements<'tx> {
     remember: rusqlite::CachedStatement<'tx>,
     count: rusqlite::CachedStatement<'tx>,
+    exchanged: rusqlite::CachedStatement<'tx>,
     use_approval: rusqlite::CachedStatement<'tx>,
     append: rusqlite::CachedStatement<'tx>,
     /// The stored line of the event being appended, reused from one event to the next.
@@ -680,6 +688,11 @@ impl<'tx> UseStatements<'tx> {
                  AND (max_requests IS NULL OR requests_used < max_requests) \
                  RETURNING requests_used, max_requests",
             )?,
+            // The same conditions as `count`, without counting.
+            exchanged: tx.prepare_cached(
+                "SELECT 1 FROM grants WHERE id = ?1 AND status = 'active' AND expires_at > ?2 \
+                 AND (max_requests IS NULL OR requests_used < max_requests)",
+            )?,
             // The approval's single use: a compare-and-set, so of N parallel retries one wins.
             use_approval: tx.prepare_cached(
                 "UPDATE approvals SET status = 'used', used_at = ?1 \
@@ -694,31 +707,37 @@ impl<'tx> UseStatements<'tx> {
         })
     }
 
-    /// One request's one-time values, approval and grant count; `replay` holds the values
-    /// committed before this transaction and `claimed` those of the requests before it in it.
-    /// A request with any value seen before consumes none of its values; one refused later on
-    /// (a spent grant or approval) has consumed them.
+    /// One request's one-time values, token, approval, grant count and single use; `replay`
+    /// holds the values committed before this transaction and `claimed` those of the requests
+    /// before it in it. A request with any value seen before consumes none of its values; one
+    /// refused later on (a revoked token, a spent grant or approval) has consumed those of
+    /// `once` but not its single use, and nothing else.
     fn record_use(
         &mut self,
         request: &RequestUse,
         replay: &ReplaySet,
+        revoked: &RwLock<HashMap<String, i64>>,
         claimed: &mut HashMap<ReplayKey, i64>,
         spent: &mut Vec<String>,
     ) -> rusqlite::Result<UseVerdict> {
         use rusqlite::OptionalExtension as _;
         let mut own = HashSet::new();
-        let seen = request.once.iter().position(|(key, _)| {
-            replay.contains(key) || claimed.contains_key(key) || !own.insert(*key)
-        });
+        let seen = request
+            .one_time_keys()
+            .position(|key| replay.contains(key) || claimed.contains_key(key) || !own.insert(*key));
         if let Some(position) = seen {
-            return Ok(UseVerdict::Replayed(position));
+            return Ok(request.seen_at(position));
         }
         for (key, until) in &request.once {
-            // Each value claimed in this transaction is one row after the stored ones.
-            let seq = replay.next_seq + claimed.len() as i64;
-            claimed.insert(*key, *until);
-            self.remember
-                .execute(rusqlite::params![until, seq, key.as_slice()])?;
+            self.claim(claimed, replay, key, *until)?;
+        }
+        if let Some(jti) = &request.token
+            && revoked
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(jti)
+        {
+            return Ok(UseVerdict::TokenRevoked);
         }
         if let Some(approval) = &request.approval
             && self
@@ -728,27 +747,52 @@ impl<'tx> UseStatements<'tx> {
         {
             return Ok(UseVerdict::ApprovalSpent);
         }
-        let Some(grant) = &request.grant else {
-            return Ok(UseVerdict::Recorded);
-        };
-        let counted = self
-            .count
-            .query_row(rusqlite::params![grant, request.now], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?))
-            })
-            .optional()?;
-        match counted {
-            None => {
-                spent.push(grant.clone());
-                Ok(UseVerdict::GrantSpent)
-            }
-            Some((used, max)) => {
-                if max.is_some_and(|max| used >= max) {
+        if let Some(grant) = &request.exchanged_grant
+            && !self
+                .exchanged
+                .exists(rusqlite::params![grant, request.now])?
+        {
+            return Ok(UseVerdict::GrantSpent);
+        }
+        if let Some(grant) = &request.grant {
+            let counted = self
+                .count
+                .query_row(rusqlite::params![grant, request.now], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, Option<i64>>(1)?))
+                })
+                .optional()?;
+            match counted {
+                None => {
                     spent.push(grant.clone());
+                    return Ok(UseVerdict::GrantSpent);
                 }
-                Ok(UseVerdict::Recorded)
+                Some((used, max)) => {
+                    if max.is_some_and(|max| used >= max) {
+                        spent.push(grant.clone());
+                    }
+                }
             }
         }
+        if let Some(single) = request.single_use.filter(|single| single.spend) {
+            self.claim(claimed, replay, &single.key, single.until)?;
+        }
+        Ok(UseVerdict::Recorded)
+    }
+
+    /// Stores one consumed value as the next row after the stored ones and those claimed in
+    /// this transaction.
+    fn claim(
+        &mut self,
+        claimed: &mut HashMap<ReplayKey, i64>,
+        replay: &ReplaySet,
+        key: &ReplayKey,
+        until: i64,
+    ) -> rusqlite::Result<()> {
+        let seq = replay.next_seq + claimed.len() as i64;
+        claimed.insert(*key, until);
+        self.remember
+            .execute(rusqlite::params![until, seq, key.as_slice()])?;
+        Ok(())
     }
 
     /// Appends the request's audit event, if it has one, after `head`.
@@ -871,11 +915,13 @@ impl SqliteStore {
         let checkpointer = Checkpointer::start(path).map_err(sqlite_error)?;
         let wal = WalBound::attach(&conn, path, restart_at, &checkpointer).map_err(sqlite_error)?;
         let signer = Arc::new(SignerSlot::default());
+        let revoked = Arc::new(RwLock::new(revoked));
         let mut chain_writer = Writer {
             conn,
             head,
             replay,
             grants: grants.clone(),
+            revoked: revoked.clone(),
             signer: signer.clone(),
             wal,
         };
@@ -894,7 +940,7 @@ impl SqliteStore {
             signer,
             grants,
             vault: Arc::new(Memo::new()),
-            revoked: Arc::new(RwLock::new(revoked)),
+            revoked,
         })
     }
 }

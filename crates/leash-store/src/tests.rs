@@ -17,8 +17,8 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 
 use crate::{
-    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, RequestUse, Store,
-    StoreError, UseVerdict, User, VaultEntry,
+    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, RequestUse, SingleUse,
+    Store, StoreError, UseVerdict, User, VaultEntry,
 };
 
 /// A fresh, empty database of one backend, removed when dropped.
@@ -759,6 +759,177 @@ both_backends! {
     }
 }
 
+/// Token `jti`'s single use of the action (the gateway's key is built alike).
+fn single(jti: &str, spend: bool) -> SingleUse {
+    SingleUse {
+        key: leash_core::dpop::replay_key("single_use", jti, "mail:send"),
+        until: 1000,
+        spend,
+    }
+}
+
+/// A use by token `jti` of its single-use action, with the proof `key`.
+fn single_use_of(grant: &Grant, jti: &str, key: &str, spend: bool) -> RequestUse {
+    RequestUse {
+        single_use: Some(single(jti, spend)),
+        token: Some(jti.into()),
+        ..use_of(grant, key, 10)
+    }
+}
+
+async fn requests_used(store: &dyn Store, grant: &Grant) -> i64 {
+    store.grant(&grant.id).await.unwrap().unwrap().requests_used
+}
+
+/// The decision and reason of each `gateway.request` event in the chain.
+async fn request_outcomes(store: &dyn Store) -> Vec<(String, String)> {
+    let query = AuditQuery {
+        limit: u32::MAX,
+        ..AuditQuery::default()
+    };
+    store
+        .audit_lines(&query)
+        .await
+        .unwrap()
+        .iter()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter(|event| event["kind"] == "gateway.request")
+        .map(|event| {
+            let text = |name: &str| event[name].as_str().unwrap_or_default().to_owned();
+            (text("decision"), text("reason"))
+        })
+        .collect()
+}
+
+both_backends! {
+    /// ATTACKS 45: a token's single use of an action is consumed by its first recorded use
+    /// only. Asking for an approval checks it without consuming it, a use refused for another
+    /// reason leaves it, and once used every further use or check by that token is refused,
+    /// counting and consuming nothing.
+    async fn a_single_use_action_used_twice_with_one_token_is_refused(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let checked = single_use_of(&grant, "tok_1", "ask", false);
+        assert_eq!(store.record_use(checked).await.unwrap(), UseVerdict::Recorded);
+        let refused = RequestUse {
+            approval: Some("apr_unknown".into()),
+            ..single_use_of(&grant, "tok_1", "refused", true)
+        };
+        assert_eq!(store.record_use(refused).await.unwrap(), UseVerdict::ApprovalSpent);
+        let first = single_use_of(&grant, "tok_1", "first", true);
+        assert_eq!(store.record_use(first).await.unwrap(), UseVerdict::Recorded);
+        let used = requests_used(store.as_ref(), &grant).await;
+
+        let mut second = single_use_of(&grant, "tok_1", "second", true);
+        second.audit = Some(event(1));
+        assert_eq!(store.record_use(second).await.unwrap(), UseVerdict::SingleUseSpent);
+        let checked = single_use_of(&grant, "tok_1", "check", false);
+        assert_eq!(store.record_use(checked).await.unwrap(), UseVerdict::SingleUseSpent);
+        assert_eq!(requests_used(store.as_ref(), &grant).await, used, "a refused use was counted");
+        assert_eq!(
+            store.consume_once(&[(k("second"), 1000)]).await.unwrap(),
+            None,
+            "a refused use consumed its proof"
+        );
+        assert_eq!(request_outcomes(store.as_ref()).await, [("deny".to_owned(), "single_use_spent".to_owned())]);
+        // Another token's single use of the action is its own.
+        let other = single_use_of(&grant, "tok_2", "other", true);
+        assert_eq!(store.record_use(other).await.unwrap(), UseVerdict::Recorded);
+        // Durable: refused after reopening too.
+        drop(store);
+        let store = fx.open().await;
+        let after = single_use_of(&grant, "tok_1", "after", true);
+        assert_eq!(store.record_use(after).await.unwrap(), UseVerdict::SingleUseSpent);
+    }
+}
+
+both_backends! {
+    /// ATTACKS 45: of parallel uses of one token's single use, with distinct proofs, exactly
+    /// one is recorded and counted.
+    async fn of_parallel_uses_of_a_single_use_exactly_one_is_recorded(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                let request = single_use_of(&grant, "tok_1", &format!("p{i}"), true);
+                tokio::spawn(async move { store.record_use(request).await })
+            })
+            .collect();
+        let mut verdicts = Vec::new();
+        for task in tasks {
+            verdicts.push(task.await.unwrap().unwrap());
+        }
+        let recorded = verdicts.iter().filter(|v| **v == UseVerdict::Recorded).count();
+        assert_eq!(recorded, 1, "{verdicts:?}");
+        assert!(verdicts.iter().all(|v| matches!(v, UseVerdict::Recorded | UseVerdict::SingleUseSpent)), "{verdicts:?}");
+        assert_eq!(requests_used(store.as_ref(), &grant).await, 1);
+    }
+}
+
+both_backends! {
+    /// ATTACKS 52: a use naming a token revoked after its request was checked is refused at
+    /// its commit and audited as such; it counts nothing and spends neither its approval nor
+    /// its single use, which stay for the grant's other tokens. The revocation holds after
+    /// reopening.
+    async fn a_use_naming_a_revoked_token_is_refused_at_commit(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        store.record_use(ask(&grant, "apr_1")).await.unwrap();
+        store.decide_approval("apr_1", true, "usr_1", 6, &ev("approval.decided")).await.unwrap().unwrap();
+        let approved = |jti: &str, key: &str| RequestUse {
+            approval: Some("apr_1".into()),
+            audit: Some(event(1)),
+            ..single_use_of(&grant, jti, key, true)
+        };
+        store.revoke_token("tok_1", &grant.id, 100, &ev("token.revoked")).await.unwrap();
+        assert_eq!(store.record_use(approved("tok_1", "a")).await.unwrap(), UseVerdict::TokenRevoked);
+        assert_eq!(requests_used(store.as_ref(), &grant).await, 0);
+        assert_eq!(store.approval("apr_1").await.unwrap().unwrap().status, ApprovalStatus::Approved);
+        // Another token of the grant: not revoked, so its use is recorded.
+        assert_eq!(store.record_use(approved("tok_2", "b")).await.unwrap(), UseVerdict::Recorded);
+        assert_eq!(store.approval("apr_1").await.unwrap().unwrap().status, ApprovalStatus::Used);
+        drop(store);
+        let store = fx.open().await;
+        let plain = RequestUse { token: Some("tok_1".into()), audit: Some(event(2)), ..use_of(&grant, "c", 10) };
+        assert_eq!(store.record_use(plain).await.unwrap(), UseVerdict::TokenRevoked);
+        assert_eq!(requests_used(store.as_ref(), &grant).await, 1);
+        let expected = [("deny", "token_revoked"), ("allow", ""), ("deny", "token_revoked")];
+        assert_eq!(
+            request_outcomes(store.as_ref()).await,
+            expected.map(|(d, r)| (d.to_owned(), r.to_owned()))
+        );
+        assert!(verify_stored(store.as_ref()).await > 0);
+    }
+}
+
+both_backends! {
+    /// ATTACKS 52: a token exchange commits only while its grant is live, checked again in
+    /// its commit: a grant expired, used up or revoked since it was read issues no token. An
+    /// exchange does not count against the budget.
+    async fn an_exchange_commits_only_while_its_grant_is_live_and_counts_nothing(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), Some(1)).await;
+        let other = with_grant_named(store.as_ref(), "grt_2", "h2").await;
+        let exchange = |grant: &Grant, key: &str, now: i64| RequestUse {
+            once: vec![(k(key), 1000)],
+            exchanged_grant: Some(grant.id.clone()),
+            now,
+            audit: Some(event(1)),
+            ..RequestUse::default()
+        };
+        assert_eq!(store.record_use(exchange(&grant, "x1", 10)).await.unwrap(), UseVerdict::Recorded);
+        assert_eq!(requests_used(store.as_ref(), &grant).await, 0, "an exchange was counted");
+        assert_eq!(store.record_use(exchange(&grant, "x2", 1000)).await.unwrap(), UseVerdict::GrantSpent, "expired");
+        assert_eq!(store.record_use(use_of(&grant, "u", 10)).await.unwrap(), UseVerdict::Recorded);
+        assert_eq!(store.record_use(exchange(&grant, "x3", 10)).await.unwrap(), UseVerdict::GrantSpent, "used up");
+        store.end_grant(&other.id, GrantEnd::Revoked, None, 11, &ev("grant.revoked")).await.unwrap().unwrap();
+        assert_eq!(store.record_use(exchange(&other, "x4", 12)).await.unwrap(), UseVerdict::GrantSpent, "revoked");
+        let refused = request_outcomes(store.as_ref()).await;
+        assert_eq!(refused.iter().filter(|(d, r)| d == "deny" && r == "grant_spent").count(), 3, "{refused:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cluster: two nodes (two stores) on one PostgreSQL database.
 
@@ -1116,4 +1287,92 @@ async fn a_large_prune_lets_requests_through_between_its_steps() {
         Some(0),
         "a value kept past the prune's time is still refused"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_a_single_use_or_revocation_on_one_node_holds_at_the_others_commit() {
+    let fx = Fixture::postgres().await;
+    let (a, b) = (fx.open().await, fx.open().await);
+    let grant = with_grant(a.as_ref(), None).await;
+    let first = single_use_of(&grant, "tok_1", "p1", true);
+    assert_eq!(a.record_use(first).await.unwrap(), UseVerdict::Recorded);
+    let second = single_use_of(&grant, "tok_1", "p2", true);
+    assert_eq!(
+        b.record_use(second).await.unwrap(),
+        UseVerdict::SingleUseSpent
+    );
+    // B holds tok_2 as live in memory; A revokes it: B's commit refuses it at once, without
+    // waiting for the notification.
+    assert!(!b.is_token_revoked("tok_2").await.unwrap());
+    a.revoke_token("tok_2", &grant.id, 100, &ev("token.revoked"))
+        .await
+        .unwrap();
+    let revoked = single_use_of(&grant, "tok_2", "p3", true);
+    assert_eq!(
+        b.record_use(revoked).await.unwrap(),
+        UseVerdict::TokenRevoked
+    );
+}
+
+/// A revocation and a commit of its token's request are ordered by the lock on the grant's row:
+/// a commit that waits for a revocation's lock reads the revocation, and a revocation waits
+/// for a commit that holds the lock. (Each side is played by a transaction held open here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_revocation_and_a_commit_of_its_token_are_ordered_by_the_grant_lock() {
+    let fx = Fixture::postgres().await;
+    let store = fx.open().await;
+    let grant = with_grant(store.as_ref(), None).await;
+    let pool = sqlx::PgPool::connect(&fx.url).await.unwrap();
+
+    // What `revoke_token` does, not committed yet.
+    let mut revoking = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM grants WHERE id = $1 FOR SHARE")
+        .bind(&grant.id)
+        .execute(&mut *revoking)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO revoked_tokens (jti, grant_id, expires_at) VALUES ('tok_1', $1, 100)")
+        .bind(&grant.id)
+        .execute(&mut *revoking)
+        .await
+        .unwrap();
+    let request = RequestUse {
+        token: Some("tok_1".into()),
+        ..use_of(&grant, "p1", 10)
+    };
+    let commit = tokio::spawn({
+        let store = store.clone();
+        async move { store.record_use(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !commit.is_finished(),
+        "the commit did not wait for the revocation's lock"
+    );
+    revoking.commit().await.unwrap();
+    assert_eq!(commit.await.unwrap().unwrap(), UseVerdict::TokenRevoked);
+
+    // A commit holding the grant's lock, as the writer's batch does.
+    let mut committing = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM grants WHERE id = $1 FOR UPDATE")
+        .bind(&grant.id)
+        .execute(&mut *committing)
+        .await
+        .unwrap();
+    let revoke = tokio::spawn({
+        let (store, id) = (store.clone(), grant.id.clone());
+        async move {
+            store
+                .revoke_token("tok_2", &id, 100, &ev("token.revoked"))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !revoke.is_finished(),
+        "the revocation did not wait for the commit's lock"
+    );
+    committing.commit().await.unwrap();
+    revoke.await.unwrap().unwrap();
+    assert!(store.is_token_revoked("tok_2").await.unwrap());
 }

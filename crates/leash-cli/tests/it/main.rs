@@ -24,6 +24,7 @@ mod openapi;
 mod proofs;
 mod resource;
 mod secrets;
+mod single_use;
 mod startup;
 
 use std::path::Path;
