@@ -82,6 +82,7 @@ struct FileConfig {
     max_token_ttl: Option<i64>,
     max_grant_ttl: Option<i64>,
     approval_ttl: Option<i64>,
+    max_pending_approvals: Option<u32>,
     policy_dir: Option<PathBuf>,
     dpop_nonce: Option<bool>,
     #[serde(default)]
@@ -467,6 +468,8 @@ pub struct Config {
     pub max_grant_ttl: i64,
     /// How long an approval waits, seconds.
     pub approval_ttl: i64,
+    /// Approvals a grant may have pending at once; another ask → 429.
+    pub max_pending_approvals: u32,
     /// Operator Cedar policies.
     pub policy_dir: Option<PathBuf>,
     /// Whether DPoP proofs must carry a server nonce.
@@ -667,6 +670,11 @@ impl Config {
             max_token_ttl: positive("max_token_ttl", file.max_token_ttl, 300)?,
             max_grant_ttl: positive("max_grant_ttl", file.max_grant_ttl, 8 * 3600)?,
             approval_ttl: positive("approval_ttl", file.approval_ttl, 15 * 60)?,
+            max_pending_approvals: match file.max_pending_approvals {
+                None => 5,
+                Some(0) => return Err(invalid("max_pending_approvals", "must be at least 1")),
+                Some(n) => n,
+            },
             // A relative policy_dir in a file is relative to that file.
             policy_dir: file
                 .policy_dir

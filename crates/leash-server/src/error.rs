@@ -105,6 +105,12 @@ pub enum ApiError {
         /// Whole seconds until a request would be allowed (at least 1).
         retry_after_secs: u64,
     },
+    /// 429 `too_many_pending_approvals`: the grant has `max_pending_approvals` approvals
+    /// waiting for its human already (API §7).
+    #[error(
+        "this grant has as many approvals pending as it may; wait for the human to decide them"
+    )]
+    TooManyPendingApprovals,
     /// 431 `invalid_request`: the request head is over `[limits]`.
     #[error("{0}")]
     HeadersTooLarge(String),
@@ -174,6 +180,9 @@ impl ApiError {
             Self::ApprovalMismatch(_) => (StatusCode::FORBIDDEN, "approval_mismatch"),
             Self::ApprovalUnsupported => (StatusCode::FORBIDDEN, "approval_unsupported"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::TooManyPendingApprovals => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_pending_approvals")
+            }
             Self::HeadersTooLarge(_) => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "invalid_request",
@@ -256,6 +265,7 @@ impl IntoResponse for ApiError {
             | Self::ApprovalRequired { .. }
             | Self::ApprovalMismatch(_)
             | Self::ApprovalUnsupported
+            | Self::TooManyPendingApprovals
             | Self::HeadersTooLarge(_)
             | Self::BadGateway(_)
             | Self::GatewayTimeout(_)

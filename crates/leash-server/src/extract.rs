@@ -310,6 +310,7 @@ pub fn verdict_result(verdict: UseVerdict) -> ApiResult<()> {
             "single-use action already used by this token".into(),
         )),
         UseVerdict::TokenRevoked => Err(ApiError::InvalidToken("the token was revoked".into())),
+        UseVerdict::TooManyPending => Err(ApiError::TooManyPendingApprovals),
     }
 }
 

@@ -285,6 +285,7 @@ async fn ask_approval(
         token: principal.token.as_ref().map(|token| token.jti.clone()),
         now,
         pending_approval: Some(Box::new(approval.clone())),
+        max_pending_approvals: Some(state.config.max_pending_approvals),
         audit: Some(crate::audit::as_refusal(event, &refusal)),
         ..RequestUse::default()
     };
@@ -414,6 +415,7 @@ impl Decided<'_> {
             now,
             approval,
             pending_approval: None,
+            max_pending_approvals: None,
             audit: Some(trail.event(kind, now, request_id, Outcome::Allow, None)),
         };
         let verdict = state.store.record_use(request).await.map_err(|e| {

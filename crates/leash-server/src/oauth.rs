@@ -301,7 +301,10 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         }
         UseVerdict::Recorded => {}
         // An exchange names no approval, action or token: these cannot come, and would refuse.
-        UseVerdict::ApprovalSpent | UseVerdict::SingleUseSpent | UseVerdict::TokenRevoked => {
+        UseVerdict::ApprovalSpent
+        | UseVerdict::SingleUseSpent
+        | UseVerdict::TokenRevoked
+        | UseVerdict::TooManyPending => {
             return Err(ApiError::InvalidGrant(
                 "the grant cannot issue a token now".into(),
             ));

@@ -213,6 +213,9 @@ pub struct RequestUse {
     /// ([`UseVerdict::Recorded`]), in the same transaction as its one-time values and its audit
     /// event, so that neither is stored without the other.
     pub pending_approval: Option<Box<Approval>>,
+    /// The most approvals its grant may have pending at once (API §7 `max_pending_approvals`):
+    /// a new one over it is not stored ([`UseVerdict::TooManyPending`]). `None`: no limit.
+    pub max_pending_approvals: Option<u32>,
     /// The audit event of the request, appended to the chain in the same transaction. If the
     /// verdict is not [`UseVerdict::Recorded`], it is stored as a deny with the verdict's
     /// [`UseVerdict::reason`].
@@ -292,6 +295,9 @@ pub enum UseVerdict {
     SingleUseSpent,
     /// The token was revoked ([`RequestUse::token`]).
     TokenRevoked,
+    /// The grant has [`RequestUse::max_pending_approvals`] approvals pending already; the new
+    /// one was not stored.
+    TooManyPending,
 }
 
 impl UseVerdict {
@@ -304,6 +310,7 @@ impl UseVerdict {
             Self::ApprovalSpent => Some("approval_spent"),
             Self::SingleUseSpent => Some("single_use_spent"),
             Self::TokenRevoked => Some("token_revoked"),
+            Self::TooManyPending => Some("too_many_pending_approvals"),
         }
     }
 }
@@ -484,7 +491,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             | UseVerdict::GrantSpent
             | UseVerdict::ApprovalSpent
             | UseVerdict::SingleUseSpent
-            | UseVerdict::TokenRevoked => Ok(None),
+            | UseVerdict::TokenRevoked
+            | UseVerdict::TooManyPending => Ok(None),
         }
     }
     /// Appends one event to the audit chain, durably, before returning.

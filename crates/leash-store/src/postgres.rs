@@ -595,7 +595,13 @@ async fn record_batch(
         .filter(|&&index| verdicts[index] == Recorded)
         .flat_map(|&index| {
             let request = &uses[index].request;
-            request.grant.iter().chain(&request.exchanged_grant)
+            // A new pending approval's grant too: its pending count is read under the lock.
+            let pending = request.pending_approval.as_ref().map(|a| &a.grant_id);
+            request
+                .grant
+                .iter()
+                .chain(&request.exchanged_grant)
+                .chain(pending)
         })
         .map(String::as_str)
         .collect::<HashSet<_>>()
@@ -755,7 +761,13 @@ async fn record_batch(
         if let (UseVerdict::Recorded, Some(pending)) =
             (verdicts[index], &uses[index].request.pending_approval)
         {
-            insert_approval(&mut tx, pending).await?;
+            if pending_limit_reached(&mut tx, pending, uses[index].request.max_pending_approvals)
+                .await?
+            {
+                verdicts[index] = UseVerdict::TooManyPending;
+            } else {
+                insert_approval(&mut tx, pending).await?;
+            }
         }
     }
 
@@ -787,6 +799,29 @@ async fn record_batch(
     }
     tx.commit().await.map_err(unavailable)?;
     Ok(Committed { verdicts, spent })
+}
+
+/// Whether `pending`'s grant has `limit` approvals pending already (the SQLite writer's
+/// `pending_limit_reached`). The batch locked the grant's row before, so two nodes asking for
+/// the same grant at once take turns.
+async fn pending_limit_reached(
+    tx: &mut Transaction<'_, Postgres>,
+    pending: &Approval,
+    limit: Option<u32>,
+) -> StoreResult<bool> {
+    let Some(limit) = limit else {
+        return Ok(false);
+    };
+    let count: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM approvals \
+         WHERE grant_id = $1 AND status = 'pending' AND expires_at > $2",
+    )
+    .bind(&pending.grant_id)
+    .bind(pending.requested_at)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(count >= i64::from(limit))
 }
 
 /// Stores a new pending approval (the SQLite writer's `insert_approval`).

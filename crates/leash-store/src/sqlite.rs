@@ -643,7 +643,11 @@ fn record_batch(
             if let (UseVerdict::Recorded, Some(pending)) =
                 (*verdict, &used.request.pending_approval)
             {
-                insert_approval(&tx, pending)?;
+                if pending_limit_reached(&tx, pending, used.request.max_pending_approvals)? {
+                    *verdict = UseVerdict::TooManyPending;
+                } else {
+                    insert_approval(&tx, pending)?;
+                }
             }
             statements.append_event(used, *verdict, &mut head)?;
             checkpoint_if_due(&tx, signer, &mut head)?;
@@ -834,6 +838,27 @@ impl<'tx> UseStatements<'tx> {
         Ok(())
     }
 }
+
+/// Whether `pending`'s grant has `limit` approvals pending already (asked rarely: prepared only
+/// when one comes).
+fn pending_limit_reached(
+    conn: &rusqlite::Connection,
+    pending: &Approval,
+    limit: Option<u32>,
+) -> rusqlite::Result<bool> {
+    let Some(limit) = limit else {
+        return Ok(false);
+    };
+    let count: i64 = conn.prepare_cached(PENDING_OF_GRANT_SQLITE)?.query_row(
+        rusqlite::params![pending.grant_id, pending.requested_at],
+        |row| row.get(0),
+    )?;
+    Ok(count >= i64::from(limit))
+}
+
+/// Approvals of a grant still pending (not decided, not expired) at a time.
+const PENDING_OF_GRANT_SQLITE: &str = "SELECT count(*) FROM approvals \
+     WHERE grant_id = ?1 AND status = 'pending' AND expires_at > ?2";
 
 /// Stores a new pending approval (rare: its statement is prepared only when one comes).
 fn insert_approval(conn: &rusqlite::Connection, a: &Approval) -> rusqlite::Result<()> {

@@ -650,3 +650,39 @@ async fn a_replayed_request_that_needs_approval_stores_no_second_approval() {
     assert_eq!(outcomes, [("approval_required", id), ("deny", "replayed")]);
     assert_eq!(gw.upstream.count(), 0);
 }
+
+/// How many approvals the grant's human sees pending.
+async fn pending_count(gw: &Gw) -> usize {
+    let (_, body) = gw
+        .leash
+        .call(
+            Method::GET,
+            "/v1/approvals?status=pending",
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    body["approvals"].as_array().map_or(0, Vec::len)
+}
+
+/// API §7: a grant has at most `max_pending_approvals` pending at once; one more ask is `429`
+/// and stores nothing, and a decision frees a place.
+#[tokio::test]
+async fn a_grant_has_at_most_max_pending_approvals() {
+    let gw = mail_send("max_pending_approvals = 2").await;
+    let first = ask(&gw, "one").await;
+    ask(&gw, "two").await;
+    let (status, answer) = agent_send(&gw, Method::POST, SEND, "three", None).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (429, Some("too_many_pending_approvals")),
+        "{answer}"
+    );
+    assert!(answer.get("approval_id").is_none(), "{answer}");
+    assert_eq!(pending_count(&gw).await, 2);
+    let (status, _) = decide(&gw, &gw.s.user_key.clone(), &first, "deny").await;
+    assert_eq!(status, 200);
+    ask(&gw, "three").await;
+    assert_eq!(pending_count(&gw).await, 2);
+    assert_eq!(gw.upstream.count(), 0);
+}

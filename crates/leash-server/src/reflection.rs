@@ -1,0 +1,279 @@
+//! The gateway never hands the agent what it injected: an upstream answer that echoes the
+//! human's vaulted credential back (a debug endpoint printing request headers, a redirect
+//! carrying the cookie, an error page quoting the `Authorization` header) would otherwise give
+//! the agent exactly what Leash exists to keep from it. Headers are checked before anything is
+//! sent (`502 credential_reflected`, as the proxy does, API §16); a body streams through
+//! [`GuardedBody`], which holds back just enough bytes that a secret split across two parts is
+//! still seen whole, and cuts the answer off where one appears.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use hyper::body::{Body, Frame, SizeHint};
+
+/// Pieces shorter than this are not looked for: they would match ordinary text.
+const MIN_SECRET_LEN: usize = 8;
+
+/// The secret pieces of one injected credential, as they could appear in an answer.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    pieces: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets({} pieces, redacted)", self.pieces.len())
+    }
+}
+
+impl Secrets {
+    /// The pieces of a credential injected as `value`: the value itself, a bearer token
+    /// without its scheme, and each cookie's value, so that an echo of any one of them alone
+    /// is caught too.
+    pub fn of(value: &[u8]) -> Self {
+        let mut pieces = vec![value.to_vec()];
+        let text = String::from_utf8_lossy(value);
+        if let Some(token) = text.strip_prefix("Bearer ") {
+            pieces.push(token.as_bytes().to_vec());
+        }
+        for cookie in text.split(';') {
+            if let Some((_, cookie_value)) = cookie.split_once('=') {
+                pieces.push(cookie_value.trim().as_bytes().to_vec());
+            }
+        }
+        pieces.retain(|piece| piece.len() >= MIN_SECRET_LEN);
+        pieces.sort();
+        pieces.dedup();
+        Self { pieces }
+    }
+
+    /// Whether there is nothing to look for.
+    pub fn is_empty(&self) -> bool {
+        self.pieces.is_empty()
+    }
+
+    fn longest(&self) -> usize {
+        self.pieces.iter().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// Whether `bytes` contain any piece.
+    pub fn found_in(&self, bytes: &[u8]) -> bool {
+        self.pieces
+            .iter()
+            .any(|piece| memchr::memmem::find(bytes, piece).is_some())
+    }
+
+    /// Whether any header value contains any piece.
+    pub fn found_in_headers(&self, headers: &HeaderMap) -> bool {
+        headers
+            .values()
+            .any(|value| self.found_in(value.as_bytes()))
+    }
+}
+
+/// The error a [`GuardedBody`] ends with when the answer carries a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's answer carries the injected credential; it was cut off")]
+pub struct CredentialReflected;
+
+/// An upstream body passed on part by part, except that the last `longest piece - 1` bytes are
+/// held until the next part (or the end) shows that no secret runs across the boundary.
+pub struct GuardedBody<B> {
+    inner: B,
+    secrets: Secrets,
+    /// Bytes not yet passed on: at most `longest piece - 1` of them between parts.
+    held: Vec<u8>,
+    /// Set once a secret was seen or the inner body ended: nothing more is read.
+    done: bool,
+    /// The inner body's trailers, passed on after the held bytes.
+    trailers: Option<HeaderMap>,
+    /// Called once when a secret is seen (logging and auditing are the gateway's).
+    on_reflected: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl<B> GuardedBody<B> {
+    /// Guards `inner` against `secrets`; `on_reflected` runs if one is found.
+    pub fn new(
+        inner: B,
+        secrets: Secrets,
+        on_reflected: impl FnOnce() + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            secrets,
+            held: Vec::new(),
+            done: false,
+            trailers: None,
+            on_reflected: Some(Box::new(on_reflected)),
+        }
+    }
+
+    fn reflected(&mut self) -> Poll<Option<Result<Frame<Bytes>, axum::BoxError>>> {
+        self.done = true;
+        self.held.clear();
+        self.trailers = None;
+        if let Some(report) = self.on_reflected.take() {
+            report();
+        }
+        Poll::Ready(Some(Err(Box::new(CredentialReflected))))
+    }
+}
+
+impl<B> Body for GuardedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(trailers) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    this.done = true;
+                    if this.held.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    let rest = std::mem::take(&mut this.held);
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                }
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    // Trailers end the body: what was held goes first, then they do.
+                    if let Ok(trailers) = frame.into_trailers() {
+                        if this.secrets.found_in_headers(&trailers) {
+                            return this.reflected();
+                        }
+                        this.trailers = Some(trailers);
+                    }
+                    this.done = true;
+                    if this.held.is_empty() {
+                        continue;
+                    }
+                    let rest = std::mem::take(&mut this.held);
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                }
+            };
+            let mut window = std::mem::take(&mut this.held);
+            window.extend_from_slice(&data);
+            if this.secrets.found_in(&window) {
+                return this.reflected();
+            }
+            let keep = this.secrets.longest().saturating_sub(1).min(window.len());
+            this.held = window.split_off(window.len() - keep);
+            if !window.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(window)))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.trailers.is_none() && self.held.is_empty() && (self.done || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // The same bytes pass, only regrouped: the length stays exact.
+        let inner = self.inner.size_hint();
+        let held = self.held.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(held));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(held));
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    /// A body of `parts`, one frame each, as an upstream sends them.
+    struct Parts(std::collections::VecDeque<&'static [u8]>);
+
+    impl Body for Parts {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|p| Ok(Frame::data(Bytes::from_static(p)))),
+            )
+        }
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> Parts {
+        Parts(parts.iter().copied().collect())
+    }
+
+    #[test]
+    fn pieces_are_the_value_the_token_and_each_cookie_value() {
+        let cookie = Secrets::of(b"session=HUMAN-SECRET-123; theme=dark; csrf=0123456789");
+        assert!(cookie.found_in(b"{\"session\":\"HUMAN-SECRET-123\"}"));
+        assert!(cookie.found_in(b"csrf=0123456789"));
+        assert!(
+            !cookie.found_in(b"theme=dark"),
+            "short values are ordinary text"
+        );
+        let bearer = Secrets::of(b"Bearer tok_abcdefghijkl");
+        assert!(bearer.found_in(b"your token is tok_abcdefghijkl"));
+        assert!(Secrets::of(b"short").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_clean_body_passes_whole_and_a_secret_split_across_parts_is_caught() {
+        let secrets = Secrets::of(b"session=HUMAN-SECRET-123");
+        let clean = GuardedBody::new(chunks(&[b"hello ", b"wor", b"ld"]), secrets.clone(), || {});
+        let bytes = clean.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"hello world");
+
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = seen.clone();
+        let mut split = GuardedBody::new(
+            chunks(&[b"prefix HUMAN-SE", b"CRET-123 suffix"]),
+            secrets,
+            move || flag.store(true, std::sync::atomic::Ordering::SeqCst),
+        );
+        let mut passed = Vec::new();
+        let mut failed = false;
+        while let Some(frame) = split.frame().await {
+            match frame {
+                Ok(frame) => passed.extend_from_slice(&frame.into_data().unwrap()),
+                Err(e) => {
+                    assert!(e.is::<CredentialReflected>());
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        assert!(failed && seen.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(
+            !String::from_utf8_lossy(&passed).contains("HUMAN"),
+            "a prefix of the secret was passed on: {passed:?}"
+        );
+    }
+}
