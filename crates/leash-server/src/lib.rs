@@ -13,6 +13,7 @@ pub mod meta;
 pub mod notify;
 pub mod oauth;
 pub mod openapi;
+pub mod overrides;
 pub mod review;
 pub mod state;
 pub mod vault;
