@@ -167,7 +167,7 @@ async fn gateway(
     let form = if body.is_end_stream() {
         FormBody::Other
     } else {
-        form_body(&parts.headers)?
+        form_body(&parts.method, &parts.headers)?
     };
     // The agent's body, its errors told apart from the upstream's when sending fails.
     let body = Body::new(body.map_err(ClientBodyError));

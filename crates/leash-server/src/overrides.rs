@@ -2,7 +2,7 @@
 //! than the one policy judged (API §6): override headers, which the gateway drops, and
 //! `_method` parameters in the query or a form body, which it refuses.
 
-use axum::http::{HeaderMap, HeaderName, header};
+use axum::http::{HeaderMap, HeaderName, Method, header};
 
 use crate::error::{ApiError, ApiResult};
 
@@ -116,19 +116,21 @@ fn refuse_multipart_method(body: &[u8]) -> ApiResult<()> {
 pub enum FormBody {
     /// Neither: the body streams as it is.
     Other,
-    /// `application/x-www-form-urlencoded`, or no `Content-Type` at all (Rack parses the body
-    /// of a `POST` without one as a form).
+    /// `application/x-www-form-urlencoded`, or a `POST` without `Content-Type` (Rack parses
+    /// that body as a form).
     UrlEncoded,
     /// `multipart/form-data`.
     Multipart,
 }
 
-/// Classifies the body by its `Content-Type`. More than one `Content-Type`, or an encoded form
-/// (`Content-Encoding`), could be read differently upstream than here: refused.
-pub fn form_body(headers: &HeaderMap) -> ApiResult<FormBody> {
+/// Classifies the body of a `method` request by its `Content-Type`. More than one
+/// `Content-Type`, or an encoded form (`Content-Encoding`), could be read differently upstream
+/// than here: refused.
+pub fn form_body(method: &Method, headers: &HeaderMap) -> ApiResult<FormBody> {
     let mut types = headers.get_all(header::CONTENT_TYPE).iter();
     let kind = match (types.next(), types.next()) {
-        (None, _) => FormBody::UrlEncoded,
+        (None, _) if *method == Method::POST => FormBody::UrlEncoded,
+        (None, _) => FormBody::Other,
         (Some(_), Some(_)) => {
             return Err(ApiError::InvalidRequest(
                 "a request may carry one Content-Type".into(),
@@ -249,9 +251,13 @@ mod tests {
                     value.parse().unwrap(),
                 );
             }
-            form_body(&headers)
+            form_body(&Method::POST, &headers)
         };
         assert_eq!(kind(&[]).unwrap(), FormBody::UrlEncoded);
+        assert_eq!(
+            form_body(&Method::PUT, &HeaderMap::new()).unwrap(),
+            FormBody::Other
+        );
         assert_eq!(
             kind(&[(
                 "content-type",
