@@ -1,6 +1,9 @@
 //! Client authentication with private_key_jwt (RFC 7523 §3, RFC 7521 §4.2): the agent signs a
 //! short-lived assertion with its registered key.
 
+// Handles numbers a client chose (time claims, counts): no operation that can overflow.
+#![deny(clippy::arithmetic_side_effects)]
+
 use serde_json::Value;
 
 use crate::dpop::{MAX_JTI_LEN, replay_key};
@@ -85,19 +88,23 @@ pub fn verify_assertion(
     let exp = jws
         .time_claim("exp")?
         .ok_or(JoseError::claim("exp", "is missing"))?;
-    if exp <= now - SKEW_SECS {
+    if exp <= now.saturating_sub(SKEW_SECS) {
         return Err(JoseError::claim("exp", "is in the past"));
     }
-    if exp > now + MAX_ASSERTION_LIFETIME_SECS + SKEW_SECS {
+    if exp
+        > now
+            .saturating_add(MAX_ASSERTION_LIFETIME_SECS)
+            .saturating_add(SKEW_SECS)
+    {
         return Err(JoseError::claim("exp", "is more than 5 minutes ahead"));
     }
     if let Some(iat) = jws.time_claim("iat")?
-        && iat > now + SKEW_SECS
+        && iat > now.saturating_add(SKEW_SECS)
     {
         return Err(JoseError::claim("iat", "is in the future"));
     }
     if let Some(nbf) = jws.time_claim("nbf")?
-        && nbf > now + SKEW_SECS
+        && nbf > now.saturating_add(SKEW_SECS)
     {
         return Err(JoseError::claim("nbf", "is in the future"));
     }
@@ -108,6 +115,6 @@ pub fn verify_assertion(
     Ok(VerifiedAssertion {
         agent: agent.to_owned(),
         jti: jti.to_owned(),
-        exp: exp.max(now) + SKEW_SECS,
+        exp: exp.max(now).saturating_add(SKEW_SECS),
     })
 }

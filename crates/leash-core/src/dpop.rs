@@ -1,6 +1,10 @@
 //! DPoP proof verification (RFC 9449 §4.3) and stateless server nonces (§8). Replay of a proof's
 //! `jti` is checked by the caller against the shared store, with the key [`VerifiedProof::replay_key`].
 
+// Proofs and nonces carry attacker-chosen numbers: an overflow would panic (overflow checks are
+// on in release) and drop the connection instead of answering.
+#![deny(clippy::arithmetic_side_effects)]
+
 use hmac::{Hmac, Mac as _};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
@@ -15,6 +19,8 @@ pub const IAT_WINDOW_SECS: i64 = 60;
 pub const MAX_JTI_LEN: usize = 256;
 /// How long a server nonce stays acceptable.
 pub const NONCE_LIFETIME_SECS: i64 = 300;
+/// How far ahead of this node's clock another node's nonce may have been issued.
+const NONCE_CLOCK_SKEW_SECS: i64 = 5;
 
 /// Why a proof was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,7 +77,7 @@ impl VerifiedProof {
 
     /// Until when the replay entry must be kept.
     pub fn replay_until(&self) -> i64 {
-        self.iat + IAT_WINDOW_SECS + 1
+        self.iat.saturating_add(IAT_WINDOW_SECS).saturating_add(1)
     }
 }
 
@@ -140,10 +146,10 @@ pub fn verify_proof(proof: &str, cx: &ProofContext<'_>) -> Result<VerifiedProof,
     let iat = jws
         .time_claim("iat")?
         .ok_or_else(|| invalid("claim `iat` is missing"))?;
-    if iat < cx.now - IAT_WINDOW_SECS {
+    if iat < cx.now.saturating_sub(IAT_WINDOW_SECS) {
         return Err(invalid("iat is too old"));
     }
-    if iat > cx.now + IAT_WINDOW_SECS {
+    if iat > cx.now.saturating_add(IAT_WINDOW_SECS) {
         return Err(invalid("iat is in the future"));
     }
     let jti = jws.str_claim("jti")?;
@@ -212,8 +218,13 @@ impl NonceKey {
         }
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&bytes[..8]);
+        // `issued` is whatever the client sent: `now - i64::MIN` overflows.
         let issued = i64::from_be_bytes(ts);
-        let fresh = issued <= now + 5 && now - issued <= NONCE_LIFETIME_SECS;
+        let not_ahead = issued <= now.saturating_add(NONCE_CLOCK_SKEW_SECS);
+        let young = now
+            .checked_sub(issued)
+            .is_some_and(|age| age <= NONCE_LIFETIME_SECS);
+        let fresh = not_ahead && young;
         fresh && bool::from(self.tag(issued).ct_eq(&bytes[8..]))
     }
 }
@@ -355,5 +366,80 @@ mod tests {
         let mut c = cx("POST", url, 1_562_262_616);
         c.nonces = Some(&key);
         assert_eq!(verify_proof(FIG2, &c), Err(ProofError::UseNonce));
+    }
+
+    /// A nonce is its issue time (8 bytes, big-endian) and a 16-byte tag; the time is the
+    /// client's to choose, so no value of it, with any tag, may panic.
+    fn nonce_of(issued: i64, tag: [u8; 16]) -> String {
+        let mut bytes = issued.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&tag);
+        b64::encode(bytes)
+    }
+
+    #[test]
+    fn nonces_with_extreme_times_are_refused_without_panicking() {
+        let key = NonceKey::new([9; 32]);
+        let times = [
+            i64::MIN,
+            i64::MIN + 1,
+            -1,
+            0,
+            i64::MAX - 4,
+            i64::MAX - 5,
+            i64::MAX,
+        ];
+        for issued in times {
+            for now in times.into_iter().chain([1_800_000_000]) {
+                // Forged tags, and tags this key really made for the extreme time.
+                assert!(!key.accepts(&nonce_of(issued, [0xff; 16]), now));
+                let valid_tag = key.issue(issued);
+                let accepted = key.accepts(&valid_tag, now);
+                let expected = issued <= now.saturating_add(NONCE_CLOCK_SKEW_SECS)
+                    && now
+                        .checked_sub(issued)
+                        .is_some_and(|age| age <= NONCE_LIFETIME_SECS);
+                assert_eq!(accepted, expected, "issued {issued}, now {now}");
+            }
+        }
+        // A genuine nonce at the extremes of the clock is still judged by its age.
+        assert!(key.accepts(&key.issue(i64::MAX), i64::MAX));
+        assert!(key.accepts(&key.issue(i64::MIN), i64::MIN));
+        assert!(!key.accepts(&key.issue(i64::MIN), i64::MAX));
+        assert!(!key.accepts(&key.issue(i64::MAX), i64::MIN));
+        // Huge counters in other shapes: longer or shorter than a nonce, all ones.
+        for bytes in [
+            vec![0xff; 24],
+            vec![0xff; 25],
+            vec![0xff; 23],
+            vec![0x80; 24],
+        ] {
+            assert!(!key.accepts(&b64::encode(bytes), 0));
+        }
+    }
+
+    #[test]
+    fn proofs_with_extreme_iat_are_refused_without_panicking() {
+        let key = crate::client::AgentKey::generate(crate::jws::Alg::EdDsa);
+        let url = "http://127.0.0.1:8470/oauth2/token";
+        for iat in [i64::MIN, i64::MAX, i64::MIN + 1, i64::MAX - 1] {
+            let claims = serde_json::json!({"jti": "j", "htm": "POST", "htu": url, "iat": iat});
+            let proof = proof_with(&key, &claims);
+            for now in [i64::MIN, 0, i64::MAX] {
+                let result = verify_proof(&proof, &cx("POST", url, now));
+                assert_eq!(result.is_ok(), iat.abs_diff(now) <= 60, "{iat} {now}");
+            }
+        }
+        // A proof whose `nonce` claim carries an extreme time: a nonce error, not a panic.
+        let nonces = NonceKey::new([9; 32]);
+        for issued in [i64::MIN, i64::MAX] {
+            let claims = serde_json::json!({"jti": "j", "htm": "POST", "htu": url, "iat": 1000,
+                "nonce": nonce_of(issued, [0; 16])});
+            let mut c = cx("POST", url, 1000);
+            c.nonces = Some(&nonces);
+            assert_eq!(
+                verify_proof(&proof_with(&key, &claims), &c),
+                Err(ProofError::UseNonce)
+            );
+        }
     }
 }

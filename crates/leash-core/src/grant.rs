@@ -1,5 +1,8 @@
 //! Grants (one delegated task): their status rules and the checks on what an agent may ask for.
 
+// Handles numbers a client chose (time claims, counts): no operation that can overflow.
+#![deny(clippy::arithmetic_side_effects)]
+
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};

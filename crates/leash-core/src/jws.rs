@@ -3,6 +3,9 @@
 //! refuse duplicate JSON members and type-confused time claims, and choose the algorithm from
 //! the key, never from the header alone (RFC 8725). The signature primitives are RustCrypto's.
 
+// Handles numbers a client chose (time claims, counts): no operation that can overflow.
+#![deny(clippy::arithmetic_side_effects)]
+
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -134,7 +137,10 @@ impl<'a> Jws<'a> {
             Some(Value::String(name)) => Alg::parse(name)?,
             _ => return Err(JoseError::UnsupportedAlg("<missing>".into())),
         };
-        let signing_input = &compact[..h.len() + 1 + p.len()];
+        // Exactly three segments: all before the last dot is `header.payload`.
+        let signing_input = compact
+            .rsplit_once('.')
+            .map_or(compact, |(signing_input, _)| signing_input);
         Ok(Self {
             header,
             claims,

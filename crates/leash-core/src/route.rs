@@ -21,6 +21,16 @@ pub enum PathError {
     /// encoded unreserved character such as `%2e` or `%61`).
     #[error("the path has a percent escape that is not allowed")]
     Escape,
+    /// A segment that, percent-decoded, is not UTF-8 (an overlong `%C0%AE`, a lone `%FF`).
+    #[error("the path has a segment that is not UTF-8 once percent-decoded")]
+    NotUtf8,
+    /// A segment whose Unicode compatibility form (NFKC) is `.` or `..`, or with a character
+    /// that folds into ASCII (fullwidth `．`, `／`, `＼`, `％`, `ａ`).
+    #[error(
+        "the path has a segment whose Unicode compatibility form (NFKC) is a dot segment or \
+         has characters that fold into ASCII"
+    )]
+    Confusable,
 }
 
 /// Checks a raw request path (without query) and returns its segments. A path that passes is
@@ -59,8 +69,69 @@ pub fn safe_segments(path: &str) -> Result<Vec<&str>, PathError> {
         if matches!(*segment, "." | "..") {
             return Err(PathError::DotSegment);
         }
+        check_decoded(segment)?;
     }
     Ok(segments)
+}
+
+/// Upstreams decode escapes, and some fold Unicode to its compatibility form (NFKC) before
+/// they route: a segment must not become a dot segment, a separator, or other ASCII than policy
+/// judged on either way. `segment`'s escapes are already known to be well formed.
+fn check_decoded(segment: &str) -> Result<(), PathError> {
+    use unicode_normalization::UnicodeNormalization as _;
+    if segment.is_ascii() && !segment.contains('%') {
+        // NFKC leaves ASCII as it is, and the raw characters were checked already.
+        return Ok(());
+    }
+    let decoded = percent_decode(segment.as_bytes());
+    let decoded = std::str::from_utf8(&decoded).map_err(|_| PathError::NotUtf8)?;
+    let folded: String = decoded.nfkc().collect();
+    if matches!(folded.as_str(), "." | "..") {
+        return Err(PathError::Confusable);
+    }
+    // A character that folds into ASCII (`．`, `／`, `＼`, `％`, `ａ`) would let `/ａdmin` pass a
+    // policy about `/admin` and reach an upstream that folds it. Composition never makes ASCII,
+    // so checking each character alone covers every sequence; text that stays non-ASCII
+    // (accents, CJK, decomposed letters) passes.
+    let folds_into_ascii = decoded
+        .chars()
+        .filter(|c| !c.is_ascii())
+        .any(|c| std::iter::once(c).nfkc().any(|f| f.is_ascii()));
+    if folds_into_ascii {
+        return Err(PathError::Confusable);
+    }
+    Ok(())
+}
+
+/// `bytes` with every `%XX` escape replaced by its byte; an incomplete escape stays as it is.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while let Some((&first, tail)) = rest.split_first() {
+        let escaped = match tail {
+            [high, low, ..] if first == b'%' => hex_value(*high)
+                .zip(hex_value(*low))
+                .map(|(high, low)| (high << 4) | low),
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                rest = tail.get(2..).unwrap_or_default();
+            }
+            None => {
+                out.push(first);
+                rest = tail;
+            }
+        }
+    }
+    out
+}
+
+fn hex_value(digit: u8) -> Option<u8> {
+    char::from(digit)
+        .to_digit(16)
+        .and_then(|value| u8::try_from(value).ok())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +189,7 @@ impl<T> RouteTable<T> {
                     literal => Segment::Literal(literal.to_owned()),
                 });
             }
+            without_trailing_slash(&mut segments);
             let method = (method != "*").then(|| method.to_ascii_uppercase());
             compiled.push(CompiledRoute {
                 method,
@@ -128,14 +200,27 @@ impl<T> RouteTable<T> {
         Ok(Self { routes: compiled })
     }
 
-    /// The value of the first route matching `method` and the path's `segments`.
+    /// The value of the first route matching `method` and the path's `segments`. A pattern
+    /// matches a path with or without one trailing slash (API §6): both lose it before they are
+    /// compared.
     pub fn find(&self, method: &str, segments: &[&str]) -> Option<&T> {
+        let segments = match segments.split_last() {
+            Some((&"", rest)) if !rest.is_empty() => rest,
+            _ => segments,
+        };
         self.routes
             .iter()
             .find(|r| {
                 r.method.as_deref().is_none_or(|m| m == method) && matches(&r.segments, segments)
             })
             .map(|r| &r.value)
+    }
+}
+
+/// Drops one trailing empty segment (a trailing slash), unless it is the only one (`/`).
+fn without_trailing_slash(segments: &mut Vec<Segment>) {
+    if segments.len() > 1 && segments.last() == Some(&Segment::Literal(String::new())) {
+        segments.pop();
     }
 }
 
@@ -250,6 +335,72 @@ mod tests {
         assert_eq!(find("GET", "/a/b/c/z"), Some("deep"));
         assert_eq!(find("GET", "/a/b/c"), None);
         assert_eq!(find("PUT", "/messages/1"), None);
+    }
+
+    #[test]
+    fn decoded_segments_must_be_utf8_and_not_fold_into_dots_or_separators() {
+        for (bad, error) in [
+            ("/a/%C0%AE/b", PathError::NotUtf8),
+            ("/a/%C0%AE%C0%AE/b", PathError::NotUtf8),
+            ("/a/%FF", PathError::NotUtf8),
+            ("/a/%E2%82", PathError::NotUtf8),
+            // Fullwidth full stops, raw and encoded, alone and in pairs.
+            ("/a/\u{FF0E}\u{FF0E}/b", PathError::Confusable),
+            ("/a/\u{FF0E}", PathError::Confusable),
+            ("/a/%EF%BC%8E%EF%BC%8E/b", PathError::Confusable),
+            ("/a/%EF%BC%8E", PathError::Confusable),
+            // One-dot leader and two-dot leader: NFKC `.` and `..`.
+            ("/a/%E2%80%A4", PathError::Confusable),
+            ("/a/%E2%80%A5", PathError::Confusable),
+            // Fullwidth solidus, reverse solidus, semicolon, percent sign.
+            ("/a/x%EF%BC%8Fy", PathError::Confusable),
+            ("/a/x\u{FF3C}y", PathError::Confusable),
+            ("/a/x%EF%BC%9By", PathError::Confusable),
+            ("/a/%EF%BC%852f", PathError::Confusable),
+        ] {
+            assert_eq!(safe_segments(bad), Err(error), "{bad:?}");
+        }
+        // Fullwidth letters fold into the ASCII a policy may name.
+        assert_eq!(safe_segments("/%EF%BD%81dmin"), Err(PathError::Confusable));
+        assert_eq!(safe_segments("/\u{FF41}dmin"), Err(PathError::Confusable));
+        // Text that stays non-ASCII passes as it was sent: accents (composed and decomposed),
+        // halfwidth katakana (folds into fullwidth), CJK.
+        assert_eq!(
+            safe_segments("/caf%C3%A9/cafe%CC%81/%EF%BD%B1/\u{e9}t\u{e9}/%E6%97%A5").unwrap(),
+            vec![
+                "caf%C3%A9",
+                "cafe%CC%81",
+                "%EF%BD%B1",
+                "\u{e9}t\u{e9}",
+                "%E6%97%A5"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_pattern_matches_with_or_without_one_trailing_slash() {
+        let table = RouteTable::new([
+            ("GET", "/messages/*", "one"),
+            ("GET", "/drafts/", "drafts"),
+            ("GET", "/deep/**", "deep"),
+            ("GET", "/", "root"),
+        ])
+        .unwrap();
+        let find = |p: &str| table.find("GET", &safe_segments(p).unwrap()).copied();
+        assert_eq!(find("/messages/1"), Some("one"));
+        assert_eq!(find("/messages/1/"), Some("one"));
+        // Only one: `/messages/1//` is an empty segment, refused before matching.
+        assert!(safe_segments("/messages/1//").is_err());
+        // `*` still needs a segment: the trailing slash is not one.
+        assert_eq!(find("/messages/"), None);
+        assert_eq!(find("/messages/1/2"), None);
+        assert_eq!(find("/drafts"), Some("drafts"));
+        assert_eq!(find("/drafts/"), Some("drafts"));
+        assert_eq!(find("/deep"), Some("deep"));
+        assert_eq!(find("/deep/"), Some("deep"));
+        assert_eq!(find("/deep/a/b/"), Some("deep"));
+        assert_eq!(find("/"), Some("root"));
+        assert_eq!(find("/other/"), None);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Leash access tokens: RFC 9068 JWTs signed with the server's Ed25519 key, carrying the human
 //! (`sub`), the agent (`act.sub`, `client_id`), the grant and the DPoP key binding (`cnf.jkt`).
 
+// Handles numbers a client chose (time claims, counts): no operation that can overflow.
+#![deny(clippy::arithmetic_side_effects)]
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -170,14 +173,14 @@ pub fn verify_access_token(
         .time_claim("iat")?
         .ok_or(JoseError::claim("iat", "is missing"))?;
     if let Some(nbf) = jws.time_claim("nbf")?
-        && nbf > now + 30
+        && nbf > now.saturating_add(30)
     {
         return Err(JoseError::claim("nbf", "is in the future"));
     }
     if exp <= now {
         return Err(JoseError::claim("exp", "has passed"));
     }
-    if iat > now + 30 {
+    if iat > now.saturating_add(30) {
         return Err(JoseError::claim("iat", "is in the future"));
     }
     let claims: AccessClaims = serde_json::from_value(Value::Object(jws.claims))
@@ -201,7 +204,7 @@ mod tests {
             sub: "usr_1".into(),
             aud: "http://127.0.0.1:8470".into(),
             iat: now,
-            exp: now + 300,
+            exp: now.saturating_add(300),
             jti: "j1".into(),
             client_id: "spiffe://e/a".into(),
             act: Actor {

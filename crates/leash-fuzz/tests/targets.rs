@@ -1,6 +1,7 @@
 //! The fuzz targets of issue #8, each a property over generated and mutated inputs: JWT and
-//! DPoP parsing and checking, the token endpoint's form parsing, route and path matching, the
-//! Cedar context built from a request, and the audit verifier on arbitrary files. Each target
+//! DPoP parsing and checking, server nonces with any bytes and times (issue #27), the token
+//! endpoint's form parsing, route and path matching, the Cedar context built from a request,
+//! and the audit verifier on arbitrary files. Each target
 //! also replays its regression list (inputs that once failed, or that stand for a class of
 //! attack) before fuzzing.
 
@@ -14,7 +15,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use leash_core::audit::{AuditEvent, ChainVerifier, Checkpoint, Mode, Outcome};
 use leash_core::client::AgentKey;
-use leash_core::dpop::{AccessTokenHash, ProofContext, verify_proof};
+use leash_core::dpop::{
+    AccessTokenHash, NONCE_LIFETIME_SECS, NonceKey, ProofContext, verify_proof,
+};
 use leash_core::jws::Alg;
 use leash_core::route::{RouteTable, safe_segments};
 use leash_core::token::{AccessClaims, Actor, Confirmation, SigningKey, verify_access_token};
@@ -265,6 +268,90 @@ fn jwt_and_dpop_parsing_and_checking() {
     );
 }
 
+/// Times a client may put in a nonce, or a clock may read: the extremes and their neighbours
+/// most of the time, anything some of the time.
+fn extreme_time() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        Just(i64::MIN),
+        Just(i64::MAX),
+        Just(0),
+        i64::MIN..i64::MIN + 1_000,
+        i64::MAX - 1_000..=i64::MAX,
+        NOW - 1_000..NOW + 1_000,
+        any::<i64>(),
+    ]
+}
+
+/// Whether a nonce issued at `issued` is fresh at `now`, written out with wide integers.
+fn nonce_fresh(issued: i64, now: i64) -> bool {
+    let (issued, now) = (i128::from(issued), i128::from(now));
+    issued <= now + 5 && now - issued <= i128::from(NONCE_LIFETIME_SECS)
+}
+
+/// Server nonces carry a time the client can choose (ATTACKS 46): `i64::MIN` once made the
+/// freshness check overflow and panic. Any bytes and any clock reading get a yes or a no.
+#[test]
+fn dpop_nonces_with_any_bytes_and_times() {
+    let key = NonceKey::new([7; 32]);
+    let with_tag = |issued: i64, tag: &[u8]| {
+        let mut bytes = issued.to_be_bytes().to_vec();
+        bytes.extend_from_slice(tag);
+        leash_core::b64::encode(bytes)
+    };
+    // Regressions: the extremes with a forged tag, at the extremes of the clock.
+    for issued in [i64::MIN, i64::MAX, -1] {
+        for now in [i64::MIN, 0, NOW, i64::MAX] {
+            assert!(!key.accepts(&with_tag(issued, &[0; 16]), now));
+        }
+    }
+
+    fuzz(
+        "nonce/arbitrary text",
+        (".{0,48}", extreme_time()),
+        |(text, now)| {
+            // A tag is 128 bits: text that is no nonce of this key never passes.
+            prop_assert!(!key.accepts(&text, now));
+            Ok(())
+        },
+    );
+    fuzz(
+        "nonce/random bytes",
+        (
+            proptest::collection::vec(any::<u8>(), 0..32),
+            extreme_time(),
+        ),
+        |(bytes, now)| {
+            let nonce = leash_core::b64::encode(&bytes);
+            if key.accepts(&nonce, now) {
+                // Only a nonce this key issued can pass: the odds of a random tag are 2^-128.
+                let issued = i64::from_be_bytes(bytes[..8].try_into().unwrap());
+                prop_assert_eq!(&nonce, &key.issue(issued));
+            }
+            Ok(())
+        },
+    );
+    fuzz(
+        "nonce/forged tags with extreme times",
+        (extreme_time(), any::<[u8; 16]>(), extreme_time()),
+        |(issued, tag, now)| {
+            let nonce = with_tag(issued, &tag);
+            prop_assert!(!key.accepts(&nonce, now) || nonce == key.issue(issued));
+            Ok(())
+        },
+    );
+    fuzz(
+        "nonce/valid tags with extreme times",
+        (extreme_time(), extreme_time()),
+        |(issued, now)| {
+            prop_assert_eq!(
+                key.accepts(&key.issue(issued), now),
+                nonce_fresh(issued, now)
+            );
+            Ok(())
+        },
+    );
+}
+
 #[test]
 fn token_endpoint_form_parsing() {
     use leash_server::extract::Form;
@@ -302,6 +389,15 @@ fn token_endpoint_form_parsing() {
             Ok(())
         },
     );
+}
+
+/// `segments` without one trailing empty segment: a pattern matches a path with or without one
+/// trailing slash (API §6).
+fn without_slash(mut segments: Vec<&str>) -> Vec<&str> {
+    if segments.len() > 1 && segments.last() == Some(&"") {
+        segments.pop();
+    }
+    segments
 }
 
 /// The reference matcher: dynamic programming over (pattern, path) positions.
@@ -352,16 +448,40 @@ fn route_and_path_matching() {
             let Ok(segments) = safe_segments(&path) else {
                 return Ok(());
             };
+            let path_segments = without_slash(segments.clone());
             let expected = routes.iter().position(|(m, p)| {
-                let pattern: Vec<&str> = p[1..].split('/').collect();
-                (*m == "*" || *m == method) && reference_match(&pattern, &segments)
+                let pattern = without_slash(p[1..].split('/').collect());
+                (*m == "*" || *m == method) && reference_match(&pattern, &path_segments)
             });
             prop_assert_eq!(table.find(method, &segments).copied(), expected);
             Ok(())
         },
     );
 
-    fuzz("paths/accepted paths are canonical", ".{0,80}", |path| {
+    // Escapes and characters that decode or fold into something else (issue #27): overlong
+    // and broken UTF-8, fullwidth and leader dots, fullwidth separators and letters.
+    let piece = prop_oneof![
+        Just("a"),
+        Just("."),
+        Just("/"),
+        Just("%C0%AE"),
+        Just("%E0%80%AE"),
+        Just("%FF"),
+        Just("%C3"),
+        Just("%C3%A9"),
+        Just("%EF%BC%8E"),
+        Just("\u{FF0E}"),
+        Just("%E2%80%A4"),
+        Just("%E2%80%A5"),
+        Just("%EF%BC%8F"),
+        Just("\u{FF3C}"),
+        Just("%EF%BD%81"),
+        Just("%EF%BD%B1"),
+        Just("e%CC%81"),
+    ];
+    let tricky = proptest::collection::vec(piece, 0..10).prop_map(|p| format!("/{}", p.concat()));
+    let path = prop_oneof![".{0,80}".boxed(), tricky.boxed()];
+    fuzz("paths/accepted paths are canonical", path, |path| {
         if let Ok(segments) = safe_segments(&path) {
             prop_assert_eq!(format!("/{}", segments.join("/")), path.clone());
             let last = segments.len() - 1;
@@ -372,6 +492,23 @@ fn route_and_path_matching() {
                 prop_assert!(!decoded.contains(&b'/') && !decoded.contains(&b'\\'));
                 prop_assert!(decoded != b"." && decoded != b"..");
                 prop_assert!(!decoded.iter().any(u8::is_ascii_control));
+                // Decoded, a segment is UTF-8 whose compatibility form is no dot segment and
+                // gains no ASCII (no separator, no letter a policy could name); composing
+                // may take some away (`e` + U+0301 is `é`).
+                let text = std::str::from_utf8(&decoded);
+                prop_assert!(text.is_ok(), "{segment:?} is not UTF-8 decoded");
+                let text = text.unwrap_or_default();
+                use unicode_normalization::UnicodeNormalization as _;
+                let folded: String = text.nfkc().collect();
+                prop_assert!(folded != "." && folded != "..", "{segment:?}");
+                let mut left = text.chars().filter(char::is_ascii).collect::<Vec<_>>();
+                for c in folded.chars().filter(char::is_ascii) {
+                    let found = left.iter().position(|l| *l == c);
+                    prop_assert!(found.is_some(), "{segment:?} folds into {c:?}");
+                    if let Some(at) = found {
+                        left.swap_remove(at);
+                    }
+                }
             }
         }
         Ok(())

@@ -13,6 +13,7 @@ use leash_core::secret::random_id;
 use crate::audit::Trail;
 use crate::error::{ApiError, ApiResult};
 use crate::gateway::{ApprovalState, attribute_refused_token, decide, refuse, source_of};
+use crate::overrides::{FormBody, form_body, refuse_method_field};
 use crate::state::AppState;
 
 /// The proxy's key, checked against `[authorize] proxy_keys` and `LEASH_AUTHORIZE_KEY`.
@@ -30,12 +31,31 @@ pub const ORIGINAL_BODY: &str = "leash-original-body";
 const AUTHORIZE_EVENT: &str = "authorize.request";
 
 /// Client headers a proxy must drop before forwarding an allowed request (`Leash-Remove-Headers`):
-/// the agent's credentials, its approval reference, and every header that would let the upstream
-/// act on another method, URL or client address than the one policy judged.
-const REMOVE_HEADERS: &str = "Authorization, DPoP, Cookie, Proxy-Authorization, Leash-Approval, \
-     Forwarded, X-Forwarded-For, X-Forwarded-Host, X-Forwarded-Proto, X-Forwarded-Port, \
-     X-Forwarded-Prefix, X-Real-IP, True-Client-IP, X-HTTP-Method-Override, X-HTTP-Method, \
-     X-Method-Override, X-Original-URL, X-Rewrite-URL, X-Original-Method";
+/// the agent's credentials, its approval reference, the client-address headers, and every
+/// override header ([`crate::overrides::OVERRIDE_HEADERS`]) that would let the upstream act on
+/// another method or URL than the one policy judged.
+fn remove_headers() -> HeaderValue {
+    const CREDENTIALS_AND_ADDRESSES: &[&str] = &[
+        "authorization",
+        "dpop",
+        "cookie",
+        "proxy-authorization",
+        "leash-approval",
+        "leash-proxy-key",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+    ];
+    let names: Vec<&str> = CREDENTIALS_AND_ADDRESSES
+        .iter()
+        .chain(crate::overrides::OVERRIDE_HEADERS)
+        .copied()
+        .collect();
+    HeaderValue::from_str(&names.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("*"))
+}
 
 /// `POST|GET /v1/authorize`. The proxy passes the agent's headers as they came, plus
 /// `Leash-Proxy-Key`, `Leash-Original-Method` and `Leash-Original-URI` (a `/gw/{upstream}/{path}`
@@ -128,6 +148,12 @@ async fn decide_for_proxy(
         }
     };
     let decided = decide(state, &method, &uri, headers, trail).await?;
+    // Only a body the proxy sent whole can be checked for `_method` or bound to an approval.
+    let form = if body_complete {
+        form_body(&method, headers)?
+    } else {
+        FormBody::Other
+    };
     if !matches!(decided.approval, ApprovalState::NotNeeded) {
         // An approval is bound to the body: without the whole of it, neither asking for one
         // nor using one can be bound to what the proxy will forward.
@@ -135,8 +161,22 @@ async fn decide_for_proxy(
             return Err(ApiError::ApprovalUnsupported);
         }
         decided
-            .bind_body(state, body, uri.query(), trail, AUTHORIZE_EVENT, request_id)
+            .bind_body(
+                state,
+                body,
+                form,
+                uri.query(),
+                trail,
+                AUTHORIZE_EVENT,
+                request_id,
+            )
             .await?;
+    } else if form != FormBody::Other {
+        let limit = state.config.limits.gateway_body_bytes;
+        let bytes = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|e| crate::gateway::body_failure(&e, limit))?;
+        refuse_method_field(form, &bytes)?;
     }
     decided
         .commit(state, trail, AUTHORIZE_EVENT, request_id)
@@ -144,10 +184,7 @@ async fn decide_for_proxy(
     let mut response = StatusCode::OK.into_response();
     let out = response.headers_mut();
     out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    out.insert(
-        "leash-remove-headers",
-        HeaderValue::from_static(REMOVE_HEADERS),
-    );
+    out.insert("leash-remove-headers", remove_headers());
     for (name, value) in decided.upstream_headers(state, request_id).await? {
         let carrier = injected_as(&name, out);
         out.insert(carrier, value);

@@ -9,6 +9,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
+use hyper::body::Body as _;
 use leash_core::audit::{Mode as AuditMode, Outcome};
 use leash_core::dpop::{ReplayKey, replay_key};
 use leash_core::route::safe_segments;
@@ -21,6 +22,7 @@ use crate::audit::Trail;
 use crate::config::{Risk, Upstream};
 use crate::error::{ApiError, ApiResult, caused_by};
 use crate::extract::{Caller, ResourceCaller, authenticate_resource, verdict_result};
+use crate::overrides::{FormBody, form_body, refuse_method_field, refuse_method_parameter};
 use crate::state::AppState;
 
 /// Who the request is for and by whom.
@@ -37,7 +39,8 @@ struct Principal {
     token: Option<Arc<leash_core::token::AccessClaims>>,
 }
 
-/// Headers of the caller that never reach an upstream, besides hop-by-hop ones.
+/// Headers of the caller that never reach an upstream, besides those `Connection` lists: the
+/// one list of them, with [`crate::overrides::is_override_header`].
 fn is_stripped_request_header(name: &HeaderName) -> bool {
     let n = name.as_str();
     matches!(
@@ -57,6 +60,7 @@ fn is_stripped_request_header(name: &HeaderName) -> bool {
             | "upgrade"
     ) || n.starts_with("leash-")
         || n.starts_with("x-forwarded-")
+        || crate::overrides::is_override_header(name)
 }
 
 fn is_stripped_response_header(name: &HeaderName) -> bool {
@@ -176,7 +180,11 @@ async fn gateway(
     request_id: &str,
     trail: &mut Trail,
 ) -> ApiResult<Response> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    if parts.version == axum::http::Version::HTTP_2 {
+        trail.known.method = Some(parts.method.as_str().to_owned());
+        parts.uri = http2_target(&parts.uri, &parts.headers)?;
+    }
     let decided = decide(state, &parts.method, &parts.uri, &parts.headers, trail).await?;
     let body_limit = state.config.limits.gateway_body_bytes;
     let declared = parts
@@ -187,13 +195,31 @@ async fn gateway(
     if declared.is_some_and(|length| length > body_limit as u64) {
         return Err(ApiError::TooLarge(body_limit));
     }
+    // A form body may name another method (`_method`): read whole (within the limit) to check,
+    // before anything is committed or forwarded. Other bodies stream.
+    let form = if body.is_end_stream() {
+        FormBody::Other
+    } else {
+        form_body(&parts.method, &parts.headers)?
+    };
+    // The agent's body, its errors told apart from the upstream's when sending fails.
+    let body = Body::new(body.map_err(ClientBodyError));
     let body = match decided.approval {
-        // A body without a length is cut off at the limit while it streams.
-        ApprovalState::NotNeeded => Body::new(http_body_util::Limited::new(body, body_limit)),
+        ApprovalState::NotNeeded if form == FormBody::Other => {
+            // A body without a length is cut off at the limit while it streams.
+            Body::new(http_body_util::Limited::new(body, body_limit))
+        }
+        ApprovalState::NotNeeded => {
+            let bytes = axum::body::to_bytes(body, body_limit)
+                .await
+                .map_err(|e| body_failure(&e, body_limit))?;
+            refuse_method_field(form, &bytes)?;
+            Body::from(bytes)
+        }
         ApprovalState::Needed { .. } | ApprovalState::Attached(_) => {
             let query = parts.uri.query();
             let bytes = decided
-                .bind_body(state, body, query, trail, GATEWAY_EVENT, request_id)
+                .bind_body(state, body, form, query, trail, GATEWAY_EVENT, request_id)
                 .await?;
             Body::from(bytes)
         }
@@ -202,7 +228,7 @@ async fn gateway(
         .commit(state, trail, GATEWAY_EVENT, request_id)
         .await?;
     // Step 8: forward.
-    forward(
+    let forwarded = forward(
         state,
         &decided,
         parts.uri.query(),
@@ -211,7 +237,101 @@ async fn gateway(
         body,
         request_id,
     )
-    .await
+    .await;
+    match forwarded {
+        Ok(response) => Ok(response),
+        Err(NotForwarded::Failed(e)) => Err(e),
+        Err(NotForwarded::CutOff(e)) => {
+            // The allow event is committed already: the trail must also say that the request
+            // never reached the upstream whole.
+            let event = trail.event(
+                GATEWAY_EVENT,
+                state.clock.now(),
+                request_id,
+                Outcome::Deny,
+                Some(REQUEST_CUT_OFF.into()),
+            );
+            if crate::audit::record(state, event).await.is_err() {
+                tracing::error!(request_id = %request_id, "the cut-off of a forwarded request is not in the audit trail");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The audit reason of a request whose body failed (malformed, over the limit, stalled) after
+/// it was committed and while it streamed to the upstream.
+pub const REQUEST_CUT_OFF: &str = "request_cut_off";
+
+/// An error of the agent's request body (bad chunking, a connection that closed midway, a
+/// stall): the client's, never the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: {0}")]
+struct ClientBodyError(#[source] axum::Error);
+
+/// The answer to a request whose body failed (`error` or one of its causes), if it did: over
+/// the limit → 413, stalled → 408, malformed or ended early → 400. `None`: something else
+/// failed.
+fn client_body_failure(
+    error: &(dyn std::error::Error + 'static),
+    limit: usize,
+) -> Option<ApiError> {
+    if caused_by::<http_body_util::LengthLimitError>(error) {
+        Some(ApiError::TooLarge(limit))
+    } else if caused_by::<crate::limits::BodyStalled>(error) {
+        Some(ApiError::RequestTimeout)
+    } else if caused_by::<ClientBodyError>(error) {
+        Some(ApiError::InvalidRequest(
+            "the request body is malformed (bad chunked encoding?) or ended early".into(),
+        ))
+    } else {
+        None
+    }
+}
+
+/// [`client_body_failure`] for a body read by the gateway itself, where every error is the
+/// body's.
+pub(crate) fn body_failure(error: &axum::Error, limit: usize) -> ApiError {
+    client_body_failure(error, limit)
+        .unwrap_or_else(|| ApiError::InvalidRequest("the request body could not be read".into()))
+}
+
+/// The request target of an HTTP/2 request, as HTTP/1.1 sends it: `:scheme` and `:authority`
+/// make hyper's URI absolute, but they decide nothing here (the upstream comes from
+/// configuration, a proof's `htu` is checked against `public_url`), so only the path and query
+/// are kept. A request RFC 9113 §8.3.1 and §8.2.1 call malformed, and h2 lets through, is
+/// refused: userinfo in `:authority`, a `Host` naming another authority, a field value with
+/// leading or trailing whitespace.
+fn http2_target(uri: &axum::http::Uri, headers: &HeaderMap) -> ApiResult<axum::http::Uri> {
+    let malformed =
+        |what: &str| ApiError::InvalidRequest(format!("malformed HTTP/2 request: {what}"));
+    if let Some(authority) = uri.authority() {
+        if authority.as_str().contains('@') {
+            return Err(malformed(":authority must not carry userinfo"));
+        }
+        let other_host = headers.get_all(header::HOST).iter().any(|host| {
+            !host
+                .as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        });
+        if other_host {
+            return Err(malformed("Host differs from :authority"));
+        }
+    }
+    let padded = headers.values().any(|value| {
+        let bytes = value.as_bytes();
+        bytes.first().is_some_and(|b| matches!(b, b' ' | b'\t'))
+            || bytes.last().is_some_and(|b| matches!(b, b' ' | b'\t'))
+    });
+    if padded {
+        return Err(malformed(
+            "a field value has leading or trailing whitespace",
+        ));
+    }
+    let target = uri.path_and_query().map_or("/", |target| target.as_str());
+    target
+        .parse()
+        .map_err(|_| malformed("the :path is not a request target"))
 }
 
 /// Largest request body of an action that needs an approval: the body is read whole and its
@@ -222,7 +342,7 @@ async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
     use sha2::Digest as _;
     let bytes = axum::body::to_bytes(body, APPROVAL_BODY_LIMIT)
         .await
-        .map_err(|e| crate::extract::body_error(&e, APPROVAL_BODY_LIMIT))?;
+        .map_err(|e| body_failure(&e, APPROVAL_BODY_LIMIT))?;
     let digest = hex::encode(sha2::Sha256::digest(&bytes));
     Ok((bytes, digest))
 }
@@ -349,16 +469,22 @@ impl Decided<'_> {
     /// the body whole and hashes it. Needed: stores the pending approval and returns the
     /// refusal to answer with. Attached: checks the approval was given for this body and
     /// returns the body to forward.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the request's parts an approval binds, and where to record it"
+    )]
     pub async fn bind_body(
         &self,
         state: &AppState,
         body: Body,
+        form: FormBody,
         query: Option<&str>,
         trail: &mut Trail,
         kind: &str,
         request_id: &str,
     ) -> ApiResult<axum::body::Bytes> {
         let (bytes, digest) = hash_body(body).await?;
+        refuse_method_field(form, &bytes)?;
         match &self.approval {
             ApprovalState::NotNeeded => Ok(bytes),
             ApprovalState::Needed { policies } => {
@@ -480,10 +606,16 @@ pub async fn decide<'s>(
     trail: &mut Trail,
 ) -> ApiResult<Decided<'s>> {
     trail.known.method = Some(method.as_str().to_owned());
-    if uri.scheme().is_some() || uri.authority().is_some() || *method == Method::CONNECT {
+    if uri.scheme().is_some() || uri.authority().is_some() {
         return Err(ApiError::InvalidRequest(
-            "absolute-form targets and CONNECT are not accepted".into(),
+            "absolute-form targets are not accepted".into(),
         ));
+    }
+    // CONNECT would tunnel past every check; TRACE echoes the request, credentials included.
+    if *method == Method::CONNECT || *method == Method::TRACE {
+        return Err(ApiError::InvalidRequest(format!(
+            "{method} is not accepted at the gateway"
+        )));
     }
     let rest = uri.path().strip_prefix("/gw/").unwrap_or_default();
     let (upstream_name, path) = match rest.find('/') {
@@ -493,6 +625,9 @@ pub async fn decide<'s>(
     trail.known.upstream = Some(upstream_name.to_owned());
     trail.known.path = Some(path.to_owned());
     let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    if let Some(query) = uri.query() {
+        refuse_method_parameter(query.as_bytes())?;
+    }
 
     // Steps 1–3 (delegated) or the human's key (direct).
     let caller = match authenticate_resource(state, method, uri, headers).await {
@@ -723,6 +858,15 @@ async fn attached_approval(
     }
 }
 
+/// Why a committed request was not forwarded.
+enum NotForwarded {
+    /// The agent's body failed while it streamed to the upstream: the client's error, after
+    /// the request's allow event was committed.
+    CutOff(ApiError),
+    /// Anything else (the vault, the upstream).
+    Failed(ApiError),
+}
+
 async fn forward(
     state: &AppState,
     decided: &Decided<'_>,
@@ -731,7 +875,7 @@ async fn forward(
     headers: &HeaderMap,
     body: Body,
     request_id: &str,
-) -> ApiResult<Response> {
+) -> Result<Response, NotForwarded> {
     let (upstream, principal, path) = (decided.upstream, &decided.principal, decided.path.as_str());
     let mut target = format!("{}{path}", upstream.url.as_str().trim_end_matches('/'));
     if let Some(query) = query {
@@ -745,14 +889,20 @@ async fn forward(
             out.append(name.clone(), value.clone());
         }
     }
-    for (name, value) in decided.upstream_headers(state, request_id).await? {
+    let injected = decided
+        .upstream_headers(state, request_id)
+        .await
+        .map_err(NotForwarded::Failed)?;
+    for (name, value) in injected {
         out.insert(name, value);
     }
     let mut request = axum::http::Request::new(body);
     *request.method_mut() = method.clone();
-    *request.uri_mut() = target
-        .parse()
-        .map_err(|_| ApiError::InvalidRequest("the request target cannot be forwarded".into()))?;
+    *request.uri_mut() = target.parse().map_err(|_| {
+        NotForwarded::Failed(ApiError::InvalidRequest(
+            "the request target cannot be forwarded".into(),
+        ))
+    })?;
     *request.headers_mut() = out;
     let limits = &state.config.limits;
     let response = tokio::time::timeout(
@@ -762,22 +912,24 @@ async fn forward(
     .await
     .map_err(|_| {
         tracing::warn!(request_id = %request_id, upstream = %upstream.name, "upstream did not answer in time");
-        ApiError::GatewayTimeout(format!(
+        NotForwarded::Failed(ApiError::GatewayTimeout(format!(
             "upstream {} did not answer within {} s",
             upstream.name,
             limits.upstream_timeout.as_secs()
-        ))
+        )))
     })?
     .map_err(|e| {
-        // Sending failed because of the agent's body: over the gateway's limit, or stalled.
-        if caused_by::<http_body_util::LengthLimitError>(&e) {
-            return ApiError::TooLarge(limits.gateway_body_bytes);
-        }
-        if caused_by::<crate::limits::BodyStalled>(&e) {
-            return ApiError::RequestTimeout;
+        // Sending failed because of the agent's body (malformed, over the limit, stalled):
+        // the client's error, not the upstream's.
+        if let Some(refusal) = client_body_failure(&e, limits.gateway_body_bytes) {
+            tracing::info!(request_id = %request_id, error = %e, "request body failed while forwarded");
+            return NotForwarded::CutOff(refusal);
         }
         tracing::warn!(request_id = %request_id, upstream = %upstream.name, error = %e, "upstream unreachable");
-        ApiError::BadGateway(format!("upstream {} did not answer", upstream.name))
+        NotForwarded::Failed(ApiError::BadGateway(format!(
+            "upstream {} did not answer",
+            upstream.name
+        )))
     })?;
     let (upstream_parts, upstream_body) = response.into_parts();
     let status = upstream_parts.status;

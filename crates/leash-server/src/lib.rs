@@ -14,6 +14,7 @@ pub mod meta;
 pub mod notify;
 pub mod oauth;
 pub mod openapi;
+pub mod overrides;
 pub mod reflection;
 pub mod review;
 pub mod state;

@@ -583,7 +583,8 @@ async fn a_gateway_body_that_stalls_midway_is_cut_off_and_a_slow_one_is_not() {
     let mut stalled = TcpStream::connect(&addr).await.unwrap();
     let head = format!(
         "POST /gw/mail/drafts HTTP/1.1\r\nHost: {addr}\r\nAuthorization: DPoP {}\r\n\
-         DPoP: {proof}\r\nContent-Length: 100\r\n\r\nhello",
+         DPoP: {proof}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: 100\r\n\r\nhello",
         gw.token
     );
     stalled.write_all(head.as_bytes()).await.unwrap();

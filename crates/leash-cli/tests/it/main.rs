@@ -16,6 +16,7 @@ mod demo;
 mod durability;
 mod exchange;
 mod gateway;
+mod gateway_input;
 mod input;
 mod jose_python;
 mod limits;
