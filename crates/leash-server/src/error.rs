@@ -117,6 +117,12 @@ pub enum ApiError {
     /// 502 `bad_gateway`: the upstream could not be reached.
     #[error("{0}")]
     BadGateway(String),
+    /// 502 `credential_reflected`: the upstream's answer carried the credential Leash injected
+    /// (see [`crate::reflection`]); the agent gets nothing of it.
+    #[error(
+        "the upstream's answer carried the credential Leash injected for it; nothing of it was passed on"
+    )]
+    CredentialReflected,
     /// 504 `gateway_timeout`: the upstream did not start its answer in time.
     #[error("{0}")]
     GatewayTimeout(String),
@@ -188,6 +194,7 @@ impl ApiError {
                 "invalid_request",
             ),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
+            Self::CredentialReflected => (StatusCode::BAD_GATEWAY, "credential_reflected"),
             Self::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "gateway_timeout"),
             Self::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
@@ -268,6 +275,7 @@ impl IntoResponse for ApiError {
             | Self::TooManyPendingApprovals
             | Self::HeadersTooLarge(_)
             | Self::BadGateway(_)
+            | Self::CredentialReflected
             | Self::GatewayTimeout(_)
             | Self::AuditUnavailable
             | Self::Unavailable(_) => {}

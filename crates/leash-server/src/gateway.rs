@@ -23,6 +23,7 @@ use crate::config::{Risk, Upstream};
 use crate::error::{ApiError, ApiResult, caused_by};
 use crate::extract::{Caller, ResourceCaller, authenticate_resource, verdict_result};
 use crate::overrides::{FormBody, form_body, refuse_method_field, refuse_method_parameter};
+use crate::reflection::{GuardedBody, Secrets};
 use crate::state::AppState;
 
 /// Who the request is for and by whom.
@@ -175,7 +176,7 @@ pub(crate) fn attribute_refused_token(state: &AppState, headers: &HeaderMap, tra
 }
 
 async fn gateway(
-    state: &AppState,
+    state: &Arc<AppState>,
     request: Request,
     request_id: &str,
     trail: &mut Trail,
@@ -228,13 +229,24 @@ async fn gateway(
         .commit(state, trail, GATEWAY_EVENT, request_id)
         .await?;
     // Step 8: forward.
+    // Recorded if the upstream's answer turns out to carry the injected credential.
+    let reflected = trail.event(
+        GATEWAY_EVENT,
+        state.clock.now(),
+        request_id,
+        Outcome::Deny,
+        Some(CREDENTIAL_REFLECTED.into()),
+    );
     let forwarded = forward(
         state,
         &decided,
-        parts.uri.query(),
-        &parts.method,
-        &parts.headers,
-        body,
+        Forwarded {
+            query: parts.uri.query(),
+            method: &parts.method,
+            headers: &parts.headers,
+            body,
+            reflected,
+        },
         request_id,
     )
     .await;
@@ -257,6 +269,20 @@ async fn gateway(
             Err(e)
         }
     }
+}
+
+/// The audit reason of an answer refused or cut off because it carried the credential Leash
+/// injected ([`crate::reflection`]).
+pub const CREDENTIAL_REFLECTED: &str = "credential_reflected";
+
+/// What [`forward`] sends of the agent's request.
+struct Forwarded<'r> {
+    query: Option<&'r str>,
+    method: &'r Method,
+    headers: &'r HeaderMap,
+    body: Body,
+    /// The event recorded if the answer carries the injected credential.
+    reflected: leash_core::audit::AuditEvent,
 }
 
 /// The audit reason of a request whose body failed (malformed, over the limit, stalled) after
@@ -868,14 +894,18 @@ enum NotForwarded {
 }
 
 async fn forward(
-    state: &AppState,
+    state: &Arc<AppState>,
     decided: &Decided<'_>,
-    query: Option<&str>,
-    method: &Method,
-    headers: &HeaderMap,
-    body: Body,
+    sent: Forwarded<'_>,
     request_id: &str,
 ) -> Result<Response, NotForwarded> {
+    let Forwarded {
+        query,
+        method,
+        headers,
+        body,
+        reflected,
+    } = sent;
     let (upstream, principal, path) = (decided.upstream, &decided.principal, decided.path.as_str());
     let mut target = format!("{}{path}", upstream.url.as_str().trim_end_matches('/'));
     if let Some(query) = query {
@@ -893,7 +923,11 @@ async fn forward(
         .upstream_headers(state, request_id)
         .await
         .map_err(NotForwarded::Failed)?;
+    let mut secrets = Secrets::default();
     for (name, value) in injected {
+        if !name.as_str().starts_with("leash-") {
+            secrets.add(value.as_bytes());
+        }
         out.insert(name, value);
     }
     let mut request = axum::http::Request::new(body);
@@ -943,14 +977,33 @@ async fn forward(
             tracing::warn!(request_id = %stalled, error = %e, "upstream answer cut off");
             e
         });
-    let mut relayed = Response::new(Body::new(upstream_body));
-    *relayed.status_mut() = status;
-    let kept = relayed.headers_mut();
+    let mut kept = HeaderMap::new();
     for (name, value) in &upstream_parts.headers {
         if !is_stripped_response_header(name) && !listed.iter().any(|l| l == name.as_str()) {
             kept.append(name.clone(), value.clone());
         }
     }
+    let body = if secrets.is_empty() {
+        Body::new(upstream_body)
+    } else {
+        if secrets.found_in_headers(&kept) {
+            tracing::warn!(request_id = %request_id, upstream = %upstream.name, "the upstream's answer headers carry the injected credential; refused");
+            record_reflection(state.clone(), reflected);
+            return Err(NotForwarded::Failed(ApiError::CredentialReflected));
+        }
+        let (state, reported) = (state.clone(), request_id.to_owned());
+        Body::new(GuardedBody::new(
+            Box::pin(upstream_body),
+            secrets,
+            move || {
+                tracing::warn!(request_id = %reported, "the upstream's answer body carries the injected credential; cut off");
+                record_reflection(state, reflected);
+            },
+        ))
+    };
+    let mut relayed = Response::new(body);
+    *relayed.status_mut() = status;
+    *relayed.headers_mut() = kept;
     tracing::info!(
         request_id = %request_id,
         upstream = %upstream.name,
@@ -959,6 +1012,16 @@ async fn forward(
         "forwarded"
     );
     Ok(relayed)
+}
+
+/// Records that an answer was refused or cut off for carrying the injected credential. The
+/// request's allow event is committed already; this one says what the agent did not get.
+fn record_reflection(state: Arc<AppState>, event: leash_core::audit::AuditEvent) {
+    tokio::spawn(async move {
+        if crate::audit::record(&state, event).await.is_err() {
+            tracing::error!("a reflected credential's refusal is not in the audit trail");
+        }
+    });
 }
 
 /// The gateway's client to upstreams. The request and response bodies are handed to hyper as

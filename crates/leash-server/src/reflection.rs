@@ -49,6 +49,13 @@ impl Secrets {
         Self { pieces }
     }
 
+    /// Adds the pieces of another injected value.
+    pub fn add(&mut self, value: &[u8]) {
+        self.pieces.extend(Self::of(value).pieces);
+        self.pieces.sort();
+        self.pieces.dedup();
+    }
+
     /// Whether there is nothing to look for.
     pub fn is_empty(&self) -> bool {
         self.pieces.is_empty()

@@ -1031,12 +1031,37 @@ pub struct RecordingUpstream {
     requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
 }
 
+/// The answer of a [`RecordingUpstream`] that reflects the request at an echo path.
+fn echo_of(target: &str, headers: &axum::http::HeaderMap) -> Option<axum::response::Response> {
+    use axum::response::IntoResponse as _;
+    let cookie = headers
+        .get("cookie")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    if target.ends_with("/echo-headers") {
+        // Padding first, so the reflection comes in a later part of a longer answer.
+        let mut page = "x".repeat(100_000);
+        for (name, value) in headers {
+            page.push_str(&format!(
+                "{name}: {}\n",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
+        }
+        return Some(page.into_response());
+    }
+    if target.ends_with("/echo-cookie") {
+        return Some(([("x-got-cookie", cookie)], "ok").into_response());
+    }
+    None
+}
+
 impl RecordingUpstream {
     /// Starts it on a random loopback port.
     pub async fn start() -> Self {
         use axum::extract::Request;
         let requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>> = Default::default();
         let seen = requests.clone();
+        use axum::response::IntoResponse as _;
         let app = axum::Router::new().fallback(move |request: Request| {
             let seen = seen.clone();
             async move {
@@ -1051,12 +1076,18 @@ impl RecordingUpstream {
                     .map(ToString::to_string)
                     .unwrap_or_default();
                 let size = body.len();
+                // An upstream that reflects what it received (a debug page, a careless error
+                // page): `/echo-headers` in the body, `/echo-cookie` in a header.
+                let echo = echo_of(&target, &parts.headers);
                 seen.lock().expect("lock").push(Recorded {
                     method: parts.method.to_string(),
                     target,
                     headers: parts.headers,
                     body,
                 });
+                if let Some(echo) = echo {
+                    return echo;
+                }
                 (
                     [
                         ("set-cookie", "upstream_session=secret; Path=/"),
@@ -1066,6 +1097,7 @@ impl RecordingUpstream {
                     ],
                     axum::Json(json!({"ok": true, "received_bytes": size})),
                 )
+                    .into_response()
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

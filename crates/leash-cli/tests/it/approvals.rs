@@ -530,8 +530,9 @@ async fn a_hanging_webhook_does_not_hold_up_the_gateway() {
             held.push(stream);
         }
     });
-    let config =
-        format!("[approvals]\nwebhook_url = \"http://{address}/hook\"\nwebhook_secret = \"s\"\n");
+    let config = format!(
+        "max_pending_approvals = 20\n[approvals]\nwebhook_url = \"http://{address}/hook\"\nwebhook_secret = \"s\"\n"
+    );
     let gw = mail_send(&config).await;
     let started = std::time::Instant::now();
     for i in 0..10 {

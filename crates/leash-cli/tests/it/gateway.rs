@@ -821,3 +821,51 @@ async fn leash_decision_marks_leash_answers_and_an_upstream_cannot_fake_one() {
     assert_eq!(status, 401);
     assert_eq!(headers["leash-decision"], body["error"].as_str().unwrap());
 }
+
+/// Found beyond ATTACKS.md: an upstream that reflects what it received (a debug page, an error
+/// page quoting the request) would hand the agent the human's cookie. In a header → `502
+/// credential_reflected`; in the body → the answer is cut off before the secret, and either
+/// way the audit says so.
+#[tokio::test]
+async fn an_upstream_reflecting_the_injected_credential_never_hands_it_to_the_agent() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let (status, headers, body) = gw
+        .call(Method::GET, "/gw/mail/messages/echo-cookie", &[])
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("credential_reflected")),
+        "{body}"
+    );
+    assert!(headers.get("x-got-cookie").is_none());
+    assert!(!body.to_string().contains("alice-mail-secret"));
+
+    // The body: read raw, every byte the agent got.
+    let url = format!("{}/gw/mail/messages/echo-headers", gw.leash.url);
+    let answer = gw.raw("GET", "/gw/mail/messages/echo-headers", &url).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{}",
+        &answer[..80.min(answer.len())]
+    );
+    assert!(
+        answer.contains(&"x".repeat(1000)),
+        "the answer before the secret was passed on"
+    );
+    assert!(
+        !answer.contains("alice-mail-secret"),
+        "the reflected credential reached the agent"
+    );
+    assert_eq!(gw.upstream.count(), 2);
+    // A clean answer from the same upstream is untouched.
+    let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!((status, body["ok"].as_bool()), (200, Some(true)), "{body}");
+
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (_, events) = super::audit::audit(&gw.leash, leash_testkit::ADMIN_KEY, "").await;
+    let reflected = events
+        .iter()
+        .filter(|e| e["reason"] == "credential_reflected")
+        .count();
+    assert_eq!(reflected, 2, "{events:?}");
+}
