@@ -152,6 +152,17 @@ pub fn verify_proof(proof: &str, cx: &ProofContext<'_>) -> Result<VerifiedProof,
     if iat > cx.now.saturating_add(IAT_WINDOW_SECS) {
         return Err(invalid("iat is in the future"));
     }
+    // RFC 9449 gives proofs no `exp` or `nbf`, but one that carries them is held to them: a
+    // malformed one is refused, never read as absent (ATTACKS.md 7, 8).
+    if jws
+        .time_claim("nbf")?
+        .is_some_and(|nbf| nbf > cx.now.saturating_add(IAT_WINDOW_SECS))
+    {
+        return Err(invalid("nbf is in the future"));
+    }
+    if jws.time_claim("exp")?.is_some_and(|exp| exp <= cx.now) {
+        return Err(invalid("exp has passed"));
+    }
     let jti = jws.str_claim("jti")?;
     if jti.is_empty() || jti.len() > MAX_JTI_LEN {
         return Err(invalid("jti must be 1 to 256 bytes"));
@@ -350,6 +361,37 @@ mod tests {
                 "{}",
                 jti.len()
             );
+        }
+    }
+
+    #[test]
+    fn proof_exp_and_nbf_are_checked_when_present_and_never_read_as_absent() {
+        let key = crate::client::AgentKey::generate(crate::jws::Alg::EdDsa);
+        let url = "https://rs.example/x";
+        let now = 1_700_000_000;
+        let proof = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"htm": "GET", "htu": url, "iat": now, "jti": "j"});
+            if let (Value::Object(claims), Value::Object(extra)) = (&mut claims, extra) {
+                claims.extend(extra);
+            }
+            let mut header = serde_json::Map::new();
+            header.insert("typ".into(), serde_json::json!("dpop+jwt"));
+            header.insert("jwk".into(), key.public().to_value());
+            key.sign(header, &claims)
+        };
+        let check = |extra| verify_proof(&proof(extra), &cx("GET", url, now));
+        assert!(check(serde_json::json!({})).is_ok());
+        assert!(check(serde_json::json!({"exp": now + 60, "nbf": now - 1})).is_ok());
+        for bad in [
+            serde_json::json!({"exp": now}),
+            serde_json::json!({"nbf": i64::MAX}),
+            serde_json::json!({"exp": null}),
+            serde_json::json!({"nbf": "0"}),
+            serde_json::json!({"exp": true}),
+            serde_json::json!({"exp": 1.5e9}),
+            serde_json::json!({"nbf": []}),
+        ] {
+            assert!(check(bad.clone()).is_err(), "{bad}");
         }
     }
 

@@ -96,6 +96,8 @@ pub struct GuardedBody<B> {
     done: bool,
     /// The inner body's trailers, passed on after the held bytes.
     trailers: Option<HeaderMap>,
+    /// The inner body's error, passed on after the held bytes.
+    failed: Option<axum::BoxError>,
     /// Called once when a secret is seen (logging and auditing are the gateway's).
     on_reflected: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
@@ -113,6 +115,7 @@ impl<B> GuardedBody<B> {
             held: Vec::new(),
             done: false,
             trailers: None,
+            failed: None,
             on_reflected: Some(Box::new(on_reflected)),
         }
     }
@@ -145,12 +148,25 @@ where
             if let Some(trailers) = this.trailers.take() {
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
             }
+            if let Some(error) = this.failed.take() {
+                return Poll::Ready(Some(Err(error)));
+            }
             if this.done {
                 return Poll::Ready(None);
             }
             let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => {
+                    // Nothing more comes, so what was held cannot be the start of a secret:
+                    // it goes first, then the error.
+                    this.done = true;
+                    if this.held.is_empty() {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                    this.failed = Some(e.into());
+                    let rest = std::mem::take(&mut this.held);
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                }
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(None) => {
                     this.done = true;
@@ -193,7 +209,10 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.trailers.is_none() && self.held.is_empty() && (self.done || self.inner.is_end_stream())
+        self.trailers.is_none()
+            && self.failed.is_none()
+            && self.held.is_empty()
+            && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -231,6 +250,38 @@ mod tests {
                     .map(|p| Ok(Frame::data(Bytes::from_static(p)))),
             )
         }
+    }
+
+    /// `hello`, then an error: an upstream that stalled after its first part.
+    struct HelloThenFails(u8);
+
+    impl Body for HelloThenFails {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0 += 1;
+            Poll::Ready(Some(match self.0 {
+                1 => Ok(Frame::data(Bytes::from_static(b"hello"))),
+                _ => Err(std::io::Error::other("stalled")),
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn what_was_held_is_passed_on_before_the_inner_error() {
+        let mut body = GuardedBody::new(
+            HelloThenFails(0),
+            Secrets::of(b"session=HUMAN-SECRET-123"),
+            || {},
+        );
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(&first.into_data().unwrap()[..], b"hello");
+        assert!(!body.is_end_stream());
+        assert!(body.frame().await.unwrap().is_err());
     }
 
     fn chunks(parts: &[&'static [u8]]) -> Parts {
