@@ -652,17 +652,12 @@ async fn a_replayed_request_that_needs_approval_stores_no_second_approval() {
     assert_eq!(gw.upstream.count(), 0);
 }
 
-/// How many approvals the grant's human sees pending.
-async fn pending_count(gw: &Gw) -> usize {
-    let (_, body) = gw
-        .leash
-        .call(
-            Method::GET,
-            "/v1/approvals?status=pending",
-            &gw.s.user_key,
-            None,
-        )
+/// How many approvals the human with `user_key` sees pending.
+pub async fn pending_count(leash: &leash_testkit::Leash, user_key: &str) -> usize {
+    let (status, body) = leash
+        .call(Method::GET, "/v1/approvals?status=pending", user_key, None)
         .await;
+    assert_eq!(status, 200, "{body}");
     body["approvals"].as_array().map_or(0, Vec::len)
 }
 
@@ -680,10 +675,10 @@ async fn a_grant_has_at_most_max_pending_approvals() {
         "{answer}"
     );
     assert!(answer.get("approval_id").is_none(), "{answer}");
-    assert_eq!(pending_count(&gw).await, 2);
+    assert_eq!(pending_count(&gw.leash, &gw.s.user_key).await, 2);
     let (status, _) = decide(&gw, &gw.s.user_key.clone(), &first, "deny").await;
     assert_eq!(status, 200);
     ask(&gw, "three").await;
-    assert_eq!(pending_count(&gw).await, 2);
+    assert_eq!(pending_count(&gw.leash, &gw.s.user_key).await, 2);
     assert_eq!(gw.upstream.count(), 0);
 }
