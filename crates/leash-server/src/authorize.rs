@@ -31,7 +31,9 @@ pub const ORIGINAL_BODY: &str = "leash-original-body";
 const AUTHORIZE_EVENT: &str = "authorize.request";
 
 /// Client headers a proxy must drop before forwarding an allowed request (`Leash-Remove-Headers`):
-/// the agent's credentials, its approval reference, the client-address headers, and every
+/// the agent's credentials, its approval reference, what it could send under Leash's own
+/// names, the client-address and forwarding headers (the gateway drops the whole `X-Forwarded-*`
+/// family; a proxy can only drop names), and every
 /// override header ([`crate::overrides::OVERRIDE_HEADERS`]) that would let the upstream act on
 /// another method or URL than the one policy judged.
 fn remove_headers() -> HeaderValue {
@@ -42,12 +44,27 @@ fn remove_headers() -> HeaderValue {
         "proxy-authorization",
         "leash-approval",
         "leash-proxy-key",
+        "leash-subject",
+        "leash-actor",
+        "leash-grant",
+        "leash-request-id",
+        "leash-original-method",
+        "leash-original-uri",
+        "leash-original-body",
         "forwarded",
         "x-forwarded-for",
         "x-forwarded-host",
         "x-forwarded-proto",
         "x-forwarded-port",
         "x-forwarded-prefix",
+        "x-forwarded-uri",
+        "x-forwarded-method",
+        "x-forwarded-server",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "x-original-uri",
+        "x-original-host",
+        "x-envoy-original-path",
     ];
     let names: Vec<&str> = CREDENTIALS_AND_ADDRESSES
         .iter()

@@ -930,6 +930,14 @@ async fn forward(
         }
         out.insert(name, value);
     }
+    if !secrets.is_empty() {
+        // An answer is only checked for the credential as it is sent: a compressed echo would
+        // carry it past the check, so none is asked for (and none accepted, below).
+        out.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
     let mut request = axum::http::Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = target.parse().map_err(|_| {
@@ -967,6 +975,26 @@ async fn forward(
     })?;
     let (upstream_parts, upstream_body) = response.into_parts();
     let status = upstream_parts.status;
+    if status.is_informational() {
+        // Nothing was upgraded for the agent; an unasked-for 101 would leave its connection to
+        // the upstream's protocol.
+        return Err(NotForwarded::Failed(ApiError::BadGateway(format!(
+            "upstream {} answered {status}, which the gateway does not pass on",
+            upstream.name
+        ))));
+    }
+    let encoded = upstream_parts
+        .headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    if encoded && !secrets.is_empty() {
+        tracing::warn!(request_id = %request_id, upstream = %upstream.name, "an encoded answer to a request carrying an injected credential refused");
+        return Err(NotForwarded::Failed(ApiError::BadGateway(format!(
+            "upstream {} answered with a Content-Encoding though the gateway asked for none; an encoded answer cannot be checked for the credential Leash injected",
+            upstream.name
+        ))));
+    }
     let listed = connection_listed(&upstream_parts.headers);
     // Between two parts of its answer the upstream has as long as it had to start it (nginx's
     // `proxy_read_timeout`): a stalled answer is cut off instead of holding the agent's

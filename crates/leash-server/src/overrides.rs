@@ -20,12 +20,14 @@ pub const OVERRIDE_HEADERS: &[&str] = &[
 ];
 
 /// Whether `name` is one of [`OVERRIDE_HEADERS`] or of their families (`X-Original-*`,
-/// `X-Rewrite-*`), which servers keep extending (nginx's `X-Original-URI`).
+/// `X-Rewrite-*`, `X-Envoy-Original-*`), which servers keep extending (nginx's
+/// `X-Original-URI`, Envoy's `X-Envoy-Original-Path`).
 pub fn is_override_header(name: &HeaderName) -> bool {
     let name = name.as_str();
     OVERRIDE_HEADERS.contains(&name)
         || name.starts_with("x-original-")
         || name.starts_with("x-rewrite-")
+        || name.starts_with("x-envoy-original-")
 }
 
 fn method_parameter() -> ApiError {
@@ -137,9 +139,10 @@ pub fn form_body(method: &Method, headers: &HeaderMap) -> ApiResult<FormBody> {
             ));
         }
         (Some(value), None) => {
+            // Rack's media type: up to the first `;` or `,`; an empty one on a POST is a form.
             let media = value
                 .as_bytes()
-                .split(|b| *b == b';')
+                .split(|b| matches!(b, b';' | b','))
                 .next()
                 .unwrap_or_default()
                 .trim_ascii()
@@ -147,6 +150,7 @@ pub fn form_body(method: &Method, headers: &HeaderMap) -> ApiResult<FormBody> {
             match media.as_slice() {
                 b"application/x-www-form-urlencoded" => FormBody::UrlEncoded,
                 b"multipart/form-data" => FormBody::Multipart,
+                b"" if *method == Method::POST => FormBody::UrlEncoded,
                 _ => FormBody::Other,
             }
         }
@@ -269,6 +273,17 @@ mod tests {
         assert_eq!(
             kind(&[("content-type", "multipart/form-data; boundary=x")]).unwrap(),
             FormBody::Multipart
+        );
+        // As Rack reads them (found by an outside test): an empty type on a POST is a form, and
+        // a comma ends the media type as a semicolon does.
+        assert_eq!(kind(&[("content-type", "")]).unwrap(), FormBody::UrlEncoded);
+        assert_eq!(
+            kind(&[(
+                "content-type",
+                "application/x-www-form-urlencoded, text/plain"
+            )])
+            .unwrap(),
+            FormBody::UrlEncoded
         );
         assert_eq!(
             kind(&[("content-type", "application/json")]).unwrap(),

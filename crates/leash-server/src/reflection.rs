@@ -16,10 +16,18 @@ use hyper::body::{Body, Frame, SizeHint};
 /// Pieces shorter than this are not looked for: they would match ordinary text.
 const MIN_SECRET_LEN: usize = 8;
 
-/// The secret pieces of one injected credential, as they could appear in an answer.
+/// The secret pieces of the injected credential, as they could appear in an answer: the
+/// value, a bearer token without its scheme, each cookie's value; each also as hex and as
+/// base64 (both alphabets, at each of the three alignments a longer text could put it in), and
+/// all compared without regard to ASCII case. An echo in another encoding (compressed, escaped)
+/// is not recognised: the gateway asks upstreams for uncompressed answers and refuses
+/// compressed ones where a credential was injected.
 #[derive(Clone, Default)]
 pub struct Secrets {
     pieces: Vec<Vec<u8>>,
+    /// An automaton over `pieces` and their encodings, built once per request.
+    finder: Option<aho_corasick::AhoCorasick>,
+    longest: usize,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -29,54 +37,79 @@ impl std::fmt::Debug for Secrets {
 }
 
 impl Secrets {
-    /// The pieces of a credential injected as `value`: the value itself, a bearer token
-    /// without its scheme, and each cookie's value, so that an echo of any one of them alone
-    /// is caught too.
+    /// The pieces of a credential injected as `value`.
     pub fn of(value: &[u8]) -> Self {
-        let mut pieces = vec![value.to_vec()];
-        let text = String::from_utf8_lossy(value);
-        if let Some(token) = text.strip_prefix("Bearer ") {
-            pieces.push(token.as_bytes().to_vec());
-        }
-        for cookie in text.split(';') {
-            if let Some((_, cookie_value)) = cookie.split_once('=') {
-                pieces.push(cookie_value.trim().as_bytes().to_vec());
-            }
-        }
-        pieces.retain(|piece| piece.len() >= MIN_SECRET_LEN);
-        pieces.sort();
-        pieces.dedup();
-        Self { pieces }
+        let mut secrets = Self::default();
+        secrets.add(value);
+        secrets
     }
 
     /// Adds the pieces of another injected value.
     pub fn add(&mut self, value: &[u8]) {
-        self.pieces.extend(Self::of(value).pieces);
+        self.pieces.push(value.to_vec());
+        let text = String::from_utf8_lossy(value);
+        if let Some(token) = text.strip_prefix("Bearer ") {
+            self.pieces.push(token.as_bytes().to_vec());
+        }
+        for cookie in text.split(';') {
+            if let Some((_, cookie_value)) = cookie.split_once('=') {
+                self.pieces.push(cookie_value.trim().as_bytes().to_vec());
+            }
+        }
+        self.pieces.retain(|piece| piece.len() >= MIN_SECRET_LEN);
         self.pieces.sort();
         self.pieces.dedup();
+        let mut needles = Vec::new();
+        for piece in &self.pieces {
+            needles.push(piece.clone());
+            needles.push(hex::encode(piece).into_bytes());
+            for skip in 0..3 {
+                let aligned = piece.get(skip..).unwrap_or_default();
+                let whole = aligned.len() - aligned.len() % 3;
+                for engine in [
+                    &base64::engine::general_purpose::STANDARD_NO_PAD,
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                ] {
+                    use base64::Engine as _;
+                    let encoded = engine.encode(&aligned[..whole]);
+                    if encoded.len() >= MIN_SECRET_LEN {
+                        needles.push(encoded.into_bytes());
+                    }
+                }
+            }
+        }
+        needles.sort();
+        needles.dedup();
+        self.longest = needles.iter().map(Vec::len).max().unwrap_or(0);
+        // base64 is case-sensitive, but a case-insensitive match only errs towards cutting off.
+        self.finder = aho_corasick::AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(&needles)
+            .ok()
+            .filter(|_| !needles.is_empty());
     }
 
     /// Whether there is nothing to look for.
     pub fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
+        self.finder.is_none()
     }
 
     fn longest(&self) -> usize {
-        self.pieces.iter().map(Vec::len).max().unwrap_or(0)
+        self.longest
     }
 
-    /// Whether `bytes` contain any piece.
+    /// Whether `bytes` contain any piece, in any of its forms.
     pub fn found_in(&self, bytes: &[u8]) -> bool {
-        self.pieces
-            .iter()
-            .any(|piece| memchr::memmem::find(bytes, piece).is_some())
+        self.finder
+            .as_ref()
+            .is_some_and(|finder| finder.is_match(bytes))
     }
 
-    /// Whether any header value contains any piece.
+    /// Whether any header, by its name or its value, contains any piece.
     pub fn found_in_headers(&self, headers: &HeaderMap) -> bool {
-        headers
-            .values()
-            .any(|value| self.found_in(value.as_bytes()))
+        headers.iter().any(|(name, value)| {
+            self.found_in(name.as_str().as_bytes()) || self.found_in(value.as_bytes())
+        })
     }
 }
 
@@ -300,6 +333,21 @@ mod tests {
         let bearer = Secrets::of(b"Bearer tok_abcdefghijkl");
         assert!(bearer.found_in(b"your token is tok_abcdefghijkl"));
         assert!(Secrets::of(b"short").is_empty());
+        // Case changed, hex, base64 at any alignment, a header's name (found by an outside test).
+        assert!(cookie.found_in(b"human-secret-123"));
+        assert!(cookie.found_in(hex::encode("HUMAN-SECRET-123").as_bytes()));
+        for prefix in ["", "a", "ab"] {
+            use base64::Engine as _;
+            let text = format!("{prefix}session=HUMAN-SECRET-123 and more");
+            let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+            assert!(cookie.found_in(encoded.as_bytes()), "{prefix:?}: {encoded}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::HeaderName::from_static("x-human-secret-123"),
+            axum::http::HeaderValue::from_static("1"),
+        );
+        assert!(cookie.found_in_headers(&headers));
     }
 
     #[tokio::test]

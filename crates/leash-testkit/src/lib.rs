@@ -1031,7 +1031,8 @@ pub struct RecordingUpstream {
     requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
 }
 
-/// The answer of a [`RecordingUpstream`] that reflects the request at an echo path.
+/// The answer of a [`RecordingUpstream`] that reflects the request at an echo path (for the
+/// gateway's reflection guard).
 fn echo_of(target: &str, headers: &axum::http::HeaderMap) -> Option<axum::response::Response> {
     use axum::response::IntoResponse as _;
     let cookie = headers
@@ -1051,6 +1052,23 @@ fn echo_of(target: &str, headers: &axum::http::HeaderMap) -> Option<axum::respon
     }
     if target.ends_with("/echo-cookie") {
         return Some(([("x-got-cookie", cookie)], "ok").into_response());
+    }
+    // The cookie's value as a header's name, in upper case in the body, or "compressed".
+    let value = cookie
+        .split_once('=')
+        .map_or("", |(_, v)| v)
+        .to_ascii_lowercase();
+    if target.ends_with("/echo-name") {
+        let name = axum::http::HeaderName::from_bytes(format!("x-{value}").as_bytes()).ok()?;
+        return Some(([(name, "1")], "ok").into_response());
+    }
+    if target.ends_with("/echo-upper") {
+        return Some(format!("you sent {}", cookie.to_uppercase()).into_response());
+    }
+    if target.ends_with("/echo-gzip") {
+        return Some(
+            ([("content-encoding", "gzip")], "\x1f\u{8b} stands for gzip").into_response(),
+        );
     }
     None
 }

@@ -814,3 +814,22 @@ async fn unauthenticated_garbage_cannot_flood_the_audit_log() {
         "the genuine token's refusal was audited"
     );
 }
+
+/// Found by an outside test: an upstream that answers `101 Switching Protocols` unasked would
+/// hand the agent a connection in the upstream's protocol; the gateway answers 502 instead.
+#[tokio::test]
+async fn an_unasked_for_protocol_switch_from_the_upstream_is_502() {
+    let (url, held) = stalling_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nraw",
+    )
+    .await;
+    let gw = setup_with("", grant(&["mail:read"], &["mail"], json!({})), Some(&url)).await;
+    let (status, headers, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("bad_gateway")),
+        "{body}"
+    );
+    assert_eq!(headers["leash-decision"], "bad_gateway");
+    held.abort();
+}

@@ -1,0 +1,74 @@
+//! What the gateway's reflection guard (`reflection::GuardedBody`) costs an upstream answer that
+//! passes it: the same body collected through the guard and bare, in one run, for a small JSON
+//! answer (1 KiB, one part) and a larger one (256 KiB in 16 KiB parts). The guard searches each
+//! part for the injected credential's pieces and holds back the longest piece's length.
+//! Run: cargo bench -p leash-server --bench reflection
+
+#![allow(
+    clippy::expect_used,
+    reason = "a benchmark with a broken setup should abort loudly"
+)]
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Bytes;
+use criterion::{BatchSize, Criterion, black_box, criterion_group, criterion_main};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame};
+use leash_server::reflection::{GuardedBody, Secrets};
+
+/// An upstream answer of ready parts.
+struct Parts(VecDeque<Bytes>);
+
+impl Body for Parts {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(|p| Ok(Frame::data(p))))
+    }
+}
+
+fn answer(total: usize, part: usize) -> VecDeque<Bytes> {
+    let text: Vec<u8> = br#"{"id":"m1","subject":"hello","body":"lorem ipsum dolor sit amet"}"#
+        .iter()
+        .copied()
+        .cycle()
+        .take(total)
+        .collect();
+    text.chunks(part).map(Bytes::copy_from_slice).collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let secrets = Secrets::of(b"session=4f1c9e2b7a6d8e3f0c5b1a9d7e2f4c6b");
+    for (name, total, part) in [("1KiB", 1024, 1024), ("256KiB", 256 * 1024, 16 * 1024)] {
+        let parts = answer(total, part);
+        let mut group = c.benchmark_group(format!("reflection/{name}"));
+        group.bench_function("bare", |b| {
+            b.iter_batched(
+                || Parts(parts.clone()),
+                |body| runtime.block_on(async { black_box(body.collect().await) }),
+                BatchSize::SmallInput,
+            );
+        });
+        group.bench_function("guarded", |b| {
+            b.iter_batched(
+                || GuardedBody::new(Parts(parts.clone()), secrets.clone(), || {}),
+                |body| runtime.block_on(async { black_box(body.collect().await.is_ok()) }),
+                BatchSize::SmallInput,
+            );
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
