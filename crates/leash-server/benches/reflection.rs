@@ -1,7 +1,9 @@
 //! What the gateway's reflection guard (`reflection::GuardedBody`) costs an upstream answer that
 //! passes it: the same body collected through the guard and bare, in one run, for a small JSON
 //! answer (1 KiB, one part) and a larger one (256 KiB in 16 KiB parts). The guard searches each
-//! part for the injected credential's pieces and holds back the longest piece's length.
+//! part for the injected credential's pieces and holds back the longest piece's length. Also
+//! measured: building the guard's automaton (once per credential) and taking it from the cache
+//! (once per forwarded request with a credential).
 //! Run: cargo bench -p leash-server --bench reflection
 
 #![allow(
@@ -17,7 +19,7 @@ use axum::body::Bytes;
 use criterion::{BatchSize, Criterion, black_box, criterion_group, criterion_main};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame};
-use leash_server::reflection::{GuardedBody, Secrets};
+use leash_server::reflection::{GuardedBody, Secrets, SecretsCache};
 
 /// An upstream answer of ready parts.
 struct Parts(VecDeque<Bytes>);
@@ -48,7 +50,17 @@ fn bench(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
-    let secrets = Secrets::of(b"session=4f1c9e2b7a6d8e3f0c5b1a9d7e2f4c6b");
+    let cookie = b"session=4f1c9e2b7a6d8e3f0c5b1a9d7e2f4c6b";
+    // Built once per forwarded request that carries a credential.
+    c.bench_function("reflection/build", |b| {
+        b.iter(|| black_box(Secrets::of(cookie)))
+    });
+    // What a request pays once the credential's guard is built: a digest and a cache hit.
+    let cache = SecretsCache::default();
+    c.bench_function("reflection/cached", |b| {
+        b.iter(|| black_box(cache.of(cookie)))
+    });
+    let secrets = Secrets::of(cookie);
     for (name, total, part) in [("1KiB", 1024, 1024), ("256KiB", 256 * 1024, 16 * 1024)] {
         let parts = answer(total, part);
         let mut group = c.benchmark_group(format!("reflection/{name}"));

@@ -926,7 +926,7 @@ async fn forward(
     let mut secrets = Secrets::default();
     for (name, value) in injected {
         if !name.as_str().starts_with("leash-") {
-            secrets.add(value.as_bytes());
+            secrets = state.reflection_guards.of(value.as_bytes());
         }
         out.insert(name, value);
     }

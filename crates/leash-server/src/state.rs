@@ -80,6 +80,8 @@ pub struct AppState {
     pub gateway_rates: crate::limits::CallerRates,
     /// Refusals of unidentified callers per source address (`[limits] unauthenticated_rate`).
     pub unauthenticated: crate::limits::UnauthenticatedRefusals,
+    /// What the gateway looks for in answers, per injected credential.
+    pub reflection_guards: crate::reflection::SecretsCache,
 }
 
 /// Verified access tokens held in memory at most.
@@ -255,6 +257,7 @@ impl AppState {
             token_rates,
             gateway_rates,
             unauthenticated,
+            reflection_guards: crate::reflection::SecretsCache::default(),
         };
         Ok(Bootstrap {
             state: Arc::new(state),
