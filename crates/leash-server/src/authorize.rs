@@ -192,7 +192,7 @@ async fn decide_for_proxy(
         let limit = state.config.limits.gateway_body_bytes;
         let bytes = axum::body::to_bytes(body, limit)
             .await
-            .map_err(|e| crate::gateway::body_failure(&e, limit))?;
+            .map_err(|e| crate::extract::body_error(&e, limit))?;
         refuse_method_field(form, &bytes)?;
     }
     decided

@@ -28,12 +28,19 @@ async fn read_body(body: Body, limit: usize) -> ApiResult<axum::body::Bytes> {
         .map_err(|e| body_error(&e, limit))
 }
 
-/// What a request body that could not be read whole (under `limit`) is answered with.
-pub fn body_error(error: &axum::Error, limit: usize) -> ApiError {
-    if crate::error::caused_by::<crate::limits::BodyStalled>(error) {
+/// What a request body that could not be read whole (under `limit`) is answered with, the
+/// client's error in every case: over the limit → 413, stalled or too slow → 408, malformed
+/// (bad chunking) or ended early → 400.
+pub fn body_error(error: &(dyn std::error::Error + 'static), limit: usize) -> ApiError {
+    use crate::error::caused_by;
+    if caused_by::<http_body_util::LengthLimitError>(error) {
+        ApiError::TooLarge(limit)
+    } else if caused_by::<crate::limits::BodyStalled>(error) {
         ApiError::RequestTimeout
     } else {
-        ApiError::TooLarge(limit)
+        ApiError::InvalidRequest(
+            "the request body is malformed (bad chunked encoding?) or ended early".into(),
+        )
     }
 }
 

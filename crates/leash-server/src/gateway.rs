@@ -213,7 +213,7 @@ async fn gateway(
         ApprovalState::NotNeeded => {
             let bytes = axum::body::to_bytes(body, body_limit)
                 .await
-                .map_err(|e| body_failure(&e, body_limit))?;
+                .map_err(|e| crate::extract::body_error(&e, body_limit))?;
             refuse_method_field(form, &bytes)?;
             Body::from(bytes)
         }
@@ -295,31 +295,16 @@ pub const REQUEST_CUT_OFF: &str = "request_cut_off";
 #[error("the request body could not be read: {0}")]
 struct ClientBodyError(#[source] axum::Error);
 
-/// The answer to a request whose body failed (`error` or one of its causes), if it did: over
-/// the limit → 413, stalled → 408, malformed or ended early → 400. `None`: something else
-/// failed.
+/// The answer to a request whose body failed while it was sent upstream (`error` or one of its
+/// causes), if it did ([`crate::extract::body_error`]); `None`: the upstream failed.
 fn client_body_failure(
     error: &(dyn std::error::Error + 'static),
     limit: usize,
 ) -> Option<ApiError> {
-    if caused_by::<http_body_util::LengthLimitError>(error) {
-        Some(ApiError::TooLarge(limit))
-    } else if caused_by::<crate::limits::BodyStalled>(error) {
-        Some(ApiError::RequestTimeout)
-    } else if caused_by::<ClientBodyError>(error) {
-        Some(ApiError::InvalidRequest(
-            "the request body is malformed (bad chunked encoding?) or ended early".into(),
-        ))
-    } else {
-        None
-    }
-}
-
-/// [`client_body_failure`] for a body read by the gateway itself, where every error is the
-/// body's.
-pub(crate) fn body_failure(error: &axum::Error, limit: usize) -> ApiError {
-    client_body_failure(error, limit)
-        .unwrap_or_else(|| ApiError::InvalidRequest("the request body could not be read".into()))
+    let the_body = caused_by::<ClientBodyError>(error)
+        || caused_by::<http_body_util::LengthLimitError>(error)
+        || caused_by::<crate::limits::BodyStalled>(error);
+    the_body.then(|| crate::extract::body_error(error, limit))
 }
 
 /// The request target of an HTTP/2 request, as HTTP/1.1 sends it: `:scheme` and `:authority`
@@ -368,7 +353,7 @@ async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
     use sha2::Digest as _;
     let bytes = axum::body::to_bytes(body, APPROVAL_BODY_LIMIT)
         .await
-        .map_err(|e| body_failure(&e, APPROVAL_BODY_LIMIT))?;
+        .map_err(|e| crate::extract::body_error(&e, APPROVAL_BODY_LIMIT))?;
     let digest = hex::encode(sha2::Sha256::digest(&bytes));
     Ok((bytes, digest))
 }

@@ -209,3 +209,33 @@ async fn unknown_paths_methods_and_keys_get_json_errors() {
         (400, Some("invalid_request"))
     );
 }
+
+/// A malformed chunked body at the token and management endpoints is the client's error, `400`
+/// (not `413`, as if it were too large, and never 5xx); the server keeps serving.
+#[tokio::test]
+async fn malformed_chunked_bodies_are_400_at_the_token_and_json_endpoints() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let leash = leash().await;
+    let addr = leash.url.trim_start_matches("http://").to_owned();
+    for (path, content_type, auth) in [
+        ("/oauth2/token", FORM, String::new()),
+        (
+            "/v1/users",
+            "application/json",
+            format!("Authorization: Bearer {ADMIN_KEY}\r\n"),
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: {content_type}\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("invalid_request"), "{path}: {answer}");
+    }
+    let (status, _) = leash.call(Method::GET, "/v1/users", ADMIN_KEY, None).await;
+    assert_eq!(status, 200);
+}
