@@ -578,6 +578,50 @@ mod tests {
     }
 
     #[test]
+    fn the_source_is_the_peer_unless_a_trusted_proxy_names_the_client() {
+        let peer = |ip: &str| Peer(format!("{ip}:4000").parse().unwrap());
+        let mut headers = axum::http::HeaderMap::new();
+        headers.append("x-forwarded-for", "6.6.6.6, 10.0.0.7".parse().unwrap());
+        headers.append("x-forwarded-for", "10.0.0.8".parse().unwrap());
+        let trusted: Vec<IpAddr> = vec!["10.0.0.8".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+        let source = |p: &Peer, headers: &axum::http::HeaderMap| {
+            source_address(Some(p), headers, &trusted)
+                .unwrap()
+                .to_string()
+        };
+        // An untrusted peer is the source whatever it claims.
+        assert_eq!(source(&peer("192.0.2.1"), &headers), "192.0.2.1");
+        // Behind trusted proxies: the nearest hop none of them is; what the client prepended
+        // (6.6.6.6) is never reached.
+        assert_eq!(source(&peer("127.0.0.1"), &headers), "10.0.0.7");
+        headers.insert("x-forwarded-for", "not-an-address".parse().unwrap());
+        assert_eq!(source(&peer("127.0.0.1"), &headers), "127.0.0.1");
+        assert_eq!(source_address(None, &headers, &trusted), None);
+    }
+
+    #[test]
+    fn unidentified_refusals_over_the_rate_are_counted_for_the_summary() {
+        let refusals = UnauthenticatedRefusals::new(rate(1, 2));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(refusals.admit(Some(a)) && refusals.admit(Some(a)));
+        assert!(!refusals.admit(Some(a)) && !refusals.admit(Some(a)));
+        assert!(refusals.admit(Some(b)));
+        assert!(
+            refusals.admit(None),
+            "a request of unknown source is audited"
+        );
+        assert_eq!(
+            refusals.take_summary(),
+            Some(RefusalSummary {
+                requests: 2,
+                addresses: 1
+            })
+        );
+        assert_eq!(refusals.take_summary(), None);
+    }
+
+    #[test]
     fn no_rate_allows_everything_and_tracks_nobody() {
         let rates = CallerRates::new(None);
         for i in 0..1000 {
