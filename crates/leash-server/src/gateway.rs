@@ -229,14 +229,6 @@ async fn gateway(
         .commit(state, trail, GATEWAY_EVENT, request_id)
         .await?;
     // Step 8: forward.
-    // Recorded if the upstream's answer turns out to carry the injected credential.
-    let reflected = trail.event(
-        GATEWAY_EVENT,
-        state.clock.now(),
-        request_id,
-        Outcome::Deny,
-        Some(CREDENTIAL_REFLECTED.into()),
-    );
     let forwarded = forward(
         state,
         &decided,
@@ -245,7 +237,7 @@ async fn gateway(
             method: &parts.method,
             headers: &parts.headers,
             body,
-            reflected,
+            trail,
         },
         request_id,
     )
@@ -281,8 +273,9 @@ struct Forwarded<'r> {
     method: &'r Method,
     headers: &'r HeaderMap,
     body: Body,
-    /// The event recorded if the answer carries the injected credential.
-    reflected: leash_core::audit::AuditEvent,
+    /// The request's trail, for the event recorded if the answer carries the injected
+    /// credential.
+    trail: &'r Trail,
 }
 
 /// The audit reason of a request whose body failed (malformed, over the limit, stalled) after
@@ -889,8 +882,18 @@ async fn forward(
         method,
         headers,
         body,
-        reflected,
+        trail,
     } = sent;
+    // Made only for an answer Leash guards (a credential was injected), when it is guarded.
+    let reflected = || {
+        trail.event(
+            GATEWAY_EVENT,
+            state.clock.now(),
+            request_id,
+            Outcome::Deny,
+            Some(CREDENTIAL_REFLECTED.into()),
+        )
+    };
     let (upstream, principal, path) = (decided.upstream, &decided.principal, decided.path.as_str());
     let mut target = format!("{}{path}", upstream.url.as_str().trim_end_matches('/'));
     if let Some(query) = query {
@@ -1001,16 +1004,16 @@ async fn forward(
     } else {
         if secrets.found_in_headers(&kept) {
             tracing::warn!(request_id = %request_id, upstream = %upstream.name, "the upstream's answer headers carry the injected credential; refused");
-            record_reflection(state.clone(), reflected);
+            record_reflection(state.clone(), reflected());
             return Err(NotForwarded::Failed(ApiError::CredentialReflected));
         }
-        let (state, reported) = (state.clone(), request_id.to_owned());
+        let (state, reported, event) = (state.clone(), request_id.to_owned(), reflected());
         Body::new(GuardedBody::new(
             Box::pin(upstream_body),
             secrets,
             move || {
                 tracing::warn!(request_id = %reported, "the upstream's answer body carries the injected credential; cut off");
-                record_reflection(state, reflected);
+                record_reflection(state, event);
             },
         ))
     };

@@ -24,43 +24,36 @@ const MIN_SECRET_LEN: usize = 8;
 /// compressed ones where a credential was injected.
 #[derive(Clone, Default)]
 pub struct Secrets {
-    pieces: Vec<Vec<u8>>,
-    /// An automaton over `pieces` and their encodings, built once per request.
+    /// An automaton over the pieces and their encodings (the pieces themselves are not kept).
     finder: Option<aho_corasick::AhoCorasick>,
+    /// The longest needle's length.
     longest: usize,
+    /// The automaton could not be built: every answer counts as carrying the credential.
+    unbuildable: bool,
 }
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Secrets({} pieces, redacted)", self.pieces.len())
+        f.write_str("Secrets(<redacted>)")
     }
 }
 
 impl Secrets {
     /// The pieces of a credential injected as `value`.
     pub fn of(value: &[u8]) -> Self {
-        let mut secrets = Self::default();
-        secrets.add(value);
-        secrets
-    }
-
-    /// Adds the pieces of another injected value.
-    pub fn add(&mut self, value: &[u8]) {
-        self.pieces.push(value.to_vec());
         let text = String::from_utf8_lossy(value);
+        let mut pieces = vec![value.to_vec()];
         if let Some(token) = text.strip_prefix("Bearer ") {
-            self.pieces.push(token.as_bytes().to_vec());
+            pieces.push(token.as_bytes().to_vec());
         }
         for cookie in text.split(';') {
             if let Some((_, cookie_value)) = cookie.split_once('=') {
-                self.pieces.push(cookie_value.trim().as_bytes().to_vec());
+                pieces.push(cookie_value.trim().as_bytes().to_vec());
             }
         }
-        self.pieces.retain(|piece| piece.len() >= MIN_SECRET_LEN);
-        self.pieces.sort();
-        self.pieces.dedup();
+        pieces.retain(|piece| piece.len() >= MIN_SECRET_LEN);
         let mut needles = Vec::new();
-        for piece in &self.pieces {
+        for piece in &pieces {
             needles.push(piece.clone());
             needles.push(hex::encode(piece).into_bytes());
             for skip in 0..3 {
@@ -80,21 +73,38 @@ impl Secrets {
         }
         needles.sort();
         needles.dedup();
-        self.longest = needles.iter().map(Vec::len).max().unwrap_or(0);
+        if needles.is_empty() {
+            return Self::default();
+        }
         // base64 is case-sensitive, but a case-insensitive match only errs towards cutting off.
         // A contiguous NFA: ~90 µs to build against a DFA's ~300 µs, and as fast on answers of
         // a few KiB (BENCHMARKS.md); built once per credential ([`SecretsCache`]).
-        self.finder = aho_corasick::AhoCorasick::builder()
+        let built = aho_corasick::AhoCorasick::builder()
             .kind(Some(aho_corasick::AhoCorasickKind::ContiguousNFA))
             .ascii_case_insensitive(true)
-            .build(&needles)
-            .ok()
-            .filter(|_| !needles.is_empty());
+            .build(&needles);
+        let longest = needles.iter().map(Vec::len).max().unwrap_or(0);
+        match built {
+            Ok(finder) => Self {
+                finder: Some(finder),
+                longest,
+                unbuildable: false,
+            },
+            Err(e) => {
+                // Fail closed: an answer that cannot be checked is not passed on.
+                tracing::error!(error = %e, "the reflection guard cannot be built; answers are refused");
+                Self {
+                    finder: None,
+                    longest,
+                    unbuildable: true,
+                }
+            }
+        }
     }
 
     /// Whether there is nothing to look for.
     pub fn is_empty(&self) -> bool {
-        self.finder.is_none()
+        self.finder.is_none() && !self.unbuildable
     }
 
     fn longest(&self) -> usize {
@@ -103,9 +113,11 @@ impl Secrets {
 
     /// Whether `bytes` contain any piece, in any of its forms.
     pub fn found_in(&self, bytes: &[u8]) -> bool {
-        self.finder
-            .as_ref()
-            .is_some_and(|finder| finder.is_match(bytes))
+        self.unbuildable
+            || self
+                .finder
+                .as_ref()
+                .is_some_and(|finder| finder.is_match(bytes))
     }
 
     /// Whether any header, by its name or its value, contains any piece.
