@@ -8,10 +8,10 @@ use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
-use leash_core::dpop::{ProofContext, ProofError, ReplayKey, verify_proof};
+use leash_core::dpop::{ProofContext, ProofError, verify_proof};
 use leash_core::secret::SecretDigest;
 use leash_core::token::AccessClaims;
-use leash_store::{RequestUse, UseVerdict, User};
+use leash_store::{OneTimeKind, OneTimeUse, RequestUse, UseVerdict, User};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, ApiResult};
@@ -289,8 +289,8 @@ pub struct AgentAuth {
     pub claims: Arc<AccessClaims>,
     /// The token's grant, live when the call was authenticated.
     pub grant: leash_core::grant::Grant,
-    /// The proof's replay key and how long it must be remembered.
-    pub proof_once: (ReplayKey, i64),
+    /// The proof's one-time value.
+    pub proof_once: OneTimeUse,
 }
 
 /// Commits what an authenticated request uses (its one-time values, one count against its
@@ -303,9 +303,12 @@ pub async fn commit_use(state: &AppState, request: RequestUse) -> ApiResult<()> 
 pub fn verdict_result(verdict: UseVerdict) -> ApiResult<()> {
     match verdict {
         UseVerdict::Recorded => Ok(()),
-        UseVerdict::Replayed(_) => Err(ApiError::ResourceInvalidProof(
-            "dpop proof jti was already used".into(),
+        UseVerdict::Replayed(OneTimeKind::SingleUse) => Err(ApiError::InvalidToken(
+            "single-use action already used by this token".into(),
         )),
+        UseVerdict::Replayed(OneTimeKind::Proof | OneTimeKind::Assertion) => Err(
+            ApiError::ResourceInvalidProof("dpop proof jti was already used".into()),
+        ),
         UseVerdict::GrantSpent => Err(ApiError::InvalidToken(
             "the token's grant is exhausted or no longer active".into(),
         )),
@@ -313,9 +316,6 @@ pub fn verdict_result(verdict: UseVerdict) -> ApiResult<()> {
             policies: Vec::new(),
             approval: None,
         }),
-        UseVerdict::SingleUseSpent => Err(ApiError::InvalidToken(
-            "single-use action already used by this token".into(),
-        )),
         UseVerdict::TokenRevoked => Err(ApiError::InvalidToken("the token was revoked".into())),
         UseVerdict::TooManyPending => Err(ApiError::TooManyPendingApprovals),
     }
@@ -426,7 +426,11 @@ pub async fn verify_agent(
     Ok(AgentAuth {
         claims,
         grant,
-        proof_once: (proof.replay_key(), proof.replay_until()),
+        proof_once: OneTimeUse {
+            kind: OneTimeKind::Proof,
+            key: proof.replay_key(),
+            keep_until: proof.replay_until(),
+        },
     })
 }
 

@@ -11,11 +11,11 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
 use leash_core::audit::{Mode as AuditMode, Outcome};
-use leash_core::dpop::{ReplayKey, replay_key};
+use leash_core::dpop::replay_key;
 use leash_core::route::safe_segments;
 use leash_core::secret::random_id;
 use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
-use leash_store::{Approval, ApprovalStatus, RequestUse, SingleUse};
+use leash_store::{Approval, ApprovalStatus, OneTimeKind, OneTimeUse, RequestUse, SingleUse};
 use tower_http::timeout::TimeoutBody;
 
 use crate::audit::Trail;
@@ -30,7 +30,7 @@ use crate::state::AppState;
 struct Principal {
     mode: Mode,
     /// The agent proof's one-time value, claimed when the request is committed.
-    proof_once: Option<(ReplayKey, i64)>,
+    proof_once: Option<OneTimeUse>,
     /// The agent (delegated) or the human (direct).
     actor: String,
     /// The human.
@@ -565,8 +565,11 @@ impl Decided<'_> {
             return None;
         };
         grant.single_use.contains(&self.action).then(|| SingleUse {
-            key: replay_key("single_use", &token.jti, &self.action),
-            until: token.exp.saturating_add(SINGLE_USE_KEPT_PAST_EXPIRY),
+            value: OneTimeUse {
+                kind: OneTimeKind::SingleUse,
+                key: replay_key("single_use", &token.jti, &self.action),
+                keep_until: token.exp.saturating_add(SINGLE_USE_KEPT_PAST_EXPIRY),
+            },
             spend,
         })
     }

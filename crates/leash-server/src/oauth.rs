@@ -9,7 +9,6 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use leash_core::assertion::{JWT_BEARER, claimed_agent, verify_assertion};
 use leash_core::audit::{AuditEvent, Mode, Outcome};
-use leash_core::dpop::ReplayKey;
 use leash_core::dpop::{ProofContext, ProofError, verify_proof};
 use leash_core::grant::{GrantStatus, narrow_scope};
 use leash_core::jwk::parse_jwks;
@@ -18,7 +17,7 @@ use leash_core::token::{
     ACCESS_TOKEN_TYPE, AccessClaims, Actor, Confirmation, GRANT_TOKEN_TYPE, TOKEN_EXCHANGE,
     verify_access_token,
 };
-use leash_store::{Agent, RequestUse, UseVerdict};
+use leash_store::{Agent, OneTimeKind, OneTimeUse, RequestUse, UseVerdict};
 use serde::Serialize;
 use serde_json::json;
 use utoipa::ToSchema;
@@ -44,7 +43,7 @@ async fn authenticate_client(
     form: &Form,
     audiences: &[&str],
     known: Option<&Agent>,
-) -> ApiResult<(String, (ReplayKey, i64))> {
+) -> ApiResult<(String, OneTimeUse)> {
     match form.get("client_assertion_type") {
         Some(JWT_BEARER) => {}
         Some(_) => {
@@ -85,7 +84,12 @@ async fn authenticate_client(
         .map_err(|_| ApiError::InvalidClient("the agent's keys are unusable".into()))?;
     let verified = verify_assertion(assertion, &agent.id, &keys, audiences, state.clock.now())
         .map_err(|e| ApiError::InvalidClient(format!("client assertion refused: {e}")))?;
-    Ok((agent.id, (verified.replay_key(), verified.exp)))
+    let assertion_once = OneTimeUse {
+        kind: OneTimeKind::Assertion,
+        key: verified.replay_key(),
+        keep_until: verified.exp,
+    };
+    Ok((agent.id, assertion_once))
 }
 
 /// `POST /oauth2/token`.
@@ -214,7 +218,7 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         .await?;
     let token_endpoint = state.token_endpoint.as_str();
     let audiences = [state.issuer.as_str(), token_endpoint];
-    let (agent, assertion_entry) =
+    let (agent, assertion_once) =
         authenticate_client(state, form, &audiences, found.as_ref().map(|(_, a)| a)).await?;
     state.token_rates.check(&agent)?;
 
@@ -274,7 +278,14 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
     // issues no token); the issuance is audited in it (as refused if a value was seen before
     // or the grant ended).
     let request = RequestUse {
-        once: vec![assertion_entry, (proof.replay_key(), proof.replay_until())],
+        once: vec![
+            assertion_once,
+            OneTimeUse {
+                kind: OneTimeKind::Proof,
+                key: proof.replay_key(),
+                keep_until: proof.replay_until(),
+            },
+        ],
         exchanged_grant: Some(grant.id.clone()),
         now,
         audit: Some(event),
@@ -284,12 +295,12 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         tracing::error!(error = %e, "token commit failed");
         ApiError::AuditUnavailable
     })? {
-        UseVerdict::Replayed(0) => {
+        UseVerdict::Replayed(OneTimeKind::Assertion) => {
             return Err(ApiError::InvalidClient(
                 "client assertion jti was already used".into(),
             ));
         }
-        UseVerdict::Replayed(_) => {
+        UseVerdict::Replayed(OneTimeKind::Proof) => {
             return Err(ApiError::InvalidDpopProof(
                 "dpop proof jti was already used".into(),
             ));
@@ -302,7 +313,7 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         UseVerdict::Recorded => {}
         // An exchange names no approval, action or token: these cannot come, and would refuse.
         UseVerdict::ApprovalSpent
-        | UseVerdict::SingleUseSpent
+        | UseVerdict::Replayed(OneTimeKind::SingleUse)
         | UseVerdict::TokenRevoked
         | UseVerdict::TooManyPending => {
             return Err(ApiError::InvalidGrant(
@@ -354,7 +365,7 @@ async fn audit_refusal(state: &AppState, event: AuditEvent, refused: ApiError) -
 /// Who asks to revoke or introspect.
 enum OAuthCaller {
     Key(Caller),
-    Agent(String, (ReplayKey, i64)),
+    Agent(String, OneTimeUse),
 }
 
 async fn oauth_caller(

@@ -185,14 +185,37 @@ impl Approval {
     }
 }
 
+/// What a one-time value is: it names the value in a refusal ([`UseVerdict::Replayed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OneTimeKind {
+    /// A DPoP proof's `jti`.
+    Proof,
+    /// A client assertion's `jti`.
+    Assertion,
+    /// A token's one use of a `single_use` action (API §2).
+    SingleUse,
+}
+
+/// A value that may be used once, cluster-wide and across restarts: remembered until
+/// `keep_until` (past the expiry of what carries it), then pruned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OneTimeUse {
+    /// What the value is.
+    pub kind: OneTimeKind,
+    /// Its key (`dpop::replay_key`).
+    pub key: ReplayKey,
+    /// Until when it must be remembered.
+    pub keep_until: i64,
+}
+
 /// What one request uses, for [`Store::record_use`].
 #[derive(Debug, Clone, Default)]
 pub struct RequestUse {
-    /// One-time values with the time until which each must be remembered.
-    pub once: Vec<(ReplayKey, i64)>,
+    /// Its proof's and assertion's one-time values: all are consumed, or none.
+    pub once: Vec<OneTimeUse>,
     /// The token's one use of a `single_use` action (API §2). Checked with `once`, all or
     /// nothing, but consumed only when the use is recorded: a request refused for any reason
-    /// leaves it unused. Seen before → [`UseVerdict::SingleUseSpent`].
+    /// leaves it unused. Seen before → [`UseVerdict::Replayed`] of [`OneTimeKind::SingleUse`].
     pub single_use: Option<SingleUse>,
     /// The `jti` of the access token the request presents: a token revoked by the time the use
     /// commits is refused ([`UseVerdict::TokenRevoked`]) and nothing of the use is counted or
@@ -235,33 +258,21 @@ impl RequestUse {
             && self.audit.is_none()
     }
 
-    /// Every one-time value it checks: `once`, then the single use. A position past `once` is
-    /// the single use's.
-    pub(crate) fn one_time_keys(&self) -> impl Iterator<Item = &ReplayKey> {
+    /// Every one-time value it checks: `once`, then the single use.
+    pub(crate) fn one_time_values(&self) -> impl Iterator<Item = &OneTimeUse> {
         self.once
             .iter()
-            .map(|(key, _)| key)
-            .chain(self.single_use.as_ref().map(|single| &single.key))
+            .chain(self.single_use.as_ref().map(|single| &single.value))
     }
 
-    /// The values a recorded use consumes, with the time until which each is kept: `once`,
-    /// then the single use if it is spent. Positions agree with [`Self::one_time_keys`].
-    pub(crate) fn consumed(&self) -> impl Iterator<Item = (&ReplayKey, i64)> {
-        self.once.iter().map(|(key, until)| (key, *until)).chain(
+    /// The values a recorded use consumes: `once`, then the single use if it is spent.
+    pub(crate) fn consumed(&self) -> impl Iterator<Item = &OneTimeUse> {
+        self.once.iter().chain(
             self.single_use
                 .as_ref()
                 .filter(|single| single.spend)
-                .map(|single| (&single.key, single.until)),
+                .map(|single| &single.value),
         )
-    }
-
-    /// The verdict when the value at `position` of [`Self::one_time_keys`] was seen before.
-    pub(crate) fn seen_at(&self, position: usize) -> UseVerdict {
-        if position < self.once.len() {
-            UseVerdict::Replayed(position)
-        } else {
-            UseVerdict::SingleUseSpent
-        }
     }
 }
 
@@ -269,10 +280,8 @@ impl RequestUse {
 /// same replay store (so it is cluster-wide and survives restarts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SingleUse {
-    /// `dpop::replay_key("single_use", <token jti>, <action>)`.
-    pub key: ReplayKey,
-    /// Until when it must be remembered: past the token's expiry.
-    pub until: i64,
+    /// `dpop::replay_key("single_use", <token jti>, <action>)`, kept past the token's expiry.
+    pub value: OneTimeUse,
     /// Whether a recorded use consumes it. A request that only asks for an approval checks it
     /// (a token that used the action is refused before a human is asked) but leaves it for the
     /// approved retry.
@@ -284,15 +293,13 @@ pub struct SingleUse {
 pub enum UseVerdict {
     /// Everything was new and is now stored; the grant (if any) was counted.
     Recorded,
-    /// The one-time value at this index was seen before; nothing was stored.
-    Replayed(usize),
+    /// A one-time value of this kind was seen before; nothing was stored. Of the single use:
+    /// the token used its single use of the action before.
+    Replayed(OneTimeKind),
     /// The grant is not active any more, has expired, or its `max_requests` are used up.
     GrantSpent,
     /// The approval is not (or no longer) approved and unexpired: used, denied or expired.
     ApprovalSpent,
-    /// The token used its single use of the action before ([`RequestUse::single_use`]);
-    /// nothing was stored.
-    SingleUseSpent,
     /// The token was revoked ([`RequestUse::token`]).
     TokenRevoked,
     /// The grant has [`RequestUse::max_pending_approvals`] approvals pending already; the new
@@ -305,10 +312,10 @@ impl UseVerdict {
     pub fn reason(self) -> Option<&'static str> {
         match self {
             Self::Recorded => None,
-            Self::Replayed(_) => Some("replayed"),
+            Self::Replayed(OneTimeKind::SingleUse) => Some("single_use_spent"),
+            Self::Replayed(OneTimeKind::Proof | OneTimeKind::Assertion) => Some("replayed"),
             Self::GrantSpent => Some("grant_spent"),
             Self::ApprovalSpent => Some("approval_spent"),
-            Self::SingleUseSpent => Some("single_use_spent"),
             Self::TokenRevoked => Some("token_revoked"),
             Self::TooManyPending => Some("too_many_pending_approvals"),
         }
@@ -478,19 +485,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         event: &AuditEvent,
     ) -> StoreResult<bool>;
 
-    /// Records one-time values (`jti`s) atomically: either all are new and all are stored, or
-    /// nothing is stored and the index of the first one already seen is returned.
-    async fn consume_once(&self, entries: &[(ReplayKey, i64)]) -> StoreResult<Option<usize>> {
+    /// Records one-time values atomically: either all are new and all are stored, or nothing
+    /// is stored and the kind of the first one already seen is returned.
+    async fn consume_once(&self, values: &[OneTimeUse]) -> StoreResult<Option<OneTimeKind>> {
         let request = RequestUse {
-            once: entries.to_vec(),
+            once: values.to_vec(),
             ..RequestUse::default()
         };
         match self.record_use(request).await? {
-            UseVerdict::Replayed(position) => Ok(Some(position)),
+            UseVerdict::Replayed(kind) => Ok(Some(kind)),
             UseVerdict::Recorded
             | UseVerdict::GrantSpent
             | UseVerdict::ApprovalSpent
-            | UseVerdict::SingleUseSpent
             | UseVerdict::TokenRevoked
             | UseVerdict::TooManyPending => Ok(None),
         }

@@ -33,7 +33,7 @@ use crate::common::{
 };
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CHECKPOINT_EVERY_EVENTS, CheckpointSigner, GrantEnd,
-    RequestUse, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
+    OneTimeKind, RequestUse, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
 };
 
 /// The notification channel of row changes.
@@ -483,14 +483,14 @@ async fn record_batch(
         let request = &used.request;
         let mut own = HashSet::new();
         let seen = request
-            .one_time_keys()
-            .position(|key| claimed.contains(key) || !own.insert(key));
+            .one_time_values()
+            .find(|value| claimed.contains(&value.key) || !own.insert(&value.key));
         match seen {
-            Some(position) => verdicts[index] = request.seen_at(position),
+            Some(value) => verdicts[index] = UseVerdict::Replayed(value.kind),
             None => {
                 // A single use only checked claims nothing.
                 if let Some(single) = request.single_use.as_ref().filter(|s| !s.spend) {
-                    own.remove(&single.key);
+                    own.remove(&single.value.key);
                 }
                 claimed.extend(own);
                 candidates.push(index);
@@ -515,7 +515,7 @@ async fn record_batch(
     let (keys, untils): (Vec<&[u8]>, Vec<i64>) = candidates
         .iter()
         .flat_map(|&index| uses[index].request.consumed())
-        .map(|(key, until)| (key.as_slice(), until))
+        .map(|value| (value.key.as_slice(), value.keep_until))
         .unzip();
     let inserted: HashSet<Vec<u8>> = if keys.is_empty() {
         HashSet::new()
@@ -537,15 +537,15 @@ async fn record_batch(
         let request = &uses[index].request;
         match request
             .consumed()
-            .position(|(key, _)| !inserted.contains(key.as_slice()))
+            .find(|value| !inserted.contains(value.key.as_slice()))
         {
             None => true,
-            Some(position) => {
-                verdicts[index] = request.seen_at(position);
+            Some(value) => {
+                verdicts[index] = UseVerdict::Replayed(value.kind);
                 release.extend(
                     request
                         .consumed()
-                        .map(|(key, _)| key.as_slice())
+                        .map(|value| value.key.as_slice())
                         .filter(|key| inserted.contains(*key)),
                 );
                 false
@@ -565,7 +565,7 @@ async fn record_batch(
         .iter()
         .filter_map(|&index| uses[index].request.single_use.as_ref())
         .filter(|single| !single.spend)
-        .map(|single| single.key.as_slice())
+        .map(|single| single.value.key.as_slice())
         .collect();
     if !checked.is_empty() {
         let used: HashSet<Vec<u8>> =
@@ -579,9 +579,9 @@ async fn record_batch(
         for &index in &candidates {
             if let Some(single) = &uses[index].request.single_use
                 && !single.spend
-                && used.contains(single.key.as_slice())
+                && used.contains(single.value.key.as_slice())
             {
-                verdicts[index] = UseVerdict::SingleUseSpent;
+                verdicts[index] = UseVerdict::Replayed(OneTimeKind::SingleUse);
             }
         }
     }
@@ -746,7 +746,7 @@ async fn record_batch(
         .filter(|&&index| verdicts[index] != Recorded)
         .filter_map(|&index| uses[index].request.single_use.as_ref())
         .filter(|single| single.spend)
-        .map(|single| single.key.as_slice())
+        .map(|single| single.value.key.as_slice())
         .collect();
     if !unused.is_empty() {
         sqlx::query("DELETE FROM replay WHERE key = ANY($1::BYTEA[])")

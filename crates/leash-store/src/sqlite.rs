@@ -726,14 +726,16 @@ impl<'tx> UseStatements<'tx> {
     ) -> rusqlite::Result<UseVerdict> {
         use rusqlite::OptionalExtension as _;
         let mut own = HashSet::new();
-        let seen = request
-            .one_time_keys()
-            .position(|key| replay.contains(key) || claimed.contains_key(key) || !own.insert(*key));
-        if let Some(position) = seen {
-            return Ok(request.seen_at(position));
+        let seen = request.one_time_values().find(|value| {
+            replay.contains(&value.key)
+                || claimed.contains_key(&value.key)
+                || !own.insert(value.key)
+        });
+        if let Some(value) = seen {
+            return Ok(UseVerdict::Replayed(value.kind));
         }
-        for (key, until) in &request.once {
-            self.claim(claimed, replay, key, *until)?;
+        for value in &request.once {
+            self.claim(claimed, replay, &value.key, value.keep_until)?;
         }
         if let Some(jti) = &request.token
             && revoked
@@ -778,7 +780,7 @@ impl<'tx> UseStatements<'tx> {
             }
         }
         if let Some(single) = request.single_use.filter(|single| single.spend) {
-            self.claim(claimed, replay, &single.key, single.until)?;
+            self.claim(claimed, replay, &single.value.key, single.value.keep_until)?;
         }
         Ok(UseVerdict::Recorded)
     }

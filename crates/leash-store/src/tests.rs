@@ -17,8 +17,8 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 
 use crate::{
-    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, RequestUse, SingleUse,
-    Store, StoreError, UseVerdict, User, VaultEntry,
+    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, OneTimeKind,
+    OneTimeUse, RequestUse, SingleUse, Store, StoreError, UseVerdict, User, VaultEntry,
 };
 
 /// A fresh, empty database of one backend, removed when dropped.
@@ -113,15 +113,32 @@ fn k(name: &str) -> ReplayKey {
     leash_core::dpop::replay_key("test", "", name)
 }
 
+/// A proof's one-time value named `name`, kept until `keep_until`.
+fn proof(name: &str, keep_until: i64) -> OneTimeUse {
+    OneTimeUse {
+        kind: OneTimeKind::Proof,
+        key: k(name),
+        keep_until,
+    }
+}
+
+/// A client assertion's one-time value named `name`, kept until `keep_until`.
+fn assertion(name: &str, keep_until: i64) -> OneTimeUse {
+    OneTimeUse {
+        kind: OneTimeKind::Assertion,
+        ..proof(name, keep_until)
+    }
+}
+
 both_backends! {
     async fn consume_once_is_all_or_nothing(fx) {
         let store = fx.open().await;
-        let a = (k("a"), 10);
-        let b = (k("b"), 10);
+        let a = assertion("a", 10);
+        let b = proof("b", 10);
         assert_eq!(store.consume_once(std::slice::from_ref(&a)).await.unwrap(), None);
-        // b is new but a is not: nothing is stored, and index 0 is named.
-        assert_eq!(store.consume_once(&[a, b]).await.unwrap(), Some(0));
-        assert_eq!(store.consume_once(&[b, a]).await.unwrap(), Some(1));
+        // b is new but a is not: nothing is stored, and a's kind is named wherever it is.
+        assert_eq!(store.consume_once(&[a, b]).await.unwrap(), Some(OneTimeKind::Assertion));
+        assert_eq!(store.consume_once(&[b, a]).await.unwrap(), Some(OneTimeKind::Assertion));
         assert_eq!(store.consume_once(&[b]).await.unwrap(), None);
     }
 }
@@ -129,16 +146,17 @@ both_backends! {
 both_backends! {
     async fn consumed_values_are_known_after_reopening_until_pruned(fx) {
         let store = fx.open().await;
-        let a = (k("a"), 100);
+        let a = assertion("a", 100);
         assert_eq!(store.consume_once(&[a]).await.unwrap(), None);
         drop(store);
         let store = fx.open().await;
-        assert_eq!(store.consume_once(&[a]).await.unwrap(), Some(0));
-        assert_eq!(store.consume_once(&[(k("b"), 100), a]).await.unwrap(), Some(1));
+        let seen = Some(OneTimeKind::Assertion);
+        assert_eq!(store.consume_once(&[a]).await.unwrap(), seen);
+        assert_eq!(store.consume_once(&[proof("b", 100), a]).await.unwrap(), seen);
         // A refused request consumed none of its values.
-        assert_eq!(store.consume_once(&[(k("b"), 100)]).await.unwrap(), None);
+        assert_eq!(store.consume_once(&[proof("b", 100)]).await.unwrap(), None);
         store.prune(100).await.unwrap();
-        assert_eq!(store.consume_once(&[a]).await.unwrap(), Some(0), "kept until its time");
+        assert_eq!(store.consume_once(&[a]).await.unwrap(), seen, "kept until its time");
         store.prune(101).await.unwrap();
         assert_eq!(store.consume_once(&[a]).await.unwrap(), None, "pruned, then new again");
     }
@@ -153,7 +171,7 @@ both_backends! {
                 // Each request shares "proof" and has its own assertion.
                 tokio::spawn(async move {
                     store
-                        .consume_once(&[(k(&format!("assertion-{i}")), 10), (k("proof"), 10)])
+                        .consume_once(&[assertion(&format!("assertion-{i}"), 10), proof("proof", 10)])
                         .await
                 })
             })
@@ -168,7 +186,7 @@ both_backends! {
         // The losers' own assertions were not consumed.
         let mut taken = 0;
         for i in 0..32 {
-            let entry = (k(&format!("assertion-{i}")), 10);
+            let entry = assertion(&format!("assertion-{i}"), 10);
             if store.consume_once(&[entry]).await.unwrap().is_some() {
                 taken += 1;
             }
@@ -180,8 +198,8 @@ both_backends! {
 both_backends! {
     async fn a_request_repeating_its_own_value_is_refused(fx) {
         let store = fx.open().await;
-        let a = (k("a"), 10);
-        assert_eq!(store.consume_once(&[a, a]).await.unwrap(), Some(1));
+        let a = proof("a", 10);
+        assert_eq!(store.consume_once(&[a, a]).await.unwrap(), Some(OneTimeKind::Proof));
         assert_eq!(store.consume_once(&[a]).await.unwrap(), None);
     }
 }
@@ -198,10 +216,10 @@ both_backends! {
 both_backends! {
     async fn prune_drops_only_expired_entries(fx) {
         let store = fx.open().await;
-        store.consume_once(&[(k("old"), 5), (k("new"), 50)]).await.unwrap();
+        store.consume_once(&[proof("old", 5), proof("new", 50)]).await.unwrap();
         assert_eq!(store.prune(10).await.unwrap(), 1);
-        assert_eq!(store.consume_once(&[(k("new"), 50)]).await.unwrap(), Some(0));
-        assert_eq!(store.consume_once(&[(k("old"), 50)]).await.unwrap(), None);
+        assert_eq!(store.consume_once(&[proof("new", 50)]).await.unwrap(), Some(OneTimeKind::Proof));
+        assert_eq!(store.consume_once(&[proof("old", 50)]).await.unwrap(), None);
     }
 }
 
@@ -274,7 +292,7 @@ async fn with_grant_named(store: &dyn Store, id: &str, handle: &str) -> Grant {
 
 fn use_of(grant: &Grant, key: &str, now: i64) -> RequestUse {
     RequestUse {
-        once: vec![(k(key), 1000)],
+        once: vec![proof(key, 1000)],
         grant: Some(grant.id.clone()),
         now,
         ..RequestUse::default()
@@ -387,7 +405,7 @@ both_backends! {
         assert_eq!(store.record_use(use_of(&grant, "p", 10)).await.unwrap(), UseVerdict::Recorded);
         assert_eq!(
             store.record_use(use_of(&grant, "p", 10)).await.unwrap(),
-            UseVerdict::Replayed(0)
+            UseVerdict::Replayed(OneTimeKind::Proof)
         );
         assert_eq!(store.grant(&grant.id).await.unwrap().unwrap().requests_used, 1);
     }
@@ -472,7 +490,7 @@ both_backends! {
         refusal.decision = Some(Outcome::ApprovalRequired);
         refusal.reason = Some("apr_1".into());
         let waiting = |id: &str, key: &str| RequestUse {
-            once: vec![(k(key), 1000)],
+            once: vec![proof(key, 1000)],
             now: 5,
             pending_approval: Some(Box::new(approval_of(&grant, id))),
             audit: Some(refusal.clone()),
@@ -481,7 +499,7 @@ both_backends! {
         assert_eq!(store.record_use(waiting("apr_1", "proof")).await.unwrap(), UseVerdict::Recorded);
         assert_eq!(store.approval("apr_1").await.unwrap().unwrap().status, ApprovalStatus::Pending);
         // The same proof again: refused, and the approval it asks for is not stored.
-        assert_eq!(store.record_use(waiting("apr_2", "proof")).await.unwrap(), UseVerdict::Replayed(0));
+        assert_eq!(store.record_use(waiting("apr_2", "proof")).await.unwrap(), UseVerdict::Replayed(OneTimeKind::Proof));
         assert_eq!(store.approval("apr_2").await.unwrap(), None);
         // Refused for another reason (its grant ended meanwhile): its approval is not stored.
         store.end_grant(&grant.id, GrantEnd::Revoked, None, 6, &ev("grant.ended")).await.unwrap().unwrap();
@@ -672,7 +690,7 @@ both_backends! {
         assert_eq!(store.record_use(first).await.unwrap(), UseVerdict::Recorded);
         let mut replay = use_of(&grant, "a", 10);
         replay.audit = Some(event(2));
-        assert_eq!(store.record_use(replay).await.unwrap(), UseVerdict::Replayed(0));
+        assert_eq!(store.record_use(replay).await.unwrap(), UseVerdict::Replayed(OneTimeKind::Proof));
         // After the user's, agent's and grant's events.
         let lines = store
             .audit_lines(&AuditQuery { since_seq: 3, limit: 10, ..AuditQuery::default() })
@@ -762,8 +780,11 @@ both_backends! {
 /// Token `jti`'s single use of the action (the gateway's key is built alike).
 fn single(jti: &str, spend: bool) -> SingleUse {
     SingleUse {
-        key: leash_core::dpop::replay_key("single_use", jti, "mail:send"),
-        until: 1000,
+        value: OneTimeUse {
+            kind: OneTimeKind::SingleUse,
+            key: leash_core::dpop::replay_key("single_use", jti, "mail:send"),
+            keep_until: 1000,
+        },
         spend,
     }
 }
@@ -822,12 +843,12 @@ both_backends! {
 
         let mut second = single_use_of(&grant, "tok_1", "second", true);
         second.audit = Some(event(1));
-        assert_eq!(store.record_use(second).await.unwrap(), UseVerdict::SingleUseSpent);
+        assert_eq!(store.record_use(second).await.unwrap(), UseVerdict::Replayed(OneTimeKind::SingleUse));
         let checked = single_use_of(&grant, "tok_1", "check", false);
-        assert_eq!(store.record_use(checked).await.unwrap(), UseVerdict::SingleUseSpent);
+        assert_eq!(store.record_use(checked).await.unwrap(), UseVerdict::Replayed(OneTimeKind::SingleUse));
         assert_eq!(requests_used(store.as_ref(), &grant).await, used, "a refused use was counted");
         assert_eq!(
-            store.consume_once(&[(k("second"), 1000)]).await.unwrap(),
+            store.consume_once(&[proof("second", 1000)]).await.unwrap(),
             None,
             "a refused use consumed its proof"
         );
@@ -839,7 +860,7 @@ both_backends! {
         drop(store);
         let store = fx.open().await;
         let after = single_use_of(&grant, "tok_1", "after", true);
-        assert_eq!(store.record_use(after).await.unwrap(), UseVerdict::SingleUseSpent);
+        assert_eq!(store.record_use(after).await.unwrap(), UseVerdict::Replayed(OneTimeKind::SingleUse));
     }
 }
 
@@ -862,7 +883,7 @@ both_backends! {
         }
         let recorded = verdicts.iter().filter(|v| **v == UseVerdict::Recorded).count();
         assert_eq!(recorded, 1, "{verdicts:?}");
-        assert!(verdicts.iter().all(|v| matches!(v, UseVerdict::Recorded | UseVerdict::SingleUseSpent)), "{verdicts:?}");
+        assert!(verdicts.iter().all(|v| matches!(v, UseVerdict::Recorded | UseVerdict::Replayed(OneTimeKind::SingleUse))), "{verdicts:?}");
         assert_eq!(requests_used(store.as_ref(), &grant).await, 1);
     }
 }
@@ -912,7 +933,7 @@ both_backends! {
         let grant = with_grant(store.as_ref(), Some(1)).await;
         let other = with_grant_named(store.as_ref(), "grt_2", "h2").await;
         let exchange = |grant: &Grant, key: &str, now: i64| RequestUse {
-            once: vec![(k(key), 1000)],
+            once: vec![proof(key, 1000)],
             exchanged_grant: Some(grant.id.clone()),
             now,
             audit: Some(event(1)),
@@ -950,8 +971,11 @@ async fn cluster_a_value_or_approval_used_on_one_node_is_refused_on_the_other() 
     let fx = Fixture::postgres().await;
     let (a, b) = (fx.open().await, fx.open().await);
     let grant = with_grant(a.as_ref(), Some(3)).await;
-    assert_eq!(a.consume_once(&[(k("proof"), 100)]).await.unwrap(), None);
-    assert_eq!(b.consume_once(&[(k("proof"), 100)]).await.unwrap(), Some(0));
+    assert_eq!(a.consume_once(&[proof("proof", 100)]).await.unwrap(), None);
+    assert_eq!(
+        b.consume_once(&[proof("proof", 100)]).await.unwrap(),
+        Some(OneTimeKind::Proof)
+    );
     b.record_use(ask(&grant, "apr_1")).await.unwrap();
     a.decide_approval("apr_1", true, "usr_1", 6, &ev("approval.decided"))
         .await
@@ -1252,11 +1276,11 @@ async fn a_large_prune_lets_requests_through_between_its_steps() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db").display().to_string();
     let store: Arc<dyn Store> = Arc::new(crate::SqliteStore::open(&path).await.unwrap());
-    let expired: Vec<(ReplayKey, i64)> = (0..100 * crate::sqlite::PRUNE_STEP)
-        .map(|i| (k(&format!("old {i}")), 5))
+    let expired: Vec<OneTimeUse> = (0..100 * crate::sqlite::PRUNE_STEP)
+        .map(|i| proof(&format!("old {i}"), 5))
         .collect();
     assert_eq!(store.consume_once(&expired).await.unwrap(), None);
-    let kept = (k("kept"), 50);
+    let kept = proof("kept", 50);
     assert_eq!(store.consume_once(&[kept]).await.unwrap(), None);
 
     let reader = rusqlite::Connection::open(&path).unwrap();
@@ -1273,7 +1297,7 @@ async fn a_large_prune_lets_requests_through_between_its_steps() {
     while left() == expired.len() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    assert_eq!(store.consume_once(&[(k("new"), 50)]).await.unwrap(), None);
+    assert_eq!(store.consume_once(&[proof("new", 50)]).await.unwrap(), None);
     assert!(left() > 0, "the request waited for the whole prune");
     let deleted = prune.await.unwrap().unwrap();
     assert_eq!(deleted, expired.len() as u64);
@@ -1284,7 +1308,7 @@ async fn a_large_prune_lets_requests_through_between_its_steps() {
     );
     assert_eq!(
         store.consume_once(&[kept]).await.unwrap(),
-        Some(0),
+        Some(OneTimeKind::Proof),
         "a value kept past the prune's time is still refused"
     );
 }
@@ -1299,7 +1323,7 @@ async fn cluster_a_single_use_or_revocation_on_one_node_holds_at_the_others_comm
     let second = single_use_of(&grant, "tok_1", "p2", true);
     assert_eq!(
         b.record_use(second).await.unwrap(),
-        UseVerdict::SingleUseSpent
+        UseVerdict::Replayed(OneTimeKind::SingleUse)
     );
     // B holds tok_2 as live in memory; A revokes it: B's commit refuses it at once, without
     // waiting for the notification.
