@@ -77,6 +77,35 @@ pub fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// Waits until the wall clock reaches the second `unix`, and a little past it. Leash's times are
+/// whole seconds and what expires at `unix` is refused from that second on, so a test of
+/// expiry waits exactly as long as it must, not a fixed sleep covering the worst case.
+pub async fn wait_until(unix: i64) {
+    let due = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(u64::try_from(unix).unwrap_or(0))
+        + std::time::Duration::from_millis(20);
+    if let Ok(left) = due.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+}
+
+/// The Unix time of an RFC 3339 time as the API writes it (`expires_at` and the like).
+pub fn unix_of(rfc3339: &Value) -> i64 {
+    let text = rfc3339.as_str().expect("an RFC 3339 time");
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .expect("an RFC 3339 time")
+        .unix_timestamp()
+}
+
+/// The `exp` claim of a JWT, read without checking its signature (the test's own token).
+pub fn jwt_exp(token: &str) -> i64 {
+    let payload = token.split('.').nth(1).expect("a JWT has a payload");
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload)
+        .expect("base64url payload");
+    let claims: Value = serde_json::from_slice(&bytes).expect("JSON claims");
+    claims["exp"].as_i64().expect("exp")
+}
+
 /// Selects the integration tests' backend: `postgres`, or SQLite when unset.
 pub const ENV_TEST_BACKEND: &str = "LEASH_TEST_BACKEND";
 /// The PostgreSQL server the tests create their databases on.

@@ -267,7 +267,13 @@ async fn denied_and_expired_approvals_are_never_forwarded() {
         200
     );
     let late = ask(&gw, "c").await;
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    // The later of the two expires last.
+    let path = format!("/v1/approvals/{late}");
+    let (_, view) = gw
+        .leash
+        .call(Method::GET, &path, &gw.s.user_key, None)
+        .await;
+    leash_testkit::wait_until(leash_testkit::unix_of(&view["expires_at"])).await;
     let (status, answer) = agent_send(&gw, Method::POST, SEND, "b", Some(&approved)).await;
     assert_eq!(
         (status, answer["error"].as_str()),

@@ -291,7 +291,9 @@ async fn expired_grant_is_invalid_grant() {
         "agent": AGENT, "purpose": "brief", "upstreams": ["mail"], "actions": ["mail:read"], "ttl_seconds": 1,
     }))
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let path = format!("/v1/grants/{}", s.grant_id());
+    let (_, grant) = leash.call(Method::GET, &path, &s.user_key, None).await;
+    leash_testkit::wait_until(leash_testkit::unix_of(&grant["expires_at"])).await;
     expect_error(&s, &leash, &s.exchange_form(&leash), 400, "invalid_grant").await;
     assert_eq!(s.grant_status(&leash).await, "expired");
 }

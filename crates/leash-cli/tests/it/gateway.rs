@@ -456,7 +456,7 @@ async fn expired_token_is_refused() {
         grant(&["mail:read"], &["mail"], json!({})),
     )
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    leash_testkit::wait_until(leash_testkit::jwt_exp(&gw.token)).await;
     gw.refused(Method::GET, "/gw/mail/messages/1", 401, "invalid_token")
         .await;
 }
@@ -551,8 +551,11 @@ async fn policy_deny_names_the_policy_and_sighup_reloads_without_restart() {
     // A broken file keeps the old set.
     std::fs::write(dir.path().join("broken.cedar"), "permit(principal").unwrap();
     gw.leash.hangup().await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(gw.leash.logs().contains("policy reload failed"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !gw.leash.logs().contains("policy reload failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", gw.leash.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     gw.refused(Method::GET, "/gw/mail/messages/7", 403, "policy_denied")
         .await;
     assert_eq!(
@@ -891,11 +894,18 @@ async fn an_upstream_reflecting_the_injected_credential_never_hands_it_to_the_ag
     let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
     assert_eq!((status, body["ok"].as_bool()), (200, Some(true)), "{body}");
 
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let (_, events) = super::audit::audit(&gw.leash, leash_testkit::ADMIN_KEY, "").await;
-    let reflected = events
-        .iter()
-        .filter(|e| e["reason"] == "credential_reflected")
-        .count();
-    assert_eq!(reflected, 4, "{events:?}");
+    // The guard's events are appended once each answer has been cut off: wait for them.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, events) = super::audit::audit(&gw.leash, leash_testkit::ADMIN_KEY, "").await;
+        let reflected = events
+            .iter()
+            .filter(|e| e["reason"] == "credential_reflected")
+            .count();
+        if reflected >= 4 || std::time::Instant::now() > deadline {
+            assert_eq!(reflected, 4, "{events:?}");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
