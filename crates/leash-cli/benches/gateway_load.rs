@@ -153,13 +153,9 @@ fn summarise(
 /// Opens `CONCURRENCY` connections to `target` and sends 256 requests over them, right before
 /// a measured run, so that the run starts with the client's pool (and a proxy's pool to the
 /// upstream) as full as the run keeps it. Leash closes connections idle for its
-/// `header_read_timeout` (10 s), and the runs of the other paths take longer than that: without
-/// a warm-up the Leash runs began by reopening the client's pooled connections under full load,
-/// which put 15–30 ms on their first ~150 requests (the likely source of runs whose p99 was
-/// 70–200 ms). Warming one request at a time left a single connection open: the open-loop run
-/// then opened the dozen it needs in its first few hundred milliseconds, and in two runs timed
-/// inside the server (throwaway instrumentation) 200–270 of those requests took over 2 ms there,
-/// 1–2 % of the run, which is its p99. Connecting is not the gateway's steady state.
+/// `header_read_timeout` (10 s), and the runs of the other paths take longer than that; a run
+/// that began by opening its connections under full load would measure connecting, which is
+/// not the gateway's steady state (the first few hundred requests of such a run are its p99).
 async fn warm(target: &Target, client: &reqwest::Client) {
     let tasks: Vec<_> = (0..CONCURRENCY)
         .map(|_| {
@@ -218,9 +214,8 @@ async fn peak(target: &Target, client: &reqwest::Client) -> Run {
 /// `CONCURRENCY` requests are in flight, over the connections the warm-up opened, as wrk2 does
 /// with its fixed connections; a request due while all are busy waits for one, and that wait
 /// counts in its latency. Without the cap, every request due during a pause of a few
-/// milliseconds opened a connection of its own: `nstat` showed 2,500–4,100 connects in the runs
-/// whose p99 was 200–660 ms (700–840 in the runs without), up to 1,150 connections open to
-/// Leash at once: the proxy paid for each connect, which turned a pause into a storm.
+/// milliseconds would open a connection of its own, and the proxy paying for each connect
+/// turns a pause into a storm of them.
 async fn at_rate(target: &Target, client: &reqwest::Client, rate: f64) -> Run {
     at_rate_for(target, client, rate, SECONDS).await
 }

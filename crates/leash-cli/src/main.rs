@@ -209,7 +209,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Per-thread caches: requests allocate on one worker and often free on another (or on the
-/// store's writer thread), where glibc's arenas contend; see BENCHMARKS.md, "Gateway load".
+/// store's writer thread), where glibc's allocator takes the other arena's lock.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
