@@ -279,7 +279,8 @@ impl Draft {
     }
 }
 
-/// RFC 3339 UTC with second precision.
+/// RFC 3339 UTC with second precision: how every time appears in audit events and API answers.
+/// A time RFC 3339 cannot write (outside the years 0–9999) renders as the epoch.
 pub fn rfc3339(now: crate::UnixTime) -> String {
     time::OffsetDateTime::from_unix_timestamp(now)
         .ok()

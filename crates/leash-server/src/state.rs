@@ -385,14 +385,3 @@ pub fn all_actions(config: &Config) -> BTreeSet<String> {
 pub fn load_policy(config: &Config) -> Result<PolicyEngine, PolicyError> {
     PolicyEngine::load(&all_actions(config), config.policy_dir.as_deref())
 }
-
-/// RFC 3339 UTC rendering of a Unix time.
-pub fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
