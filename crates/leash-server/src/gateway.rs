@@ -10,11 +10,11 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
-use leash_core::audit::{Mode as AuditMode, Outcome};
+use leash_core::audit::{Mode, Outcome};
 use leash_core::dpop::replay_key;
 use leash_core::route::safe_segments;
 use leash_core::secret::random_id;
-use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
+use leash_policy::{Decision, Facts, high_risk_by_name};
 use leash_store::{Approval, ApprovalStatus, OneTimeKind, OneTimeUse, RequestUse, SingleUse};
 use tower_http::timeout::TimeoutBody;
 
@@ -665,17 +665,14 @@ pub async fn decide<'s>(
             token: None,
         },
         ResourceCaller::Key(Caller::Admin) => {
-            trail.known.mode = AuditMode::System;
+            trail.known.mode = Mode::System;
             trail.known.actor = Some("admin".into());
             return Err(ApiError::Forbidden(
                 "the admin key does not act on upstreams".into(),
             ));
         }
     };
-    trail.known.mode = match principal.mode {
-        Mode::Delegated => AuditMode::Delegated,
-        Mode::Direct => AuditMode::Direct,
-    };
+    trail.known.mode = principal.mode;
     trail.known.subject = Some(principal.subject.clone());
     trail.known.actor = Some(principal.actor.clone());
     if let Some(grant) = &principal.grant {
