@@ -8,6 +8,7 @@ pub mod authorize;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod gateway;
 pub mod limits;
 pub mod meta;

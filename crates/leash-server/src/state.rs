@@ -19,6 +19,7 @@ use leash_store::Store;
 
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
+use crate::files::IfExists;
 
 /// Counters exported at `/metrics`.
 #[derive(Debug, Default)]
@@ -121,7 +122,7 @@ pub fn load_master_key(env_value: Option<String>, data_dir: &Path) -> anyhow::Re
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = MasterKey::generate();
-            write_private_file(&path, key.to_base64().as_bytes())?;
+            crate::files::write_private(&path, key.to_base64().as_bytes(), IfExists::Fail)?;
             Ok(key)
         }
         Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
@@ -154,21 +155,6 @@ pub async fn stored_signing_key(
         Some(sealed) => open_signing_key(master, &sealed).map(Some),
         None => Ok(None),
     }
-}
-
-/// Writes a new file readable by its owner only; fails if it exists.
-pub fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    Ok(())
 }
 
 impl AppState {
