@@ -522,7 +522,7 @@ async fn local_key(
     };
     let master = leash_core::aead::MasterKey::from_base64(&encoded)
         .map_err(|e| anyhow!("master key: {e}"))?;
-    leash_server::state::stored_signing_key(store, &master).await
+    leash_server::bootstrap::stored_signing_key(store, &master).await
 }
 
 /// `leash review`: granted against used, per grant, and standing access per agent.

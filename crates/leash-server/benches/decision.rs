@@ -76,7 +76,7 @@ fn setup() -> Setup {
     let t = now();
     let (state, token) = runtime.block_on(async {
         let store = leash_store::open(&db).await.expect("store");
-        let state = AppState::bootstrap(
+        let state = leash_server::bootstrap::prepare(
             config,
             ISSUER.into(),
             store.clone(),

@@ -5,6 +5,7 @@ pub mod api;
 pub mod approvals;
 pub mod audit;
 pub mod authorize;
+pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod extract;
@@ -129,7 +130,7 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
-    let master = state::load_master_key(secrets.master_key, &config.data_dir)?;
+    let master = bootstrap::load_master_key(secrets.master_key, &config.data_dir)?;
     let store = leash_store::open(&config.database).await.map_err(|e| {
         let url = leash_store::display_url(&config.database);
         anyhow::anyhow!("cannot open database {url}: {e}")
@@ -141,7 +142,7 @@ pub async fn run(
         .issuer
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
-    let boot = AppState::bootstrap(
+    let boot = bootstrap::prepare(
         config,
         issuer.clone(),
         store.clone(),
