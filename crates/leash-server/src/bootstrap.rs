@@ -179,7 +179,7 @@ pub async fn prepare(
         metrics: Metrics::default(),
         master,
         policy: std::sync::RwLock::new(Arc::new(policy)),
-        upstream_client: crate::gateway::upstream_client(),
+        upstream_client: crate::upstream_client::build(),
         verified_tokens: quick_cache::sync::Cache::new(VERIFIED_TOKEN_CAPACITY),
         notifier,
         token_rates,

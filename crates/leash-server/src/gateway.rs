@@ -1039,27 +1039,3 @@ fn record_reflection(state: Arc<AppState>, event: leash_core::audit::AuditEvent)
         }
     });
 }
-
-/// The gateway's client to upstreams. The request and response bodies are handed to hyper as
-/// they are, with their sizes, without stream adapters in between: a bodiless request is sent
-/// without a body and a length stays a length. No redirects are followed and no proxy from the
-/// environment is used: the upstream's address comes only from configuration.
-pub type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Body,
->;
-
-/// Builds [`UpstreamClient`]: HTTP/1.1 over plain TCP or TLS (Mozilla's roots), `TCP_NODELAY`
-/// so a small request is not held back waiting for an acknowledgement.
-pub fn upstream_client() -> UpstreamClient {
-    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(connector)
-}

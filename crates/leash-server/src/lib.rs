@@ -20,6 +20,7 @@ pub mod overrides;
 pub mod reflection;
 pub mod review;
 pub mod state;
+pub mod upstream_client;
 pub mod vault;
 
 use std::sync::Arc;

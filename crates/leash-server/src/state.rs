@@ -67,7 +67,7 @@ pub struct AppState {
     /// The policy set in force; replaced whole on reload.
     pub policy: std::sync::RwLock<Arc<PolicyEngine>>,
     /// The client that forwards gateway requests.
-    pub upstream_client: crate::gateway::UpstreamClient,
+    pub upstream_client: crate::upstream_client::UpstreamClient,
     /// Claims of access tokens whose signature checked out, by SHA-256 of the token: the
     /// gateway verifies a token's signature once, not on every request. Liveness (grant,
     /// revocation) and the proof are still checked every time.
