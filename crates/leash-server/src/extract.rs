@@ -35,7 +35,7 @@ pub fn body_error(error: &(dyn std::error::Error + 'static), limit: usize) -> Ap
     use crate::error::caused_by;
     if caused_by::<http_body_util::LengthLimitError>(error) {
         ApiError::TooLarge(limit)
-    } else if caused_by::<crate::limits::BodyStalled>(error) {
+    } else if caused_by::<crate::listener::BodyStalled>(error) {
         ApiError::RequestTimeout
     } else {
         ApiError::InvalidRequest(

@@ -296,7 +296,7 @@ fn client_body_failure(
 ) -> Option<ApiError> {
     let the_body = caused_by::<ClientBodyError>(error)
         || caused_by::<http_body_util::LengthLimitError>(error)
-        || caused_by::<crate::limits::BodyStalled>(error);
+        || caused_by::<crate::listener::BodyStalled>(error);
     the_body.then(|| crate::extract::body_error(error, limit))
 }
 

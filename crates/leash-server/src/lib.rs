@@ -12,6 +12,7 @@ pub mod extract;
 pub mod files;
 pub mod gateway;
 pub mod limits;
+pub mod listener;
 pub mod meta;
 pub mod notify;
 pub mod oauth;
@@ -94,8 +95,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            limits::check_head,
+            Arc::new(state.config.limits.clone()),
+            listener::check_head,
         ))
         .with_state(state)
 }
@@ -136,7 +137,7 @@ pub async fn run(
         let url = leash_store::display_url(&config.database);
         anyhow::anyhow!("cannot open database {url}: {e}")
     })?;
-    let listener = limits::listen(config.listen)
+    let listener = listener::listen(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let issuer = config
@@ -190,7 +191,7 @@ pub async fn run(
     });
     let limits = boot.state.config.limits.clone();
     let state = boot.state.clone();
-    limits::serve(listener, router(boot.state), &limits, shutdown).await;
+    listener::serve(listener, router(boot.state), &limits, shutdown).await;
     pruner.abort();
     // What the minute had counted so far is not lost with the process.
     audit::record_refusal_summary(&state).await;
