@@ -166,8 +166,8 @@ pub(crate) fn attribute_refused_token(state: &AppState, headers: &HeaderMap, tra
     let Ok(Some((_, token))) = crate::extract::authorization(headers) else {
         return;
     };
-    let token = crate::state::PresentedToken::new(token);
-    if let Ok(claims) = state.verified_token(&token, state.clock.now()) {
+    let token = crate::extract::PresentedToken::new(token);
+    if let Ok(claims) = crate::extract::verified_token(state, &token, state.clock.now()) {
         trail.known.subject = Some(claims.sub.clone());
         trail.known.actor = Some(claims.client_id.clone());
         trail.known.grant_id = Some(claims.grant_id.clone());
