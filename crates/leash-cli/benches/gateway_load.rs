@@ -358,7 +358,7 @@ fn floor_target(url: &str, token: &str, proofs: &Arc<Vec<String>>) -> Target {
 }
 
 /// What any gateway built like Leash pays before its own checks: Leash's HTTP stack (axum
-/// serving the agent, `leash_server::gateway::upstream_client` forwarding, the same 2-worker
+/// serving the agent, `leash_server::upstream_client` forwarding, the same 2-worker
 /// runtime, mimalloc) relaying to the upstream with no checks, and with `key`, also the one
 /// check the issue forbids skipping: the proof's Ed25519 signature, verified strictly against a
 /// decoded key (nothing else of the proof is looked at). Runs on its own runtime, as the
@@ -371,7 +371,7 @@ fn floor_proxy(upstream: &str, key: Option<PublicJwk>) -> String {
     struct Floor {
         upstream: String,
         key: Option<PublicJwk>,
-        client: leash_server::gateway::UpstreamClient,
+        client: leash_server::upstream_client::UpstreamClient,
     }
     async fn relay(State(floor): State<Arc<Floor>>, request: Request) -> Response {
         if let Some(key) = &floor.key {
@@ -405,7 +405,7 @@ fn floor_proxy(upstream: &str, key: Option<PublicJwk>) -> String {
     let floor = Arc::new(Floor {
         upstream: upstream.to_owned(),
         key,
-        client: leash_server::gateway::upstream_client(),
+        client: leash_server::upstream_client::build(),
     });
     leash_testkit::serve_apart(axum::Router::new().fallback(relay).with_state(floor))
 }

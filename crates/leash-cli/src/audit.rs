@@ -221,7 +221,7 @@ fn event_row(e: &AuditEvent) -> String {
         e.seq,
         e.ts,
         e.kind,
-        mode(e.mode),
+        e.mode.as_str(),
         decision,
         e.subject.as_deref().unwrap_or("-"),
         e.actor.as_deref().unwrap_or("-"),
@@ -233,14 +233,6 @@ pub(crate) fn outcome(o: leash_core::audit::Outcome) -> &'static str {
         leash_core::audit::Outcome::Allow => "allow",
         leash_core::audit::Outcome::Deny => "deny",
         leash_core::audit::Outcome::ApprovalRequired => "approval_required",
-    }
-}
-
-pub(crate) fn mode(m: leash_core::audit::Mode) -> &'static str {
-    match m {
-        leash_core::audit::Mode::Delegated => "delegated",
-        leash_core::audit::Mode::Direct => "direct",
-        leash_core::audit::Mode::System => "system",
     }
 }
 
@@ -368,7 +360,7 @@ fn ocsf(e: &AuditEvent) -> Value {
             "url": {"path": e.path},
         })),
         "unmapped": {
-            "mode": mode(e.mode),
+            "mode": e.mode.as_str(),
             "action": e.action,
             "purpose": e.purpose,
             "policies": e.policies,
@@ -530,7 +522,7 @@ async fn local_key(
     };
     let master = leash_core::aead::MasterKey::from_base64(&encoded)
         .map_err(|e| anyhow!("master key: {e}"))?;
-    leash_server::state::stored_signing_key(store, &master).await
+    leash_server::bootstrap::stored_signing_key(store, &master).await
 }
 
 /// `leash review`: granted against used, per grant, and standing access per agent.

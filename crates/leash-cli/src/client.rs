@@ -6,6 +6,7 @@ use anyhow::{Context as _, anyhow, bail};
 use clap::Subcommand;
 use leash_core::client::AgentKey;
 use leash_core::jws::Alg;
+use leash_server::files::IfExists;
 use serde_json::{Value, json};
 
 use crate::Remote;
@@ -369,19 +370,10 @@ fn print(value: &Value) {
     );
 }
 
-fn write_private(path: &Path, value: &Value) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    #[cfg(unix)]
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    file.write_all(serde_json::to_string_pretty(value)?.as_bytes())?;
-    Ok(())
+/// Writes `value` as pretty JSON to a file only its owner may read.
+fn write_private(path: &Path, value: &Value, if_exists: IfExists) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    leash_server::files::write_private(path, text.as_bytes(), if_exists)
 }
 
 fn read_json(path: &Path) -> anyhow::Result<Value> {
@@ -491,7 +483,7 @@ pub async fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
                 bail!("{} exists; refusing to overwrite a key", out.display());
             }
             let key = AgentKey::generate(alg);
-            write_private(&out, &key.to_private_jwk())?;
+            write_private(&out, &key.to_private_jwk(), IfExists::Fail)?;
             println!(
                 "wrote {} (private, mode 0600); public key thumbprint {}",
                 out.display(),
@@ -527,7 +519,7 @@ pub async fn agent(cmd: AgentCommand) -> anyhow::Result<()> {
         } => {
             let session =
                 exchange(&remote, &id, &read_key(&key)?, &handle, scope.as_deref()).await?;
-            write_private(&out, &session)?;
+            write_private(&out, &session, IfExists::Replace)?;
             println!(
                 "token saved to {} (scope: {}, expires in {} s)",
                 out.display(),

@@ -924,7 +924,7 @@ impl Story<'_> {
             row([
                 &e.seq.to_string(),
                 &e.kind,
-                crate::audit::mode(e.mode),
+                e.mode.as_str(),
                 &who(e.subject.as_deref()),
                 &who(e.actor.as_deref()),
                 &action,

@@ -16,7 +16,9 @@ use crate::token::SigningKey;
 /// `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Who acted: an agent under a grant, a human with their own key, or the server/admin.
+/// Who acted: an agent under a grant, a human with their own key, or the server/admin. The one
+/// mode of Leash: the audit log records it and policy (`leash_policy::Facts`) reads it, both
+/// under the names of [`Mode::as_str`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -26,6 +28,17 @@ pub enum Mode {
     Direct,
     /// The server or an admin.
     System,
+}
+
+impl Mode {
+    /// The mode's name: `delegated`, `direct` or `system` (API §8).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Delegated => "delegated",
+            Self::Direct => "direct",
+            Self::System => "system",
+        }
+    }
 }
 
 /// The outcome recorded for a decision event.
@@ -279,7 +292,8 @@ impl Draft {
     }
 }
 
-/// RFC 3339 UTC with second precision.
+/// RFC 3339 UTC with second precision: how every time appears in audit events and API answers.
+/// A time RFC 3339 cannot write (outside the years 0–9999) renders as the epoch.
 pub fn rfc3339(now: crate::UnixTime) -> String {
     time::OffsetDateTime::from_unix_timestamp(now)
         .ok()

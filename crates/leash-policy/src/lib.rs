@@ -60,14 +60,10 @@ pub enum PolicyError {
     Schema(String),
 }
 
-/// Who makes the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// An agent acting for a human under a grant.
-    Delegated,
-    /// The human with their own key.
-    Direct,
-}
+/// Who makes the request: [`Mode::Delegated`] (an agent; the principal is a `Leash::Agent`) or
+/// [`Mode::Direct`] (the human; a `Leash::Human`). The audit log records the same value; no
+/// request to an upstream is made in [`Mode::System`], which policy denies.
+pub use leash_core::audit::Mode;
 
 /// Everything policy may look at, built natively per request.
 #[derive(Debug, Clone)]
@@ -413,6 +409,7 @@ impl PolicyEngine {
         let principal_type = match facts.mode {
             Mode::Delegated => self.agent_type.clone(),
             Mode::Direct => self.human_type.clone(),
+            Mode::System => return Err("the system makes no requests to upstreams".into()),
         };
         let uid = |t: &EntityTypeName, id: &str| {
             EntityUid::from_type_name_and_id(t.clone(), EntityId::new(id))
@@ -502,10 +499,7 @@ fn context_value(attr: Attr, facts: &Facts<'_>) -> RestrictedExpression {
     let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
     let app_verb = || facts.action.split_once(':').unwrap_or((facts.action, ""));
     match attr {
-        Attr::Mode => string(match facts.mode {
-            Mode::Delegated => "delegated",
-            Mode::Direct => "direct",
-        }),
+        Attr::Mode => string(facts.mode.as_str()),
         Attr::Human => string(facts.human),
         Attr::Action => string(facts.action),
         Attr::App => string(app_verb().0),

@@ -160,6 +160,14 @@ fn defaults_allow_and_require_approval_for_high_risk() {
 }
 
 #[test]
+fn the_system_mode_is_denied_whatever_the_policies() {
+    let engine = PolicyEngine::from_sources(&actions(), &[]).unwrap();
+    let mut system = facts("mail:read", MONDAY_10);
+    system.mode = Mode::System;
+    assert!(matches!(engine.authorize(&system), Decision::Deny { .. }));
+}
+
+#[test]
 fn business_hours_for_exports_decides_with_the_given_clock() {
     let policy = r#"
 @id("exports-in-business-hours")

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use leash_core::audit::{Mode, rfc3339};
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jwk::parse_jwks;
 use leash_core::secret::{API_KEY_PREFIX, HANDLE_PREFIX, Secret, random_id};
@@ -22,8 +23,7 @@ use crate::extract::{
     status_filter,
 };
 use crate::openapi::ApiErrors;
-use crate::state::{AppState, rfc3339};
-use leash_core::audit::Mode;
+use crate::state::AppState;
 
 /// A human as the API shows them.
 #[derive(Debug, Serialize, ToSchema)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, Uri};
-use leash_core::audit::{AuditEvent, Outcome};
+use leash_core::audit::{AuditEvent, Outcome, rfc3339};
 use leash_store::{Approval, ApprovalStatus, RequestUse};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -18,7 +18,7 @@ use crate::extract::{
     commit_use, status_filter,
 };
 use crate::openapi::ApiErrors;
-use crate::state::{AppState, rfc3339};
+use crate::state::AppState;
 
 /// The wire form of an approval: what exactly will happen if it is approved.
 #[derive(Debug, Serialize, ToSchema)]

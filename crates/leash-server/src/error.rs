@@ -18,7 +18,7 @@ pub enum ApiError {
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
     /// 408 `invalid_request`: the client stopped sending the request body, or took longer than
-    /// allowed for all of it (see [`crate::limits::StallTimed`]); the connection is closed.
+    /// allowed for all of it (see `listener::StallTimed`); the connection is closed.
     #[error(
         "the request body did not arrive in time: it stalled for longer than header_read_timeout, or took longer than body_read_timeout in all"
     )]
@@ -118,7 +118,7 @@ pub enum ApiError {
     #[error("{0}")]
     BadGateway(String),
     /// 502 `credential_reflected`: the upstream's answer carried the credential Leash injected
-    /// (see [`crate::reflection`]); the agent gets nothing of it.
+    /// (see the `reflection` module); the agent gets nothing of it.
     #[error(
         "the upstream's answer carried the credential Leash injected for it; nothing of it was passed on"
     )]

@@ -1,96 +1,44 @@
 //! The gateway (API §6): `ANY /gw/{upstream}/{path…}`. Every request runs the steps in order and
 //! fails closed at the first failure; only then is it forwarded, with the agent's credentials
 //! removed and the human's vaulted credential injected. Bodies stream in both directions.
+//!
+//! The file follows a request top to bottom, as it happens: [`handle`] and its driver; the
+//! request target, checked before anything else; [`decide`], steps 1–6 in memory, one function
+//! per step (`authenticate` for steps 1–3, `route_and_scope` for step 4, `attached_approval`
+//! and `evaluate_policy` for step 5, `approval_step` for step 6); the body, read whole where an
+//! approval binds it or a form must be checked ([`Decided::bind_body`]); step 7,
+//! [`Decided::commit`]; step 8, `forward`; and last, how a refusal at any step is answered and
+//! audited (`refuse`). `/v1/authorize` runs the same `decide`, `bind_body` and `commit`.
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
-use leash_core::audit::{Mode as AuditMode, Outcome};
+use leash_core::audit::{Mode, Outcome};
 use leash_core::dpop::replay_key;
+use leash_core::grant::Grant;
 use leash_core::route::safe_segments;
 use leash_core::secret::random_id;
-use leash_policy::{Decision, Facts, Mode, high_risk_by_name};
+use leash_core::token::AccessClaims;
+use leash_policy::{Decision, Facts, high_risk_by_name};
 use leash_store::{Approval, ApprovalStatus, OneTimeKind, OneTimeUse, RequestUse, SingleUse};
 use tower_http::timeout::TimeoutBody;
 
 use crate::audit::Trail;
-use crate::config::{Risk, Upstream};
+use crate::config::{Risk, Route, Upstream};
 use crate::error::{ApiError, ApiResult, caused_by};
 use crate::extract::{Caller, ResourceCaller, authenticate_resource, verdict_result};
 use crate::overrides::{FormBody, form_body, refuse_method_field, refuse_method_parameter};
 use crate::reflection::{GuardedBody, Secrets};
 use crate::state::AppState;
 
-/// Who the request is for and by whom.
-struct Principal {
-    mode: Mode,
-    /// The agent proof's one-time value, claimed when the request is committed.
-    proof_once: Option<OneTimeUse>,
-    /// The agent (delegated) or the human (direct).
-    actor: String,
-    /// The human.
-    subject: String,
-    grant: Option<leash_core::grant::Grant>,
-    /// The agent's token (delegated).
-    token: Option<Arc<leash_core::token::AccessClaims>>,
-}
-
-/// Headers of the caller that never reach an upstream, besides those `Connection` lists: the
-/// one list of them, with [`crate::overrides::is_override_header`].
-fn is_stripped_request_header(name: &HeaderName) -> bool {
-    let n = name.as_str();
-    matches!(
-        n,
-        "authorization"
-            | "dpop"
-            | "cookie"
-            | "host"
-            | "forwarded"
-            | "proxy-authorization"
-            | "proxy-connection"
-            | "connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    ) || n.starts_with("leash-")
-        || n.starts_with("x-forwarded-")
-        || crate::overrides::is_override_header(name)
-}
-
-fn is_stripped_response_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        crate::error::LEASH_DECISION
-            | "set-cookie"
-            | "set-cookie2"
-            | "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
-/// Names listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
+/// The audit kind of the gateway's decisions.
+const GATEWAY_EVENT: &str = "gateway.request";
 
 /// `ANY /gw/{upstream}/{path…}`.
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -103,78 +51,8 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Res
     }
 }
 
-/// The source address a request's refusal counts against (`[limits] unauthenticated_rate`).
-pub(crate) fn source_of(state: &AppState, request: &Request) -> Option<std::net::IpAddr> {
-    crate::limits::source_address(
-        request.extensions().get(),
-        request.headers(),
-        &state.config.trusted_proxies,
-    )
-}
-
-/// Answers a refused gateway or authorize request and audits it — unless nobody could be
-/// identified for it and its source is over `[limits] unauthenticated_rate`: then it is
-/// answered 429 and counted in the minutely summary instead (API §6), so garbage cannot flood
-/// the audit log. A refusal naming a caller (even a dead token's) is always audited.
-pub(crate) async fn refuse(
-    state: &AppState,
-    trail: &Trail,
-    kind: &str,
-    request_id: &str,
-    source: Option<std::net::IpAddr>,
-    error: ApiError,
-) -> Response {
-    let identified = trail.known.actor.is_some() || trail.known.subject.is_some();
-    if !trail.recorded && !identified && !state.unauthenticated.admit(source) {
-        tracing::debug!(request_id = %request_id, error = %error, "unidentified refusal over the rate");
-        return ApiError::RateLimited {
-            retry_after_secs: 1,
-        }
-        .into_response();
-    }
-    tracing::info!(request_id = %request_id, error = %error, "{kind} refused");
-    audit_refusal(state, trail, kind, request_id, &error).await;
-    error.into_response()
-}
-
-/// How long a token's single use of an action is remembered after the token expired.
-const SINGLE_USE_KEPT_PAST_EXPIRY: i64 = 60;
-
-/// Audit kinds of the two decision points.
-const GATEWAY_EVENT: &str = "gateway.request";
-
-/// Records a refused request, unless its commit recorded it already.
-async fn audit_refusal(
-    state: &AppState,
-    trail: &Trail,
-    kind: &str,
-    request_id: &str,
-    error: &ApiError,
-) {
-    if !trail.recorded {
-        let event = trail.event(kind, state.clock.now(), request_id, Outcome::Deny, None);
-        crate::audit::record_refusal(state, event, error).await;
-    }
-}
-
-/// A request refused at steps 2–3 (dead grant, bad or missing proof, Bearer downgrade) still
-/// carried a token Leash signed: its claims are authentic, so the refusal is recorded against
-/// the human, agent and grant the token names — who held a stolen token, or kept calling after
-/// the task ended, is what an investigator asks first. Only a token whose signature and expiry
-/// check out is used; verification is the cached in-memory one.
-pub(crate) fn attribute_refused_token(state: &AppState, headers: &HeaderMap, trail: &mut Trail) {
-    let Ok(Some((_, token))) = crate::extract::authorization(headers) else {
-        return;
-    };
-    let token = crate::state::PresentedToken::new(token);
-    if let Ok(claims) = state.verified_token(&token, state.clock.now()) {
-        trail.known.subject = Some(claims.sub.clone());
-        trail.known.actor = Some(claims.client_id.clone());
-        trail.known.grant_id = Some(claims.grant_id.clone());
-        trail.known.purpose = Some(claims.purpose.clone());
-    }
-}
-
+/// A request's way through the gateway, step by step; `trail` gathers what is known for its
+/// audit event as the steps pass.
 async fn gateway(
     state: &Arc<AppState>,
     request: Request,
@@ -186,45 +64,11 @@ async fn gateway(
         trail.known.method = Some(parts.method.as_str().to_owned());
         parts.uri = http2_target(&parts.uri, &parts.headers)?;
     }
+    // Steps 1–6, in memory.
     let decided = decide(state, &parts.method, &parts.uri, &parts.headers, trail).await?;
-    let body_limit = state.config.limits.gateway_body_bytes;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > body_limit as u64) {
-        return Err(ApiError::TooLarge(body_limit));
-    }
-    // A form body may name another method (`_method`): read whole (within the limit) to check,
-    // before anything is committed or forwarded. Other bodies stream.
-    let form = if body.is_end_stream() {
-        FormBody::Other
-    } else {
-        form_body(&parts.method, &parts.headers)?
-    };
-    // The agent's body, its errors told apart from the upstream's when sending fails.
-    let body = Body::new(body.map_err(ClientBodyError));
-    let body = match decided.approval {
-        ApprovalState::NotNeeded if form == FormBody::Other => {
-            // A body without a length is cut off at the limit while it streams.
-            Body::new(http_body_util::Limited::new(body, body_limit))
-        }
-        ApprovalState::NotNeeded => {
-            let bytes = axum::body::to_bytes(body, body_limit)
-                .await
-                .map_err(|e| crate::extract::body_error(&e, body_limit))?;
-            refuse_method_field(form, &bytes)?;
-            Body::from(bytes)
-        }
-        ApprovalState::Needed { .. } | ApprovalState::Attached(_) => {
-            let query = parts.uri.query();
-            let bytes = decided
-                .bind_body(state, body, form, query, trail, GATEWAY_EVENT, request_id)
-                .await?;
-            Body::from(bytes)
-        }
-    };
+    // Between steps 6 and 7: the body, read whole where it must be checked or bound.
+    let body = request_body(state, &decided, &parts, body, trail, request_id).await?;
+    // Step 7: the request's use and its audit event, durably.
     decided
         .commit(state, trail, GATEWAY_EVENT, request_id)
         .await?;
@@ -263,42 +107,7 @@ async fn gateway(
     }
 }
 
-/// The audit reason of an answer refused or cut off because it carried the credential Leash
-/// injected ([`crate::reflection`]).
-pub const CREDENTIAL_REFLECTED: &str = "credential_reflected";
-
-/// What [`forward`] sends of the agent's request.
-struct Forwarded<'r> {
-    query: Option<&'r str>,
-    method: &'r Method,
-    headers: &'r HeaderMap,
-    body: Body,
-    /// The request's trail, for the event recorded if the answer carries the injected
-    /// credential.
-    trail: &'r Trail,
-}
-
-/// The audit reason of a request whose body failed (malformed, over the limit, stalled) after
-/// it was committed and while it streamed to the upstream.
-pub const REQUEST_CUT_OFF: &str = "request_cut_off";
-
-/// An error of the agent's request body (bad chunking, a connection that closed midway, a
-/// stall): the client's, never the upstream's.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body could not be read: {0}")]
-struct ClientBodyError(#[source] axum::Error);
-
-/// The answer to a request whose body failed while it was sent upstream (`error` or one of its
-/// causes), if it did ([`crate::extract::body_error`]); `None`: the upstream failed.
-fn client_body_failure(
-    error: &(dyn std::error::Error + 'static),
-    limit: usize,
-) -> Option<ApiError> {
-    let the_body = caused_by::<ClientBodyError>(error)
-        || caused_by::<http_body_util::LengthLimitError>(error)
-        || caused_by::<crate::limits::BodyStalled>(error);
-    the_body.then(|| crate::extract::body_error(error, limit))
-}
+// ---- Before step 1: the request target ----------------------------------------------------------
 
 /// The request target of an HTTP/2 request, as HTTP/1.1 sends it: `:scheme` and `:authority`
 /// make hyper's URI absolute, but they decide nothing here (the upstream comes from
@@ -306,7 +115,7 @@ fn client_body_failure(
 /// are kept. A request RFC 9113 §8.3.1 and §8.2.1 call malformed, and h2 lets through, is
 /// refused: userinfo in `:authority`, a `Host` naming another authority, a field value with
 /// leading or trailing whitespace.
-fn http2_target(uri: &axum::http::Uri, headers: &HeaderMap) -> ApiResult<axum::http::Uri> {
+fn http2_target(uri: &Uri, headers: &HeaderMap) -> ApiResult<Uri> {
     let malformed =
         |what: &str| ApiError::InvalidRequest(format!("malformed HTTP/2 request: {what}"));
     if let Some(authority) = uri.authority() {
@@ -338,6 +147,438 @@ fn http2_target(uri: &axum::http::Uri, headers: &HeaderMap) -> ApiResult<axum::h
         .map_err(|_| malformed("the :path is not a request target"))
 }
 
+/// A gateway request's method and target, which passed the checks made before anyone is
+/// authenticated.
+struct Target<'r> {
+    method: &'r Method,
+    /// The upstream's name, as the request spells it (`/gw/{upstream}/…`).
+    upstream: &'r str,
+    /// The path after the upstream's name, `/` at least.
+    path: &'r str,
+    /// The path's segments, each checked safe (`route::safe_segments`).
+    segments: Vec<&'r str>,
+    query: Option<&'r str>,
+}
+
+/// Refuses what no step may see: an absolute-form target, `CONNECT` and `TRACE`, a path that
+/// is not byte for byte what would be forwarded (`route::safe_segments`), and a `_method`
+/// query parameter. Splits the target into the upstream's name and the path.
+fn check_target<'r>(method: &'r Method, uri: &'r Uri, trail: &mut Trail) -> ApiResult<Target<'r>> {
+    trail.known.method = Some(method.as_str().to_owned());
+    if uri.scheme().is_some() || uri.authority().is_some() {
+        return Err(ApiError::InvalidRequest(
+            "absolute-form targets are not accepted".into(),
+        ));
+    }
+    // CONNECT would tunnel past every check; TRACE echoes the request, credentials included.
+    if *method == Method::CONNECT || *method == Method::TRACE {
+        return Err(ApiError::InvalidRequest(format!(
+            "{method} is not accepted at the gateway"
+        )));
+    }
+    let rest = uri.path().strip_prefix("/gw/").unwrap_or_default();
+    let (upstream, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    trail.known.upstream = Some(upstream.to_owned());
+    trail.known.path = Some(path.to_owned());
+    let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    if let Some(query) = uri.query() {
+        refuse_method_parameter(query.as_bytes())?;
+    }
+    Ok(Target {
+        method,
+        upstream,
+        path,
+        segments,
+        query: uri.query(),
+    })
+}
+
+// ---- Steps 1–6: the decision, in memory ---------------------------------------------------------
+
+/// Who the request is for and by whom.
+struct Principal {
+    mode: Mode,
+    /// The agent proof's one-time value, claimed when the request is committed.
+    proof_once: Option<OneTimeUse>,
+    /// The agent (delegated) or the human (direct).
+    actor: String,
+    /// The human.
+    subject: String,
+    grant: Option<Grant>,
+    /// The agent's token (delegated).
+    token: Option<Arc<AccessClaims>>,
+}
+
+/// A request that passed steps 1–6 (in memory); [`Decided::commit`] makes it durable.
+pub struct Decided<'s> {
+    principal: Principal,
+    upstream: &'s Upstream,
+    path: String,
+    method: String,
+    action: String,
+    /// Step 6's outcome.
+    pub approval: ApprovalState,
+}
+
+/// Where a decided request stands with step 6.
+pub enum ApprovalState {
+    /// No approval needed (or direct mode).
+    NotNeeded,
+    /// Needed and none attached: the gateway creates one and refuses.
+    Needed {
+        /// The policies that require it.
+        policies: Vec<String>,
+    },
+    /// An approved, unexpired approval bound to this method, upstream, path, query, grant and
+    /// agent is attached; its body digest is checked once the body is read, and its single use
+    /// is spent in the commit.
+    Attached(Box<Approval>),
+}
+
+impl Decided<'_> {
+    /// The upstream the request is for.
+    pub fn upstream(&self) -> &Upstream {
+        self.upstream
+    }
+
+    /// The agent (delegated) or the human (direct) making the request.
+    pub fn actor(&self) -> &str {
+        &self.principal.actor
+    }
+}
+
+/// Steps 1–6 for `method` on `uri` (`/gw/{upstream}/{path…}`) with the caller's `headers`,
+/// after the target's checks; each step is one of the functions below, in order.
+pub async fn decide<'s>(
+    state: &'s AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    trail: &mut Trail,
+) -> ApiResult<Decided<'s>> {
+    let target = check_target(method, uri, trail)?;
+    // Steps 1–3.
+    let principal = authenticate(state, method, uri, headers, trail).await?;
+    // Counted once the caller is authenticated: forged requests naming an agent cannot use up
+    // its allowance, and the table holds registered callers only.
+    state.gateway_rates.check(&principal.actor)?;
+    // Step 4.
+    let routed = route_and_scope(state, &principal, &target, trail)?;
+    // Step 5, with the attached approval (if any) checked first: policy sees whether there is
+    // one.
+    let now = state.clock.now();
+    let attached = attached_approval(state, &principal, headers, &target, &routed, now).await?;
+    trail.known.approver = attached.as_ref().and_then(|a| a.approver.clone());
+    let permitted = evaluate_policy(state, &principal, &target, &routed, attached.is_some(), now)?;
+    // Step 6.
+    let approval = approval_step(permitted, principal.mode, attached, trail);
+    Ok(Decided {
+        principal,
+        upstream: routed.upstream,
+        path: target.path.to_owned(),
+        method: method.as_str().to_owned(),
+        action: routed.route.action.clone(),
+        approval,
+    })
+}
+
+/// Steps 1–3 (delegated: the agent's token, its grant and revocation, the proof; see
+/// `extract::verify_agent`) or the human's API key (direct). The admin key acts on no upstream.
+async fn authenticate(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    trail: &mut Trail,
+) -> ApiResult<Principal> {
+    let caller = match authenticate_resource(state, method, uri, headers).await {
+        Ok(caller) => caller,
+        Err(e) => {
+            attribute_refused_token(state, headers, trail);
+            return Err(e);
+        }
+    };
+    let principal = match caller {
+        ResourceCaller::Agent(agent) => {
+            let agent = *agent;
+            Principal {
+                mode: Mode::Delegated,
+                proof_once: Some(agent.proof_once),
+                actor: agent.claims.client_id.clone(),
+                subject: agent.claims.sub.clone(),
+                grant: Some(agent.grant),
+                token: Some(agent.claims),
+            }
+        }
+        ResourceCaller::Key(Caller::Human(user)) => Principal {
+            mode: Mode::Direct,
+            proof_once: None,
+            actor: user.id.clone(),
+            subject: user.id,
+            grant: None,
+            token: None,
+        },
+        ResourceCaller::Key(Caller::Admin) => {
+            trail.known.mode = Mode::System;
+            trail.known.actor = Some("admin".into());
+            return Err(ApiError::Forbidden(
+                "the admin key does not act on upstreams".into(),
+            ));
+        }
+    };
+    trail.known.mode = principal.mode;
+    trail.known.subject = Some(principal.subject.clone());
+    trail.known.actor = Some(principal.actor.clone());
+    if let Some(grant) = &principal.grant {
+        trail.grant(grant);
+    }
+    Ok(principal)
+}
+
+/// The configured upstream a request names, and its route that matched the request.
+struct Routed<'s> {
+    upstream: &'s Upstream,
+    /// Its action (`mail:read`) and risk.
+    route: &'s Route,
+}
+
+/// Step 4: the route of the configured upstream the request names gives its action, which must
+/// be within the grant's upstreams and the token's scope.
+fn route_and_scope<'s>(
+    state: &'s AppState,
+    principal: &Principal,
+    target: &Target<'_>,
+    trail: &mut Trail,
+) -> ApiResult<Routed<'s>> {
+    let (method, name, path) = (target.method, target.upstream, target.path);
+    let upstream = state
+        .config
+        .upstreams
+        .get(name)
+        .ok_or_else(|| ApiError::NoRoute(format!("no upstream named {name:?}")))?;
+    let route = upstream
+        .route(method.as_str(), &target.segments)
+        .ok_or_else(|| {
+            ApiError::NoRoute(format!(
+                "no route of {} matches {method} {path}",
+                upstream.name
+            ))
+        })?;
+    trail.known.action = Some(route.action.clone());
+    if let Some(grant) = &principal.grant {
+        if !grant.upstreams.contains(&upstream.name) {
+            return Err(ApiError::InsufficientScope(format!(
+                "the grant does not cover upstream {}",
+                upstream.name
+            )));
+        }
+        let in_scope = principal
+            .token
+            .as_ref()
+            .is_some_and(|token| token.actions().any(|action| action == route.action));
+        if !in_scope {
+            return Err(ApiError::InsufficientScope(format!(
+                "the token's scope does not include {}",
+                route.action
+            )));
+        }
+    }
+    Ok(Routed { upstream, route })
+}
+
+/// Before step 5, which sees whether an approval is attached: the approval a delegated request
+/// names in `Leash-Approval`, which must be for exactly this request (all but the body, which is
+/// checked once read) of this agent under this grant: another grant, agent, method, upstream,
+/// path or query is a mismatch; one that is not approved (yet, or any more) still needs
+/// approval.
+async fn attached_approval(
+    state: &AppState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    target: &Target<'_>,
+    routed: &Routed<'_>,
+    now: i64,
+) -> ApiResult<Option<Approval>> {
+    let (Some(grant), Some(id)) = (&principal.grant, approval_header(headers)?) else {
+        return Ok(None);
+    };
+    let approval = state
+        .store
+        .approval(&id)
+        .await?
+        .ok_or_else(|| ApiError::ApprovalMismatch(format!("no approval {id:?} exists")))?;
+    let mismatch = if approval.grant_id != grant.id {
+        Some("another grant")
+    } else if approval.agent != principal.actor {
+        Some("another agent")
+    } else if approval.method != target.method.as_str() {
+        Some("another method")
+    } else if approval.upstream != routed.upstream.name || approval.path != target.path {
+        Some("another path")
+    } else if approval.query.as_deref() != target.query {
+        Some("another query")
+    } else {
+        None
+    };
+    if let Some(what) = mismatch {
+        return Err(ApiError::ApprovalMismatch(format!(
+            "approval {id} was given for {what}"
+        )));
+    }
+    match approval.status_at(now) {
+        ApprovalStatus::Approved => Ok(Some(approval)),
+        ApprovalStatus::Pending => Err(ApiError::ApprovalRequired {
+            policies: Vec::new(),
+            approval: Some(approval.id),
+        }),
+        ApprovalStatus::Denied | ApprovalStatus::Used | ApprovalStatus::Expired => {
+            Err(ApiError::ApprovalRequired {
+                policies: Vec::new(),
+                approval: None,
+            })
+        }
+    }
+}
+
+/// The `Leash-Approval` header's value, if there is exactly one.
+fn approval_header(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let mut values = headers.get_all("leash-approval").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::InvalidRequest(
+            "more than one Leash-Approval header".into(),
+        ));
+    }
+    value
+        .to_str()
+        .map(|v| Some(v.trim().to_owned()))
+        .map_err(|_| ApiError::InvalidRequest("Leash-Approval must be an approval id".into()))
+}
+
+/// What step 5 let through: the request, at once or once a human approved it.
+enum Permitted {
+    /// Allowed by these policies.
+    Allow { policies: Vec<String> },
+    /// Allowed once approved, as these policies require.
+    ApprovalRequired { policies: Vec<String> },
+}
+
+/// Step 5: the Cedar policy set in force decides, on the facts of the request; a deny names the
+/// policies that decided.
+fn evaluate_policy(
+    state: &AppState,
+    principal: &Principal,
+    target: &Target<'_>,
+    routed: &Routed<'_>,
+    approval_attached: bool,
+    now: i64,
+) -> ApiResult<Permitted> {
+    let (upstream, route) = (routed.upstream, routed.route);
+    let grant = principal.grant.as_ref();
+    let no_actions = Vec::new();
+    let facts = Facts {
+        mode: principal.mode,
+        principal: &principal.actor,
+        human: &principal.subject,
+        action: &route.action,
+        upstream: &upstream.name,
+        method: target.method.as_str(),
+        path: target.path,
+        grant_id: grant.map_or("", |g| g.id.as_str()),
+        purpose: grant.map_or("", |g| g.purpose.as_str()),
+        grant_actions: grant.map_or(&no_actions, |g| &g.actions),
+        grant_age_seconds: grant.map_or(0, |g| now - g.created_at),
+        high_risk: route.risk == Risk::High || high_risk_by_name(&route.action),
+        grant_requires_approval: grant.is_some_and(|g| g.approval_required.contains(&route.action)),
+        approval_attached,
+        now,
+    };
+    match state.policy().authorize(&facts) {
+        Decision::Deny { policies, reason } => Err(ApiError::PolicyDenied { reason, policies }),
+        Decision::ApprovalRequired { policies } => Ok(Permitted::ApprovalRequired { policies }),
+        Decision::Allow { policies } => Ok(Permitted::Allow { policies }),
+    }
+}
+
+/// Step 6: whether the request waits for a human's approval. Direct calls skip it: the human
+/// acts for themselves.
+fn approval_step(
+    permitted: Permitted,
+    mode: Mode,
+    attached: Option<Approval>,
+    trail: &mut Trail,
+) -> ApprovalState {
+    match permitted {
+        Permitted::ApprovalRequired { .. } if mode == Mode::Direct => ApprovalState::NotNeeded,
+        Permitted::ApprovalRequired { policies } => ApprovalState::Needed { policies },
+        Permitted::Allow { policies } => {
+            trail.known.policies = Some(policies);
+            match attached {
+                Some(approval) => ApprovalState::Attached(Box::new(approval)),
+                None => ApprovalState::NotNeeded,
+            }
+        }
+    }
+}
+
+// ---- Between steps 6 and 7: the request body, and the approval it binds -------------------------
+
+/// The agent's body as the request sends it on, checked before step 7: a body declared larger
+/// than `[limits] gateway_body_bytes` is refused at once; a form body may name another method
+/// (`_method`), so it is read whole (within the limit) and checked; a body an approval binds is
+/// read whole and hashed ([`Decided::bind_body`]). Other bodies stream, cut off at the limit.
+async fn request_body(
+    state: &AppState,
+    decided: &Decided<'_>,
+    parts: &Parts,
+    body: Body,
+    trail: &mut Trail,
+    request_id: &str,
+) -> ApiResult<Body> {
+    let body_limit = state.config.limits.gateway_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > body_limit as u64) {
+        return Err(ApiError::TooLarge(body_limit));
+    }
+    let form = if body.is_end_stream() {
+        FormBody::Other
+    } else {
+        form_body(&parts.method, &parts.headers)?
+    };
+    // The agent's body, its errors told apart from the upstream's when sending fails.
+    let body = Body::new(body.map_err(ClientBodyError));
+    let body = match decided.approval {
+        ApprovalState::NotNeeded if form == FormBody::Other => {
+            // A body without a length is cut off at the limit while it streams.
+            Body::new(http_body_util::Limited::new(body, body_limit))
+        }
+        ApprovalState::NotNeeded => {
+            let bytes = axum::body::to_bytes(body, body_limit)
+                .await
+                .map_err(|e| crate::extract::body_error(&e, body_limit))?;
+            refuse_method_field(form, &bytes)?;
+            Body::from(bytes)
+        }
+        ApprovalState::Needed { .. } | ApprovalState::Attached(_) => {
+            let query = parts.uri.query();
+            let bytes = decided
+                .bind_body(state, body, form, query, trail, GATEWAY_EVENT, request_id)
+                .await?;
+            Body::from(bytes)
+        }
+    };
+    Ok(body)
+}
+
 /// Largest request body of an action that needs an approval: the body is read whole and its
 /// SHA-256 bound to the approval. Other requests stream.
 pub const APPROVAL_BODY_LIMIT: usize = 1024 * 1024;
@@ -349,6 +590,51 @@ async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
         .map_err(|e| crate::extract::body_error(&e, APPROVAL_BODY_LIMIT))?;
     let digest = hex::encode(sha2::Sha256::digest(&bytes));
     Ok((bytes, digest))
+}
+
+impl Decided<'_> {
+    /// Step 6 for a request whose approval is needed or attached, which binds its body: reads
+    /// the body whole and hashes it. Needed: stores the pending approval and returns the
+    /// refusal to answer with. Attached: checks the approval was given for this body and
+    /// returns the body to forward.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the request's parts an approval binds, and where to record it"
+    )]
+    pub async fn bind_body(
+        &self,
+        state: &AppState,
+        body: Body,
+        form: FormBody,
+        query: Option<&str>,
+        trail: &mut Trail,
+        kind: &str,
+        request_id: &str,
+    ) -> ApiResult<axum::body::Bytes> {
+        let (bytes, digest) = hash_body(body).await?;
+        refuse_method_field(form, &bytes)?;
+        match &self.approval {
+            ApprovalState::NotNeeded => Ok(bytes),
+            ApprovalState::Needed { policies } => {
+                let asked = Asked {
+                    query,
+                    body: &bytes,
+                    body_sha256: digest,
+                    policies,
+                };
+                Err(ask_approval(state, self, asked, trail, kind, request_id).await)
+            }
+            ApprovalState::Attached(approval) => {
+                if approval.body_sha256 != digest || approval.body_size != bytes.len() as i64 {
+                    return Err(ApiError::ApprovalMismatch(format!(
+                        "approval {} was given for another request body",
+                        approval.id
+                    )));
+                }
+                Ok(bytes)
+            }
+        }
+    }
 }
 
 /// The request an approval is asked for: what [`Decided`] does not hold.
@@ -432,86 +718,12 @@ async fn ask_approval(
     refusal
 }
 
-/// Where a decided request stands with step 6.
-pub enum ApprovalState {
-    /// No approval needed (or direct mode).
-    NotNeeded,
-    /// Needed and none attached: the gateway creates one and refuses.
-    Needed {
-        /// The policies that require it.
-        policies: Vec<String>,
-    },
-    /// An approved, unexpired approval bound to this method, upstream, path, query, grant and
-    /// agent is attached; its body digest is checked once the body is read, and its single use
-    /// is spent in the commit.
-    Attached(Box<Approval>),
-}
+// ---- Step 7: the commit -------------------------------------------------------------------------
 
-/// A request that passed steps 1–6 (in memory); [`Decided::commit`] makes it durable.
-pub struct Decided<'s> {
-    principal: Principal,
-    upstream: &'s Upstream,
-    path: String,
-    method: String,
-    action: String,
-    /// Step 6's outcome.
-    pub approval: ApprovalState,
-}
+/// How long a token's single use of an action is remembered after the token expired.
+const SINGLE_USE_KEPT_PAST_EXPIRY: i64 = 60;
 
 impl Decided<'_> {
-    /// The upstream the request is for.
-    pub fn upstream(&self) -> &Upstream {
-        self.upstream
-    }
-
-    /// The agent (delegated) or the human (direct) making the request.
-    pub fn actor(&self) -> &str {
-        &self.principal.actor
-    }
-
-    /// Step 6 for a request whose approval is needed or attached, which binds its body: reads
-    /// the body whole and hashes it. Needed: stores the pending approval and returns the
-    /// refusal to answer with. Attached: checks the approval was given for this body and
-    /// returns the body to forward.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the request's parts an approval binds, and where to record it"
-    )]
-    pub async fn bind_body(
-        &self,
-        state: &AppState,
-        body: Body,
-        form: FormBody,
-        query: Option<&str>,
-        trail: &mut Trail,
-        kind: &str,
-        request_id: &str,
-    ) -> ApiResult<axum::body::Bytes> {
-        let (bytes, digest) = hash_body(body).await?;
-        refuse_method_field(form, &bytes)?;
-        match &self.approval {
-            ApprovalState::NotNeeded => Ok(bytes),
-            ApprovalState::Needed { policies } => {
-                let asked = Asked {
-                    query,
-                    body: &bytes,
-                    body_sha256: digest,
-                    policies,
-                };
-                Err(ask_approval(state, self, asked, trail, kind, request_id).await)
-            }
-            ApprovalState::Attached(approval) => {
-                if approval.body_sha256 != digest || approval.body_size != bytes.len() as i64 {
-                    return Err(ApiError::ApprovalMismatch(format!(
-                        "approval {} was given for another request body",
-                        approval.id
-                    )));
-                }
-                Ok(bytes)
-            }
-        }
-    }
-
     /// Step 7: claims the proof's `jti` and the token's single use of a `single_use` action,
     /// counts the request against its grant's budget and appends its audit event, atomically
     /// and durably, before anything is forwarded. A replayed proof, a single use used before,
@@ -573,296 +785,27 @@ impl Decided<'_> {
             spend,
         })
     }
-
-    /// The headers the upstream gets from Leash: the human's vaulted credential (if any) and
-    /// the attribution headers.
-    pub async fn upstream_headers(
-        &self,
-        state: &AppState,
-        request_id: &str,
-    ) -> ApiResult<Vec<(HeaderName, HeaderValue)>> {
-        let principal = &self.principal;
-        let mut out = Vec::new();
-        if let Some(injection) =
-            crate::vault::injection(state, &principal.subject, &self.upstream.name).await?
-        {
-            out.push((injection.name, injection.value));
-        }
-        let grant = principal.grant.as_ref().map(|g| g.id.as_str());
-        let attribution = [
-            ("leash-subject", Some(principal.subject.as_str())),
-            ("leash-actor", Some(principal.actor.as_str())),
-            ("leash-grant", grant),
-            ("leash-request-id", Some(request_id)),
-        ];
-        for (name, value) in attribution {
-            if let Some(Ok(value)) = value.map(HeaderValue::from_str) {
-                out.push((HeaderName::from_static(name), value));
-            }
-        }
-        Ok(out)
-    }
 }
 
-/// Steps 1–6 for `method` on `uri` (`/gw/{upstream}/{path…}`) with the caller's `headers`.
-pub async fn decide<'s>(
-    state: &'s AppState,
-    method: &Method,
-    uri: &axum::http::Uri,
-    headers: &HeaderMap,
-    trail: &mut Trail,
-) -> ApiResult<Decided<'s>> {
-    trail.known.method = Some(method.as_str().to_owned());
-    if uri.scheme().is_some() || uri.authority().is_some() {
-        return Err(ApiError::InvalidRequest(
-            "absolute-form targets are not accepted".into(),
-        ));
-    }
-    // CONNECT would tunnel past every check; TRACE echoes the request, credentials included.
-    if *method == Method::CONNECT || *method == Method::TRACE {
-        return Err(ApiError::InvalidRequest(format!(
-            "{method} is not accepted at the gateway"
-        )));
-    }
-    let rest = uri.path().strip_prefix("/gw/").unwrap_or_default();
-    let (upstream_name, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    trail.known.upstream = Some(upstream_name.to_owned());
-    trail.known.path = Some(path.to_owned());
-    let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-    if let Some(query) = uri.query() {
-        refuse_method_parameter(query.as_bytes())?;
-    }
+// ---- Step 8: forward ----------------------------------------------------------------------------
 
-    // Steps 1–3 (delegated) or the human's key (direct).
-    let caller = match authenticate_resource(state, method, uri, headers).await {
-        Ok(caller) => caller,
-        Err(e) => {
-            attribute_refused_token(state, headers, trail);
-            return Err(e);
-        }
-    };
-    let principal = match caller {
-        ResourceCaller::Agent(agent) => {
-            let agent = *agent;
-            Principal {
-                mode: Mode::Delegated,
-                proof_once: Some(agent.proof_once),
-                actor: agent.claims.client_id.clone(),
-                subject: agent.claims.sub.clone(),
-                grant: Some(agent.grant),
-                token: Some(agent.claims),
-            }
-        }
-        ResourceCaller::Key(Caller::Human(user)) => Principal {
-            mode: Mode::Direct,
-            proof_once: None,
-            actor: user.id.clone(),
-            subject: user.id,
-            grant: None,
-            token: None,
-        },
-        ResourceCaller::Key(Caller::Admin) => {
-            trail.known.mode = AuditMode::System;
-            trail.known.actor = Some("admin".into());
-            return Err(ApiError::Forbidden(
-                "the admin key does not act on upstreams".into(),
-            ));
-        }
-    };
-    trail.known.mode = match principal.mode {
-        Mode::Delegated => AuditMode::Delegated,
-        Mode::Direct => AuditMode::Direct,
-    };
-    trail.known.subject = Some(principal.subject.clone());
-    trail.known.actor = Some(principal.actor.clone());
-    if let Some(grant) = &principal.grant {
-        trail.grant(grant);
-    }
-    // Counted once the caller is authenticated: forged requests naming an agent cannot use up
-    // its allowance, and the table holds registered callers only.
-    state.gateway_rates.check(&principal.actor)?;
+/// The audit reason of an answer refused or cut off because it carried the credential Leash
+/// injected ([`crate::reflection`]).
+pub const CREDENTIAL_REFLECTED: &str = "credential_reflected";
 
-    // Step 4: route → action, within the grant and the token's scope.
-    let upstream = state
-        .config
-        .upstreams
-        .get(upstream_name)
-        .ok_or_else(|| ApiError::NoRoute(format!("no upstream named {upstream_name:?}")))?;
-    let route = upstream.route(method.as_str(), &segments).ok_or_else(|| {
-        ApiError::NoRoute(format!(
-            "no route of {} matches {method} {path}",
-            upstream.name
-        ))
-    })?;
-    trail.known.action = Some(route.action.clone());
-    if let Some(grant) = &principal.grant {
-        if !grant.upstreams.contains(&upstream.name) {
-            return Err(ApiError::InsufficientScope(format!(
-                "the grant does not cover upstream {}",
-                upstream.name
-            )));
-        }
-        let in_scope = principal
-            .token
-            .as_ref()
-            .is_some_and(|token| token.actions().any(|action| action == route.action));
-        if !in_scope {
-            return Err(ApiError::InsufficientScope(format!(
-                "the token's scope does not include {}",
-                route.action
-            )));
-        }
-    }
+/// The audit reason of a request whose body failed (malformed, over the limit, stalled) after
+/// it was committed and while it streamed to the upstream.
+pub const REQUEST_CUT_OFF: &str = "request_cut_off";
 
-    // An attached approval must be for exactly this request of this agent under this grant.
-    let now = state.clock.now();
-    let attached = match (&principal.grant, approval_header(headers)?) {
-        (Some(grant), Some(id)) => {
-            let query = uri.query();
-            Some(
-                attached_approval(
-                    state,
-                    grant,
-                    &principal.actor,
-                    &id,
-                    method,
-                    upstream,
-                    path,
-                    query,
-                    now,
-                )
-                .await?,
-            )
-        }
-        _ => None,
-    };
-    trail.known.approver = attached.as_ref().and_then(|a| a.approver.clone());
-
-    // Steps 5–6: policy, then approval.
-    let grant = principal.grant.as_ref();
-    let no_actions = Vec::new();
-    let facts = Facts {
-        mode: principal.mode,
-        principal: &principal.actor,
-        human: &principal.subject,
-        action: &route.action,
-        upstream: &upstream.name,
-        method: method.as_str(),
-        path,
-        grant_id: grant.map_or("", |g| g.id.as_str()),
-        purpose: grant.map_or("", |g| g.purpose.as_str()),
-        grant_actions: grant.map_or(&no_actions, |g| &g.actions),
-        grant_age_seconds: grant.map_or(0, |g| now - g.created_at),
-        high_risk: route.risk == Risk::High || high_risk_by_name(&route.action),
-        grant_requires_approval: grant.is_some_and(|g| g.approval_required.contains(&route.action)),
-        approval_attached: attached.is_some(),
-        now,
-    };
-    let approval = match state.policy().authorize(&facts) {
-        Decision::Deny { policies, reason } => {
-            return Err(ApiError::PolicyDenied { reason, policies });
-        }
-        // Direct calls skip step 6: the human acts for themselves.
-        Decision::ApprovalRequired { .. } if principal.mode == Mode::Direct => {
-            ApprovalState::NotNeeded
-        }
-        Decision::ApprovalRequired { policies } => ApprovalState::Needed { policies },
-        Decision::Allow { policies } => match attached {
-            Some(approval) => {
-                trail.known.policies = Some(policies);
-                ApprovalState::Attached(Box::new(approval))
-            }
-            None => {
-                trail.known.policies = Some(policies);
-                ApprovalState::NotNeeded
-            }
-        },
-    };
-
-    Ok(Decided {
-        principal,
-        upstream,
-        path: path.to_owned(),
-        method: method.as_str().to_owned(),
-        action: route.action.clone(),
-        approval,
-    })
-}
-
-/// The `Leash-Approval` header's value, if there is exactly one.
-fn approval_header(headers: &HeaderMap) -> ApiResult<Option<String>> {
-    let mut values = headers.get_all("leash-approval").iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    if values.next().is_some() {
-        return Err(ApiError::InvalidRequest(
-            "more than one Leash-Approval header".into(),
-        ));
-    }
-    value
-        .to_str()
-        .map(|v| Some(v.trim().to_owned()))
-        .map_err(|_| ApiError::InvalidRequest("Leash-Approval must be an approval id".into()))
-}
-
-/// Checks an attached approval against the request (all but the body, which is checked once
-/// read): another grant, agent, method, upstream, path or query is a mismatch; one that is not
-/// approved (yet, or any more) still needs approval.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "each argument is one field the approval is bound to"
-)]
-async fn attached_approval(
-    state: &AppState,
-    grant: &leash_core::grant::Grant,
-    agent: &str,
-    id: &str,
-    method: &Method,
-    upstream: &Upstream,
-    path: &str,
-    query: Option<&str>,
-    now: i64,
-) -> ApiResult<Approval> {
-    let approval = state
-        .store
-        .approval(id)
-        .await?
-        .ok_or_else(|| ApiError::ApprovalMismatch(format!("no approval {id:?} exists")))?;
-    let mismatch = if approval.grant_id != grant.id {
-        Some("another grant")
-    } else if approval.agent != agent {
-        Some("another agent")
-    } else if approval.method != method.as_str() {
-        Some("another method")
-    } else if approval.upstream != upstream.name || approval.path != path {
-        Some("another path")
-    } else if approval.query.as_deref() != query {
-        Some("another query")
-    } else {
-        None
-    };
-    if let Some(what) = mismatch {
-        return Err(ApiError::ApprovalMismatch(format!(
-            "approval {id} was given for {what}"
-        )));
-    }
-    match approval.status_at(now) {
-        ApprovalStatus::Approved => Ok(approval),
-        ApprovalStatus::Pending => Err(ApiError::ApprovalRequired {
-            policies: Vec::new(),
-            approval: Some(approval.id),
-        }),
-        ApprovalStatus::Denied | ApprovalStatus::Used | ApprovalStatus::Expired => {
-            Err(ApiError::ApprovalRequired {
-                policies: Vec::new(),
-                approval: None,
-            })
-        }
-    }
+/// What [`forward`] sends of the agent's request.
+struct Forwarded<'r> {
+    query: Option<&'r str>,
+    method: &'r Method,
+    headers: &'r HeaderMap,
+    body: Body,
+    /// The request's trail, for the event recorded if the answer carries the injected
+    /// credential.
+    trail: &'r Trail,
 }
 
 /// Why a committed request was not forwarded.
@@ -1033,6 +976,107 @@ async fn forward(
     Ok(relayed)
 }
 
+impl Decided<'_> {
+    /// The headers the upstream gets from Leash: the human's vaulted credential (if any) and
+    /// the attribution headers.
+    pub async fn upstream_headers(
+        &self,
+        state: &AppState,
+        request_id: &str,
+    ) -> ApiResult<Vec<(HeaderName, HeaderValue)>> {
+        let principal = &self.principal;
+        let mut out = Vec::new();
+        if let Some(injection) =
+            crate::vault::injection(state, &principal.subject, &self.upstream.name).await?
+        {
+            out.push((injection.name, injection.value));
+        }
+        let grant = principal.grant.as_ref().map(|g| g.id.as_str());
+        let attribution = [
+            ("leash-subject", Some(principal.subject.as_str())),
+            ("leash-actor", Some(principal.actor.as_str())),
+            ("leash-grant", grant),
+            ("leash-request-id", Some(request_id)),
+        ];
+        for (name, value) in attribution {
+            if let Some(Ok(value)) = value.map(HeaderValue::from_str) {
+                out.push((HeaderName::from_static(name), value));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Headers of the caller that never reach an upstream, besides those `Connection` lists: the
+/// one list of them, with [`crate::overrides::is_override_header`].
+fn is_stripped_request_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "authorization"
+            | "dpop"
+            | "cookie"
+            | "host"
+            | "forwarded"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    ) || n.starts_with("leash-")
+        || n.starts_with("x-forwarded-")
+        || crate::overrides::is_override_header(name)
+}
+
+fn is_stripped_response_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        crate::error::LEASH_DECISION
+            | "set-cookie"
+            | "set-cookie2"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Names listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// An error of the agent's request body (bad chunking, a connection that closed midway, a
+/// stall): the client's, never the upstream's.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body could not be read: {0}")]
+struct ClientBodyError(#[source] axum::Error);
+
+/// The answer to a request whose body failed while it was sent upstream (`error` or one of its
+/// causes), if it did ([`crate::extract::body_error`]); `None`: the upstream failed.
+fn client_body_failure(
+    error: &(dyn std::error::Error + 'static),
+    limit: usize,
+) -> Option<ApiError> {
+    let the_body = caused_by::<ClientBodyError>(error)
+        || caused_by::<http_body_util::LengthLimitError>(error)
+        || caused_by::<crate::listener::BodyStalled>(error);
+    the_body.then(|| crate::extract::body_error(error, limit))
+}
+
 /// Records that an answer was refused or cut off for carrying the injected credential. The
 /// request's allow event is committed already; this one says what the agent did not get.
 fn record_reflection(state: Arc<AppState>, event: leash_core::audit::AuditEvent) {
@@ -1043,26 +1087,70 @@ fn record_reflection(state: Arc<AppState>, event: leash_core::audit::AuditEvent)
     });
 }
 
-/// The gateway's client to upstreams. The request and response bodies are handed to hyper as
-/// they are, with their sizes, without stream adapters in between: a bodiless request is sent
-/// without a body and a length stays a length. No redirects are followed and no proxy from the
-/// environment is used: the upstream's address comes only from configuration.
-pub type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Body,
->;
+// ---- A refusal at any step ----------------------------------------------------------------------
 
-/// Builds [`UpstreamClient`]: HTTP/1.1 over plain TCP or TLS (Mozilla's roots), `TCP_NODELAY`
-/// so a small request is not held back waiting for an acknowledgement.
-pub fn upstream_client() -> UpstreamClient {
-    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
-    tcp.set_nodelay(true);
-    tcp.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp);
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build(connector)
+/// The source address a request's refusal counts against (`[limits] unauthenticated_rate`).
+pub(crate) fn source_of(state: &AppState, request: &Request) -> Option<std::net::IpAddr> {
+    crate::limits::source_address(
+        request.extensions().get(),
+        request.headers(),
+        &state.config.trusted_proxies,
+    )
+}
+
+/// Answers a refused gateway or authorize request and audits it — unless nobody could be
+/// identified for it and its source is over `[limits] unauthenticated_rate`: then it is
+/// answered 429 and counted in the minutely summary instead (API §6), so garbage cannot flood
+/// the audit log. A refusal naming a caller (even a dead token's) is always audited.
+pub(crate) async fn refuse(
+    state: &AppState,
+    trail: &Trail,
+    kind: &str,
+    request_id: &str,
+    source: Option<std::net::IpAddr>,
+    error: ApiError,
+) -> Response {
+    let identified = trail.known.actor.is_some() || trail.known.subject.is_some();
+    if !trail.recorded && !identified && !state.unauthenticated.admit(source) {
+        tracing::debug!(request_id = %request_id, error = %error, "unidentified refusal over the rate");
+        return ApiError::RateLimited {
+            retry_after_secs: 1,
+        }
+        .into_response();
+    }
+    tracing::info!(request_id = %request_id, error = %error, "{kind} refused");
+    audit_refusal(state, trail, kind, request_id, &error).await;
+    error.into_response()
+}
+
+/// Records a refused request, unless its commit recorded it already.
+async fn audit_refusal(
+    state: &AppState,
+    trail: &Trail,
+    kind: &str,
+    request_id: &str,
+    error: &ApiError,
+) {
+    if !trail.recorded {
+        let event = trail.event(kind, state.clock.now(), request_id, Outcome::Deny, None);
+        crate::audit::record_refusal(state, event, error).await;
+    }
+}
+
+/// A request refused at steps 2–3 (dead grant, bad or missing proof, Bearer downgrade) still
+/// carried a token Leash signed: its claims are authentic, so the refusal is recorded against
+/// the human, agent and grant the token names — who held a stolen token, or kept calling after
+/// the task ended, is what an investigator asks first. Only a token whose signature and expiry
+/// check out is used; verification is the cached in-memory one.
+pub(crate) fn attribute_refused_token(state: &AppState, headers: &HeaderMap, trail: &mut Trail) {
+    let Ok(Some((_, token))) = crate::extract::authorization(headers) else {
+        return;
+    };
+    let token = crate::extract::PresentedToken::new(token);
+    if let Ok(claims) = crate::extract::verified_token(state, &token, state.clock.now()) {
+        trail.known.subject = Some(claims.sub.clone());
+        trail.known.actor = Some(claims.client_id.clone());
+        trail.known.grant_id = Some(claims.grant_id.clone());
+        trail.known.purpose = Some(claims.purpose.clone());
+    }
 }

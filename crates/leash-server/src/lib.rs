@@ -5,11 +5,14 @@ pub mod api;
 pub mod approvals;
 pub mod audit;
 pub mod authorize;
+pub mod bootstrap;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod files;
 pub mod gateway;
 pub mod limits;
+pub mod listener;
 pub mod meta;
 pub mod notify;
 pub mod oauth;
@@ -18,6 +21,7 @@ pub mod overrides;
 pub mod reflection;
 pub mod review;
 pub mod state;
+pub mod upstream_client;
 pub mod vault;
 
 use std::sync::Arc;
@@ -91,8 +95,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            limits::check_head,
+            Arc::new(state.config.limits.clone()),
+            listener::check_head,
         ))
         .with_state(state)
 }
@@ -128,19 +132,19 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
-    let master = state::load_master_key(secrets.master_key, &config.data_dir)?;
+    let master = bootstrap::load_master_key(secrets.master_key, &config.data_dir)?;
     let store = leash_store::open(&config.database).await.map_err(|e| {
         let url = leash_store::display_url(&config.database);
         anyhow::anyhow!("cannot open database {url}: {e}")
     })?;
-    let listener = limits::listen(config.listen)
+    let listener = listener::listen(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let issuer = config
         .issuer
         .clone()
         .unwrap_or_else(|| format!("http://{addr}"));
-    let boot = AppState::bootstrap(
+    let boot = bootstrap::prepare(
         config,
         issuer.clone(),
         store.clone(),
@@ -187,7 +191,7 @@ pub async fn run(
     });
     let limits = boot.state.config.limits.clone();
     let state = boot.state.clone();
-    limits::serve(listener, router(boot.state), &limits, shutdown).await;
+    listener::serve(listener, router(boot.state), &limits, shutdown).await;
     pruner.abort();
     // What the minute had counted so far is not lost with the process.
     audit::record_refusal_summary(&state).await;

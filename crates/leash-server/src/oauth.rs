@@ -24,7 +24,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    AuthScheme, Caller, Form, authorization, caller_from_key, single_dpop_header,
+    AuthScheme, Caller, Form, authorization, caller_from_key, check_token_live, single_dpop_header,
 };
 use crate::openapi::{IntrospectForm, OAuthErrors, RevokeForm, TokenForm};
 use crate::state::{AppState, Metrics};
@@ -472,7 +472,7 @@ pub async fn introspect(
     else {
         return Ok(inactive());
     };
-    match state.check_token_live(&claims, now).await {
+    match check_token_live(&state, &claims, now).await {
         Ok(_) => {}
         Err(ApiError::InvalidToken(_)) => return Ok(inactive()),
         Err(e) => return Err(e),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use leash_core::audit::rfc3339;
 use leash_store::ApprovalStatus;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -14,7 +15,7 @@ use utoipa::ToSchema;
 use crate::error::ApiResult;
 use crate::extract::Caller;
 use crate::openapi::ApiErrors;
-use crate::state::{AppState, rfc3339};
+use crate::state::AppState;
 
 /// A grant is flagged when more than this share of its actions was never used.
 const UNUSED_SHARE_FLAG: f64 = 0.5;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
+use leash_core::audit::rfc3339;
 use leash_core::secret::Secret;
 use leash_store::VaultEntry;
 use serde::{Deserialize, Serialize};
@@ -15,7 +16,7 @@ use utoipa::ToSchema;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody};
 use crate::openapi::ApiErrors;
-use crate::state::{AppState, rfc3339};
+use crate::state::AppState;
 
 /// Body of `PUT /v1/vault/{upstream}`.
 #[derive(Debug, Deserialize, ToSchema)]

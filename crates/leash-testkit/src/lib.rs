@@ -1026,7 +1026,7 @@ pub fn fixed_upstream(body: &'static [u8]) -> String {
 
 /// Serves `app` on a random loopback port from its own thread and runtime, so that a load
 /// generator in the caller's runtime does not slow it (nor it the generator). Returns its base
-/// URL. Its backlog is as long as the `leash` server's (`leash_server::limits::listen`): the
+/// URL. Its backlog is as long as the `leash` server's (`leash_server::listener::listen`): the
 /// load bench's upstream and floor proxies must not drop the connects a burst opens when the
 /// proxy they are compared with does not.
 pub fn serve_apart(app: axum::Router) -> String {

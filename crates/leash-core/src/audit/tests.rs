@@ -65,6 +65,14 @@ fn the_hash_covers_prev_hash_and_every_member_in_canonical_form() {
 }
 
 #[test]
+fn a_modes_name_is_its_wire_name() {
+    for mode in [Mode::Delegated, Mode::Direct, Mode::System] {
+        let wire = serde_json::to_value(mode).unwrap();
+        assert_eq!(wire.as_str(), Some(mode.as_str()));
+    }
+}
+
+#[test]
 fn a_forged_checkpoint_signature_is_caught() {
     let (_, mut checkpoints) = chain(5, 5);
     let forger = SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]));
