@@ -138,7 +138,10 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => Self::Conflict("already exists".into()),
-            StoreError::Unavailable(_) | StoreError::Corrupt(_) | StoreError::UnsupportedUrl(_) => {
+            StoreError::Unavailable(_)
+            | StoreError::Corrupt(_)
+            | StoreError::UnsupportedUrl(_)
+            | StoreError::InUse { .. } => {
                 tracing::error!(error = %e, "storage failure");
                 Self::Unavailable("storage is unavailable; try again".into())
             }

@@ -162,8 +162,9 @@ impl std::fmt::Debug for SignerSlot {
 
 /// Rows held in memory for the per-request path (grants for liveness, vault entries for
 /// injection). Every write that changes such a row drops it afterwards; the epoch stops a read
-/// that raced such a write from putting the old row back. On SQLite only this process writes to
-/// the database; on PostgreSQL other nodes' writes arrive as notifications (see `postgres`).
+/// that raced such a write from putting the old row back. On SQLite only this store writes to
+/// the database, since it holds the database's lock (`sqlite::own_database`); on PostgreSQL
+/// other nodes' writes arrive as notifications (see `postgres`).
 pub(crate) struct Memo<V> {
     entries: quick_cache::sync::Cache<String, V>,
     epoch: Mutex<u64>,

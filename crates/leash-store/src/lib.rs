@@ -35,6 +35,19 @@ pub enum StoreError {
     /// The database URL is not one this build supports.
     #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
+    /// Another store holds the SQLite database (another `leash serve`, here or in another
+    /// process): a SQLite database has one owner, since its writer keeps what single use
+    /// rests on in memory.
+    #[error(
+        "database {database} is in use by another Leash server (lock file {lock}); \
+         stop it first, or use PostgreSQL for several nodes"
+    )]
+    InUse {
+        /// The database file.
+        database: String,
+        /// The lock file its owner holds.
+        lock: String,
+    },
 }
 
 /// Result of storage calls.

@@ -1,7 +1,12 @@
-//! The embedded SQLite backend. Writes go through a single-connection pool so that write
-//! transactions never race for SQLite's one write lock; reads use a separate pool. WAL with
-//! `synchronous = NORMAL`: a commit is in the WAL before it returns, so it survives the process
-//! being killed (`kill -9`); only a power cut may lose the last commits.
+//! The embedded SQLite backend. One store owns the database: opening it takes an exclusive
+//! lock on `<database>.lock` for the store's life ([`own_database`]), so a second server on the
+//! same file fails at start, and what the writer keeps in memory (the one-time values consumed,
+//! the revoked tokens) is complete. Two connections write and take turns at SQLite's one write
+//! lock: the group-commit writer thread's (request uses and the audit chain, [`writer_thread`])
+//! and a one-connection pool for management changes; the log's copier (`wal`) has a third.
+//! Reads use a pool of read-only connections. WAL with `synchronous = NORMAL`: a commit is in
+//! the WAL before it returns, so it survives the process being killed (`kill -9`); only a power
+//! cut may lose the last commits.
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr as _;
@@ -32,15 +37,68 @@ use crate::{
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
-    uses: flume::Sender<WriteJob>,
     signer: Arc<SignerSlot>,
     grants: Arc<Memo<Arc<Grant>>>,
     vault: Arc<Memo<Option<Arc<VaultEntry>>>>,
     /// Revoked token `jti`s with their expiry: every revocation of this database goes through
-    /// this process, so the set is complete (loaded at open, added to before the write).
+    /// this process (it holds the database's lock), so the set is complete (loaded at open,
+    /// added to before the write).
     revoked: Arc<RwLock<HashMap<String, i64>>>,
-    /// Runs while any handle to the store does.
-    _checkpointer: Arc<Checkpointer>,
+    /// The writer's queue, its thread, the log's copier and the lock: alive while any handle
+    /// to the store is.
+    owner: Arc<Owner>,
+}
+
+/// What the last handle to a store ends: the writer thread (through its queue), the copier of
+/// the log, and the lock that makes this store the database's one owner. Dropping it closes the
+/// queue, waits for the writer to finish what it holds, stops the copier, and only then
+/// releases the lock, so that a store opened next never meets a writer still running.
+#[derive(Debug)]
+struct Owner {
+    uses: flume::Sender<WriteJob>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    _checkpointer: Checkpointer,
+    /// Held (`flock`) while the store is open; the kernel releases it when the file is closed
+    /// or the process dies, `kill -9` included.
+    _lock: std::fs::File,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        // The writer ends when its queue has no sender left: this was the last one.
+        drop(std::mem::replace(&mut self.uses, flume::bounded(1).0));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// Takes the lock that makes the caller the one owner of the SQLite database at `path`: an
+/// exclusive `flock` on `<path>.lock` (created 0600), or [`StoreError::InUse`] at once if
+/// another store holds it, in this process or another.
+///
+/// One owner is what single use rests on: the writer checks one-time values against its
+/// in-memory copy of the `replay` table and revoked tokens against an in-memory set, both
+/// complete only because every write to the database goes through this store.
+fn own_database(path: &str) -> StoreResult<std::fs::File> {
+    let lock = format!("{path}.lock");
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
+        .open(&lock)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open the lock file {lock}: {e}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            database: path.to_owned(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Unavailable(format!("cannot lock {lock}: {e}")))
+        }
+    }
 }
 
 /// Work for the writer thread.
@@ -901,6 +959,7 @@ impl SqliteStore {
 
     /// The same, with the WAL started over past `restart_at` bytes (tests use a small one).
     pub(crate) async fn open_with_wal_limit(path: &str, restart_at: u64) -> StoreResult<Self> {
+        let lock = own_database(path)?;
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
             .create_if_missing(true)
@@ -955,15 +1014,19 @@ impl SqliteStore {
         // Events whose change committed but whose move into the chain did not (the process
         // died in between) join the chain now.
         chain_writer.flush_or_log();
-        std::thread::Builder::new()
+        let writer_thread = std::thread::Builder::new()
             .name("leash-writer".into())
             .spawn(move || writer_thread(chain_writer, jobs))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
         Ok(Self {
             writer,
-            _checkpointer: Arc::new(checkpointer),
+            owner: Arc::new(Owner {
+                uses,
+                writer: Some(writer_thread),
+                _checkpointer: checkpointer,
+                _lock: lock,
+            }),
             reader,
-            uses,
             signer,
             grants,
             vault: Arc::new(Memo::new()),
@@ -1000,7 +1063,7 @@ impl SqliteStore {
     /// for the next flush (see `Store`), so it is logged, not returned.
     async fn flush_outbox(&self) {
         let (reply, answer) = oneshot::channel();
-        let moved = match self.uses.send_async(WriteJob::Flush(reply)).await {
+        let moved = match self.owner.uses.send_async(WriteJob::Flush(reply)).await {
             Ok(()) => answer.await.unwrap_or_else(|_| Err(stopped())),
             Err(_) => Err(stopped()),
         };
@@ -1137,7 +1200,8 @@ impl Store for SqliteStore {
             event.hash.reserve(GENESIS_HASH.len());
         }
         let (reply, answer) = oneshot::channel();
-        self.uses
+        self.owner
+            .uses
             .send_async(WriteJob::Use(Box::new(Prepared { request, draft }), reply))
             .await
             .map_err(|_| stopped())?;
@@ -1151,7 +1215,8 @@ impl Store for SqliteStore {
 
     async fn checkpoint_now(&self) -> StoreResult<Option<Checkpoint>> {
         let (reply, answer) = oneshot::channel();
-        self.uses
+        self.owner
+            .uses
             .send_async(WriteJob::Checkpoint(reply))
             .await
             .map_err(|_| stopped())?;
@@ -1261,7 +1326,8 @@ impl Store for SqliteStore {
     async fn prune(&self, now: i64) -> StoreResult<u64> {
         // Through the writer, in steps between its commits (see `PRUNE_STEP`).
         let (reply, answer) = oneshot::channel();
-        self.uses
+        self.owner
+            .uses
             .send_async(WriteJob::Prune(now, reply))
             .await
             .map_err(|_| stopped())?;

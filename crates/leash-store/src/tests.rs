@@ -422,6 +422,7 @@ both_backends! {
         assert!(store.is_token_revoked("tok_1").await.unwrap());
         assert!(!store.is_token_revoked("tok_2").await.unwrap());
         store.prune(101).await.unwrap();
+        drop(store);
         let reopened = fx.open().await;
         assert!(!reopened.is_token_revoked("tok_1").await.unwrap());
     }
@@ -1399,4 +1400,52 @@ async fn postgres_a_revocation_and_a_commit_of_its_token_are_ordered_by_the_gran
     committing.commit().await.unwrap();
     revoke.await.unwrap().unwrap();
     assert!(store.is_token_revoked("tok_2").await.unwrap());
+}
+
+// ---------------------------------------------------------------------------------------------
+// One owner per SQLite database; a reader that changes nothing.
+
+/// A second store on a SQLite database fails at once, with what is wrong and what to do, until
+/// the first is dropped (its writer finished, its lock released).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_database_has_one_owner_at_a_time() {
+    let fx = Fixture::sqlite().await;
+    let path = fx.url.trim_start_matches("sqlite://").to_owned();
+    let first = fx.open().await;
+    let grant = with_grant(first.as_ref(), None).await;
+    let refused = crate::open(&fx.url).await.unwrap_err();
+    assert!(matches!(refused, StoreError::InUse { .. }), "{refused:?}");
+    let message = refused.to_string();
+    let expected = format!(
+        "database {path} is in use by another Leash server (lock file {path}.lock); stop it \
+         first, or use PostgreSQL for several nodes"
+    );
+    assert_eq!(message, expected);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(format!("{path}.lock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the lock file is the owner's only");
+    }
+    // The first goes on serving, through any of its handles.
+    let handle = first.clone();
+    assert_eq!(
+        handle.record_use(use_of(&grant, "p1", 10)).await.unwrap(),
+        UseVerdict::Recorded
+    );
+    drop(handle);
+    assert!(matches!(
+        crate::open(&fx.url).await,
+        Err(StoreError::InUse { .. })
+    ));
+    drop(first);
+    let second = fx.open().await;
+    assert_eq!(
+        second.record_use(use_of(&grant, "p1", 10)).await.unwrap(),
+        UseVerdict::Replayed(OneTimeKind::Proof),
+        "the new owner knows what the old one consumed"
+    );
 }
