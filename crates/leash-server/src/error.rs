@@ -141,7 +141,8 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_)
             | StoreError::Corrupt(_)
             | StoreError::UnsupportedUrl(_)
-            | StoreError::InUse { .. } => {
+            | StoreError::InUse { .. }
+            | StoreError::NotLeash(_) => {
                 tracing::error!(error = %e, "storage failure");
                 Self::Unavailable("storage is unavailable; try again".into())
             }

@@ -4,6 +4,7 @@
 mod common;
 mod postgres;
 mod queries;
+mod reader;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -18,6 +19,7 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 
 pub use postgres::PgStore;
+pub use reader::{AuditReader, open_audit_reader};
 pub use sqlite::SqliteStore;
 
 /// Storage failures. Callers map `Unavailable` to 503: a store failure never reads as "no".
@@ -48,6 +50,10 @@ pub enum StoreError {
         /// The lock file its owner holds.
         lock: String,
     },
+    /// The database holds no Leash schema (a wrong URL, or no server has started on it), so
+    /// there is nothing to read.
+    #[error("{0}")]
+    NotLeash(String),
 }
 
 /// Result of storage calls.

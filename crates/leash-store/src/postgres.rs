@@ -915,7 +915,7 @@ fn stopped() -> StoreError {
 }
 
 /// The statements shared with the SQLite backend.
-mod q {
+pub(crate) mod q {
     crate::queries::shared_queries!(sqlx::Postgres);
 }
 

@@ -1074,7 +1074,7 @@ impl SqliteStore {
 }
 
 /// The statements shared with the PostgreSQL backend.
-mod q {
+pub(crate) mod q {
     crate::queries::shared_queries!(sqlx::Sqlite);
 }
 

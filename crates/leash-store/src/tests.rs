@@ -1449,3 +1449,93 @@ async fn a_sqlite_database_has_one_owner_at_a_time() {
         "the new owner knows what the old one consumed"
     );
 }
+
+/// What the chain and the outbox hold, read from outside the store: (events, head hash,
+/// outbox rows).
+async fn chain_at_rest(fx: &Fixture) -> (i64, Option<String>, Vec<(i64, String)>) {
+    const COUNT: &str = "SELECT count(*) FROM audit_events";
+    const HEAD: &str = "SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1";
+    const OUTBOX: &str = "SELECT id, event FROM audit_outbox ORDER BY id";
+    if fx.postgres.is_some() {
+        let pool = sqlx::PgPool::connect(&fx.url).await.unwrap();
+        let count = sqlx::query_scalar(COUNT).fetch_one(&pool).await.unwrap();
+        let head = sqlx::query_scalar(HEAD)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        let outbox = sqlx::query_as(OUTBOX).fetch_all(&pool).await.unwrap();
+        pool.close().await;
+        return (count, head, outbox);
+    }
+    use rusqlite::OptionalExtension as _;
+    let conn = rusqlite::Connection::open_with_flags(
+        fx.url.trim_start_matches("sqlite://"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let count = conn.query_row(COUNT, [], |row| row.get(0)).unwrap();
+    let head = conn
+        .query_row(HEAD, [], |row| row.get(0))
+        .optional()
+        .unwrap();
+    let outbox = conn
+        .prepare(OUTBOX)
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    (count, head, outbox)
+}
+
+both_backends! {
+    /// The audit reader beside a live store reads the chain as stored and changes nothing: no
+    /// event is appended, the head stays, and an event left in the outbox stays there (the
+    /// full store would move it into the chain at open: a second appender).
+    async fn the_audit_reader_beside_a_live_store_changes_nothing(fx) {
+        let store = fx.open().await;
+        store.set_checkpoint_signer(sign_with_test_key());
+        let grant = with_grant(store.as_ref(), None).await;
+        store.append_audit(event(1)).await.unwrap();
+        store.checkpoint_now().await.unwrap();
+        // A change whose event could not join the chain: it waits in the outbox.
+        fx.sabotage_audit(true).await;
+        store.end_grant(&grant.id, GrantEnd::Completed, None, 11, &ev("grant.completed")).await.unwrap().unwrap();
+        fx.sabotage_audit(false).await;
+        let before = chain_at_rest(&fx).await;
+        assert_eq!((before.0, before.2.len()), (4, 1), "{before:?}");
+
+        let reader = crate::open_audit_reader(&fx.url).await.unwrap();
+        assert_eq!(reader.setting("nothing").await.unwrap(), None);
+        let everything = AuditQuery { limit: u32::MAX, ..AuditQuery::default() };
+        assert_eq!(reader.audit_lines(&everything).await.unwrap(), store.audit_lines(&everything).await.unwrap());
+        assert_eq!(reader.checkpoints(0).await.unwrap(), store.checkpoints(0).await.unwrap());
+        assert_eq!(reader.checkpoints(0).await.unwrap().len(), 1);
+        drop(reader);
+        assert_eq!(chain_at_rest(&fx).await, before, "the reader changed the database");
+
+        // The store goes on as before: the next change moves the waiting event, then its own.
+        store.revoke_token("tok_1", &grant.id, 100, &ev("token.revoked")).await.unwrap();
+        assert_eq!(kinds(store.as_ref()).await[4..], ["grant.completed", "token.revoked"]);
+        assert_eq!(verify_stored(store.as_ref()).await, 6);
+    }
+}
+
+both_backends! {
+    /// A database without Leash's tables (a wrong URL) is named as such; a missing SQLite file
+    /// is not created.
+    async fn the_audit_reader_refuses_a_database_without_leash_schema(fx) {
+        let refused = crate::open_audit_reader(&fx.url).await.unwrap_err();
+        assert!(matches!(refused, StoreError::NotLeash(_)), "{refused:?}");
+        if fx.postgres.is_none() {
+            let path = fx.url.trim_start_matches("sqlite://");
+            assert!(!std::path::Path::new(path).exists(), "the reader created the file");
+            assert!(refused.to_string().starts_with("no database file at"), "{refused}");
+            rusqlite::Connection::open(path).unwrap().execute_batch("CREATE TABLE other (x)").unwrap();
+            let refused = crate::open_audit_reader(&fx.url).await.unwrap_err();
+            assert!(matches!(refused, StoreError::NotLeash(_)), "{refused:?}");
+        }
+        let message = refused.to_string();
+        assert!(message.contains("has no Leash schema") || message.contains("no database file"), "{message}");
+    }
+}
