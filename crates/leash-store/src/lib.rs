@@ -1,10 +1,13 @@
 //! Leash's storage: one [`Store`] interface, implemented over the embedded SQLite database
 //! (and, in cluster mode, PostgreSQL). Migrations live per backend under `migrations/`.
 
+mod chain;
 mod common;
 mod postgres;
 mod queries;
 mod reader;
+mod repo;
+mod rules;
 mod sqlite;
 #[cfg(test)]
 mod tests;

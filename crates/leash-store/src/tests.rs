@@ -1277,7 +1277,7 @@ async fn a_large_prune_lets_requests_through_between_its_steps() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db").display().to_string();
     let store: Arc<dyn Store> = Arc::new(crate::SqliteStore::open(&path).await.unwrap());
-    let expired: Vec<OneTimeUse> = (0..100 * crate::sqlite::PRUNE_STEP)
+    let expired: Vec<OneTimeUse> = (0..100 * crate::sqlite::writer::PRUNE_STEP)
         .map(|i| proof(&format!("old {i}"), 5))
         .collect();
     assert_eq!(store.consume_once(&expired).await.unwrap(), None);

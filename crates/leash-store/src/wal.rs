@@ -433,7 +433,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal.db");
         let path = path.to_str().unwrap();
-        let conn = crate::sqlite::open_writer_connection(path).unwrap();
+        let conn = crate::sqlite::writer::open_writer_connection(path).unwrap();
         conn.execute_batch("CREATE TABLE t (payload BLOB NOT NULL)")
             .unwrap();
         let checkpointer = super::Checkpointer::start(path).unwrap();
