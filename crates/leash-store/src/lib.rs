@@ -1,5 +1,11 @@
-//! Leash's storage: one [`Store`] interface, implemented over the embedded SQLite database
-//! (and, in cluster mode, PostgreSQL). Migrations live per backend under `migrations/`.
+//! Leash's storage: one [`Store`] interface, implemented once (`repo::Repo`) over the embedded
+//! SQLite database ([`SqliteStore`]) and, in cluster mode, PostgreSQL ([`PgStore`]). What the
+//! backends share is written once: the statements (`queries`), the row mapping and memos
+//! (`common`), the rules by which a group commit judges each request (`rules`), the audit
+//! chain's head (`chain`). What is theirs alone: the group-commit writer (`sqlite::writer`,
+//! `postgres::writer`), change notification across nodes (PostgreSQL), revoked-token lookup,
+//! pruning, and the SQLite log's upkeep (`wal`). Migrations live per backend under
+//! `migrations/`. [`open_audit_reader`] reads a store's audit trail without touching it.
 
 mod chain;
 mod common;

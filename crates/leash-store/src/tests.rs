@@ -653,7 +653,7 @@ both_backends! {
         let store = fx.open().await;
         store.set_checkpoint_signer(sign_with_test_key());
         // One event committed and signed first, so the count below holds however the tasks
-        // are scheduled (on a loaded machine all 20 once ran after every append).
+        // are scheduled (on a loaded machine they may all run after every append).
         store.append_audit(event(600)).await.unwrap();
         store.checkpoint_now().await.unwrap();
         let checkpoints: Vec<_> = (0..20)
@@ -1251,8 +1251,8 @@ async fn wal_under_load(restart_at: u64, seconds: u64) -> (u64, u64) {
 }
 
 /// Unbroken writes with readers always in the database: the WAL must still start over (a
-/// passive checkpointer alone let it grow to 37 GB in a six-minute soak run). Compared in one
-/// run with the same load on an unbounded log, so the machine's speed cancels out.
+/// passive checkpointer alone lets it grow without end). Compared in one run with the same load
+/// on an unbounded log, so the machine's speed cancels out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_write_ahead_log_stays_bounded_under_unbroken_load() {
     let (unbounded_events, unbounded_wal) = wal_under_load(u64::MAX, 3).await;
@@ -1270,8 +1270,8 @@ async fn the_write_ahead_log_stays_bounded_under_unbroken_load() {
 }
 
 /// A prune of many expired values goes in steps: a request that arrives while it runs is
-/// committed between two steps instead of waiting behind one long delete (a minute of values
-/// at a few thousand requests a second held SQLite's write lock for ≈ 85 ms in one statement).
+/// committed between two steps instead of waiting behind one long delete, which would hold
+/// SQLite's write lock, and every request with it, for as long as it deletes.
 #[tokio::test]
 async fn a_large_prune_lets_requests_through_between_its_steps() {
     let dir = tempfile::tempdir().unwrap();
