@@ -470,13 +470,14 @@ async fn verify_database(
     data_dir: &Path,
     remote: &Remote,
 ) -> anyhow::Result<u64> {
-    let store = leash_store::open(url).await.map_err(|e| {
+    // Read-only: beside a live server this neither migrates nor appends to the chain.
+    let store = leash_store::open_audit_reader(url).await.map_err(|e| {
         let url = leash_store::display_url(url);
         anyhow!("cannot open database {url}: {e}")
     })?;
     let keys = match jwks {
         Some(source) => load_jwks(&source).await?,
-        None => match local_key(store.as_ref(), data_dir).await? {
+        None => match local_key(&store, data_dir).await? {
             Some(key) => vec![(key.kid().to_owned(), key.public())],
             None => load_jwks(&format!("{}/.well-known/jwks.json", base(remote))).await?,
         },
@@ -510,7 +511,7 @@ async fn verify_database(
 /// The database's signing key, if the master key is at hand (LEASH_MASTER_KEY or
 /// DATA_DIR/master.key).
 async fn local_key(
-    store: &dyn leash_store::Store,
+    store: &leash_store::AuditReader,
     data_dir: &Path,
 ) -> anyhow::Result<Option<leash_core::token::SigningKey>> {
     let encoded = match std::env::var(leash_server::config::ENV_MASTER_KEY) {

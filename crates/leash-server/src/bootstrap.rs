@@ -85,7 +85,7 @@ pub fn open_signing_key(master: &MasterKey, sealed: &[u8]) -> anyhow::Result<Sig
 /// The signing key of a database that a server has started on, if any; for offline checks
 /// (`leash audit verify --database`).
 pub async fn stored_signing_key(
-    store: &dyn Store,
+    store: &leash_store::AuditReader,
     master: &MasterKey,
 ) -> anyhow::Result<Option<SigningKey>> {
     match store.setting(SIGNING_KEY).await? {

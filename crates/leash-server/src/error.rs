@@ -138,7 +138,11 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => Self::Conflict("already exists".into()),
-            StoreError::Unavailable(_) | StoreError::Corrupt(_) | StoreError::UnsupportedUrl(_) => {
+            StoreError::Unavailable(_)
+            | StoreError::Corrupt(_)
+            | StoreError::UnsupportedUrl(_)
+            | StoreError::InUse { .. }
+            | StoreError::NotLeash(_) => {
                 tracing::error!(error = %e, "storage failure");
                 Self::Unavailable("storage is unavailable; try again".into())
             }

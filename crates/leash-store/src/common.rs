@@ -3,7 +3,7 @@
 
 use std::sync::{Mutex, OnceLock, PoisonError};
 
-use leash_core::audit::Outcome;
+use leash_core::audit::{Checkpoint, Outcome};
 use leash_core::grant::{Grant, GrantStatus};
 
 use crate::{
@@ -138,6 +138,16 @@ pub(crate) fn approval_from_row(row: &impl Columns) -> StoreResult<Approval> {
     })
 }
 
+pub(crate) fn checkpoint_from_row(row: &impl Columns) -> StoreResult<Checkpoint> {
+    Ok(Checkpoint {
+        seq: row.int("seq")?.max(0) as u64,
+        hash: row.column("hash")?,
+        ts: row.column("ts")?,
+        kid: row.column("kid")?,
+        sig: row.column("sig")?,
+    })
+}
+
 pub(crate) fn user_from_row(row: &impl Columns) -> StoreResult<User> {
     Ok(User {
         id: row.column("id")?,
@@ -162,8 +172,9 @@ impl std::fmt::Debug for SignerSlot {
 
 /// Rows held in memory for the per-request path (grants for liveness, vault entries for
 /// injection). Every write that changes such a row drops it afterwards; the epoch stops a read
-/// that raced such a write from putting the old row back. On SQLite only this process writes to
-/// the database; on PostgreSQL other nodes' writes arrive as notifications (see `postgres`).
+/// that raced such a write from putting the old row back. On SQLite only this store writes to
+/// the database, since it holds the database's lock (`sqlite::own_database`); on PostgreSQL
+/// other nodes' writes arrive as notifications (see `postgres`).
 pub(crate) struct Memo<V> {
     entries: quick_cache::sync::Cache<String, V>,
     epoch: Mutex<u64>,
@@ -295,28 +306,4 @@ pub(crate) fn staged_event(id: i64, text: &str) -> StoreResult<leash_core::audit
 /// in the outbox, and the next change, checkpoint or start tries again.
 pub(crate) fn log_unflushed(error: &StoreError) {
     tracing::error!(error = %error, "audit events stay in the outbox: the chain cannot be written");
-}
-
-/// Seals a use's audit event at `seq` after `prev_hash` and sets its hash: from the draft the
-/// caller made when the use was recorded, or, when the store refused the use, as a deny with
-/// the verdict's reason, canonicalised anew. Writes the stored line into `line` (overwritten)
-/// and returns the event's Unix time.
-pub(crate) fn seal_use_event(
-    event: &mut leash_core::audit::AuditEvent,
-    draft: Option<&(leash_core::audit::Draft, i64)>,
-    verdict: crate::UseVerdict,
-    seq: u64,
-    prev_hash: &str,
-    line: &mut String,
-) -> Result<i64, leash_core::audit::CanonicalError> {
-    if let (None, Some((draft, at))) = (verdict.reason(), draft) {
-        draft.seal_into(seq, prev_hash, line, &mut event.hash);
-        return Ok(*at);
-    }
-    if let Some(reason) = verdict.reason() {
-        event.decision = Some(Outcome::Deny);
-        event.reason = Some(reason.to_owned());
-    }
-    *line = event.seal(seq, prev_hash)?;
-    Ok(unix_of(&event.ts))
 }

@@ -1,9 +1,19 @@
-//! Leash's storage: one [`Store`] interface, implemented over the embedded SQLite database
-//! (and, in cluster mode, PostgreSQL). Migrations live per backend under `migrations/`.
+//! Leash's storage: one [`Store`] interface, implemented once (`repo::Repo`) over the embedded
+//! SQLite database ([`SqliteStore`]) and, in cluster mode, PostgreSQL ([`PgStore`]). What the
+//! backends share is written once: the statements (`queries`), the row mapping and memos
+//! (`common`), the rules by which a group commit judges each request (`rules`), the audit
+//! chain's head (`chain`). What is theirs alone: the group-commit writer (`sqlite::writer`,
+//! `postgres::writer`), change notification across nodes (PostgreSQL), revoked-token lookup,
+//! pruning, and the SQLite log's upkeep (`wal`). Migrations live per backend under
+//! `migrations/`. [`open_audit_reader`] reads a store's audit trail without touching it.
 
+mod chain;
 mod common;
 mod postgres;
 mod queries;
+mod reader;
+mod repo;
+mod rules;
 mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -18,6 +28,7 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 
 pub use postgres::PgStore;
+pub use reader::{AuditReader, open_audit_reader};
 pub use sqlite::SqliteStore;
 
 /// Storage failures. Callers map `Unavailable` to 503: a store failure never reads as "no".
@@ -35,6 +46,23 @@ pub enum StoreError {
     /// The database URL is not one this build supports.
     #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
+    /// Another store holds the SQLite database (another `leash serve`, here or in another
+    /// process): a SQLite database has one owner, since its writer keeps what single use
+    /// rests on in memory.
+    #[error(
+        "database {database} is in use by another Leash server (lock file {lock}); \
+         stop it first, or use PostgreSQL for several nodes"
+    )]
+    InUse {
+        /// The database file.
+        database: String,
+        /// The lock file its owner holds.
+        lock: String,
+    },
+    /// The database holds no Leash schema (a wrong URL, or no server has started on it), so
+    /// there is nothing to read.
+    #[error("{0}")]
+    NotLeash(String),
 }
 
 /// Result of storage calls.

@@ -1,60 +1,219 @@
-//! The statements both backends run alike, written once. `shared_queries!(Db)` expands to one
-//! module of functions per backend: sqlx's executors are typed by database, and a macro keeps
-//! the SQL, the binds and the row mapping in one place without a wall of generic bounds. The
+//! The statements both backends run alike, written once: the trait [`Queries`], implemented
+//! for `sqlx::Sqlite` and `sqlx::Postgres`, which the one repository (`repo::Repo`) calls on its
+//! backend's database (`B::Db::create_user(&mut tx, …)`). sqlx's connections are typed by
+//! database, so `shared_queries!` expands the one body of each statement into both impls: the
+//! SQL, the binds and the row mapping stay in one place without a wall of generic bounds. The
 //! SQL is what SQLite and PostgreSQL both accept: `$n` parameters, `CAST(… AS TEXT)`. Each
-//! function runs one statement on any executor of its database (a pool, or a transaction's
-//! connection).
+//! runs one statement on a connection: a transaction's, or one taken from a pool.
 
-/// Expands to the shared functions for the sqlx database type `$db`.
+use std::future::Future;
+
+use leash_core::audit::{AuditEvent, Checkpoint};
+use leash_core::grant::Grant;
+use leash_core::secret::SecretDigest;
+
+use crate::common::{
+    APPROVAL_COLUMNS, Columns as _, GRANT_BY_HANDLE, GRANT_COLUMNS, agent_from_row,
+    approval_from_row, checkpoint_from_row, grant_from_row, grant_with_agent_from_row, json_list,
+    unavailable, user_from_row, vault_from_row,
+};
+use crate::{
+    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, StoreResult, User, VaultEntry,
+};
+
+/// The shared statements, on a connection of the database.
+pub(crate) trait Queries: sqlx::Database {
+    fn ping(conn: &mut Self::Connection) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Fails unless `table` exists (a name of the schema, never input).
+    fn probe(
+        conn: &mut Self::Connection,
+        table: &str,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// A server-wide setting, if set.
+    fn setting(
+        conn: &mut Self::Connection,
+        name: &str,
+    ) -> impl Future<Output = StoreResult<Option<Vec<u8>>>> + Send;
+    /// Sets a setting unless it is set.
+    fn insert_setting(
+        conn: &mut Self::Connection,
+        name: &str,
+        value: &[u8],
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn create_user(
+        conn: &mut Self::Connection,
+        user: &User,
+        key: &SecretDigest,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn user_by_key(
+        conn: &mut Self::Connection,
+        key: &SecretDigest,
+    ) -> impl Future<Output = StoreResult<Option<User>>> + Send;
+    fn list_users(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = StoreResult<Vec<User>>> + Send;
+    fn create_agent(
+        conn: &mut Self::Connection,
+        agent: &Agent,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn agent(
+        conn: &mut Self::Connection,
+        id: &str,
+    ) -> impl Future<Output = StoreResult<Option<Agent>>> + Send;
+    fn list_agents(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = StoreResult<Vec<Agent>>> + Send;
+    /// Marks the agent disabled; false if there is no such agent.
+    fn disable_agent_row(
+        conn: &mut Self::Connection,
+        id: &str,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Revokes every active grant of the agent.
+    fn revoke_agent_grants(
+        conn: &mut Self::Connection,
+        id: &str,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn create_grant(
+        conn: &mut Self::Connection,
+        grant: &Grant,
+        handle: &SecretDigest,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn grant(
+        conn: &mut Self::Connection,
+        id: &str,
+    ) -> impl Future<Output = StoreResult<Option<Grant>>> + Send;
+    /// The grant a handle was issued for, with its agent, in one round trip.
+    fn grant_by_handle(
+        conn: &mut Self::Connection,
+        handle: &SecretDigest,
+    ) -> impl Future<Output = StoreResult<Option<(Grant, Agent)>>> + Send;
+    fn list_grants(
+        conn: &mut Self::Connection,
+        subject: Option<&str>,
+    ) -> impl Future<Output = StoreResult<Vec<Grant>>> + Send;
+    /// The compare-and-set of `Store::end_grant`.
+    fn end_grant(
+        conn: &mut Self::Connection,
+        id: &str,
+        end: GrantEnd,
+        reason: Option<&str>,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<Option<Grant>>> + Send;
+    fn audit_lines(
+        conn: &mut Self::Connection,
+        query: &AuditQuery,
+    ) -> impl Future<Output = StoreResult<Vec<String>>> + Send;
+    fn checkpoints(
+        conn: &mut Self::Connection,
+        since_seq: u64,
+    ) -> impl Future<Output = StoreResult<Vec<Checkpoint>>> + Send;
+    fn latest_checkpoint(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = StoreResult<Option<Checkpoint>>> + Send;
+    fn action_uses(
+        conn: &mut Self::Connection,
+        subject: Option<&str>,
+    ) -> impl Future<Output = StoreResult<Vec<ActionUse>>> + Send;
+    fn approval(
+        conn: &mut Self::Connection,
+        id: &str,
+    ) -> impl Future<Output = StoreResult<Option<Approval>>> + Send;
+    fn list_approvals(
+        conn: &mut Self::Connection,
+        subject: Option<&str>,
+    ) -> impl Future<Output = StoreResult<Vec<Approval>>> + Send;
+    /// The compare-and-set of `Store::decide_approval`.
+    fn decide_approval(
+        conn: &mut Self::Connection,
+        id: &str,
+        approve: bool,
+        approver: &str,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<Option<Approval>>> + Send;
+    fn put_credential(
+        conn: &mut Self::Connection,
+        entry: &VaultEntry,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn credential(
+        conn: &mut Self::Connection,
+        subject: &str,
+        upstream: &str,
+    ) -> impl Future<Output = StoreResult<Option<VaultEntry>>> + Send;
+    fn list_credentials(
+        conn: &mut Self::Connection,
+        subject: &str,
+    ) -> impl Future<Output = StoreResult<Vec<VaultEntry>>> + Send;
+    /// Deletes a credential; false if there was none.
+    fn delete_credential(
+        conn: &mut Self::Connection,
+        subject: &str,
+        upstream: &str,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    fn revoke_token(
+        conn: &mut Self::Connection,
+        jti: &str,
+        grant_id: &str,
+        expires_at: i64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Puts a management change's event in the outbox (in the change's transaction), for the
+    /// chain's appender to take.
+    fn stage_event(
+        conn: &mut Self::Connection,
+        event: &AuditEvent,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Deletes revoked-token rows of tokens expired anyway; returns how many.
+    fn prune_revoked(
+        conn: &mut Self::Connection,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<u64>> + Send;
+}
+
+/// Implements [`Queries`] for each sqlx database type given, from one body.
 macro_rules! shared_queries {
-    ($db:ty) => {
-        use leash_core::audit::Checkpoint;
-        use leash_core::grant::Grant;
-        use leash_core::secret::SecretDigest;
-
-        use crate::common::{
-            APPROVAL_COLUMNS, Columns as _, GRANT_BY_HANDLE, GRANT_COLUMNS, agent_from_row,
-            approval_from_row, grant_from_row, grant_with_agent_from_row, json_list, unavailable,
-            user_from_row, vault_from_row,
-        };
-        use crate::{
-            ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, StoreResult, User,
-            VaultEntry,
-        };
-
-        pub(crate) async fn ping<'c>(db: impl sqlx::Executor<'c, Database = $db>) -> StoreResult<()> {
-            sqlx::query("SELECT 1").execute(db).await.map_err(unavailable)?;
+    ($($db:ty),+) => {$(
+    impl Queries for $db {
+        async fn ping(conn: &mut <$db as sqlx::Database>::Connection) -> StoreResult<()> {
+            sqlx::query("SELECT 1").execute(conn).await.map_err(unavailable)?;
             Ok(())
         }
 
-        pub(crate) async fn setting<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn probe(conn: &mut <$db as sqlx::Database>::Connection, table: &str) -> StoreResult<()> {
+            sqlx::query(&format!("SELECT 1 FROM {table} WHERE 1 = 0"))
+                .execute(conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn setting(
+            conn: &mut <$db as sqlx::Database>::Connection,
             name: &str,
         ) -> StoreResult<Option<Vec<u8>>> {
             let row = sqlx::query("SELECT value FROM settings WHERE name = $1")
                 .bind(name)
-                .fetch_optional(db)
+                .fetch_optional(conn)
                 .await
                 .map_err(unavailable)?;
             row.map(|r| r.column("value")).transpose()
         }
 
-        pub(crate) async fn insert_setting<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn insert_setting(
+            conn: &mut <$db as sqlx::Database>::Connection,
             name: &str,
             value: &[u8],
         ) -> StoreResult<()> {
             sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING")
                 .bind(name)
                 .bind(value)
-                .execute(db)
+                .execute(conn)
                 .await
                 .map_err(unavailable)?;
             Ok(())
         }
 
-        pub(crate) async fn create_user<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn create_user(
+            conn: &mut <$db as sqlx::Database>::Connection,
             user: &User,
             key: &SecretDigest,
         ) -> StoreResult<()> {
@@ -65,36 +224,36 @@ macro_rules! shared_queries {
             .bind(&user.name)
             .bind(key.as_str())
             .bind(user.created_at)
-            .execute(db)
+            .execute(conn)
             .await
             .map_err(unavailable)?;
             Ok(())
         }
 
-        pub(crate) async fn user_by_key<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn user_by_key(
+            conn: &mut <$db as sqlx::Database>::Connection,
             key: &SecretDigest,
         ) -> StoreResult<Option<User>> {
             let row = sqlx::query("SELECT id, name, created_at FROM users WHERE key_digest = $1")
                 .bind(key.as_str())
-                .fetch_optional(db)
+                .fetch_optional(conn)
                 .await
                 .map_err(unavailable)?;
             row.as_ref().map(user_from_row).transpose()
         }
 
-        pub(crate) async fn list_users<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn list_users(
+            conn: &mut <$db as sqlx::Database>::Connection,
         ) -> StoreResult<Vec<User>> {
             let rows = sqlx::query("SELECT id, name, created_at FROM users ORDER BY created_at, id")
-                .fetch_all(db)
+                .fetch_all(conn)
                 .await
                 .map_err(unavailable)?;
             rows.iter().map(user_from_row).collect()
         }
 
-        pub(crate) async fn create_agent<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn create_agent(
+            conn: &mut <$db as sqlx::Database>::Connection,
             agent: &Agent,
         ) -> StoreResult<()> {
             sqlx::query(
@@ -106,50 +265,50 @@ macro_rules! shared_queries {
             .bind(agent.jwks.to_string())
             .bind(i64::from(agent.disabled))
             .bind(agent.created_at)
-            .execute(db)
+            .execute(conn)
             .await
             .map_err(unavailable)?;
             Ok(())
         }
 
-        pub(crate) async fn agent<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn agent(
+            conn: &mut <$db as sqlx::Database>::Connection,
             id: &str,
         ) -> StoreResult<Option<Agent>> {
             let row = sqlx::query("SELECT * FROM agents WHERE id = $1")
                 .bind(id)
-                .fetch_optional(db)
+                .fetch_optional(conn)
                 .await
                 .map_err(unavailable)?;
             row.as_ref().map(agent_from_row).transpose()
         }
 
-        pub(crate) async fn list_agents<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn list_agents(
+            conn: &mut <$db as sqlx::Database>::Connection,
         ) -> StoreResult<Vec<Agent>> {
             let rows = sqlx::query("SELECT * FROM agents ORDER BY created_at, id")
-                .fetch_all(db)
+                .fetch_all(conn)
                 .await
                 .map_err(unavailable)?;
             rows.iter().map(agent_from_row).collect()
         }
 
         /// Marks the agent disabled; false if there is no such agent.
-        pub(crate) async fn disable_agent_row<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn disable_agent_row(
+            conn: &mut <$db as sqlx::Database>::Connection,
             id: &str,
         ) -> StoreResult<bool> {
             let done = sqlx::query("UPDATE agents SET disabled = 1 WHERE id = $1")
                 .bind(id)
-                .execute(db)
+                .execute(conn)
                 .await
                 .map_err(unavailable)?;
             Ok(done.rows_affected() > 0)
         }
 
         /// Revokes every active grant of the agent.
-        pub(crate) async fn revoke_agent_grants<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn revoke_agent_grants(
+            conn: &mut <$db as sqlx::Database>::Connection,
             id: &str,
             now: i64,
         ) -> StoreResult<()> {
@@ -159,14 +318,14 @@ macro_rules! shared_queries {
             )
             .bind(now)
             .bind(id)
-            .execute(db)
+            .execute(conn)
             .await
             .map_err(unavailable)?;
             Ok(())
         }
 
-        pub(crate) async fn create_grant<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn create_grant(
+            conn: &mut <$db as sqlx::Database>::Connection,
             grant: &Grant,
             handle: &SecretDigest,
         ) -> StoreResult<()> {
@@ -190,38 +349,38 @@ macro_rules! shared_queries {
             .bind(grant.max_requests)
             .bind(grant.requests_used)
             .bind(grant.status.as_str())
-            .execute(db)
+            .execute(conn)
             .await
             .map_err(unavailable)?;
             Ok(())
         }
 
-        pub(crate) async fn grant<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn grant(
+            conn: &mut <$db as sqlx::Database>::Connection,
             id: &str,
         ) -> StoreResult<Option<Grant>> {
             let row = sqlx::query(&format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = $1"))
                 .bind(id)
-                .fetch_optional(db)
+                .fetch_optional(conn)
                 .await
                 .map_err(unavailable)?;
             row.as_ref().map(grant_from_row).transpose()
         }
 
-        pub(crate) async fn grant_by_handle<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn grant_by_handle(
+            conn: &mut <$db as sqlx::Database>::Connection,
             handle: &SecretDigest,
         ) -> StoreResult<Option<(Grant, Agent)>> {
             let row = sqlx::query(&GRANT_BY_HANDLE)
                 .bind(handle.as_str())
-                .fetch_optional(db)
+                .fetch_optional(conn)
                 .await
                 .map_err(unavailable)?;
             row.as_ref().map(grant_with_agent_from_row).transpose()
         }
 
-        pub(crate) async fn list_grants<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn list_grants(
+            conn: &mut <$db as sqlx::Database>::Connection,
             subject: Option<&str>,
         ) -> StoreResult<Vec<Grant>> {
             let rows = sqlx::query(&format!(
@@ -229,15 +388,15 @@ macro_rules! shared_queries {
                  WHERE (CAST($1 AS TEXT) IS NULL OR subject = $1) ORDER BY created_at DESC, id"
             ))
             .bind(subject)
-            .fetch_all(db)
+            .fetch_all(conn)
             .await
             .map_err(unavailable)?;
             rows.iter().map(grant_from_row).collect()
         }
 
         /// The compare-and-set of `Store::end_grant`.
-        pub(crate) async fn end_grant<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn end_grant(
+            conn: &mut <$db as sqlx::Database>::Connection,
             id: &str,
             end: GrantEnd,
             reason: Option<&str>,
@@ -252,14 +411,14 @@ macro_rules! shared_queries {
             .bind(now)
             .bind(reason)
             .bind(id)
-            .fetch_optional(db)
+            .fetch_optional(conn)
             .await
             .map_err(unavailable)?;
             row.as_ref().map(grant_from_row).transpose()
         }
 
-        pub(crate) async fn audit_lines<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn audit_lines(
+            conn: &mut <$db as sqlx::Database>::Connection,
             query: &AuditQuery,
         ) -> StoreResult<Vec<String>> {
             sqlx::query_scalar(
@@ -273,13 +432,13 @@ macro_rules! shared_queries {
             .bind(&query.actor)
             .bind(&query.subject)
             .bind(i64::from(query.limit))
-            .fetch_all(db)
+            .fetch_all(conn)
             .await
             .map_err(unavailable)
         }
 
-        pub(crate) async fn checkpoints<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn checkpoints(
+            conn: &mut <$db as sqlx::Database>::Connection,
             since_seq: u64,
         ) -> StoreResult<Vec<Checkpoint>> {
             let rows = sqlx::query(
@@ -287,24 +446,26 @@ macro_rules! shared_queries {
                  ORDER BY seq",
             )
             .bind(since_seq.min(i64::MAX as u64) as i64)
-            .fetch_all(db)
+            .fetch_all(conn)
             .await
             .map_err(unavailable)?;
-            rows.iter()
-                .map(|row| {
-                    Ok(Checkpoint {
-                        seq: row.int("seq")?.max(0) as u64,
-                        hash: row.column("hash")?,
-                        ts: row.column("ts")?,
-                        kid: row.column("kid")?,
-                        sig: row.column("sig")?,
-                    })
-                })
-                .collect()
+            rows.iter().map(checkpoint_from_row).collect()
         }
 
-        pub(crate) async fn action_uses<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn latest_checkpoint(
+            conn: &mut <$db as sqlx::Database>::Connection,
+        ) -> StoreResult<Option<Checkpoint>> {
+            let row = sqlx::query(
+                "SELECT seq, hash, ts, kid, sig FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+            )
+            .fetch_optional(conn)
+            .await
+            .map_err(unavailable)?;
+            row.as_ref().map(checkpoint_from_row).transpose()
+        }
+
+        async fn action_uses(
+            conn: &mut <$db as sqlx::Database>::Connection,
             subject: Option<&str>,
         ) -> StoreResult<Vec<ActionUse>> {
             let rows = sqlx::query(
@@ -314,7 +475,7 @@ macro_rules! shared_queries {
                  AND (CAST($1 AS TEXT) IS NULL OR subject = $1) GROUP BY grant_id, action",
             )
             .bind(subject)
-            .fetch_all(db)
+            .fetch_all(conn)
             .await
             .map_err(unavailable)?;
             rows.iter()
@@ -329,22 +490,22 @@ macro_rules! shared_queries {
                 .collect()
         }
 
-        pub(crate) async fn approval<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn approval(
+            conn: &mut <$db as sqlx::Database>::Connection,
             id: &str,
         ) -> StoreResult<Option<Approval>> {
             let row = sqlx::query(&format!(
                 "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1"
             ))
             .bind(id)
-            .fetch_optional(db)
+            .fetch_optional(conn)
             .await
             .map_err(unavailable)?;
             row.as_ref().map(approval_from_row).transpose()
         }
 
-        pub(crate) async fn list_approvals<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn list_approvals(
+            conn: &mut <$db as sqlx::Database>::Connection,
             subject: Option<&str>,
         ) -> StoreResult<Vec<Approval>> {
             let rows = sqlx::query(&format!(
@@ -352,14 +513,14 @@ macro_rules! shared_queries {
                  WHERE (CAST($1 AS TEXT) IS NULL OR subject = $1) ORDER BY requested_at DESC, id"
             ))
             .bind(subject)
-            .fetch_all(db)
+            .fetch_all(conn)
             .await
             .map_err(unavailable)?;
             rows.iter().map(approval_from_row).collect()
         }
 
-        pub(crate) async fn decide_approval<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn decide_approval(
+            conn: &mut <$db as sqlx::Database>::Connection,
             id: &str,
             approve: bool,
             approver: &str,
@@ -379,14 +540,14 @@ macro_rules! shared_queries {
             .bind(now)
             .bind(approver)
             .bind(id)
-            .fetch_optional(db)
+            .fetch_optional(conn)
             .await
             .map_err(unavailable)?;
             row.as_ref().map(approval_from_row).transpose()
         }
 
-        pub(crate) async fn put_credential<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn put_credential(
+            conn: &mut <$db as sqlx::Database>::Connection,
             entry: &VaultEntry,
         ) -> StoreResult<()> {
             sqlx::query(
@@ -404,55 +565,55 @@ macro_rules! shared_queries {
             .bind(&entry.sealed)
             .bind(entry.expires_at)
             .bind(entry.created_at)
-            .execute(db)
+            .execute(conn)
             .await
             .map_err(unavailable)?;
             Ok(())
         }
 
-        pub(crate) async fn credential<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn credential(
+            conn: &mut <$db as sqlx::Database>::Connection,
             subject: &str,
             upstream: &str,
         ) -> StoreResult<Option<VaultEntry>> {
             let row = sqlx::query("SELECT * FROM vault WHERE subject = $1 AND upstream = $2")
                 .bind(subject)
                 .bind(upstream)
-                .fetch_optional(db)
+                .fetch_optional(conn)
                 .await
                 .map_err(unavailable)?;
             row.as_ref().map(vault_from_row).transpose()
         }
 
-        pub(crate) async fn list_credentials<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn list_credentials(
+            conn: &mut <$db as sqlx::Database>::Connection,
             subject: &str,
         ) -> StoreResult<Vec<VaultEntry>> {
             let rows = sqlx::query("SELECT * FROM vault WHERE subject = $1 ORDER BY upstream")
                 .bind(subject)
-                .fetch_all(db)
+                .fetch_all(conn)
                 .await
                 .map_err(unavailable)?;
             rows.iter().map(vault_from_row).collect()
         }
 
         /// Deletes a credential; false if there was none.
-        pub(crate) async fn delete_credential<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn delete_credential(
+            conn: &mut <$db as sqlx::Database>::Connection,
             subject: &str,
             upstream: &str,
         ) -> StoreResult<bool> {
             let done = sqlx::query("DELETE FROM vault WHERE subject = $1 AND upstream = $2")
                 .bind(subject)
                 .bind(upstream)
-                .execute(db)
+                .execute(conn)
                 .await
                 .map_err(unavailable)?;
             Ok(done.rows_affected() > 0)
         }
 
-        pub(crate) async fn revoke_token<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn revoke_token(
+            conn: &mut <$db as sqlx::Database>::Connection,
             jti: &str,
             grant_id: &str,
             expires_at: i64,
@@ -464,56 +625,40 @@ macro_rules! shared_queries {
             .bind(jti)
             .bind(grant_id)
             .bind(expires_at)
-            .execute(db)
+            .execute(conn)
             .await
             .map_err(unavailable)?;
             Ok(())
         }
 
-        /// Ends a management change: writes its audit event (when the change took effect)
-        /// into the outbox in the change's own transaction, commits, runs `committed` (which
-        /// drops what memory holds of the changed rows, at once, not after the flush, and also
-        /// when the commit reports a failure), and then has `flush` move the event into the
-        /// chain (see `Store`).
-        pub(crate) async fn commit_change(
-            mut tx: sqlx::Transaction<'static, $db>,
-            event: Option<&leash_core::audit::AuditEvent>,
-            committed: impl FnOnce(),
-            flush: impl AsyncFnOnce(),
+        async fn stage_event(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            event: &AuditEvent,
         ) -> StoreResult<()> {
-            if let Some(event) = event {
-                let text = serde_json::to_string(event)
-                    .map_err(|e| crate::StoreError::Unavailable(e.to_string()))?;
-                sqlx::query("INSERT INTO audit_outbox (event) VALUES ($1)")
-                    .bind(text)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
-            }
-            // Memory's copies are dropped even when the commit reports a failure: on PostgreSQL
-            // a lost connection can hide a commit that happened, and dropping is always safe.
-            let result = tx.commit().await.map_err(unavailable);
-            committed();
-            result?;
-            if event.is_some() {
-                flush().await;
-            }
+            let text = serde_json::to_string(event)
+                .map_err(|e| crate::StoreError::Unavailable(e.to_string()))?;
+            sqlx::query("INSERT INTO audit_outbox (event) VALUES ($1)")
+                .bind(text)
+                .execute(conn)
+                .await
+                .map_err(unavailable)?;
             Ok(())
         }
 
         /// Deletes revoked-token rows of tokens expired anyway; returns how many.
-        pub(crate) async fn prune_revoked<'c>(
-            db: impl sqlx::Executor<'c, Database = $db>,
+        async fn prune_revoked(
+            conn: &mut <$db as sqlx::Database>::Connection,
             now: i64,
         ) -> StoreResult<u64> {
             let done = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < $1")
                 .bind(now)
-                .execute(db)
+                .execute(conn)
                 .await
                 .map_err(unavailable)?;
             Ok(done.rows_affected())
         }
-    };
+    }
+    )+};
 }
 
-pub(crate) use shared_queries;
+shared_queries!(sqlx::Sqlite, sqlx::Postgres);

@@ -1,6 +1,31 @@
 //! Upkeep of SQLite's write-ahead log for the embedded store: a background thread copies the
 //! log into the database file, and the writer starts the log over once it is large. Public so
 //! that the audit benchmark holds its bare SQLite insert to exactly the store's upkeep.
+//!
+//! The store runs SQLite in WAL mode with `synchronous = NORMAL`: a commit is in the log before
+//! it returns, so it survives `kill -9` of the process. Copying the log back into the database
+//! file (a checkpoint) syncs that file, so it is kept off the writer's time, where every request
+//! waiting for the group commit would wait with it:
+//! - a thread with its own connection ([`Checkpointer`]) runs `wal_checkpoint(PASSIVE)` every
+//!   [`CHECKPOINT_EVERY`], at a CPU priority below the process's: the copying can wait (the log
+//!   holds the pages meanwhile), the writer and the request handlers cannot;
+//! - passive checkpoints alone never let the log start over under unbroken load (that needs a
+//!   moment with every frame copied and no reader in the log), so the log, and the shared-memory
+//!   index every connection maps, would grow without end. Once the log passes
+//!   [`WAL_RESTART_BYTES`], the writer ([`WalBound`]) asks that thread to copy round after round
+//!   until a round finds little left (a few pages, or rounds that stopped shrinking) and to
+//!   flush the pages it copied to the database file (SQLite syncs that file only after a round
+//!   that copied the whole log, which under load is the restart alone); then the writer itself,
+//!   between two commits, runs `wal_checkpoint(RESTART)`: a pause of about one small copy and a
+//!   sync, where copying and syncing a whole log on the writer's time would hold every waiting
+//!   request up for as long. If the thread cannot catch up within `CATCH_UP_WAIT` (a reader
+//!   pinning old pages), the writer restarts the log anyway;
+//! - the log's length is the thread's count at each round, not the file's size: the file is
+//!   written again from its start after a restart and trimmed only past twice the limit
+//!   (`journal_size_limit`), and after each round the thread asks the kernel to read back the
+//!   pages it dropped from its cache of the part of the file the log has not reached since its
+//!   restart (`POSIX_FADV_WILLNEED`): frames are not block aligned, so a frame written over a
+//!   dropped block would first read it, synchronously, on the writer's time.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,9 +44,9 @@ const WAL_CHECK_EVERY: Duration = Duration::from_millis(25);
 
 /// A round of the background thread that copied at most this many pages found the log caught
 /// up: what is left for the writer's restart is about one round of writes, which the restart
-/// copies and syncs while every request waits on the writer (each page synced costs about
-/// 40 µs on the benchmark VMs' disk). Rounds shrink fast (the next copies what was written
-/// during a shorter round), so going on until one copies this few costs a round or two.
+/// copies and syncs while every request waits on the writer, so the fewer the better. Rounds
+/// shrink fast (the next copies what was written during a shorter round), so going on until one
+/// copies this few costs a round or two.
 const CAUGHT_UP_PAGES: i64 = 32;
 
 /// Under heavy writes the rounds stop shrinking above [`CAUGHT_UP_PAGES`]: one that copied at
@@ -128,10 +153,9 @@ const COPY_NICENESS: i32 = 10;
 
 /// Lowers the calling thread's CPU priority by [`COPY_NICENESS`], so that on a busy machine the
 /// copying (which can wait: the log holds the pages meanwhile) yields the CPU to the writer and
-/// the request handlers it would otherwise take turns with. On two cores it did take turns with
-/// them, and the audit append ran 5–8 % faster with it lowered (BENCHMARKS.md). It still gets a
-/// share under full load, and past the log's limit the writer restarts the log itself after
-/// [`CATCH_UP_WAIT`]. Lowering one's own priority needs no privilege; if refused anyway (a
+/// the request handlers it would otherwise take turns with on a machine of few cores. It still
+/// gets a share under full load, and past the log's limit the writer restarts the log itself
+/// after [`CATCH_UP_WAIT`]. Lowering one's own priority needs no privilege; if refused anyway (a
 /// seccomp filter), the thread runs at the normal priority.
 fn yield_to_requests() {
     #[cfg(target_os = "linux")]
@@ -167,11 +191,10 @@ fn log_length(log_frames: i64, page_size: u64) -> u64 {
 ///
 /// The writer reuses the file after each restart, and SQLite's frames (24 bytes + a page) are
 /// not block aligned, so every frame partly overwrites a block written one pass earlier. When
-/// the kernel has dropped that block from its cache (memory pressure; on the benchmark VMs a
-/// DAMON reclaim scheme drops page cache it deems cold), the write first reads it from disk,
-/// synchronously, while every request of the batch waits: this was the gateway's p99 tail
-/// (1–3 ms per such write, seen with `perf trace`). Pages still cached cost a lookup; a log
-/// that has not restarted yet (the file ends where the log does) costs nothing.
+/// the kernel has dropped that block from its cache (memory pressure, or a reclaim policy that
+/// drops page cache it deems cold), the write first reads it from disk, synchronously, while
+/// every request of the batch waits: a disk read on the gateway's path. Pages still cached cost
+/// a lookup; a log that has not restarted yet (the file ends where the log does) costs nothing.
 #[cfg(target_os = "linux")]
 fn keep_log_cached(wal: &std::path::Path, log_frames: i64, page_size: u64) {
     let Ok(file) = std::fs::File::open(wal) else {
@@ -218,10 +241,10 @@ struct LogFiles {
 /// Flushes to disk the pages the background thread copied into the database file.
 ///
 /// SQLite syncs the database file only after a round that copied the whole log, which under
-/// unbroken load is the writer's restart alone: that restart then flushed every page copied
-/// since the previous one (4–6 ms of the writer's time on the benchmark VMs' disk, a few pages'
-/// worth when flushed here first). Only a head start: SQLite's own sync in the restart still
-/// makes the copy durable before the log is written over, so a failure here costs time only.
+/// unbroken load is the writer's restart alone: that restart would flush every page copied
+/// since the previous one on the writer's time; flushed here first, it has a few pages' worth
+/// left. Only a head start: SQLite's own sync in the restart still makes the copy durable
+/// before the log is written over, so a failure here costs time only.
 fn flush_copied_pages(db: &std::path::Path) {
     if let Err(e) = std::fs::File::open(db).and_then(|file| file.sync_data()) {
         tracing::debug!(error = %e, "cannot flush the copied pages ahead of the WAL restart");
@@ -289,18 +312,16 @@ fn copy_rounds(conn: &rusqlite::Connection, files: &LogFiles, signals: &Signals)
 ///
 /// The log only starts over when a write finds every frame copied back and no reader in it, a
 /// moment that unbroken load never leaves, so background checkpoints alone let it (and the
-/// shared-memory index every connection maps) grow without end: a soak run reached 37 GB in six
-/// minutes. Past the limit, the writer asks the background thread to copy round after round
-/// until a round finds little to copy, flushes what it copied to disk, and only then, between
-/// two commits, runs a `RESTART` checkpoint itself: it waits (busy timeout) for readers to leave
-/// the log, copies the pages of the last round or so, syncs, and the next commit writes the log
-/// from its start again. The copying and flushing of the whole log is thus done beside the
-/// writer, not on its time (a restart that copied the last 100 ms of writes itself held every
-/// waiting request up for tens of milliseconds; one that synced a whole log's copied pages, 4–6
-/// ms). The log's length comes from the background thread's count at each round, since the file
-/// is reused: its existing blocks are written over (cheaper than growing a truncated file anew;
-/// the background thread keeps them cached, see `keep_log_cached`), and `journal_size_limit`
-/// trims it only past twice the limit.
+/// shared-memory index every connection maps) grow without end. Past the limit, the writer asks
+/// the background thread to copy round after round until a round finds little to copy, to flush
+/// what it copied to disk, and only then, between two commits, runs a `RESTART` checkpoint
+/// itself: it waits (busy timeout) for readers to leave the log, copies the pages of the last
+/// round or so, syncs, and the next commit writes the log from its start again. The copying and
+/// flushing of the whole log is thus done beside the writer, not on its time, where every
+/// waiting request would sit through it. The log's length comes from the background thread's
+/// count at each round, since the file is reused: its existing blocks are written over (cheaper
+/// than growing a truncated file anew; the background thread keeps them cached, see
+/// `keep_log_cached`), and `journal_size_limit` trims it only past twice the limit.
 #[derive(Debug)]
 pub struct WalBound {
     path: PathBuf,
@@ -327,9 +348,9 @@ impl WalBound {
         restart_at: u64,
         checkpointer: &Checkpointer,
     ) -> rusqlite::Result<Self> {
-        // The file is reused across restarts, not trimmed back to the limit at each (the trim
-        // took the writer 0.7 ms in a trace, and the next pass grew the file again past the
-        // limit); twice the limit bounds what a long catch-up left behind.
+        // The file is reused across restarts, not trimmed back to the limit at each (a trim
+        // takes the writer's time, and the next pass grows the file again past the limit);
+        // twice the limit bounds what a long catch-up left behind.
         let file_kept = restart_at.saturating_mul(2);
         let kept = i64::try_from(file_kept).unwrap_or(i64::MAX);
         conn.pragma_update(None, "journal_size_limit", kept)?;
@@ -352,7 +373,7 @@ impl WalBound {
     }
 
     /// Starts the log over once it has passed its limit and the background thread has caught
-    /// up (or has not within [`CATCH_UP_WAIT`]); called by the writer between commits.
+    /// up (or has not within `CATCH_UP_WAIT`); called by the writer between commits.
     pub fn keep(&mut self, conn: &rusqlite::Connection) {
         if let Some(asked) = self.asked {
             if self.signals.caught_up.load(Ordering::Acquire) || asked.elapsed() > CATCH_UP_WAIT {
@@ -433,7 +454,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal.db");
         let path = path.to_str().unwrap();
-        let conn = crate::sqlite::open_writer_connection(path).unwrap();
+        let conn = crate::sqlite::writer::open_writer_connection(path).unwrap();
         conn.execute_batch("CREATE TABLE t (payload BLOB NOT NULL)")
             .unwrap();
         let checkpointer = super::Checkpointer::start(path).unwrap();
