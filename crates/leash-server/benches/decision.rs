@@ -263,8 +263,8 @@ fn bench(c: &mut Criterion) {
 }
 
 /// The decision path over the bare verify again, in rounds that alternate between the two so
-/// that both see the same neighbours: on a shared machine the speed drifts by a third between
-/// criterion's two measurements, which run one after the other. Prints the medians of the
+/// that both see the same neighbours: on a shared machine the speed drifts between criterion's
+/// two measurements, which run one after the other. Prints the medians of the
 /// rounds and the ratio of the fastest rounds (the least disturbed by the neighbours).
 fn interleaved_ratio(mut bare_verify: impl FnMut(), mut decision_path: impl FnMut()) {
     const ROUNDS: usize = 60;

@@ -10,7 +10,7 @@ use leash_core::audit::{Mode, rfc3339};
 use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jwk::parse_jwks;
 use leash_core::secret::{API_KEY_PREFIX, HANDLE_PREFIX, Secret, random_id};
-use leash_store::{Agent, GrantEnd, RequestUse, User};
+use leash_store::{Agent, GrantEnd, User};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -19,8 +19,7 @@ use crate::audit;
 use crate::config::valid_action;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    Admin, Caller, JsonBody, ResourceCaller, StatusQuery, authenticate_resource, commit_use,
-    status_filter,
+    Admin, Caller, JsonBody, ResourceCaller, StatusQuery, authenticate_resource, status_filter,
 };
 use crate::openapi::ApiErrors;
 use crate::state::AppState;
@@ -596,12 +595,7 @@ pub async fn complete_grant(
 ) -> ApiResult<Json<GrantView>> {
     let (grant, mode) = match authenticate_resource(&state, &method, &uri, &headers).await? {
         ResourceCaller::Agent(agent) if agent.grant.id == id => {
-            let request = RequestUse {
-                once: vec![agent.proof_once],
-                now: state.clock.now(),
-                ..RequestUse::default()
-            };
-            commit_use(&state, request).await?;
+            agent.claim_proof(&state, state.clock.now()).await?;
             (agent.grant, Mode::Delegated)
         }
         ResourceCaller::Agent(_) => {

@@ -8,14 +8,14 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, Uri};
 use leash_core::audit::{AuditEvent, Outcome, rfc3339};
-use leash_store::{Approval, ApprovalStatus, RequestUse};
+use leash_store::{Approval, ApprovalStatus};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
     AuthScheme, Caller, ResourceCaller, StatusQuery, authenticate_resource, authorization,
-    commit_use, status_filter,
+    status_filter,
 };
 use crate::openapi::ApiErrors;
 use crate::state::AppState;
@@ -129,12 +129,7 @@ pub async fn get(
     let approval = state.store.approval(&id).await?;
     let visible = match authenticate_resource(&state, &method, &uri, &headers).await? {
         ResourceCaller::Agent(agent) => {
-            let request = RequestUse {
-                once: vec![agent.proof_once],
-                now,
-                ..RequestUse::default()
-            };
-            commit_use(&state, request).await?;
+            agent.claim_proof(&state, now).await?;
             approval.filter(|a| a.grant_id == agent.grant.id && a.agent == agent.claims.client_id)
         }
         ResourceCaller::Key(caller) => approval.filter(|a| caller.may_act_for(&a.subject)),

@@ -36,14 +36,22 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
-/// Authenticates an agent by its client assertion; returns its id and the assertion's
-/// replay entry, which the caller consumes together with its other one-time values.
+/// An agent authenticated by its client assertion, whose one-time value is not claimed yet.
+struct AuthenticatedClient {
+    /// The agent's id.
+    agent: String,
+    /// The assertion's `jti`, which the caller consumes together with its other one-time
+    /// values.
+    assertion_once: OneTimeUse,
+}
+
+/// Authenticates an agent by its client assertion (private_key_jwt).
 async fn authenticate_client(
     state: &AppState,
     form: &Form,
     audiences: &[&str],
     known: Option<&Agent>,
-) -> ApiResult<(String, OneTimeUse)> {
+) -> ApiResult<AuthenticatedClient> {
     match form.get("client_assertion_type") {
         Some(JWT_BEARER) => {}
         Some(_) => {
@@ -89,7 +97,10 @@ async fn authenticate_client(
         key: verified.replay_key(),
         keep_until: verified.exp,
     };
-    Ok((agent.id, assertion_once))
+    Ok(AuthenticatedClient {
+        agent: agent.id,
+        assertion_once,
+    })
 }
 
 /// `POST /oauth2/token`.
@@ -218,8 +229,10 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         .await?;
     let token_endpoint = state.token_endpoint.as_str();
     let audiences = [state.issuer.as_str(), token_endpoint];
-    let (agent, assertion_once) =
-        authenticate_client(state, form, &audiences, found.as_ref().map(|(_, a)| a)).await?;
+    let AuthenticatedClient {
+        agent,
+        assertion_once,
+    } = authenticate_client(state, form, &audiences, found.as_ref().map(|(_, a)| a)).await?;
     state.token_rates.check(&agent)?;
 
     let now = state.clock.now();
@@ -364,8 +377,10 @@ async fn audit_refusal(state: &AppState, event: AuditEvent, refused: ApiError) -
 
 /// Who asks to revoke or introspect.
 enum OAuthCaller {
+    /// The admin or a human, by API key.
     Key(Caller),
-    Agent(String, OneTimeUse),
+    /// An agent, by client assertion.
+    Agent(AuthenticatedClient),
 }
 
 async fn oauth_caller(
@@ -388,8 +403,8 @@ async fn oauth_caller(
                 state.token_endpoint.as_str(),
                 revocation.as_str(),
             ];
-            let (agent, entry) = authenticate_client(state, form, &audiences, None).await?;
-            Ok(OAuthCaller::Agent(agent, entry))
+            let client = authenticate_client(state, form, &audiences, None).await?;
+            Ok(OAuthCaller::Agent(client))
         }
     }
 }
@@ -407,10 +422,10 @@ pub async fn revoke(
 ) -> ApiResult<Response> {
     let caller = oauth_caller(&state, &headers, &form).await?;
     let token = form.require("token")?;
-    if let OAuthCaller::Agent(_, entry) = &caller
+    if let OAuthCaller::Agent(client) = &caller
         && state
             .store
-            .consume_once(std::slice::from_ref(entry))
+            .consume_once(std::slice::from_ref(&client.assertion_once))
             .await?
             .is_some()
     {
@@ -423,12 +438,12 @@ pub async fn revoke(
     {
         let allowed = match &caller {
             OAuthCaller::Key(c) => c.may_act_for(&claims.sub),
-            OAuthCaller::Agent(agent, _) => *agent == claims.client_id,
+            OAuthCaller::Agent(client) => client.agent == claims.client_id,
         };
         if allowed {
             let mode = match &caller {
                 OAuthCaller::Key(c) => crate::audit::caller_mode(c),
-                OAuthCaller::Agent(..) => Mode::Delegated,
+                OAuthCaller::Agent(_) => Mode::Delegated,
             };
             let mut event = AuditEvent::new("token.revoked", mode, now);
             event.subject = Some(claims.sub.clone());

@@ -274,8 +274,8 @@ mod tests {
             kind(&[("content-type", "multipart/form-data; boundary=x")]).unwrap(),
             FormBody::Multipart
         );
-        // As Rack reads them (found by an outside test): an empty type on a POST is a form, and
-        // a comma ends the media type as a semicolon does.
+        // As Rack reads them: an empty type on a POST is a form, and a comma ends the media
+        // type as a semicolon does.
         assert_eq!(kind(&[("content-type", "")]).unwrap(), FormBody::UrlEncoded);
         assert_eq!(
             kind(&[(

@@ -28,8 +28,8 @@ pub enum ResourceCaller {
 
 /// Authenticates the caller of a resource: `DPoP <token>` is an agent, `Bearer <api key>` a
 /// human or the admin. An access token sent as Bearer is a downgrade and refused as such.
-/// An agent's proof is checked but not yet claimed: the caller must [`commit_use`] it (with
-/// `proof_once`) before acting.
+/// An agent's proof is checked but not yet claimed: the caller must claim it
+/// ([`AgentAuth::claim_proof`], or [`commit_use`] with `proof_once`) before acting.
 pub async fn authenticate_resource(
     state: &AppState,
     method: &Method,
@@ -64,6 +64,19 @@ pub struct AgentAuth {
     pub grant: Grant,
     /// The proof's one-time value.
     pub proof_once: OneTimeUse,
+}
+
+impl AgentAuth {
+    /// Claims the proof's `jti` at `now`, for a resource whose request uses nothing else (the
+    /// gateway claims it in its own commit, with the budget count): a replayed proof is refused.
+    pub async fn claim_proof(&self, state: &AppState, now: i64) -> ApiResult<()> {
+        let request = RequestUse {
+            once: vec![self.proof_once],
+            now,
+            ..RequestUse::default()
+        };
+        commit_use(state, request).await
+    }
 }
 
 /// Checks an agent at a resource (RFC 9449 §7; API §6 steps 1–3), in memory: `token` (from
