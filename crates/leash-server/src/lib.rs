@@ -137,9 +137,9 @@ pub async fn run(
         let url = leash_store::display_url(&config.database);
         anyhow::anyhow!("cannot open database {url}: {e}")
     })?;
-    let listener = listener::listen(config.listen)
+    let socket = listener::listen(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let addr = listener.local_addr()?;
+    let addr = socket.local_addr()?;
     let issuer = config
         .issuer
         .clone()
@@ -191,7 +191,7 @@ pub async fn run(
     });
     let limits = boot.state.config.limits.clone();
     let state = boot.state.clone();
-    listener::serve(listener, router(boot.state), &limits, shutdown).await;
+    listener::serve(socket, router(boot.state), &limits, shutdown).await;
     pruner.abort();
     // What the minute had counted so far is not lost with the process.
     audit::record_refusal_summary(&state).await;
