@@ -101,11 +101,11 @@ impl Batch {
         request: &RequestUse,
         facts: &mut F,
     ) -> Result<UseVerdict, F::Error> {
-        for (index, value) in request.one_time_values().enumerate() {
-            let repeated = request
-                .one_time_values()
-                .take(index)
-                .any(|earlier| earlier.key == value.key);
+        // A set, not a scan of the earlier values: a request may carry many (a test consumes
+        // a hundred thousand at once), and a scan would be quadratic in them.
+        let mut own = HashSet::new();
+        for value in request.one_time_values() {
+            let repeated = !own.insert(value.key);
             if repeated || self.claimed.contains(&value.key) || facts.consumed(&value.key)? {
                 return Ok(UseVerdict::Replayed(value.kind));
             }
