@@ -97,8 +97,9 @@ impl Repo<Sqlite> {
         Self::open_with_wal_limit(path, WAL_RESTART_BYTES).await
     }
 
-    /// The same, with the WAL started over past `restart_at` bytes (tests use a small one).
-    pub(crate) async fn open_with_wal_limit(path: &str, restart_at: u64) -> StoreResult<Self> {
+    /// The same, with the WAL started over past `restart_at` bytes (tests and the `wal_bound`
+    /// benchmark use a small one; `u64::MAX` never starts it over).
+    pub async fn open_with_wal_limit(path: &str, restart_at: u64) -> StoreResult<Self> {
         let lock = own_database(path)?;
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
