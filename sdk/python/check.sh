@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The Python SDK's checks: ruff, mypy (strict) and pytest against the real `leash` binary, in a
+# virtualenv under target/ that this script creates and keeps up to date.
+#   LEASH_BIN  the binary to test (default: target/release/leash, built here if missing)
+# Arguments go to pytest (e.g. `-k story`).
+set -euo pipefail
+cd "$(dirname "$0")"
+repo=$(cd ../.. && pwd)
+venv="$repo/target/py-sdk"
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+if [[ -z ${LEASH_BIN:-} ]]; then
+  (cd "$repo" && cargo build --release -p leash-cli)
+  export LEASH_BIN="$repo/target/release/leash"
+fi
+"$venv/bin/ruff" check . ../../examples/agents
+"$venv/bin/ruff" format --check . ../../examples/agents
+"$venv/bin/mypy" . ../../examples/agents
+"$venv/bin/pytest" -q "$@"
