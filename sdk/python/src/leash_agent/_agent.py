@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
@@ -48,6 +48,9 @@ RENEW_AHEAD_SECONDS = 30.0
 #: Polling an approval's status: first after this long, then backing off to at most the max.
 APPROVAL_POLL_FIRST = 0.5
 APPROVAL_POLL_MAX = 5.0
+
+#: Leash's description of a token refused for a `single_use` action it already used (API §2).
+SINGLE_USE_SPENT = "single-use action already used"
 
 #: A `429` from the token endpoint is waited out when it asks for at most this long.
 RATE_LIMIT_WAIT_MAX = 10.0
@@ -78,6 +81,34 @@ class _Token:
 
     def __repr__(self) -> str:
         return f"_Token(grant_id={self.grant_id!r}, scope={self.scope!r})"
+
+
+@dataclass(frozen=True)
+class _ExchangeAnswer:
+    """What one token request came to: a token, or Leash's refusal."""
+
+    status: int
+    code: str = ""
+    description: str = ""
+    nonce: str | None = None
+    retry_after: float | None = None
+    token: _Token | None = None
+
+
+class HeaderSetter:
+    """Sets a request's headers for `Task._flow`; its `repr` shows none of them (a traceback's
+    locals would otherwise print the proof)."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self, set_header: Callable[[str, str], None]) -> None:
+        self._set = set_header
+
+    def __call__(self, name: str, value: str) -> None:
+        self._set(name, value)
+
+    def __repr__(self) -> str:
+        return "HeaderSetter(<request headers>)"
 
 
 # The steps `Task._flow` asks its driver for.
@@ -143,11 +174,18 @@ def _error_of(response: httpx.Response) -> LeashError:
     )
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    port = parts.port or {"http": 80, "https": 443}.get(scheme)
-    return scheme, (parts.hostname or "").lower(), port
+def _origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    """Scheme, host (IDNA-encoded, lower case) and port of `url`, as httpx sends it."""
+    parsed = httpx.URL(url) if isinstance(url, str) else url
+    scheme = parsed.scheme.lower()
+    port = parsed.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, parsed.raw_host.decode("ascii").lower(), port
+
+
+def _dot_segments(path: str) -> bool:
+    """Whether a path, percent-decoded, has `.` or `..` segments (which a front proxy may
+    resolve, moving the request out of the issuer's path)."""
+    return any(segment in (".", "..") for segment in unquote(path).replace("\\", "/").split("/"))
 
 
 class Agent:
@@ -203,6 +241,9 @@ class Agent:
         per approval when the wait starts."""
         if isinstance(scope, str):
             raise TypeError("scope is a list of actions, e.g. ['mail:read']")
+        if scope is not None and not scope:
+            # Leash reads no scope as the whole grant: an empty narrowing must not widen.
+            raise ValueError("scope is empty: name at least one action, or None for the grant's")
         return Task(self, handle, list(scope) if scope else None, approval_timeout, on_approval)
 
     def close(self) -> None:
@@ -272,6 +313,26 @@ class Task:
             self._auth = LeashAuth(self)
         return self._auth
 
+    def client(self, **options: Any) -> httpx.Client:
+        """An `httpx.Client` with this task's auth that, should it follow redirects
+        (`follow_redirects=True`), sends no credential of the task past the issuer."""
+        from ._auth import strip_credentials_leaving
+
+        hooks = options.pop("event_hooks", {})
+        hooks = {**hooks, "request": [*hooks.get("request", []), strip_credentials_leaving(self)]}
+        return httpx.Client(auth=self.auth, event_hooks=hooks, **options)
+
+    def async_client(self, **options: Any) -> httpx.AsyncClient:
+        """`client()` for async code."""
+        from ._auth import strip_credentials_leaving_async
+
+        hooks = options.pop("event_hooks", {})
+        hooks = {
+            **hooks,
+            "request": [*hooks.get("request", []), strip_credentials_leaving_async(self)],
+        }
+        return httpx.AsyncClient(auth=self.auth, event_hooks=hooks, **options)
+
     def requests_auth(self) -> requests.auth.AuthBase:
         """The same for `requests` (which must be installed)."""
         from ._requests import RequestsAuth
@@ -327,6 +388,13 @@ class Task:
     def _usable_token(self) -> _Token:
         return self._fresh_token() or self._renewed_token()
 
+    def _private_token(self) -> _Token:
+        """A token for one request, not shared (after a `single_use` action spent the shared
+        one's use of it)."""
+        if self._ended is not None:
+            raise TaskEnded(self._ended)
+        return self._exchange()
+
     def _renewed_token(self, stale: _Token | None = None) -> _Token:
         """A token that is fresh and not `stale`: the one another thread has just got, or a new
         exchange. Single flight: exchanges happen under the lock."""
@@ -340,42 +408,66 @@ class Task:
             return self._token
 
     def _exchange(self) -> _Token:
-        agent = self._agent
         nonce_tried = False
         for _ in range(4):
-            now = agent._now()
-            form = {
-                "grant_type": TOKEN_EXCHANGE,
-                "subject_token": self._handle,
-                "subject_token_type": GRANT_TOKEN_TYPE,
-                "client_assertion_type": JWT_BEARER,
-                "client_assertion": agent._key.client_assertion(agent.agent_id, agent.issuer, now),
-            }
-            if self._scope:
-                form["scope"] = " ".join(self._scope)
-            proof = self._dpop_key.dpop_proof("POST", self._token_url, now, nonce=self._nonce)
-            started = time.monotonic()
-            response = agent._http.post(self._token_url, data=form, headers={"DPoP": proof})
-            if response.status_code == 200:
-                return self._token_of(response, started)
-            error = _error_of(response)
-            nonce = response.headers.get("DPoP-Nonce")
-            if error.code == "use_dpop_nonce" and nonce and not nonce_tried:
+            answer = self._exchange_once()
+            if answer.token is not None:
+                return answer.token
+            if answer.code == "use_dpop_nonce" and answer.nonce and not nonce_tried:
                 nonce_tried = True
-                self._nonce = nonce
+                self._nonce = answer.nonce
                 continue
-            if response.status_code == 429:
-                wait = _retry_after(response)
-                if wait is not None and wait <= RATE_LIMIT_WAIT_MAX:
-                    log.info("token endpoint rate-limited; retrying in %.1f s", wait)
-                    time.sleep(wait)
-                    continue
-            if error.code == "invalid_grant":
-                self._ended = error.description or "the task has ended"
+            wait = answer.retry_after
+            if answer.status == 429 and wait is not None and 0 <= wait <= RATE_LIMIT_WAIT_MAX:
+                log.info("token endpoint rate-limited; retrying in %.1f s", wait)
+                time.sleep(wait)
+                continue
+            if answer.code == "invalid_grant":
+                self._ended = answer.description or "the task has ended"
                 self._token = None
-                raise TaskEnded(self._ended, error.status)
-            raise error
+                raise TaskEnded(self._ended, answer.status)
+            raise LeashError(answer.code, answer.description, answer.status)
         raise LeashError("rate_limited", "the token endpoint kept refusing", 429)
+
+    def _exchange_once(self) -> _ExchangeAnswer:
+        """One request to the token endpoint. The form (with the grant handle and the client
+        assertion) and the proof live in this frame only, which has ended before the caller
+        raises anything: an error tracker that records a traceback's locals never sees them.
+        A network error is raised again without the frames (httpx's too) that held them."""
+        agent = self._agent
+        now = agent._now()
+        form = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": self._handle,
+            "subject_token_type": GRANT_TOKEN_TYPE,
+            "client_assertion_type": JWT_BEARER,
+            "client_assertion": agent._key.client_assertion(agent.agent_id, agent.issuer, now),
+        }
+        if self._scope:
+            form["scope"] = " ".join(self._scope)
+        proof = self._dpop_key.dpop_proof("POST", self._token_url, now, nonce=self._nonce)
+        started = time.monotonic()
+        failure: httpx.HTTPError | None = None
+        try:
+            response = agent._http.post(self._token_url, data=form, headers={"DPoP": proof})
+        except httpx.HTTPError as unreachable:
+            failure = unreachable
+        del form, proof
+        if failure is not None:
+            raise failure.with_traceback(None) from None
+        if response.status_code == 200:
+            try:
+                return _ExchangeAnswer(200, token=self._token_of(response, started))
+            except LeashError as malformed:
+                return _ExchangeAnswer(200, malformed.code, malformed.description)
+        error = _error_of(response)
+        return _ExchangeAnswer(
+            response.status_code,
+            error.code,
+            error.description,
+            response.headers.get("DPoP-Nonce"),
+            _retry_after(response),
+        )
 
     def _token_of(self, response: httpx.Response, started: float) -> _Token:
         try:
@@ -395,11 +487,20 @@ class Task:
 
     # One request.
 
-    def _check_origin(self, url: str) -> None:
+    def _for_issuer(self, url: str) -> bool:
+        """Whether `url` is one of the issuer's own: its origin, under its path, without dot
+        segments."""
         issuer = self._agent.issuer
         path = urlsplit(url).path
-        prefix = urlsplit(issuer).path
-        if _origin(url) != _origin(issuer) or not path.startswith(prefix + "/"):
+        return (
+            _origin(url) == _origin(issuer)
+            and path.startswith(urlsplit(issuer).path + "/")
+            and not _dot_segments(path)
+        )
+
+    def _check_origin(self, url: str) -> None:
+        issuer = self._agent.issuer
+        if not self._for_issuer(url):
             scheme, host, port = _origin(url)
             raise LeashError(
                 "invalid_request",
@@ -419,18 +520,25 @@ class Task:
             token = yield _Call(self._renewed_token)
         nonce_retried = renewed = approved = False
         while True:
-            proof = self._dpop_key.dpop_proof(
-                method, url, self._agent._now(), token.value, self._nonce
-            )
             set_header("Authorization", f"DPoP {token.value}")
-            set_header("DPoP", proof)
+            set_header(
+                "DPoP",
+                self._dpop_key.dpop_proof(
+                    method, url, self._agent._now(), token.value, self._nonce
+                ),
+            )
             answer: _Answer = yield SEND
             if answer.decision == "use_dpop_nonce" and answer.nonce and not nonce_retried:
                 nonce_retried = True
                 self._nonce = answer.nonce
             elif answer.decision == "invalid_token" and not renewed:
                 renewed = True
-                token = yield _Call(functools.partial(self._renewed_token, token))
+                if SINGLE_USE_SPENT in str(answer.body.get("error_description", "")):
+                    # The token is fine but for this action, whose one use it spent: a token
+                    # for this request alone, so that parallel uses do not share one again.
+                    token = yield _Call(self._private_token)
+                else:
+                    token = yield _Call(functools.partial(self._renewed_token, token))
             elif answer.decision == "approval_required" and not approved:
                 approved = True
                 approval_id = yield from self._wait_for_approval(answer.body)
@@ -443,7 +551,8 @@ class Task:
         approval_id, status_url = body.get("approval_id"), body.get("status_url")
         if not isinstance(approval_id, str) or not isinstance(status_url, str):
             raise LeashError("approval_required", str(body.get("error_description", "")), 403)
-        url = urljoin(self._agent.issuer + "/", status_url)
+        # Leash names it relative to its issuer (API §7), which may have a path of its own.
+        url = self._agent.issuer + status_url if status_url.startswith("/") else status_url
         self._check_origin(url)
         deadline = time.monotonic() + self._approval_timeout
         delay = APPROVAL_POLL_FIRST
@@ -485,7 +594,10 @@ class Task:
         response = self._agent._http.get(url, auth=self.auth)
         if response.status_code != 200:
             raise _error_of(response)
-        body = response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
         if not isinstance(body, dict):
             raise LeashError("unexpected_response", "the approval is not an object")
         return body

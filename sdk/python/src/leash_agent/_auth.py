@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ._agent import DECISION_HEADER, _Answer, _Send, _Sleep
+from ._agent import DECISION_HEADER, HeaderSetter, _Answer, _Send, _Sleep
 
 if TYPE_CHECKING:
     from ._agent import Task
@@ -33,7 +33,9 @@ class LeashAuth(httpx.Auth):
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
         request.read()
-        flow = self._task._flow(request.method, str(request.url), request.headers.__setitem__)
+        flow = self._task._flow(
+            request.method, str(request.url), HeaderSetter(request.headers.__setitem__)
+        )
         result: Any = None
         while True:
             try:
@@ -42,9 +44,9 @@ class LeashAuth(httpx.Auth):
                 return
             if isinstance(step, _Send):
                 response = yield request
-                if DECISION_HEADER in response.headers:
+                if _from_leash(request, response):
                     response.read()
-                result = _answer(response)
+                result = _answer(request, response)
             elif isinstance(step, _Sleep):
                 time.sleep(step.seconds)
                 result = None
@@ -55,7 +57,9 @@ class LeashAuth(httpx.Auth):
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         await request.aread()
-        flow = self._task._flow(request.method, str(request.url), request.headers.__setitem__)
+        flow = self._task._flow(
+            request.method, str(request.url), HeaderSetter(request.headers.__setitem__)
+        )
         result: Any = None
         while True:
             try:
@@ -64,9 +68,9 @@ class LeashAuth(httpx.Auth):
                 return
             if isinstance(step, _Send):
                 response = yield request
-                if DECISION_HEADER in response.headers:
+                if _from_leash(request, response):
                     await response.aread()
-                result = _answer(response)
+                result = _answer(request, response)
             elif isinstance(step, _Sleep):
                 await asyncio.sleep(step.seconds)
                 result = None
@@ -76,6 +80,43 @@ class LeashAuth(httpx.Auth):
                 result = await asyncio.to_thread(step.fn)
 
 
-def _answer(response: httpx.Response) -> _Answer:
-    content = response.content if DECISION_HEADER in response.headers else b""
-    return _Answer.of(response.status_code, response.headers, content)
+def _from_leash(request: httpx.Request, response: httpx.Response) -> bool:
+    """Whether Leash itself answered the request the flow signed: its decision header, on the
+    answer to that very request. A client that follows redirects hands the auth the answer at
+    the end of the chain, which whoever the upstream redirected to wrote, header and all."""
+    return (
+        DECISION_HEADER in response.headers
+        and not response.history
+        and response.request.url == request.url
+    )
+
+
+def _answer(request: httpx.Request, response: httpx.Response) -> _Answer:
+    if not _from_leash(request, response):
+        return _Answer(response.status_code, None, None, {})
+    return _Answer.of(response.status_code, response.headers, response.content)
+
+
+def strip_credentials_leaving(task: Task) -> Callable[[httpx.Request], None]:
+    """A request event hook for an httpx client that follows redirects: a hop that leaves the
+    issuer loses the token, the proof and the approval id (httpx itself drops only
+    `Authorization`, and only across origins)."""
+
+    def hook(request: httpx.Request) -> None:
+        if not task._for_issuer(str(request.url)):
+            for name in ("Authorization", "DPoP", "Leash-Approval"):
+                request.headers.pop(name, None)
+
+    return hook
+
+
+def strip_credentials_leaving_async(
+    task: Task,
+) -> Callable[[httpx.Request], Coroutine[Any, Any, None]]:
+    """The same hook for an `httpx.AsyncClient`."""
+    strip = strip_credentials_leaving(task)
+
+    async def hook(request: httpx.Request) -> None:
+        strip(request)
+
+    return hook

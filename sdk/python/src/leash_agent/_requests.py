@@ -41,7 +41,9 @@ class _Exchange:
     """One request's flow, carried across `requests`' response hook."""
 
     def __init__(self, task: Task, request: requests.PreparedRequest) -> None:
+        self._first = request
         self._current = request
+        self._redirected = False
         self._flow: Generator[Step, Any, None] = task._flow(
             request.method or "GET", request.url or "", self._set_header
         )
@@ -65,6 +67,19 @@ class _Exchange:
                 result = step.fn()
 
     def on_response(self, response: requests.Response, **send_options: Any) -> requests.Response:
+        if self._redirected or response.request.url != self._first.url:
+            # A hop of a redirect (requests runs the request's hooks on every hop): whatever
+            # answered there is not Leash answering the request the flow signed.
+            return response
+        if response.is_redirect:
+            self._redirected = True
+            # requests follows it with a copy of the request it sent first, dropping only
+            # `Authorization` across hosts: the next hop, wherever it goes, gets no credential
+            # of the task (a redirect within the issuer needs a proof of its own anyway).
+            for sent in (self._first, response.request):
+                for name in ("Authorization", "DPoP", "Leash-Approval"):
+                    sent.headers.pop(name, None)
+            return response
         content = response.content if DECISION_HEADER in response.headers else b""
         answer = _Answer.of(response.status_code, response.headers, content)
         sent = response.request
