@@ -31,6 +31,7 @@ from typing import Any
 import uvicorn
 from mcp.server.fastmcp import Context, FastMCP
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -67,7 +68,7 @@ def _record(ctx: Context[Any, Any, Any], tool: str, arguments: dict[str, Any]) -
         _calls.append({"tool": tool, "arguments": arguments, "headers": headers})
 
 
-@mcp.tool(annotations={"readOnlyHint": True})
+@mcp.tool(annotations=ToolAnnotations(readOnlyHint=True))
 def search_contacts(query: str, ctx: Context[Any, Any, Any]) -> list[dict[str, Any]]:
     """Contacts whose name or email contains `query` (case-insensitive)."""
     _record(ctx, "search_contacts", {"query": query})
@@ -91,7 +92,7 @@ def update_contact(id: int, email: str, ctx: Context[Any, Any, Any]) -> dict[str
         return dict(CONTACTS[id])
 
 
-@mcp.tool(annotations={"destructiveHint": True})
+@mcp.tool(annotations=ToolAnnotations(destructiveHint=True))
 def delete_contact(id: int, ctx: Context[Any, Any, Any]) -> str:
     """Deletes a contact for good."""
     _record(ctx, "delete_contact", {"id": id})
@@ -141,18 +142,6 @@ async def ask_new_email(id: int, ctx: Context[Any, Any, Any]) -> str:
     return f"contact {id} now has {answer.data.email}"
 
 
-@mcp.custom_route("/calls", methods=["GET"])
-async def calls(_: Request) -> Response:
-    with _lock:
-        return JSONResponse(list(_calls))
-
-
-@mcp.custom_route("/requests", methods=["GET"])
-async def requests(_: Request) -> Response:
-    with _lock:
-        return JSONResponse(list(_requests))
-
-
 def _proof_nonce(proof: str) -> Any:
     try:
         claims = proof.split(".")[1]
@@ -162,14 +151,20 @@ def _proof_nonce(proof: str) -> Any:
 
 
 class Recorder:
-    """Records each request to the MCP endpoint (whole body) before the MCP app sees it, and
-    demands a DPoP nonce if told to."""
+    """Answers `GET /calls` and `GET /requests`; records each request to the MCP endpoint (whole
+    body) before the MCP app sees it, and demands a DPoP nonce if told to."""
 
     def __init__(self, app: ASGIApp, nonce: str | None) -> None:
         self.app = app
         self.nonce = nonce
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        records = {"/calls": _calls, "/requests": _requests}
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in records:
+            with _lock:
+                response: Response = JSONResponse(list(records[scope["path"]]))
+            await response(scope, receive, send)
+            return
         if scope["type"] != "http" or not scope["path"].startswith("/mcp"):
             await self.app(scope, receive, send)
             return
