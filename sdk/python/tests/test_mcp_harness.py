@@ -7,12 +7,14 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import mcp.types as types
 import pytest
+from conftest import Leash, set_up
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -26,6 +28,8 @@ from cryptography.hazmat.primitives.serialization import (
 from mcp.client.session import ClientSession
 from mcp.shared.context import RequestContext
 from mcp_fixtures import CrmServer, EverythingServer, mcp_session, start_crm, ts_client
+
+from leash_agent import Agent
 
 pytestmark = pytest.mark.anyio
 
@@ -359,3 +363,48 @@ def test_ts_client_against_server_everything(everything_server: EverythingServer
     assert lines[1]["result"]["content"][0]["text"] == "Echo: hi"
     assert lines[2]["result"]["content"][0]["text"] == "The sum of 2 and 3 is 5."
     assert [update["progress"] for update in lines[3]["progress"]] == [1, 2, 3]
+
+
+# The SDK's `task.auth` with the Python client, through today's gateway (`/gw`, not yet the MCP
+# endpoint): the way the client drives httpx suits the auth (nonce retry, streamed answers).
+
+
+async def test_task_auth_with_the_python_client_through_the_gateway(
+    make_leash: Callable[[str], Leash], tmp_path: Path
+) -> None:
+    with start_crm() as crm:
+        routes = "".join(
+            f'[[upstream.route]]\nmethod = "{method}"\npath = "/mcp"\naction = "crm:rpc"\n'
+            for method in ("POST", "GET", "DELETE")
+        )
+        upstream = f'[[upstream]]\nname = "crm"\nurl = "{crm.base}"\n{routes}'
+        leash = make_leash(f"dpop_nonce = true\n{upstream}")
+        setup = set_up(
+            leash, tmp_path, upstreams=["crm"], actions=["crm:rpc"], approval_required=[]
+        )
+        arrivals: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            arrivals.append(time.monotonic())
+
+        with Agent.from_jwk_file(leash.url, setup.agent_id, setup.key_file) as agent:
+            task = agent.task(setup.handle, ["crm:rpc"])
+            async with mcp_session(task.url("crm", "/mcp"), task.auth) as session:
+                tools = await session.list_tools()
+                assert {tool.name for tool in tools.tools} == CRM_TOOLS
+                report = await session.call_tool(
+                    "long_report", {"sections": 5}, progress_callback=on_progress
+                )
+        assert not report.isError
+        # The progress came as it was sent (50 ms apart), not all at once at the end: neither
+        # the gateway nor the auth read the event stream before handing it on.
+        assert len(arrivals) == 5
+        assert arrivals[-1] - arrivals[0] >= 0.1
+        assert crm.tools_called() == ["long_report"]
+        requests = crm.requests()
+        assert {request["method"] for request in requests} == {"POST", "GET", "DELETE"}
+        # The agent's token and proofs stopped at Leash.
+        assert not any(
+            "authorization" in request["headers"] or "dpop" in request["headers"]
+            for request in requests
+        )
