@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Python SDK's checks: ruff, mypy (strict) and pytest against the real `leash` binary, in a
-# virtualenv under target/ that this script creates and keeps up to date.
+# virtualenv under target/ that this script creates and keeps up to date; the MCP tests also need
+# Node.js and npm (tests/mcp_node/install.sh).
 #   LEASH_BIN  the binary to test (default: target/release/leash, built here if missing)
 # Arguments go to pytest (e.g. `-k story`).
 set -euo pipefail
@@ -9,6 +10,11 @@ repo=$(cd ../.. && pwd)
 venv="$repo/target/py-sdk"
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check -e ".[dev]"
+# The MCP tests' Node.js side (tests/mcp_node: the TypeScript client, server-everything). Node is
+# required: without it those tests fail.
+if command -v node >/dev/null; then
+  bash tests/mcp_node/install.sh
+fi
 if [[ -z ${LEASH_BIN:-} ]]; then
   (cd "$repo" && cargo build --release -p leash-cli)
   export LEASH_BIN="$repo/target/release/leash"

@@ -22,6 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
+# The MCP servers' fixtures (tests/mcp_fixtures.py), for every test module.
+from mcp_fixtures import crm_server, everything_server  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[3]
 AGENT_ID = "spiffe://example.org/agent/mailbot"
 
