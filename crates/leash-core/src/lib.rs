@@ -11,6 +11,7 @@ pub mod dpop;
 pub mod grant;
 pub mod jwk;
 pub mod jws;
+pub mod mcp;
 pub mod route;
 pub mod secret;
 pub mod token;

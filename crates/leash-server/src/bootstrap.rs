@@ -186,6 +186,7 @@ pub async fn prepare(
         gateway_rates,
         unauthenticated,
         reflection_guards: SecretsCache::default(),
+        mcp_sessions: crate::mcp::Sessions::default(),
     };
     Ok(Bootstrap {
         state: Arc::new(state),

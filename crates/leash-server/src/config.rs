@@ -90,6 +90,7 @@ struct FileConfig {
     approvals: Option<ApprovalsFile>,
     limits: Option<LimitsFile>,
     authorize: Option<AuthorizeFile>,
+    mcp: Option<McpFile>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
 }
@@ -125,8 +126,27 @@ struct LimitsFile {
 struct UpstreamFile {
     name: String,
     url: String,
+    /// `"http"` (default) or `"mcp"`.
+    kind: Option<String>,
     #[serde(default)]
     route: Vec<RouteFile>,
+    #[serde(default)]
+    tool: Vec<ToolFile>,
+    unlisted_tools: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolFile {
+    name: String,
+    action: Option<String>,
+    risk: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct McpFile {
+    approval_wait: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,15 +204,18 @@ pub struct Route {
 /// An application behind the gateway.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Upstream {
-    /// Its name in `/gw/{name}/…` and in grants.
+    /// Its name in `/gw/{name}/…` (or `/mcp/{name}`) and in grants.
     pub name: String,
-    /// Base URL requests are forwarded to.
+    /// Base URL requests are forwarded to (an MCP upstream's: its MCP endpoint).
     pub url: url::Url,
     /// Routes in order; the first match names the action.
     pub routes: Vec<Route>,
     /// The routes compiled once at start: index into `routes`.
     #[serde(skip)]
     pub table: leash_core::route::RouteTable<usize>,
+    /// Set for an MCP server (`kind = "mcp"`, API §14), reached at `/mcp/{name}` only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpServer>,
 }
 
 impl Upstream {
@@ -203,10 +226,46 @@ impl Upstream {
             .and_then(|&i| self.routes.get(i))
     }
 
-    /// The actions its routes define.
+    /// The actions its routes (or an MCP server's tools, resources and prompts) define.
     pub fn actions(&self) -> BTreeSet<&str> {
-        self.routes.iter().map(|r| r.action.as_str()).collect()
+        let mut actions: BTreeSet<&str> = self.routes.iter().map(|r| r.action.as_str()).collect();
+        if let Some(mcp) = &self.mcp {
+            actions.extend(mcp.tools.iter().map(|t| t.action.as_str()));
+            actions.insert(&mcp.resources_action);
+            actions.insert(&mcp.prompts_action);
+        }
+        actions
     }
+}
+
+/// What Leash knows of an MCP server's tools: only what the operator configured (a server's own
+/// tool annotations are never trusted for risk).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct McpServer {
+    /// The configured tools.
+    pub tools: Vec<Tool>,
+    /// `<upstream>:resources`, the action of `resources/list` and `resources/read`.
+    pub resources_action: String,
+    /// `<upstream>:prompts`, the action of `prompts/list` and `prompts/get`.
+    pub prompts_action: String,
+}
+
+impl McpServer {
+    /// The configured tool named `name`.
+    pub fn tool(&self, name: &str) -> Option<&Tool> {
+        self.tools.iter().find(|t| t.name == name)
+    }
+}
+
+/// One tool of an MCP server.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Tool {
+    /// Its name in `tools/call`.
+    pub name: String,
+    /// The action it names (default `<upstream>:<tool name>`).
+    pub action: String,
+    /// Its risk.
+    pub risk: Risk,
 }
 
 /// Webhook settings for approvals.
@@ -482,6 +541,8 @@ pub struct Config {
     pub limits: Limits,
     /// Who may call `/v1/authorize`.
     pub authorize: AuthorizeConfig,
+    /// How long a `tools/call` that needs approval is held open while the human decides.
+    pub mcp_approval_wait: std::time::Duration,
     /// Proxies whose `X-Forwarded-For` names the client for per-address limits.
     pub trusted_proxies: Vec<std::net::IpAddr>,
 }
@@ -526,9 +587,76 @@ pub fn valid_action(action: &str) -> bool {
     matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if valid_name(a) && valid_name(b))
 }
 
+fn risk(key: &str, text: Option<&str>) -> Result<Risk, ConfigError> {
+    match text {
+        None | Some("normal") | Some("low") => Ok(Risk::Normal),
+        Some("high") => Ok(Risk::High),
+        Some(other) => Err(invalid(key, format!("risk {other:?}: use normal or high"))),
+    }
+}
+
+/// An MCP upstream's tools (API §14): each names an action, by default `<upstream>:<tool>`.
+fn mcp_server(key: &str, file: &mut UpstreamFile) -> Result<Option<McpServer>, ConfigError> {
+    match file.kind.as_deref() {
+        None | Some("http") => {
+            if !file.tool.is_empty() || file.unlisted_tools.is_some() {
+                return Err(invalid(key, "tools are for kind = \"mcp\" upstreams"));
+            }
+            return Ok(None);
+        }
+        Some("mcp") => {}
+        Some(other) => return Err(invalid(key, format!("kind {other:?}: use http or mcp"))),
+    }
+    if !file.route.is_empty() {
+        return Err(invalid(key, "an MCP upstream has tools, not routes"));
+    }
+    match file.unlisted_tools.as_deref() {
+        None | Some("refuse") => {}
+        Some(other) => {
+            return Err(invalid(
+                key,
+                format!(
+                    "unlisted_tools = {other:?} is not supported by this version: list every tool an agent may call"
+                ),
+            ));
+        }
+    }
+    let mut tools: Vec<Tool> = Vec::new();
+    for tool in std::mem::take(&mut file.tool) {
+        if tools.iter().any(|t| t.name == tool.name) {
+            return Err(invalid(
+                key,
+                format!("tool {:?} is listed twice", tool.name),
+            ));
+        }
+        let action = tool
+            .action
+            .unwrap_or_else(|| format!("{}:{}", file.name, tool.name));
+        if !valid_action(&action) {
+            return Err(invalid(
+                key,
+                format!(
+                    "tool {:?}: action {action:?} must be app:verb (lower case); set `action` for this tool",
+                    tool.name
+                ),
+            ));
+        }
+        tools.push(Tool {
+            risk: risk(key, tool.risk.as_deref())?,
+            name: tool.name,
+            action,
+        });
+    }
+    Ok(Some(McpServer {
+        tools,
+        resources_action: format!("{}:resources", file.name),
+        prompts_action: format!("{}:prompts", file.name),
+    }))
+}
+
 fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, ConfigError> {
     let mut out = BTreeMap::new();
-    for file in files {
+    for mut file in files {
         let key = format!("upstream.{}", file.name);
         if !valid_name(&file.name) {
             return Err(invalid("upstream.name", "use 1-64 of a-z, 0-9, - and _"));
@@ -537,6 +665,7 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
         if !matches!(url.scheme(), "http" | "https") {
             return Err(invalid(&key, "url must be http or https"));
         }
+        let mcp = mcp_server(&key, &mut file)?;
         let mut routes = Vec::new();
         for route in file.route {
             let method = route.method.to_ascii_uppercase();
@@ -558,13 +687,7 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
                     format!("route action {:?} must be app:verb", route.action),
                 ));
             }
-            let risk = match route.risk.as_deref() {
-                None | Some("normal") | Some("low") => Risk::Normal,
-                Some("high") => Risk::High,
-                Some(other) => {
-                    return Err(invalid(&key, format!("risk {other:?}: use normal or high")));
-                }
-            };
+            let risk = risk(&key, route.risk.as_deref())?;
             routes.push(Route {
                 method,
                 path: route.path,
@@ -587,6 +710,7 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
                     url,
                     routes,
                     table,
+                    mcp,
                 },
             )
             .is_some()
@@ -687,6 +811,11 @@ impl Config {
             approvals,
             limits: limits(file.limits)?,
             authorize: authorize(file.authorize, env(ENV_AUTHORIZE_KEY))?,
+            mcp_approval_wait: seconds(
+                "mcp.approval_wait",
+                file.mcp.and_then(|m| m.approval_wait),
+                std::time::Duration::from_secs(120),
+            )?,
             trusted_proxies: file
                 .trusted_proxies
                 .iter()

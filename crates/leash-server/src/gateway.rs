@@ -77,6 +77,7 @@ async fn gateway(
         state,
         &decided,
         Forwarded {
+            path: &decided.path,
             query: parts.uri.query(),
             method: &parts.method,
             headers: &parts.headers,
@@ -199,26 +200,26 @@ fn check_target<'r>(method: &'r Method, uri: &'r Uri, trail: &mut Trail) -> ApiR
 // ---- Steps 1–6: the decision, in memory ---------------------------------------------------------
 
 /// Who the request is for and by whom.
-struct Principal {
-    mode: Mode,
+pub(crate) struct Principal {
+    pub(crate) mode: Mode,
     /// The agent proof's one-time value, claimed when the request is committed.
-    proof_once: Option<OneTimeUse>,
+    pub(crate) proof_once: Option<OneTimeUse>,
     /// The agent (delegated) or the human (direct).
-    actor: String,
+    pub(crate) actor: String,
     /// The human.
-    subject: String,
-    grant: Option<Grant>,
+    pub(crate) subject: String,
+    pub(crate) grant: Option<Grant>,
     /// The agent's token (delegated).
-    token: Option<Arc<AccessClaims>>,
+    pub(crate) token: Option<Arc<AccessClaims>>,
 }
 
 /// A request that passed steps 1–6 (in memory); [`Decided::commit`] makes it durable.
 pub struct Decided<'s> {
-    principal: Principal,
-    upstream: &'s Upstream,
-    path: String,
-    method: String,
-    action: String,
+    pub(crate) principal: Principal,
+    pub(crate) upstream: &'s Upstream,
+    pub(crate) path: String,
+    pub(crate) method: String,
+    pub(crate) action: String,
     /// Step 6's outcome.
     pub approval: ApprovalState,
 }
@@ -272,7 +273,14 @@ pub async fn decide<'s>(
     let now = state.clock.now();
     let attached = attached_approval(state, &principal, headers, &target, &routed, now).await?;
     trail.known.approver = attached.as_ref().and_then(|a| a.approver.clone());
-    let permitted = evaluate_policy(state, &principal, &target, &routed, attached.is_some(), now)?;
+    let judged = Judged {
+        method: target.method.as_str(),
+        path: target.path,
+        upstream: routed.upstream,
+        action: &routed.route.action,
+        risk: routed.route.risk,
+    };
+    let permitted = evaluate_policy(state, &principal, &judged, attached.is_some(), now)?;
     // Step 6.
     let approval = approval_step(permitted, principal.mode, attached, trail);
     Ok(Decided {
@@ -287,7 +295,7 @@ pub async fn decide<'s>(
 
 /// Steps 1–3 (delegated: the agent's token, its grant and revocation, the proof; see
 /// `extract::verify_agent`) or the human's API key (direct). The admin key acts on no upstream.
-async fn authenticate(
+pub(crate) async fn authenticate(
     state: &AppState,
     method: &Method,
     uri: &Uri,
@@ -461,40 +469,50 @@ fn approval_header(headers: &HeaderMap) -> ApiResult<Option<String>> {
 }
 
 /// What step 5 let through: the request, at once or once a human approved it.
-enum Permitted {
+pub(crate) enum Permitted {
     /// Allowed by these policies.
     Allow { policies: Vec<String> },
     /// Allowed once approved, as these policies require.
     ApprovalRequired { policies: Vec<String> },
 }
 
+/// What policy judges of a request: its method and path as forwarded (an MCP call's: see
+/// `mcp`), and the upstream and action they name.
+pub(crate) struct Judged<'r> {
+    pub(crate) method: &'r str,
+    pub(crate) path: &'r str,
+    pub(crate) upstream: &'r Upstream,
+    pub(crate) action: &'r str,
+    pub(crate) risk: Risk,
+}
+
 /// Step 5: the Cedar policy set in force decides, on the facts of the request; a deny names the
 /// policies that decided.
-fn evaluate_policy(
+pub(crate) fn evaluate_policy(
     state: &AppState,
     principal: &Principal,
-    target: &Target<'_>,
-    routed: &Routed<'_>,
+    judged: &Judged<'_>,
     approval_attached: bool,
     now: i64,
 ) -> ApiResult<Permitted> {
-    let (upstream, route) = (routed.upstream, routed.route);
+    let (upstream, action) = (judged.upstream, judged.action);
     let grant = principal.grant.as_ref();
     let no_actions = Vec::new();
     let facts = Facts {
         mode: principal.mode,
         principal: &principal.actor,
         human: &principal.subject,
-        action: &route.action,
+        action,
         upstream: &upstream.name,
-        method: target.method.as_str(),
-        path: target.path,
+        method: judged.method,
+        path: judged.path,
         grant_id: grant.map_or("", |g| g.id.as_str()),
         purpose: grant.map_or("", |g| g.purpose.as_str()),
         grant_actions: grant.map_or(&no_actions, |g| &g.actions),
         grant_age_seconds: grant.map_or(0, |g| now - g.created_at),
-        high_risk: route.risk == Risk::High || high_risk_by_name(&route.action),
-        grant_requires_approval: grant.is_some_and(|g| g.approval_required.contains(&route.action)),
+        high_risk: judged.risk == Risk::High || high_risk_by_name(action),
+        grant_requires_approval: grant
+            .is_some_and(|g| g.approval_required.iter().any(|a| a == action)),
         approval_attached,
         now,
     };
@@ -507,7 +525,7 @@ fn evaluate_policy(
 
 /// Step 6: whether the request waits for a human's approval. Direct calls skip it: the human
 /// acts for themselves.
-fn approval_step(
+pub(crate) fn approval_step(
     permitted: Permitted,
     mode: Mode,
     attached: Option<Approval>,
@@ -638,19 +656,19 @@ impl Decided<'_> {
 }
 
 /// The request an approval is asked for: what [`Decided`] does not hold.
-struct Asked<'r> {
-    query: Option<&'r str>,
-    body: &'r [u8],
-    body_sha256: String,
+pub(crate) struct Asked<'r> {
+    pub(crate) query: Option<&'r str>,
+    pub(crate) body: &'r [u8],
+    pub(crate) body_sha256: String,
     /// The policies that require the approval.
-    policies: &'r [String],
+    pub(crate) policies: &'r [String],
 }
 
 /// Creates the approval request for a decided request that needs one, and returns the refusal
 /// to answer with. The proof's `jti` is claimed, the pending approval stored and the refusal
 /// audited in one commit: a replay of the refused request cannot pile up approval requests,
 /// and no approval is stored without its event.
-async fn ask_approval(
+pub(crate) async fn ask_approval(
     state: &AppState,
     decided: &Decided<'_>,
     asked: Asked<'_>,
@@ -798,18 +816,20 @@ pub const CREDENTIAL_REFLECTED: &str = "credential_reflected";
 pub const REQUEST_CUT_OFF: &str = "request_cut_off";
 
 /// What [`forward`] sends of the agent's request.
-struct Forwarded<'r> {
-    query: Option<&'r str>,
-    method: &'r Method,
-    headers: &'r HeaderMap,
-    body: Body,
+pub(crate) struct Forwarded<'r> {
+    /// The path after the upstream's URL.
+    pub(crate) path: &'r str,
+    pub(crate) query: Option<&'r str>,
+    pub(crate) method: &'r Method,
+    pub(crate) headers: &'r HeaderMap,
+    pub(crate) body: Body,
     /// The request's trail, for the event recorded if the answer carries the injected
     /// credential.
-    trail: &'r Trail,
+    pub(crate) trail: &'r Trail,
 }
 
 /// Why a committed request was not forwarded.
-enum NotForwarded {
+pub(crate) enum NotForwarded {
     /// The agent's body failed while it streamed to the upstream: the client's error, after
     /// the request's allow event was committed.
     CutOff(ApiError),
@@ -817,13 +837,14 @@ enum NotForwarded {
     Failed(ApiError),
 }
 
-async fn forward(
+pub(crate) async fn forward(
     state: &Arc<AppState>,
     decided: &Decided<'_>,
     sent: Forwarded<'_>,
     request_id: &str,
 ) -> Result<Response, NotForwarded> {
     let Forwarded {
+        path,
         query,
         method,
         headers,
@@ -840,7 +861,7 @@ async fn forward(
             Some(CREDENTIAL_REFLECTED.into()),
         )
     };
-    let (upstream, principal, path) = (decided.upstream, &decided.principal, decided.path.as_str());
+    let (upstream, principal) = (decided.upstream, &decided.principal);
     let mut target = format!("{}{path}", upstream.url.as_str().trim_end_matches('/'));
     if let Some(query) = query {
         target.push('?');

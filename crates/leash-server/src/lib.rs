@@ -13,6 +13,7 @@ pub mod files;
 pub mod gateway;
 pub mod limits;
 pub mod listener;
+pub mod mcp;
 pub mod meta;
 pub mod notify;
 pub mod oauth;
@@ -89,6 +90,16 @@ pub fn router(state: Arc<AppState>) -> Router {
                     )
                 }
             }),
+        )
+        .route(
+            "/mcp/{upstream}",
+            axum::routing::post(mcp::handle)
+                .get(mcp::handle)
+                .delete(mcp::handle),
+        )
+        .route(
+            "/.well-known/oauth-protected-resource/mcp/{upstream}",
+            axum::routing::get(mcp::resource_metadata),
         )
         .route("/gw/{upstream}", any(gateway::handle))
         .route("/gw/{upstream}/{*path}", any(gateway::handle))

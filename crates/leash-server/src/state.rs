@@ -83,6 +83,8 @@ pub struct AppState {
     pub unauthenticated: UnauthenticatedRefusals,
     /// What the gateway looks for in answers, per injected credential.
     pub reflection_guards: SecretsCache,
+    /// MCP sessions this node has seen initialized, and whom they belong to.
+    pub mcp_sessions: crate::mcp::Sessions,
 }
 
 impl AppState {

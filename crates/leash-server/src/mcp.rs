@@ -1,0 +1,1012 @@
+//! MCP servers behind the gateway (API §14): `POST|GET|DELETE /mcp/{upstream}`, the endpoint an
+//! agent's MCP client connects to (Streamable HTTP), and the RFC 9728 document that names Leash
+//! as its authorization server.
+//!
+//! Each HTTP request authenticates as at the gateway (token, grant, proof: steps 1–3) and carries
+//! one JSON-RPC message, parsed strictly (`leash_core::mcp`); what is judged is what is
+//! forwarded, byte for byte. `tools/call` is decided per call, as a gateway request is per route:
+//! the tool names the action, then scope, Cedar (with the tool and its arguments), `single_use`
+//! and approval; a refusal is a tool result with `isError` the model can read, and a call that
+//! needs approval is held open while the human decides. `tools/list` answers are filtered to the
+//! tools the token may call. What the server sends back streams through ([`sse`]), with its
+//! `tools/list` answers filtered and its requests for the human (`elicitation/create`) declined.
+//!
+//! An MCP session (`Mcp-Session-Id`) is bound, on this node, to the agent, grant and upstream
+//! that initialized it; another caller presenting its id gets `404`, as for an unknown session,
+//! and so does a client of a node that never saw it (it initializes again).
+
+mod sse;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use leash_core::audit::{Mode, Outcome};
+use leash_core::mcp::{Message, RequestId, call_digest, parse_message};
+use leash_core::secret::random_id;
+use leash_store::{ApprovalStatus, RequestUse};
+use serde_json::{Value, json};
+
+use crate::audit::Trail;
+use crate::config::{Risk, Upstream};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::verdict_result;
+use crate::gateway::{
+    ApprovalState, Asked, Decided, Forwarded, Judged, NotForwarded, Principal, approval_step,
+    ask_approval, attribute_refused_token, authenticate, evaluate_policy, forward, refuse,
+    source_of,
+};
+use crate::state::AppState;
+
+/// The audit kind of a `tools/call` decision.
+pub const MCP_CALL_EVENT: &str = "mcp.call";
+/// The audit kind of a refused MCP request that is not a tool call.
+const MCP_REQUEST_EVENT: &str = "mcp.request";
+
+/// Largest `tools/list` answer Leash reads whole to filter.
+const LIST_ANSWER_LIMIT: usize = 16 << 20;
+
+/// How often a held call looks at its approval.
+const APPROVAL_POLL: Duration = Duration::from_millis(250);
+
+/// The sessions this node has seen initialized, bounded: past the cap the oldest binding is
+/// dropped (its client gets `404` and initializes again).
+const SESSION_CAP: usize = 16_384;
+
+/// MCP sessions by id: who they belong to, and the server's requests waiting for the client's
+/// answer (a response from the client passes only if it answers one of these).
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<SessionTable>,
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let table = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        write!(f, "Sessions({} bound)", table.bound.len())
+    }
+}
+
+#[derive(Default)]
+struct SessionTable {
+    bound: HashMap<String, Session>,
+    order: std::collections::VecDeque<String>,
+}
+
+struct Session {
+    owner: Owner,
+    outstanding: HashSet<RequestId>,
+}
+
+/// Whom a session belongs to.
+#[derive(Clone, PartialEq, Eq)]
+struct Owner {
+    agent: String,
+    grant: String,
+    upstream: String,
+}
+
+impl Sessions {
+    fn bind(&self, id: &str, owner: Owner) {
+        let mut table = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if table.bound.contains_key(id) {
+            return;
+        }
+        if table.bound.len() >= SESSION_CAP
+            && let Some(oldest) = table.order.pop_front()
+        {
+            table.bound.remove(&oldest);
+        }
+        table.order.push_back(id.to_owned());
+        table.bound.insert(
+            id.to_owned(),
+            Session {
+                owner,
+                outstanding: HashSet::new(),
+            },
+        );
+    }
+
+    fn owned_by(&self, id: &str, owner: &Owner) -> bool {
+        let table = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        table.bound.get(id).is_some_and(|s| s.owner == *owner)
+    }
+
+    fn end(&self, id: &str) {
+        let mut table = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        table.bound.remove(id);
+        table.order.retain(|other| other != id);
+    }
+
+    /// Notes a request the server sent the client in session `id`.
+    fn expect_answer(&self, id: &str, request: RequestId) {
+        let mut table = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(session) = table.bound.get_mut(id)
+            && session.outstanding.len() < 1024
+        {
+            session.outstanding.insert(request);
+        }
+    }
+
+    /// Whether the client's response answers an outstanding server request (once).
+    fn take_answer(&self, id: &str, request: &RequestId) -> bool {
+        let mut table = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        table
+            .bound
+            .get_mut(id)
+            .is_some_and(|session| session.outstanding.remove(request))
+    }
+}
+
+/// `GET /.well-known/oauth-protected-resource/mcp/{upstream}` (RFC 9728): the MCP endpoint as a
+/// protected resource whose authorization server is Leash.
+pub async fn resource_metadata(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Response {
+    let Some(upstream) = mcp_upstream(&state, &name) else {
+        return ApiError::NotFound(format!("no MCP server named {name:?}")).into_response();
+    };
+    let mut scopes: Vec<&str> = upstream.actions().into_iter().collect();
+    scopes.sort_unstable();
+    let body = json!({
+        "resource": resource_url(&state, &upstream.name),
+        "authorization_servers": [state.issuer],
+        "bearer_methods_supported": ["header"],
+        "scopes_supported": scopes,
+        "dpop_signing_alg_values_supported": leash_core::jws::SUPPORTED_ALGS,
+        "dpop_bound_access_tokens_required": true,
+        "resource_name": format!("MCP server {} through Leash", upstream.name),
+    });
+    (
+        [(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=300"),
+        )],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+fn mcp_upstream<'s>(state: &'s AppState, name: &str) -> Option<&'s Upstream> {
+    state
+        .config
+        .upstreams
+        .get(name)
+        .filter(|upstream| upstream.mcp.is_some())
+}
+
+/// `<public_url>/mcp/{upstream}`: the protected resource (RFC 9728 §3.3: the URL the client
+/// used).
+fn resource_url(state: &AppState, upstream: &str) -> String {
+    format!("{}/mcp/{upstream}", state.public_url)
+}
+
+/// `POST|GET|DELETE /mcp/{upstream}`.
+pub async fn handle(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Response {
+    let request_id = random_id("req_");
+    let mut trail = Trail::default();
+    trail.known.upstream = Some(name.clone());
+    let source = source_of(&state, &request);
+    match endpoint(&state, &name, request, &request_id, &mut trail).await {
+        Ok(response) => response,
+        Err(e) => {
+            let mut response =
+                refuse(&state, &trail, MCP_REQUEST_EVENT, &request_id, source, e).await;
+            if response.status() == StatusCode::UNAUTHORIZED {
+                point_to_metadata(&state, &name, response.headers_mut());
+            }
+            response
+        }
+    }
+}
+
+/// Adds RFC 9728's `resource_metadata` to a `401`'s `WWW-Authenticate`, so that an MCP client
+/// finds Leash as the authorization server.
+fn point_to_metadata(state: &AppState, upstream: &str, headers: &mut HeaderMap) {
+    let metadata = format!(
+        "{}/.well-known/oauth-protected-resource/mcp/{upstream}",
+        state.public_url
+    );
+    let challenge = match headers
+        .get(header::WWW_AUTHENTICATE)
+        .map(HeaderValue::to_str)
+    {
+        Some(Ok(dpop)) if dpop.starts_with("DPoP") => {
+            format!("{dpop}, resource_metadata=\"{metadata}\"")
+        }
+        _ => format!("DPoP resource_metadata=\"{metadata}\""),
+    };
+    if let Ok(value) = HeaderValue::from_str(&challenge) {
+        headers.insert(header::WWW_AUTHENTICATE, value);
+    }
+}
+
+async fn endpoint(
+    state: &Arc<AppState>,
+    name: &str,
+    request: Request,
+    request_id: &str,
+    trail: &mut Trail,
+) -> ApiResult<Response> {
+    let (parts, body) = request.into_parts();
+    trail.known.method = Some(parts.method.as_str().to_owned());
+    trail.known.path = Some(parts.uri.path().to_owned());
+    let upstream = mcp_upstream(state, name)
+        .ok_or_else(|| ApiError::NoRoute(format!("no MCP server named {name:?}")))?;
+    check_origin(state, &parts.headers)?;
+    if parts.uri.query().is_some() {
+        return Err(ApiError::InvalidRequest(
+            "the MCP endpoint takes no query".into(),
+        ));
+    }
+    let principal =
+        match authenticate(state, &parts.method, &parts.uri, &parts.headers, trail).await {
+            Ok(principal) => principal,
+            Err(e) => {
+                attribute_refused_token(state, &parts.headers, trail);
+                return Err(e);
+            }
+        };
+    if principal.mode != Mode::Delegated {
+        return Err(ApiError::Forbidden(
+            "the MCP endpoint is for agents, with a DPoP-bound token".into(),
+        ));
+    }
+    state.gateway_rates.check(&principal.actor)?;
+    let grant = principal
+        .grant
+        .as_ref()
+        .ok_or_else(|| ApiError::Forbidden("no grant".into()))?;
+    if !grant.upstreams.contains(&upstream.name) {
+        return Err(ApiError::InsufficientScope(format!(
+            "the grant does not cover upstream {}",
+            upstream.name
+        )));
+    }
+    let owner = Owner {
+        agent: principal.actor.clone(),
+        grant: grant.id.clone(),
+        upstream: upstream.name.clone(),
+    };
+    let session = session_id(&parts.headers)?;
+    if let Some(id) = &session
+        && !state.mcp_sessions.owned_by(id, &owner)
+    {
+        return Err(ApiError::NotFound("no such MCP session".into()));
+    }
+    let exchange = Exchange {
+        state,
+        upstream,
+        principal,
+        owner,
+        session,
+        request_id,
+    };
+    match parts.method {
+        Method::POST => exchange.post(parts, body, trail).await,
+        Method::GET | Method::DELETE => exchange.stream_or_end(parts, trail).await,
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// `Origin`, when a browser sends one, must be Leash's own (the MCP spec's defence against DNS
+/// rebinding).
+fn check_origin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let ours = url::Url::parse(&state.public_url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_default();
+    if origin.to_str().ok() == Some(ours.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "requests from another origin are refused".into(),
+        ))
+    }
+}
+
+fn session_id(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let mut values = headers.get_all("mcp-session-id").iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ApiError::InvalidRequest(
+            "more than one Mcp-Session-Id".into(),
+        ));
+    }
+    let id = value
+        .to_str()
+        .ok()
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| (0x21..=0x7e).contains(&b)))
+        .ok_or_else(|| ApiError::InvalidRequest("Mcp-Session-Id must be visible ASCII".into()))?;
+    Ok(Some(id.to_owned()))
+}
+
+/// One authenticated HTTP request at the MCP endpoint.
+struct Exchange<'s> {
+    state: &'s Arc<AppState>,
+    upstream: &'s Upstream,
+    principal: Principal,
+    owner: Owner,
+    session: Option<String>,
+    request_id: &'s str,
+}
+
+/// What to do with the server's answer to a forwarded message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AnswerTo {
+    /// `initialize`: its `Mcp-Session-Id` binds the session.
+    Initialize,
+    /// `tools/list` with this id: its tools are filtered.
+    ToolsList,
+    /// Anything else: passed on (server requests in a stream are still looked at).
+    Other,
+}
+
+impl<'s> Exchange<'s> {
+    async fn post(self, parts: Parts, body: Body, trail: &mut Trail) -> ApiResult<Response> {
+        if parts.headers.contains_key(header::CONTENT_ENCODING) {
+            return Err(ApiError::InvalidRequest(
+                "an MCP message is judged as sent: no Content-Encoding".into(),
+            ));
+        }
+        let limit = self.state.config.limits.gateway_body_bytes;
+        let bytes = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|e| crate::extract::body_error(&e, limit))?;
+        let message = parse_message(&bytes).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+        check_mcp_headers(&parts.headers, &message)?;
+        match &message {
+            Message::Request { id, method, params } => {
+                trail.known.method = Some(method.clone());
+                match method.as_str() {
+                    "initialize" | "ping" | "server/discover" | "subscriptions/listen" => {
+                        self.pass(parts, bytes, trail, answer_to(method, id)).await
+                    }
+                    "tools/list" => self.pass(parts, bytes, trail, AnswerTo::ToolsList).await,
+                    "tools/call" => self.call(parts, bytes, id, params.as_ref(), trail).await,
+                    "resources/list" | "resources/read" | "resources/templates/list" => {
+                        let action = self.mcp().resources_action.clone();
+                        self.guarded(parts, bytes, id, method, &action, trail).await
+                    }
+                    "prompts/list" | "prompts/get" => {
+                        let action = self.mcp().prompts_action.clone();
+                        self.guarded(parts, bytes, id, method, &action, trail).await
+                    }
+                    _ => Ok(rpc_error(
+                        id,
+                        -32601,
+                        &format!("method {method:?} is not offered through Leash"),
+                    )),
+                }
+            }
+            Message::Notification { method, .. } if method.starts_with("notifications/") => {
+                trail.known.method = Some(method.clone());
+                self.pass(parts, bytes, trail, AnswerTo::Other).await
+            }
+            Message::Notification { method, .. } => Err(ApiError::InvalidRequest(format!(
+                "{method:?} is not a notification"
+            ))),
+            Message::Response { id, .. } => {
+                let key = self.session_key();
+                if !self.state.mcp_sessions.take_answer(&key, id) {
+                    return Err(ApiError::InvalidRequest(
+                        "a response must answer a request the server sent in this session".into(),
+                    ));
+                }
+                self.pass(parts, bytes, trail, AnswerTo::Other).await
+            }
+        }
+    }
+
+    fn mcp(&self) -> &crate::config::McpServer {
+        // Checked in `endpoint`: only MCP upstreams get here.
+        self.upstream
+            .mcp
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("an MCP upstream"))
+    }
+
+    /// Where server requests of this exchange are tracked: the session, or (for a server that
+    /// keeps none) the grant's link to the upstream.
+    fn session_key(&self) -> String {
+        match &self.session {
+            Some(id) => id.clone(),
+            None => format!("{}\u{0}{}", self.owner.grant, self.owner.upstream),
+        }
+    }
+
+    /// A message that needs no decision: the proof is claimed and the token checked live in one
+    /// commit, then it is forwarded.
+    async fn pass(
+        self,
+        parts: Parts,
+        bytes: Bytes,
+        trail: &mut Trail,
+        answer: AnswerTo,
+    ) -> ApiResult<Response> {
+        let now = self.state.clock.now();
+        let request = RequestUse {
+            once: self.principal.proof_once.into_iter().collect(),
+            token: self.principal.token.as_ref().map(|t| t.jti.clone()),
+            now,
+            ..RequestUse::default()
+        };
+        let verdict = self.state.store.record_use(request).await.map_err(|e| {
+            tracing::error!(error = %e, "MCP request commit failed: nothing is forwarded");
+            ApiError::AuditUnavailable
+        })?;
+        verdict_result(verdict)?;
+        let decided = self.decided(String::new(), String::new(), ApprovalState::NotNeeded);
+        self.send(&decided, &parts, Body::from(bytes), trail, answer)
+            .await
+    }
+
+    /// `resources/*` and `prompts/*`: scope and policy on the upstream's action for them; a
+    /// refusal is a JSON-RPC error.
+    async fn guarded(
+        self,
+        parts: Parts,
+        bytes: Bytes,
+        id: &RequestId,
+        method: &str,
+        action: &str,
+        trail: &mut Trail,
+    ) -> ApiResult<Response> {
+        trail.known.action = Some(action.to_owned());
+        let path = format!("/{method}");
+        match self.judge(method, &path, action, Risk::Normal, trail) {
+            Ok(ApprovalState::NotNeeded) => {}
+            Ok(_) => {
+                return Ok(rpc_error(
+                    id,
+                    -32003,
+                    "Leash refused: this needs an approval, which only tool calls can wait for",
+                ));
+            }
+            Err(refusal) => {
+                self.audit_refused(trail, MCP_REQUEST_EVENT, &refusal)
+                    .await?;
+                return Ok(rpc_error(id, -32003, &format!("Leash refused: {refusal}")));
+            }
+        }
+        let decided = self.decided(method.to_owned(), path, ApprovalState::NotNeeded);
+        decided
+            .commit(self.state, trail, MCP_REQUEST_EVENT, self.request_id)
+            .await?;
+        self.send(&decided, &parts, Body::from(bytes), trail, AnswerTo::Other)
+            .await
+    }
+
+    /// Steps 4–6 for an action of this upstream: scope, then policy, then whether a human must
+    /// approve.
+    fn judge(
+        &self,
+        method: &str,
+        path: &str,
+        action: &str,
+        risk: Risk,
+        trail: &mut Trail,
+    ) -> ApiResult<ApprovalState> {
+        let in_scope = self
+            .principal
+            .token
+            .as_ref()
+            .is_some_and(|token| token.actions().any(|a| a == action));
+        if !in_scope {
+            return Err(ApiError::InsufficientScope(format!(
+                "the token's scope does not include {action}"
+            )));
+        }
+        let judged = Judged {
+            method,
+            path,
+            upstream: self.upstream,
+            action,
+            risk,
+        };
+        let now = self.state.clock.now();
+        let permitted = evaluate_policy(self.state, &self.principal, &judged, false, now)?;
+        Ok(approval_step(permitted, Mode::Delegated, None, trail))
+    }
+
+    /// A `tools/call`: decided, and forwarded only when allowed (after the human's approval, if
+    /// one is needed, held open for `mcp.approval_wait`).
+    async fn call(
+        self,
+        parts: Parts,
+        bytes: Bytes,
+        id: &RequestId,
+        params: Option<&Value>,
+        trail: &mut Trail,
+    ) -> ApiResult<Response> {
+        let Some(name) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
+            return Ok(rpc_error(id, -32602, "tools/call needs params.name"));
+        };
+        let arguments = params
+            .and_then(|p| p.get("arguments"))
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        if !arguments.is_object() {
+            return Ok(rpc_error(
+                id,
+                -32602,
+                "tools/call arguments must be an object",
+            ));
+        }
+        let digest = call_digest(name, &arguments);
+        let path = format!("/tools/{name}");
+        let audited_path = format!("{path}?arguments_sha256={digest}");
+        trail.known.method = Some("tools/call".into());
+        trail.known.path = Some(audited_path.clone());
+        let Some(tool) = self.mcp().tool(name).cloned() else {
+            let refusal = ApiError::NoRoute(format!("tool {name:?} is not offered through Leash"));
+            self.audit_refused(trail, MCP_CALL_EVENT, &refusal).await?;
+            return Ok(tool_refusal(id, &refusal));
+        };
+        trail.known.action = Some(tool.action.clone());
+        let approval = match self.judge("tools/call", &path, &tool.action, tool.risk, trail) {
+            Ok(approval) => approval,
+            Err(refusal) => {
+                self.audit_refused(trail, MCP_CALL_EVENT, &refusal).await?;
+                return Ok(tool_refusal(id, &refusal));
+            }
+        };
+        let mut decided = self.decided("tools/call".into(), audited_path, approval);
+        decided.action = tool.action.clone();
+        if let ApprovalState::Needed { policies } = &decided.approval {
+            let policies = policies.clone();
+            match self
+                .hold(&mut decided, &bytes, &digest, &policies, trail)
+                .await?
+            {
+                Held::Approved(approval) => {
+                    decided.approval = ApprovalState::Attached(approval);
+                    // Its proof was claimed with the approval's request.
+                    decided.principal.proof_once = None;
+                }
+                Held::Refused(refusal) => return Ok(tool_refusal(id, &refusal)),
+            }
+        }
+        decided
+            .commit(self.state, trail, MCP_CALL_EVENT, self.request_id)
+            .await?;
+        self.send(&decided, &parts, Body::from(bytes), trail, AnswerTo::Other)
+            .await
+    }
+
+    /// Asks the human and waits for the decision, up to `mcp.approval_wait`. The request for
+    /// approval is stored (with the proof's `jti` and its event) as at the gateway, bound to the
+    /// call's digest; a client that goes away ends the wait (the handler is dropped), the
+    /// approval stays pending until it expires.
+    async fn hold(
+        &self,
+        decided: &mut Decided<'_>,
+        bytes: &Bytes,
+        digest: &str,
+        policies: &[String],
+        trail: &mut Trail,
+    ) -> ApiResult<Held> {
+        let query = format!("arguments_sha256={digest}");
+        let path = decided
+            .path
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let full_path = std::mem::replace(&mut decided.path, path);
+        let asked = Asked {
+            query: Some(&query),
+            body: bytes,
+            body_sha256: digest.to_owned(),
+            policies,
+        };
+        let refusal = ask_approval(
+            self.state,
+            decided,
+            asked,
+            trail,
+            MCP_CALL_EVENT,
+            self.request_id,
+        )
+        .await;
+        decided.path = full_path;
+        let ApiError::ApprovalRequired {
+            approval: Some(approval_id),
+            ..
+        } = refusal
+        else {
+            return Err(refusal);
+        };
+        let wait = self.state.config.mcp_approval_wait;
+        let deadline = tokio::time::Instant::now() + wait;
+        let grant_id = self.owner.grant.clone();
+        loop {
+            let now = self.state.clock.now();
+            // The task may end while the human thinks: the held call ends with it.
+            let live = self
+                .state
+                .store
+                .grant(&grant_id)
+                .await?
+                .is_some_and(|grant| grant.is_live(now));
+            if !live {
+                return Ok(Held::Refused(ApiError::InvalidToken(
+                    "the task ended while the call waited for approval".into(),
+                )));
+            }
+            let approval = self
+                .state
+                .store
+                .approval(&approval_id)
+                .await?
+                .ok_or_else(|| ApiError::Unavailable("the approval vanished".into()))?;
+            match approval.status_at(now) {
+                ApprovalStatus::Approved => return Ok(Held::Approved(Box::new(approval))),
+                ApprovalStatus::Pending if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(APPROVAL_POLL).await;
+                }
+                ApprovalStatus::Pending => {
+                    return Ok(Held::Refused(ApiError::PolicyDenied {
+                        reason: format!(
+                            "no decision on approval {approval_id} within {} s",
+                            wait.as_secs()
+                        ),
+                        policies: Vec::new(),
+                    }));
+                }
+                ApprovalStatus::Denied => {
+                    return Ok(Held::Refused(ApiError::PolicyDenied {
+                        reason: format!("the human denied approval {approval_id}"),
+                        policies: Vec::new(),
+                    }));
+                }
+                ApprovalStatus::Expired | ApprovalStatus::Used => {
+                    return Ok(Held::Refused(ApiError::PolicyDenied {
+                        reason: format!("approval {approval_id} expired undecided"),
+                        policies: Vec::new(),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn decided(&self, method: String, path: String, approval: ApprovalState) -> Decided<'s> {
+        Decided {
+            principal: Principal {
+                mode: self.principal.mode,
+                proof_once: self.principal.proof_once,
+                actor: self.principal.actor.clone(),
+                subject: self.principal.subject.clone(),
+                grant: self.principal.grant.clone(),
+                token: self.principal.token.clone(),
+            },
+            upstream: self.upstream,
+            path,
+            method,
+            action: String::new(),
+            approval,
+        }
+    }
+
+    /// Records a refused call (its proof's `jti` claimed with it, so the refusal cannot be
+    /// replayed into a flood of events).
+    async fn audit_refused(
+        &self,
+        trail: &mut Trail,
+        kind: &str,
+        refusal: &ApiError,
+    ) -> ApiResult<()> {
+        let now = self.state.clock.now();
+        let event = trail.event(kind, now, self.request_id, Outcome::Deny, None);
+        let request = RequestUse {
+            once: self.principal.proof_once.into_iter().collect(),
+            token: self.principal.token.as_ref().map(|t| t.jti.clone()),
+            now,
+            audit: Some(crate::audit::as_refusal(event, refusal)),
+            ..RequestUse::default()
+        };
+        let verdict = self.state.store.record_use(request).await.map_err(|e| {
+            tracing::error!(error = %e, "MCP refusal commit failed");
+            ApiError::AuditUnavailable
+        })?;
+        trail.recorded = true;
+        verdict_result(verdict)
+    }
+
+    /// GET (the server's stream) and DELETE (the session's end): no message to judge; the proof
+    /// is claimed, then the request forwarded.
+    async fn stream_or_end(self, parts: Parts, trail: &mut Trail) -> ApiResult<Response> {
+        let now = self.state.clock.now();
+        let request = RequestUse {
+            once: self.principal.proof_once.into_iter().collect(),
+            token: self.principal.token.as_ref().map(|t| t.jti.clone()),
+            now,
+            ..RequestUse::default()
+        };
+        let verdict = self.state.store.record_use(request).await.map_err(|e| {
+            tracing::error!(error = %e, "MCP request commit failed: nothing is forwarded");
+            ApiError::AuditUnavailable
+        })?;
+        verdict_result(verdict)?;
+        if parts.method == Method::DELETE
+            && let Some(id) = &self.session
+        {
+            self.state.mcp_sessions.end(id);
+        }
+        let decided = self.decided(String::new(), String::new(), ApprovalState::NotNeeded);
+        self.send(&decided, &parts, Body::empty(), trail, AnswerTo::Other)
+            .await
+    }
+
+    /// Forwards a decided message and relays the answer: JSON answers to `tools/list` filtered,
+    /// event streams through [`sse::relay`], anything else unchanged.
+    async fn send(
+        &self,
+        decided: &Decided<'_>,
+        parts: &Parts,
+        body: Body,
+        trail: &Trail,
+        answer: AnswerTo,
+    ) -> ApiResult<Response> {
+        let forwarded = forward(
+            self.state,
+            decided,
+            Forwarded {
+                path: "",
+                query: None,
+                method: &parts.method,
+                headers: &parts.headers,
+                body,
+                trail,
+            },
+            self.request_id,
+        )
+        .await;
+        let response = match forwarded {
+            Ok(response) => response,
+            Err(NotForwarded::Failed(e) | NotForwarded::CutOff(e)) => return Err(e),
+        };
+        if answer == AnswerTo::Initialize
+            && response.status().is_success()
+            && let Some(id) = response
+                .headers()
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+        {
+            self.state.mcp_sessions.bind(id, self.owner.clone());
+        }
+        let session_key = match response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(id) => id.to_owned(),
+            None => self.session_key(),
+        };
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let allowed = self.allowed_tools();
+        if content_type.starts_with("text/event-stream") {
+            let relay = sse::Relay {
+                state: self.state.clone(),
+                upstream: self.upstream.name.clone(),
+                session: session_key,
+                filter_tools: (answer == AnswerTo::ToolsList).then_some(allowed),
+                decline: Decliner::new(self, parts),
+            };
+            return Ok(sse::relay(response, relay));
+        }
+        if answer == AnswerTo::ToolsList && content_type.starts_with("application/json") {
+            let (mut head, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, LIST_ANSWER_LIMIT)
+                .await
+                .map_err(|_| {
+                    ApiError::BadGateway("the tools/list answer could not be read".into())
+                })?;
+            let filtered = filter_tools_answer(&bytes, &allowed).ok_or_else(|| {
+                ApiError::BadGateway("the tools/list answer is not JSON-RPC".into())
+            })?;
+            head.headers.remove(header::CONTENT_LENGTH);
+            return Ok(Response::from_parts(head, Body::from(filtered)));
+        }
+        Ok(response)
+    }
+
+    /// The tools the token may call: configured, and their action in its scope.
+    fn allowed_tools(&self) -> HashSet<String> {
+        let Some(token) = &self.principal.token else {
+            return HashSet::new();
+        };
+        self.mcp()
+            .tools
+            .iter()
+            .filter(|tool| token.actions().any(|a| a == tool.action))
+            .map(|tool| tool.name.clone())
+            .collect()
+    }
+}
+
+/// A held call's outcome.
+enum Held {
+    Approved(Box<leash_store::Approval>),
+    Refused(ApiError),
+}
+
+fn answer_to(method: &str, _id: &RequestId) -> AnswerTo {
+    if method == "initialize" {
+        AnswerTo::Initialize
+    } else {
+        AnswerTo::Other
+    }
+}
+
+/// The 2026-07-28 transport names the message in headers too: they must say what the body says
+/// (a proxy that routes on the headers must not see another call than the one judged).
+fn check_mcp_headers(headers: &HeaderMap, message: &Message) -> ApiResult<()> {
+    let (method, name) = match message {
+        Message::Request { method, params, .. } | Message::Notification { method, params } => (
+            Some(method.as_str()),
+            params
+                .as_ref()
+                .and_then(|p| p.get("name").or_else(|| p.get("uri")))
+                .and_then(Value::as_str),
+        ),
+        Message::Response { .. } => (None, None),
+    };
+    for (header_name, expected) in [("mcp-method", method), ("mcp-name", name)] {
+        let mut values = headers.get_all(header_name).iter();
+        let Some(value) = values.next() else {
+            continue;
+        };
+        if values.next().is_some() || value.to_str().ok() != expected {
+            return Err(ApiError::InvalidRequest(format!(
+                "{header_name} does not match the message"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A JSON-RPC error answer, from Leash.
+fn rpc_error(id: &RequestId, code: i64, message: &str) -> Response {
+    let body =
+        json!({"jsonrpc": "2.0", "id": id.to_value(), "error": {"code": code, "message": message}});
+    leash_answer(body, "invalid_request")
+}
+
+/// A refused tool call as a tool result the model can read (API §14).
+fn tool_refusal(id: &RequestId, refusal: &ApiError) -> Response {
+    let (_, code) = refusal.status_and_code();
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": id.to_value(),
+        "result": {
+            "isError": true,
+            "content": [{"type": "text", "text": format!("Leash refused: {refusal}")}],
+        },
+    });
+    leash_answer(body, code)
+}
+
+fn leash_answer(body: Value, decision: &'static str) -> Response {
+    let mut response = axum::Json(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        crate::error::LEASH_DECISION,
+        HeaderValue::from_static(decision),
+    );
+    response
+}
+
+/// A `tools/list` answer with only the `allowed` tools; `None` if it is not JSON-RPC.
+fn filter_tools_answer(bytes: &[u8], allowed: &HashSet<String>) -> Option<Vec<u8>> {
+    let mut answer: Value = serde_json::from_slice(bytes).ok()?;
+    filter_tools(&mut answer, allowed);
+    serde_json::to_vec(&answer).ok()
+}
+
+/// Keeps, in a `tools/list` result, only the tools in `allowed` (an error answer is left as is).
+fn filter_tools(answer: &mut Value, allowed: &HashSet<String>) {
+    if let Some(tools) = answer
+        .get_mut("result")
+        .and_then(|r| r.get_mut("tools"))
+        .and_then(Value::as_array_mut)
+    {
+        tools.retain(|tool| {
+            tool.get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|name| allowed.contains(name))
+        });
+    }
+}
+
+/// Declines, for the human, what a server asks of the client that only the human may answer
+/// (`elicitation/create`): the answer goes to the server as the client's, in the same session.
+#[derive(Clone)]
+pub(crate) struct Decliner {
+    url: url::Url,
+    headers: HeaderMap,
+}
+
+impl Decliner {
+    fn new(exchange: &Exchange<'_>, parts: &Parts) -> Self {
+        let mut headers = HeaderMap::new();
+        for name in ["mcp-session-id", "mcp-protocol-version"] {
+            if let Some(value) = parts.headers.get(name) {
+                headers.insert(name, value.clone());
+            }
+        }
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        if let Some(grant) = &exchange.principal.grant
+            && let Ok(value) = HeaderValue::from_str(&grant.id)
+        {
+            headers.insert("leash-grant", value);
+        }
+        Self {
+            url: exchange.upstream.url.clone(),
+            headers,
+        }
+    }
+
+    /// Answers the server's request `id` with a decline.
+    pub(crate) fn decline(&self, state: &AppState, id: &RequestId) {
+        let body = json!({"jsonrpc": "2.0", "id": id.to_value(), "result": {"action": "decline"}});
+        let mut request = axum::http::Request::new(Body::from(body.to_string()));
+        *request.method_mut() = Method::POST;
+        let Ok(uri) = self.url.as_str().parse() else {
+            return;
+        };
+        *request.uri_mut() = uri;
+        *request.headers_mut() = self.headers.clone();
+        let client = state.upstream_client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.request(request).await {
+                tracing::warn!(error = %e, "declining an elicitation failed");
+            }
+        });
+    }
+}

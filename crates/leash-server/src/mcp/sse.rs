@@ -1,0 +1,162 @@
+//! An MCP server's event stream (`text/event-stream`), relayed event by event: each event's data
+//! is one JSON-RPC message; a `tools/list` answer is filtered to the token's tools, a request the
+//! server makes of the client is noted (the client's answer must match one), and
+//! `elicitation/create` (meant for the human, API §14) is declined for the human instead of
+//! reaching the agent. Events pass as they arrive, so progress notifications and long results
+//! stream.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::Response;
+use http_body_util::BodyExt as _;
+use hyper::body::Frame;
+use leash_core::mcp::{Message, parse_message};
+use serde_json::Value;
+
+use super::Decliner;
+use crate::state::AppState;
+
+/// Longest event Leash buffers; a longer one cuts the stream off.
+const EVENT_LIMIT: usize = 16 << 20;
+
+/// What the relay does with the events of one stream.
+pub(crate) struct Relay {
+    pub(crate) state: Arc<AppState>,
+    pub(crate) upstream: String,
+    /// Where the server's requests are noted.
+    pub(crate) session: String,
+    /// Set for the answer to `tools/list`: the tools to keep.
+    pub(crate) filter_tools: Option<HashSet<String>>,
+    pub(crate) decline: Decliner,
+}
+
+/// Relays `response`'s event stream through `relay`.
+pub(crate) fn relay(response: Response, relay: Relay) -> Response {
+    let (mut parts, mut body) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, axum::Error>>(16);
+    tokio::spawn(async move {
+        let mut buffer: Vec<u8> = Vec::new();
+        loop {
+            match body.frame().await {
+                None => {
+                    if !buffer.is_empty() {
+                        let _ = sender.send(Ok(Bytes::from(buffer))).await;
+                    }
+                    return;
+                }
+                Some(Err(e)) => {
+                    let _ = sender.send(Err(axum::Error::new(e))).await;
+                    return;
+                }
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    buffer.extend_from_slice(&data);
+                    while let Some(end) = event_end(&buffer) {
+                        let event: Vec<u8> = buffer.drain(..end).collect();
+                        if let Some(out) = relay.event(&event)
+                            && sender.send(Ok(out)).await.is_err()
+                        {
+                            // The agent went away: so does the stream from the server.
+                            return;
+                        }
+                    }
+                    if buffer.len() > EVENT_LIMIT {
+                        tracing::warn!(upstream = %relay.upstream, "an MCP event over the limit; stream cut off");
+                        let _ = sender
+                            .send(Err(axum::Error::new(std::io::Error::other(
+                                "event too large",
+                            ))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Response::from_parts(parts, Body::new(ChannelBody { receiver }))
+}
+
+/// Where the first complete event in `buffer` ends (after its blank line).
+fn event_end(buffer: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(buffer, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::find(buffer, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+impl Relay {
+    /// The event as the agent gets it, or `None` to hold it back.
+    fn event(&self, event: &[u8]) -> Option<Bytes> {
+        let Ok(text) = std::str::from_utf8(event) else {
+            return Some(Bytes::copy_from_slice(event));
+        };
+        let mut data = Vec::new();
+        let mut other = Vec::new();
+        for line in text.lines() {
+            if let Some(value) = line.strip_prefix("data:") {
+                data.push(value.strip_prefix(' ').unwrap_or(value));
+            } else if !line.is_empty() {
+                other.push(line);
+            }
+        }
+        if data.is_empty() {
+            return Some(Bytes::copy_from_slice(event));
+        }
+        let data = data.join("\n");
+        match parse_message(data.as_bytes()) {
+            Ok(Message::Request { id, method, .. }) if method == "elicitation/create" => {
+                tracing::info!(upstream = %self.upstream, "an elicitation for the human declined");
+                self.decline.decline(&self.state, &id);
+                None
+            }
+            Ok(Message::Request { id, .. }) => {
+                self.state.mcp_sessions.expect_answer(&self.session, id);
+                Some(Bytes::copy_from_slice(event))
+            }
+            Ok(Message::Response { .. }) if self.filter_tools.is_some() => {
+                let allowed = self.filter_tools.as_ref()?;
+                let mut answer: Value = serde_json::from_str(&data).ok()?;
+                super::filter_tools(&mut answer, allowed);
+                let mut out = String::new();
+                for line in other {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+                out.push_str("data: ");
+                out.push_str(&answer.to_string());
+                out.push_str("\n\n");
+                Some(Bytes::from(out))
+            }
+            _ => Some(Bytes::copy_from_slice(event)),
+        }
+    }
+}
+
+/// A response body fed by the relay's task.
+struct ChannelBody {
+    receiver: tokio::sync::mpsc::Receiver<Result<Bytes, axum::Error>>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.receiver
+            .poll_recv(cx)
+            .map(|next| next.map(|item| item.map(Frame::data)))
+    }
+}

@@ -1,0 +1,401 @@
+"""MCP through Leash (API §14): the official Python `mcp` client with the SDK's `task.auth`
+(API §15) against a real FastMCP server (tests/mcp_servers/crm.py) behind `/mcp/crm`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Leash, Setup, set_up
+from mcp_fixtures import CrmServer, mcp_session, start_crm, ts_client
+
+from leash_agent import Agent, Task, TaskEnded
+
+CRM_TOOLS = """
+[mcp]
+approval_wait = {wait}
+
+[[upstream]]
+name = "crm"
+url = "{url}"
+kind = "mcp"
+[[upstream.tool]]
+name = "search_contacts"
+action = "crm:search"
+[[upstream.tool]]
+name = "update_contact"
+action = "crm:update"
+[[upstream.tool]]
+name = "delete_contact"
+action = "crm:delete"
+risk = "high"
+[[upstream.tool]]
+name = "pay"
+action = "crm:pay"
+[[upstream.tool]]
+name = "long_report"
+action = "crm:report"
+[[upstream.tool]]
+name = "ask_new_email"
+action = "crm:ask"
+"""
+
+GRANTED = ["crm:search", "crm:delete", "crm:report", "crm:pay", "crm:ask"]
+
+# What an MCP client sends with each message (Streamable HTTP).
+HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+def contains(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `error`, or an exception in its group, is a `kind`."""
+    if isinstance(error, kind):
+        return True
+    return any(contains(inner, kind) for inner in getattr(error, "exceptions", ()))
+
+
+@pytest.fixture(scope="module")
+def crm() -> Iterator[CrmServer]:
+    with start_crm() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def crm_leash(crm: CrmServer, upstream: Any) -> Iterator[Leash]:
+    server = Leash(upstream, CRM_TOOLS.format(url=crm.url, wait=20))
+    yield server
+    server.stop()
+
+
+def crm_task(leash: Leash, tmp_path: Path, **grant: Any) -> tuple[Setup, Agent, Task]:
+    fields = {
+        "upstreams": ["crm"],
+        "actions": GRANTED,
+        "approval_required": [],
+        **grant,
+    }
+    setup = set_up(leash, tmp_path, **fields)
+    agent = Agent.from_jwk_file(leash.url, setup.agent_id, setup.key_file)
+    return setup, agent, agent.task(setup.handle)
+
+
+def endpoint(leash: Leash) -> str:
+    return f"{leash.url}/mcp/crm"
+
+
+def text_of(result: Any) -> str:
+    return " ".join(getattr(part, "text", "") for part in result.content)
+
+
+def decide_when_asked(setup: Setup, decision: str) -> threading.Thread:
+    """The human, deciding the first pending approval of the grant that appears."""
+
+    def human() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            pending = setup.leash.call("GET", "/v1/approvals?status=pending", setup.user_key)
+            mine = [a for a in pending.json()["approvals"] if a["grant_id"] == setup.grant_id]
+            if mine:
+                setup.leash.decide(setup.user_key, mine[0]["id"], decision)
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=human)
+    thread.start()
+    return thread
+
+
+def test_tools_are_listed_and_called_within_the_grant(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    setup, agent, task = crm_task(crm_leash, tmp_path)
+
+    async def session() -> None:
+        async with mcp_session(endpoint(crm_leash), task.auth) as mcp:
+            listed = await mcp.list_tools()
+            # Granted and configured; update_contact is configured but not granted.
+            assert sorted(t.name for t in listed.tools) == [
+                "ask_new_email",
+                "delete_contact",
+                "long_report",
+                "pay",
+                "search_contacts",
+            ]
+            found = await mcp.call_tool("search_contacts", {"query": "ada"})
+            assert not found.isError, text_of(found)
+            assert "ada" in text_of(found).lower()
+            refused = await mcp.call_tool("update_contact", {"id": 1, "email": "x@example.org"})
+            assert refused.isError
+            assert text_of(refused).startswith("Leash refused:")
+            assert "scope" in text_of(refused)
+
+    with agent:
+        asyncio.run(session())
+    assert crm.tools_called().count("update_contact") == 0, "a refused call reached the server"
+    call = [c for c in crm.calls() if c["tool"] == "search_contacts"][-1]
+    assert call["headers"]["leash-actor"] == setup.agent_id
+    assert "authorization" not in call["headers"]
+    assert "dpop" not in call["headers"]
+    events = [e for e in crm_leash.audit(setup.grant_id) if e["kind"] == "mcp.call"]
+    assert [(e["action"], e["decision"]) for e in events] == [
+        ("crm:search", "allow"),
+        ("crm:update", "deny"),
+    ]
+    assert events[0]["path"].startswith("/tools/search_contacts?arguments_sha256=")
+    assert "ada" not in json.dumps(events), "arguments are audited only as a hash"
+
+
+def test_a_long_tool_result_streams(crm_leash: Leash, tmp_path: Path) -> None:
+    _, agent, task = crm_task(crm_leash, tmp_path)
+    seen: list[float] = []
+
+    async def session() -> Any:
+        async with mcp_session(endpoint(crm_leash), task.auth) as mcp:
+
+            async def on_progress(
+                progress: float, total: float | None, message: str | None
+            ) -> None:
+                seen.append(progress)
+
+            return await mcp.call_tool(
+                "long_report", {"sections": 3}, progress_callback=on_progress
+            )
+
+    with agent:
+        result = asyncio.run(session())
+    assert not result.isError, text_of(result)
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("decision", ["approve", "deny"])
+def test_a_destructive_call_waits_for_the_human(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path, decision: str
+) -> None:
+    setup, agent, task = crm_task(crm_leash, tmp_path)
+    before = crm.tools_called().count("delete_contact")
+
+    async def session() -> tuple[Any, Any]:
+        async with mcp_session(endpoint(crm_leash), task.auth) as mcp:
+            human = decide_when_asked(setup, decision)
+            first = await mcp.call_tool("delete_contact", {"id": 2})
+            human.join()
+            # The approval was for that call: another, with other arguments, waits anew (denied).
+            human = decide_when_asked(setup, "deny")
+            other = await mcp.call_tool("delete_contact", {"id": 3})
+            human.join()
+            return first, other
+
+    with agent:
+        first, other = asyncio.run(session())
+    deleted = crm.tools_called().count("delete_contact") - before
+    if decision == "approve":
+        assert not first.isError, text_of(first)
+        assert deleted == 1
+    else:
+        assert first.isError
+        assert "denied" in text_of(first)
+        assert deleted == 0
+    assert other.isError
+    assert [c["arguments"] for c in crm.calls() if c["tool"] == "delete_contact"].count(
+        {"id": 3}
+    ) == 0
+
+
+def test_revoking_the_task_ends_a_held_call(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    setup, agent, task = crm_task(crm_leash, tmp_path)
+
+    def revoke_when_asked() -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            pending = setup.leash.call("GET", "/v1/approvals?status=pending", setup.user_key)
+            if any(a["grant_id"] == setup.grant_id for a in pending.json()["approvals"]):
+                setup.leash.call("POST", f"/v1/grants/{setup.grant_id}/revoke", setup.user_key)
+                return
+            time.sleep(0.1)
+
+    async def session() -> None:
+        async with mcp_session(endpoint(crm_leash), task.auth) as mcp:
+            await mcp.call_tool("delete_contact", {"id": 4})
+
+    revoker = threading.Thread(target=revoke_when_asked)
+    revoker.start()
+    started = time.monotonic()
+    # Leash ends the held call with the task (401 invalid_token); the SDK's exchange then finds
+    # the grant revoked, and says so.
+    raised: BaseException | None = None
+    with agent:
+        try:
+            asyncio.run(session())
+        except Exception as error:  # TaskEnded, inside the client's task group
+            raised = error
+    revoker.join()
+    assert time.monotonic() - started < 10, "the held call outlived its grant"
+    assert raised is not None
+    assert contains(raised, TaskEnded), raised
+    assert 4 not in [c["arguments"].get("id") for c in crm.calls()]
+
+
+def test_an_elicitation_is_never_answered_by_the_agent(crm_leash: Leash, tmp_path: Path) -> None:
+    _, agent, task = crm_task(crm_leash, tmp_path)
+    asked: list[Any] = []
+
+    async def session() -> Any:
+        async def elicit(context: Any, params: Any) -> Any:
+            asked.append(params)
+            raise AssertionError("the agent was asked for the human's input")
+
+        async with mcp_session(endpoint(crm_leash), task.auth, elicitation_callback=elicit) as mcp:
+            return await mcp.call_tool("ask_new_email", {"id": 1})
+
+    with agent:
+        result = asyncio.run(session())
+    assert asked == []
+    assert "decline" in text_of(result).lower(), text_of(result)
+
+
+def test_the_endpoint_names_leash_as_its_authorization_server(crm_leash: Leash) -> None:
+    refused = httpx.post(endpoint(crm_leash), json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert refused.status_code == 401
+    challenge = refused.headers["WWW-Authenticate"]
+    metadata_url = f"{crm_leash.url}/.well-known/oauth-protected-resource/mcp/crm"
+    assert f'resource_metadata="{metadata_url}"' in challenge
+    metadata = httpx.get(metadata_url).json()
+    assert metadata["resource"] == endpoint(crm_leash)
+    assert metadata["authorization_servers"] == [crm_leash.url]
+    assert (
+        httpx.get(f"{crm_leash.url}/.well-known/oauth-protected-resource/mcp/mail").status_code
+        == 404
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]',
+        b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "result": {}}',
+        b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}',
+        b'{"jsonrpc": "2.0", "id": null, "method": "ping"}',
+        b'{"jsonrpc": "2.0", "id": 7, "result": {}}',
+        b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call",'
+        b' "params": {"name": "pay", "name": "search_contacts"}}',
+    ],
+)
+def test_garbage_is_refused_with_400_and_never_forwarded(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path, body: bytes
+) -> None:
+    _, agent, task = crm_task(crm_leash, tmp_path)
+    before = len(crm.requests())
+    with agent:
+        answer = httpx.post(
+            endpoint(crm_leash),
+            content=body,
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json, text/event-stream",
+            },
+            auth=task.auth,
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == "invalid_request"
+    assert len(crm.requests()) == before
+
+
+def test_a_session_belongs_to_the_agent_that_opened_it(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    _, agent, task = crm_task(crm_leash, tmp_path)
+    _, intruder, other = crm_task(crm_leash, tmp_path)
+    headers = HEADERS
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "test", "version": "1"},
+        },
+    }
+    with agent, intruder:
+        opened = httpx.post(endpoint(crm_leash), json=init, headers=headers, auth=task.auth)
+        assert opened.status_code == 200, opened.text
+        session = opened.headers["Mcp-Session-Id"]
+        ping = {"jsonrpc": "2.0", "id": 2, "method": "ping"}
+        stolen = httpx.post(
+            endpoint(crm_leash),
+            json=ping,
+            headers={**headers, "Mcp-Session-Id": session},
+            auth=other.auth,
+        )
+        assert stolen.status_code == 404
+        own = httpx.post(
+            endpoint(crm_leash),
+            json=ping,
+            headers={**headers, "Mcp-Session-Id": session},
+            auth=task.auth,
+        )
+        assert own.status_code == 200, own.text
+
+
+def test_unknown_methods_get_a_json_rpc_error(crm_leash: Leash, tmp_path: Path) -> None:
+    _, agent, task = crm_task(crm_leash, tmp_path)
+    headers = HEADERS
+    with agent:
+        answer = httpx.post(
+            endpoint(crm_leash),
+            json={"jsonrpc": "2.0", "id": 9, "method": "completion/complete", "params": {}},
+            headers=headers,
+            auth=task.auth,
+        )
+    assert answer.status_code == 200
+    assert answer.json()["error"]["code"] == -32601
+
+
+def test_the_official_typescript_client_works_through_leash(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    """The official TypeScript client (`@modelcontextprotocol/sdk`) with a fetch wrapper that
+    signs each request with DPoP, given a token the Python SDK exchanged for its proof key."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from leash_agent import SigningKey
+    from leash_agent._jose import b64url
+
+    private = ed25519.Ed25519PrivateKey.generate()
+    jwk = {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": b64url(private.public_key().public_bytes_raw()),
+        "d": b64url(private.private_bytes_raw()),
+    }
+    _, agent, task = crm_task(crm_leash, tmp_path)
+    with agent:
+        task._dpop_key = SigningKey.from_jwk(jwk)
+        token = task._usable_token().value
+        lines = ts_client(
+            endpoint(crm_leash),
+            "list",
+            "call",
+            "search_contacts",
+            json.dumps({"query": "grace"}),
+            "call",
+            "update_contact",
+            json.dumps({"id": 1, "email": "x@example.org"}),
+            token=token,
+            dpop_jwk=jwk,
+        )
+    listed, found, refused = (line["result"] for line in lines)
+    assert "update_contact" not in [tool["name"] for tool in listed["tools"]]
+    assert "search_contacts" in [tool["name"] for tool in listed["tools"]]
+    assert not found.get("isError"), found
+    assert refused["isError"], refused
+    assert crm.tools_called().count("update_contact") == 0
