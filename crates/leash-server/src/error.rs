@@ -50,6 +50,9 @@ pub enum ApiError {
     /// 400 `invalid_scope`.
     #[error("{0}")]
     InvalidScope(String),
+    /// 400 `invalid_target` (RFC 8707): a `resource` that is not one of Leash's own.
+    #[error("{0}")]
+    InvalidTarget(String),
     /// 400 `unsupported_grant_type`.
     #[error("{0}")]
     UnsupportedGrantType(String),
@@ -177,6 +180,7 @@ impl ApiError {
             Self::InvalidClient(_) => (StatusCode::UNAUTHORIZED, "invalid_client"),
             Self::InvalidGrant(_) => (StatusCode::BAD_REQUEST, "invalid_grant"),
             Self::InvalidScope(_) => (StatusCode::BAD_REQUEST, "invalid_scope"),
+            Self::InvalidTarget(_) => (StatusCode::BAD_REQUEST, "invalid_target"),
             Self::UnsupportedGrantType(_) => (StatusCode::BAD_REQUEST, "unsupported_grant_type"),
             Self::InvalidDpopProof(_) => (StatusCode::BAD_REQUEST, "invalid_dpop_proof"),
             Self::UseDpopNonce(_) => (StatusCode::BAD_REQUEST, "use_dpop_nonce"),
@@ -268,6 +272,7 @@ impl IntoResponse for ApiError {
             | Self::Conflict(_)
             | Self::InvalidGrant(_)
             | Self::InvalidScope(_)
+            | Self::InvalidTarget(_)
             | Self::UnsupportedGrantType(_)
             | Self::InvalidDpopProof(_)
             | Self::NoRoute(_)

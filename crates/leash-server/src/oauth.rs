@@ -216,6 +216,14 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
             "subject_token_type must be {GRANT_TOKEN_TYPE}"
         )));
     }
+    if let Some(resource) = form.get("resource")
+        && !is_own_resource(state, resource)
+    {
+        return Err(ApiError::InvalidTarget(
+            "resource must be one of Leash's own: its gateway, or an MCP endpoint /mcp/{upstream}"
+                .into(),
+        ));
+    }
     if form.get("actor_token").is_some() || form.get("actor_token_type").is_some() {
         return Err(ApiError::InvalidRequest(
             "actor_token is not used: the agent authenticates with client_assertion".into(),
@@ -493,4 +501,21 @@ pub async fn introspect(
         Err(e) => return Err(e),
     }
     Ok(no_store(Json(Introspection::live(claims)).into_response()))
+}
+
+/// Whether an RFC 8707 `resource` names one of Leash's own resources (API §14): Leash itself, an
+/// upstream's gateway URL or an MCP upstream's endpoint. Tokens are for Leash alone; a resource
+/// elsewhere is refused rather than ignored, so a client never believes it got a token for it.
+fn is_own_resource(state: &AppState, resource: &str) -> bool {
+    let resource = resource.trim_end_matches('/');
+    if resource == state.public_url || resource == state.issuer {
+        return true;
+    }
+    let Some(rest) = resource.strip_prefix(state.public_url.as_str()) else {
+        return false;
+    };
+    state.config.upstreams.values().any(|upstream| {
+        let mount = if upstream.mcp.is_some() { "mcp" } else { "gw" };
+        rest == format!("/{mount}/{}", upstream.name)
+    })
 }

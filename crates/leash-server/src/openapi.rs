@@ -111,8 +111,8 @@ pub enum ApiErrors {
 /// The refusals of the OAuth endpoints (RFC 6749 §5.2 codes).
 #[derive(IntoResponses)]
 pub enum OAuthErrors {
-    /// `invalid_request`, `invalid_grant`, `invalid_scope`, `unsupported_grant_type`,
-    /// `invalid_dpop_proof`, `use_dpop_nonce`.
+    /// `invalid_request`, `invalid_grant`, `invalid_scope`, `invalid_target`,
+    /// `unsupported_grant_type`, `invalid_dpop_proof`, `use_dpop_nonce`.
     #[response(status = 400)]
     BadRequest(ErrorBody),
     /// `invalid_client`.

@@ -470,7 +470,7 @@ macro_rules! shared_queries {
         ) -> StoreResult<Vec<ActionUse>> {
             let rows = sqlx::query(
                 "SELECT grant_id, action, count(*) AS uses, max(at) AS last_used \
-                 FROM audit_events WHERE kind = 'gateway.request' AND decision = 'allow' \
+                 FROM audit_events WHERE kind IN ('gateway.request', 'mcp.call') AND decision = 'allow' \
                  AND grant_id IS NOT NULL AND action IS NOT NULL \
                  AND (CAST($1 AS TEXT) IS NULL OR subject = $1) GROUP BY grant_id, action",
             )

@@ -149,6 +149,10 @@ def test_tools_are_listed_and_called_within_the_grant(
     ]
     assert events[0]["path"].startswith("/tools/search_contacts?arguments_sha256=")
     assert "ada" not in json.dumps(events), "arguments are audited only as a hash"
+    review = crm_leash.call("GET", "/v1/review", setup.user_key).json()
+    reviewed = next(g for g in review["grants"] if g["id"] == setup.grant_id)
+    assert "crm:search" in json.dumps(reviewed["actions_used"])
+    assert "crm:pay" in reviewed["actions_unused"], "granted tools never called are flagged"
 
 
 def test_a_long_tool_result_streams(crm_leash: Leash, tmp_path: Path) -> None:
@@ -399,3 +403,39 @@ def test_the_official_typescript_client_works_through_leash(
     assert not found.get("isError"), found
     assert refused["isError"], refused
     assert crm.tools_called().count("update_contact") == 0
+
+
+@pytest.mark.parametrize(
+    ("resource", "expected"),
+    [
+        ("/mcp/crm", 200),
+        ("", 200),
+        ("/gw/mail", 200),
+        ("/mcp/mail", 400),
+        ("https://evil.example/mcp", 400),
+    ],
+)
+def test_the_token_endpoint_takes_only_leash_resources(
+    crm_leash: Leash, tmp_path: Path, resource: str, expected: int
+) -> None:
+    """RFC 8707 `resource`: one of Leash's own resource URLs, else `invalid_target`."""
+    from leash_agent import SigningKey
+    from leash_agent._agent import GRANT_TOKEN_TYPE, JWT_BEARER, TOKEN_EXCHANGE
+
+    setup, agent, _ = crm_task(crm_leash, tmp_path)
+    agent.close()
+    key = SigningKey.from_jwk(json.loads(setup.key_file.read_text()))
+    now, token_url = int(time.time()), f"{crm_leash.url}/oauth2/token"
+    form = {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": setup.handle,
+        "subject_token_type": GRANT_TOKEN_TYPE,
+        "client_assertion_type": JWT_BEARER,
+        "client_assertion": key.client_assertion(setup.agent_id, crm_leash.url, now),
+        "resource": resource if resource.startswith("https:") else crm_leash.url + resource,
+    }
+    proof = SigningKey.generate().dpop_proof("POST", token_url, now)
+    answer = httpx.post(token_url, data=form, headers={"DPoP": proof})
+    assert answer.status_code == expected, answer.text
+    if expected == 400:
+        assert answer.json()["error"] == "invalid_target"
