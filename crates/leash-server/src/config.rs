@@ -1002,6 +1002,49 @@ mod tests {
         }
     }
 
+    fn upstreams_of(text: &str) -> Result<BTreeMap<String, Upstream>, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leash.toml");
+        std::fs::write(&path, text).unwrap();
+        let flags = Flags {
+            config: Some(path),
+            ..Flags::default()
+        };
+        Config::load(&flags, env(&[])).map(|c| c.upstreams)
+    }
+
+    #[test]
+    fn mcp_upstreams_name_their_tools_actions() {
+        let mcp =
+            "[[upstream]]\nname = \"crm\"\nurl = \"http://127.0.0.1:9100/mcp\"\nkind = \"mcp\"\n";
+        let upstreams = upstreams_of(&format!(
+            "{mcp}[[upstream.tool]]\nname = \"lookup\"\n[[upstream.tool]]\nname = \"deleteContact\"\naction = \"crm:delete\"\nrisk = \"high\"\n"
+        ))
+        .unwrap();
+        let crm = &upstreams["crm"];
+        let server = crm.mcp.as_ref().unwrap();
+        assert_eq!(server.tool("lookup").unwrap().action, "crm:lookup");
+        assert_eq!(server.tool("deleteContact").unwrap().risk, Risk::High);
+        assert!(server.tool("other").is_none());
+        assert_eq!(
+            crm.actions().into_iter().collect::<Vec<_>>(),
+            ["crm:delete", "crm:lookup", "crm:prompts", "crm:resources"]
+        );
+        for bad in [
+            // A tool name that is no action name needs an explicit action.
+            format!("{mcp}[[upstream.tool]]\nname = \"deleteContact\"\n"),
+            format!("{mcp}[[upstream.tool]]\nname = \"a\"\n[[upstream.tool]]\nname = \"a\"\n"),
+            format!("{mcp}[[upstream.route]]\nmethod = \"GET\"\npath = \"/\"\naction = \"crm:x\"\n"),
+            format!("{mcp}unlisted_tools = \"allow\"\n"),
+            format!("{mcp}[[upstream.tool]]\nname = \"a\"\nrisk = \"extreme\"\n"),
+            mcp.replace("\"mcp\"", "\"grpc\""),
+            "[[upstream]]\nname = \"mail\"\nurl = \"http://127.0.0.1:9\"\n[[upstream.tool]]\nname = \"a\"\n".to_owned(),
+            "[mcp]\napproval_wait = 0\n".to_owned(),
+        ] {
+            assert!(upstreams_of(&bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn upstream_actions() {
         let dir = tempfile::tempdir().unwrap();

@@ -83,6 +83,7 @@ async fn gateway(
             headers: &parts.headers,
             body,
             trail,
+            answer_idle: None,
         },
         request_id,
     )
@@ -826,6 +827,8 @@ pub(crate) struct Forwarded<'r> {
     /// The request's trail, for the event recorded if the answer carries the injected
     /// credential.
     pub(crate) trail: &'r Trail,
+    /// How long the answer may pause between two parts (`None`: `upstream_timeout`).
+    pub(crate) answer_idle: Option<std::time::Duration>,
 }
 
 /// Why a committed request was not forwarded.
@@ -850,6 +853,7 @@ pub(crate) async fn forward(
         headers,
         body,
         trail,
+        answer_idle,
     } = sent;
     // Made only for an answer Leash guards (a credential was injected), when it is guarded.
     let reflected = || {
@@ -955,11 +959,14 @@ pub(crate) async fn forward(
     // `proxy_read_timeout`): a stalled answer is cut off instead of holding the agent's
     // connection, and the upstream's, for as long as the upstream does.
     let stalled = request_id.to_owned();
-    let upstream_body =
-        TimeoutBody::new(limits.upstream_timeout, upstream_body).map_err(move |e| {
-            tracing::warn!(request_id = %stalled, error = %e, "upstream answer cut off");
-            e
-        });
+    let upstream_body = TimeoutBody::new(
+        answer_idle.unwrap_or(limits.upstream_timeout),
+        upstream_body,
+    )
+    .map_err(move |e| {
+        tracing::warn!(request_id = %stalled, error = %e, "upstream answer cut off");
+        e
+    });
     let mut kept = HeaderMap::new();
     for (name, value) in &upstream_parts.headers {
         if !is_stripped_response_header(name) && !listed.iter().any(|l| l == name.as_str()) {

@@ -51,6 +51,10 @@ const MCP_REQUEST_EVENT: &str = "mcp.request";
 /// Largest `tools/list` answer Leash reads whole to filter.
 const LIST_ANSWER_LIMIT: usize = 16 << 20;
 
+/// How long an MCP server's answer may pause between two events: a server's own stream (GET)
+/// and a long tool's progress may be quiet for minutes, unlike an HTTP answer.
+const STREAM_IDLE: Duration = Duration::from_secs(15 * 60);
+
 /// How often a held call looks at its approval.
 const APPROVAL_POLL: Duration = Duration::from_millis(250);
 
@@ -790,6 +794,7 @@ impl<'s> Exchange<'s> {
                 headers: &parts.headers,
                 body,
                 trail,
+                answer_idle: Some(STREAM_IDLE),
             },
             self.request_id,
         )

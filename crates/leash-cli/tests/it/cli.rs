@@ -301,17 +301,19 @@ fn policy_check_validates_example_and_refuses_broken_policies() {
 }
 
 #[test]
-fn example_config_is_valid() {
-    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/leash.toml");
-    let out = std::process::Command::new(bin())
-        .args(["serve", "--check", "--config", config])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn example_configs_are_valid() {
+    for example in ["leash.toml", "mcp/leash.toml"] {
+        let config = format!("{}/../../examples/{example}", env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new(bin())
+            .args(["serve", "--check", "--config", &config])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// Waits for a child that must exit by itself; kills it and fails if it does not in time.
