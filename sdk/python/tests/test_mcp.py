@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import Leash, Setup, set_up
-from mcp_fixtures import CrmServer, mcp_session, start_crm, ts_client
+from mcp_fixtures import CrmServer, EverythingServer, mcp_session, start_crm, ts_client
 
 from leash_agent import Agent, Task, TaskEnded
 
@@ -439,3 +439,64 @@ def test_the_token_endpoint_takes_only_leash_resources(
     assert answer.status_code == expected, answer.text
     if expected == 400:
         assert answer.json()["error"] == "invalid_target"
+
+
+EVERYTHING_TOOLS = """
+[[upstream]]
+name = "everything"
+url = "{url}"
+kind = "mcp"
+[[upstream.tool]]
+name = "echo"
+action = "everything:echo"
+[[upstream.tool]]
+name = "get-sum"
+action = "everything:sum"
+[[upstream.tool]]
+name = "trigger-long-running-operation"
+action = "everything:long"
+"""
+
+
+def test_the_reference_server_everything_works_behind_leash(
+    everything_server: EverythingServer, upstream: Any, tmp_path: Path
+) -> None:
+    """npm `@modelcontextprotocol/server-everything`, unmodified, behind `/mcp/everything`."""
+    leash = Leash(upstream, EVERYTHING_TOOLS.format(url=everything_server.url))
+    try:
+        setup = set_up(
+            leash,
+            tmp_path,
+            upstreams=["everything"],
+            actions=["everything:echo", "everything:long"],
+            approval_required=[],
+        )
+        steps: list[float] = []
+
+        async def session(task: Task) -> tuple[set[str], Any, Any, Any]:
+            async with mcp_session(f"{leash.url}/mcp/everything", task.auth) as mcp:
+                tools = {tool.name for tool in (await mcp.list_tools()).tools}
+                echoed = await mcp.call_tool("echo", {"message": "through Leash"})
+                summed = await mcp.call_tool("get-sum", {"a": 1, "b": 2})
+
+                async def on_progress(
+                    progress: float, total: float | None, message: str | None
+                ) -> None:
+                    steps.append(progress)
+
+                long = await mcp.call_tool(
+                    "trigger-long-running-operation",
+                    {"duration": 0.3, "steps": 3},
+                    progress_callback=on_progress,
+                )
+                return tools, echoed, summed, long
+
+        with Agent.from_jwk_file(leash.url, setup.agent_id, setup.key_file) as agent:
+            tools, echoed, summed, long = asyncio.run(session(agent.task(setup.handle)))
+        assert tools == {"echo", "trigger-long-running-operation"}
+        assert text_of(echoed) == "Echo: through Leash"
+        assert summed.isError, "get-sum is configured but not granted"
+        assert "Steps: 3" in text_of(long)
+        assert steps == [1, 2, 3]
+    finally:
+        leash.stop()
