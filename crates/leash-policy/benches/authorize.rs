@@ -45,6 +45,7 @@ fn bench(c: &mut Criterion) {
         grant_requires_approval: false,
         approval_attached: false,
         now: 1_795_428_000,
+        mcp: None,
     };
     for (name, sources) in [
         ("built-in only", vec![]),

@@ -497,6 +497,7 @@ fn evaluate_policy(
         grant_requires_approval: grant.is_some_and(|g| g.approval_required.contains(&route.action)),
         approval_attached,
         now,
+        mcp: None,
     };
     match state.policy().authorize(&facts) {
         Decision::Deny { policies, reason } => Err(ApiError::PolicyDenied { reason, policies }),
