@@ -101,22 +101,8 @@ pub struct AuditEvent {
 }
 
 /// Failures to canonicalise (only a non-finite number could cause one; events hold none).
-#[derive(Debug, thiserror::Error)]
-#[error("cannot canonicalise the event: {0}")]
-pub struct CanonicalError(String);
-
-/// RFC 8785 form, by the `canon-json` crate's serde_json formatter (which sorts each object's
-/// members as it closes, without building a tree: about a tenth of the cost of the crate that
-/// builds one, and the append path canonicalises every event).
-fn canonical(value: &impl Serialize) -> Result<Vec<u8>, CanonicalError> {
-    let mut out = Vec::with_capacity(512);
-    let mut serializer =
-        serde_json::Serializer::with_formatter(&mut out, canon_json::CanonicalFormatter::new());
-    value
-        .serialize(&mut serializer)
-        .map_err(|e| CanonicalError(e.to_string()))?;
-    Ok(out)
-}
+pub use crate::json::CanonicalError;
+use crate::json::canonical;
 
 /// Hex SHA-256 over the JCS form of a JSON object without its `hash` member.
 pub fn hash_without_hash_member(value: &Value) -> Result<String, CanonicalError> {

@@ -6,12 +6,10 @@
 // Handles numbers a client chose (time claims, counts): no operation that can overflow.
 #![deny(clippy::arithmetic_side_effects)]
 
-use std::fmt;
-
-use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::b64;
+use crate::json;
 use crate::jwk::PublicJwk;
 
 /// The longest compact JWS accepted anywhere (access token, proof, assertion).
@@ -188,74 +186,13 @@ impl<'a> Jws<'a> {
 
 fn decode_object(segment: &str) -> Result<Map<String, Value>, JoseError> {
     let bytes = b64::decode(segment).map_err(|_| JoseError::Malformed("segment encoding"))?;
-    let mut de = serde_json::Deserializer::from_slice(&bytes);
-    let value = StrictValue
-        .deserialize(&mut de)
-        .map_err(|_| JoseError::Malformed("segment is not valid JSON without duplicate members"))?;
-    de.end()
-        .map_err(|_| JoseError::Malformed("trailing data after JSON"))?;
+    let value = json::parse_strict(&bytes, json::MAX_DEPTH).map_err(|e| match e {
+        json::StrictError::Syntax(_) => JoseError::Malformed("segment is not one JSON value"),
+        _ => JoseError::Malformed("segment is not valid JSON without duplicate members"),
+    })?;
     match value {
         Value::Object(map) => Ok(map),
         _ => Err(JoseError::Malformed("segment is not a JSON object")),
-    }
-}
-
-/// Deserializes a `serde_json::Value` but fails on duplicate object members at any depth
-/// (RFC 7515 §5.2: a JWS with duplicate header names must be rejected or handled strictly).
-struct StrictValue;
-
-impl<'de> DeserializeSeed<'de> for StrictValue {
-    type Value = Value;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_any(StrictVisitor)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> Visitor<'de> for StrictVisitor {
-    type Value = Value;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("JSON")
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
-    }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element_seed(StrictValue)? {
-            items.push(item);
-        }
-        Ok(Value::Array(items))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
-                return Err(de::Error::custom("duplicate member"));
-            }
-            let value = map.next_value_seed(StrictValue)?;
-            out.insert(key, value);
-        }
-        Ok(Value::Object(out))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Pure logic of Leash: JOSE (JWK, JWS), DPoP proofs, client assertions, access-token claims,
-//! grants and scopes. No I/O: the clock and randomness are passed in by the caller.
+//! grants and scopes, strict JSON and MCP messages. No I/O: the clock and randomness are passed
+//! in by the caller.
 
 pub mod aead;
 pub mod assertion;
@@ -9,6 +10,7 @@ pub mod client;
 pub mod clock;
 pub mod dpop;
 pub mod grant;
+pub mod json;
 pub mod jwk;
 pub mod jws;
 pub mod mcp;

@@ -597,6 +597,7 @@ fn cedar_context_from_a_request() {
                 grant_requires_approval: requires,
                 approval_attached: attached,
                 now,
+                mcp: None,
             };
             let decision = engine.authorize(&facts);
             // Deterministic, and a high-risk or approval-bound delegated request without an

@@ -1,5 +1,6 @@
 //! Cost of one Cedar decision on natively built context, with the built-in policy alone and
-//! with the example operator policies (part of the gateway's decision path).
+//! with the example operator policies (part of the gateway's decision path), and of an MCP
+//! call whose arguments a policy reads.
 //! Run: cargo bench -p leash-policy --bench authorize
 
 #![allow(
@@ -10,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
-use leash_policy::{Facts, Mode, PolicyEngine};
+use leash_policy::{Facts, McpCall, Mode, PolicyEngine};
 
 fn bench(c: &mut Criterion) {
     let actions: BTreeSet<String> = [
@@ -45,6 +46,7 @@ fn bench(c: &mut Criterion) {
         grant_requires_approval: false,
         approval_attached: false,
         now: 1_795_428_000,
+        mcp: None,
     };
     for (name, sources) in [
         ("built-in only", vec![]),
@@ -58,6 +60,24 @@ fn bench(c: &mut Criterion) {
             b.iter(|| engine.authorize(black_box(&facts)))
         });
     }
+    // An MCP tools/call whose arguments a policy reads (built as a Cedar record per call).
+    let mut crm = actions.clone();
+    crm.insert("crm:pay".to_owned());
+    let limit = r#"forbid (principal, action == Leash::Action::"crm:pay", resource)
+      when { context has arguments && context.arguments has amount && context.arguments.amount > 1000 };"#;
+    let engine = PolicyEngine::from_sources(&crm, &[("pay.cedar".to_owned(), limit.to_owned())])
+        .expect("engine");
+    let arguments =
+        serde_json::json!({"amount": 900, "to": "acme", "lines": [{"sku": "a", "qty": 2}]});
+    let mut call = facts.clone();
+    call.action = "crm:pay";
+    call.mcp = Some(McpCall {
+        tool: "pay",
+        arguments: &arguments,
+    });
+    c.bench_function("authorize/mcp call, argument policy", |b| {
+        b.iter(|| engine.authorize(black_box(&call)))
+    });
 }
 
 criterion_group!(benches, bench);

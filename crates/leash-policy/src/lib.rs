@@ -2,6 +2,39 @@
 //! small built-in default policy set, operator policies from a directory (validated against the
 //! schema), and [`PolicyEngine::authorize`], which turns a request into a [`Decision`] and fails
 //! closed on any evaluation error.
+//!
+//! # MCP tool calls: `context.tool` and `context.arguments`
+//!
+//! For an MCP `tools/call` ([`Facts::mcp`]), the context also holds `tool` (the tool's name, a
+//! String) and `arguments` (its arguments as a Cedar record); for any other request both are
+//! absent, so policies test `context has tool`. An operator writes, for example:
+//!
+//! ```cedar
+//! forbid (principal, action == Leash::Action::"crm:pay", resource)
+//!   when { context has arguments && context.arguments has amount && context.arguments.amount > 1000 };
+//! ```
+//!
+//! Argument names are the MCP server's and unknown to Leash, yet policies are validated strictly.
+//! Cedar 4 has open records (`additionalAttributes`) only behind its experimental
+//! `partial-validate` feature, which also weakens the validation of every other policy; per-action
+//! context types would need every tool's argument names and types declared in the config. So the
+//! schema declares `arguments?: {}`, an empty record: strict validation still checks everything
+//! else and refuses an unguarded `context.arguments.amount`, while behind
+//! `context.arguments has amount` (which the validator types as false, warning that the policy is
+//! "impossible", not an error) the access is left to evaluation. There a missing member or a type
+//! mistake (`context.arguments.amount like "1*"` on a number) is an evaluation error, and every
+//! evaluation error denies. Requests are not checked against the schema at evaluation, so the
+//! record holds the call's real members.
+//!
+//! JSON maps to Cedar as: string → String, boolean → Bool, integer within i64 → Long, object →
+//! Record (any member name, `context.arguments["odd name"]`), array → Set. Cedar sets are
+//! unordered and hold each value once: `[2, 1, 1]` and `[1, 2]` look the same to policy. No
+//! Cedar expression can index a set or count its members, so no policy can tell them apart,
+//! and the approval of a call is bound to the exact arguments anyway (`leash_core::mcp::call_digest`).
+//! A value Cedar cannot represent exactly (null, a number that is not an integer within i64,
+//! including `1.0` and `1e3`, or nesting deeper than [`MAX_ARGUMENT_DEPTH`]) denies the whole call
+//! with a reason naming its path (API §14: never dropped), whether or not a loaded policy reads
+//! `arguments`: the contract says such a call is denied, and denying fails closed.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -27,6 +60,13 @@ pub const WAIVER_ANNOTATION: &str = "approval";
 
 /// Id reported when a high-risk action waits for approval.
 pub const APPROVAL_POLICY_ID: &str = "leash:high-risk-needs-approval";
+
+/// Id reported when an MCP call's arguments hold a value Cedar cannot represent exactly.
+pub const ARGUMENTS_POLICY_ID: &str = "leash:arguments-cedar-can-represent";
+
+/// The deepest nesting of arrays and objects in an MCP call's arguments (the arguments object
+/// itself counts): what `leash_core::mcp` lets through.
+pub const MAX_ARGUMENT_DEPTH: usize = leash_core::mcp::MAX_DEPTH;
 
 /// Why the policy set could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +138,17 @@ pub struct Facts<'a> {
     pub approval_attached: bool,
     /// Unix time of the decision.
     pub now: i64,
+    /// The MCP `tools/call` this request is, if it is one.
+    pub mcp: Option<McpCall<'a>>,
+}
+
+/// An MCP `tools/call` as policy sees it: `context.tool` and `context.arguments`.
+#[derive(Debug, Clone, Copy)]
+pub struct McpCall<'a> {
+    /// The tool's name.
+    pub tool: &'a str,
+    /// The call's `arguments` (an object; MCP's default is `{}`).
+    pub arguments: &'a serde_json::Value,
 }
 
 /// The outcome of policy.
@@ -160,10 +211,13 @@ enum Attr {
     Hour,
     MinuteOfDay,
     Weekday,
+    Tool,
+    Arguments,
 }
 
-/// The request context: each attribute's name and Cedar type, in the schema's order.
-const CONTEXT: [(Attr, &str, &str); 18] = [
+/// The request context: each attribute's name and Cedar type, in the schema's order. Names
+/// ending in `?` are optional attributes (present only for MCP calls).
+const CONTEXT: [(Attr, &str, &str); 20] = [
     (Attr::Mode, "mode", "String"),
     (Attr::Human, "human", "String"),
     (Attr::Action, "action", "String"),
@@ -182,6 +236,9 @@ const CONTEXT: [(Attr, &str, &str); 18] = [
     (Attr::Hour, "hour", "Long"),
     (Attr::MinuteOfDay, "minute_of_day", "Long"),
     (Attr::Weekday, "weekday", "Long"),
+    (Attr::Tool, "tool", "String?"),
+    // Declared empty and closed: see the crate docs on MCP tool calls.
+    (Attr::Arguments, "arguments", "{}?"),
 ];
 
 /// The Cedar schema for a set of actions.
@@ -196,7 +253,10 @@ pub fn schema_text(actions: &BTreeSet<String>) -> String {
 ",
     );
     for (_, name, cedar_type) in CONTEXT {
-        text.push_str(&format!("    {name}: {cedar_type},\n"));
+        match cedar_type.strip_suffix('?') {
+            Some(cedar_type) => text.push_str(&format!("    {name}?: {cedar_type},\n")),
+            None => text.push_str(&format!("    {name}: {cedar_type},\n")),
+        }
     }
     text.push_str("  };\n");
     for action in actions {
@@ -286,6 +346,8 @@ pub struct PolicyEngine {
     /// The context attributes the policies read (waivers are among the policies): only these
     /// are built per request.
     context_read: Vec<(Attr, &'static str)>,
+    /// Whether `arguments` is among them (else an MCP call's arguments are only checked).
+    reads_arguments: bool,
     operator_policies: usize,
 }
 
@@ -386,6 +448,9 @@ impl PolicyEngine {
             }
         }
         let context_read = context_read_by(&policies);
+        let reads_arguments = context_read
+            .iter()
+            .any(|&(attr, _)| attr == Attr::Arguments);
         Ok(Self {
             policies,
             waivers,
@@ -396,6 +461,7 @@ impl PolicyEngine {
             path_type: type_name("Leash::Path")?,
             action_type: type_name("Leash::Action")?,
             context_read,
+            reads_arguments,
             operator_policies,
         })
     }
@@ -405,21 +471,44 @@ impl PolicyEngine {
         self.operator_policies
     }
 
-    fn request(&self, facts: &Facts<'_>) -> Result<Request, String> {
+    /// The Cedar request, or the decision when it cannot be built (a deny).
+    fn request(&self, facts: &Facts<'_>) -> Result<Request, Decision> {
+        let input = |message: String| Decision::Deny {
+            policies: vec![],
+            reason: format!("policy input: {message}"),
+        };
         let principal_type = match facts.mode {
             Mode::Delegated => self.agent_type.clone(),
             Mode::Direct => self.human_type.clone(),
-            Mode::System => return Err("the system makes no requests to upstreams".into()),
+            Mode::System => return Err(input("the system makes no requests to upstreams".into())),
         };
         let uid = |t: &EntityTypeName, id: &str| {
             EntityUid::from_type_name_and_id(t.clone(), EntityId::new(id))
         };
-        let context = Context::from_pairs(
-            self.context_read
-                .iter()
-                .map(|&(attr, name)| (name.to_owned(), context_value(attr, facts))),
-        )
-        .map_err(|e| e.to_string())?;
+        let arguments = match facts.mcp {
+            Some(call) if self.reads_arguments => Some(
+                arguments_value(call.arguments)
+                    .map_err(|unrepresentable| unrepresentable.decision())?,
+            ),
+            Some(call) => {
+                // Not read, but such a call is denied all the same (see the crate docs).
+                arguments_representable(call.arguments)
+                    .map_err(|unrepresentable| unrepresentable.decision())?;
+                None
+            }
+            None => None,
+        };
+        let mut pairs = Vec::with_capacity(self.context_read.len());
+        for &(attr, name) in &self.context_read {
+            let value = match attr {
+                Attr::Arguments => arguments.clone(),
+                _ => context_value(attr, facts),
+            };
+            if let Some(value) = value {
+                pairs.push((name.to_owned(), value));
+            }
+        }
+        let context = Context::from_pairs(pairs).map_err(|e| input(e.to_string()))?;
         // The context has a fixed shape (or a part of it) that a unit test checks against the
         // schema, so the per-request schema check is skipped.
         Request::new(
@@ -432,19 +521,14 @@ impl PolicyEngine {
             context,
             None,
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| input(e.to_string()))
     }
 
     /// Decides a request. Any evaluation error denies (fail closed).
     pub fn authorize(&self, facts: &Facts<'_>) -> Decision {
         let request = match self.request(facts) {
             Ok(request) => request,
-            Err(message) => {
-                return Decision::Deny {
-                    policies: vec![],
-                    reason: format!("policy input: {message}"),
-                };
-            }
+            Err(deny) => return deny,
         };
         let response = self
             .authorizer
@@ -494,11 +578,12 @@ impl PolicyEngine {
     }
 }
 
-/// The value of one context attribute for a request.
-fn context_value(attr: Attr, facts: &Facts<'_>) -> RestrictedExpression {
+/// The value of one context attribute for a request; `None` when it is absent (`tool` of a
+/// request that is no MCP call). `arguments` is built by [`arguments_value`] instead.
+fn context_value(attr: Attr, facts: &Facts<'_>) -> Option<RestrictedExpression> {
     let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
     let app_verb = || facts.action.split_once(':').unwrap_or((facts.action, ""));
-    match attr {
+    Some(match attr {
         Attr::Mode => string(facts.mode.as_str()),
         Attr::Human => string(facts.human),
         Attr::Action => string(facts.action),
@@ -521,7 +606,153 @@ fn context_value(attr: Attr, facts: &Facts<'_>) -> RestrictedExpression {
         Attr::Hour => RestrictedExpression::new_long(time_parts(facts.now).0),
         Attr::MinuteOfDay => RestrictedExpression::new_long(time_parts(facts.now).1),
         Attr::Weekday => RestrictedExpression::new_long(time_parts(facts.now).2),
+        Attr::Tool => string(facts.mcp?.tool),
+        Attr::Arguments => return None,
+    })
+}
+
+/// An argument Cedar cannot represent exactly: where it is and what it is.
+#[derive(Debug)]
+struct Unrepresentable {
+    path: String,
+    what: &'static str,
+}
+
+impl Unrepresentable {
+    fn decision(self) -> Decision {
+        Decision::Deny {
+            policies: vec![ARGUMENTS_POLICY_ID.into()],
+            reason: format!(
+                "argument {} is {}, which policy cannot judge exactly: use strings, booleans, \
+                 integers within i64, objects and arrays",
+                self.path, self.what
+            ),
+        }
     }
+}
+
+/// Where a value is in the arguments: `arguments.a.b[2]`, `arguments["odd name"]`. Names are
+/// cut to 64 characters.
+#[derive(Clone, Copy)]
+enum Step<'a> {
+    Root,
+    Member(&'a Step<'a>, &'a str),
+    Item(&'a Step<'a>, usize),
+}
+
+impl Step<'_> {
+    fn path(&self) -> String {
+        match self {
+            Step::Root => "arguments".into(),
+            Step::Member(parent, name) => {
+                let name: String = name.chars().take(64).collect();
+                let plain = name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if plain {
+                    format!("{}.{name}", parent.path())
+                } else {
+                    format!("{}[{}]", parent.path(), serde_json::Value::String(name))
+                }
+            }
+            Step::Item(parent, index) => format!("{}[{index}]", parent.path()),
+        }
+    }
+
+    fn unrepresentable(&self, what: &'static str) -> Unrepresentable {
+        Unrepresentable {
+            path: self.path(),
+            what,
+        }
+    }
+}
+
+/// What Cedar cannot represent exactly, if `value` is such a value (not looking inside).
+fn unrepresentable(value: &serde_json::Value) -> Option<&'static str> {
+    match value {
+        serde_json::Value::Null => Some("null"),
+        serde_json::Value::Number(n) if n.as_i64().is_none() => {
+            Some("a number that is not an integer within i64")
+        }
+        _ => None,
+    }
+}
+
+/// Checks that Cedar represents every value of `arguments` exactly, without building anything.
+fn arguments_representable(arguments: &serde_json::Value) -> Result<(), Unrepresentable> {
+    fn walk(value: &serde_json::Value, at: Step<'_>, depth: usize) -> Result<(), Unrepresentable> {
+        if let Some(what) = unrepresentable(value) {
+            return Err(at.unrepresentable(what));
+        }
+        let nested = value.is_array() || value.is_object();
+        if nested && depth >= MAX_ARGUMENT_DEPTH {
+            return Err(at.unrepresentable("nested too deep"));
+        }
+        match value {
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, item)| walk(item, Step::Item(&at, i), depth + 1)),
+            serde_json::Value::Object(members) => members
+                .iter()
+                .try_for_each(|(name, item)| walk(item, Step::Member(&at, name), depth + 1)),
+            _ => Ok(()),
+        }
+    }
+    walk(arguments, Step::Root, 0)
+}
+
+/// `arguments` as a Cedar value (see the crate docs for the mapping), or the first value Cedar
+/// cannot represent exactly.
+fn arguments_value(arguments: &serde_json::Value) -> Result<RestrictedExpression, Unrepresentable> {
+    fn build(
+        value: &serde_json::Value,
+        at: Step<'_>,
+        depth: usize,
+    ) -> Result<RestrictedExpression, Unrepresentable> {
+        use serde_json::Value;
+        if let Some(what) = unrepresentable(value) {
+            return Err(at.unrepresentable(what));
+        }
+        let nested = value.is_array() || value.is_object();
+        if nested && depth >= MAX_ARGUMENT_DEPTH {
+            return Err(at.unrepresentable("nested too deep"));
+        }
+        Ok(match value {
+            Value::Bool(b) => RestrictedExpression::new_bool(*b),
+            Value::String(s) => RestrictedExpression::new_string(s.clone()),
+            Value::Number(n) => match n.as_i64() {
+                Some(n) => RestrictedExpression::new_long(n),
+                None => {
+                    return Err(at.unrepresentable("a number that is not an integer within i64"));
+                }
+            },
+            Value::Array(items) => RestrictedExpression::new_set(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| build(item, Step::Item(&at, i), depth + 1))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            Value::Object(members) => RestrictedExpression::new_record(
+                members
+                    .iter()
+                    .map(|(name, item)| {
+                        Ok((
+                            name.clone(),
+                            build(item, Step::Member(&at, name), depth + 1)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+            // A JSON object names each member once; Cedar refuses only duplicates.
+            .map_err(|_| at.unrepresentable("an object with a repeated member name"))?,
+            Value::Null => return Err(at.unrepresentable("null")),
+        })
+    }
+    build(arguments, Step::Root, 0)
 }
 
 /// (hour, minute of day, weekday with Monday = 0) in UTC.

@@ -24,6 +24,7 @@ fn facts(action: &str, now: i64) -> Facts<'_> {
         grant_requires_approval: false,
         approval_attached: false,
         now,
+        mcp: None,
     }
 }
 
@@ -248,4 +249,260 @@ fn policies_load_from_a_directory_in_name_order() {
     let engine = PolicyEngine::load(&actions(), Some(dir.path())).unwrap();
     assert_eq!(engine.operator_policies(), 1);
     assert!(PolicyEngine::load(&actions(), Some(&dir.path().join("missing"))).is_err());
+}
+
+fn crm_actions() -> BTreeSet<String> {
+    ["crm:pay", "crm:read"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The example of API §14's operators: no payment above 1000.
+const PAY_LIMIT: &str = r#"
+@id("pay-limit")
+forbid (principal, action == Leash::Action::"crm:pay", resource)
+  when { context has arguments && context.arguments has amount && context.arguments.amount > 1000 };
+"#;
+
+fn call<'a>(tool: &'a str, arguments: &'a serde_json::Value) -> Facts<'a> {
+    let mut f = facts("crm:pay", MONDAY_10);
+    f.upstream = "crm";
+    f.method = "POST";
+    f.path = "";
+    f.mcp = Some(McpCall { tool, arguments });
+    f
+}
+
+fn pay_limit_engine() -> PolicyEngine {
+    PolicyEngine::from_sources(&crm_actions(), &[("pay.cedar".into(), PAY_LIMIT.into())]).unwrap()
+}
+
+#[test]
+fn the_example_argument_policy_validates_and_decides() {
+    // `leash policy check` is `PolicyEngine::load`: it accepts the policy.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pay.cedar"), PAY_LIMIT).unwrap();
+    assert_eq!(
+        PolicyEngine::load(&crm_actions(), Some(dir.path()))
+            .unwrap()
+            .operator_policies(),
+        1
+    );
+    let engine = pay_limit_engine();
+    assert_eq!(
+        engine
+            .context_read
+            .iter()
+            .map(|&(_, n)| n)
+            .collect::<Vec<_>>(),
+        ["arguments"]
+    );
+    let high = serde_json::json!({"amount": 1001, "to": "acme"});
+    match engine.authorize(&call("pay", &high)) {
+        Decision::Deny { policies, .. } => assert_eq!(policies, ["pay-limit"]),
+        other => panic!("{other:?}"),
+    }
+    let limit = serde_json::json!({"amount": 1000, "to": "acme"});
+    assert!(matches!(
+        engine.authorize(&call("pay", &limit)),
+        Decision::Allow { .. }
+    ));
+    // Without the member, or for a request that is no MCP call, the forbid does not apply.
+    let other = serde_json::json!({"to": "acme"});
+    assert!(matches!(
+        engine.authorize(&call("pay", &other)),
+        Decision::Allow { .. }
+    ));
+    assert!(matches!(
+        engine.authorize(&facts("crm:pay", MONDAY_10)),
+        Decision::Allow { .. }
+    ));
+}
+
+#[test]
+fn argument_policies_are_validated_except_behind_has() {
+    for good in [
+        r#"forbid (principal, action, resource) when { context has tool && context.tool == "pay" };"#,
+        r#"forbid (principal, action, resource) when { context has arguments && context.arguments has to && context.arguments.to like "*@evil.example" };"#,
+        r#"forbid (principal, action, resource) when { context has arguments && context.arguments has a && context.arguments.a has b && context.arguments.a.b.contains(3) };"#,
+        r#"forbid (principal, action, resource) unless { context has arguments && context.arguments has amount && context.arguments.amount <= 1000 };"#,
+    ] {
+        PolicyEngine::from_sources(&crm_actions(), &[("p.cedar".into(), good.into())])
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    for bad in [
+        // Unguarded: refused at load.
+        r#"forbid (principal, action, resource) when { context.arguments.amount > 1000 };"#,
+        r#"forbid (principal, action, resource) when { context has arguments && context.arguments.amount > 1000 };"#,
+        r#"forbid (principal, action, resource) when { context.tool == "pay" };"#,
+        r#"forbid (principal, action, resource) when { context has tool && context.tool > 3 };"#,
+    ] {
+        assert!(
+            PolicyEngine::from_sources(&crm_actions(), &[("p.cedar".into(), bad.into())]).is_err(),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn a_type_mistake_behind_has_denies_at_evaluation() {
+    let policy = r#"@id("t") forbid (principal, action, resource) when { context has arguments && context.arguments has amount && context.arguments.amount like "9*" };"#;
+    let engine =
+        PolicyEngine::from_sources(&crm_actions(), &[("p.cedar".into(), policy.into())]).unwrap();
+    let args = serde_json::json!({"amount": 5});
+    match engine.authorize(&call("pay", &args)) {
+        Decision::Deny { reason, .. } => assert!(reason.contains("evaluation"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn tool_and_nested_arguments_reach_policy() {
+    let policy = r#"
+@id("no-delete-tool") forbid (principal, action, resource) when { context has tool && context.tool == "delete_contact" };
+@id("no-evil-cc") forbid (principal, action, resource) when { context has arguments && context.arguments has mail && context.arguments.mail has cc && context.arguments.mail.cc.contains("x@evil.example") };
+@id("odd-name") forbid (principal, action, resource) when { context has arguments && context.arguments has "dry run" && context.arguments["dry run"] == false };
+"#;
+    let engine =
+        PolicyEngine::from_sources(&crm_actions(), &[("p.cedar".into(), policy.into())]).unwrap();
+    let denied_by = |tool: &str, args: serde_json::Value| match engine.authorize(&call(tool, &args))
+    {
+        Decision::Deny { policies, .. } => policies,
+        Decision::Allow { .. } => vec![],
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        denied_by("delete_contact", serde_json::json!({})),
+        ["no-delete-tool"]
+    );
+    assert_eq!(
+        denied_by(
+            "send",
+            serde_json::json!({"mail": {"cc": ["a@b.example", "x@evil.example"]}})
+        ),
+        ["no-evil-cc"]
+    );
+    // Order and repetition do not matter to a set.
+    assert_eq!(
+        denied_by(
+            "send",
+            serde_json::json!({"mail": {"cc": ["x@evil.example", "x@evil.example"]}})
+        ),
+        ["no-evil-cc"]
+    );
+    assert!(denied_by("send", serde_json::json!({"mail": {"cc": ["a@b.example"]}})).is_empty());
+    assert_eq!(
+        denied_by("send", serde_json::json!({"dry run": false})),
+        ["odd-name"]
+    );
+    assert!(
+        denied_by(
+            "send",
+            serde_json::json!({"dry run": true, "n": -5, "s": "", "e": [], "o": {}})
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn arguments_cedar_cannot_represent_deny_with_their_path() {
+    let two_to_70: serde_json::Value = serde_json::from_str("1180591620717411303424").unwrap();
+    let cases = [
+        (
+            serde_json::json!({"amount": null}),
+            "arguments.amount is null",
+        ),
+        (
+            serde_json::json!({"amount": 1.5}),
+            "arguments.amount is a number",
+        ),
+        (
+            serde_json::json!({"amount": 1.0}),
+            "arguments.amount is a number",
+        ),
+        (
+            serde_json::json!({"amount": two_to_70}),
+            "arguments.amount is a number",
+        ),
+        (
+            serde_json::json!({"amount": u64::MAX}),
+            "arguments.amount is a number",
+        ),
+        (
+            serde_json::json!({"to": "a", "lines": [{"sku": "x"}, {"sku": "y", "qty": null}]}),
+            "arguments.lines[1].qty is null",
+        ),
+        (
+            serde_json::json!({"odd name": {"x": null}}),
+            r#"arguments["odd name"].x is null"#,
+        ),
+        (serde_json::json!(null), "arguments is null"),
+    ];
+    // Whether or not a loaded policy reads `arguments`, and whether it would permit or forbid.
+    let none = PolicyEngine::from_sources(&crm_actions(), &[]).unwrap();
+    let tool_only = PolicyEngine::from_sources(
+        &crm_actions(),
+        &[(
+            "t.cedar".into(),
+            r#"forbid (principal, action, resource) when { context has tool && context.tool == "x" };"#.into(),
+        )],
+    )
+    .unwrap();
+    assert!(!none.reads_arguments && !tool_only.reads_arguments);
+    for engine in [&none, &tool_only, &pay_limit_engine()] {
+        for (args, path) in &cases {
+            match engine.authorize(&call("pay", args)) {
+                Decision::Deny { policies, reason } => {
+                    assert_eq!(policies, [ARGUMENTS_POLICY_ID]);
+                    assert!(reason.contains(path), "{reason} lacks {path}");
+                    assert!(reason.contains("integers within i64"), "{reason}");
+                }
+                other => panic!("{args}: {other:?}"),
+            }
+        }
+        // i64's own bounds are exact.
+        let edges = serde_json::json!({"amount": i64::MIN, "b": i64::MAX});
+        assert!(!matches!(
+            engine.authorize(&call("pay", &edges)),
+            Decision::Deny { .. }
+        ));
+    }
+}
+
+#[test]
+fn deeply_nested_arguments_deny_instead_of_recursing() {
+    let mut deep = serde_json::json!(1);
+    for _ in 0..MAX_ARGUMENT_DEPTH {
+        deep = serde_json::json!([deep]);
+    }
+    let engine = pay_limit_engine();
+    let args = serde_json::json!({"a": deep});
+    match engine.authorize(&call("pay", &args)) {
+        Decision::Deny { reason, .. } => assert!(reason.contains("nested too deep"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let none = PolicyEngine::from_sources(&crm_actions(), &[]).unwrap();
+    assert!(matches!(
+        none.authorize(&call("pay", &args)),
+        Decision::Deny { .. }
+    ));
+}
+
+#[test]
+fn an_mcp_context_without_arguments_members_validates_against_the_schema() {
+    let mut engine = PolicyEngine::from_sources(&crm_actions(), &[]).unwrap();
+    engine.context_read = context_attributes(|_| true);
+    engine.reads_arguments = true;
+    let empty = serde_json::json!({});
+    let request = engine.request(&call("pay", &empty)).unwrap();
+    let (schema, _) = Schema::from_cedarschema_str(&schema_text(&crm_actions())).unwrap();
+    Request::new(
+        request.principal().unwrap().clone(),
+        request.action().unwrap().clone(),
+        request.resource().unwrap().clone(),
+        request.context().unwrap().clone(),
+        Some(&schema),
+    )
+    .unwrap();
 }

@@ -280,6 +280,7 @@ pub async fn decide<'s>(
         upstream: routed.upstream,
         action: &routed.route.action,
         risk: routed.route.risk,
+        mcp: None,
     };
     let permitted = evaluate_policy(state, &principal, &judged, attached.is_some(), now)?;
     // Step 6.
@@ -485,6 +486,8 @@ pub(crate) struct Judged<'r> {
     pub(crate) upstream: &'r Upstream,
     pub(crate) action: &'r str,
     pub(crate) risk: Risk,
+    /// An MCP `tools/call`'s tool and arguments, for policies that read them.
+    pub(crate) mcp: Option<leash_policy::McpCall<'r>>,
 }
 
 /// Step 5: the Cedar policy set in force decides, on the facts of the request; a deny names the
@@ -516,6 +519,7 @@ pub(crate) fn evaluate_policy(
             .is_some_and(|g| g.approval_required.iter().any(|a| a == action)),
         approval_attached,
         now,
+        mcp: judged.mcp,
     };
     match state.policy().authorize(&facts) {
         Decision::Deny { policies, reason } => Err(ApiError::PolicyDenied { reason, policies }),

@@ -29,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use leash_core::audit::{Mode, Outcome};
 use leash_core::mcp::{Message, RequestId, call_digest, parse_message};
 use leash_core::secret::random_id;
+use leash_policy::McpCall;
 use leash_store::{ApprovalStatus, RequestUse};
 use serde_json::{Value, json};
 
@@ -490,7 +491,7 @@ impl<'s> Exchange<'s> {
     ) -> ApiResult<Response> {
         trail.known.action = Some(action.to_owned());
         let path = format!("/{method}");
-        match self.judge(method, &path, action, Risk::Normal, trail) {
+        match self.judge(method, &path, action, Risk::Normal, None, trail) {
             Ok(ApprovalState::NotNeeded) => {}
             Ok(_) => {
                 return Ok(rpc_error(
@@ -521,6 +522,7 @@ impl<'s> Exchange<'s> {
         path: &str,
         action: &str,
         risk: Risk,
+        call: Option<McpCall<'_>>,
         trail: &mut Trail,
     ) -> ApiResult<ApprovalState> {
         let in_scope = self
@@ -539,6 +541,7 @@ impl<'s> Exchange<'s> {
             upstream: self.upstream,
             action,
             risk,
+            mcp: call,
         };
         let now = self.state.clock.now();
         let permitted = evaluate_policy(self.state, &self.principal, &judged, false, now)?;
@@ -580,7 +583,18 @@ impl<'s> Exchange<'s> {
             return Ok(tool_refusal(id, &refusal));
         };
         trail.known.action = Some(tool.action.clone());
-        let approval = match self.judge("tools/call", &path, &tool.action, tool.risk, trail) {
+        let call = McpCall {
+            tool: name,
+            arguments: &arguments,
+        };
+        let approval = match self.judge(
+            "tools/call",
+            &path,
+            &tool.action,
+            tool.risk,
+            Some(call),
+            trail,
+        ) {
             Ok(approval) => approval,
             Err(refusal) => {
                 self.audit_refused(trail, MCP_CALL_EVENT, &refusal).await?;

@@ -484,9 +484,10 @@ def test_the_reference_server_everything_works_behind_leash(
                 ) -> None:
                     steps.append(progress)
 
+                # Whole seconds: a fraction is an argument policy cannot judge (API §14).
                 long = await mcp.call_tool(
                     "trigger-long-running-operation",
-                    {"duration": 0.3, "steps": 3},
+                    {"duration": 1, "steps": 3},
                     progress_callback=on_progress,
                 )
                 return tools, echoed, summed, long
@@ -500,3 +501,39 @@ def test_the_reference_server_everything_works_behind_leash(
         assert steps == [1, 2, 3]
     finally:
         leash.stop()
+
+
+def test_a_policy_decides_on_a_tool_argument(crm: CrmServer, upstream: Any, tmp_path: Path) -> None:
+    """An operator's Cedar rule on `context.arguments` (API §14); an argument Cedar cannot hold
+    exactly (here a fraction) denies the call rather than being dropped."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "pay.cedar").write_text(
+        '@id("large-payments")\n'
+        'forbid (principal, action == Leash::Action::"crm:pay", resource)\n'
+        "when { context has arguments && context.arguments has amount"
+        " && context.arguments.amount > 1000 };\n"
+    )
+    leash = Leash(upstream, f'policy_dir = "{policies}"\n' + CRM_TOOLS.format(url=crm.url, wait=5))
+    try:
+        _, agent, task = crm_task(leash, tmp_path)
+
+        async def session() -> list[Any]:
+            async with mcp_session(f"{leash.url}/mcp/crm", task.auth) as mcp:
+                return [
+                    await mcp.call_tool("pay", {"to": "ada", "amount": amount})
+                    for amount in (1000, 1001, 10.5)
+                ]
+
+        with agent:
+            allowed, large, fraction = asyncio.run(session())
+    finally:
+        leash.stop()
+    assert not allowed.isError, text_of(allowed)
+    assert large.isError
+    assert "large-payments" in text_of(large) or "policy" in text_of(large)
+    assert fraction.isError
+    assert "amount" in text_of(fraction)
+    paid = [c["arguments"]["amount"] for c in crm.calls() if c["tool"] == "pay"]
+    assert 1001 not in paid
+    assert 10.5 not in paid

@@ -113,7 +113,8 @@ impl Relay {
             return Some(Bytes::copy_from_slice(event));
         }
         let data = data.join("\n");
-        match parse_message(data.as_bytes()) {
+        let message = parse_message(data.as_bytes()).or_else(|_| lenient(&data).ok_or(()));
+        match message {
             Ok(Message::Request { id, method, .. }) if method == "elicitation/create" => {
                 tracing::info!(upstream = %self.upstream, "an elicitation for the human declined");
                 self.decline.decline(&self.state, &id);
@@ -159,4 +160,22 @@ impl hyper::body::Body for ChannelBody {
             .poll_recv(cx)
             .map(|next| next.map(|item| item.map(Frame::data)))
     }
+}
+
+/// A server message the strict parser refused (say, with a member JSON-RPC does not define),
+/// read leniently: Leash does not judge what the server says, but an elicitation must still be
+/// recognised as the human's to answer, whatever else its message carries.
+fn lenient(data: &str) -> Option<Message> {
+    let value: Value = serde_json::from_str(data).ok()?;
+    let method = value.get("method")?.as_str()?.to_owned();
+    let id = match value.get("id")? {
+        Value::String(id) => leash_core::mcp::RequestId::String(id.clone()),
+        Value::Number(n) => leash_core::mcp::RequestId::Number(n.as_i64()?),
+        _ => return None,
+    };
+    Some(Message::Request {
+        id,
+        method,
+        params: None,
+    })
 }
