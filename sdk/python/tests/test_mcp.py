@@ -537,3 +537,48 @@ def test_a_policy_decides_on_a_tool_argument(crm: CrmServer, upstream: Any, tmp_
     paid = [c["arguments"]["amount"] for c in crm.calls() if c["tool"] == "pay"]
     assert 1001 not in paid
     assert 10.5 not in paid
+
+
+def test_a_single_use_tool_takes_a_token_per_call(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    """A `single_use` tool (API §2) is called once per token: the second call's token is refused
+    (401, single use spent) and the SDK exchanges a token for it alone, so both calls run."""
+    setup, agent, task = crm_task(crm_leash, tmp_path, single_use=["crm:search"])
+    queries = [f"single-{setup.grant_id}-{n}" for n in range(2)]
+
+    async def session() -> list[Any]:
+        async with mcp_session(endpoint(crm_leash), task.auth) as mcp:
+            return [await mcp.call_tool("search_contacts", {"query": q}) for q in queries]
+
+    with agent:
+        results = asyncio.run(session())
+    assert [r.isError for r in results] == [False, False]
+    ran = [c["arguments"]["query"] for c in crm.calls() if c["tool"] == "search_contacts"]
+    assert [q for q in ran if q in queries] == queries
+    assert crm_leash.exchanges(setup.grant_id) == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("Mcp-Method", "ping"), ("Mcp-Name", "pay"), ("Mcp-Method", "tools/call, tools/call")],
+)
+def test_mcp_headers_must_say_what_the_body_says(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path, name: str, value: str
+) -> None:
+    """2026-07-28 names the message in `Mcp-Method` and `Mcp-Name`: a proxy routing on them must
+    see the call Leash judged, so a header that differs from the body is refused."""
+    _, agent, task = crm_task(crm_leash, tmp_path)
+    before = len(crm.requests())
+    call = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "tools/call",
+        "params": {"name": "search_contacts", "arguments": {"query": "x"}},
+    }
+    with agent:
+        answer = httpx.post(
+            endpoint(crm_leash), json=call, headers={**HEADERS, name: value}, auth=task.auth
+        )
+    assert answer.status_code == 400, answer.text
+    assert len(crm.requests()) == before
