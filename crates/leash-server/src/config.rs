@@ -233,6 +233,7 @@ impl Upstream {
             actions.extend(mcp.tools.iter().map(|t| t.action.as_str()));
             actions.insert(&mcp.resources_action);
             actions.insert(&mcp.prompts_action);
+            actions.insert(&mcp.sampling_action);
         }
         actions
     }
@@ -248,6 +249,9 @@ pub struct McpServer {
     pub resources_action: String,
     /// `<upstream>:prompts`, the action of `prompts/list` and `prompts/get`.
     pub prompts_action: String,
+    /// `<upstream>:sampling`: the server's `sampling/createMessage` reaches the agent only if
+    /// its token holds this action and policy permits it.
+    pub sampling_action: String,
 }
 
 impl McpServer {
@@ -651,6 +655,7 @@ fn mcp_server(key: &str, file: &mut UpstreamFile) -> Result<Option<McpServer>, C
         tools,
         resources_action: format!("{}:resources", file.name),
         prompts_action: format!("{}:prompts", file.name),
+        sampling_action: format!("{}:sampling", file.name),
     }))
 }
 
@@ -1028,7 +1033,13 @@ mod tests {
         assert!(server.tool("other").is_none());
         assert_eq!(
             crm.actions().into_iter().collect::<Vec<_>>(),
-            ["crm:delete", "crm:lookup", "crm:prompts", "crm:resources"]
+            [
+                "crm:delete",
+                "crm:lookup",
+                "crm:prompts",
+                "crm:resources",
+                "crm:sampling"
+            ]
         );
         for bad in [
             // A tool name that is no action name needs an explicit action.

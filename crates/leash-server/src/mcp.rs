@@ -26,7 +26,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use leash_core::audit::{Mode, Outcome};
+use leash_core::audit::{AuditEvent, Mode, Outcome};
 use leash_core::mcp::{Message, RequestId, call_digest, parse_message};
 use leash_core::secret::random_id;
 use leash_policy::McpCall;
@@ -68,6 +68,9 @@ const SESSION_CAP: usize = 16_384;
 #[derive(Default)]
 pub struct Sessions {
     inner: Mutex<SessionTable>,
+    /// Calls held for approval, by session key and request id: `notifications/cancelled`
+    /// withdraws them.
+    held: Mutex<HashMap<(String, RequestId), Arc<tokio::sync::Notify>>>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -150,6 +153,35 @@ impl Sessions {
             && session.outstanding.len() < 1024
         {
             session.outstanding.insert(request);
+        }
+    }
+
+    fn hold(&self, key: &str, id: &RequestId) -> Arc<tokio::sync::Notify> {
+        let cancel = Arc::new(tokio::sync::Notify::new());
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.insert((key.to_owned(), id.clone()), cancel.clone());
+        cancel
+    }
+
+    fn release(&self, key: &str, id: &RequestId) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.remove(&(key.to_owned(), id.clone()));
+    }
+
+    /// Withdraws the held call `id` of session `key`, if there is one.
+    fn cancel(&self, key: &str, id: &RequestId) {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(cancel) = held.get(&(key.to_owned(), id.clone())) {
+            cancel.notify_one();
         }
     }
 
@@ -416,8 +448,16 @@ impl<'s> Exchange<'s> {
                     )),
                 }
             }
-            Message::Notification { method, .. } if method.starts_with("notifications/") => {
+            Message::Notification { method, params } if method.starts_with("notifications/") => {
                 trail.known.method = Some(method.clone());
+                if method == "notifications/cancelled"
+                    && let Some(id) = params
+                        .as_ref()
+                        .and_then(|p| p.get("requestId"))
+                        .and_then(request_id_of)
+                {
+                    self.state.mcp_sessions.cancel(&self.session_key(), &id);
+                }
                 self.pass(parts, bytes, trail, AnswerTo::Other).await
             }
             Message::Notification { method, .. } => Err(ApiError::InvalidRequest(format!(
@@ -506,7 +546,9 @@ impl<'s> Exchange<'s> {
                 return Ok(rpc_error(id, -32003, &format!("Leash refused: {refusal}")));
             }
         }
-        let decided = self.decided(method.to_owned(), path, ApprovalState::NotNeeded);
+        let mut decided = self.decided(method.to_owned(), path, ApprovalState::NotNeeded);
+        // The action, for its `single_use` (API §2) in the commit.
+        decided.action = action.to_owned();
         decided
             .commit(self.state, trail, MCP_REQUEST_EVENT, self.request_id)
             .await?;
@@ -572,7 +614,14 @@ impl<'s> Exchange<'s> {
                 "tools/call arguments must be an object",
             ));
         }
-        let digest = call_digest(name, &arguments);
+        // A 2026-07-28 retry answering the server's questions for the human: the answers are
+        // the human's to give, so the call is a new one that the human approves, with them in
+        // its digest (API §14; ATTACKS 57).
+        let input_responses = params.and_then(|p| p.get("inputResponses"));
+        let digest = match input_responses {
+            None => call_digest(name, &arguments),
+            Some(answers) => answered_call_digest(name, &arguments, answers),
+        };
         let path = format!("/tools/{name}");
         let audited_path = format!("{path}?arguments_sha256={digest}");
         trail.known.method = Some("tools/call".into());
@@ -601,12 +650,18 @@ impl<'s> Exchange<'s> {
                 return Ok(tool_refusal(id, &refusal));
             }
         };
+        let approval = match (approval, input_responses) {
+            (ApprovalState::NotNeeded, Some(_)) => ApprovalState::Needed {
+                policies: vec![INPUT_RESPONSES_POLICY.into()],
+            },
+            (approval, _) => approval,
+        };
         let mut decided = self.decided("tools/call".into(), audited_path, approval);
         decided.action = tool.action.clone();
         if let ApprovalState::Needed { policies } = &decided.approval {
             let policies = policies.clone();
             match self
-                .hold(&mut decided, &bytes, &digest, &policies, trail)
+                .hold(&mut decided, id, &bytes, &digest, &policies, trail)
                 .await?
             {
                 Held::Approved(approval) => {
@@ -614,6 +669,8 @@ impl<'s> Exchange<'s> {
                     // Its proof was claimed with the approval's request.
                     decided.principal.proof_once = None;
                 }
+                // The task ended meanwhile: the agent's token is dead, as at the gateway.
+                Held::Refused(refusal @ ApiError::InvalidToken(_)) => return Err(refusal),
                 Held::Refused(refusal) => return Ok(tool_refusal(id, &refusal)),
             }
         }
@@ -631,6 +688,7 @@ impl<'s> Exchange<'s> {
     async fn hold(
         &self,
         decided: &mut Decided<'_>,
+        id: &RequestId,
         bytes: &Bytes,
         digest: &str,
         policies: &[String],
@@ -667,6 +725,20 @@ impl<'s> Exchange<'s> {
         else {
             return Err(refusal);
         };
+        let key = self.session_key();
+        let cancel = self.state.mcp_sessions.hold(&key, id);
+        let held = self.wait_for(&approval_id, &cancel).await;
+        self.state.mcp_sessions.release(&key, id);
+        if let Ok(Held::Refused(refusal)) = &held {
+            // Nobody will act on it now: the inbox must not offer it to the human.
+            self.withdraw(&approval_id, refusal).await;
+        }
+        held
+    }
+
+    /// Waits for the human's decision on `approval_id`, up to `mcp.approval_wait`, while the
+    /// grant is live and the client has not cancelled the call.
+    async fn wait_for(&self, approval_id: &str, cancel: &tokio::sync::Notify) -> ApiResult<Held> {
         let wait = self.state.config.mcp_approval_wait;
         let deadline = tokio::time::Instant::now() + wait;
         let grant_id = self.owner.grant.clone();
@@ -687,13 +759,23 @@ impl<'s> Exchange<'s> {
             let approval = self
                 .state
                 .store
-                .approval(&approval_id)
+                .approval(approval_id)
                 .await?
                 .ok_or_else(|| ApiError::Unavailable("the approval vanished".into()))?;
             match approval.status_at(now) {
                 ApprovalStatus::Approved => return Ok(Held::Approved(Box::new(approval))),
                 ApprovalStatus::Pending if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(APPROVAL_POLL).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(APPROVAL_POLL) => {}
+                        () = cancel.notified() => {
+                            return Ok(Held::Refused(ApiError::PolicyDenied {
+                                reason: format!(
+                                    "the client cancelled the call; approval {approval_id} withdrawn"
+                                ),
+                                policies: Vec::new(),
+                            }));
+                        }
+                    }
                 }
                 ApprovalStatus::Pending => {
                     return Ok(Held::Refused(ApiError::PolicyDenied {
@@ -717,6 +799,29 @@ impl<'s> Exchange<'s> {
                     }));
                 }
             }
+        }
+    }
+
+    /// Denies a pending approval for the call it was asked for, which ended without it (the
+    /// client cancelled, the wait ran out): the agent withdraws its own request.
+    async fn withdraw(&self, approval_id: &str, why: &ApiError) {
+        let now = self.state.clock.now();
+        let mut event = AuditEvent::new("approval.withdrawn", Mode::Delegated, now);
+        event.subject = Some(self.principal.subject.clone());
+        event.actor = Some(self.principal.actor.clone());
+        event.grant_id = Some(self.owner.grant.clone());
+        event.upstream = Some(self.upstream.name.clone());
+        event.decision = Some(Outcome::Deny);
+        event.approver = Some(self.principal.actor.clone());
+        event.request_id = Some(approval_id.to_owned());
+        event.reason = Some(why.to_string());
+        if let Err(e) = self
+            .state
+            .store
+            .decide_approval(approval_id, false, &self.principal.actor, now, &event)
+            .await
+        {
+            tracing::warn!(error = %e, approval = %approval_id, "withdrawing an approval failed");
         }
     }
 
@@ -847,6 +952,7 @@ impl<'s> Exchange<'s> {
                 upstream: self.upstream.name.clone(),
                 session: session_key,
                 filter_tools: (answer == AnswerTo::ToolsList).then_some(allowed),
+                sampling: self.sampling_permitted(),
                 decline: Decliner::new(self, parts),
             };
             return Ok(sse::relay(response, relay));
@@ -865,6 +971,23 @@ impl<'s> Exchange<'s> {
             return Ok(Response::from_parts(head, Body::from(filtered)));
         }
         Ok(response)
+    }
+
+    /// Whether the server may ask the agent's model to sample (`sampling/createMessage`): the
+    /// upstream's sampling action in the token's scope and permitted by policy, without an
+    /// approval (a sampling request cannot wait for one).
+    fn sampling_permitted(&self) -> bool {
+        let action = &self.mcp().sampling_action;
+        let mut scratch = Trail::default();
+        let judged = self.judge(
+            "sampling/createMessage",
+            "/sampling",
+            action,
+            Risk::Normal,
+            None,
+            &mut scratch,
+        );
+        matches!(judged, Ok(ApprovalState::NotNeeded))
     }
 
     /// The tools the token may call: configured, and their action in its scope.
@@ -899,13 +1022,18 @@ fn answer_to(method: &str, _id: &RequestId) -> AnswerTo {
 /// (a proxy that routes on the headers must not see another call than the one judged).
 fn check_mcp_headers(headers: &HeaderMap, message: &Message) -> ApiResult<()> {
     let (method, name) = match message {
-        Message::Request { method, params, .. } | Message::Notification { method, params } => (
-            Some(method.as_str()),
-            params
-                .as_ref()
-                .and_then(|p| p.get("name").or_else(|| p.get("uri")))
-                .and_then(Value::as_str),
-        ),
+        Message::Request { method, params, .. } | Message::Notification { method, params } => {
+            // The member each method is named by: a tool's or prompt's `name`, a resource's `uri`.
+            let member = match method.as_str() {
+                "tools/call" | "prompts/get" => Some("name"),
+                "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some("uri"),
+                _ => None,
+            };
+            let name = member
+                .and_then(|m| params.as_ref().and_then(|p| p.get(m)))
+                .and_then(Value::as_str);
+            (Some(method.as_str()), name)
+        }
         Message::Response { .. } => (None, None),
     };
     for (header_name, expected) in [("mcp-method", method), ("mcp-name", name)] {
@@ -920,6 +1048,30 @@ fn check_mcp_headers(headers: &HeaderMap, message: &Message) -> ApiResult<()> {
         }
     }
     Ok(())
+}
+
+/// The policy id reported when a call carries answers for the human (`inputResponses`).
+const INPUT_RESPONSES_POLICY: &str = "leash:input-responses-need-the-human";
+
+/// A JSON-RPC id given in a message's params (`notifications/cancelled`'s `requestId`).
+fn request_id_of(value: &Value) -> Option<RequestId> {
+    match value {
+        Value::String(id) => Some(RequestId::String(id.clone())),
+        Value::Number(n) => n.as_i64().map(RequestId::Number),
+        _ => None,
+    }
+}
+
+/// The digest of a call that carries `inputResponses`: SHA-256 of the RFC 8785 form of
+/// `{name, arguments, inputResponses}`, so that an approval binds the answers too.
+fn answered_call_digest(name: &str, arguments: &Value, answers: &Value) -> String {
+    use sha2::Digest as _;
+    let call = json!({"name": name, "arguments": arguments, "inputResponses": answers});
+    match leash_core::json::canonical(&call) {
+        Ok(bytes) => hex::encode(sha2::Sha256::digest(bytes)),
+        // Only a non-finite number could fail, and JSON holds none.
+        Err(_) => hex::encode(sha2::Sha256::digest(call.to_string())),
+    }
 }
 
 /// A JSON-RPC error answer, from Leash.
@@ -1013,7 +1165,23 @@ impl Decliner {
 
     /// Answers the server's request `id` with a decline.
     pub(crate) fn decline(&self, state: &AppState, id: &RequestId) {
-        let body = json!({"jsonrpc": "2.0", "id": id.to_value(), "result": {"action": "decline"}});
+        self.answer(
+            state,
+            json!({"jsonrpc": "2.0", "id": id.to_value(), "result": {"action": "decline"}}),
+        );
+    }
+
+    /// Answers the server's request `id` with Leash's refusal (a JSON-RPC error).
+    pub(crate) fn refuse(&self, state: &AppState, id: &RequestId, why: &str) {
+        let error = json!({"code": -32003, "message": format!("Leash refused: {why}")});
+        self.answer(
+            state,
+            json!({"jsonrpc": "2.0", "id": id.to_value(), "error": error}),
+        );
+    }
+
+    /// Sends the server a response as the client's, in the same session.
+    fn answer(&self, state: &AppState, body: Value) {
         let mut request = axum::http::Request::new(Body::from(body.to_string()));
         *request.method_mut() = Method::POST;
         let Ok(uri) = self.url.as_str().parse() else {

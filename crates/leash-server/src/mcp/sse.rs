@@ -32,6 +32,8 @@ pub(crate) struct Relay {
     pub(crate) session: String,
     /// Set for the answer to `tools/list`: the tools to keep.
     pub(crate) filter_tools: Option<HashSet<String>>,
+    /// Whether the server may ask the agent's model to sample.
+    pub(crate) sampling: bool,
     pub(crate) decline: Decliner,
 }
 
@@ -118,6 +120,17 @@ impl Relay {
             Ok(Message::Request { id, method, .. }) if method == "elicitation/create" => {
                 tracing::info!(upstream = %self.upstream, "an elicitation for the human declined");
                 self.decline.decline(&self.state, &id);
+                None
+            }
+            Ok(Message::Request { id, method, .. })
+                if method == "sampling/createMessage" && !self.sampling =>
+            {
+                tracing::info!(upstream = %self.upstream, "a sampling request refused");
+                self.decline.refuse(
+                    &self.state,
+                    &id,
+                    "the agent's token or policy does not permit sampling for this server",
+                );
                 None
             }
             Ok(Message::Request { id, .. }) => {
