@@ -6,6 +6,9 @@
 //! Target (issue: gateway): decision path median ≤ 1.5× the bare verify. The two are also
 //! measured in interleaved rounds (the `gateway/interleaved` line), which the machine's drift
 //! between criterion's measurements cannot skew.
+//! Also (issue #30): an MCP `tools/call`'s decision (`mcp::decide_tool_call`: the same steps
+//! 1–6 plus the message parsed strictly, its digest, and Cedar with the call's arguments) against
+//! the gateway's decision path, in interleaved rounds (`mcp/interleaved`). Target: ≤ 1.5×.
 //! Run: cargo bench -p leash-server --bench decision
 
 #![allow(
@@ -16,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use criterion::{BatchSize, Criterion, black_box, criterion_group, criterion_main};
 use leash_core::aead::MasterKey;
@@ -29,6 +33,7 @@ use leash_core::token::{AccessClaims, Actor, Confirmation};
 use leash_server::audit::Trail;
 use leash_server::extract::{PresentedToken, authorization, verified_token, verify_agent};
 use leash_server::gateway::decide;
+use leash_server::mcp::decide_tool_call;
 use leash_server::{AppState, Config, Flags};
 use leash_store::{Agent, User};
 use leash_testkit::{AGENT, UNLIMITED, UPSTREAMS, now};
@@ -40,6 +45,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const ISSUER: &str = "http://127.0.0.1:8470";
 const TARGET: &str = "/gw/mail/messages/42";
 const PROOFS: usize = 4096;
+const MCP_TARGET: &str = "/mcp/crm";
+const MCP_UPSTREAM: &str = "
+[[upstream]]
+name = \"crm\"
+url = \"http://127.0.0.1:9/mcp\"
+kind = \"mcp\"
+[[upstream.tool]]
+name = \"search_contacts\"
+action = \"crm:search\"
+";
+/// A tool call as the official clients send it.
+const MCP_CALL: &str = r#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"search_contacts","arguments":{"query":"ada","limit":10,"fields":["name","email"]},"_meta":{"progressToken":42}}}"#;
 
 struct Setup {
     _dir: tempfile::TempDir,
@@ -56,7 +73,7 @@ fn setup() -> Setup {
     std::fs::write(
         &config_path,
         // No per-caller rate: the bench calls the decision far faster than an agent may.
-        format!("policy_dir = {policies:?}\n{UPSTREAMS}{UNLIMITED}"),
+        format!("policy_dir = {policies:?}\n{UPSTREAMS}{MCP_UPSTREAM}{UNLIMITED}"),
     )
     .expect("config");
     let flags = Flags {
@@ -115,8 +132,8 @@ fn setup() -> Setup {
             subject: user.id.clone(),
             agent: AGENT.into(),
             purpose: "Summarise my inbox".into(),
-            upstreams: vec!["mail".into()],
-            actions: vec!["mail:read".into(), "mail:draft".into()],
+            upstreams: vec!["mail".into(), "crm".into()],
+            actions: vec!["mail:read".into(), "mail:draft".into(), "crm:search".into()],
             approval_required: Vec::new(),
             single_use: Vec::new(),
             created_at: t,
@@ -142,7 +159,7 @@ fn setup() -> Setup {
             jti: "tok_bench".into(),
             client_id: AGENT.into(),
             act: Actor { sub: AGENT.into() },
-            scope: "mail:read mail:draft".into(),
+            scope: "mail:read mail:draft crm:search".into(),
             cnf: Confirmation {
                 jkt: dpop.public().thumbprint(),
             },
@@ -162,10 +179,29 @@ fn setup() -> Setup {
 }
 
 fn headers(setup: &Setup) -> HeaderMap {
-    let url = format!("{ISSUER}{TARGET}");
+    signed(setup, "GET", TARGET)
+}
+
+/// A POST of an MCP message to `/mcp/crm`, signed.
+fn mcp_parts(setup: &Setup) -> Parts {
+    let (mut parts, ()) = axum::http::Request::builder()
+        .method(Method::POST)
+        .uri(MCP_TARGET)
+        .body(())
+        .expect("request")
+        .into_parts();
+    parts.headers = signed(setup, "POST", MCP_TARGET);
+    parts
+        .headers
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    parts
+}
+
+fn signed(setup: &Setup, method: &str, target: &str) -> HeaderMap {
+    let url = format!("{ISSUER}{target}");
     let proof = setup
         .dpop
-        .dpop_proof("GET", &url, Some(&setup.token), None, now());
+        .dpop_proof(method, &url, Some(&setup.token), None, now());
     let mut headers = HeaderMap::new();
     headers.insert(
         "authorization",
@@ -218,9 +254,32 @@ fn bench(c: &mut Criterion) {
     // at most 60 s back.
     let fresh: Vec<HeaderMap> = (0..PROOFS).map(|_| headers(&setup)).collect();
     let mut next_fresh = fresh.iter().cycle();
-    interleaved_ratio(bare_verify, || {
-        decision_path(next_fresh.next().expect("cycle"))
-    });
+    interleaved_ratio(
+        "gateway/interleaved",
+        ("decision path", "bare verify"),
+        bare_verify,
+        || decision_path(next_fresh.next().expect("cycle")),
+    );
+    // The MCP call's decision against the gateway's, interleaved likewise.
+    let gateway_proofs: Vec<HeaderMap> = (0..PROOFS).map(|_| headers(&setup)).collect();
+    let mut next_gateway = gateway_proofs.iter().cycle();
+    let mcp_requests: Vec<Parts> = (0..PROOFS).map(|_| mcp_parts(&setup)).collect();
+    let mut next_mcp = mcp_requests.iter().cycle();
+    let mcp_decision = |parts: &Parts| {
+        setup.runtime.block_on(async {
+            let allowed = decide_tool_call(&setup.state, "crm", parts, MCP_CALL.as_bytes())
+                .await
+                .expect("decided");
+            assert!(allowed, "the call needs no approval");
+        })
+    };
+    mcp_decision(&mcp_parts(&setup));
+    interleaved_ratio(
+        "mcp/interleaved",
+        ("MCP call decision", "gateway decision path"),
+        || decision_path(next_gateway.next().expect("cycle")),
+        || mcp_decision(next_mcp.next().expect("cycle")),
+    );
     group.bench_function("parts/verified_token", |b| {
         b.iter(|| {
             let token = PresentedToken::new(black_box(setup.token.as_str()));
@@ -266,7 +325,12 @@ fn bench(c: &mut Criterion) {
 /// that both see the same neighbours: on a shared machine the speed drifts between criterion's
 /// two measurements, which run one after the other. Prints the medians of the
 /// rounds and the ratio of the fastest rounds (the least disturbed by the neighbours).
-fn interleaved_ratio(mut bare_verify: impl FnMut(), mut decision_path: impl FnMut()) {
+fn interleaved_ratio(
+    label: &str,
+    (measured, against): (&str, &str),
+    mut bare_verify: impl FnMut(),
+    mut decision_path: impl FnMut(),
+) {
     const ROUNDS: usize = 60;
     const CALLS: usize = 200;
     let timed = |f: &mut dyn FnMut()| {
@@ -295,8 +359,8 @@ fn interleaved_ratio(mut bare_verify: impl FnMut(), mut decision_path: impl FnMu
     let best_path = per_call(fastest(&mut rounds.iter().map(|r| r.0)));
     let best_bare = per_call(fastest(&mut rounds.iter().map(|r| r.1)));
     println!(
-        "gateway/interleaved: {ROUNDS} rounds of {CALLS} calls each; medians: decision path \
-         {path:.2} µs, bare verify {bare:.2} µs, ratio {ratio:.3}x (quartiles {low:.3}x to \
+        "{label}: {ROUNDS} rounds of {CALLS} calls each; medians: {measured} \
+         {path:.2} µs, {against} {bare:.2} µs, ratio {ratio:.3}x (quartiles {low:.3}x to \
          {high:.3}x); fastest rounds: {best_path:.2} µs over {best_bare:.2} µs = {:.3}x",
         best_path / best_bare
     );

@@ -294,6 +294,22 @@ async fn endpoint(
     trail: &mut Trail,
 ) -> ApiResult<Response> {
     let (parts, body) = request.into_parts();
+    let exchange = exchange_for(state, name, &parts, request_id, trail).await?;
+    match parts.method {
+        Method::POST => exchange.post(parts, body, trail).await,
+        Method::GET | Method::DELETE => exchange.stream_or_end(parts, trail).await,
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// Steps 1–3 and the upstream's place in the grant, for any request at the endpoint.
+async fn exchange_for<'s>(
+    state: &'s Arc<AppState>,
+    name: &str,
+    parts: &Parts,
+    request_id: &'s str,
+    trail: &mut Trail,
+) -> ApiResult<Exchange<'s>> {
     trail.known.method = Some(parts.method.as_str().to_owned());
     trail.known.path = Some(parts.uri.path().to_owned());
     let upstream = mcp_upstream(state, name)
@@ -339,18 +355,93 @@ async fn endpoint(
     {
         return Err(ApiError::NotFound("no such MCP session".into()));
     }
-    let exchange = Exchange {
+    Ok(Exchange {
         state,
         upstream,
         principal,
         owner,
         session,
         request_id,
+    })
+}
+
+/// What the decision benchmark measures: a `tools/call` message's way up to its commit, in
+/// memory (steps 1–6: token, grant, proof, the message parsed strictly, the tool's action
+/// judged by scope and by Cedar with its arguments). `true` if it may go on without approval.
+/// The endpoint runs the same functions.
+pub async fn decide_tool_call(
+    state: &Arc<AppState>,
+    upstream: &str,
+    parts: &Parts,
+    body: &[u8],
+) -> ApiResult<bool> {
+    let mut trail = Trail::default();
+    let exchange = exchange_for(state, upstream, parts, "bench", &mut trail).await?;
+    let message = parse_message(body).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    check_mcp_headers(&parts.headers, &message)?;
+    let Message::Request { params, .. } = &message else {
+        return Err(ApiError::InvalidRequest("not a request".into()));
     };
-    match parts.method {
-        Method::POST => exchange.post(parts, body, trail).await,
-        Method::GET | Method::DELETE => exchange.stream_or_end(parts, trail).await,
-        _ => Err(ApiError::MethodNotAllowed),
+    let call =
+        ToolCall::of(params.as_ref()).map_err(|(_, why)| ApiError::InvalidRequest(why.into()))?;
+    let tool = exchange
+        .mcp()
+        .tool(call.name)
+        .ok_or_else(|| ApiError::NoRoute("no such tool".into()))?;
+    let judged = exchange.judge(
+        "tools/call",
+        &call.path(),
+        &tool.action,
+        tool.risk,
+        Some(McpCall {
+            tool: call.name,
+            arguments: &call.arguments,
+        }),
+        &mut trail,
+    )?;
+    Ok(matches!(judged, ApprovalState::NotNeeded) && call.input_responses.is_none())
+}
+
+/// A `tools/call`'s parameters, and the digest an approval binds.
+struct ToolCall<'m> {
+    name: &'m str,
+    arguments: Value,
+    /// A 2026-07-28 retry's answers to the server's questions, which are the human's to give.
+    input_responses: Option<&'m Value>,
+    digest: String,
+}
+
+impl<'m> ToolCall<'m> {
+    /// The call in `params`, or the JSON-RPC error code and message to answer with.
+    fn of(params: Option<&'m Value>) -> Result<Self, (i64, &'static str)> {
+        let Some(name) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
+            return Err((-32602, "tools/call needs params.name"));
+        };
+        let arguments = params
+            .and_then(|p| p.get("arguments"))
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        if !arguments.is_object() {
+            return Err((-32602, "tools/call arguments must be an object"));
+        }
+        // A retry answering the server's questions for the human: a new call that the human
+        // approves, with the answers in its digest (API §14; ATTACKS 57).
+        let input_responses = params.and_then(|p| p.get("inputResponses"));
+        let digest = match input_responses {
+            None => call_digest(name, &arguments),
+            Some(answers) => answered_call_digest(name, &arguments, answers),
+        };
+        Ok(Self {
+            name,
+            arguments,
+            input_responses,
+            digest,
+        })
+    }
+
+    /// The path policy and approvals see: `/tools/<name>`.
+    fn path(&self) -> String {
+        format!("/tools/{}", self.name)
     }
 }
 
@@ -600,29 +691,12 @@ impl<'s> Exchange<'s> {
         params: Option<&Value>,
         trail: &mut Trail,
     ) -> ApiResult<Response> {
-        let Some(name) = params.and_then(|p| p.get("name")).and_then(Value::as_str) else {
-            return Ok(rpc_error(id, -32602, "tools/call needs params.name"));
+        let call = match ToolCall::of(params) {
+            Ok(call) => call,
+            Err((code, why)) => return Ok(rpc_error(id, code, why)),
         };
-        let arguments = params
-            .and_then(|p| p.get("arguments"))
-            .cloned()
-            .unwrap_or_else(|| json!({}));
-        if !arguments.is_object() {
-            return Ok(rpc_error(
-                id,
-                -32602,
-                "tools/call arguments must be an object",
-            ));
-        }
-        // A 2026-07-28 retry answering the server's questions for the human: the answers are
-        // the human's to give, so the call is a new one that the human approves, with them in
-        // its digest (API §14; ATTACKS 57).
-        let input_responses = params.and_then(|p| p.get("inputResponses"));
-        let digest = match input_responses {
-            None => call_digest(name, &arguments),
-            Some(answers) => answered_call_digest(name, &arguments, answers),
-        };
-        let path = format!("/tools/{name}");
+        let (name, digest, input_responses) = (call.name, &call.digest, call.input_responses);
+        let path = call.path();
         let audited_path = format!("{path}?arguments_sha256={digest}");
         trail.known.method = Some("tools/call".into());
         trail.known.path = Some(audited_path.clone());
@@ -632,16 +706,16 @@ impl<'s> Exchange<'s> {
             return Ok(tool_refusal(id, &refusal));
         };
         trail.known.action = Some(tool.action.clone());
-        let call = McpCall {
+        let judged = McpCall {
             tool: name,
-            arguments: &arguments,
+            arguments: &call.arguments,
         };
         let approval = match self.judge(
             "tools/call",
             &path,
             &tool.action,
             tool.risk,
-            Some(call),
+            Some(judged),
             trail,
         ) {
             Ok(approval) => approval,
@@ -661,7 +735,7 @@ impl<'s> Exchange<'s> {
         if let ApprovalState::Needed { policies } = &decided.approval {
             let policies = policies.clone();
             match self
-                .hold(&mut decided, id, &bytes, &digest, &policies, trail)
+                .hold(&mut decided, id, &bytes, digest, &policies, trail)
                 .await?
             {
                 Held::Approved(approval) => {
