@@ -40,7 +40,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let session_cookie = format!("session={}", random_hex());
     let mailbox = Mailbox::start(&session_cookie).await?;
-    let server = Server::start(dir.path(), &mailbox.url).await?;
+    let crm = Crm::start().await?;
+    let server = Server::start(dir.path(), &mailbox.url, &crm.url).await?;
     heading(format!(
         "Leash demo: Alice delegates one task to an AI agent\n   Leash on {} (temporary store in {}), a sample mailbox app on {}",
         server.url,
@@ -51,6 +52,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         leash: server.url.clone(),
         admin: server.admin_key.clone(),
         mailbox: &mailbox,
+        crm: &crm,
         session_cookie,
         dir: dir.path(),
         args,
@@ -118,9 +120,9 @@ struct Server {
 }
 
 impl Server {
-    async fn start(dir: &std::path::Path, mailbox: &str) -> anyhow::Result<Self> {
+    async fn start(dir: &std::path::Path, mailbox: &str, crm: &str) -> anyhow::Result<Self> {
         let config_path = dir.join("leash.toml");
-        std::fs::write(&config_path, config_toml(dir, mailbox))
+        std::fs::write(&config_path, config_toml(dir, mailbox, crm))
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         let flags = leash_server::config::Flags {
             config: Some(config_path),
@@ -177,9 +179,10 @@ impl Server {
 }
 
 /// The routes of `examples/leash.toml`, and a finance app the task is not about.
-fn config_toml(dir: &std::path::Path, mailbox: &str) -> String {
+fn config_toml(dir: &std::path::Path, mailbox: &str, crm: &str) -> String {
     let data_dir = toml_string(&dir.join("data").display().to_string());
     let mailbox = toml_string(mailbox);
+    let crm = toml_string(crm);
     format!(
         r#"listen = "127.0.0.1:0"
 data_dir = {data_dir}
@@ -200,6 +203,15 @@ name = "finance"
 url = {mailbox}
 route = [
   {{ method = "GET", path = "/**", action = "finance:read" }},
+]
+
+[[upstream]]
+name = "crm"
+url = {crm}
+kind = "mcp"
+tool = [
+  {{ name = "lookup_contact", action = "crm:lookup" }},
+  {{ name = "delete_contact", action = "crm:delete", risk = "high" }},
 ]
 "#
     )
@@ -337,12 +349,68 @@ async fn mailbox(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The sample MCP server: a CRM with two tools (JSON answers, as the Streamable HTTP transport
+// allows; enough for the demo, which speaks to it through Leash only)
+
+struct Crm {
+    url: String,
+    deleted: Arc<Mutex<usize>>,
+}
+
+impl Crm {
+    async fn start() -> anyhow::Result<Self> {
+        let deleted: Arc<Mutex<usize>> = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("cannot start the sample CRM")?;
+        let url = format!("http://{}/mcp", listener.local_addr()?);
+        let app = axum::Router::new()
+            .route("/mcp", axum::routing::post(crm))
+            .with_state(deleted.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { url, deleted })
+    }
+
+    fn deleted(&self) -> usize {
+        *self.deleted.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+async fn crm(
+    axum::extract::State(deleted): axum::extract::State<Arc<Mutex<usize>>>,
+    axum::Json(message): axum::Json<Value>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let id = message["id"].clone();
+    let result = match message["method"].as_str() {
+        Some("initialize") => json!({
+            "protocolVersion": "2025-06-18",
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": "sample-crm", "version": "1"},
+        }),
+        Some("tools/list") => json!({"tools": [
+            {"name": "lookup_contact", "inputSchema": {"type": "object"}},
+            {"name": "delete_contact", "inputSchema": {"type": "object"}},
+        ]}),
+        Some("tools/call") => {
+            if message["params"]["name"] == "delete_contact" {
+                *deleted.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+            }
+            json!({"content": [{"type": "text", "text": "Bob Smith, +44 20 7946 0000"}]})
+        }
+        _ => return axum::http::StatusCode::ACCEPTED.into_response(),
+    };
+    axum::Json(json!({"jsonrpc": "2.0", "id": id, "result": result})).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
 // The story
 
 struct Story<'a> {
     leash: String,
     admin: String,
     mailbox: &'a Mailbox,
+    crm: &'a Crm,
     session_cookie: String,
     dir: &'a std::path::Path,
     args: DemoArgs,
@@ -426,6 +494,7 @@ impl Story<'_> {
         let sent = self.approval(&alice.key, &mut agent).await?;
         self.stolen_token(&agent).await?;
         self.complete(&alice.key, &grant_id, &mut agent).await?;
+        self.mcp(&alice.key, &identity).await?;
         self.audit_and_review(&alice, &grant_id, sent).await
     }
 
@@ -862,10 +931,99 @@ impl Story<'_> {
         Ok(())
     }
 
-    /// Step 8: the trail, verified, and the access review.
-    async fn audit_and_review(&self, alice: &Alice, grant: &str, sent: bool) -> anyhow::Result<()> {
+    /// Step 8: an MCP server behind Leash: the agent's tool calls are decided one by one.
+    async fn mcp(&self, alice: &str, identity: &AgentKey) -> anyhow::Result<()> {
         step(
             8,
+            "A second task through MCP: the agent may look contacts up in the CRM, nothing more",
+        );
+        let body = json!({
+            "agent": AGENT,
+            "purpose": "find Bob's phone number",
+            "upstreams": ["crm"],
+            "actions": ["crm:lookup"],
+            "ttl_seconds": 300,
+        });
+        let grant = call(&self.remote(alice), Method::POST, "/v1/grants", Some(body)).await?;
+        let handle = grant["handle"].as_str().unwrap_or_default();
+        let session = exchange(&self.remote(""), AGENT, identity, handle, None)
+            .await
+            .context("the token exchange for the CRM task failed")?;
+        let mut agent = Agent {
+            session: AgentSession::from_session(&session)?,
+            raw_token: String::new(),
+            received: String::new(),
+        };
+        let url = format!("{}/mcp/crm", self.leash);
+        let headers = [
+            ("content-type".to_owned(), "application/json".to_owned()),
+            (
+                "accept".to_owned(),
+                "application/json, text/event-stream".to_owned(),
+            ),
+        ];
+        let mut rpc = async |message: Value| -> anyhow::Result<Value> {
+            let reply = agent
+                .send(Method::POST, &url, &headers, Some(&message.to_string()))
+                .await?;
+            expect("an MCP message through Leash", &reply, 200, None)
+        };
+        rpc(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "leash-demo", "version": "1"}}}),
+        )
+        .await?;
+        let listed = rpc(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})).await?;
+        let names: Vec<&str> = listed["result"]["tools"]
+            .as_array()
+            .map(|tools| tools.iter().filter_map(|t| t["name"].as_str()).collect())
+            .unwrap_or_default();
+        if names != ["lookup_contact"] {
+            bail!("tools/list through Leash should show lookup_contact only: {listed}");
+        }
+        say(
+            Mark::Allow,
+            "tools/list → lookup_contact only (the server also has delete_contact; the token may not call it)",
+        );
+        let found = rpc(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "lookup_contact", "arguments": {"name": "Bob"}}}))
+        .await?;
+        if found["result"]["isError"] == json!(true) {
+            bail!("lookup_contact was refused: {found}");
+        }
+        say(
+            Mark::Allow,
+            format_args!(
+                "tools/call lookup_contact {{\"name\": \"Bob\"}} → {}",
+                found["result"]["content"][0]["text"]
+                    .as_str()
+                    .unwrap_or("?")
+            ),
+        );
+        let refused = rpc(json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+            "params": {"name": "delete_contact", "arguments": {"name": "Bob"}}}))
+        .await?;
+        if refused["result"]["isError"] != json!(true) || self.crm.deleted() != 0 {
+            bail!("delete_contact was not refused: {refused}");
+        }
+        say(
+            Mark::Deny,
+            format_args!(
+                "tools/call delete_contact → {} (a tool result the model can read; the server never saw it)",
+                refused["result"]["content"][0]["text"]
+                    .as_str()
+                    .unwrap_or("?")
+            ),
+        );
+        note("each call is in the audit trail as mcp.call, its arguments only as a SHA-256");
+        Ok(())
+    }
+
+    /// Step 9: the trail, verified, and the access review.
+    async fn audit_and_review(&self, alice: &Alice, grant: &str, sent: bool) -> anyhow::Result<()> {
+        step(
+            9,
             "The audit trail: who did what, for whom, with whose approval",
         );
         let admin = self.remote(&self.admin);
