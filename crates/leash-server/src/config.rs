@@ -965,7 +965,8 @@ mod tests {
         ));
     }
 
-    fn limits_of(text: &str) -> Result<Limits, ConfigError> {
+    /// The config a file of `text` gives, with no environment.
+    fn config_of(text: &str) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("leash.toml");
         std::fs::write(&path, text).unwrap();
@@ -973,7 +974,11 @@ mod tests {
             config: Some(path),
             ..Flags::default()
         };
-        Config::load(&flags, env(&[])).map(|c| c.limits)
+        Config::load(&flags, env(&[]))
+    }
+
+    fn limits_of(text: &str) -> Result<Limits, ConfigError> {
+        config_of(text).map(|c| c.limits)
     }
 
     #[test]
@@ -1008,14 +1013,7 @@ mod tests {
     }
 
     fn upstreams_of(text: &str) -> Result<BTreeMap<String, Upstream>, ConfigError> {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("leash.toml");
-        std::fs::write(&path, text).unwrap();
-        let flags = Flags {
-            config: Some(path),
-            ..Flags::default()
-        };
-        Config::load(&flags, env(&[])).map(|c| c.upstreams)
+        config_of(text).map(|c| c.upstreams)
     }
 
     #[test]

@@ -592,18 +592,7 @@ impl<'s> Exchange<'s> {
         trail: &mut Trail,
         answer: AnswerTo,
     ) -> ApiResult<Response> {
-        let now = self.state.clock.now();
-        let request = RequestUse {
-            once: self.principal.proof_once.into_iter().collect(),
-            token: self.principal.token.as_ref().map(|t| t.jti.clone()),
-            now,
-            ..RequestUse::default()
-        };
-        let verdict = self.state.store.record_use(request).await.map_err(|e| {
-            tracing::error!(error = %e, "MCP request commit failed: nothing is forwarded");
-            ApiError::AuditUnavailable
-        })?;
-        verdict_result(verdict)?;
+        self.claim_proof().await?;
         let decided = self.decided(String::new(), String::new(), ApprovalState::NotNeeded);
         self.send(&decided, &parts, Body::from(bytes), trail, answer)
             .await
@@ -942,21 +931,26 @@ impl<'s> Exchange<'s> {
         verdict_result(verdict)
     }
 
-    /// GET (the server's stream) and DELETE (the session's end): no message to judge; the proof
-    /// is claimed, then the request forwarded.
-    async fn stream_or_end(self, parts: Parts, trail: &mut Trail) -> ApiResult<Response> {
-        let now = self.state.clock.now();
+    /// Claims the proof's `jti` and checks the token live, in one commit: what a message that
+    /// needs no decision commits before it is forwarded.
+    async fn claim_proof(&self) -> ApiResult<()> {
         let request = RequestUse {
             once: self.principal.proof_once.into_iter().collect(),
             token: self.principal.token.as_ref().map(|t| t.jti.clone()),
-            now,
+            now: self.state.clock.now(),
             ..RequestUse::default()
         };
         let verdict = self.state.store.record_use(request).await.map_err(|e| {
             tracing::error!(error = %e, "MCP request commit failed: nothing is forwarded");
             ApiError::AuditUnavailable
         })?;
-        verdict_result(verdict)?;
+        verdict_result(verdict)
+    }
+
+    /// GET (the server's stream) and DELETE (the session's end): no message to judge; the proof
+    /// is claimed, then the request forwarded.
+    async fn stream_or_end(self, parts: Parts, trail: &mut Trail) -> ApiResult<Response> {
+        self.claim_proof().await?;
         if parts.method == Method::DELETE
             && let Some(id) = &self.session
         {

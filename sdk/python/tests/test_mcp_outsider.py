@@ -21,34 +21,12 @@ from conftest import Leash, Setup, set_up
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp_fixtures import CrmServer, EverythingServer, start_crm
+from test_mcp import CRM_TOOLS
 
 from leash_agent import Agent, Task
 
-TOOLS = """
-[mcp]
-approval_wait = {wait}
-
-[[upstream]]
-name = "crm"
-url = "{url}"
-kind = "mcp"
-[[upstream.tool]]
-name = "search_contacts"
-action = "crm:search"
-[[upstream.tool]]
-name = "update_contact"
-action = "crm:update"
-[[upstream.tool]]
-name = "delete_contact"
-action = "crm:delete"
-risk = "high"
-[[upstream.tool]]
-name = "pay"
-action = "crm:pay"
-[[upstream.tool]]
-name = "ask_new_email"
-action = "crm:ask"
-"""
+# The configuration of test_mcp.py: the CRM's tools behind `/mcp/crm`.
+TOOLS = CRM_TOOLS
 
 ACCEPT = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 INIT = {
