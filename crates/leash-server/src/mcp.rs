@@ -34,7 +34,7 @@ use leash_store::{ApprovalStatus, RequestUse};
 use serde_json::{Value, json};
 
 use crate::audit::Trail;
-use crate::config::{Risk, Upstream};
+use crate::config::{McpServer, Risk, Upstream};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::verdict_result;
 use crate::gateway::{
@@ -204,7 +204,7 @@ pub async fn resource_metadata(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Response {
-    let Some(upstream) = mcp_upstream(&state, &name) else {
+    let Some((upstream, _)) = mcp_upstream(&state, &name) else {
         return ApiError::NotFound(format!("no MCP server named {name:?}")).into_response();
     };
     let mut scopes: Vec<&str> = upstream.actions().into_iter().collect();
@@ -228,12 +228,10 @@ pub async fn resource_metadata(
         .into_response()
 }
 
-fn mcp_upstream<'s>(state: &'s AppState, name: &str) -> Option<&'s Upstream> {
-    state
-        .config
-        .upstreams
-        .get(name)
-        .filter(|upstream| upstream.mcp.is_some())
+/// The configured MCP upstream named `name`, and its server's tools.
+fn mcp_upstream<'s>(state: &'s AppState, name: &str) -> Option<(&'s Upstream, &'s McpServer)> {
+    let upstream = state.config.upstreams.get(name)?;
+    Some((upstream, upstream.mcp.as_ref()?))
 }
 
 /// `<public_url>/mcp/{upstream}`: the protected resource (RFC 9728 §3.3: the URL the client
@@ -312,7 +310,7 @@ async fn exchange_for<'s>(
 ) -> ApiResult<Exchange<'s>> {
     trail.known.method = Some(parts.method.as_str().to_owned());
     trail.known.path = Some(parts.uri.path().to_owned());
-    let upstream = mcp_upstream(state, name)
+    let (upstream, server) = mcp_upstream(state, name)
         .ok_or_else(|| ApiError::NoRoute(format!("no MCP server named {name:?}")))?;
     check_origin(state, &parts.headers)?;
     if parts.uri.query().is_some() {
@@ -358,6 +356,7 @@ async fn exchange_for<'s>(
     Ok(Exchange {
         state,
         upstream,
+        server,
         principal,
         owner,
         session,
@@ -385,7 +384,7 @@ pub async fn decide_tool_call(
     let call =
         ToolCall::of(params.as_ref()).map_err(|(_, why)| ApiError::InvalidRequest(why.into()))?;
     let tool = exchange
-        .mcp()
+        .server
         .tool(call.name)
         .ok_or_else(|| ApiError::NoRoute("no such tool".into()))?;
     let judged = exchange.judge(
@@ -485,6 +484,8 @@ fn session_id(headers: &HeaderMap) -> ApiResult<Option<String>> {
 struct Exchange<'s> {
     state: &'s Arc<AppState>,
     upstream: &'s Upstream,
+    /// The upstream's MCP server: its tools and actions.
+    server: &'s McpServer,
     principal: Principal,
     owner: Owner,
     session: Option<String>,
@@ -520,16 +521,21 @@ impl<'s> Exchange<'s> {
                 trail.known.method = Some(method.clone());
                 match method.as_str() {
                     "initialize" | "ping" | "server/discover" | "subscriptions/listen" => {
-                        self.pass(parts, bytes, trail, answer_to(method, id)).await
+                        let answer = if method == "initialize" {
+                            AnswerTo::Initialize
+                        } else {
+                            AnswerTo::Other
+                        };
+                        self.pass(parts, bytes, trail, answer).await
                     }
                     "tools/list" => self.pass(parts, bytes, trail, AnswerTo::ToolsList).await,
                     "tools/call" => self.call(parts, bytes, id, params.as_ref(), trail).await,
                     "resources/list" | "resources/read" | "resources/templates/list" => {
-                        let action = self.mcp().resources_action.clone();
+                        let action = self.server.resources_action.clone();
                         self.guarded(parts, bytes, id, method, &action, trail).await
                     }
                     "prompts/list" | "prompts/get" => {
-                        let action = self.mcp().prompts_action.clone();
+                        let action = self.server.prompts_action.clone();
                         self.guarded(parts, bytes, id, method, &action, trail).await
                     }
                     _ => Ok(rpc_error(
@@ -564,14 +570,6 @@ impl<'s> Exchange<'s> {
                 self.pass(parts, bytes, trail, AnswerTo::Other).await
             }
         }
-    }
-
-    fn mcp(&self) -> &crate::config::McpServer {
-        // Checked in `endpoint`: only MCP upstreams get here.
-        self.upstream
-            .mcp
-            .as_ref()
-            .unwrap_or_else(|| unreachable!("an MCP upstream"))
     }
 
     /// Where server requests of this exchange are tracked: the session, or (for a server that
@@ -689,7 +687,7 @@ impl<'s> Exchange<'s> {
         let audited_path = format!("{path}?arguments_sha256={digest}");
         trail.known.method = Some("tools/call".into());
         trail.known.path = Some(audited_path.clone());
-        let Some(tool) = self.mcp().tool(name).cloned() else {
+        let Some(tool) = self.server.tool(name).cloned() else {
             let refusal = ApiError::NoRoute(format!("tool {name:?} is not offered through Leash"));
             self.audit_refused(trail, MCP_CALL_EVENT, &refusal).await?;
             return Ok(tool_refusal(id, &refusal));
@@ -1045,7 +1043,7 @@ impl<'s> Exchange<'s> {
     /// upstream's sampling action in the token's scope and permitted by policy, without an
     /// approval (a sampling request cannot wait for one).
     fn sampling_permitted(&self) -> bool {
-        let action = &self.mcp().sampling_action;
+        let action = &self.server.sampling_action;
         let mut scratch = Trail::default();
         let judged = self.judge(
             "sampling/createMessage",
@@ -1063,7 +1061,7 @@ impl<'s> Exchange<'s> {
         let Some(token) = &self.principal.token else {
             return HashSet::new();
         };
-        self.mcp()
+        self.server
             .tools
             .iter()
             .filter(|tool| token.actions().any(|a| a == tool.action))
@@ -1076,14 +1074,6 @@ impl<'s> Exchange<'s> {
 enum Held {
     Approved(Box<leash_store::Approval>),
     Refused(ApiError),
-}
-
-fn answer_to(method: &str, _id: &RequestId) -> AnswerTo {
-    if method == "initialize" {
-        AnswerTo::Initialize
-    } else {
-        AnswerTo::Other
-    }
 }
 
 /// The 2026-07-28 transport names the message in headers too: they must say what the body says
