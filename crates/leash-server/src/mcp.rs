@@ -788,7 +788,16 @@ impl<'s> Exchange<'s> {
         };
         let key = self.session_key();
         let cancel = self.state.mcp_sessions.hold(&key, id);
+        // A client that goes away drops this future mid-wait: the guard then withdraws the
+        // approval in the background, so the inbox does not offer a call nobody waits for.
+        let mut on_disconnect = Withdrawal {
+            state: self.state.clone(),
+            approval_id: approval_id.clone(),
+            agent: self.principal.actor.clone(),
+            event: Some(self.withdrawal_event(&approval_id, "the client went away")),
+        };
         let held = self.wait_for(&approval_id, &cancel).await;
+        on_disconnect.event = None;
         self.state.mcp_sessions.release(&key, id);
         if let Ok(Held::Refused(refusal)) = &held {
             // Nobody will act on it now: the inbox must not offer it to the human.
@@ -866,8 +875,17 @@ impl<'s> Exchange<'s> {
     /// Denies a pending approval for the call it was asked for, which ended without it (the
     /// client cancelled, the wait ran out): the agent withdraws its own request.
     async fn withdraw(&self, approval_id: &str, why: &ApiError) {
-        let now = self.state.clock.now();
-        let mut event = AuditEvent::new("approval.withdrawn", Mode::Delegated, now);
+        let event = self.withdrawal_event(approval_id, &why.to_string());
+        withdraw(self.state, approval_id, &self.principal.actor, &event).await;
+    }
+
+    /// The event of the agent withdrawing its own request for approval.
+    fn withdrawal_event(&self, approval_id: &str, why: &str) -> AuditEvent {
+        let mut event = AuditEvent::new(
+            "approval.withdrawn",
+            Mode::Delegated,
+            self.state.clock.now(),
+        );
         event.subject = Some(self.principal.subject.clone());
         event.actor = Some(self.principal.actor.clone());
         event.grant_id = Some(self.owner.grant.clone());
@@ -875,15 +893,8 @@ impl<'s> Exchange<'s> {
         event.decision = Some(Outcome::Deny);
         event.approver = Some(self.principal.actor.clone());
         event.request_id = Some(approval_id.to_owned());
-        event.reason = Some(why.to_string());
-        if let Err(e) = self
-            .state
-            .store
-            .decide_approval(approval_id, false, &self.principal.actor, now, &event)
-            .await
-        {
-            tracing::warn!(error = %e, approval = %approval_id, "withdrawing an approval failed");
-        }
+        event.reason = Some(why.to_owned());
+        event
     }
 
     fn decided(&self, method: String, path: String, approval: ApprovalState) -> Decided<'s> {
@@ -1013,13 +1024,18 @@ impl<'s> Exchange<'s> {
             .to_ascii_lowercase();
         let allowed = self.allowed_tools();
         if content_type.starts_with("text/event-stream") {
+            // What Leash sends the server on the human's behalf (a declined elicitation, a
+            // refused sampling request) carries the human's credential, as the call did.
+            let injected = decided
+                .upstream_headers(self.state, self.request_id)
+                .await?;
             let relay = sse::Relay {
                 state: self.state.clone(),
                 upstream: self.upstream.name.clone(),
                 session: session_key,
                 filter_tools: (answer == AnswerTo::ToolsList).then_some(allowed),
                 sampling: self.sampling_permitted(),
-                decline: Decliner::new(self, parts),
+                decline: Decliner::new(self, parts, &response, injected),
             };
             return Ok(sse::relay(response, relay));
         }
@@ -1067,6 +1083,41 @@ impl<'s> Exchange<'s> {
             .filter(|tool| token.actions().any(|a| a == tool.action))
             .map(|tool| tool.name.clone())
             .collect()
+    }
+}
+
+/// Denies a pending approval as withdrawn by the agent that asked for it.
+async fn withdraw(state: &AppState, approval_id: &str, agent: &str, event: &AuditEvent) {
+    let now = state.clock.now();
+    if let Err(e) = state
+        .store
+        .decide_approval(approval_id, false, agent, now, event)
+        .await
+    {
+        tracing::warn!(error = %e, approval = %approval_id, "withdrawing an approval failed");
+    }
+}
+
+/// Withdraws a held call's approval if the wait is dropped before it ends (the client went
+/// away); disarmed by taking `event`.
+struct Withdrawal {
+    state: Arc<AppState>,
+    approval_id: String,
+    agent: String,
+    event: Option<AuditEvent>,
+}
+
+impl Drop for Withdrawal {
+    fn drop(&mut self) {
+        let Some(event) = self.event.take() else {
+            return;
+        };
+        let (state, approval_id, agent) = (
+            self.state.clone(),
+            std::mem::take(&mut self.approval_id),
+            std::mem::take(&mut self.agent),
+        );
+        tokio::spawn(async move { withdraw(&state, &approval_id, &agent, &event).await });
     }
 }
 
@@ -1195,12 +1246,26 @@ pub(crate) struct Decliner {
 }
 
 impl Decliner {
-    fn new(exchange: &Exchange<'_>, parts: &Parts) -> Self {
+    fn new(
+        exchange: &Exchange<'_>,
+        parts: &Parts,
+        response: &Response,
+        injected: Vec<(axum::http::HeaderName, HeaderValue)>,
+    ) -> Self {
         let mut headers = HeaderMap::new();
         for name in ["mcp-session-id", "mcp-protocol-version"] {
-            if let Some(value) = parts.headers.get(name) {
+            // The session the server's answer names (an `initialize` answer starts one), else
+            // the request's.
+            let value = response
+                .headers()
+                .get(name)
+                .or_else(|| parts.headers.get(name));
+            if let Some(value) = value {
                 headers.insert(name, value.clone());
             }
+        }
+        for (name, value) in injected {
+            headers.insert(name, value);
         }
         headers.insert(
             header::CONTENT_TYPE,
@@ -1210,11 +1275,6 @@ impl Decliner {
             header::ACCEPT,
             HeaderValue::from_static("application/json, text/event-stream"),
         );
-        if let Some(grant) = &exchange.principal.grant
-            && let Ok(value) = HeaderValue::from_str(&grant.id)
-        {
-            headers.insert("leash-grant", value);
-        }
         Self {
             url: exchange.upstream.url.clone(),
             headers,

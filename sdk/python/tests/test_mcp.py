@@ -582,3 +582,26 @@ def test_mcp_headers_must_say_what_the_body_says(
         )
     assert answer.status_code == 400, answer.text
     assert len(crm.requests()) == before
+
+
+def test_a_client_that_goes_away_withdraws_its_held_call(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    """A held call whose client disconnects ends, and its approval leaves the human's inbox."""
+    setup, agent, task = crm_task(crm_leash, tmp_path)
+    call = {
+        "jsonrpc": "2.0",
+        "id": 11,
+        "method": "tools/call",
+        "params": {"name": "delete_contact", "arguments": {"id": 77}},
+    }
+    with agent, pytest.raises(httpx.ReadTimeout):
+        httpx.post(endpoint(crm_leash), json=call, headers=HEADERS, auth=task.auth, timeout=1.5)
+    deadline = time.monotonic() + 10
+    status = "pending"
+    while status == "pending" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        listed = crm_leash.call("GET", "/v1/approvals", setup.user_key).json()["approvals"]
+        status = next(a["status"] for a in listed if a["grant_id"] == setup.grant_id)
+    assert status == "denied", "the approval of a call nobody waits for stayed in the inbox"
+    assert {"id": 77} not in [c["arguments"] for c in crm.calls()]
