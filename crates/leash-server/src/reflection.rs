@@ -3,12 +3,16 @@
 //! carrying the cookie, an error page quoting the `Authorization` header) would otherwise give
 //! the agent exactly what Leash exists to keep from it. Headers are checked before anything is
 //! sent (`502 credential_reflected`, as the proxy does, API §16); a body streams through
-//! [`GuardedBody`], which holds back just enough bytes that a secret split across two parts is
-//! still seen whole, and cuts the answer off where one appears.
+//! [`GuardedBody`], which holds back the end of a part only while it could be the start of a
+//! secret (so a secret split across two parts is still seen whole, and a streamed answer, an
+//! event stream, is not delayed by the guard), and cuts the answer off where one appears.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use aho_corasick::Anchored;
+use aho_corasick::automaton::Automaton as _;
 use axum::body::Bytes;
 use axum::http::HeaderMap;
 use hyper::body::{Body, Frame, SizeHint};
@@ -26,6 +30,9 @@ const MIN_SECRET_LEN: usize = 8;
 pub struct Secrets {
     /// An automaton over the pieces and their encodings (the pieces themselves are not kept).
     finder: Option<aho_corasick::AhoCorasick>,
+    /// The same pieces as an automaton whose states can be stepped through: whether the end of
+    /// a part could start a piece (`AhoCorasick` searches faster but hides its states).
+    starts: Option<Arc<aho_corasick::nfa::contiguous::NFA>>,
     /// The longest needle's length.
     longest: usize,
     /// The automaton could not be built: every answer counts as carrying the credential.
@@ -83,11 +90,19 @@ impl Secrets {
         let built = aho_corasick::AhoCorasick::builder()
             .kind(Some(aho_corasick::AhoCorasickKind::ContiguousNFA))
             .ascii_case_insensitive(true)
-            .build(&needles);
+            .build(&needles)
+            .and_then(|finder| {
+                let starts = aho_corasick::nfa::contiguous::Builder::new()
+                    .ascii_case_insensitive(true)
+                    .prefilter(false)
+                    .build(&needles)?;
+                Ok((finder, starts))
+            });
         let longest = needles.iter().map(Vec::len).max().unwrap_or(0);
         match built {
-            Ok(finder) => Self {
+            Ok((finder, starts)) => Self {
                 finder: Some(finder),
+                starts: Some(Arc::new(starts)),
                 longest,
                 unbuildable: false,
             },
@@ -96,6 +111,7 @@ impl Secrets {
                 tracing::error!(error = %e, "the reflection guard cannot be built; answers are refused");
                 Self {
                     finder: None,
+                    starts: None,
                     longest,
                     unbuildable: true,
                 }
@@ -119,6 +135,22 @@ impl Secrets {
                 .finder
                 .as_ref()
                 .is_some_and(|finder| finder.is_match(bytes))
+    }
+
+    /// Whether some suffix of `tail` (with no piece in it) is the start of a piece: then the
+    /// next part could complete one, and `tail` must wait for it.
+    fn may_start_one(&self, tail: &[u8]) -> bool {
+        let Some(finder) = &self.starts else {
+            return self.unbuildable;
+        };
+        let Ok(mut state) = finder.start_state(Anchored::No) else {
+            return true;
+        };
+        for &byte in tail {
+            state = finder.next_state(Anchored::No, state, byte);
+        }
+        // Back at the start: no piece has begun in the tail.
+        !finder.is_start(state)
     }
 
     /// Whether any header, by its name or its value, contains any piece.
@@ -167,8 +199,9 @@ impl SecretsCache {
 #[error("the upstream's answer carries the injected credential; it was cut off")]
 pub struct CredentialReflected;
 
-/// An upstream body passed on part by part, except that the last `longest piece - 1` bytes are
-/// held until the next part (or the end) shows that no secret runs across the boundary.
+/// An upstream body passed on part by part, except that a part's end that could start a secret
+/// (at most `longest piece - 1` bytes) is held until the next part (or the end) shows that no
+/// secret runs across the boundary.
 pub struct GuardedBody<B> {
     inner: B,
     secrets: Secrets,
@@ -282,7 +315,12 @@ where
             if this.secrets.found_in(&window) {
                 return this.reflected();
             }
-            let keep = this.secrets.longest().saturating_sub(1).min(window.len());
+            let most = this.secrets.longest().saturating_sub(1).min(window.len());
+            let keep = if this.secrets.may_start_one(&window[window.len() - most..]) {
+                most
+            } else {
+                0
+            };
             this.held = window.split_off(window.len() - keep);
             if !window.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(Bytes::from(window)))));
@@ -397,6 +435,29 @@ mod tests {
             axum::http::HeaderValue::from_static("1"),
         );
         assert!(cookie.found_in_headers(&headers));
+    }
+
+    /// An event stream through a guarded answer: a part that cannot begin a secret goes on at
+    /// once, whole; one ending in what could begin the secret waits for the next part.
+    #[tokio::test]
+    async fn only_an_end_that_could_start_a_secret_is_held() {
+        let secrets = Secrets::of(b"session=HUMAN-SECRET-123");
+        let mut events = GuardedBody::new(
+            chunks(&[b"data: {\"progress\": 1}\n\n", b"data: HUMAN-", b"ok\n\n"]),
+            secrets,
+            || {},
+        );
+        let first = events.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(
+            &first[..],
+            b"data: {\"progress\": 1}\n\n",
+            "the event was held back"
+        );
+        // `data: HUMAN-` could go on as the secret: none of it is passed on before the next
+        // part shows it does not.
+        let second = events.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&second[..], b"data: HUMAN-ok\n\n");
+        assert!(events.frame().await.is_none());
     }
 
     #[tokio::test]
