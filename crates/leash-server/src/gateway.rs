@@ -201,6 +201,7 @@ fn check_target<'r>(method: &'r Method, uri: &'r Uri, trail: &mut Trail) -> ApiR
 // ---- Steps 1–6: the decision, in memory ---------------------------------------------------------
 
 /// Who the request is for and by whom.
+#[derive(Clone)]
 pub(crate) struct Principal {
     pub(crate) mode: Mode,
     /// The agent proof's one-time value, claimed when the request is committed.

@@ -591,7 +591,7 @@ impl<'s> Exchange<'s> {
         answer: AnswerTo,
     ) -> ApiResult<Response> {
         self.claim_proof().await?;
-        let decided = self.decided(String::new(), String::new(), ApprovalState::NotNeeded);
+        let decided = self.decided("", String::new(), "", ApprovalState::NotNeeded);
         self.send(&decided, &parts, Body::from(bytes), trail, answer)
             .await
     }
@@ -624,9 +624,8 @@ impl<'s> Exchange<'s> {
                 return Ok(rpc_error(id, -32003, &format!("Leash refused: {refusal}")));
             }
         }
-        let mut decided = self.decided(method.to_owned(), path, ApprovalState::NotNeeded);
-        // The action, for its `single_use` (API §2) in the commit.
-        decided.action = action.to_owned();
+        // With its action, for its `single_use` (API §2) in the commit.
+        let decided = self.decided(method, path, action, ApprovalState::NotNeeded);
         decided
             .commit(self.state, trail, MCP_REQUEST_EVENT, self.request_id)
             .await?;
@@ -684,9 +683,8 @@ impl<'s> Exchange<'s> {
         };
         let (name, digest, input_responses) = (call.name, &call.digest, call.input_responses);
         let path = call.path();
-        let audited_path = format!("{path}?arguments_sha256={digest}");
         trail.known.method = Some("tools/call".into());
-        trail.known.path = Some(audited_path.clone());
+        trail.known.path = Some(format!("{path}?arguments_sha256={digest}"));
         let Some(tool) = self.server.tool(name).cloned() else {
             let refusal = ApiError::NoRoute(format!("tool {name:?} is not offered through Leash"));
             self.audit_refused(trail, MCP_CALL_EVENT, &refusal).await?;
@@ -717,12 +715,13 @@ impl<'s> Exchange<'s> {
             },
             (approval, _) => approval,
         };
-        let mut decided = self.decided("tools/call".into(), audited_path, approval);
-        decided.action = tool.action.clone();
+        // The audit event's path (the trail's) carries the digest; the approval's path is the
+        // call's, with the digest as its query.
+        let mut decided = self.decided("tools/call", path, &tool.action, approval);
         if let ApprovalState::Needed { policies } = &decided.approval {
             let policies = policies.clone();
             match self
-                .hold(&mut decided, id, &bytes, digest, &policies, trail)
+                .hold(&decided, id, &bytes, digest, &policies, trail)
                 .await?
             {
                 Held::Approved(approval) => {
@@ -748,7 +747,7 @@ impl<'s> Exchange<'s> {
     /// approval stays pending until it expires.
     async fn hold(
         &self,
-        decided: &mut Decided<'_>,
+        decided: &Decided<'_>,
         id: &RequestId,
         bytes: &Bytes,
         digest: &str,
@@ -756,13 +755,6 @@ impl<'s> Exchange<'s> {
         trail: &mut Trail,
     ) -> ApiResult<Held> {
         let query = format!("arguments_sha256={digest}");
-        let path = decided
-            .path
-            .split('?')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let full_path = std::mem::replace(&mut decided.path, path);
         let asked = Asked {
             query: Some(&query),
             body: bytes,
@@ -778,7 +770,6 @@ impl<'s> Exchange<'s> {
             self.request_id,
         )
         .await;
-        decided.path = full_path;
         let ApiError::ApprovalRequired {
             approval: Some(approval_id),
             ..
@@ -897,20 +888,19 @@ impl<'s> Exchange<'s> {
         event
     }
 
-    fn decided(&self, method: String, path: String, approval: ApprovalState) -> Decided<'s> {
+    fn decided(
+        &self,
+        method: &str,
+        path: String,
+        action: &str,
+        approval: ApprovalState,
+    ) -> Decided<'s> {
         Decided {
-            principal: Principal {
-                mode: self.principal.mode,
-                proof_once: self.principal.proof_once,
-                actor: self.principal.actor.clone(),
-                subject: self.principal.subject.clone(),
-                grant: self.principal.grant.clone(),
-                token: self.principal.token.clone(),
-            },
+            principal: self.principal.clone(),
             upstream: self.upstream,
             path,
-            method,
-            action: String::new(),
+            method: method.to_owned(),
+            action: action.to_owned(),
             approval,
         }
     }
@@ -965,7 +955,7 @@ impl<'s> Exchange<'s> {
         {
             self.state.mcp_sessions.end(id);
         }
-        let decided = self.decided(String::new(), String::new(), ApprovalState::NotNeeded);
+        let decided = self.decided("", String::new(), "", ApprovalState::NotNeeded);
         self.send(&decided, &parts, Body::empty(), trail, AnswerTo::Other)
             .await
     }
@@ -999,54 +989,43 @@ impl<'s> Exchange<'s> {
             Ok(response) => response,
             Err(NotForwarded::Failed(e) | NotForwarded::CutOff(e)) => return Err(e),
         };
+        let answered_session = response
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok());
         if answer == AnswerTo::Initialize
             && response.status().is_success()
-            && let Some(id) = response
-                .headers()
-                .get("mcp-session-id")
-                .and_then(|v| v.to_str().ok())
+            && let Some(id) = answered_session
         {
             self.state.mcp_sessions.bind(id, self.owner.clone());
         }
-        let session_key = match response
-            .headers()
-            .get("mcp-session-id")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(id) => id.to_owned(),
-            None => self.session_key(),
-        };
+        let session_key = answered_session.map_or_else(|| self.session_key(), str::to_owned);
         let content_type = response
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let allowed = self.allowed_tools();
+        let filter = answer == AnswerTo::ToolsList;
         if content_type.starts_with("text/event-stream") {
-            // What Leash sends the server on the human's behalf (a declined elicitation, a
-            // refused sampling request) carries the human's credential, as the call did.
-            let injected = decided
-                .upstream_headers(self.state, self.request_id)
-                .await?;
             let relay = sse::Relay {
                 state: self.state.clone(),
                 upstream: self.upstream.name.clone(),
                 session: session_key,
-                filter_tools: (answer == AnswerTo::ToolsList).then_some(allowed),
+                filter_tools: filter.then(|| self.allowed_tools()),
                 sampling: self.sampling_permitted(),
-                decline: Decliner::new(self, parts, &response, injected),
+                decline: Decliner::new(self, parts, &response),
             };
             return Ok(sse::relay(response, relay));
         }
-        if answer == AnswerTo::ToolsList && content_type.starts_with("application/json") {
+        if filter && content_type.starts_with("application/json") {
             let (mut head, body) = response.into_parts();
             let bytes = axum::body::to_bytes(body, LIST_ANSWER_LIMIT)
                 .await
                 .map_err(|_| {
                     ApiError::BadGateway("the tools/list answer could not be read".into())
                 })?;
-            let filtered = filter_tools_answer(&bytes, &allowed).ok_or_else(|| {
+            let filtered = filter_tools_answer(&bytes, &self.allowed_tools()).ok_or_else(|| {
                 ApiError::BadGateway("the tools/list answer is not JSON-RPC".into())
             })?;
             head.headers.remove(header::CONTENT_LENGTH);
@@ -1243,15 +1222,14 @@ fn filter_tools(answer: &mut Value, allowed: &HashSet<String>) {
 pub(crate) struct Decliner {
     url: url::Url,
     headers: HeaderMap,
+    /// The human and upstream whose vaulted credential the answer carries, as the call did;
+    /// looked up only when an answer is sent (rarely), never for every relayed stream.
+    subject: String,
+    upstream: String,
 }
 
 impl Decliner {
-    fn new(
-        exchange: &Exchange<'_>,
-        parts: &Parts,
-        response: &Response,
-        injected: Vec<(axum::http::HeaderName, HeaderValue)>,
-    ) -> Self {
+    fn new(exchange: &Exchange<'_>, parts: &Parts, response: &Response) -> Self {
         let mut headers = HeaderMap::new();
         for name in ["mcp-session-id", "mcp-protocol-version"] {
             // The session the server's answer names (an `initialize` answer starts one), else
@@ -1264,8 +1242,16 @@ impl Decliner {
                 headers.insert(name, value.clone());
             }
         }
-        for (name, value) in injected {
-            headers.insert(name, value);
+        let attribution = [
+            ("leash-subject", exchange.principal.subject.as_str()),
+            ("leash-actor", exchange.principal.actor.as_str()),
+            ("leash-grant", exchange.owner.grant.as_str()),
+            ("leash-request-id", exchange.request_id),
+        ];
+        for (name, value) in attribution {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(name, value);
+            }
         }
         headers.insert(
             header::CONTENT_TYPE,
@@ -1278,11 +1264,13 @@ impl Decliner {
         Self {
             url: exchange.upstream.url.clone(),
             headers,
+            subject: exchange.principal.subject.clone(),
+            upstream: exchange.upstream.name.clone(),
         }
     }
 
     /// Answers the server's request `id` with a decline.
-    pub(crate) fn decline(&self, state: &AppState, id: &RequestId) {
+    pub(crate) fn decline(&self, state: &Arc<AppState>, id: &RequestId) {
         self.answer(
             state,
             json!({"jsonrpc": "2.0", "id": id.to_value(), "result": {"action": "decline"}}),
@@ -1290,7 +1278,7 @@ impl Decliner {
     }
 
     /// Answers the server's request `id` with Leash's refusal (a JSON-RPC error).
-    pub(crate) fn refuse(&self, state: &AppState, id: &RequestId, why: &str) {
+    pub(crate) fn refuse(&self, state: &Arc<AppState>, id: &RequestId, why: &str) {
         let error = json!({"code": -32003, "message": format!("Leash refused: {why}")});
         self.answer(
             state,
@@ -1299,7 +1287,7 @@ impl Decliner {
     }
 
     /// Sends the server a response as the client's, in the same session.
-    fn answer(&self, state: &AppState, body: Value) {
+    fn answer(&self, state: &Arc<AppState>, body: Value) {
         let mut request = axum::http::Request::new(Body::from(body.to_string()));
         *request.method_mut() = Method::POST;
         let Ok(uri) = self.url.as_str().parse() else {
@@ -1307,10 +1295,23 @@ impl Decliner {
         };
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers.clone();
-        let client = state.upstream_client.clone();
+        let (state, subject, upstream) =
+            (state.clone(), self.subject.clone(), self.upstream.clone());
         tokio::spawn(async move {
-            if let Err(e) = client.request(request).await {
-                tracing::warn!(error = %e, "declining an elicitation failed");
+            match crate::vault::injection(&state, &subject, &upstream).await {
+                Ok(Some(injection)) => {
+                    request
+                        .headers_mut()
+                        .insert(injection.name, injection.value);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "no credential for an answer to the MCP server");
+                    return;
+                }
+            }
+            if let Err(e) = state.upstream_client.request(request).await {
+                tracing::warn!(error = %e, "answering the MCP server for the human failed");
             }
         });
     }
