@@ -605,3 +605,59 @@ def test_a_client_that_goes_away_withdraws_its_held_call(
         status = next(a["status"] for a in listed if a["grant_id"] == setup.grant_id)
     assert status == "denied", "the approval of a call nobody waits for stayed in the inbox"
     assert {"id": 77} not in [c["arguments"] for c in crm.calls()]
+
+
+def test_the_humans_credential_reaches_the_server_and_never_the_agent(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    """The human's vaulted credential for the MCP upstream is injected into each forwarded
+    message (API §9, §14), and into what Leash answers the server for the human (a declined
+    elicitation); the agent's own answer carries none of it."""
+    setup, agent, task = crm_task(crm_leash, tmp_path)
+    secret = f"session={setup.grant_id}-secret"
+    stored = crm_leash.call(
+        "PUT", "/v1/vault/crm", setup.user_key, {"kind": "cookie", "secret": secret}
+    )
+    assert stored.status_code in (200, 201), stored.text
+    before = len(crm.requests())
+
+    async def session() -> tuple[Any, Any]:
+        async with mcp_session(endpoint(crm_leash), task.auth) as mcp:
+            found = await mcp.call_tool("search_contacts", {"query": "ada"})
+            asked = await mcp.call_tool("ask_new_email", {"id": 1})
+            return found, asked
+
+    with agent:
+        found, asked = asyncio.run(session())
+    assert secret not in json.dumps([found.model_dump(), asked.model_dump()])
+    seen = crm.requests()[before:]
+    carried = [r for r in seen if r["headers"].get("cookie") == secret]
+    assert carried, "the vaulted cookie never reached the MCP server"
+    declines = [r for r in seen if '"decline"' in r["body"]]
+    assert declines, "Leash never answered the elicitation"
+    assert all(r["headers"].get("cookie") == secret for r in declines)
+
+
+def test_a_request_from_another_origin_is_refused(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    """`Origin`, when sent, must be Leash's own (DNS rebinding, API §14): nothing is forwarded."""
+    _, agent, task = crm_task(crm_leash, tmp_path)
+    before = len(crm.requests())
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    with agent:
+        refused = httpx.post(
+            endpoint(crm_leash),
+            json=ping,
+            headers={**HEADERS, "Origin": "http://evil.example"},
+            auth=task.auth,
+        )
+        own = httpx.post(
+            endpoint(crm_leash),
+            json=ping,
+            headers={**HEADERS, "Origin": crm_leash.url},
+            auth=task.auth,
+        )
+    assert refused.status_code == 403, refused.text
+    assert own.status_code != 403, own.text
+    assert len(crm.requests()) == before + 1

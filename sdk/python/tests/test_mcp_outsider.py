@@ -21,7 +21,7 @@ from conftest import Leash, Setup, set_up
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp_fixtures import CrmServer, EverythingServer, start_crm
-from test_mcp import CRM_TOOLS
+from test_mcp import CRM_TOOLS, crm_task
 
 from leash_agent import Agent, Task
 
@@ -55,15 +55,11 @@ def leash_out(crm_out: CrmServer, upstream: Any) -> Iterator[Leash]:
 
 
 def task_of(leash: Leash, tmp_path: Path, **grant: Any) -> tuple[Setup, Agent, Task]:
-    fields = {
-        "upstreams": ["crm"],
-        "actions": ["crm:search", "crm:delete", "crm:pay", "crm:ask", "crm:resources"],
-        "approval_required": [],
-        **grant,
-    }
-    setup = set_up(leash, tmp_path, **fields)
-    agent = Agent.from_jwk_file(leash.url, setup.agent_id, setup.key_file)
-    return setup, agent, agent.task(setup.handle)
+    """test_mcp's task, with the actions these attacks use."""
+    return crm_task(leash, tmp_path, **{"actions": OUTSIDER_ACTIONS, **grant})
+
+
+OUTSIDER_ACTIONS = ["crm:search", "crm:delete", "crm:pay", "crm:ask", "crm:resources"]
 
 
 class Pinned(httpx.Auth):
