@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use utoipa::ToSchema;
 
 use crate::audit;
-use crate::config::valid_action;
+use crate::config::{Risk, valid_action};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
     Admin, Caller, JsonBody, ResourceCaller, StatusQuery, authenticate_resource, status_filter,
@@ -375,17 +375,17 @@ pub async fn create_grant(
             "upstreams and actions must not be empty".into(),
         ));
     }
-    let mut defined = BTreeSet::new();
+    let mut named = Vec::with_capacity(upstreams.len());
     for name in &upstreams {
         let upstream = state
             .config
             .upstreams
             .get(name)
             .ok_or_else(|| ApiError::InvalidRequest(format!("unknown upstream {name:?}")))?;
-        defined.extend(upstream.actions());
+        named.push(upstream);
     }
     for action in &actions {
-        if !valid_action(action) || !defined.contains(action.as_str()) {
+        if !valid_action(action) || !named.iter().any(|u| u.defines(action)) {
             return Err(ApiError::InvalidRequest(format!(
                 "action {action:?} is not defined by the named upstreams"
             )));
@@ -614,9 +614,13 @@ pub async fn complete_grant(
 #[derive(Debug, Serialize, ToSchema)]
 pub struct UpstreamView {
     name: String,
-    /// The actions its routes define.
+    /// The actions its routes (or an MCP server's tools) define.
     actions: Vec<String>,
     routes: Vec<crate::config::Route>,
+    /// For an MCP server that lets tools the config does not list through (`"allow"` or
+    /// `"high"`): a grant may also name `<upstream>:<tool>` for those.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unlisted_tools: Option<&'static str>,
 }
 
 /// `GET /v1/upstreams`.
@@ -637,6 +641,14 @@ pub async fn list_upstreams(State(state): State<Arc<AppState>>, _: Caller) -> Js
             name: u.name.clone(),
             actions: u.actions().into_iter().map(str::to_owned).collect(),
             routes: u.routes.clone(),
+            unlisted_tools: u
+                .mcp
+                .as_ref()
+                .and_then(|m| m.unlisted)
+                .map(|risk| match risk {
+                    Risk::High => "high",
+                    Risk::Normal => "allow",
+                }),
         })
         .collect();
     Json(UpstreamList { upstreams })

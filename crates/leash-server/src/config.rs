@@ -1,6 +1,7 @@
 //! The one typed configuration, and the one place that combines its sources with the
 //! precedence flags > environment > file > defaults (API §12).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -237,14 +238,28 @@ impl Upstream {
         }
         actions
     }
+
+    /// Whether a grant of this upstream may name `action`: one of [`Self::actions`], or an
+    /// unlisted tool's when the MCP server lets them through.
+    pub fn defines(&self, action: &str) -> bool {
+        match &self.mcp {
+            Some(server) => server.defines(action),
+            None => self.routes.iter().any(|r| r.action == action),
+        }
+    }
 }
 
 /// What Leash knows of an MCP server's tools: only what the operator configured (a server's own
 /// tool annotations are never trusted for risk).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct McpServer {
+    /// The upstream's name, the first half of an unlisted tool's action.
+    pub upstream: String,
     /// The configured tools.
     pub tools: Vec<Tool>,
+    /// `unlisted_tools`: `None` refuses (and hides) a tool the config does not list; `Some(risk)`
+    /// gives it the action `<upstream>:<tool>` with that risk.
+    pub unlisted: Option<Risk>,
     /// `<upstream>:resources`, the action of `resources/list` and `resources/read`.
     pub resources_action: String,
     /// `<upstream>:prompts`, the action of `prompts/list` and `prompts/get`.
@@ -255,9 +270,47 @@ pub struct McpServer {
 }
 
 impl McpServer {
-    /// The configured tool named `name`.
-    pub fn tool(&self, name: &str) -> Option<&Tool> {
-        self.tools.iter().find(|t| t.name == name)
+    /// The tool named `name`: configured, or, when `unlisted_tools` lets them through, an
+    /// unlisted one with the action `<upstream>:<name>`. An unlisted tool whose name does not
+    /// make an action (`app:verb`, lower case), or makes one the config already gives to
+    /// something else, is refused: `crm:delete` granted for a listed `delete_contact` must not
+    /// also let through an unlisted tool called `delete`.
+    pub fn tool(&self, name: &str) -> Option<Cow<'_, Tool>> {
+        if let Some(tool) = self.tools.iter().find(|t| t.name == name) {
+            return Some(Cow::Borrowed(tool));
+        }
+        let risk = self.unlisted?;
+        let action = format!("{}:{name}", self.upstream);
+        (valid_action(&action) && !self.names(&action)).then(|| {
+            Cow::Owned(Tool {
+                name: name.to_owned(),
+                action,
+                risk,
+            })
+        })
+    }
+
+    /// Whether the config gives `action` to a listed tool or to resources, prompts or sampling.
+    fn names(&self, action: &str) -> bool {
+        self.tools.iter().any(|t| t.action == action)
+            || [
+                &self.resources_action,
+                &self.prompts_action,
+                &self.sampling_action,
+            ]
+            .iter()
+            .any(|own| own.as_str() == action)
+    }
+
+    /// Whether a grant may name `action` for this server: one the config names, or, with
+    /// `unlisted_tools`, any other `<upstream>:<verb>` (an unlisted tool's).
+    pub fn defines(&self, action: &str) -> bool {
+        self.names(action)
+            || (self.unlisted.is_some()
+                && valid_action(action)
+                && action
+                    .strip_prefix(self.upstream.as_str())
+                    .is_some_and(|rest| rest.starts_with(':')))
     }
 }
 
@@ -614,17 +667,17 @@ fn mcp_server(key: &str, file: &mut UpstreamFile) -> Result<Option<McpServer>, C
     if !file.route.is_empty() {
         return Err(invalid(key, "an MCP upstream has tools, not routes"));
     }
-    match file.unlisted_tools.as_deref() {
-        None | Some("refuse") => {}
+    let unlisted = match file.unlisted_tools.as_deref() {
+        None | Some("refuse") => None,
+        Some("allow") => Some(Risk::Normal),
+        Some("high") => Some(Risk::High),
         Some(other) => {
             return Err(invalid(
                 key,
-                format!(
-                    "unlisted_tools = {other:?} is not supported by this version: list every tool an agent may call"
-                ),
+                format!("unlisted_tools = {other:?}: use refuse, allow or high"),
             ));
         }
-    }
+    };
     let mut tools: Vec<Tool> = Vec::new();
     for tool in std::mem::take(&mut file.tool) {
         if tools.iter().any(|t| t.name == tool.name) {
@@ -651,12 +704,29 @@ fn mcp_server(key: &str, file: &mut UpstreamFile) -> Result<Option<McpServer>, C
             action,
         });
     }
-    Ok(Some(McpServer {
+    let server = McpServer {
+        upstream: file.name.clone(),
         tools,
+        unlisted,
         resources_action: format!("{}:resources", file.name),
         prompts_action: format!("{}:prompts", file.name),
         sampling_action: format!("{}:sampling", file.name),
-    }))
+    };
+    let reserved = [
+        &server.resources_action,
+        &server.prompts_action,
+        &server.sampling_action,
+    ];
+    if let Some(tool) = server.tools.iter().find(|t| reserved.contains(&&t.action)) {
+        return Err(invalid(
+            key,
+            format!(
+                "tool {:?}: action {:?} is the upstream's own (resources, prompts, sampling); set another `action`",
+                tool.name, tool.action
+            ),
+        ));
+    }
+    Ok(Some(server))
 }
 
 fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, ConfigError> {
@@ -1044,13 +1114,52 @@ mod tests {
             format!("{mcp}[[upstream.tool]]\nname = \"deleteContact\"\n"),
             format!("{mcp}[[upstream.tool]]\nname = \"a\"\n[[upstream.tool]]\nname = \"a\"\n"),
             format!("{mcp}[[upstream.route]]\nmethod = \"GET\"\npath = \"/\"\naction = \"crm:x\"\n"),
-            format!("{mcp}unlisted_tools = \"allow\"\n"),
+            format!("{mcp}unlisted_tools = \"sometimes\"\n"),
+            // A listed tool cannot take the upstream's own actions.
+            format!("{mcp}[[upstream.tool]]\nname = \"resources\"\n"),
+            format!("{mcp}[[upstream.tool]]\nname = \"x\"\naction = \"crm:sampling\"\n"),
             format!("{mcp}[[upstream.tool]]\nname = \"a\"\nrisk = \"extreme\"\n"),
             mcp.replace("\"mcp\"", "\"grpc\""),
             "[[upstream]]\nname = \"mail\"\nurl = \"http://127.0.0.1:9\"\n[[upstream.tool]]\nname = \"a\"\n".to_owned(),
             "[mcp]\napproval_wait = 0\n".to_owned(),
         ] {
             assert!(upstreams_of(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unlisted_tools_take_their_own_action_and_never_another_s() {
+        let mcp = "[[upstream]]\nname = \"crm\"\nurl = \"http://127.0.0.1:9100/mcp\"\nkind = \"mcp\"\n\
+                   [[upstream.tool]]\nname = \"delete_contact\"\naction = \"crm:delete\"\nrisk = \"high\"\n";
+        let refusing = upstreams_of(mcp).unwrap();
+        let server = refusing["crm"].mcp.as_ref().unwrap();
+        assert!(server.tool("lookup").is_none());
+        assert!(!refusing["crm"].defines("crm:lookup"));
+        assert!(refusing["crm"].defines("crm:delete"));
+
+        for (setting, risk) in [("allow", Risk::Normal), ("high", Risk::High)] {
+            let upstreams = upstreams_of(&format!(
+                "{}unlisted_tools = \"{setting}\"\n{}",
+                &mcp[..mcp.find("[[upstream.tool]]").unwrap()],
+                &mcp[mcp.find("[[upstream.tool]]").unwrap()..]
+            ))
+            .unwrap();
+            let crm = &upstreams["crm"];
+            let server = crm.mcp.as_ref().unwrap();
+            let lookup = server.tool("lookup").unwrap();
+            assert_eq!((lookup.action.as_str(), lookup.risk), ("crm:lookup", risk));
+            // A listed tool keeps its own action and risk.
+            let listed = server.tool("delete_contact").unwrap();
+            assert_eq!((listed.action.as_str(), listed.risk), ("crm:delete", Risk::High));
+            // Names that would borrow an action the config gives to something else, or that
+            // make no action at all, stay refused.
+            for refused in ["delete", "resources", "prompts", "sampling", "getContact", "a.b", "", "x:y"] {
+                assert!(server.tool(refused).is_none(), "{refused}");
+            }
+            assert!(server.tool(&"a".repeat(65)).is_none());
+            assert!(crm.defines("crm:lookup") && crm.defines("crm:delete"));
+            assert!(!crm.defines("mail:lookup") && !crm.defines("crm:Lookup"));
+            assert!(!crm.defines("crmx:lookup"));
         }
     }
 

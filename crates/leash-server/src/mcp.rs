@@ -17,6 +17,7 @@
 
 mod sse;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -685,7 +686,7 @@ impl<'s> Exchange<'s> {
         let path = call.path();
         trail.known.method = Some("tools/call".into());
         trail.known.path = Some(format!("{path}?arguments_sha256={digest}"));
-        let Some(tool) = self.server.tool(name).cloned() else {
+        let Some(tool) = self.server.tool(name).map(Cow::into_owned) else {
             let refusal = ApiError::NoRoute(format!("tool {name:?} is not offered through Leash"));
             self.audit_refused(trail, MCP_CALL_EVENT, &refusal).await?;
             return Ok(tool_refusal(id, &refusal));
@@ -1051,17 +1052,18 @@ impl<'s> Exchange<'s> {
         matches!(judged, Ok(ApprovalState::NotNeeded))
     }
 
-    /// The tools the token may call: configured, and their action in its scope.
-    fn allowed_tools(&self) -> HashSet<String> {
-        let Some(token) = &self.principal.token else {
-            return HashSet::new();
-        };
-        self.server
-            .tools
-            .iter()
-            .filter(|tool| token.actions().any(|a| a == tool.action))
-            .map(|tool| tool.name.clone())
-            .collect()
+    /// The tools the token may call: those `tools/call` would judge (listed, or unlisted and let
+    /// through), with their action in its scope.
+    fn allowed_tools(&self) -> ToolFilter {
+        ToolFilter {
+            server: self.server.clone(),
+            granted: self
+                .principal
+                .token
+                .as_ref()
+                .map(|token| token.actions().map(str::to_owned).collect())
+                .unwrap_or_default(),
+        }
     }
 }
 
@@ -1194,15 +1196,31 @@ fn leash_answer(body: Value, decision: &'static str) -> Response {
     response
 }
 
+/// Which tools of a `tools/list` answer an agent sees: exactly those whose call its token's
+/// scope would let reach the decision (an agent never sees a tool it may not call).
+pub(crate) struct ToolFilter {
+    server: McpServer,
+    granted: HashSet<String>,
+}
+
+impl ToolFilter {
+    fn allows(&self, name: &str) -> bool {
+        self.server
+            .tool(name)
+            .is_some_and(|tool| self.granted.contains(&tool.action))
+    }
+}
+
 /// A `tools/list` answer with only the `allowed` tools; `None` if it is not JSON-RPC.
-fn filter_tools_answer(bytes: &[u8], allowed: &HashSet<String>) -> Option<Vec<u8>> {
+fn filter_tools_answer(bytes: &[u8], allowed: &ToolFilter) -> Option<Vec<u8>> {
     let mut answer: Value = serde_json::from_slice(bytes).ok()?;
     filter_tools(&mut answer, allowed);
     serde_json::to_vec(&answer).ok()
 }
 
-/// Keeps, in a `tools/list` result, only the tools in `allowed` (an error answer is left as is).
-fn filter_tools(answer: &mut Value, allowed: &HashSet<String>) {
+/// Keeps, in a `tools/list` result, only the tools `allowed` lets through (an error answer is
+/// left as is).
+fn filter_tools(answer: &mut Value, allowed: &ToolFilter) {
     if let Some(tools) = answer
         .get_mut("result")
         .and_then(|r| r.get_mut("tools"))
@@ -1211,7 +1229,7 @@ fn filter_tools(answer: &mut Value, allowed: &HashSet<String>) {
         tools.retain(|tool| {
             tool.get("name")
                 .and_then(Value::as_str)
-                .is_some_and(|name| allowed.contains(name))
+                .is_some_and(|name| allowed.allows(name))
         });
     }
 }

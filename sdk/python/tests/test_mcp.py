@@ -663,3 +663,108 @@ def test_a_request_from_another_origin_is_refused(
     assert refused.status_code == 403, refused.text
     assert own.status_code != 403, own.text
     assert len(crm.requests()) == before + 1
+
+
+UNLISTED_TOOLS = """
+[mcp]
+approval_wait = 20
+
+[[upstream]]
+name = "crm"
+url = "{url}"
+kind = "mcp"
+unlisted_tools = "{unlisted}"
+[[upstream.tool]]
+name = "delete_contact"
+action = "crm:delete"
+risk = "high"
+[[upstream.tool]]
+name = "update_contact"
+action = "crm:pay"
+"""
+
+
+def test_unlisted_tools_are_let_through_only_when_the_upstream_says_so(
+    crm: CrmServer, upstream: Any, tmp_path: Path
+) -> None:
+    """`unlisted_tools = "allow"` (API §14): a tool the config does not list takes the action
+    `<upstream>:<tool>`; one whose action the config gives to another tool (here `pay`, since
+    `update_contact` is `crm:pay`) stays hidden and refused, as does one not granted."""
+    refusing = Leash(upstream, CRM_TOOLS.format(url=crm.url, wait=5))
+    try:
+        user_key = refusing.add_user(f"bob-{time.monotonic_ns()}")
+        refused = refusing.call(
+            "POST",
+            "/v1/grants",
+            user_key,
+            {
+                "agent": "spiffe://example.org/agent/x",
+                "purpose": "p",
+                "upstreams": ["crm"],
+                "actions": ["crm:search_contacts"],
+                "ttl_seconds": 60,
+            },
+        )
+        assert refused.status_code == 400, "an unlisted tool's action is granted only if allowed"
+    finally:
+        refusing.stop()
+
+    leash = Leash(upstream, UNLISTED_TOOLS.format(url=crm.url, unlisted="allow"))
+    try:
+        upstreams = leash.call("GET", "/v1/upstreams", leash.admin_key).json()["upstreams"]
+        assert next(u for u in upstreams if u["name"] == "crm")["unlisted_tools"] == "allow"
+        setup, agent, task = crm_task(
+            leash, tmp_path, actions=["crm:search_contacts", "crm:pay", "crm:delete"]
+        )
+        paid_before = crm.tools_called().count("pay")
+
+        async def session() -> tuple[set[str], Any, Any]:
+            async with mcp_session(f"{leash.url}/mcp/crm", task.auth) as mcp:
+                tools = {tool.name for tool in (await mcp.list_tools()).tools}
+                found = await mcp.call_tool("search_contacts", {"query": "grace"})
+                paid = await mcp.call_tool("pay", {"to": "mallory", "amount": 1})
+                return tools, found, paid
+
+        with agent:
+            tools, found, paid = asyncio.run(session())
+        assert tools == {"search_contacts", "update_contact", "delete_contact"}
+        assert not found.isError, text_of(found)
+        assert "grace" in text_of(found).lower()
+        assert paid.isError and "not offered" in text_of(paid)
+        assert crm.tools_called().count("pay") == paid_before, "a refused call reached the server"
+        events = [e for e in leash.audit(setup.grant_id) if e["kind"] == "mcp.call"]
+        assert [(e["action"], e["decision"]) for e in events] == [
+            ("crm:search_contacts", "allow"),
+            (None, "deny"),
+        ]
+    finally:
+        leash.stop()
+
+
+def test_unlisted_tools_high_wait_for_the_human(
+    crm: CrmServer, upstream: Any, tmp_path: Path
+) -> None:
+    """`unlisted_tools = "high"`: an unlisted tool's call waits for the human's approval."""
+    leash = Leash(upstream, UNLISTED_TOOLS.format(url=crm.url, unlisted="high"))
+    try:
+        setup, agent, task = crm_task(leash, tmp_path, actions=["crm:search_contacts"])
+
+        async def session() -> tuple[Any, Any]:
+            async with mcp_session(f"{leash.url}/mcp/crm", task.auth) as mcp:
+                human = decide_when_asked(setup, "deny")
+                denied = await mcp.call_tool("search_contacts", {"query": "alan"})
+                human.join()
+                human = decide_when_asked(setup, "approve")
+                approved = await mcp.call_tool("search_contacts", {"query": "turing"})
+                human.join()
+                return denied, approved
+
+        with agent:
+            denied, approved = asyncio.run(session())
+        assert denied.isError and "denied" in text_of(denied)
+        assert not approved.isError, text_of(approved)
+        searched = [c["arguments"] for c in crm.calls() if c["tool"] == "search_contacts"]
+        assert {"query": "alan"} not in searched
+        assert {"query": "turing"} in searched
+    finally:
+        leash.stop()

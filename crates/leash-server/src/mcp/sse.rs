@@ -5,7 +5,6 @@
 //! reaching the agent. Events pass as they arrive, so progress notifications and long results
 //! stream.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -31,7 +30,7 @@ pub(crate) struct Relay {
     /// Where the server's requests are noted.
     pub(crate) session: String,
     /// Set for the answer to `tools/list`: the tools to keep.
-    pub(crate) filter_tools: Option<HashSet<String>>,
+    pub(crate) filter_tools: Option<super::ToolFilter>,
     /// Whether the server may ask the agent's model to sample.
     pub(crate) sampling: bool,
     pub(crate) decline: Decliner,
