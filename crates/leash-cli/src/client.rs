@@ -135,10 +135,15 @@ pub enum ApprovalsCommand {
         #[command(flatten)]
         remote: Remote,
     },
-    /// Approve one exact request; the agent may then send it once.
+    /// Approve one exact request; the agent may then send it once. An MCP server's
+    /// elicitation (method elicitation/create) is answered with --content.
     Approve {
         /// The approval id (apr_…).
         id: String,
+        /// For an elicitation: your answer to its form, a JSON object, e.g. '{"email": "a@b.c"}'
+        /// (`leash approvals show` prints the form).
+        #[arg(long, value_name = "JSON")]
+        content: Option<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -185,6 +190,30 @@ fn approval_details(a: &Value) -> String {
         expires = text("expires_at"),
         decided = text("decided_at"),
         approver = text("approver"),
+    ) + &elicitation_details(a)
+}
+
+/// An elicitation's message and form, as text (the server wrote them: shown, never run).
+fn elicitation_details(a: &Value) -> String {
+    let Some(elicitation) = a.get("elicitation") else {
+        return String::new();
+    };
+    let message: String = elicitation["message"]
+        .as_str()
+        .unwrap_or("")
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!(
+        "\n  the server asks the human: {message}\n  form      {}\n  answer    leash approvals approve {} --content '{{…}}'  (or deny)",
+        elicitation["requested_schema"],
+        a["id"].as_str().unwrap_or("?"),
     )
 }
 
@@ -229,17 +258,37 @@ pub async fn approvals(cmd: ApprovalsCommand) -> anyhow::Result<()> {
                 println!("{}", approval_details(&value));
             }
         }
-        ApprovalsCommand::Approve { id, remote } => {
-            decide_approval(&remote, &id, "approve").await?
+        ApprovalsCommand::Approve {
+            id,
+            content,
+            remote,
+        } => {
+            let body = match content {
+                Some(text) => {
+                    let content: Value = serde_json::from_str(&text)
+                        .map_err(|e| anyhow::anyhow!("--content is not JSON: {e}"))?;
+                    anyhow::ensure!(content.is_object(), "--content must be a JSON object");
+                    Some(serde_json::json!({ "content": content }))
+                }
+                None => None,
+            };
+            decide_approval(&remote, &id, "approve", body).await?
         }
-        ApprovalsCommand::Deny { id, remote } => decide_approval(&remote, &id, "deny").await?,
+        ApprovalsCommand::Deny { id, remote } => {
+            decide_approval(&remote, &id, "deny", None).await?
+        }
     }
     Ok(())
 }
 
-async fn decide_approval(remote: &Remote, id: &str, verb: &str) -> anyhow::Result<()> {
+async fn decide_approval(
+    remote: &Remote,
+    id: &str,
+    verb: &str,
+    body: Option<Value>,
+) -> anyhow::Result<()> {
     let path = format!("/v1/approvals/{}/{verb}", encode_path(id));
-    let value = call(remote, reqwest::Method::POST, &path, None).await?;
+    let value = call(remote, reqwest::Method::POST, &path, body).await?;
     println!("{}", approval_details(&value));
     Ok(())
 }

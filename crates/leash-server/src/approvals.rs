@@ -9,14 +9,16 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Method, Uri};
 use leash_core::audit::{AuditEvent, Outcome, rfc3339};
 use leash_store::{Approval, ApprovalStatus};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    AuthScheme, Caller, ResourceCaller, StatusQuery, authenticate_resource, authorization,
-    status_filter,
+    AuthScheme, Caller, OptionalJsonBody, ResourceCaller, StatusQuery, authenticate_resource,
+    authorization, status_filter,
 };
+use crate::mcp::{AnswerError, ELICITATION_METHOD, ElicitationView};
 use crate::openapi::ApiErrors;
 use crate::state::AppState;
 
@@ -43,6 +45,10 @@ pub struct ApprovalView {
     expires_at: String,
     decided_at: Option<String>,
     approver: Option<String>,
+    /// For an MCP server's elicitation (`method` `elicitation/create`, API §14), to the human
+    /// only: the server's message and the form their approval answers (`content`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) elicitation: Option<ElicitationView>,
 }
 
 impl ApprovalView {
@@ -65,7 +71,27 @@ impl ApprovalView {
             expires_at: rfc3339(approval.expires_at),
             decided_at: approval.decided_at.map(rfc3339),
             approver: approval.approver.clone(),
+            elicitation: None,
         }
+    }
+
+    /// The view for the grant's human or the admin: with the elicitation's message and form.
+    fn for_human(approval: &Approval, purpose: Option<&str>, now: i64, state: &AppState) -> Self {
+        let mut view = Self::of(approval, purpose, now);
+        if approval.method == ELICITATION_METHOD {
+            view.elicitation = state.elicitations.view(&approval.id);
+        }
+        view
+    }
+}
+
+/// Forgets a prepared elicitation answer when its approval was not decided (forgotten itself,
+/// without dropping, once it was: the relay takes the answer then).
+struct Unprepare<'a>(&'a AppState, &'a str);
+
+impl Drop for Unprepare<'_> {
+    fn drop(&mut self) {
+        self.0.elicitations.unprepare(self.1);
     }
 }
 
@@ -75,10 +101,9 @@ pub struct ApprovalList {
     approvals: Vec<ApprovalView>,
 }
 
-async fn with_purpose(state: &AppState, approval: &Approval, now: i64) -> ApiResult<ApprovalView> {
+async fn purpose_of(state: &AppState, approval: &Approval) -> ApiResult<Option<String>> {
     let grant = state.store.grant(&approval.grant_id).await?;
-    let purpose = grant.as_ref().map(|g| g.purpose.as_str());
-    Ok(ApprovalView::of(approval, purpose, now))
+    Ok(grant.map(|g| g.purpose))
 }
 
 /// `GET /v1/approvals[?status=…]`: the human's (of their grants) or, for the admin, all.
@@ -108,7 +133,7 @@ pub async fn list(
                 purposes.insert(approval.grant_id.clone(), grant.map(|g| g.purpose));
             }
             let purpose = purposes.get(&approval.grant_id).and_then(Option::as_deref);
-            shown.push(ApprovalView::of(&approval, purpose, now));
+            shown.push(ApprovalView::for_human(&approval, purpose, now, &state));
         }
     }
     Ok(Json(ApprovalList { approvals: shown }))
@@ -127,26 +152,53 @@ pub async fn get(
 ) -> ApiResult<Json<ApprovalView>> {
     let now = state.clock.now();
     let approval = state.store.approval(&id).await?;
-    let visible = match authenticate_resource(&state, &method, &uri, &headers).await? {
+    let not_found = || ApiError::NotFound("no such approval".into());
+    match authenticate_resource(&state, &method, &uri, &headers).await? {
         ResourceCaller::Agent(agent) => {
             agent.claim_proof(&state, now).await?;
-            approval.filter(|a| a.grant_id == agent.grant.id && a.agent == agent.claims.client_id)
+            let approval = approval
+                .filter(|a| a.grant_id == agent.grant.id && a.agent == agent.claims.client_id)
+                .ok_or_else(not_found)?;
+            let purpose = purpose_of(&state, &approval).await?;
+            // The agent learns the status only: an elicitation's words are for the human.
+            Ok(Json(ApprovalView::of(&approval, purpose.as_deref(), now)))
         }
-        ResourceCaller::Key(caller) => approval.filter(|a| caller.may_act_for(&a.subject)),
-    };
-    let approval = visible.ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
-    Ok(Json(with_purpose(&state, &approval, now).await?))
+        ResourceCaller::Key(caller) => {
+            let approval = approval
+                .filter(|a| caller.may_act_for(&a.subject))
+                .ok_or_else(not_found)?;
+            let purpose = purpose_of(&state, &approval).await?;
+            Ok(Json(ApprovalView::for_human(
+                &approval,
+                purpose.as_deref(),
+                now,
+                &state,
+            )))
+        }
+    }
 }
 
-/// `POST /v1/approvals/{id}/approve`.
+/// The optional body of `POST /v1/approvals/{id}/approve`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Answer {
+    /// For an MCP server's elicitation only: the answer to its form, sent to the server as the
+    /// human's (checked against the form first).
+    #[schema(value_type = Option<Object>)]
+    content: Option<Map<String, Value>>,
+}
+
+/// `POST /v1/approvals/{id}/approve`; an MCP elicitation's approval carries the human's answer.
 #[utoipa::path(post, path = "/v1/approvals/{id}/approve", tag = "approvals", params(("id" = String, Path)),
+    request_body(content = Option<Answer>, content_type = "application/json"),
     responses((status = 200, body = ApprovalView), ApiErrors), security(("api_key" = [])))]
 pub async fn approve(
     state: State<Arc<AppState>>,
     path: Path<String>,
     headers: HeaderMap,
+    OptionalJsonBody(answer): OptionalJsonBody<Answer>,
 ) -> ApiResult<Json<ApprovalView>> {
-    decide(state, path, headers, true).await
+    decide(state, path, headers, Some(answer)).await
 }
 
 /// `POST /v1/approvals/{id}/deny`.
@@ -157,15 +209,17 @@ pub async fn deny(
     path: Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Json<ApprovalView>> {
-    decide(state, path, headers, false).await
+    decide(state, path, headers, None).await
 }
 
+/// Approves (`Some` answer) or denies (`None`).
 async fn decide(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    approve: bool,
+    answer: Option<Answer>,
 ) -> ApiResult<Json<ApprovalView>> {
+    let approve = answer.is_some();
     // An agent never decides, whatever its token or proof: refuse before looking further.
     if matches!(authorization(&headers)?, Some((AuthScheme::Dpop, _))) {
         return Err(ApiError::Forbidden(
@@ -180,6 +234,33 @@ async fn decide(
         .await?
         .filter(|a| caller.may_act_for(&a.subject))
         .ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
+    let elicitation = approval.method == ELICITATION_METHOD;
+    let content = answer.and_then(|a| a.content);
+    if content.is_some() && !elicitation {
+        return Err(ApiError::InvalidRequest(
+            "content answers an MCP elicitation; this approval is for a request".into(),
+        ));
+    }
+    // The answer is checked and kept before the decision, so the relay that sees the approval
+    // finds it; only one decision at a time may keep one.
+    let prepared = elicitation && approve;
+    if prepared {
+        state
+            .elicitations
+            .prepare(&approval.id, content)
+            .map_err(|e| match e {
+                AnswerError::NotHere => ApiError::Conflict(
+                    "the MCP session that asked is gone (or held by another Leash node)".into(),
+                ),
+                AnswerError::Busy => {
+                    ApiError::Conflict("the elicitation is being answered already".into())
+                }
+                AnswerError::Invalid(why) => {
+                    ApiError::InvalidRequest(format!("the answer does not fit the form: {why}"))
+                }
+            })?;
+    }
+    let unprepare = prepared.then(|| Unprepare(&state, &approval.id));
     let approver = match &caller {
         Caller::Admin => "admin".to_owned(),
         Caller::Human(user) => user.id.clone(),
@@ -223,7 +304,13 @@ async fn decide(
                 approver = %approver,
                 "approval decided"
             );
-            Ok(Json(ApprovalView::of(&decided, purpose.as_deref(), now)))
+            let view = ApprovalView::for_human(&decided, purpose.as_deref(), now, &state);
+            if elicitation {
+                // The answer is the relay's now.
+                std::mem::forget(unprepare);
+                state.elicitations.decided(&decided.id);
+            }
+            Ok(Json(view))
         }
         None => Err(ApiError::Conflict(format!(
             "the approval is {}, not pending",

@@ -187,6 +187,7 @@ pub async fn prepare(
         unauthenticated,
         reflection_guards: SecretsCache::default(),
         mcp_sessions: crate::mcp::Sessions::default(),
+        elicitations: crate::mcp::Elicitations::default(),
     };
     Ok(Bootstrap {
         state: Arc::new(state),

@@ -1150,10 +1150,22 @@ mod tests {
             assert_eq!((lookup.action.as_str(), lookup.risk), ("crm:lookup", risk));
             // A listed tool keeps its own action and risk.
             let listed = server.tool("delete_contact").unwrap();
-            assert_eq!((listed.action.as_str(), listed.risk), ("crm:delete", Risk::High));
+            assert_eq!(
+                (listed.action.as_str(), listed.risk),
+                ("crm:delete", Risk::High)
+            );
             // Names that would borrow an action the config gives to something else, or that
             // make no action at all, stay refused.
-            for refused in ["delete", "resources", "prompts", "sampling", "getContact", "a.b", "", "x:y"] {
+            for refused in [
+                "delete",
+                "resources",
+                "prompts",
+                "sampling",
+                "getContact",
+                "a.b",
+                "",
+                "x:y",
+            ] {
                 assert!(server.tool(refused).is_none(), "{refused}");
             }
             assert!(server.tool(&"a".repeat(65)).is_none());

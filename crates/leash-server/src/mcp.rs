@@ -9,13 +9,18 @@
 //! and approval; a refusal is a tool result with `isError` the model can read, and a call that
 //! needs approval is held open while the human decides. `tools/list` answers are filtered to the
 //! tools the token may call. What the server sends back streams through ([`sse`]), with its
-//! `tools/list` answers filtered and its requests for the human (`elicitation/create`) declined.
+//! `tools/list` answers filtered and its requests for the human (`elicitation/create`) put to
+//! the human, never the agent ([`elicitation`]).
 //!
 //! An MCP session (`Mcp-Session-Id`) is bound, on this node, to the agent, grant and upstream
 //! that initialized it; another caller presenting its id gets `404`, as for an unknown session,
 //! and so does a client of a node that never saw it (it initializes again).
 
+mod elicitation;
 mod sse;
+
+pub(crate) use elicitation::AnswerError;
+pub use elicitation::{ElicitationView, Elicitations, METHOD as ELICITATION_METHOD};
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -1015,7 +1020,7 @@ impl<'s> Exchange<'s> {
                 session: session_key,
                 filter_tools: filter.then(|| self.allowed_tools()),
                 sampling: self.sampling_permitted(),
-                decline: Decliner::new(self, parts, &response),
+                answerer: Answerer::new(self, parts, &response),
             };
             return Ok(sse::relay(response, relay));
         }
@@ -1234,19 +1239,22 @@ fn filter_tools(answer: &mut Value, allowed: &ToolFilter) {
     }
 }
 
-/// Declines, for the human, what a server asks of the client that only the human may answer
-/// (`elicitation/create`): the answer goes to the server as the client's, in the same session.
+/// Answers the server, in the human's name or Leash's, what it asks of the client that the agent
+/// must not answer (`elicitation/create`, and sampling policy refuses): the answer goes to the
+/// server as the client's, in the same session.
 #[derive(Clone)]
-pub(crate) struct Decliner {
+pub(crate) struct Answerer {
     url: url::Url,
     headers: HeaderMap,
     /// The human and upstream whose vaulted credential the answer carries, as the call did;
     /// looked up only when an answer is sent (rarely), never for every relayed stream.
     subject: String,
     upstream: String,
+    /// The grant whose human an elicitation is put to.
+    grant: String,
 }
 
-impl Decliner {
+impl Answerer {
     fn new(exchange: &Exchange<'_>, parts: &Parts, response: &Response) -> Self {
         let mut headers = HeaderMap::new();
         for name in ["mcp-session-id", "mcp-protocol-version"] {
@@ -1284,15 +1292,8 @@ impl Decliner {
             headers,
             subject: exchange.principal.subject.clone(),
             upstream: exchange.upstream.name.clone(),
+            grant: exchange.owner.grant.clone(),
         }
-    }
-
-    /// Answers the server's request `id` with a decline.
-    pub(crate) fn decline(&self, state: &Arc<AppState>, id: &RequestId) {
-        self.answer(
-            state,
-            json!({"jsonrpc": "2.0", "id": id.to_value(), "result": {"action": "decline"}}),
-        );
     }
 
     /// Answers the server's request `id` with Leash's refusal (a JSON-RPC error).

@@ -85,6 +85,8 @@ pub struct AppState {
     pub reflection_guards: SecretsCache,
     /// MCP sessions this node has seen initialized, and whom they belong to.
     pub mcp_sessions: crate::mcp::Sessions,
+    /// MCP servers' elicitations waiting for their human on this node.
+    pub elicitations: crate::mcp::Elicitations,
 }
 
 impl AppState {

@@ -247,8 +247,25 @@ def test_revoking_the_task_ends_a_held_call(
     assert 4 not in [c["arguments"].get("id") for c in crm.calls()]
 
 
-def test_an_elicitation_is_never_answered_by_the_agent(crm_leash: Leash, tmp_path: Path) -> None:
-    _, agent, task = crm_task(crm_leash, tmp_path)
+def pending_elicitation(setup: Setup) -> dict[str, Any]:
+    """The grant's first pending elicitation, as the human's inbox shows it."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        pending = setup.leash.call("GET", "/v1/approvals?status=pending", setup.user_key).json()
+        mine = [
+            a
+            for a in pending["approvals"]
+            if a["grant_id"] == setup.grant_id and a["method"] == "elicitation/create"
+        ]
+        if mine:
+            return mine[0]
+        time.sleep(0.05)
+    raise AssertionError("no elicitation reached the human's inbox")
+
+
+def ask_new_email(leash: Leash, task: Task, contact: int) -> tuple[Any, list[Any]]:
+    """Calls `ask_new_email` (the server elicits an email address) with a client that would
+    answer an elicitation itself, recording any it is asked."""
     asked: list[Any] = []
 
     async def session() -> Any:
@@ -256,13 +273,129 @@ def test_an_elicitation_is_never_answered_by_the_agent(crm_leash: Leash, tmp_pat
             asked.append(params)
             raise AssertionError("the agent was asked for the human's input")
 
-        async with mcp_session(endpoint(crm_leash), task.auth, elicitation_callback=elicit) as mcp:
-            return await mcp.call_tool("ask_new_email", {"id": 1})
+        async with mcp_session(endpoint(leash), task.auth, elicitation_callback=elicit) as mcp:
+            return await mcp.call_tool("ask_new_email", {"id": contact})
+
+    return asyncio.run(session()), asked
+
+
+def in_thread(work: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(work()))
+    thread.start()
+    return thread, out
+
+
+def test_an_elicitation_goes_to_the_human_who_answers_it(
+    crm_leash: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    """The server's `elicitation/create` never reaches the agent: the grant's human sees the
+    message and form in the approvals inbox and answers (API §14); the answer is checked against
+    the form, and only the human's reaches the server."""
+    setup, agent, task = crm_task(crm_leash, tmp_path)
+    with agent:
+        call, out = in_thread(lambda: ask_new_email(crm_leash, task, 1))
+        inbox = pending_elicitation(setup)
+        approval_id = inbox["id"]
+        assert inbox["action"] == "crm:elicitation"
+        assert inbox["elicitation"]["message"] == "New email address for contact 1?"
+        assert "email" in inbox["elicitation"]["requested_schema"]["properties"]
+        path = f"/v1/approvals/{approval_id}/approve"
+        # An answer that does not fit the form is refused, and the elicitation still waits.
+        for bad in ({"email": 7}, {"email": "a@b.c", "admin": True}, {}):
+            refused = crm_leash.call("POST", path, setup.user_key, {"content": bad})
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"] == "invalid_request"
+        refused = crm_leash.call("POST", path, setup.user_key, {"content": "a@b.c"})
+        assert refused.status_code == 400
+        # The agent may read the status of its grant's approval, never the human's words.
+        seen_by_agent = task.client().get(f"{crm_leash.url}/v1/approvals/{approval_id}")
+        assert seen_by_agent.status_code == 200, seen_by_agent.text
+        assert seen_by_agent.json()["status"] == "pending"
+        assert "elicitation" not in seen_by_agent.json()
+        answered = crm_leash.call(
+            "POST", path, setup.user_key, {"content": {"email": "ada@lovelace.example"}}
+        )
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["status"] == "approved"
+        again = crm_leash.call(
+            "POST", path, setup.user_key, {"content": {"email": "mallory@evil.example"}}
+        )
+        assert again.status_code == 409, again.text
+        call.join(30)
+    result, asked = out[0]
+    assert asked == []
+    assert text_of(result) == "contact 1 now has ada@lovelace.example", text_of(result)
+    answers = [
+        json.loads(r["body"])
+        for r in crm.requests()
+        if r["method"] == "POST" and '"result"' in r["body"] and '"action"' in r["body"]
+    ]
+    assert {"action": "accept", "content": {"email": "ada@lovelace.example"}} in [
+        a["result"] for a in answers
+    ]
+    assert "mallory" not in json.dumps(answers)
+    events = crm_leash.audit(setup.grant_id)
+    asked_events = [e for e in events if e["kind"] == "mcp.elicitation"]
+    assert [(e["decision"], e["request_id"]) for e in asked_events] == [
+        ("approval_required", approval_id)
+    ]
+    approved = [e for e in events if e["kind"] == "approval.approved"]
+    assert approved and approved[-1]["approver"] is not None
+    assert "lovelace" not in json.dumps(events), "the human's answer is not audited"
+
+
+def test_an_elicitation_the_human_denies_or_ignores_is_declined(
+    crm: CrmServer, upstream: Any, tmp_path: Path
+) -> None:
+    leash = Leash(upstream, CRM_TOOLS.format(url=crm.url, wait=2))
+    try:
+        setup, agent, task = crm_task(leash, tmp_path)
+        with agent:
+            call, out = in_thread(lambda: ask_new_email(leash, task, 2))
+            inbox = pending_elicitation(setup)
+            leash.decide(setup.user_key, inbox["id"], "deny")
+            call.join(30)
+            denied, asked = out[0]
+            # Nobody answers: declined once mcp.approval_wait (2 s) has passed.
+            started = time.monotonic()
+            ignored, asked_too = ask_new_email(leash, task, 2)
+            waited = time.monotonic() - started
+    finally:
+        leash.stop()
+    assert asked == [] and asked_too == []
+    assert text_of(denied) == "no change (decline)", text_of(denied)
+    assert text_of(ignored) == "no change (decline)", text_of(ignored)
+    assert waited >= 1.5, "the elicitation was declined before the human's time was up"
+
+
+def test_content_answers_only_an_elicitation(crm_leash: Leash, tmp_path: Path) -> None:
+    """An approval of a request takes no `content`: it cannot smuggle data to the server."""
+    setup, agent, task = crm_task(crm_leash, tmp_path)
+
+    async def session() -> Any:
+        async with mcp_session(endpoint(crm_leash), task.auth) as mcp:
+            return await mcp.call_tool("delete_contact", {"id": 99})
 
     with agent:
-        result = asyncio.run(session())
-    assert asked == []
-    assert "decline" in text_of(result).lower(), text_of(result)
+        call, out = in_thread(lambda: asyncio.run(session()))
+        deadline = time.monotonic() + 15
+        mine: list[Any] = []
+        while not mine and time.monotonic() < deadline:
+            pending = crm_leash.call("GET", "/v1/approvals?status=pending", setup.user_key).json()
+            mine = [a for a in pending["approvals"] if a["grant_id"] == setup.grant_id]
+            time.sleep(0.05)
+        assert mine, "the destructive call asked no approval"
+        assert "elicitation" not in mine[0]
+        path = f"/v1/approvals/{mine[0]['id']}/approve"
+        refused = crm_leash.call("POST", path, setup.user_key, {"content": {"id": 1}})
+        assert refused.status_code == 400, refused.text
+        unknown = crm_leash.call("POST", path, setup.user_key, {"contents": {}})
+        assert unknown.status_code == 400, unknown.text
+        leash_deny = crm_leash.call("POST", f"/v1/approvals/{mine[0]['id']}/deny", setup.user_key)
+        assert leash_deny.status_code == 200
+        call.join(30)
+    assert out[0].isError
 
 
 def test_the_endpoint_names_leash_as_its_authorization_server(crm_leash: Leash) -> None:
@@ -612,7 +745,7 @@ def test_the_humans_credential_reaches_the_server_and_never_the_agent(
 ) -> None:
     """The human's vaulted credential for the MCP upstream is injected into each forwarded
     message (API §9, §14), and into what Leash answers the server for the human (a declined
-    elicitation); the agent's own answer carries none of it."""
+    elicitation the human denied); the agent's own answer carries none of it."""
     setup, agent, task = crm_task(crm_leash, tmp_path)
     secret = f"session={setup.grant_id}-secret"
     stored = crm_leash.call(
@@ -627,10 +760,16 @@ def test_the_humans_credential_reaches_the_server_and_never_the_agent(
             asked = await mcp.call_tool("ask_new_email", {"id": 1})
             return found, asked
 
+    def human() -> None:
+        setup.leash.decide(setup.user_key, pending_elicitation(setup)["id"], "deny")
+
     with agent:
+        deciding = threading.Thread(target=human)
+        deciding.start()
         # The guard on an answer carrying the credential must not hold the server's events back
         # until its next one (the elicitation waited for the server's 15 s timeout once).
         found, asked = asyncio.run(asyncio.wait_for(session(), 10))
+        deciding.join()
     assert secret not in json.dumps([found.model_dump(), asked.model_dump()])
     seen = crm.requests()[before:]
     carried = [r for r in seen if r["headers"].get("cookie") == secret]
@@ -721,7 +860,7 @@ def test_unlisted_tools_are_let_through_only_when_the_upstream_says_so(
         async def session() -> tuple[set[str], Any, Any]:
             async with mcp_session(f"{leash.url}/mcp/crm", task.auth) as mcp:
                 tools = {tool.name for tool in (await mcp.list_tools()).tools}
-                found = await mcp.call_tool("search_contacts", {"query": "grace"})
+                found = await mcp.call_tool("search_contacts", {"query": "lovelace"})
                 paid = await mcp.call_tool("pay", {"to": "mallory", "amount": 1})
                 return tools, found, paid
 
@@ -729,7 +868,7 @@ def test_unlisted_tools_are_let_through_only_when_the_upstream_says_so(
             tools, found, paid = asyncio.run(session())
         assert tools == {"search_contacts", "update_contact", "delete_contact"}
         assert not found.isError, text_of(found)
-        assert "grace" in text_of(found).lower()
+        assert "lovelace" in text_of(found).lower()
         assert paid.isError and "not offered" in text_of(paid)
         assert crm.tools_called().count("pay") == paid_before, "a refused call reached the server"
         events = [e for e in leash.audit(setup.grant_id) if e["kind"] == "mcp.call"]

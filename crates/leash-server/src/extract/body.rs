@@ -57,17 +57,42 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             return Err(ApiError::UnsupportedMediaType("application/json"));
         }
         let bytes = read_body(req.into_body(), JSON_LIMIT).await?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
-            // serde's messages can quote the offending value; never echo values back.
-            let message = e.to_string();
-            let detail = if message.contains('"') && !message.contains('`') {
-                format!("line {} column {}", e.line(), e.column())
-            } else {
-                message
-            };
-            ApiError::InvalidRequest(format!("request body is not the expected JSON: {detail}"))
-        })
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A JSON body that may be left out: an empty body is `T::default()`; any other is parsed
+/// strictly, as [`JsonBody`].
+#[derive(Debug)]
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> ApiResult<Self> {
+        let json = content_type_is(req.headers(), "application/json");
+        let bytes = read_body(req.into_body(), JSON_LIMIT).await?;
+        if bytes.is_empty() {
+            return Ok(Self(T::default()));
+        }
+        if !json {
+            return Err(ApiError::UnsupportedMediaType("application/json"));
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde's messages can quote the offending value; never echo values back.
+        let message = e.to_string();
+        let detail = if message.contains('"') && !message.contains('`') {
+            format!("line {} column {}", e.line(), e.column())
+        } else {
+            message
+        };
+        ApiError::InvalidRequest(format!("request body is not the expected JSON: {detail}"))
+    })
 }
 
 /// An `application/x-www-form-urlencoded` body (RFC 6749 §3.2): UTF-8 after percent-decoding,

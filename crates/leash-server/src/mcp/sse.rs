@@ -1,8 +1,8 @@
 //! An MCP server's event stream (`text/event-stream`), relayed event by event: each event's data
 //! is one JSON-RPC message; a `tools/list` answer is filtered to the token's tools, a request the
 //! server makes of the client is noted (the client's answer must match one), and
-//! `elicitation/create` (meant for the human, API §14) is declined for the human instead of
-//! reaching the agent. Events pass as they arrive, so progress notifications and long results
+//! `elicitation/create` (meant for the human, API §14) is put to the human (`elicitation`)
+//! instead of reaching the agent. Events pass as they arrive, so progress notifications and long results
 //! stream.
 
 use std::pin::Pin;
@@ -17,7 +17,7 @@ use hyper::body::Frame;
 use leash_core::mcp::{Message, parse_message};
 use serde_json::Value;
 
-use super::Decliner;
+use super::Answerer;
 use crate::state::AppState;
 
 /// Longest event Leash buffers; a longer one cuts the stream off.
@@ -33,7 +33,7 @@ pub(crate) struct Relay {
     pub(crate) filter_tools: Option<super::ToolFilter>,
     /// Whether the server may ask the agent's model to sample.
     pub(crate) sampling: bool,
-    pub(crate) decline: Decliner,
+    pub(crate) answerer: Answerer,
 }
 
 /// Relays `response`'s event stream through `relay`.
@@ -116,16 +116,15 @@ impl Relay {
         let data = data.join("\n");
         let message = parse_message(data.as_bytes()).or_else(|_| lenient(&data).ok_or(()));
         match message {
-            Ok(Message::Request { id, method, .. }) if method == "elicitation/create" => {
-                tracing::info!(upstream = %self.upstream, "an elicitation for the human declined");
-                self.decline.decline(&self.state, &id);
+            Ok(Message::Request { id, method, params }) if method == super::elicitation::METHOD => {
+                super::elicitation::ask(&self.state, &self.answerer, id, params);
                 None
             }
             Ok(Message::Request { id, method, .. })
                 if method == "sampling/createMessage" && !self.sampling =>
             {
                 tracing::info!(upstream = %self.upstream, "a sampling request refused");
-                self.decline.refuse(
+                self.answerer.refuse(
                     &self.state,
                     &id,
                     "the agent's token or policy does not permit sampling for this server",
