@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import importlib.util
 import json
+import socket
+import sys
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -27,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from mcp.client.session import ClientSession
 from mcp.shared.context import RequestContext
-from mcp_fixtures import CrmServer, EverythingServer, mcp_session, start_crm, ts_client
+from mcp_fixtures import CRM, CrmServer, EverythingServer, mcp_session, start_crm, ts_client
 
 from leash_agent import Agent
 
@@ -200,6 +204,39 @@ async def test_recorded_calls_show_what_never_ran(crm_server: CrmServer) -> None
     assert [b.get("params", {}).get("name") for b in bodies if b.get("method") == "tools/call"] == [
         "search_contacts"
     ]
+
+
+async def test_crm_connections_send_without_nagle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """crm.py's listener makes asyncio turn Nagle's algorithm off on each connection it accepts.
+    With it on, an event-stream answer's pieces each waited for the previous one's delayed
+    acknowledgement on a kept-alive connection: 40 ms a call through Leash (BENCHMARKS.md, "MCP
+    call overhead"). No timing here: the option itself, read on the accepted socket, as uvicorn
+    serves it (`loop.create_server(sock=...)`)."""
+    spec = importlib.util.spec_from_file_location("crm_under_test", CRM)
+    assert spec is not None
+    assert spec.loader is not None
+    crm = importlib.util.module_from_spec(spec)
+    # pydantic looks the module of crm.py's models up in sys.modules.
+    monkeypatch.setitem(sys.modules, spec.name, crm)
+    spec.loader.exec_module(crm)
+    listener = crm.listen(0)
+    loop = asyncio.get_running_loop()
+    nodelay: asyncio.Future[int] = loop.create_future()
+
+    class Accepted(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            nodelay.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    server = await loop.create_server(Accepted, sock=listener)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+        assert await asyncio.wait_for(nodelay, 10) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_python_client_against_server_everything(

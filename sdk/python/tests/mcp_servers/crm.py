@@ -213,10 +213,26 @@ class Recorder:
         await self.app(scope, replay, send)
 
 
-async def serve(port: int, nonce: str | None) -> None:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def listen(port: int) -> socket.socket:
+    """The listening socket on 127.0.0.1:`port`, made with its protocol named (`IPPROTO_TCP`).
+
+    asyncio turns Nagle's algorithm off (`TCP_NODELAY`) only on an accepted socket whose `proto`
+    is `IPPROTO_TCP` (`asyncio.base_events._set_nodelay`), and an accepted socket takes its
+    listener's `proto`: a listener made as `socket.socket(AF_INET, SOCK_STREAM)` has 0, so every
+    connection kept Nagle on. uvicorn writes an event-stream answer in pieces (head, event,
+    closing chunk); with Nagle on, a piece waits until the previous one is acknowledged, and a
+    kept-alive client (Leash's pooled upstream connection, a plain httpx client) delays its
+    acknowledgement by 40 ms: each call took 40 ms more than its work (BENCHMARKS.md, "MCP call
+    overhead"). uvicorn binding a host and port itself gets `proto` from getaddrinfo and is not
+    affected; its `--workers` path was (uvicorn issue #3149)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
+    return listener
+
+
+async def serve(port: int, nonce: str | None) -> None:
+    listener = listen(port)
     app = Recorder(mcp.streamable_http_app(), nonce)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     serving = asyncio.create_task(server.serve(sockets=[listener]))
