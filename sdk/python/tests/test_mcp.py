@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Leash, Setup, set_up
+from conftest import Leash, Setup, leash_bin, set_up
 from mcp_fixtures import CrmServer, EverythingServer, mcp_session, start_crm, ts_client
 
 from leash_agent import Agent, Task, TaskEnded
@@ -252,7 +254,7 @@ def pending_elicitation(setup: Setup) -> dict[str, Any]:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         pending = setup.leash.call("GET", "/v1/approvals?status=pending", setup.user_key).json()
-        mine = [
+        mine: list[dict[str, Any]] = [
             a
             for a in pending["approvals"]
             if a["grant_id"] == setup.grant_id and a["method"] == "elicitation/create"
@@ -313,11 +315,21 @@ def test_an_elicitation_goes_to_the_human_who_answers_it(
         assert seen_by_agent.status_code == 200, seen_by_agent.text
         assert seen_by_agent.json()["status"] == "pending"
         assert "elicitation" not in seen_by_agent.json()
-        answered = crm_leash.call(
-            "POST", path, setup.user_key, {"content": {"email": "ada@lovelace.example"}}
+        # The human's side on the command line: the form shown, the answer given.
+        env = {**os.environ, "LEASH_URL": crm_leash.url, "LEASH_TOKEN": setup.user_key}
+        cli = [str(leash_bin()), "approvals"]
+        shown = subprocess.run(
+            [*cli, "show", approval_id], env=env, capture_output=True, text=True, check=True
         )
-        assert answered.status_code == 200, answered.text
-        assert answered.json()["status"] == "approved"
+        assert "the server asks the human: New email address for contact 1?" in shown.stdout
+        answered = subprocess.run(
+            [*cli, "approve", approval_id, "--content", '{"email": "ada@lovelace.example"}'],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert answered.returncode == 0, answered.stderr
+        assert "approved" in answered.stdout
         again = crm_leash.call(
             "POST", path, setup.user_key, {"content": {"email": "mallory@evil.example"}}
         )
@@ -341,7 +353,8 @@ def test_an_elicitation_goes_to_the_human_who_answers_it(
         ("approval_required", approval_id)
     ]
     approved = [e for e in events if e["kind"] == "approval.approved"]
-    assert approved and approved[-1]["approver"] is not None
+    assert approved
+    assert approved[-1]["approver"] is not None
     assert "lovelace" not in json.dumps(events), "the human's answer is not audited"
 
 
@@ -363,7 +376,8 @@ def test_an_elicitation_the_human_denies_or_ignores_is_declined(
             waited = time.monotonic() - started
     finally:
         leash.stop()
-    assert asked == [] and asked_too == []
+    assert asked == []
+    assert asked_too == []
     assert text_of(denied) == "no change (decline)", text_of(denied)
     assert text_of(ignored) == "no change (decline)", text_of(ignored)
     assert waited >= 1.5, "the elicitation was declined before the human's time was up"
@@ -869,7 +883,8 @@ def test_unlisted_tools_are_let_through_only_when_the_upstream_says_so(
         assert tools == {"search_contacts", "update_contact", "delete_contact"}
         assert not found.isError, text_of(found)
         assert "lovelace" in text_of(found).lower()
-        assert paid.isError and "not offered" in text_of(paid)
+        assert paid.isError
+        assert "not offered" in text_of(paid)
         assert crm.tools_called().count("pay") == paid_before, "a refused call reached the server"
         events = [e for e in leash.audit(setup.grant_id) if e["kind"] == "mcp.call"]
         assert [(e["action"], e["decision"]) for e in events] == [
@@ -900,7 +915,8 @@ def test_unlisted_tools_high_wait_for_the_human(
 
         with agent:
             denied, approved = asyncio.run(session())
-        assert denied.isError and "denied" in text_of(denied)
+        assert denied.isError
+        assert "denied" in text_of(denied)
         assert not approved.isError, text_of(approved)
         searched = [c["arguments"] for c in crm.calls() if c["tool"] == "search_contacts"]
         assert {"query": "alan"} not in searched
