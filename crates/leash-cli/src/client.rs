@@ -158,10 +158,10 @@ pub enum ApprovalsCommand {
 
 /// One line saying what an approval is for: `POST mail /messages/7/send?x=1`.
 fn approval_request_line(a: &Value) -> String {
-    let text = |k: &str| a[k].as_str().unwrap_or("?").to_owned();
+    let text = |k: &str| inert(a[k].as_str().unwrap_or("?"));
     let query = a["query"]
         .as_str()
-        .map(|q| format!("?{q}"))
+        .map(|q| format!("?{}", inert(q)))
         .unwrap_or_default();
     format!(
         "{} {} {}{query}",
@@ -172,7 +172,7 @@ fn approval_request_line(a: &Value) -> String {
 }
 
 fn approval_details(a: &Value) -> String {
-    let text = |k: &str| a[k].as_str().unwrap_or("-").to_owned();
+    let text = |k: &str| inert(a[k].as_str().unwrap_or("-"));
     format!(
         "{id}  {status}\n  request   {line}\n  action    {action}\n  body      {size} bytes, sha256 {digest}\n  \
          grant     {grant} ({purpose})\n  agent     {agent}\n  asked     {asked}, expires {expires}\n  \
@@ -193,27 +193,54 @@ fn approval_details(a: &Value) -> String {
     ) + &elicitation_details(a)
 }
 
-/// An elicitation's message and form, as text (the server wrote them: shown, never run).
+/// An elicitation's message and form, as text. The server wrote them: every control
+/// character (C0 and C1: terminal escapes, new lines that fake a line of ours) and every
+/// invisible format character (bidi overrides that reorder what the human reads) is shown
+/// escaped, never printed.
 fn elicitation_details(a: &Value) -> String {
     let Some(elicitation) = a.get("elicitation") else {
         return String::new();
     };
-    let message: String = elicitation["message"]
-        .as_str()
-        .unwrap_or("")
-        .chars()
-        .map(|c| {
-            if c.is_control() && c != '\n' {
-                '\u{fffd}'
-            } else {
-                c
-            }
-        })
-        .collect();
     format!(
-        "\n  the server asks the human: {message}\n  form      {}\n  answer    leash approvals approve {} --content '{{…}}'  (or deny)",
-        elicitation["requested_schema"],
-        a["id"].as_str().unwrap_or("?"),
+        "\n  the server asks the human: {}\n  form      {}\n  answer    leash approvals approve {} --content '{{…}}'  (or deny)",
+        inert(elicitation["message"].as_str().unwrap_or("")),
+        inert(&elicitation["requested_schema"].to_string()),
+        inert(a["id"].as_str().unwrap_or("?")),
+    )
+}
+
+/// `text` with control and format characters escaped as `\u{…}`.
+fn inert(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || is_format(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Unicode's invisible format characters that change how text reads (general category Cf:
+/// bidi marks, overrides and isolates, zero-width characters, soft hyphen...).
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{600}'..='\u{605}'
+            | '\u{61c}'
+            | '\u{6dd}'
+            | '\u{70f}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}'
     )
 }
 
@@ -242,9 +269,9 @@ pub async fn approvals(cmd: ApprovalsCommand) -> anyhow::Result<()> {
             for a in rows {
                 println!(
                     "{:<28} {:<9} {:<16} {}",
-                    a["id"].as_str().unwrap_or("?"),
-                    a["status"].as_str().unwrap_or("?"),
-                    a["action"].as_str().unwrap_or("?"),
+                    inert(a["id"].as_str().unwrap_or("?")),
+                    inert(a["status"].as_str().unwrap_or("?")),
+                    inert(a["action"].as_str().unwrap_or("?")),
                     approval_request_line(&a)
                 );
             }
@@ -841,4 +868,25 @@ async fn wait_for_approval(
         tokio::time::sleep(APPROVAL_POLL).await;
     }
     bail!("unreachable: the spinner cycles forever")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::inert;
+
+    #[test]
+    fn what_a_server_or_agent_wrote_is_printed_inert() {
+        assert_eq!(inert("New email?"), "New email?");
+        assert_eq!(inert("é ü 日本"), "é ü 日本");
+        for (raw, shown) in [
+            ("\u{1b}[2J", "\\u{1b}[2J"),
+            ("\u{9b}2J", "\\u{9b}2J"),
+            ("a\nb", "a\\u{a}b"),
+            ("\u{202e}exe", "\\u{202e}exe"),
+            ("x\u{2066}y\u{2069}", "x\\u{2066}y\\u{2069}"),
+            ("zero\u{200b}width", "zero\\u{200b}width"),
+        ] {
+            assert_eq!(inert(raw), shown, "{raw:?}");
+        }
+    }
 }

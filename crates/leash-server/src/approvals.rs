@@ -265,11 +265,13 @@ async fn decide(
         Caller::Admin => "admin".to_owned(),
         Caller::Human(user) => user.id.clone(),
     };
-    let purpose = state
-        .store
-        .grant(&approval.grant_id)
-        .await?
-        .map(|grant| grant.purpose);
+    let grant = state.store.grant(&approval.grant_id).await?;
+    if elicitation && approve && !grant.as_ref().is_some_and(|g| g.is_live(now)) {
+        return Err(ApiError::Conflict(
+            "the task has ended: its elicitation can only be denied".into(),
+        ));
+    }
+    let purpose = grant.map(|grant| grant.purpose);
     // What the event names of the approval never changes, so it is known before the decision.
     let kind = if approve {
         "approval.approved"

@@ -267,6 +267,8 @@ pub struct McpServer {
     /// `<upstream>:sampling`: the server's `sampling/createMessage` reaches the agent only if
     /// its token holds this action and policy permits it.
     pub sampling_action: String,
+    /// `<upstream>:elicitation`, the action an elicitation put to the human is shown under.
+    pub elicitation_action: String,
 }
 
 impl McpServer {
@@ -290,27 +292,32 @@ impl McpServer {
         })
     }
 
-    /// Whether the config gives `action` to a listed tool or to resources, prompts or sampling.
+    /// Whether the config gives `action` to a listed tool or it is one of the server's own.
     fn names(&self, action: &str) -> bool {
-        self.tools.iter().any(|t| t.action == action)
-            || [
-                &self.resources_action,
-                &self.prompts_action,
-                &self.sampling_action,
-            ]
-            .iter()
-            .any(|own| own.as_str() == action)
+        self.tools.iter().any(|t| t.action == action) || self.own_actions().contains(&action)
     }
 
-    /// Whether a grant may name `action` for this server: one the config names, or, with
-    /// `unlisted_tools`, any other `<upstream>:<verb>` (an unlisted tool's).
+    /// The actions of resources, prompts, sampling and elicitations: never a tool's.
+    fn own_actions(&self) -> [&str; 4] {
+        [
+            &self.resources_action,
+            &self.prompts_action,
+            &self.sampling_action,
+            &self.elicitation_action,
+        ]
+    }
+
+    /// Whether a grant may name `action` for this server: one the config names (not the
+    /// elicitations', which no agent takes), or, with `unlisted_tools`, any other
+    /// `<upstream>:<verb>` (an unlisted tool's).
     pub fn defines(&self, action: &str) -> bool {
-        self.names(action)
-            || (self.unlisted.is_some()
-                && valid_action(action)
-                && action
-                    .strip_prefix(self.upstream.as_str())
-                    .is_some_and(|rest| rest.starts_with(':')))
+        action != self.elicitation_action
+            && (self.names(action)
+                || (self.unlisted.is_some()
+                    && valid_action(action)
+                    && action
+                        .strip_prefix(self.upstream.as_str())
+                        .is_some_and(|rest| rest.starts_with(':'))))
     }
 }
 
@@ -711,17 +718,18 @@ fn mcp_server(key: &str, file: &mut UpstreamFile) -> Result<Option<McpServer>, C
         resources_action: format!("{}:resources", file.name),
         prompts_action: format!("{}:prompts", file.name),
         sampling_action: format!("{}:sampling", file.name),
+        elicitation_action: format!("{}:elicitation", file.name),
     };
-    let reserved = [
-        &server.resources_action,
-        &server.prompts_action,
-        &server.sampling_action,
-    ];
-    if let Some(tool) = server.tools.iter().find(|t| reserved.contains(&&t.action)) {
+    let reserved = server.own_actions();
+    if let Some(tool) = server
+        .tools
+        .iter()
+        .find(|t| reserved.contains(&t.action.as_str()))
+    {
         return Err(invalid(
             key,
             format!(
-                "tool {:?}: action {:?} is the upstream's own (resources, prompts, sampling); set another `action`",
+                "tool {:?}: action {:?} is the upstream's own (resources, prompts, sampling, elicitation); set another `action`",
                 tool.name, tool.action
             ),
         ));
@@ -1172,6 +1180,10 @@ mod tests {
             assert!(crm.defines("crm:lookup") && crm.defines("crm:delete"));
             assert!(!crm.defines("mail:lookup") && !crm.defines("crm:Lookup"));
             assert!(!crm.defines("crmx:lookup"));
+            assert!(
+                !crm.defines("crm:elicitation"),
+                "no agent takes the elicitations' action"
+            );
         }
     }
 

@@ -1072,6 +1072,13 @@ impl<'s> Exchange<'s> {
     }
 }
 
+/// Whether `grant` is live now (from the store's in-memory view of live grants); a failed read
+/// counts as ended.
+pub(crate) async fn grant_is_live(state: &AppState, grant: &str) -> bool {
+    let now = state.clock.now();
+    matches!(state.store.live_grant(grant).await, Ok(Some(grant)) if grant.is_live(now))
+}
+
 /// Denies a pending approval as withdrawn by the agent that asked for it.
 async fn withdraw(state: &AppState, approval_id: &str, agent: &str, event: &AuditEvent) {
     let now = state.clock.now();
@@ -1252,6 +1259,8 @@ pub(crate) struct Answerer {
     upstream: String,
     /// The grant whose human an elicitation is put to.
     grant: String,
+    /// The action an elicitation is shown under (`<upstream>:elicitation`).
+    elicitation_action: String,
 }
 
 impl Answerer {
@@ -1293,6 +1302,7 @@ impl Answerer {
             subject: exchange.principal.subject.clone(),
             upstream: exchange.upstream.name.clone(),
             grant: exchange.owner.grant.clone(),
+            elicitation_action: exchange.server.elicitation_action.clone(),
         }
     }
 
@@ -1314,9 +1324,19 @@ impl Answerer {
         };
         *request.uri_mut() = uri;
         *request.headers_mut() = self.headers.clone();
-        let (state, subject, upstream) =
-            (state.clone(), self.subject.clone(), self.upstream.clone());
+        let (state, subject, upstream, grant) = (
+            state.clone(),
+            self.subject.clone(),
+            self.upstream.clone(),
+            self.grant.clone(),
+        );
         tokio::spawn(async move {
+            // The human's credential goes only with a live grant's requests (API §9): once the
+            // task ended, the server gets no answer at all.
+            if !grant_is_live(&state, &grant).await {
+                tracing::info!(upstream = %upstream, "no answer to the MCP server: the task ended");
+                return;
+            }
             match crate::vault::injection(&state, &subject, &upstream).await {
                 Ok(Some(injection)) => {
                     request

@@ -25,9 +25,13 @@ use crate::state::AppState;
 /// The approval method that marks an elicitation.
 pub const METHOD: &str = "elicitation/create";
 
-/// How often a waiting elicitation re-reads its approval (a decision on this node wakes it at
-/// once).
+/// How often a waiting elicitation re-reads its approval and grant (a decision on this node
+/// wakes it at once).
 const POLL: Duration = Duration::from_secs(1);
+
+/// The largest elicitation (its params as JSON) put to the human, as request bodies are
+/// previewed only up to 64 KiB: a server's bigger one is declined, never stored or listed.
+const LIMIT: usize = 64 * 1024;
 
 /// What the human sees of an elicitation, beside the approval: the server's words and form.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -278,8 +282,12 @@ async fn wait_for_human(
         }
     };
     let body = params.map(Value::to_string).unwrap_or_default();
+    if body.len() > LIMIT {
+        tracing::info!(upstream = %answerer.upstream, size = body.len(), "an elicitation over the size limit declined");
+        return None;
+    }
     let wait = i64::try_from(state.config.mcp_approval_wait.as_secs()).unwrap_or(i64::MAX);
-    let action = format!("{}:elicitation", answerer.upstream);
+    let action = answerer.elicitation_action.clone();
     let approval = Approval {
         id: random_id("apr_"),
         grant_id: grant.id.clone(),
@@ -357,6 +365,10 @@ async fn wait_for_human(
                 return None;
             }
         };
+        // The task may end while the human thinks: nothing is answered for it then.
+        if !super::grant_is_live(state, &grant.id).await {
+            return None;
+        }
         match stored.status_at(now) {
             ApprovalStatus::Approved => return lock(&waiting.answer).take(),
             ApprovalStatus::Pending => {

@@ -36,15 +36,31 @@ pub(crate) struct Relay {
     pub(crate) answerer: Answerer,
 }
 
-/// Relays `response`'s event stream through `relay`.
+/// How often a quiet stream checks that its task is still live.
+const LIVENESS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Relays `response`'s event stream through `relay`; it ends when its task does.
 pub(crate) fn relay(response: Response, relay: Relay) -> Response {
     let (mut parts, mut body) = response.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Bytes, axum::Error>>(16);
     tokio::spawn(async move {
         let mut buffer: Vec<u8> = Vec::new();
+        let mut tick = tokio::time::interval(LIVENESS_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match body.frame().await {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                _ = tick.tick() => {
+                    if super::grant_is_live(&relay.state, &relay.answerer.grant).await {
+                        continue;
+                    }
+                    // The task ended (revoked, completed, expired): so does its stream, even
+                    // one that waits (an elicitation before the human, a long tool).
+                    return;
+                }
+            };
+            match frame {
                 None => {
                     if !buffer.is_empty() {
                         let _ = sender.send(Ok(Bytes::from(buffer))).await;
@@ -60,6 +76,9 @@ pub(crate) fn relay(response: Response, relay: Relay) -> Response {
                         continue;
                     };
                     buffer.extend_from_slice(&data);
+                    if !super::grant_is_live(&relay.state, &relay.answerer.grant).await {
+                        return;
+                    }
                     while let Some(end) = event_end(&buffer) {
                         let event: Vec<u8> = buffer.drain(..end).collect();
                         if let Some(out) = relay.event(&event)
