@@ -15,8 +15,8 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    AuthScheme, Caller, OptionalJsonBody, ResourceCaller, StatusQuery, authenticate_resource,
-    authorization, status_filter,
+    AuthScheme, Caller, ResourceCaller, StatusQuery, authenticate_resource, authorization,
+    optional_json, status_filter,
 };
 use crate::mcp::{AnswerError, ELICITATION_METHOD, ElicitationView};
 use crate::openapi::ApiErrors;
@@ -195,10 +195,10 @@ pub struct Answer {
 pub async fn approve(
     state: State<Arc<AppState>>,
     path: Path<String>,
-    headers: HeaderMap,
-    OptionalJsonBody(answer): OptionalJsonBody<Answer>,
+    request: axum::extract::Request,
 ) -> ApiResult<Json<ApprovalView>> {
-    decide(state, path, headers, Some(answer)).await
+    let headers = request.headers().clone();
+    decide(state, path, headers, Some(request)).await
 }
 
 /// `POST /v1/approvals/{id}/deny`.
@@ -212,14 +212,14 @@ pub async fn deny(
     decide(state, path, headers, None).await
 }
 
-/// Approves (`Some` answer) or denies (`None`).
+/// Approves (with the request, whose body may answer an elicitation) or denies (`None`).
 async fn decide(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    answer: Option<Answer>,
+    approval_request: Option<axum::extract::Request>,
 ) -> ApiResult<Json<ApprovalView>> {
-    let approve = answer.is_some();
+    let approve = approval_request.is_some();
     // An agent never decides, whatever its token or proof: refuse before looking further.
     if matches!(authorization(&headers)?, Some((AuthScheme::Dpop, _))) {
         return Err(ApiError::Forbidden(
@@ -235,7 +235,11 @@ async fn decide(
         .filter(|a| caller.may_act_for(&a.subject))
         .ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
     let elicitation = approval.method == ELICITATION_METHOD;
-    let content = answer.and_then(|a| a.content);
+    // The body is read only once the caller may decide.
+    let content = match approval_request {
+        Some(request) => optional_json::<Answer>(request).await?.content,
+        None => None,
+    };
     if content.is_some() && !elicitation {
         return Err(ApiError::InvalidRequest(
             "content answers an MCP elicitation; this approval is for a request".into(),

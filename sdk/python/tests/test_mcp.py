@@ -406,6 +406,14 @@ def test_content_answers_only_an_elicitation(crm_leash: Leash, tmp_path: Path) -
         assert refused.status_code == 400, refused.text
         unknown = crm_leash.call("POST", path, setup.user_key, {"contents": {}})
         assert unknown.status_code == 400, unknown.text
+        # Who calls is settled before the body is read: no key, or the agent's token → refused.
+        garbage = {"Content-Type": "application/json"}
+        anonymous = crm_leash.http.post(path, content=b"{not json", headers=garbage)
+        assert anonymous.status_code == 401, anonymous.text
+        by_agent = task.client().post(
+            f"{crm_leash.url}{path}", content=b"{not json", headers=garbage
+        )
+        assert by_agent.status_code == 403, by_agent.text
         leash_deny = crm_leash.call("POST", f"/v1/approvals/{mine[0]['id']}/deny", setup.user_key)
         assert leash_deny.status_code == 200
         call.join(30)

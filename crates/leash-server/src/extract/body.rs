@@ -61,25 +61,18 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// A JSON body that may be left out: an empty body is `T::default()`; any other is parsed
-/// strictly, as [`JsonBody`].
-#[derive(Debug)]
-pub struct OptionalJsonBody<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, _state: &S) -> ApiResult<Self> {
-        let json = content_type_is(req.headers(), "application/json");
-        let bytes = read_body(req.into_body(), JSON_LIMIT).await?;
-        if bytes.is_empty() {
-            return Ok(Self(T::default()));
-        }
-        if !json {
-            return Err(ApiError::UnsupportedMediaType("application/json"));
-        }
-        parse_json(&bytes).map(OptionalJsonBody)
+/// A JSON body that may be left out, read once the caller is known: an empty body is
+/// `T::default()`; any other is parsed strictly, as [`JsonBody`].
+pub async fn optional_json<T: DeserializeOwned + Default>(req: Request) -> ApiResult<T> {
+    let json = content_type_is(req.headers(), "application/json");
+    let bytes = read_body(req.into_body(), JSON_LIMIT).await?;
+    if bytes.is_empty() {
+        return Ok(T::default());
     }
+    if !json {
+        return Err(ApiError::UnsupportedMediaType("application/json"));
+    }
+    parse_json(&bytes)
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {

@@ -13,7 +13,7 @@ pub use agent::{
     verdict_result, verified_token, verify_agent,
 };
 pub use api_key::{Admin, Caller, caller_from_headers, caller_from_key};
-pub use body::{FORM_LIMIT, Form, JSON_LIMIT, JsonBody, OptionalJsonBody, body_error};
+pub use body::{FORM_LIMIT, Form, JSON_LIMIT, JsonBody, body_error, optional_json};
 pub use headers::{AuthScheme, DpopHeaderError, authorization, single_dpop_header};
 
 use crate::error::{ApiError, ApiResult};
