@@ -352,6 +352,32 @@ def test_agent_token_cannot_list_read_or_decide_an_elicitation(
     assert server_got(out[0])[0]["result"]["content"] == {"email": "human-answer@example.com"}
 
 
+def test_agent_cannot_send_an_elicitation_of_its_own(
+    evil: Leash, hostile: Hostile, tmp_path: Path
+) -> None:
+    """The agent sends `elicitation/create` itself (to the server, or hoping Leash puts it in
+    the human's inbox as the server's): a JSON-RPC error, nothing forwarded, nothing pending."""
+    me = side(evil, tmp_path)
+    marker = f"agent-asks-{time.time_ns()}"
+    try:
+        answer = me.post(
+            {
+                "jsonrpc": "2.0",
+                "id": 5,
+                "method": "elicitation/create",
+                "params": {"message": marker, "requestedSchema": EMAIL_FORM},
+            }
+        )
+        pending = me.pending()
+    finally:
+        me.close()
+    assert answer.status_code in (200, 400), answer.text
+    if answer.status_code == 200:
+        assert last_message(answer)["error"]["code"] == -32601, answer.text
+    assert pending == []
+    assert marker not in hostile.bodies()
+
+
 def other_grant(evil: Leash, me: Side) -> dict[str, Any]:
     """A second grant of the same human to the same agent."""
     return evil.grant(
@@ -367,15 +393,16 @@ def test_an_answered_elicitation_is_no_approval_for_anything_else(
     evil: Leash, hostile: Hostile, upstream: Any, tmp_path: Path
 ) -> None:
     """The elicitation's approval id, once the human accepted it, sent as `Leash-Approval` on a
-    high-risk gateway request of the same grant (replay into a normal approval): never
-    forwarded."""
+    high-risk gateway request and on a high-risk MCP tool call of the same grant (replay into a
+    normal approval): never forwarded."""
     me = side(
         evil,
         tmp_path,
         upstreams=["evil", "mail"],
-        actions=["evil:elicit", "mail:send"],
+        actions=["evil:elicit", "evil:delete", "mail:send"],
         approval_required=["mail:send"],
     )
+    me.task = me.agent.task(me.setup.handle, approval_timeout=1)
     path = f"/messages/replay-{time.time_ns()}/send"
     try:
         thread, _ = elicit_in_background(me, [elicitation("r1", form("Email?"))], ["r1"])
@@ -389,8 +416,20 @@ def test_an_answered_elicitation_is_no_approval_for_anything_else(
             auth=me.task.auth,
             timeout=10,
         )
+        # The same at the MCP endpoint: a high-risk tool call carrying the elicitation's id.
+        marker = f"replayed-{time.time_ns()}"
+        headers = {**ACCEPT, "Mcp-Session-Id": me.session, "Leash-Approval": approval}
+        call = {
+            "jsonrpc": "2.0",
+            "id": 8,
+            "method": "tools/call",
+            "params": {"name": "remove", "arguments": {"marker": marker}},
+        }
+        removed = httpx.post(me.url, json=call, headers=headers, auth=me.task.auth, timeout=30)
     finally:
         me.close()
+    assert last_message(removed)["result"]["isError"], removed.text
+    assert tool_calls(hostile, marker) == []
     assert sent.status_code == 403, sent.text
     assert sent.json()["error"] in ("approval_required", "approval_mismatch"), sent.text
     assert path not in [r.path for r in upstream.seen()]
@@ -1265,3 +1304,56 @@ def test_elicitations_outside_a_tool_call_reach_the_human_not_the_agent(
         assert heard[json.dumps([eid])][0]["result"]["content"] == {"e": "human"}, heard
     assert "elicitation/create" not in "".join(stream_text), stream_text
     assert "elicitation/create" not in answer[0].text, answer[0].text
+
+
+def test_numbers_the_human_gives_arrive_exactly(
+    evil: Leash, hostile: Hostile, tmp_path: Path
+) -> None:
+    """2^53 + 1 as a number and as an integer reaches the server unrounded; an integer beyond
+    64 bits is refused rather than rounded; the human's bytes are the content's value."""
+    schema = {"type": "object", "properties": {"n": {"type": "number"}, "i": {"type": "integer"}}}
+    me = side(evil, tmp_path)
+    headers = {"Authorization": f"Bearer {me.setup.user_key}", "Content-Type": "application/json"}
+    try:
+        thread, out = elicit_in_background(me, [elicitation("n", form("n", schema))], ["n"])
+        path = f"/v1/approvals/{me.wait_pending()[0]['id']}/approve"
+        too_big = evil.http.post(
+            path, content=b'{"content": {"i": 18446744073709551616}}', headers=headers
+        )
+        exact = evil.http.post(
+            path,
+            content=b'{"content": {"n": 9007199254740993, "i": 9007199254740993}}',
+            headers=headers,
+        )
+        thread.join(30)
+    finally:
+        me.close()
+    assert too_big.status_code == 400, too_big.text
+    assert exact.status_code == 200, exact.text
+    assert '"content":{"n":9007199254740993,"i":9007199254740993}' in hostile.bodies().replace(
+        "\\", ""
+    ), "the human's numbers were changed on the way"
+    assert server_got(out[0])[0]["result"]["action"] == "accept"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="every elicitation over max_pending_approvals is audited as its own `mcp.elicitation` "
+    "deny event: one tool call of a malicious server wrote about 1,000 durable, hash-chained "
+    "events in a second and a half (unauthenticated garbage is summarised, ATTACKS 50; this is "
+    "not)",
+)
+def test_an_elicitation_flood_cannot_flood_the_audit_log(
+    evil: Leash, hostile: Hostile, tmp_path: Path
+) -> None:
+    """300 elicitations in one call: the refused ones do not each become an audit event."""
+    me = side(evil, tmp_path)
+    try:
+        sends = [elicitation(f"a{n}", form("x")) for n in range(300)]
+        me.call("elicit", {"send": sends, "ids": ["a299"], "wait": 1})
+        for approval in me.pending():
+            evil.call("POST", f"/v1/approvals/{approval['id']}/deny", me.setup.user_key)
+    finally:
+        me.close()
+    events = [e for e in evil.audit(me.setup.grant_id) if e["kind"] == "mcp.elicitation"]
+    assert len(events) <= 50, f"{len(events)} mcp.elicitation events from one call"
