@@ -1021,6 +1021,7 @@ impl<'s> Exchange<'s> {
                 filter_tools: filter.then(|| self.allowed_tools()),
                 sampling: self.sampling_permitted(),
                 answerer: Answerer::new(self, parts, &response),
+                elicited: std::sync::atomic::AtomicUsize::new(0),
             };
             return Ok(sse::relay(response, relay));
         }

@@ -1,8 +1,10 @@
 """An outsider's attacks on MCP elicitations through the approvals inbox and on
 `unlisted_tools` (API §7, §14; ATTACKS 53-61): a malicious agent, a malicious MCP server
 (tests/mcp_servers/hostile.py, which sends exactly the bytes a test gives it and records all it
-receives) and another human. Tests pass when Leash refuses the attack; an attack that succeeds is
-marked `xfail(strict=True)` with what it does."""
+receives) and another human. Tests pass when Leash refuses the attack. Each of the attacks that
+first succeeded (an answer sent for an ended task, a held call outliving it, the `elicitation`
+action taken by a tool, unbounded elicitations, an audit flood, C1 and bidi characters printed
+raw) is fixed and kept here as a test."""
 
 from __future__ import annotations
 
@@ -231,8 +233,17 @@ def server_got(result: dict[str, Any]) -> list[Any]:
 
 
 def background(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Runs `work` in a thread; `out` gets its result, or the exception it raised (a stream
+    Leash ends early has no last message)."""
     out: list[Any] = []
-    thread = threading.Thread(target=lambda: out.append(work()))
+
+    def run() -> None:
+        try:
+            out.append(work())
+        except Exception as error:  # handed to the test, which asserts on it
+            out.append(error)
+
+    thread = threading.Thread(target=run)
     thread.start()
     return thread, out
 
@@ -602,12 +613,6 @@ def test_c0_terminal_escapes_from_the_server_are_not_printed_raw(
             assert raw not in printed, (raw, printed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="C1 controls (U+009B CSI, U+009D OSC, U+009C ST) in the server's form (titles, "
-    "descriptions, property names, enum values) are printed raw by `leash approvals show` "
-    "(the form line is JSON, which escapes only C0); terminals that honour C1 (xterm) run them",
-)
 def test_c1_terminal_escapes_from_the_server_are_not_printed_raw(
     evil: Leash, tmp_path: Path
 ) -> None:
@@ -618,11 +623,6 @@ def test_c1_terminal_escapes_from_the_server_are_not_printed_raw(
             assert raw not in printed, (raw, printed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Unicode bidi overrides (U+202E) in the server's message and form are printed raw by "
-    "`leash approvals show`: a server can make what the human reads differ from what it says",
-)
 def test_bidi_overrides_from_the_server_are_not_printed_raw(evil: Leash, tmp_path: Path) -> None:
     """A right-to-left override (Trojan Source style) in the message and the form."""
     control = "\u202eexe.gnp\u2066x\u2069"
@@ -631,12 +631,6 @@ def test_bidi_overrides_from_the_server_are_not_printed_raw(evil: Leash, tmp_pat
             assert raw not in printed, (raw, printed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an elicitation's message is stored and listed whole, up to the 16 MB event limit: 5 "
-    "of 15 MB on one grant took Leash from 50 MB to about 500 MB resident, and each inbox list "
-    "returns them all (request bodies are previewed only up to approval_preview_bytes, 64 KiB)",
-)
 def test_a_huge_elicitation_does_not_fill_the_inbox(evil: Leash, tmp_path: Path) -> None:
     """Five elicitations of 3 MB each (the server may send events of up to 16 MB): what waits in
     the human's inbox is bounded (here: 1 MiB a message), or the elicitation is declined."""
@@ -645,8 +639,8 @@ def test_a_huge_elicitation_does_not_fill_the_inbox(evil: Leash, tmp_path: Path)
         sends = [elicitation(f"h{n}", form("@BIG@")) for n in range(5)]
         arguments = {"send": sends, "ids": [f"h{n}" for n in range(5)], "wait": 6, "big": 3_000_000}
         thread, _ = background(lambda: me.call("elicit", arguments))
-        me.wait_pending()
-        time.sleep(0.5)
+        # Declined at once (Leash puts at most 64 KiB before the human) or bounded if listed.
+        time.sleep(2)
         listed = evil.call("GET", "/v1/approvals?status=pending", me.setup.user_key)
         for approval in me.pending():
             evil.call("POST", f"/v1/approvals/{approval['id']}/deny", me.setup.user_key)
@@ -716,12 +710,6 @@ def test_leash_fetches_nothing_an_elicitation_names(
     assert len([r for r in hostile.requests() if r["path"] == "/elsewhere"]) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after the grant is revoked or completed, the human can still approve its pending "
-    "elicitation (200), and Leash POSTs the answer to the MCP server with the human's vaulted "
-    "credential injected, under the dead grant (API §2, §9: injection only for live grants)",
-)
 @pytest.mark.parametrize("end", ["revoke", "complete"])
 def test_an_answer_after_the_grant_ended_is_not_sent(
     evil: Leash, hostile: Hostile, tmp_path: Path, end: str
@@ -749,11 +737,6 @@ def test_an_answer_after_the_grant_ended_is_not_sent(
     assert marker not in hostile.bodies()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a call held open by its elicitation outlives the grant: after revocation the "
-    "revoked agent's stream stays open and still receives the server's result",
-)
 def test_a_call_held_by_an_elicitation_ends_when_the_grant_is_revoked(
     evil: Leash, hostile: Hostile, tmp_path: Path
 ) -> None:
@@ -979,17 +962,7 @@ def test_unlisted_look_alike_names_are_refused(
         ("resources", "evil:resources"),
         ("prompts", "evil:prompts"),
         ("sampling", "evil:sampling"),
-        pytest.param(
-            "elicitation",
-            "evil:elicitation",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="an unlisted tool named `elicitation` takes the action `evil:elicitation` "
-                "that Leash itself gives the server's elicitations: not treated as a collision "
-                "(`resources`, `prompts`, `sampling` are), a grant may hold it, and the tool is "
-                "then listed and called",
-            ),
-        ),
+        ("elicitation", "evil:elicitation"),
     ],
 )
 def test_unlisted_names_colliding_with_used_actions_are_refused(
@@ -1000,8 +973,14 @@ def test_unlisted_names_colliding_with_used_actions_are_refused(
     granted = evil.call(
         "POST",
         "/v1/grants",
-        evil.admin_key,
-        {"agent": "spiffe://x/y", "purpose": "p", "upstreams": ["evil"], "actions": [action]},
+        evil.add_user(f"probe-{time.time_ns()}"),
+        {
+            "agent": "spiffe://x/y",
+            "purpose": "p",
+            "upstreams": ["evil"],
+            "actions": [action],
+            "ttl_seconds": 60,
+        },
     )
     if "not defined" in granted.text:
         return  # the action cannot even be granted
@@ -1336,13 +1315,6 @@ def test_numbers_the_human_gives_arrive_exactly(
     assert server_got(out[0])[0]["result"]["action"] == "accept"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="every elicitation over max_pending_approvals is audited as its own `mcp.elicitation` "
-    "deny event: one tool call of a malicious server wrote about 1,000 durable, hash-chained "
-    "events in a second and a half (unauthenticated garbage is summarised, ATTACKS 50; this is "
-    "not)",
-)
 def test_an_elicitation_flood_cannot_flood_the_audit_log(
     evil: Leash, hostile: Hostile, tmp_path: Path
 ) -> None:

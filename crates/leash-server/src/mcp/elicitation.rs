@@ -7,6 +7,7 @@
 //! decline. The form and the waiting relay live in this node's memory, like MCP sessions.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +51,8 @@ pub struct Elicitations {
 
 #[derive(Debug)]
 struct Waiting {
+    /// The grant whose human it waits for.
+    grant: String,
     view: ElicitationView,
     /// The human's `content`, set before the approval is decided.
     answer: Mutex<Option<Map<String, Value>>>,
@@ -159,18 +162,60 @@ fn form(params: Option<&Value>) -> Option<ElicitationView> {
     })
 }
 
-/// Whether a form member is one of MCP's primitive schemas Leash checks: string (with
-/// `minLength`, `maxLength`, `enum` of strings), number, integer (with `minimum`, `maximum`),
-/// boolean.
+/// Whether a form member is one of MCP's primitive schemas, with only keywords Leash checks
+/// answers against (or that only describe it): string (`minLength`, `maxLength`, `format`
+/// email, uri, date or date-time, `enum` of strings), number and integer (`minimum`,
+/// `maximum`), boolean. Any other keyword (`pattern`, say) is a rule Leash would not enforce:
+/// such a form is declined.
 fn primitive(schema: &Value) -> bool {
+    const DESCRIBING: [&str; 4] = ["type", "title", "description", "default"];
     let Some(schema) = schema.as_object() else {
         return false;
     };
+    let only = |checked: &[&str]| {
+        schema
+            .keys()
+            .all(|key| DESCRIBING.contains(&key.as_str()) || checked.contains(&key.as_str()))
+    };
     match schema.get("type").and_then(Value::as_str) {
-        Some("string") => schema
-            .get("enum")
-            .is_none_or(|e| e.as_array().is_some_and(|e| e.iter().all(Value::is_string))),
-        Some("number" | "integer" | "boolean") => !schema.contains_key("enum"),
+        Some("string") => {
+            only(&["minLength", "maxLength", "format", "enum", "enumNames"])
+                && schema
+                    .get("enum")
+                    .is_none_or(|e| e.as_array().is_some_and(|e| e.iter().all(Value::is_string)))
+                && schema.get("format").is_none_or(|format| {
+                    matches!(
+                        format.as_str(),
+                        Some("email" | "uri" | "date" | "date-time")
+                    )
+                })
+        }
+        Some("number" | "integer") => only(&["minimum", "maximum"]),
+        Some("boolean") => only(&[]),
+        _ => false,
+    }
+}
+
+/// Whether `text` is of the string `format` a form names (checked as the forms' readers do:
+/// an address with one `@`, an absolute URI, an RFC 3339 full-date or date-time).
+fn of_format(format: &str, text: &str) -> bool {
+    match format {
+        "email" => text.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && !domain.is_empty()
+                && !domain.contains('@')
+                && !text.chars().any(|c| c.is_whitespace() || c.is_control())
+        }),
+        "uri" => url::Url::parse(text).is_ok(),
+        "date" => time::Date::parse(
+            text,
+            time::macros::format_description!("[year]-[month]-[day]"),
+        )
+        .is_ok(),
+        "date-time" => {
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .is_ok()
+        }
         _ => false,
     }
 }
@@ -216,6 +261,11 @@ fn check_member(schema: &Value, value: &Value) -> Result<(), String> {
             {
                 return Err("must be one of the form's options".into());
             }
+            if let Some(format) = schema.get("format").and_then(Value::as_str)
+                && !of_format(format, text)
+            {
+                return Err(format!("must be a valid {format}"));
+            }
             Ok(())
         }
         Some("boolean") if value.is_boolean() => Ok(()),
@@ -238,15 +288,28 @@ fn check_member(schema: &Value, value: &Value) -> Result<(), String> {
 
 /// Puts the server's `elicitation/create` `id` before the grant's human and answers the server
 /// with what they decide (in a task of its own: the stream it came on goes on meanwhile).
+/// `asked_on_stream` counts the elicitations of the stream it came on put to the human: past
+/// the grant's `max_pending_approvals` (as past the number waiting on this node for the grant),
+/// one is declined at once, unstored and unaudited, so that a server cannot flood the inbox or
+/// the audit log.
 pub(crate) fn ask(
     state: &Arc<AppState>,
     answerer: &Answerer,
     id: RequestId,
     params: Option<Value>,
+    asked_on_stream: &AtomicUsize,
 ) {
+    let shown = form(params.as_ref());
+    let flood = shown.is_some()
+        && asked_on_stream.fetch_add(1, Ordering::Relaxed)
+            >= state.config.max_pending_approvals as usize;
     let (state, answerer) = (state.clone(), answerer.clone());
     tokio::spawn(async move {
-        let answer = match form(params.as_ref()) {
+        let answer = match shown {
+            Some(_) if flood => {
+                tracing::info!(upstream = %answerer.upstream, "an elicitation over the stream's limit declined");
+                None
+            }
             Some(view) => wait_for_human(&state, &answerer, view, params.as_ref()).await,
             None => {
                 tracing::info!(upstream = %answerer.upstream, "an elicitation Leash cannot show the human declined");
@@ -318,15 +381,22 @@ async fn wait_for_human(
     event.decision = Some(Outcome::ApprovalRequired);
     event.request_id = Some(approval.id.clone());
     let waiting = Arc::new(Waiting {
+        grant: grant.id.clone(),
         view,
         answer: Mutex::new(None),
         decided: tokio::sync::Notify::new(),
     });
-    // Registered before it is stored: a human who sees it at once finds it here.
-    state
-        .elicitations
-        .lock()
-        .insert(approval.id.clone(), waiting.clone());
+    // Registered before it is stored: a human who sees it at once finds it here. A grant with
+    // as many waiting here as it may have pending gets no more (and no audit event of each).
+    {
+        let mut registry = state.elicitations.lock();
+        let limit = state.config.max_pending_approvals as usize;
+        if registry.values().filter(|w| w.grant == grant.id).count() >= limit {
+            tracing::info!(grant = %grant.id, "an elicitation over the grant's pending limit declined");
+            return None;
+        }
+        registry.insert(approval.id.clone(), waiting.clone());
+    }
     let _registered = Unregister(state, &approval.id);
     let request = RequestUse {
         now,
@@ -400,7 +470,10 @@ mod tests {
         json!({
             "type": "object",
             "properties": {
-                "email": {"type": "string", "minLength": 3, "maxLength": 64},
+                "email": {"type": "string", "minLength": 3, "maxLength": 64, "format": "email"},
+                "site": {"type": "string", "format": "uri", "title": "Site", "default": "x"},
+                "born": {"type": "string", "format": "date"},
+                "at": {"type": "string", "format": "date-time"},
                 "count": {"type": "integer", "minimum": 1, "maximum": 3},
                 "ratio": {"type": "number"},
                 "ok": {"type": "boolean"},
@@ -447,6 +520,7 @@ mod tests {
         let good = [
             json!({"email": "ada@example.org"}),
             json!({"email": "ada@example.org", "count": 2, "ratio": 0.5, "ok": false, "tier": "gold"}),
+            json!({"email": "a@b", "site": "https://example.org/x", "born": "1815-12-10", "at": "2026-12-06T10:00:00Z"}),
         ];
         for answer in good {
             assert_eq!(
@@ -466,6 +540,11 @@ mod tests {
             json!({"email": "ada@example.org", "ok": "yes"}),
             json!({"email": "ada@example.org", "tier": "bronze"}),
             json!({"email": "ada@example.org", "extra": true}),
+            json!({"email": "not an address"}),
+            json!({"email": "a@b@c"}),
+            json!({"email": "ada@example.org", "site": "example.org"}),
+            json!({"email": "ada@example.org", "born": "10/12/1815"}),
+            json!({"email": "ada@example.org", "at": "2026-12-06 10:00"}),
         ];
         for answer in bad {
             assert!(

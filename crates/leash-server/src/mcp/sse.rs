@@ -34,6 +34,8 @@ pub(crate) struct Relay {
     /// Whether the server may ask the agent's model to sample.
     pub(crate) sampling: bool,
     pub(crate) answerer: Answerer,
+    /// How many elicitations of this stream were put to the human so far.
+    pub(crate) elicited: std::sync::atomic::AtomicUsize,
 }
 
 /// How often a quiet stream checks that its task is still live.
@@ -136,7 +138,7 @@ impl Relay {
         let message = parse_message(data.as_bytes()).or_else(|_| lenient(&data).ok_or(()));
         match message {
             Ok(Message::Request { id, method, params }) if method == super::elicitation::METHOD => {
-                super::elicitation::ask(&self.state, &self.answerer, id, params);
+                super::elicitation::ask(&self.state, &self.answerer, id, params, &self.elicited);
                 None
             }
             Ok(Message::Request { id, method, .. })
