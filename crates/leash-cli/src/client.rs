@@ -190,7 +190,23 @@ fn approval_details(a: &Value) -> String {
         expires = text("expires_at"),
         decided = text("decided_at"),
         approver = text("approver"),
-    ) + &elicitation_details(a)
+    ) + &headers_details(a)
+        + &elicitation_details(a)
+}
+
+/// The request headers an approval binds, one per line (as the agent sent them: inert).
+fn headers_details(a: &Value) -> String {
+    let headers = a["headers"].as_array().cloned().unwrap_or_default();
+    headers
+        .iter()
+        .map(|h| {
+            format!(
+                "\n  header    {}: {}",
+                inert(h["name"].as_str().unwrap_or("?")),
+                inert(h["value"].as_str().unwrap_or(""))
+            )
+        })
+        .collect()
 }
 
 /// An elicitation's message and form, as text. The server wrote them: every control

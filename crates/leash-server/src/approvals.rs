@@ -38,6 +38,9 @@ pub struct ApprovalView {
     method: String,
     path: String,
     query: Option<String>,
+    /// The request headers it binds, as forwarded (not `Authorization`, `DPoP`,
+    /// `Leash-Approval`): a retry must send the same.
+    headers: Vec<HeaderView>,
     /// Hex SHA-256 of the exact request body.
     body_sha256: String,
     body_size: i64,
@@ -49,6 +52,13 @@ pub struct ApprovalView {
     /// only: the server's message and the form their approval answers (`content`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) elicitation: Option<ElicitationView>,
+}
+
+/// One request header an approval binds.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeaderView {
+    name: String,
+    value: String,
 }
 
 impl ApprovalView {
@@ -65,6 +75,14 @@ impl ApprovalView {
             method: approval.method.clone(),
             path: approval.path.clone(),
             query: approval.query.clone(),
+            headers: approval
+                .headers
+                .iter()
+                .map(|(name, value)| HeaderView {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
             body_sha256: approval.body_sha256.clone(),
             body_size: approval.body_size,
             requested_at: rfc3339(approval.requested_at),

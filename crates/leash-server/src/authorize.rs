@@ -183,6 +183,7 @@ async fn decide_for_proxy(
                 body,
                 form,
                 uri.query(),
+                headers,
                 trail,
                 AUTHORIZE_EVENT,
                 request_id,

@@ -595,7 +595,16 @@ async fn request_body(
         ApprovalState::Needed { .. } | ApprovalState::Attached(_) => {
             let query = parts.uri.query();
             let bytes = decided
-                .bind_body(state, body, form, query, trail, GATEWAY_EVENT, request_id)
+                .bind_body(
+                    state,
+                    body,
+                    form,
+                    query,
+                    &parts.headers,
+                    trail,
+                    GATEWAY_EVENT,
+                    request_id,
+                )
                 .await?;
             Body::from(bytes)
         }
@@ -631,6 +640,7 @@ impl Decided<'_> {
         body: Body,
         form: FormBody,
         query: Option<&str>,
+        headers: &HeaderMap,
         trail: &mut Trail,
         kind: &str,
         request_id: &str,
@@ -642,6 +652,7 @@ impl Decided<'_> {
             ApprovalState::Needed { policies } => {
                 let asked = Asked {
                     query,
+                    headers: BoundHeaders::of(headers),
                     body: &bytes,
                     body_sha256: digest,
                     policies,
@@ -655,6 +666,13 @@ impl Decided<'_> {
                         approval.id
                     )));
                 }
+                let sent = BoundHeaders::of(headers);
+                if sent.sha256 != approval.headers_sha256 {
+                    return Err(ApiError::ApprovalMismatch(format!(
+                        "approval {} was given for other request headers",
+                        approval.id
+                    )));
+                }
                 Ok(bytes)
             }
         }
@@ -664,6 +682,8 @@ impl Decided<'_> {
 /// The request an approval is asked for: what [`Decided`] does not hold.
 pub(crate) struct Asked<'r> {
     pub(crate) query: Option<&'r str>,
+    /// The request headers it binds ([`BoundHeaders::of`]).
+    pub(crate) headers: BoundHeaders,
     pub(crate) body: &'r [u8],
     pub(crate) body_sha256: String,
     /// The policies that require the approval.
@@ -699,6 +719,8 @@ pub(crate) async fn ask_approval(
         query: asked.query.map(str::to_owned),
         body_sha256: asked.body_sha256,
         body_size: asked.body.len() as i64,
+        headers: asked.headers.shown,
+        headers_sha256: asked.headers.sha256,
         status: ApprovalStatus::Pending,
         requested_at: now,
         expires_at: (now + state.config.approval_ttl).min(grant.expires_at),
@@ -1042,6 +1064,69 @@ impl Decided<'_> {
 
 /// Headers of the caller that never reach an upstream, besides those `Connection` lists: the
 /// one list of them, with [`crate::overrides::is_override_header`].
+/// The request headers an approval binds and shows the human (API §7): those the gateway
+/// forwards (so not `Authorization`, `DPoP`, `Leash-Approval`, cookies or hop-by-hop ones),
+/// but for per-request tracing ids a proxy in front sets anew on every request (an Envoy
+/// `x-request-id` would make every approved retry a mismatch).
+pub(crate) struct BoundHeaders {
+    /// `(name, value)` in order, values lossily as UTF-8, for the human.
+    pub(crate) shown: Vec<(String, String)>,
+    /// Hex SHA-256 of the exact names and values, for the match.
+    pub(crate) sha256: String,
+}
+
+impl BoundHeaders {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        use sha2::Digest as _;
+        let listed = connection_listed(headers);
+        let mut bound: Vec<(&HeaderName, &HeaderValue)> = headers
+            .iter()
+            .filter(|(name, _)| {
+                !is_stripped_request_header(name)
+                    && !listed.iter().any(|l| l == name.as_str())
+                    && !is_tracing_header(name)
+            })
+            .collect();
+        // The order of different fields carries no meaning (RFC 9110 §5.3), that of one
+        // field's lines does: a stable sort by name keeps the latter.
+        bound.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut digest = sha2::Sha256::new();
+        for (name, value) in &bound {
+            // Length-prefixed, so that no two different lists hash alike.
+            for part in [name.as_str().as_bytes(), value.as_bytes()] {
+                digest.update((part.len() as u64).to_be_bytes());
+                digest.update(part);
+            }
+        }
+        Self {
+            shown: bound
+                .into_iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_owned(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            sha256: hex::encode(digest.finalize()),
+        }
+    }
+}
+
+/// Per-request tracing ids (W3C, B3, Envoy, AWS, Google), forwarded but not bound.
+fn is_tracing_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "x-request-id"
+            | "traceparent"
+            | "tracestate"
+            | "b3"
+            | "x-amzn-trace-id"
+            | "x-cloud-trace-context"
+    ) || n.starts_with("x-b3-")
+}
+
 fn is_stripped_request_header(name: &HeaderName) -> bool {
     let n = name.as_str();
     matches!(

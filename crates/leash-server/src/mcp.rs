@@ -44,9 +44,9 @@ use crate::config::{McpServer, Risk, Upstream};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::verdict_result;
 use crate::gateway::{
-    ApprovalState, Asked, Decided, Forwarded, Judged, NotForwarded, Principal, approval_step,
-    ask_approval, attribute_refused_token, authenticate, evaluate_policy, forward, refuse,
-    source_of,
+    ApprovalState, Asked, BoundHeaders, Decided, Forwarded, Judged, NotForwarded, Principal,
+    approval_step, ask_approval, attribute_refused_token, authenticate, evaluate_policy, forward,
+    refuse, source_of,
 };
 use crate::state::AppState;
 
@@ -727,7 +727,15 @@ impl<'s> Exchange<'s> {
         if let ApprovalState::Needed { policies } = &decided.approval {
             let policies = policies.clone();
             match self
-                .hold(&decided, id, &bytes, digest, &policies, trail)
+                .hold(
+                    &decided,
+                    id,
+                    &bytes,
+                    digest,
+                    &policies,
+                    &parts.headers,
+                    trail,
+                )
                 .await?
             {
                 Held::Approved(approval) => {
@@ -751,6 +759,10 @@ impl<'s> Exchange<'s> {
     /// approval is stored (with the proof's `jti` and its event) as at the gateway, bound to the
     /// call's digest; a client that goes away ends the wait (the handler is dropped), the
     /// approval stays pending until it expires.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the call's parts its approval binds, and where to record it"
+    )]
     async fn hold(
         &self,
         decided: &Decided<'_>,
@@ -758,11 +770,13 @@ impl<'s> Exchange<'s> {
         bytes: &Bytes,
         digest: &str,
         policies: &[String],
+        headers: &HeaderMap,
         trail: &mut Trail,
     ) -> ApiResult<Held> {
         let query = format!("arguments_sha256={digest}");
         let asked = Asked {
             query: Some(&query),
+            headers: BoundHeaders::of(headers),
             body: bytes,
             body_sha256: digest.to_owned(),
             policies,

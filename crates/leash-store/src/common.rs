@@ -112,7 +112,13 @@ pub(crate) fn vault_from_row(row: &impl Columns) -> StoreResult<VaultEntry> {
 }
 
 pub(crate) const APPROVAL_COLUMNS: &str = "id, grant_id, subject, agent, action, upstream, method, path, \
-     query, body_sha256, body_size, status, requested_at, expires_at, decided_at, approver";
+     query, body_sha256, body_size, status, requested_at, expires_at, decided_at, approver, headers, \
+     headers_sha256";
+
+/// An approval's headers as stored.
+pub(crate) fn headers_json(headers: &[(String, String)]) -> String {
+    serde_json::to_string(headers).unwrap_or_else(|_| "[]".into())
+}
 
 pub(crate) fn approval_from_row(row: &impl Columns) -> StoreResult<Approval> {
     let status: String = row.column("status")?;
@@ -128,6 +134,12 @@ pub(crate) fn approval_from_row(row: &impl Columns) -> StoreResult<Approval> {
         query: row.column("query")?,
         body_sha256: row.column("body_sha256")?,
         body_size: row.column("body_size")?,
+        headers: {
+            let headers: String = row.column("headers")?;
+            serde_json::from_str(&headers)
+                .map_err(|e| StoreError::Corrupt(format!("approval headers: {e}")))?
+        },
+        headers_sha256: row.column("headers_sha256")?,
         status: ApprovalStatus::parse(&status)
             .filter(|s| *s != ApprovalStatus::Expired)
             .ok_or_else(|| StoreError::Corrupt(format!("approval status {status:?}")))?,

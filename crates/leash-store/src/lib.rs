@@ -189,6 +189,11 @@ pub struct Approval {
     pub body_sha256: String,
     /// Size of the body in bytes.
     pub body_size: i64,
+    /// The request headers forwarded with it, as `(name, value)` for the human to see (values
+    /// that are not UTF-8 shown lossily).
+    pub headers: Vec<(String, String)>,
+    /// Hex SHA-256 of those headers' exact bytes: what a retry's must equal.
+    pub headers_sha256: String,
     /// Stored status.
     pub status: ApprovalStatus,
     /// When the agent asked.

@@ -362,6 +362,8 @@ mod tests {
                 query: None,
                 body_sha256: "00".into(),
                 body_size: 0,
+                headers: Vec::new(),
+                headers_sha256: String::new(),
                 status: ApprovalStatus::Pending,
                 requested_at,
                 expires_at: requested_at + 50,

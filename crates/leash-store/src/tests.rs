@@ -467,6 +467,8 @@ fn approval_of(grant: &Grant, id: &str) -> Approval {
         query: None,
         body_sha256: "00".into(),
         body_size: 0,
+        headers: vec![("content-type".into(), "text/plain; é".into())],
+        headers_sha256: "11".into(),
         status: ApprovalStatus::Pending,
         requested_at: 5,
         expires_at: 100,
@@ -498,7 +500,8 @@ both_backends! {
             ..RequestUse::default()
         };
         assert_eq!(store.record_use(waiting("apr_1", "proof")).await.unwrap(), UseVerdict::Recorded);
-        assert_eq!(store.approval("apr_1").await.unwrap().unwrap().status, ApprovalStatus::Pending);
+        // Stored as asked, its headers included (both backends).
+        assert_eq!(store.approval("apr_1").await.unwrap().unwrap(), approval_of(&grant, "apr_1"));
         // The same proof again: refused, and the approval it asks for is not stored.
         assert_eq!(store.record_use(waiting("apr_2", "proof")).await.unwrap(), UseVerdict::Replayed(OneTimeKind::Proof));
         assert_eq!(store.approval("apr_2").await.unwrap(), None);

@@ -45,6 +45,34 @@ async fn send(
     (status, body)
 }
 
+/// `POST SEND` by the agent with extra headers.
+async fn send_with_headers(
+    gw: &Gw,
+    headers: &[(&str, &str)],
+    body: &str,
+    approval: Option<&str>,
+) -> (u16, Value) {
+    let url = format!("{}{SEND}", gw.leash.url);
+    let proof = gw
+        .dpop
+        .dpop_proof("POST", &url, Some(&gw.token), None, now());
+    let mut request = gw
+        .leash
+        .http()
+        .post(&url)
+        .header("Authorization", format!("DPoP {}", gw.token))
+        .header("DPoP", proof)
+        .body(body.to_owned());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some(id) = approval {
+        request = request.header("Leash-Approval", id);
+    }
+    let (status, _, body) = read(request.send().await.unwrap()).await;
+    (status, body)
+}
+
 async fn agent_send(
     gw: &Gw,
     method: Method,
@@ -181,6 +209,77 @@ async fn approve_then_retry_forwards_once_and_a_second_use_is_refused() {
     );
     assert_eq!(gw.upstream.count(), 1);
     assert_eq!(agent_status(&gw, &id).await["status"], "used");
+}
+
+#[tokio::test]
+async fn the_forwarded_headers_are_shown_and_bound() {
+    let gw = mail_send("").await;
+    let asked = [("content-type", "text/plain"), ("x-priority", "high")];
+    let (status, answer) = send_with_headers(&gw, &asked, "hi", None).await;
+    assert_eq!(status, 403, "{answer}");
+    let id = answer["approval_id"].as_str().unwrap().to_owned();
+    let (status, shown) = gw
+        .leash
+        .call(
+            Method::GET,
+            &format!("/v1/approvals/{id}"),
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    let headers: Vec<(String, String)> = shown["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().into(),
+                h["value"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    for (name, value) in asked {
+        assert!(
+            headers.contains(&(name.into(), value.into())),
+            "{headers:?}"
+        );
+    }
+    let names: Vec<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
+    for hidden in ["authorization", "dpop", "leash-approval", "host"] {
+        assert!(!names.contains(&hidden), "{hidden} shown: {names:?}");
+    }
+    assert_eq!(decide(&gw, &gw.s.user_key, &id, "approve").await.0, 200);
+
+    // Another header value, a header more or one less: a mismatch, never forwarded.
+    for changed in [
+        vec![("content-type", "text/html"), ("x-priority", "high")],
+        vec![
+            ("content-type", "text/plain"),
+            ("x-priority", "high"),
+            ("x-extra", "1"),
+        ],
+        vec![("content-type", "text/plain")],
+    ] {
+        let (status, answer) = send_with_headers(&gw, &changed, "hi", Some(&id)).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (403, Some("approval_mismatch")),
+            "{changed:?}: {answer}"
+        );
+    }
+    assert_eq!(gw.upstream.count(), 0);
+    // A proxy's per-request tracing id is not bound, nor the order of different fields: the
+    // same request with a new id and its headers in another order passes.
+    let traced = [
+        ("x-request-id", "r2"),
+        ("x-priority", "high"),
+        ("content-type", "text/plain"),
+    ];
+    let (status, answer) = send_with_headers(&gw, &traced, "hi", Some(&id)).await;
+    assert_eq!(status, 200, "{answer}");
+    let forwarded = gw.upstream.requests();
+    assert_eq!(forwarded[0].headers.get("x-priority").unwrap(), "high");
 }
 
 #[tokio::test]

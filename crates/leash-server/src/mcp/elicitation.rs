@@ -363,6 +363,8 @@ async fn wait_for_human(
         query: None,
         body_sha256: hex::encode(Sha256::digest(body.as_bytes())),
         body_size: body.len() as i64,
+        headers: Vec::new(),
+        headers_sha256: String::new(),
         status: ApprovalStatus::Pending,
         requested_at: now,
         expires_at: now.saturating_add(wait).min(grant.expires_at),

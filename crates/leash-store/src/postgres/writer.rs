@@ -502,7 +502,7 @@ async fn write_spending(
     for a in batch.approvals_new() {
         sqlx::query(&format!(
             "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
         ))
         .bind(&a.id)
         .bind(&a.grant_id)
@@ -520,6 +520,8 @@ async fn write_spending(
         .bind(a.expires_at)
         .bind(a.decided_at)
         .bind(&a.approver)
+        .bind(crate::common::headers_json(&a.headers))
+        .bind(&a.headers_sha256)
         .execute(&mut **tx)
         .await
         .map_err(unavailable)?;

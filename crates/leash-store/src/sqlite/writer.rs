@@ -19,7 +19,9 @@ use rusqlite::OptionalExtension as _;
 use tokio::sync::oneshot;
 
 use crate::chain::ChainHead;
-use crate::common::{APPROVAL_COLUMNS, SignerSlot, log_unflushed, outcome_name, staged_event};
+use crate::common::{
+    APPROVAL_COLUMNS, SignerSlot, headers_json, log_unflushed, outcome_name, staged_event,
+};
 use crate::repo::{Answer, Memos, Prepared};
 use crate::rules::{Batch, Budget, Facts};
 use crate::wal::{Checkpointer, SLOW_WRITER_PAUSE, WalBound};
@@ -709,7 +711,7 @@ fn write_spending(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
     for a in batch.approvals_new() {
         tx.prepare_cached(&format!(
             "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
         ))?
         .execute(rusqlite::params![
             a.id,
@@ -728,6 +730,8 @@ fn write_spending(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
             a.expires_at,
             a.decided_at,
             a.approver,
+            headers_json(&a.headers),
+            a.headers_sha256,
         ])?;
     }
     Ok(())
