@@ -44,6 +44,9 @@ pub struct ApprovalView {
     /// Hex SHA-256 of the exact request body.
     body_sha256: String,
     body_size: i64,
+    /// Whether the body was kept for the human (`GET /v1/approvals/{id}/body` while pending);
+    /// false: not previewed (over `approval_preview_bytes`, or encoded).
+    body_previewed: bool,
     requested_at: String,
     expires_at: String,
     decided_at: Option<String>,
@@ -85,6 +88,7 @@ impl ApprovalView {
                 .collect(),
             body_sha256: approval.body_sha256.clone(),
             body_size: approval.body_size,
+            body_previewed: approval.previewed,
             requested_at: rfc3339(approval.requested_at),
             expires_at: rfc3339(approval.expires_at),
             decided_at: approval.decided_at.map(rfc3339),
@@ -194,6 +198,68 @@ pub async fn get(
             )))
         }
     }
+}
+
+/// `GET /v1/approvals/{id}/body`: the request body the approval is for, to the grant's human or
+/// the admin only, while it is pending (kept sealed; deleted once decided or expired). Served
+/// so that no browser renders it: an attachment, `nosniff`, `sandbox`.
+#[utoipa::path(get, path = "/v1/approvals/{id}/body", tag = "approvals", params(("id" = String, Path)),
+    responses((status = 200, description = "the request body, as sent", content_type = "application/octet-stream"), ApiErrors),
+    security(("api_key" = [])))]
+pub async fn body(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<axum::response::Response> {
+    use axum::http::{HeaderValue, header};
+    if matches!(authorization(&headers)?, Some((AuthScheme::Dpop, _))) {
+        return Err(ApiError::Forbidden(
+            "an approval's body is for the grant's human or the admin".into(),
+        ));
+    }
+    let caller = crate::extract::caller_from_headers(&state, &headers).await?;
+    let approval = state
+        .store
+        .approval(&id)
+        .await?
+        .filter(|a| caller.may_act_for(&a.subject))
+        .ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
+    let now = state.clock.now();
+    let sealed = match approval.status_at(now) {
+        ApprovalStatus::Pending => state.store.approval_preview(&approval.id).await?,
+        _ => None,
+    };
+    let Some(sealed) = sealed else {
+        return Err(ApiError::NotFound(if approval.previewed {
+            "the body is kept only while the approval is pending".into()
+        } else {
+            "this approval's body was not previewed (too large or encoded)".into()
+        }));
+    };
+    let plain = state
+        .master
+        .open(&sealed, &crate::gateway::preview_context(&approval.id))
+        .map_err(|_| ApiError::Unavailable("the body could not be opened".into()))?;
+    let mut response = axum::response::Response::new(axum::body::Body::from(plain.to_vec()));
+    let out = response.headers_mut();
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    out.insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"request-body\""),
+    );
+    out.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    out.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
+    out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
 }
 
 /// The optional body of `POST /v1/approvals/{id}/approve`.

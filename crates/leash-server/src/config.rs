@@ -84,6 +84,7 @@ struct FileConfig {
     max_grant_ttl: Option<i64>,
     approval_ttl: Option<i64>,
     max_pending_approvals: Option<u32>,
+    approval_preview_bytes: Option<usize>,
     policy_dir: Option<PathBuf>,
     dpop_nonce: Option<bool>,
     #[serde(default)]
@@ -593,6 +594,9 @@ pub struct Config {
     pub approval_ttl: i64,
     /// Approvals a grant may have pending at once; another ask → 429.
     pub max_pending_approvals: u32,
+    /// Largest request body kept (sealed) for the human to see while an approval is pending
+    /// (API §7); 0 keeps none.
+    pub approval_preview_bytes: usize,
     /// Operator Cedar policies.
     pub policy_dir: Option<PathBuf>,
     /// Whether DPoP proofs must carry a server nonce.
@@ -877,6 +881,7 @@ impl Config {
             max_token_ttl: positive("max_token_ttl", file.max_token_ttl, 300)?,
             max_grant_ttl: positive("max_grant_ttl", file.max_grant_ttl, 8 * 3600)?,
             approval_ttl: positive("approval_ttl", file.approval_ttl, 15 * 60)?,
+            approval_preview_bytes: file.approval_preview_bytes.unwrap_or(64 * 1024),
             max_pending_approvals: match file.max_pending_approvals {
                 None => 5,
                 Some(0) => return Err(invalid("max_pending_approvals", "must be at least 1")),

@@ -690,6 +690,11 @@ pub(crate) struct Asked<'r> {
     pub(crate) policies: &'r [String],
 }
 
+/// What an approval's sealed body is bound to: it opens only as that approval's.
+pub(crate) fn preview_context(approval_id: &str) -> Vec<u8> {
+    format!("leash approval preview {approval_id}").into_bytes()
+}
+
 /// Creates the approval request for a decided request that needs one, and returns the refusal
 /// to answer with. The proof's `jti` is claimed, the pending approval stored and the refusal
 /// audited in one commit: a replay of the refused request cannot pile up approval requests,
@@ -707,8 +712,17 @@ pub(crate) async fn ask_approval(
         return ApiError::Forbidden("only delegated requests wait for approval".into());
     };
     let now = state.clock.now();
+    let id = random_id("apr_");
+    // The human sees the body they approve, if it is small and not encoded (API §7).
+    let encoded = asked
+        .headers
+        .shown
+        .iter()
+        .any(|(name, _)| name == "content-encoding");
+    let preview = (!encoded && asked.body.len() <= state.config.approval_preview_bytes)
+        .then(|| state.master.seal(asked.body, &preview_context(&id)));
     let approval = Approval {
-        id: random_id("apr_"),
+        id,
         grant_id: grant.id.clone(),
         subject: principal.subject.clone(),
         agent: principal.actor.clone(),
@@ -721,6 +735,7 @@ pub(crate) async fn ask_approval(
         body_size: asked.body.len() as i64,
         headers: asked.headers.shown,
         headers_sha256: asked.headers.sha256,
+        previewed: preview.is_some(),
         status: ApprovalStatus::Pending,
         requested_at: now,
         expires_at: (now + state.config.approval_ttl).min(grant.expires_at),
@@ -741,6 +756,7 @@ pub(crate) async fn ask_approval(
         token: principal.token.as_ref().map(|token| token.jti.clone()),
         now,
         pending_approval: Some(Box::new(approval.clone())),
+        pending_preview: preview,
         max_pending_approvals: Some(state.config.max_pending_approvals),
         audit: Some(crate::audit::as_refusal(event, &refusal)),
         ..RequestUse::default()
@@ -803,6 +819,7 @@ impl Decided<'_> {
             now,
             approval,
             pending_approval: None,
+            pending_preview: None,
             max_pending_approvals: None,
             audit: Some(trail.event(kind, now, request_id, Outcome::Allow, None)),
         };

@@ -65,6 +65,7 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(approvals::get))
         .routes(routes!(approvals::approve))
         .routes(routes!(approvals::deny))
+        .routes(routes!(approvals::body))
         .routes(routes!(audit::list))
         .routes(routes!(audit::checkpoints, audit::checkpoint_now))
         .routes(routes!(review::review))

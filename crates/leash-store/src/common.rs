@@ -113,7 +113,7 @@ pub(crate) fn vault_from_row(row: &impl Columns) -> StoreResult<VaultEntry> {
 
 pub(crate) const APPROVAL_COLUMNS: &str = "id, grant_id, subject, agent, action, upstream, method, path, \
      query, body_sha256, body_size, status, requested_at, expires_at, decided_at, approver, headers, \
-     headers_sha256";
+     headers_sha256, previewed";
 
 /// An approval's headers as stored.
 pub(crate) fn headers_json(headers: &[(String, String)]) -> String {
@@ -140,6 +140,7 @@ pub(crate) fn approval_from_row(row: &impl Columns) -> StoreResult<Approval> {
                 .map_err(|e| StoreError::Corrupt(format!("approval headers: {e}")))?
         },
         headers_sha256: row.column("headers_sha256")?,
+        previewed: row.column("previewed")?,
         status: ApprovalStatus::parse(&status)
             .filter(|s| *s != ApprovalStatus::Expired)
             .ok_or_else(|| StoreError::Corrupt(format!("approval status {status:?}")))?,

@@ -194,6 +194,8 @@ pub struct Approval {
     pub headers: Vec<(String, String)>,
     /// Hex SHA-256 of those headers' exact bytes: what a retry's must equal.
     pub headers_sha256: String,
+    /// Whether its body was kept (sealed) for the human to see ([`Store::approval_preview`]).
+    pub previewed: bool,
     /// Stored status.
     pub status: ApprovalStatus,
     /// When the agent asked.
@@ -265,6 +267,8 @@ pub struct RequestUse {
     pub now: i64,
     /// An approved approval the request spends (its single use).
     pub approval: Option<String>,
+    /// The sealed body of `pending_approval`, kept for the human until it is decided.
+    pub pending_preview: Option<Vec<u8>>,
     /// A new pending approval the request waits for, stored only when the use is recorded
     /// ([`UseVerdict::Recorded`]), in the same transaction as its one-time values and its audit
     /// event, so that neither is stored without the other.
@@ -490,6 +494,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// One approval.
     async fn approval(&self, id: &str) -> StoreResult<Option<Approval>>;
+    /// The sealed body kept for a pending approval, if one was and it is not decided or pruned.
+    async fn approval_preview(&self, id: &str) -> StoreResult<Option<Vec<u8>>>;
     /// Approvals, all or of one human, newest first.
     async fn list_approvals(&self, subject: Option<&str>) -> StoreResult<Vec<Approval>>;
     /// Approves or denies a pending, unexpired approval (a compare-and-set); `None` if it was

@@ -119,6 +119,10 @@ pub(crate) trait Queries: sqlx::Database {
         conn: &mut Self::Connection,
         id: &str,
     ) -> impl Future<Output = StoreResult<Option<Approval>>> + Send;
+    fn approval_preview(
+        conn: &mut Self::Connection,
+        id: &str,
+    ) -> impl Future<Output = StoreResult<Option<Vec<u8>>>> + Send;
     fn list_approvals(
         conn: &mut Self::Connection,
         subject: Option<&str>,
@@ -540,10 +544,29 @@ macro_rules! shared_queries {
             .bind(now)
             .bind(approver)
             .bind(id)
-            .fetch_optional(conn)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(unavailable)?;
+            if row.is_some() {
+                // Shown to decide; once decided, nobody needs it.
+                sqlx::query("DELETE FROM approval_previews WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
             row.as_ref().map(approval_from_row).transpose()
+        }
+
+        async fn approval_preview(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &str,
+        ) -> StoreResult<Option<Vec<u8>>> {
+            sqlx::query_scalar("SELECT sealed FROM approval_previews WHERE id = $1")
+                .bind(id)
+                .fetch_optional(conn)
+                .await
+                .map_err(unavailable)
         }
 
         async fn put_credential(
@@ -652,9 +675,18 @@ macro_rules! shared_queries {
         ) -> StoreResult<u64> {
             let done = sqlx::query("DELETE FROM revoked_tokens WHERE expires_at < $1")
                 .bind(now)
-                .execute(conn)
+                .execute(&mut *conn)
                 .await
                 .map_err(unavailable)?;
+            // Bodies kept for approvals that expired undecided go with the same sweep.
+            sqlx::query(
+                "DELETE FROM approval_previews WHERE id IN \
+                 (SELECT id FROM approvals WHERE expires_at <= $1)",
+            )
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
             Ok(done.rows_affected())
         }
     }

@@ -379,6 +379,10 @@ impl<B: Backend> Store for Repo<B> {
         B::Db::approval(&mut *self.read().await?, id).await
     }
 
+    async fn approval_preview(&self, id: &str) -> StoreResult<Option<Vec<u8>>> {
+        B::Db::approval_preview(&mut *self.read().await?, id).await
+    }
+
     async fn list_approvals(&self, subject: Option<&str>) -> StoreResult<Vec<Approval>> {
         B::Db::list_approvals(&mut *self.read().await?, subject).await
     }

@@ -91,6 +91,8 @@ pub(crate) struct Batch {
     approvals_used: Vec<(String, i64)>,
     /// The pending approvals the batch stores.
     approvals_new: Vec<Approval>,
+    /// The sealed bodies kept for them, by approval id.
+    previews_new: Vec<(String, Vec<u8>)>,
 }
 
 impl Batch {
@@ -167,6 +169,9 @@ impl Batch {
                 }
             }
             self.approvals_new.push(Approval::clone(pending));
+            if let Some(sealed) = &request.pending_preview {
+                self.previews_new.push((pending.id.clone(), sealed.clone()));
+            }
         }
         if let Some(single) = request.single_use.filter(|single| single.spend) {
             self.claim(&single.value);
@@ -226,6 +231,11 @@ impl Batch {
     /// The pending approvals the batch stores.
     pub(crate) fn approvals_new(&self) -> &[Approval] {
         &self.approvals_new
+    }
+
+    /// The sealed bodies kept for the new approvals.
+    pub(crate) fn previews_new(&self) -> &[(String, Vec<u8>)] {
+        &self.previews_new
     }
 }
 
@@ -364,6 +374,7 @@ mod tests {
                 body_size: 0,
                 headers: Vec::new(),
                 headers_sha256: String::new(),
+                previewed: false,
                 status: ApprovalStatus::Pending,
                 requested_at,
                 expires_at: requested_at + 50,

@@ -469,6 +469,7 @@ fn approval_of(grant: &Grant, id: &str) -> Approval {
         body_size: 0,
         headers: vec![("content-type".into(), "text/plain; é".into())],
         headers_sha256: "11".into(),
+        previewed: false,
         status: ApprovalStatus::Pending,
         requested_at: 5,
         expires_at: 100,
@@ -522,6 +523,34 @@ both_backends! {
         let expected = [("approval_required", "apr_1"), ("deny", "replayed"), ("deny", "grant_spent")];
         assert_eq!(outcomes, expected.map(|(d, r)| (d.to_owned(), r.to_owned())));
         assert!(verify_stored(store.as_ref()).await > 0);
+    }
+}
+
+both_backends! {
+    async fn a_kept_body_lives_only_while_its_approval_is_pending(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let with_preview = |id: &str| {
+            let mut approval = approval_of(&grant, id);
+            approval.previewed = true;
+            RequestUse {
+                pending_approval: Some(Box::new(approval)),
+                pending_preview: Some(format!("sealed {id}").into_bytes()),
+                ..RequestUse::default()
+            }
+        };
+        store.record_use(with_preview("apr_1")).await.unwrap();
+        store.record_use(with_preview("apr_2")).await.unwrap();
+        assert!(store.approval("apr_1").await.unwrap().unwrap().previewed);
+        assert_eq!(store.approval_preview("apr_1").await.unwrap(), Some(b"sealed apr_1".to_vec()));
+        // Decided: gone.
+        store.decide_approval("apr_1", false, "usr_1", 6, &ev("approval.decided")).await.unwrap().unwrap();
+        assert_eq!(store.approval_preview("apr_1").await.unwrap(), None);
+        // Expired (at 100) and pruned: gone; before that, kept.
+        store.prune(99).await.unwrap();
+        assert!(store.approval_preview("apr_2").await.unwrap().is_some());
+        store.prune(100).await.unwrap();
+        assert_eq!(store.approval_preview("apr_2").await.unwrap(), None);
     }
 }
 

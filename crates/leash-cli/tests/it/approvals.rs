@@ -282,6 +282,92 @@ async fn the_forwarded_headers_are_shown_and_bound() {
     assert_eq!(forwarded[0].headers.get("x-priority").unwrap(), "high");
 }
 
+/// `GET /v1/approvals/{id}/body` as the human and as the agent.
+async fn preview(gw: &Gw, id: &str, as_agent: bool) -> reqwest::Response {
+    let url = format!("{}/v1/approvals/{id}/body", gw.leash.url);
+    let request = gw.leash.http().get(&url);
+    let request = if as_agent {
+        let proof = gw
+            .dpop
+            .dpop_proof("GET", &url, Some(&gw.token), None, now());
+        request
+            .header("Authorization", format!("DPoP {}", gw.token))
+            .header("DPoP", proof)
+    } else {
+        request.bearer_auth(&gw.s.user_key)
+    };
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn the_human_sees_the_body_as_an_inert_attachment_while_it_is_pending() {
+    let gw = mail_send("approval_preview_bytes = 64").await;
+    let body = "<script>alert(1)</script>";
+    let id = ask(&gw, body).await;
+    let (_, shown) = gw
+        .leash
+        .call(
+            Method::GET,
+            &format!("/v1/approvals/{id}"),
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    assert_eq!(shown["body_previewed"], true, "{shown}");
+    let response = preview(&gw, &id, false).await;
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-type"], "application/octet-stream");
+    assert!(
+        headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment")
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["content-security-policy"], "sandbox");
+    assert_eq!(response.text().await.unwrap(), body);
+    // Never to the agent.
+    assert_eq!(preview(&gw, &id, true).await.status(), 403);
+    // Not in the audit log either.
+    let (status, events) = super::audit::audit(&gw.leash, leash_testkit::ADMIN_KEY, "").await;
+    assert_eq!(status, 200);
+    assert!(
+        !serde_json::to_string(&events).unwrap().contains("alert(1)"),
+        "the body reached the audit log"
+    );
+    // Decided: deleted.
+    assert_eq!(decide(&gw, &gw.s.user_key, &id, "deny").await.0, 200);
+    assert_eq!(preview(&gw, &id, false).await.status(), 404);
+
+    // Over approval_preview_bytes, or encoded: not previewed, and said so.
+    let large = ask(&gw, &"x".repeat(65)).await;
+    let (_, shown) = gw
+        .leash
+        .call(
+            Method::GET,
+            &format!("/v1/approvals/{large}"),
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    assert_eq!(shown["body_previewed"], false, "{shown}");
+    assert_eq!(preview(&gw, &large, false).await.status(), 404);
+    let (status, answer) = send_with_headers(
+        &gw,
+        &[
+            ("content-type", "application/octet-stream"),
+            ("content-encoding", "gzip"),
+        ],
+        "small",
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    let encoded = answer["approval_id"].as_str().unwrap();
+    assert_eq!(preview(&gw, encoded, false).await.status(), 404);
+}
+
 #[tokio::test]
 async fn each_mismatch_is_refused_and_leaves_the_approval_unused() {
     let gw = mail_send("").await;

@@ -365,6 +365,8 @@ async fn wait_for_human(
         body_size: body.len() as i64,
         headers: Vec::new(),
         headers_sha256: String::new(),
+        // The human reads the form in the approval itself.
+        previewed: false,
         status: ApprovalStatus::Pending,
         requested_at: now,
         expires_at: now.saturating_add(wait).min(grant.expires_at),

@@ -502,7 +502,7 @@ async fn write_spending(
     for a in batch.approvals_new() {
         sqlx::query(&format!(
             "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
         ))
         .bind(&a.id)
         .bind(&a.grant_id)
@@ -522,9 +522,18 @@ async fn write_spending(
         .bind(&a.approver)
         .bind(crate::common::headers_json(&a.headers))
         .bind(&a.headers_sha256)
+        .bind(a.previewed)
         .execute(&mut **tx)
         .await
         .map_err(unavailable)?;
+    }
+    for (id, sealed) in batch.previews_new() {
+        sqlx::query("INSERT INTO approval_previews (id, sealed) VALUES ($1, $2)")
+            .bind(id)
+            .bind(sealed)
+            .execute(&mut **tx)
+            .await
+            .map_err(unavailable)?;
     }
     Ok(())
 }

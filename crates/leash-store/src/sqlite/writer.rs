@@ -711,7 +711,7 @@ fn write_spending(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
     for a in batch.approvals_new() {
         tx.prepare_cached(&format!(
             "INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
         ))?
         .execute(rusqlite::params![
             a.id,
@@ -732,7 +732,12 @@ fn write_spending(tx: &rusqlite::Transaction<'_>, batch: &Batch) -> rusqlite::Re
             a.approver,
             headers_json(&a.headers),
             a.headers_sha256,
+            a.previewed,
         ])?;
+    }
+    for (id, sealed) in batch.previews_new() {
+        tx.prepare_cached("INSERT INTO approval_previews (id, sealed) VALUES (?1, ?2)")?
+            .execute(rusqlite::params![id, sealed])?;
     }
     Ok(())
 }
