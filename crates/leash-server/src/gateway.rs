@@ -1084,7 +1084,7 @@ impl Decided<'_> {
 /// The request headers an approval binds and shows the human (API §7): those the gateway
 /// forwards (so not `Authorization`, `DPoP`, `Leash-Approval`, cookies or hop-by-hop ones),
 /// but for per-request tracing ids a proxy in front sets anew on every request (an Envoy
-/// `x-request-id` would make every approved retry a mismatch).
+/// `x-request-id` would make every approved retry a mismatch), see [`is_tracing_id`].
 pub(crate) struct BoundHeaders {
     /// `(name, value)` in order, values lossily as UTF-8, for the human.
     pub(crate) shown: Vec<(String, String)>,
@@ -1098,10 +1098,10 @@ impl BoundHeaders {
         let listed = connection_listed(headers);
         let mut bound: Vec<(&HeaderName, &HeaderValue)> = headers
             .iter()
-            .filter(|(name, _)| {
+            .filter(|(name, value)| {
                 !is_stripped_request_header(name)
                     && !listed.iter().any(|l| l == name.as_str())
-                    && !is_tracing_header(name)
+                    && !is_tracing_id(name, value)
             })
             .collect();
         // The order of different fields carries no meaning (RFC 9110 §5.3), that of one
@@ -1130,18 +1130,35 @@ impl BoundHeaders {
     }
 }
 
-/// Per-request tracing ids (W3C, B3, Envoy, AWS, Google), forwarded but not bound.
-fn is_tracing_header(name: &HeaderName) -> bool {
-    let n = name.as_str();
-    matches!(
-        n,
-        "x-request-id"
-            | "traceparent"
-            | "tracestate"
-            | "b3"
-            | "x-amzn-trace-id"
-            | "x-cloud-trace-context"
-    ) || n.starts_with("x-b3-")
+/// A per-request tracing id (Envoy's `x-request-id`, W3C `traceparent`, B3's ids), forwarded
+/// but not bound: only when its value has the id's exact shape, so that none can carry anything
+/// else the human did not see (any other value is bound like any header).
+fn is_tracing_id(name: &HeaderName, value: &HeaderValue) -> bool {
+    let value = value.as_bytes();
+    let hex = |v: &[u8], lens: &[usize]| {
+        lens.contains(&v.len())
+            && v.iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+    };
+    match name.as_str() {
+        "x-request-id" => {
+            (1..=128).contains(&value.len())
+                && value
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        }
+        // version-traceid-parentid-flags (W3C Trace Context §3.2).
+        "traceparent" => {
+            let parts: Vec<&[u8]> = value.split(|b| *b == b'-').collect();
+            matches!(parts.as_slice(), [v, t, p, f]
+                if hex(v, &[2]) && hex(t, &[32]) && hex(p, &[16]) && hex(f, &[2]))
+        }
+        "x-b3-traceid" => hex(value, &[16, 32]),
+        "x-b3-spanid" | "x-b3-parentspanid" => hex(value, &[16]),
+        "x-b3-sampled" => matches!(value, b"0" | b"1" | b"d"),
+        "x-b3-flags" => value == b"1",
+        _ => false,
+    }
 }
 
 fn is_stripped_request_header(name: &HeaderName) -> bool {

@@ -4,8 +4,9 @@ at `GET /v1/approvals/{id}/body`.
 
 Every test runs against the real `leash` binary over loopback, as a malicious agent (raw DPoP
 requests, so that the retry can differ from what was approved) or as another human. A test that
-passes is an attack that was refused; a successful attack is `xfail(strict=True)` with the
-finding as its reason.
+passes is an attack that was refused. The two that first succeeded (an invented `x-b3-*` header
+and a tracing header carrying a payload, both unbound) are fixed: only B3's own ids, Envoy's
+`x-request-id` and W3C `traceparent` of an id's exact shape go unbound.
 """
 
 from __future__ import annotations
@@ -242,12 +243,6 @@ def test_tracing_ids_are_forwarded_unbound_but_only_the_known_names(
         assert not reached(upstream, path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING (low): every `x-b3-*` name is unbound, not only B3's five headers: an "
-    "agent adds `x-b3-transfer-to: mallory` (any name, any value) to the approved retry and it "
-    "reaches the upstream without the human having seen it",
-)
 def test_an_invented_x_b3_header_is_bound(raw: Raw, setup: Setup, upstream: Upstream) -> None:
     path = unique_path()
     approval = ask(raw, path, [])
@@ -256,14 +251,6 @@ def test_an_invented_x_b3_header_is_bound(raw: Raw, setup: Setup, upstream: Upst
     assert answer.status_code == 403, "forwarded: " + str(reached(upstream, path)[-1].headers)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING (low, by design of the unbound ids): the values of x-request-id, "
-    "traceparent, tracestate, b3, x-amzn-trace-id, x-cloud-trace-context are neither bound nor "
-    "checked for their format and are forwarded as the agent sent them: an agent can carry an "
-    "arbitrary payload the human never saw to an upstream that logs or acts on them "
-    "(e.g. tracestate vendor keys, an x-request-id used as an idempotency key)",
-)
 def test_a_tracing_header_cannot_carry_an_unseen_payload(
     raw: Raw, setup: Setup, upstream: Upstream
 ) -> None:
