@@ -212,18 +212,13 @@ pub async fn body(
     headers: HeaderMap,
 ) -> ApiResult<axum::response::Response> {
     use axum::http::{HeaderValue, header};
-    if matches!(authorization(&headers)?, Some((AuthScheme::Dpop, _))) {
-        return Err(ApiError::Forbidden(
-            "an approval's body is for the grant's human or the admin".into(),
-        ));
-    }
-    let caller = crate::extract::caller_from_headers(&state, &headers).await?;
-    let approval = state
-        .store
-        .approval(&id)
-        .await?
-        .filter(|a| caller.may_act_for(&a.subject))
-        .ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
+    let (_, approval) = human_and_approval(
+        &state,
+        &id,
+        &headers,
+        "an approval's body is for the grant's human or the admin",
+    )
+    .await?;
     let now = state.clock.now();
     let sealed = match approval.status_at(now) {
         ApprovalStatus::Pending => state.store.approval_preview(&approval.id).await?,
@@ -260,6 +255,28 @@ pub async fn body(
     );
     out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+/// The caller, the grant's human or the admin, and the approval `id` they may act on (another
+/// human's is not found). An agent is refused with `agent_refusal` whatever its token or proof,
+/// before anything is looked up.
+async fn human_and_approval(
+    state: &AppState,
+    id: &str,
+    headers: &HeaderMap,
+    agent_refusal: &str,
+) -> ApiResult<(Caller, Approval)> {
+    if matches!(authorization(headers)?, Some((AuthScheme::Dpop, _))) {
+        return Err(ApiError::Forbidden(agent_refusal.into()));
+    }
+    let caller = crate::extract::caller_from_headers(state, headers).await?;
+    let approval = state
+        .store
+        .approval(id)
+        .await?
+        .filter(|a| caller.may_act_for(&a.subject))
+        .ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
+    Ok((caller, approval))
 }
 
 /// The optional body of `POST /v1/approvals/{id}/approve`.
@@ -304,20 +321,14 @@ async fn decide(
     approval_request: Option<axum::extract::Request>,
 ) -> ApiResult<Json<ApprovalView>> {
     let approve = approval_request.is_some();
-    // An agent never decides, whatever its token or proof: refuse before looking further.
-    if matches!(authorization(&headers)?, Some((AuthScheme::Dpop, _))) {
-        return Err(ApiError::Forbidden(
-            "an agent cannot approve or deny: only the grant's human or the admin can".into(),
-        ));
-    }
-    let caller = crate::extract::caller_from_headers(&state, &headers).await?;
+    let (caller, approval) = human_and_approval(
+        &state,
+        &id,
+        &headers,
+        "an agent cannot approve or deny: only the grant's human or the admin can",
+    )
+    .await?;
     let now = state.clock.now();
-    let approval = state
-        .store
-        .approval(&id)
-        .await?
-        .filter(|a| caller.may_act_for(&a.subject))
-        .ok_or_else(|| ApiError::NotFound("no such approval".into()))?;
     let elicitation = approval.method == ELICITATION_METHOD;
     // The body is read only once the caller may decide.
     let content = match approval_request {
