@@ -915,12 +915,9 @@ pub(crate) async fn forward(
         target.push('?');
         target.push_str(query);
     }
-    let listed = connection_listed(headers);
     let mut out = HeaderMap::new();
-    for (name, value) in headers {
-        if !is_stripped_request_header(name) && !listed.iter().any(|l| l == name.as_str()) {
-            out.append(name.clone(), value.clone());
-        }
+    for (name, value) in forwarded_request_headers(headers) {
+        out.append(name.clone(), value.clone());
     }
     let injected = decided
         .upstream_headers(state, request_id)
@@ -1079,8 +1076,6 @@ impl Decided<'_> {
     }
 }
 
-/// Headers of the caller that never reach an upstream, besides those `Connection` lists: the
-/// one list of them, with [`crate::overrides::is_override_header`].
 /// The request headers an approval binds and shows the human (API §7): those the gateway
 /// forwards (so not `Authorization`, `DPoP`, `Leash-Approval`, cookies or hop-by-hop ones),
 /// but for per-request tracing ids a proxy in front sets anew on every request (an Envoy
@@ -1095,14 +1090,8 @@ pub(crate) struct BoundHeaders {
 impl BoundHeaders {
     pub(crate) fn of(headers: &HeaderMap) -> Self {
         use sha2::Digest as _;
-        let listed = connection_listed(headers);
-        let mut bound: Vec<(&HeaderName, &HeaderValue)> = headers
-            .iter()
-            .filter(|(name, value)| {
-                !is_stripped_request_header(name)
-                    && !listed.iter().any(|l| l == name.as_str())
-                    && !is_tracing_id(name, value)
-            })
+        let mut bound: Vec<(&HeaderName, &HeaderValue)> = forwarded_request_headers(headers)
+            .filter(|(name, value)| !is_tracing_id(name, value))
             .collect();
         // The order of different fields carries no meaning (RFC 9110 §5.3), that of one
         // field's lines does: a stable sort by name keeps the latter.
@@ -1161,6 +1150,19 @@ fn is_tracing_id(name: &HeaderName, value: &HeaderValue) -> bool {
     }
 }
 
+/// The caller's headers the gateway forwards: all but those [`is_stripped_request_header`]
+/// names and those `Connection` lists.
+fn forwarded_request_headers(
+    headers: &HeaderMap,
+) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    let listed = connection_listed(headers);
+    headers.iter().filter(move |(name, _)| {
+        !is_stripped_request_header(name) && !listed.iter().any(|l| l == name.as_str())
+    })
+}
+
+/// Headers of the caller that never reach an upstream, besides those `Connection` lists: the
+/// one list of them, with [`crate::overrides::is_override_header`].
 fn is_stripped_request_header(name: &HeaderName) -> bool {
     let n = name.as_str();
     matches!(
