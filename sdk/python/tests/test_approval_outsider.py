@@ -364,13 +364,14 @@ def test_the_body_is_gone_once_decided(raw: Raw, setup: Setup, decision: str) ->
 
 def test_the_body_is_gone_once_expired(make_leash: Any, tmp_path: Path) -> None:
     """Held: an expired approval's body is not served."""
-    leash = make_leash("approval_ttl = 1")
+    # Expiry is in whole seconds: a TTL of 3 lives between 2 and 3 seconds.
+    leash = make_leash("approval_ttl = 3")
     setup = set_up(leash, tmp_path)
     agent = Raw(setup)
     try:
         approval = ask(agent, unique_path(), [], MARKER.encode())
         assert body_of(leash, approval, setup.user_key).status_code == 200
-        time.sleep(2.2)
+        time.sleep(3.2)
         answer = body_of(leash, approval, setup.user_key)
         assert answer.status_code == 404, answer.text
         assert MARKER not in answer.text

@@ -434,7 +434,9 @@ async fn each_mismatch_is_refused_and_leaves_the_approval_unused() {
 
 #[tokio::test]
 async fn denied_and_expired_approvals_are_never_forwarded() {
-    let gw = mail_send("approval_ttl = 1").await;
+    // Expiry is kept in whole seconds, so a TTL of n lives between n - 1 and n seconds:
+    // 3 leaves the steps below at least 2 s before the first approval expires.
+    let gw = mail_send("approval_ttl = 3").await;
     let denied = ask(&gw, "a").await;
     let (status, decided) = decide(&gw, &gw.s.user_key, &denied, "deny").await;
     assert_eq!((status, decided["status"].as_str()), (200, Some("denied")));
