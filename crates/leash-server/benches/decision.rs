@@ -107,6 +107,7 @@ fn setup() -> Setup {
             id: "usr_bench".into(),
             name: "alice".into(),
             created_at: t,
+            disabled: false,
         };
         store
             .create_user(

@@ -19,7 +19,7 @@ use crate::audit;
 use crate::config::{Risk, valid_action};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    Admin, Caller, JsonBody, ResourceCaller, StatusQuery, authenticate_resource, status_filter,
+    Admin, Caller, JsonBody, ResourceCaller, StatusQuery, authenticate_api_caller, status_filter,
 };
 use crate::openapi::ApiErrors;
 use crate::state::AppState;
@@ -32,6 +32,8 @@ pub struct UserView {
     name: String,
     /// RFC 3339.
     created_at: String,
+    /// Disabled by the admin: none of their sessions or keys work, their grants are revoked.
+    disabled: bool,
 }
 
 impl From<&User> for UserView {
@@ -40,8 +42,65 @@ impl From<&User> for UserView {
             id: user.id.clone(),
             name: user.name.clone(),
             created_at: rfc3339(user.created_at),
+            disabled: user.disabled,
         }
     }
+}
+
+/// `GET /v1/me`: who the caller is.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    /// `usr_…`; null for the admin key.
+    id: Option<String>,
+    name: String,
+    /// Whether the caller has the admin's rights (the admin key, or an admin group at login).
+    admin: bool,
+}
+
+/// `GET /v1/me` (admin or human): who the caller is, for the console.
+#[utoipa::path(get, path = "/v1/me", tag = "humans",
+    responses((status = 200, body = Me), ApiErrors), security(("api_key" = [])))]
+pub async fn me(caller: Caller) -> Json<Me> {
+    Json(Me {
+        id: caller.user().map(|u| u.id.clone()),
+        name: caller
+            .user()
+            .map_or_else(|| "admin".to_owned(), |u| u.name.clone()),
+        admin: caller.is_admin(),
+    })
+}
+
+/// `POST /v1/users/{id}/disable` (admin): the human's sessions and API key stop working at
+/// once, and every grant they made is revoked.
+#[utoipa::path(post, path = "/v1/users/{id}/disable", tag = "humans", params(("id" = String, Path)),
+    responses((status = 200, body = UserView), ApiErrors), security(("api_key" = [])))]
+pub async fn disable_user(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<UserView>> {
+    if !caller.is_admin() {
+        return Err(ApiError::Forbidden("this call needs the admin".into()));
+    }
+    let now = state.clock.now();
+    let actor = caller.user().map_or("admin", |u| u.id.as_str());
+    let event = audit::system_event(
+        "user.disabled",
+        actor,
+        Some(&id),
+        Some("sessions ended, keys refused, every grant revoked"),
+        now,
+    );
+    if !state.store.disable_user(&id, now, &event).await? {
+        return Err(ApiError::NotFound("no such user".into()));
+    }
+    tracing::info!(user = %id, "user disabled");
+    let users = state.store.list_users().await?;
+    let user = users
+        .iter()
+        .find(|u| u.id == id)
+        .ok_or_else(|| ApiError::NotFound("no such user".into()))?;
+    Ok(Json(UserView::from(user)))
 }
 
 /// A human just created, with their API key (shown once).
@@ -84,6 +143,7 @@ pub async fn create_user(
         id: random_id("usr_"),
         name: name.to_owned(),
         created_at: state.clock.now(),
+        disabled: false,
     };
     let event = audit::system_event(
         "user.created",
@@ -357,7 +417,7 @@ pub async fn create_grant(
     caller: Caller,
     JsonBody(body): JsonBody<NewGrant>,
 ) -> ApiResult<(StatusCode, Json<CreatedGrant>)> {
-    let Caller::Human(user) = caller else {
+    let (Caller::Human(user) | Caller::AdminHuman(user)) = caller else {
         return Err(ApiError::Forbidden(
             "grants are created by the human who delegates, with their own key".into(),
         ));
@@ -593,7 +653,7 @@ pub async fn complete_grant(
     uri: Uri,
     headers: HeaderMap,
 ) -> ApiResult<Json<GrantView>> {
-    let (grant, mode) = match authenticate_resource(&state, &method, &uri, &headers).await? {
+    let (grant, mode) = match authenticate_api_caller(&state, &method, &uri, &headers).await? {
         ResourceCaller::Agent(agent) if agent.grant.id == id => {
             agent.claim_proof(&state, state.clock.now()).await?;
             (agent.grant, Mode::Delegated)

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{
-    AuthScheme, Caller, ResourceCaller, StatusQuery, authenticate_resource, authorization,
+    AuthScheme, Caller, ResourceCaller, StatusQuery, authenticate_api_caller, authorization,
     optional_json, status_filter,
 };
 use crate::mcp::{AnswerError, ELICITATION_METHOD, ElicitationView};
@@ -175,7 +175,7 @@ pub async fn get(
     let now = state.clock.now();
     let approval = state.store.approval(&id).await?;
     let not_found = || ApiError::NotFound("no such approval".into());
-    match authenticate_resource(&state, &method, &uri, &headers).await? {
+    match authenticate_api_caller(&state, &method, &uri, &headers).await? {
         ResourceCaller::Agent(agent) => {
             agent.claim_proof(&state, now).await?;
             let approval = approval
@@ -360,10 +360,9 @@ async fn decide(
             })?;
     }
     let unprepare = prepared.then(|| Unprepare(&state, &approval.id));
-    let approver = match &caller {
-        Caller::Admin => "admin".to_owned(),
-        Caller::Human(user) => user.id.clone(),
-    };
+    let approver = caller
+        .user()
+        .map_or_else(|| "admin".to_owned(), |user| user.id.clone());
     let grant = state.store.grant(&approval.grant_id).await?;
     if elicitation && approve && !grant.as_ref().is_some_and(|g| g.is_live(now)) {
         return Err(ApiError::Conflict(

@@ -83,7 +83,7 @@ pub fn grant_event(kind: &str, mode: Mode, grant: &Grant, now: i64) -> AuditEven
 pub fn caller_mode(caller: &Caller) -> Mode {
     match caller {
         Caller::Admin => Mode::System,
-        Caller::Human(_) => Mode::Direct,
+        Caller::Human(_) | Caller::AdminHuman(_) => Mode::Direct,
     }
 }
 
@@ -244,11 +244,12 @@ pub struct SinceParams {
 }
 
 fn admin_only(caller: &Caller) -> ApiResult<()> {
-    match caller {
-        Caller::Admin => Ok(()),
-        Caller::Human(_) => Err(ApiError::Forbidden(
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
             "only the admin reads audit checkpoints".into(),
-        )),
+        ))
     }
 }
 

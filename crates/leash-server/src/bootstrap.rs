@@ -160,6 +160,11 @@ pub async fn prepare(
     };
     let public_url = config.public_url.clone().unwrap_or_else(|| issuer.clone());
     let token_endpoint = url::Url::parse(&format!("{issuer}/oauth2/token"))?;
+    let origin = url::Url::parse(&public_url)?.origin().ascii_serialization();
+    let oidc = match &config.oidc {
+        Some(oidc) => Some(crate::oidc::Oidc::new(oidc.clone(), &public_url).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let mut verify_keys = HashMap::new();
     verify_keys.insert(signing.kid().to_owned(), signing.public());
     let token_rates = CallerRates::new(config.limits.token_rate);
@@ -169,6 +174,8 @@ pub async fn prepare(
         config,
         issuer,
         public_url,
+        origin,
+        oidc,
         token_endpoint,
         store,
         clock,

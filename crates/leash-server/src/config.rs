@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use leash_core::secret::Secret;
 use serde::Deserialize;
 
 /// Environment variable: listen address.
@@ -95,6 +96,99 @@ struct FileConfig {
     mcp: Option<McpFile>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    oidc: Option<OidcFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OidcFile {
+    issuer: String,
+    client_id: String,
+    client_secret_env: Option<String>,
+    scopes: Option<Vec<String>>,
+    #[serde(default)]
+    admin_groups: Vec<String>,
+    allowed_groups: Option<Vec<String>>,
+    audience: Option<String>,
+    session_ttl: Option<i64>,
+    session_idle: Option<i64>,
+}
+
+/// Environment variable holding the OIDC client secret unless `[oidc] client_secret_env` names
+/// another.
+pub const ENV_OIDC_CLIENT_SECRET: &str = "LEASH_OIDC_CLIENT_SECRET";
+
+/// Human login through the company's IdP (API §13), `[oidc]`.
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    /// The IdP's issuer; discovery is `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    /// Leash's client id at the IdP.
+    pub client_id: String,
+    /// Leash's client secret at the IdP (from the environment, never the file).
+    pub client_secret: Secret,
+    /// Scopes asked for at login; `openid` always among them.
+    pub scopes: Vec<String>,
+    /// ID-token `groups` values that make a human an admin.
+    pub admin_groups: Vec<String>,
+    /// When set, only humans in one of these groups may log in.
+    pub allowed_groups: Option<Vec<String>>,
+    /// The `aud` an IdP access token must carry to be accepted as a Bearer token; none → IdP
+    /// tokens are not accepted.
+    pub audience: Option<String>,
+    /// A session's absolute lifetime, seconds.
+    pub session_ttl: i64,
+    /// How long a session may go unused, seconds.
+    pub session_idle: i64,
+}
+
+fn oidc(
+    file: Option<OidcFile>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<OidcConfig>, ConfigError> {
+    let Some(file) = file else {
+        return Ok(None);
+    };
+    let issuer = base_url("oidc.issuer", file.issuer)?;
+    if file.client_id.is_empty() {
+        return Err(invalid("oidc.client_id", "must not be empty"));
+    }
+    let secret_env = file
+        .client_secret_env
+        .unwrap_or_else(|| ENV_OIDC_CLIENT_SECRET.to_owned());
+    let client_secret = env(&secret_env).filter(|s| !s.is_empty()).ok_or_else(|| {
+        invalid(
+            "oidc.client_secret_env",
+            format!("set the client secret in the environment variable {secret_env}"),
+        )
+    })?;
+    let mut scopes = file
+        .scopes
+        .unwrap_or_else(|| vec!["openid".into(), "email".into(), "profile".into()]);
+    if !scopes.iter().any(|s| s == "openid") {
+        scopes.insert(0, "openid".into());
+    }
+    if let Some(audience) = &file.audience
+        && *audience == file.client_id
+    {
+        // ID tokens carry the client id as `aud`: with this audience they would pass as
+        // access tokens.
+        return Err(invalid(
+            "oidc.audience",
+            "must differ from client_id (ID tokens are never accepted as Bearer tokens)",
+        ));
+    }
+    Ok(Some(OidcConfig {
+        issuer,
+        client_id: file.client_id,
+        client_secret: Secret::new(client_secret),
+        scopes,
+        admin_groups: file.admin_groups,
+        allowed_groups: file.allowed_groups,
+        audience: file.audience,
+        session_ttl: positive("oidc.session_ttl", file.session_ttl, 8 * 3600)?,
+        session_idle: positive("oidc.session_idle", file.session_idle, 3600)?,
+    }))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -613,6 +707,8 @@ pub struct Config {
     pub mcp_approval_wait: std::time::Duration,
     /// Proxies whose `X-Forwarded-For` names the client for per-address limits.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Human login through an IdP, when configured.
+    pub oidc: Option<OidcConfig>,
 }
 
 /// A positive number of seconds as a duration, `default` when unset.
@@ -913,6 +1009,7 @@ impl Config {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            oidc: oidc(file.oidc, &env)?,
         })
     }
 

@@ -71,6 +71,14 @@ pub enum ApiError {
     /// 401 `use_dpop_nonce` at a resource, with a fresh `DPoP-Nonce`.
     #[error("resource server requires nonce in DPoP proof")]
     ResourceUseNonce(String),
+    /// 403 `csrf`: a state-changing request authenticated by a session cookie without
+    /// Leash's own `Origin` (API §13).
+    #[error("{0}")]
+    Csrf(String),
+    /// 403 `access_denied`: the IdP vouched for the human, and Leash does not let them in
+    /// (`[oidc] allowed_groups`, or a disabled human).
+    #[error("{0}")]
+    AccessDenied(String),
     /// 403 `no_route`: no route of the upstream names this request's action.
     #[error("{0}")]
     NoRoute(String),
@@ -174,6 +182,8 @@ impl ApiError {
             }
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::Csrf(_) => (StatusCode::FORBIDDEN, "csrf"),
+            Self::AccessDenied(_) => (StatusCode::FORBIDDEN, "access_denied"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
@@ -267,6 +277,8 @@ impl IntoResponse for ApiError {
             | Self::TooLarge(_)
             | Self::UnsupportedMediaType(_)
             | Self::Forbidden(_)
+            | Self::Csrf(_)
+            | Self::AccessDenied(_)
             | Self::NotFound(_)
             | Self::MethodNotAllowed
             | Self::Conflict(_)

@@ -324,7 +324,7 @@ pub(crate) async fn authenticate(
                 token: Some(agent.claims),
             }
         }
-        ResourceCaller::Key(Caller::Human(user)) => Principal {
+        ResourceCaller::Key(Caller::Human(user) | Caller::AdminHuman(user)) => Principal {
             mode: Mode::Direct,
             proof_once: None,
             actor: user.id.clone(),

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod authorize;
 pub mod bootstrap;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod files;
@@ -17,6 +18,7 @@ pub mod mcp;
 pub mod meta;
 pub mod notify;
 pub mod oauth;
+pub mod oidc;
 pub mod openapi;
 pub mod overrides;
 pub mod reflection;
@@ -53,6 +55,8 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(oauth::revoke))
         .routes(routes!(oauth::introspect))
         .routes(routes!(api::create_user, api::list_users))
+        .routes(routes!(api::disable_user))
+        .routes(routes!(api::me))
         .routes(routes!(api::create_agent, api::list_agents))
         .routes(routes!(api::get_agent))
         .routes(routes!(api::disable_agent))
@@ -102,10 +106,21 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/.well-known/oauth-protected-resource/mcp/{upstream}",
             axum::routing::get(mcp::resource_metadata),
         )
+        .route("/login", get(oidc::login))
+        .route("/auth/callback", get(oidc::callback))
+        .route("/logout", axum::routing::post(oidc::logout))
+        .route("/console", get(console::index))
+        .route("/console/", get(console::index))
+        .route("/console/assets/app.js", get(console::script))
+        .route("/console/assets/app.css", get(console::style))
         .route("/gw/{upstream}", any(gateway::handle))
         .route("/gw/{upstream}/{*path}", any(gateway::handle))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            console::csrf_guard,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(state.config.limits.clone()),
             listener::check_head,

@@ -483,7 +483,7 @@ pub async fn introspect(
         Some((AuthScheme::Bearer, key)) => caller_from_key(&state, key).await?,
         _ => None,
     };
-    if !matches!(caller, Some(Caller::Admin)) {
+    if !caller.as_ref().is_some_and(Caller::is_admin) {
         return Err(ApiError::InvalidClient(
             "introspection needs Authorization: Bearer <admin key>".into(),
         ));

@@ -46,6 +46,11 @@ pub struct AppState {
     pub issuer: String,
     /// External base URL for resource-side DPoP `htu`.
     pub public_url: String,
+    /// The origin (`scheme://host[:port]`) of `public_url`: what a browser's `Origin` must be
+    /// on a cookie-authenticated change (API §13).
+    pub origin: String,
+    /// Human login through the IdP, when `[oidc]` is configured.
+    pub oidc: Option<crate::oidc::Oidc>,
     /// `<issuer>/oauth2/token`.
     pub token_endpoint: url::Url,
     /// The repositories.

@@ -93,7 +93,7 @@ fn context(entry_subject: &str, upstream: &str, kind: &str, name: Option<&str>) 
 
 fn human(caller: Caller) -> ApiResult<leash_store::User> {
     match caller {
-        Caller::Human(user) => Ok(user),
+        Caller::Human(user) | Caller::AdminHuman(user) => Ok(user),
         Caller::Admin => Err(ApiError::Forbidden(
             "the vault holds humans' own credentials: use the human's key".into(),
         )),

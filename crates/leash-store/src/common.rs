@@ -7,7 +7,8 @@ use leash_core::audit::{Checkpoint, Outcome};
 use leash_core::grant::{Grant, GrantStatus};
 
 use crate::{
-    Agent, Approval, ApprovalStatus, CheckpointSigner, StoreError, StoreResult, User, VaultEntry,
+    Agent, Approval, ApprovalStatus, CheckpointSigner, Login, Session, StoreError, StoreResult, User,
+    VaultEntry,
 };
 
 /// Typed column reads, the same for a SQLite and a PostgreSQL row (both schemas use TEXT,
@@ -166,6 +167,27 @@ pub(crate) fn user_from_row(row: &impl Columns) -> StoreResult<User> {
         id: row.column("id")?,
         name: row.column("name")?,
         created_at: row.column("created_at")?,
+        disabled: row.int("disabled")? != 0,
+    })
+}
+
+pub(crate) fn session_from_row(row: &impl Columns) -> StoreResult<Session> {
+    Ok(Session {
+        user: user_from_row(row)?,
+        admin: row.int("admin")? != 0,
+        created_at: row.column("session_created_at")?,
+        last_seen: row.column("last_seen")?,
+        expires_at: row.column("expires_at")?,
+    })
+}
+
+pub(crate) fn login_from_row(row: &impl Columns) -> StoreResult<Login> {
+    Ok(Login {
+        state: row.column("state")?,
+        nonce: row.column("nonce")?,
+        verifier: row.column("verifier")?,
+        return_to: row.column("return_to")?,
+        expires_at: row.column("expires_at")?,
     })
 }
 

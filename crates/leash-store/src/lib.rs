@@ -77,6 +77,38 @@ pub struct User {
     pub name: String,
     /// Creation time.
     pub created_at: i64,
+    /// Disabled by the admin: no session or API key of theirs works.
+    pub disabled: bool,
+}
+
+/// A browser session of a human (API §13), found by the digest of its cookie's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Whose it is (never a disabled human: their sessions are deleted).
+    pub user: User,
+    /// Whether the ID token's groups made the human an admin at login.
+    pub admin: bool,
+    /// Login time.
+    pub created_at: i64,
+    /// Last use, kept to within a minute (for the idle end).
+    pub last_seen: i64,
+    /// Absolute end.
+    pub expires_at: i64,
+}
+
+/// A login under way: what `/login` bound to the browser's login cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    /// The OAuth `state` sent to the IdP.
+    pub state: String,
+    /// The OIDC `nonce` the ID token must carry.
+    pub nonce: String,
+    /// The PKCE code verifier.
+    pub verifier: String,
+    /// The same-origin path to go to once logged in.
+    pub return_to: String,
+    /// When the login can no longer complete.
+    pub expires_at: i64,
 }
 
 /// A registered agent (workload identity).
@@ -439,10 +471,42 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         key: &SecretDigest,
         event: &AuditEvent,
     ) -> StoreResult<()>;
-    /// The user owning an API key.
+    /// The user owning an API key, unless disabled.
     async fn user_by_key(&self, key: &SecretDigest) -> StoreResult<Option<User>>;
     /// All users.
     async fn list_users(&self) -> StoreResult<Vec<User>>;
+    /// The human an OIDC provider knows as (`issuer`, `subject`), disabled or not; if there is
+    /// none, `new` is stored as that human (with `key`, a digest of a key nobody holds, and
+    /// `event`) and returned, renamed `name (id)` when its name is taken.
+    async fn oidc_user(
+        &self,
+        issuer: &str,
+        subject: &str,
+        new: &User,
+        key: &SecretDigest,
+        event: &AuditEvent,
+    ) -> StoreResult<User>;
+    /// Disables a human, deletes their sessions and revokes their active grants, in one
+    /// transaction; false if unknown (and then no event).
+    async fn disable_user(&self, id: &str, now: i64, event: &AuditEvent) -> StoreResult<bool>;
+
+    /// Stores a new session under the digest of its id, with its login's event.
+    async fn create_session(
+        &self,
+        id: &SecretDigest,
+        session: &Session,
+        event: &AuditEvent,
+    ) -> StoreResult<()>;
+    /// A session by the digest of its id, with its human (none once the human is disabled).
+    async fn session(&self, id: &SecretDigest) -> StoreResult<Option<Session>>;
+    /// Records a session's use at `now`.
+    async fn touch_session(&self, id: &SecretDigest, now: i64) -> StoreResult<()>;
+    /// Deletes a session; `event` is written only if there was one. False if there was none.
+    async fn end_session(&self, id: &SecretDigest, event: &AuditEvent) -> StoreResult<bool>;
+    /// Stores a login under way under the digest of its cookie's value.
+    async fn create_login(&self, id: &SecretDigest, login: &Login) -> StoreResult<()>;
+    /// Takes (deletes and returns) a login under way: a second take finds nothing.
+    async fn take_login(&self, id: &SecretDigest) -> StoreResult<Option<Login>>;
 
     /// Registers an agent; `Conflict` if the id is taken.
     async fn create_agent(&self, agent: &Agent, event: &AuditEvent) -> StoreResult<()>;

@@ -15,10 +15,11 @@ use leash_core::secret::SecretDigest;
 use crate::common::{
     APPROVAL_COLUMNS, Columns as _, GRANT_BY_HANDLE, GRANT_COLUMNS, agent_from_row,
     approval_from_row, checkpoint_from_row, grant_from_row, grant_with_agent_from_row, json_list,
-    unavailable, user_from_row, vault_from_row,
+    login_from_row, session_from_row, unavailable, user_from_row, vault_from_row,
 };
 use crate::{
-    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, StoreResult, User, VaultEntry,
+    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, Login, Session, StoreResult,
+    User, VaultEntry,
 };
 
 /// The shared statements, on a connection of the database.
@@ -52,6 +53,65 @@ pub(crate) trait Queries: sqlx::Database {
     fn list_users(
         conn: &mut Self::Connection,
     ) -> impl Future<Output = StoreResult<Vec<User>>> + Send;
+    fn user_by_oidc_subject(
+        conn: &mut Self::Connection,
+        issuer: &str,
+        subject: &str,
+    ) -> impl Future<Output = StoreResult<Option<User>>> + Send;
+    fn user_name_taken(
+        conn: &mut Self::Connection,
+        name: &str,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    fn create_oidc_user(
+        conn: &mut Self::Connection,
+        user: &User,
+        key: &SecretDigest,
+        issuer: &str,
+        subject: &str,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Marks the human disabled and deletes their sessions; false if there is no such human.
+    fn disable_user_row(
+        conn: &mut Self::Connection,
+        id: &str,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Revokes every active grant the human made.
+    fn revoke_user_grants(
+        conn: &mut Self::Connection,
+        id: &str,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn create_session(
+        conn: &mut Self::Connection,
+        id: &SecretDigest,
+        session: &Session,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn session(
+        conn: &mut Self::Connection,
+        id: &SecretDigest,
+    ) -> impl Future<Output = StoreResult<Option<Session>>> + Send;
+    fn touch_session(
+        conn: &mut Self::Connection,
+        id: &SecretDigest,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn delete_session(
+        conn: &mut Self::Connection,
+        id: &SecretDigest,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    fn create_login(
+        conn: &mut Self::Connection,
+        id: &SecretDigest,
+        login: &Login,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn take_login(
+        conn: &mut Self::Connection,
+        id: &SecretDigest,
+    ) -> impl Future<Output = StoreResult<Option<Login>>> + Send;
+    /// Deletes sessions and logins past their end; returns how many.
+    fn prune_sessions(
+        conn: &mut Self::Connection,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<u64>> + Send;
     fn create_agent(
         conn: &mut Self::Connection,
         agent: &Agent,
@@ -238,7 +298,10 @@ macro_rules! shared_queries {
             conn: &mut <$db as sqlx::Database>::Connection,
             key: &SecretDigest,
         ) -> StoreResult<Option<User>> {
-            let row = sqlx::query("SELECT id, name, created_at FROM users WHERE key_digest = $1")
+            let row = sqlx::query(
+                "SELECT id, name, created_at, disabled FROM users \
+                 WHERE key_digest = $1 AND disabled = 0",
+            )
                 .bind(key.as_str())
                 .fetch_optional(conn)
                 .await
@@ -249,11 +312,216 @@ macro_rules! shared_queries {
         async fn list_users(
             conn: &mut <$db as sqlx::Database>::Connection,
         ) -> StoreResult<Vec<User>> {
-            let rows = sqlx::query("SELECT id, name, created_at FROM users ORDER BY created_at, id")
+            let rows = sqlx::query(
+                "SELECT id, name, created_at, disabled FROM users ORDER BY created_at, id",
+            )
                 .fetch_all(conn)
                 .await
                 .map_err(unavailable)?;
             rows.iter().map(user_from_row).collect()
+        }
+
+        async fn user_by_oidc_subject(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            issuer: &str,
+            subject: &str,
+        ) -> StoreResult<Option<User>> {
+            let row = sqlx::query(
+                "SELECT id, name, created_at, disabled FROM users \
+                 WHERE oidc_iss = $1 AND oidc_sub = $2",
+            )
+            .bind(issuer)
+            .bind(subject)
+            .fetch_optional(conn)
+            .await
+            .map_err(unavailable)?;
+            row.as_ref().map(user_from_row).transpose()
+        }
+
+        async fn user_name_taken(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            name: &str,
+        ) -> StoreResult<bool> {
+            let row = sqlx::query("SELECT 1 AS taken FROM users WHERE name = $1")
+                .bind(name)
+                .fetch_optional(conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(row.is_some())
+        }
+
+        async fn create_oidc_user(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            user: &User,
+            key: &SecretDigest,
+            issuer: &str,
+            subject: &str,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO users (id, name, key_digest, created_at, oidc_iss, oidc_sub) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&user.id)
+            .bind(&user.name)
+            .bind(key.as_str())
+            .bind(user.created_at)
+            .bind(issuer)
+            .bind(subject)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn disable_user_row(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &str,
+        ) -> StoreResult<bool> {
+            let done = sqlx::query("UPDATE users SET disabled = 1 WHERE id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(done.rows_affected() > 0)
+        }
+
+        async fn revoke_user_grants(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &str,
+            now: i64,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "UPDATE grants SET status = 'revoked', ended_at = $1, \
+                 end_reason = 'user disabled' WHERE subject = $2 AND status = 'active'",
+            )
+            .bind(now)
+            .bind(id)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn create_session(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &SecretDigest,
+            session: &Session,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO sessions (id_digest, user_id, admin, created_at, last_seen, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id.as_str())
+            .bind(&session.user.id)
+            .bind(i64::from(session.admin))
+            .bind(session.created_at)
+            .bind(session.last_seen)
+            .bind(session.expires_at)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn session(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &SecretDigest,
+        ) -> StoreResult<Option<Session>> {
+            let row = sqlx::query(
+                "SELECT u.id, u.name, u.created_at, u.disabled, s.admin, \
+                 s.created_at AS session_created_at, s.last_seen, s.expires_at \
+                 FROM sessions s JOIN users u ON u.id = s.user_id \
+                 WHERE s.id_digest = $1 AND u.disabled = 0",
+            )
+            .bind(id.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(unavailable)?;
+            row.as_ref().map(session_from_row).transpose()
+        }
+
+        async fn touch_session(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &SecretDigest,
+            now: i64,
+        ) -> StoreResult<()> {
+            sqlx::query("UPDATE sessions SET last_seen = $1 WHERE id_digest = $2 AND last_seen < $1")
+                .bind(now)
+                .bind(id.as_str())
+                .execute(conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn delete_session(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &SecretDigest,
+        ) -> StoreResult<bool> {
+            let done = sqlx::query("DELETE FROM sessions WHERE id_digest = $1")
+                .bind(id.as_str())
+                .execute(conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(done.rows_affected() > 0)
+        }
+
+        async fn create_login(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &SecretDigest,
+            login: &Login,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO logins (id_digest, state, nonce, verifier, return_to, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id.as_str())
+            .bind(&login.state)
+            .bind(&login.nonce)
+            .bind(&login.verifier)
+            .bind(&login.return_to)
+            .bind(login.expires_at)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn take_login(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            id: &SecretDigest,
+        ) -> StoreResult<Option<Login>> {
+            let row = sqlx::query(
+                "DELETE FROM logins WHERE id_digest = $1 \
+                 RETURNING state, nonce, verifier, return_to, expires_at",
+            )
+            .bind(id.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(unavailable)?;
+            row.as_ref().map(login_from_row).transpose()
+        }
+
+        async fn prune_sessions(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            now: i64,
+        ) -> StoreResult<u64> {
+            let sessions = sqlx::query("DELETE FROM sessions WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            let logins = sqlx::query("DELETE FROM logins WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(sessions.rows_affected() + logins.rows_affected())
         }
 
         async fn create_agent(

@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 use crate::common::{Memo, SignerSlot, draft_of, log_unflushed, unavailable, vault_key};
 use crate::queries::Queries;
 use crate::{
-    ActionUse, Agent, Approval, AuditQuery, CheckpointSigner, GrantEnd, RequestUse, Store,
-    StoreError, StoreResult, UseVerdict, User, VaultEntry,
+    ActionUse, Agent, Approval, AuditQuery, CheckpointSigner, GrantEnd, Login, RequestUse, Session,
+    Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
 };
 
 /// A connection of a backend's database.
@@ -267,6 +267,75 @@ impl<B: Backend> Store for Repo<B> {
         B::Db::list_users(&mut *self.read().await?).await
     }
 
+    async fn oidc_user(
+        &self,
+        issuer: &str,
+        subject: &str,
+        new: &User,
+        key: &SecretDigest,
+        event: &AuditEvent,
+    ) -> StoreResult<User> {
+        let mut tx = self.begin().await?;
+        if let Some(user) = B::Db::user_by_oidc_subject(&mut tx, issuer, subject).await? {
+            return Ok(user);
+        }
+        let mut user = new.clone();
+        if B::Db::user_name_taken(&mut tx, &user.name).await? {
+            // Names are for display; who a human is comes only from (iss, sub).
+            user.name = format!("{} ({})", user.name, user.id);
+        }
+        B::Db::create_oidc_user(&mut tx, &user, key, issuer, subject).await?;
+        self.commit_change(tx, Some(event), &[]).await?;
+        Ok(user)
+    }
+
+    async fn disable_user(&self, id: &str, now: i64, event: &AuditEvent) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let found = B::Db::disable_user_row(&mut tx, id).await?;
+        B::Db::revoke_user_grants(&mut tx, id, now).await?;
+        self.commit_change(tx, found.then_some(event), &[Change::AllGrants])
+            .await
+            .map(|()| found)
+    }
+
+    async fn create_session(
+        &self,
+        id: &SecretDigest,
+        session: &Session,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        B::Db::create_session(&mut tx, id, session).await?;
+        self.commit_change(tx, Some(event), &[]).await
+    }
+
+    async fn session(&self, id: &SecretDigest) -> StoreResult<Option<Session>> {
+        B::Db::session(&mut *self.read().await?, id).await
+    }
+
+    async fn touch_session(&self, id: &SecretDigest, now: i64) -> StoreResult<()> {
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::touch_session(&mut conn, id, now).await
+    }
+
+    async fn end_session(&self, id: &SecretDigest, event: &AuditEvent) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let found = B::Db::delete_session(&mut tx, id).await?;
+        self.commit_change(tx, found.then_some(event), &[])
+            .await
+            .map(|()| found)
+    }
+
+    async fn create_login(&self, id: &SecretDigest, login: &Login) -> StoreResult<()> {
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::create_login(&mut conn, id, login).await
+    }
+
+    async fn take_login(&self, id: &SecretDigest) -> StoreResult<Option<Login>> {
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::take_login(&mut conn, id).await
+    }
+
     async fn create_agent(&self, agent: &Agent, event: &AuditEvent) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         B::Db::create_agent(&mut tx, agent).await?;
@@ -462,7 +531,8 @@ impl<B: Backend> Store for Repo<B> {
         let one_time = self.backend.prune_one_time(now).await?;
         let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
         let tokens = B::Db::prune_revoked(&mut conn, now).await?;
+        let sessions = B::Db::prune_sessions(&mut conn, now).await?;
         self.backend.forget_revoked(now);
-        Ok(one_time + tokens)
+        Ok(one_time + tokens + sessions)
     }
 }

@@ -228,6 +228,7 @@ async fn with_grant(store: &dyn Store, max_requests: Option<i64>) -> Grant {
         id: "usr_1".into(),
         name: "alice".into(),
         created_at: 1,
+        disabled: false,
     };
     store
         .create_user(

@@ -53,6 +53,23 @@ pub async fn authenticate_resource(
     }
 }
 
+/// [`authenticate_resource`] for the management API, where a human may also call with their
+/// browser session (no `Authorization` header, a session cookie).
+pub async fn authenticate_api_caller(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> ApiResult<ResourceCaller> {
+    if authorization(headers)?.is_none() && crate::oidc::has_session_cookie(state, headers) {
+        return super::api_key::session_caller(state, headers)
+            .await?
+            .map(ResourceCaller::Key)
+            .ok_or_else(|| ApiError::Unauthorized("the session has ended; log in again".into()));
+    }
+    authenticate_resource(state, method, uri, headers).await
+}
+
 /// An agent authenticated by a live DPoP-bound access token and a valid proof. The proof's
 /// one-time `jti` is claimed only when the request's use is committed ([`commit_use`]), in the
 /// same transaction as its budget count, before anything acts on it.

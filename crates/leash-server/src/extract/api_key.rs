@@ -1,4 +1,5 @@
-//! The admin or a human, by the API key they send as `Authorization: Bearer`.
+//! The admin or a human: by the API key or IdP access token they send as `Authorization:
+//! Bearer`, or, on the management API only, by their browser session (API §13).
 
 use std::sync::Arc;
 
@@ -19,13 +20,15 @@ pub enum Caller {
     Admin,
     /// A human user.
     Human(User),
+    /// A human whose IdP groups make them an admin: the admin's rights, under their own name.
+    AdminHuman(User),
 }
 
 impl Caller {
     /// The human whose data a list shows: the caller's own, or everyone's (`None`) for the admin.
     pub fn list_scope(&self) -> Option<&str> {
         match self {
-            Self::Admin => None,
+            Self::Admin | Self::AdminHuman(_) => None,
             Self::Human(user) => Some(user.id.as_str()),
         }
     }
@@ -33,19 +36,59 @@ impl Caller {
     /// Whether the caller may act on data of human `subject`.
     pub fn may_act_for(&self, subject: &str) -> bool {
         match self {
-            Self::Admin => true,
+            Self::Admin | Self::AdminHuman(_) => true,
             Self::Human(user) => user.id == subject,
+        }
+    }
+
+    /// The human calling, if a human calls.
+    pub fn user(&self) -> Option<&User> {
+        match self {
+            Self::Admin => None,
+            Self::Human(user) | Self::AdminHuman(user) => Some(user),
+        }
+    }
+
+    /// Whether the caller has the admin's rights.
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Self::Admin | Self::AdminHuman(_))
+    }
+
+    fn human(user: User, admin: bool) -> Self {
+        if admin {
+            Self::AdminHuman(user)
+        } else {
+            Self::Human(user)
         }
     }
 }
 
-/// Resolves a Bearer API key to a caller.
+/// Resolves a Bearer token to a caller: an API key, or an access token of the configured IdP
+/// (`None` when it is neither; an error when it is the IdP's and fails its checks).
 pub async fn caller_from_key(state: &AppState, key: &str) -> ApiResult<Option<Caller>> {
     let digest = SecretDigest::of(key);
     if digest.ct_eq(&state.admin_key) {
         return Ok(Some(Caller::Admin));
     }
-    Ok(state.store.user_by_key(&digest).await?.map(Caller::Human))
+    if let Some(user) = state.store.user_by_key(&digest).await? {
+        return Ok(Some(Caller::Human(user)));
+    }
+    match &state.oidc {
+        Some(oidc) => Ok(oidc
+            .human_by_token(state, key)
+            .await?
+            .map(|human| Caller::human(human.user, human.admin))),
+        None => Ok(None),
+    }
+}
+
+/// The human whose browser session the request's cookie names, if it is live. Only the
+/// management API, `/console` and `/logout` accept sessions: the gateway, MCP and `/v1/authorize`
+/// never call this.
+pub async fn session_caller(state: &AppState, headers: &HeaderMap) -> ApiResult<Option<Caller>> {
+    Ok(crate::oidc::session_of(state, headers)
+        .await?
+        .map(|session| Caller::human(session.user, session.admin)))
 }
 
 impl FromRequestParts<Arc<AppState>> for Caller {
@@ -56,9 +99,13 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
-/// The admin or human whose API key `headers` carry as `Authorization: Bearer`.
+/// The admin or human whose API key or IdP token `headers` carry as `Authorization: Bearer`,
+/// or, without an `Authorization` header, whose browser session the cookie names.
 pub async fn caller_from_headers(state: &AppState, headers: &HeaderMap) -> ApiResult<Caller> {
     match authorization(headers)? {
+        None if crate::oidc::has_session_cookie(state, headers) => session_caller(state, headers)
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("the session has ended; log in again".into())),
         Some((AuthScheme::Bearer, key)) => caller_from_key(state, key)
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown API key".into())),
@@ -79,9 +126,11 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> ApiResult<Self> {
-        match Caller::from_request_parts(parts, state).await? {
-            Caller::Admin => Ok(Admin),
-            Caller::Human(_) => Err(ApiError::Forbidden("this call needs the admin key".into())),
+        let caller = Caller::from_request_parts(parts, state).await?;
+        if caller.is_admin() {
+            Ok(Admin)
+        } else {
+            Err(ApiError::Forbidden("this call needs the admin".into()))
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Request extractors: strict JSON and form bodies with per-endpoint size limits (`body.rs`),
-//! and the caller's identity: the admin or a human by API key (`api_key.rs`), an agent by
+//! and the caller's identity: the admin or a human by API key, IdP token or session (`api_key.rs`), an agent by
 //! DPoP-bound access token and proof, the token checks included (`agent.rs`). The
 //! `Authorization` and `DPoP` header fields they read are parsed in one place (`headers.rs`).
 
@@ -9,10 +9,10 @@ mod body;
 mod headers;
 
 pub use agent::{
-    AgentAuth, PresentedToken, ResourceCaller, authenticate_resource, check_token_live, commit_use,
-    verdict_result, verified_token, verify_agent,
+    AgentAuth, PresentedToken, ResourceCaller, authenticate_api_caller, authenticate_resource,
+    check_token_live, commit_use, verdict_result, verified_token, verify_agent,
 };
-pub use api_key::{Admin, Caller, caller_from_headers, caller_from_key};
+pub use api_key::{Admin, Caller, caller_from_headers, caller_from_key, session_caller};
 pub use body::{FORM_LIMIT, Form, JSON_LIMIT, JsonBody, body_error, optional_json};
 pub use headers::{AuthScheme, DpopHeaderError, authorization, single_dpop_header};
 
