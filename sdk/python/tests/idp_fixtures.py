@@ -9,7 +9,7 @@
   plain HTTP, up to the redirect back to the relying party, which it does not follow;
 - `Idp.access_token(username, audience)` and `Idp.id_token(username)`: real tokens from the IdP's
   real flows (authorization code with PKCE);
-- `browser` (fixture, one per session) and `browser_page` (fixture, a fresh context per test):
+- `browser` (fixture, one per test module) and `browser_page` (fixture, a fresh context per test):
   Playwright driving Debian's chromium (`LEASH_CHROMIUM`, default /usr/bin/chromium).
 
 The IdP's login page is a form `#login` with the fields `username` and `password` and a submit
@@ -470,10 +470,11 @@ def idp() -> Iterator[Idp]:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Headless chromium (Debian's, or `LEASH_CHROMIUM`) under Playwright, for the session.
-    Playwright's own browser downloads are never used."""
+    """Headless chromium (Debian's, or `LEASH_CHROMIUM`) under Playwright's sync API, for the test
+    module (no longer: the sync API's event loop should not linger into other modules' asyncio
+    tests). Playwright's own browser downloads are never used."""
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium, or set LEASH_CHROMIUM")
     args = ["--no-sandbox"] if os.geteuid() == 0 else []

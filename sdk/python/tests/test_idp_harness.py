@@ -40,7 +40,8 @@ def test_discovery(idp: Idp) -> None:
 def test_code_flow_with_pkce_over_http(idp: Idp) -> None:
     redirect_uri = "http://127.0.0.1:9/auth/callback"
     idp.set_redirect_uri(redirect_uri)
-    authorization = idp.authorization(redirect_uri=redirect_uri)
+    # The scopes of Leash's `[oidc]` example: `groups` comes with `profile` at this IdP.
+    authorization = idp.authorization(redirect_uri=redirect_uri, scope="openid email profile")
     with httpx.Client(timeout=10) as http:
         back = login_over_http(http, authorization.url, "alice", idp.password("alice"))
     assert back.status_code in (302, 303)
@@ -152,6 +153,17 @@ def test_access_token_is_an_at_jwt_for_the_audience(idp: Idp) -> None:
     other = verify_jwt(idp.access_token("alice", "https://elsewhere.test"), idp.jwks())
     assert other["aud"] == "https://elsewhere.test"
     assert other["groups"] == ["staff"]
+
+
+def test_scopes_decide_the_id_token_claims(idp: Idp) -> None:
+    authorization = idp.authorization(scope="openid groups")
+    with httpx.Client(timeout=10) as http:
+        back = login_over_http(http, authorization.url, "root", idp.password("root"))
+    tokens = idp.redeem(redirect_query(back)["code"], authorization).json()
+    claims = verify_jwt(tokens["id_token"], idp.jwks())
+    assert claims["groups"] == ["leash-admins"]
+    assert "email" not in claims
+    assert "preferred_username" not in claims
 
 
 def test_id_token_is_for_leash(idp: Idp) -> None:
