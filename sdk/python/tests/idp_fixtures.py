@@ -48,6 +48,8 @@ CHROMIUM = os.environ.get("LEASH_CHROMIUM", "/usr/bin/chromium")
 # Leash's client at the IdP, and the harness's own (for `access_token`).
 LEASH_CLIENT_ID = "leash"
 HARNESS_CLIENT_ID = "test-harness"
+# The default audience of the `idp` fixture's access tokens (Leash's `[oidc] audience` in tests).
+DEFAULT_AUDIENCE = "https://leash.test/api"
 
 
 @dataclass(frozen=True)
@@ -465,8 +467,8 @@ def make_idp() -> Iterator[MakeIdp]:
 @pytest.fixture(scope="module")
 def idp() -> Iterator[Idp]:
     """One IdP for the test module, with no redirect URI of Leash's yet (`set_redirect_uri`),
-    and `https://leash.test/api` as the default audience of `access_token`."""
-    with start_idp(audience="https://leash.test/api") as server:
+    and `DEFAULT_AUDIENCE` as the default audience of `access_token`."""
+    with start_idp(audience=DEFAULT_AUDIENCE) as server:
         yield server
 
 

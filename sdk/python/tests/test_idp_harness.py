@@ -17,11 +17,11 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
-from idp_fixtures import Idp, MakeIdp, Pkce, login_over_http, redirect_query
+from idp_fixtures import DEFAULT_AUDIENCE, Idp, MakeIdp, Pkce, login_over_http, redirect_query
 from idp_hostile import MODES, HostileIdp, Mode, jwt_parts, verify_jwt
 from playwright.sync_api import Page
 
-AUDIENCE = "https://leash.test/api"
+AUDIENCE = DEFAULT_AUDIENCE
 
 
 def test_discovery(idp: Idp) -> None:
