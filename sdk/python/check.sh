@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Python SDK's checks: ruff, mypy (strict) and pytest against the real `leash` binary, in a
-# virtualenv under target/ that this script creates and keeps up to date; the MCP tests also need
-# Node.js and npm (tests/mcp_node/install.sh).
+# virtualenv under target/ that this script creates and keeps up to date; the MCP and OIDC tests
+# also need Node.js and npm (tests/mcp_node/install.sh, tests/idp/install.sh), and the console
+# tests Debian's chromium, which Playwright drives (its own browser downloads are never used).
 #   LEASH_BIN  the binary to test (default: target/release/leash, built here if missing)
 # Arguments go to pytest (e.g. `-k story`).
 set -euo pipefail
@@ -14,6 +15,14 @@ venv="$repo/target/py-sdk"
 # required: without it those tests fail.
 if command -v node >/dev/null; then
   bash tests/mcp_node/install.sh
+  # The OIDC tests' IdP (tests/idp: oidc-provider).
+  bash tests/idp/install.sh
+fi
+chromium=${LEASH_CHROMIUM:-/usr/bin/chromium}
+if [[ ! -x $chromium ]]; then
+  echo "check.sh: $chromium is missing: the console tests need Debian's chromium" \
+    "(apt-get install chromium), or LEASH_CHROMIUM naming another chromium" >&2
+  exit 1
 fi
 if [[ -z ${LEASH_BIN:-} ]]; then
   (cd "$repo" && cargo build --release -p leash-cli)

@@ -22,7 +22,10 @@ from typing import Any
 import httpx
 import pytest
 
-# The MCP servers' fixtures (tests/mcp_fixtures.py), for every test module.
+# The OIDC IdP's and the browser's fixtures (tests/idp_fixtures.py), the hostile IdP's
+# (tests/idp_hostile.py) and the MCP servers' (tests/mcp_fixtures.py), for every test module.
+from idp_fixtures import browser, browser_page, idp, make_idp  # noqa: F401
+from idp_hostile import hostile_idp  # noqa: F401
 from mcp_fixtures import crm_server, everything_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[3]
