@@ -247,6 +247,11 @@ async function loadUpstreams() {
 
 async function loadAgents(force = false) {
   if (S.agents && !force) return S.agents;
+  if (!S.me.admin) {
+    // Only the admin may list agents (API §1): a human types the agent's id.
+    S.agents = new Map();
+    return S.agents;
+  }
   try {
     const { agents } = await api('GET', '/v1/agents');
     S.agents = new Map(agents.map((a) => [a.id, a]));
@@ -378,9 +383,9 @@ function renderNav(current) {
   }
   updateCount();
   const who = clear(document.getElementById('who'));
-  who.append(el('span', { class: 'user' }, S.me.name),
+  add(who, [el('span', { class: 'user' }, S.me.name),
     S.me.admin ? badge('admin', 'admin') : null,
-    el('button', { type: 'button', class: 'link', events: { click: logout } }, 'Log out'));
+    el('button', { type: 'button', class: 'link', events: { click: logout } }, 'Log out')]);
 }
 
 function updateCount() {
@@ -606,7 +611,7 @@ function bodyPreview(a) {
     } catch (_) { /* not UTF-8 */ }
     if (text === null) {
       box.append(el('p', { class: 'warn-text' }, `Binary, ${data.length} bytes (not UTF-8 text)`),
-        el('pre', { class: 'body hex' }, hexDump(data.subarray(0, HEX_BYTES))),
+        el('pre', { class: 'body hex' }, vis(hexDump(data.subarray(0, HEX_BYTES)), '\n')),
         data.length > HEX_BYTES ? muted(`first ${HEX_BYTES} bytes shown`) : null);
       return;
     }
@@ -801,8 +806,8 @@ function approvalCard(a) {
       !isElicitation && !isTool ? field('Query', a.query ? queryView(a.query) : muted('none')) : null,
       isTool ? field('Arguments SHA-256', el('span', { class: 'mono wrap' }, (a.query || '').replace(/^arguments_sha256=/, ''))) : null,
       !isElicitation ? field('Headers', headersView(a.headers)) : null,
-      !isElicitation ? field('Body', a.body_size > 0 ? `${bytes(a.body_size)} · ` : '',
-        el('span', { class: 'mono muted small wrap' }, `SHA-256 ${a.body_sha256}`)) : null,
+      !isElicitation ? field('Body', a.body_size > 0 ? [`${bytes(a.body_size)} · `,
+        el('span', { class: 'mono muted small wrap' }, `SHA-256 ${a.body_sha256}`)] : muted('none')) : null,
       field('Requested', timeEl(a.requested_at))));
 
   let form = null;
@@ -814,7 +819,7 @@ function approvalCard(a) {
     } else {
       approveBtn.disabled = true;
     }
-  } else if (a.body_size > 0 || a.body_previewed) {
+  } else if (a.body_size > 0) {
     card.append(el('h3', {}, isTool ? 'The call (JSON-RPC message)' : 'Body'), bodyPreview(a));
   }
   card.append(el('footer', { class: 'card-actions' }, approveBtn, denyBtn, status));
@@ -993,14 +998,14 @@ function grantsTable(grants, { withSubject = false, onChange }) {
       }
     }
     return el('tr', { class: g.status === 'active' ? '' : 'ended' },
-      el('td', {}, el('div', { class: 'purpose' }, g.purpose), el('div', { class: 'mono muted small' }, g.id)),
-      withSubject ? el('td', {}, subjectLabel(g.subject)) : null,
-      el('td', {}, agentLabel(g.agent)),
-      el('td', {}, el('div', { class: 'actions-list' }, g.actions.map((a) => el('span', { class: `chip${isHigh(a) ? ' high' : ''}` }, a,
-        g.approval_required.includes(a) ? el('span', { class: 'flag', title: 'asks you first' }, ' ✋') : null,
-        g.single_use.includes(a) ? el('span', { class: 'flag', title: 'single use per token' }, ' ①') : null)))),
+      el('td', { class: 'c-purpose' }, el('div', { class: 'purpose' }, g.purpose), el('div', { class: 'mono muted small' }, g.id)),
+      withSubject ? el('td', { class: 'c-user' }, subjectLabel(g.subject)) : null,
+      el('td', { class: 'c-agent' }, agentLabel(g.agent)),
+      el('td', { class: 'c-actions' }, el('div', { class: 'actions-list' }, g.actions.map((a) => el('span', { class: `chip${isHigh(a) ? ' high' : ''}` }, a,
+        g.approval_required.includes(a) ? el('span', { class: 'flag', title: 'asks you before each request' }, ' ask') : null,
+        g.single_use.includes(a) ? el('span', { class: 'flag', title: 'once per token' }, ' 1×') : null)))),
       el('td', {}, statusBadge(g.status)),
-      el('td', {}, timeEl(g.expires_at)),
+      el('td', { class: 'c-time' }, timeEl(g.expires_at)),
       el('td', { class: 'num' }, String(g.requests_used), g.max_requests !== null && g.max_requests !== undefined ? ` / ${g.max_requests}` : ''),
       el('td', { class: 'row-actions' }, actions));
   });
@@ -1190,7 +1195,7 @@ async function vaultPage(root, ctx) {
       el('thead', {}, el('tr', {}, ['App', 'Kind', 'Header', 'Expires', 'Stored', ''].map((h) => el('th', {}, h)))),
       el('tbody', {}, credentials.map((c) => el('tr', {},
         el('td', { class: 'mono' }, c.upstream), el('td', {}, c.kind), el('td', { class: 'mono' }, c.name),
-        el('td', {}, c.expires_at ? timeEl(c.expires_at) : muted('never')), el('td', {}, timeEl(c.created_at)),
+        el('td', { class: 'c-time' }, c.expires_at ? timeEl(c.expires_at) : muted('never')), el('td', { class: 'c-time' }, timeEl(c.created_at)),
         el('td', { class: 'row-actions' }, confirmButton('Delete', `Delete the ${escapeText(c.upstream)} credential?`, 'Yes, delete',
           async () => { await api('DELETE', `/v1/vault/${encodeURIComponent(c.upstream)}`); await draw(); })))))));
   };
@@ -1300,7 +1305,7 @@ function auditEvent(ev) {
       el('span', { class: 'seq mono' }, `#${ev.seq}`),
       badge(mode, `mode ${/^[a-z]+$/.test(mode) ? mode : ''}`),
       el('span', { class: 'kind mono' }, ev.kind),
-      ev.action ? el('span', { class: `chip${isHigh(String(ev.action)) ? ' high' : ''}` }, String(ev.action)) : null,
+      ev.action ? String(ev.action).split(' ').filter(Boolean).map((x) => el('span', { class: `chip${isHigh(x) ? ' high' : ''}` }, x)) : null,
       decision ? badge(decision, `dec dec-${/^[a-z_]+$/.test(decision) ? decision : 'other'}`) : null,
       el('span', { class: 'spacer' }),
       timeEl(ev.ts),
@@ -1464,10 +1469,10 @@ async function reviewPage(root, ctx) {
     agents.append(el('table', { class: 'table' },
       el('thead', {}, el('tr', {}, ['Agent', 'Live grants', 'Live actions', 'Oldest live grant'].map((h) => el('th', {}, h)))),
       el('tbody', {}, review.agents.map((a) => el('tr', { class: a.standing ? 'flagged' : '' },
-        el('td', {}, agentLabel(a.agent)),
-        el('td', {}, a.live_grants.map((id) => el('div', { class: 'mono small' }, id))),
+        el('td', { class: 'c-agent' }, agentLabel(a.agent)),
+        el('td', { class: 'c-ids' }, a.live_grants.map((id) => el('div', { class: 'mono small' }, id))),
         el('td', {}, el('div', { class: 'actions-list' }, a.live_actions.map((x) => el('span', { class: `chip${isHigh(x) ? ' high' : ''}` }, x)))),
-        el('td', {}, timeEl(a.oldest_live_grant_at), a.standing ? el('div', {}, badge('standing access: over a day', 'risk-high')) : null))))));
+        el('td', { class: 'c-time' }, timeEl(a.oldest_live_grant_at), a.standing ? el('div', {}, badge('standing access: over a day', 'risk-high')) : null))))));
   }
   root.append(section, agents);
 }
@@ -1499,10 +1504,10 @@ async function adminAgents(root, ctx) {
     clear(slot).append(agents.length ? el('table', { class: 'table' },
       el('thead', {}, el('tr', {}, ['Agent', 'Name', 'Keys', 'Status', 'Registered', ''].map((h) => el('th', {}, h)))),
       el('tbody', {}, agents.map((a) => el('tr', { class: a.status === 'active' ? '' : 'ended' },
-        el('td', { class: 'mono' }, a.id), el('td', {}, a.name),
-        el('td', { class: 'small' }, ((a.jwks && Array.isArray(a.jwks.keys)) ? a.jwks.keys : []).map((k) =>
+        el('td', { class: 'mono c-agent' }, a.id), el('td', {}, a.name),
+        el('td', { class: 'small nowrap' }, ((a.jwks && Array.isArray(a.jwks.keys)) ? a.jwks.keys : []).map((k) =>
           el('div', { class: 'mono' }, `${k.kty || '?'}${k.crv ? `/${k.crv}` : ''}${k.kid ? ` ${k.kid}` : ''}`))),
-        el('td', {}, statusBadge(a.status)), el('td', {}, timeEl(a.created_at)),
+        el('td', {}, statusBadge(a.status)), el('td', { class: 'c-time' }, timeEl(a.created_at)),
         el('td', { class: 'row-actions' }, a.status === 'active' ? confirmButton('Disable',
           'Disable this agent? It gets no new token and every grant it holds is revoked.', 'Yes, disable',
           async () => { await api('POST', `/v1/agents/${encodeURIComponent(a.id)}/disable`); await draw(); }) : null))))) :
@@ -1515,7 +1520,7 @@ async function adminAgents(root, ctx) {
   const submit = el('button', { type: 'submit', class: 'primary' }, 'Register');
   const form = el('form', { class: 'panel form' }, el('h2', {}, 'Register an agent'),
     el('div', { class: 'row' },
-      el('div', { class: 'field grow' }, el('label', { htmlFor: 'ag-id' }, 'Id (URI)'), id),
+      el('div', { class: 'field wide' }, el('label', { htmlFor: 'ag-id' }, 'Id (URI)'), id),
       el('div', { class: 'field' }, el('label', { htmlFor: 'ag-name' }, 'Name'), name)),
     el('div', { class: 'field' }, el('label', { htmlFor: 'ag-jwks' }, 'Public keys (JWK Set)'), jwks,
       el('div', { class: 'help' }, 'Public keys only (Ed25519 or P-256); `leash agent keygen` makes one.')),
@@ -1571,12 +1576,14 @@ async function adminUsers(root, ctx) {
   const draw = async () => {
     const users = await loadUsers(true);
     if (!ctx.alive) return;
+    // UserView has no status today; a column appears if the server adds `status` or `disabled`.
+    const withStatus = [...users.values()].some((u) => 'status' in u || 'disabled' in u);
     clear(slot).append(users.size ? el('table', { class: 'table' },
-      el('thead', {}, el('tr', {}, ['Name', 'Id', 'Created', 'Status', ''].map((h) => el('th', {}, h)))),
+      el('thead', {}, el('tr', {}, ['Name', 'Id', 'Created', withStatus ? 'Status' : null, ''].filter((h) => h !== null).map((h) => el('th', {}, h)))),
       el('tbody', {}, [...users.values()].map((u) => el('tr', { class: u.disabled || u.status === 'disabled' ? 'ended' : '' },
         el('td', {}, el('strong', {}, u.name), u.id === S.me.id ? muted(' (you)') : null),
-        el('td', { class: 'mono' }, u.id), el('td', {}, timeEl(u.created_at)),
-        el('td', {}, typeof u.status === 'string' ? statusBadge(u.status) : (u.disabled ? statusBadge('disabled') : muted('—'))),
+        el('td', { class: 'mono' }, u.id), el('td', { class: 'c-time' }, timeEl(u.created_at)),
+        withStatus ? el('td', {}, typeof u.status === 'string' ? statusBadge(u.status) : statusBadge(u.disabled ? 'disabled' : 'active')) : null,
         el('td', { class: 'row-actions' }, ID_RE.test(u.id) && u.id !== S.me.id && !(u.disabled || u.status === 'disabled')
           ? confirmButton('Disable', 'Disable this human? Their sessions and API keys stop working and every grant they made is revoked.',
             'Yes, disable', async () => { await api('POST', `/v1/users/${idp(u.id)}/disable`); await draw(); })
