@@ -610,9 +610,9 @@ function bodyPreview(a) {
       text = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(data);
     } catch (_) { /* not UTF-8 */ }
     if (text === null) {
-      box.append(el('p', { class: 'warn-text' }, `Binary, ${data.length} bytes (not UTF-8 text)`),
+      add(box, [el('p', { class: 'warn-text' }, `Binary, ${data.length} bytes (not UTF-8 text)`),
         el('pre', { class: 'body hex' }, vis(hexDump(data.subarray(0, HEX_BYTES)), '\n')),
-        data.length > HEX_BYTES ? muted(`first ${HEX_BYTES} bytes shown`) : null);
+        data.length > HEX_BYTES ? muted(`first ${HEX_BYTES} bytes shown`) : null]);
       return;
     }
     const pretty = prettyJson(text);
@@ -783,10 +783,14 @@ function approvalCard(a) {
         el('span', { class: 'path' }, toolName !== null ? toolName : a.path)),
       el('div', { class: 'muted small' }, 'The arguments are bound by their SHA-256: see the body below.'));
   } else {
+    let decoded = null;
+    try { decoded = decodeURIComponent(a.path); } catch (_) { /* shown as sent */ }
     what = el('div', { class: 'what' },
       el('div', { class: 'sentence' }, agentLabel(a.agent), ' wants to send'),
       el('div', { class: 'request' }, badge(a.method, `method m-${/^[A-Z]+$/.test(a.method) ? a.method.toLowerCase() : 'other'}`),
-        el('span', { class: 'upstream' }, a.upstream), el('span', { class: 'path' }, a.path)));
+        el('span', { class: 'upstream' }, a.upstream), el('span', { class: 'path' }, a.path)),
+      decoded !== null && decoded !== a.path
+        ? el('div', { class: 'decoded small' }, muted('decoded: '), el('span', { class: 'mono' }, decoded)) : null);
   }
 
   const reason = [];
@@ -873,7 +877,7 @@ function approvalCard(a) {
       used: 'Approved and used.',
       expired: 'Expired: nobody decided in time.',
     }[st] || `Now ${st}.`;
-    clear(status).append(el('strong', {}, text), byMe ? null : muted(' (decided elsewhere or withdrawn)'));
+    add(clear(status), [el('strong', {}, text), byMe ? null : muted(' (decided elsewhere, expired or withdrawn)')]);
   }
   self.showOutcome = showOutcome;
 
@@ -1033,7 +1037,7 @@ async function tasksPage(root, ctx) {
   agent.setAttribute('list', 'agents-list');
   const purpose = el('input', { id: 'g-purpose', type: 'text', required: true, maxLength: 1000, placeholder: 'Summarise my inbox and draft replies' });
   const ttl = el('select', { id: 'g-ttl' },
-    el('option', { value: '900' }, '15 minutes'), el('option', { value: '3600', selected: true }, '1 hour'),
+    el('option', { value: '900' }, '15 minutes'), el('option', { value: '3600', defaultSelected: true }, '1 hour'),
     el('option', { value: '28800' }, '8 hours'), el('option', { value: 'custom' }, 'Other (seconds)…'));
   const ttlCustom = el('input', { id: 'g-ttl-s', type: 'number', min: '1', step: '1', class: 'hidden narrow', placeholder: 'seconds' });
   ttl.addEventListener('change', () => ttlCustom.classList.toggle('hidden', ttl.value !== 'custom'));
@@ -1287,7 +1291,7 @@ function auditEvent(ev) {
   const rows = [];
   const kv = (k, v) => { if (v !== null && v !== undefined && v !== '' && !(Array.isArray(v) && !v.length)) rows.push(field(k, v)); };
   kv('Purpose', ev.purpose);
-  kv('Actor', ev.actor ? agentLabel(String(ev.actor)) : null);
+  kv('Actor', ev.actor ? (String(ev.actor).startsWith('usr_') ? subjectLabel(String(ev.actor)) : agentLabel(String(ev.actor))) : null);
   kv('Subject', ev.subject ? subjectLabel(String(ev.subject)) : null);
   kv('Grant', ev.grant_id ? el('span', { class: 'mono' }, String(ev.grant_id)) : null);
   kv('Request', ev.method || ev.path ? el('span', { class: 'mono wrap' }, `${ev.method || ''} ${ev.upstream ? `${ev.upstream} ` : ''}${ev.path || ''}`) : null);
