@@ -151,6 +151,7 @@ function refreshTimes() {
 function countdown(ms) {
   if (ms <= 0) return 'expired';
   const s = Math.floor(ms / 1000);
+  if (s >= 86400) return relative(Date.now() + ms);
   const h = Math.floor(s / 3600);
   const m = Math.floor((s % 3600) / 60);
   const ss = String(s % 60).padStart(2, '0');
@@ -247,17 +248,12 @@ async function loadUpstreams() {
 
 async function loadAgents(force = false) {
   if (S.agents && !force) return S.agents;
-  if (!S.me.admin) {
-    // Only the admin may list agents (API §1): a human types the agent's id.
-    S.agents = new Map();
-    return S.agents;
-  }
   try {
     const { agents } = await api('GET', '/v1/agents');
     S.agents = new Map(agents.map((a) => [a.id, a]));
   } catch (e) {
     if (e.status === 401) throw e;
-    S.agents = new Map();   // a human may not list agents: only the admin
+    S.agents = new Map();   // only the admin may list agents (API §1): a human types the id
   }
   return S.agents;
 }
@@ -334,7 +330,7 @@ function sessionEnded() {
   hideNotice();
   clear(main()).append(el('section', { class: 'panel center' },
     el('h1', {}, 'Your session ended'),
-    el('p', {}, 'Log in again to go on. Nothing was approved or changed after the session ended.'),
+    el('p', {}, 'Log in again to go on.'),
     el('a', { class: 'button primary', href: loginHref() }, 'Log in again')));
 }
 
@@ -456,7 +452,8 @@ async function pollApprovals() {
   if (S.ended) return;
   try {
     const { approvals } = await api('GET', '/v1/approvals?status=pending');
-    if (approvals.some((a) => !S.grants.has(a.grant_id))) await loadGrants();
+    // Grants give each approval its human and whether its task is still live.
+    if (approvals.some((a) => !S.grants.has(a.grant_id)) || Date.now() - S.grantsAt > 10000) await loadGrants();
     S.approvals = approvals;
     S.approvalsError = null;
     S.approvalsAt = Date.now();
@@ -755,6 +752,12 @@ function headersView(headers) {
     headers.map((h) => el('tr', {}, el('td', { class: 'mono hname' }, h.name), el('td', { class: 'mono' }, h.value)))));
 }
 
+/** What a card shows of `a`: a change rebuilds the card. */
+function approvalSig(a) {
+  const grant = S.grants.get(a.grant_id);
+  return `${JSON.stringify(a)}|${grant ? grant.status : ''}`;
+}
+
 function approvalCard(a) {
   const grant = S.grants.get(a.grant_id);
   const high = isHigh(a.action);
@@ -797,10 +800,12 @@ function approvalCard(a) {
   if (high) reason.push(badge('HIGH RISK', 'risk-high'));
   if (asked) reason.push(badge('you asked to approve this action', 'info'));
 
-  card.append(
+  const ended = !!grant && grant.status !== 'active';
+  add(card, [
     el('header', { class: 'card-head' },
       el('div', {}, el('span', { class: 'action' }, a.action), ...reason),
       el('div', { class: 'expiry' }, 'expires ', clock)),
+    ended ? el('p', { class: 'warn-text' }, `This task has ended (${grant.status}): the agent can no longer use an approval. Deny it to clear it.`) : null,
     what,
     el('div', { class: 'kvs' },
       field('For the task', el('span', { class: 'purpose' }, a.purpose === null ? muted('(grant not found)') : a.purpose),
@@ -812,7 +817,7 @@ function approvalCard(a) {
       !isElicitation ? field('Headers', headersView(a.headers)) : null,
       !isElicitation ? field('Body', a.body_size > 0 ? [`${bytes(a.body_size)} · `,
         el('span', { class: 'mono muted small wrap' }, `SHA-256 ${a.body_sha256}`)] : muted('none')) : null,
-      field('Requested', timeEl(a.requested_at))));
+      field('Requested', timeEl(a.requested_at)))]);
 
   let form = null;
   if (isElicitation) {
@@ -825,6 +830,11 @@ function approvalCard(a) {
     }
   } else if (a.body_size > 0) {
     card.append(el('h3', {}, isTool ? 'The call (JSON-RPC message)' : 'Body'), bodyPreview(a));
+  }
+  if (ended) {
+    approveBtn.disabled = true;
+    approveBtn.dataset.done = '1';
+    card.classList.add('ended');
   }
   card.append(el('footer', { class: 'card-actions' }, approveBtn, denyBtn, status));
 
@@ -839,7 +849,7 @@ function approvalCard(a) {
   };
   tick(Date.now());
 
-  const self = { node: card, sig: JSON.stringify(a), tick, decided: false };
+  const self = { node: card, sig: approvalSig(a), tick, decided: false };
 
   async function decide(approve) {
     let body;
@@ -860,7 +870,7 @@ function approvalCard(a) {
       approveBtn.dataset.done = '1';
       showOutcome(result && result.status ? result.status : (approve ? 'approved' : 'denied'), true);
     } catch (e) {
-      approveBtn.disabled = !!(isElicitation && !form);
+      approveBtn.disabled = !!(isElicitation && !form) || ended;
       denyBtn.disabled = false;
       clear(status).append(errorLine(e));
     }
@@ -919,7 +929,7 @@ async function inboxPage(root, ctx) {
     const ids = new Set(shown.map((a) => a.id));
     shown.forEach((a, i) => {
       let c = cards.get(a.id);
-      const sig = JSON.stringify(a);
+      const sig = approvalSig(a);
       if (c && !c.decided && c.sig !== sig) {
         // Something it shows changed (rare for a pending approval): rebuild that card only.
         const fresh = approvalCard(a);
