@@ -1335,7 +1335,7 @@ async function auditPage(root, ctx) {
   const grantSel = el('select', { id: 'au-grant' }, el('option', { value: '' }, S.me.admin ? 'All events' : 'All my grants'),
     sortGrants([...S.grants.values()]).map((g) => el('option', { value: g.id }, `${escapeText(g.purpose).slice(0, 80)} — ${g.id}`)));
   const order = el('select', { id: 'au-order' }, el('option', { value: 'new' }, 'Newest first'), el('option', { value: 'old' }, 'Oldest first'));
-  const limit = el('select', { id: 'au-limit' }, ['50', '100', '500', '1000'].map((n) => el('option', { value: n, selected: n === '100' }, n)));
+  const limit = el('select', { id: 'au-limit' }, ['20', '50', '100', '500', '1000'].map((n) => el('option', { value: n, selected: n === '100' }, n)));
   const since = el('input', { id: 'au-since', type: 'number', min: '0', step: '1', value: '0', class: 'narrow' });
   const load = el('button', { type: 'submit', class: 'primary' }, 'Show');
   const next = el('button', { type: 'button' }, 'Next page →');
