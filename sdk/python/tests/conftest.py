@@ -166,15 +166,22 @@ LIMITS = "[limits]\ntoken_rate = 0\ngateway_rate = 0\nunauthenticated_rate = 0\n
 class Leash:
     """A running server: its URL, admin key, and the human's side of the API."""
 
-    def __init__(self, upstream: Upstream, extra: str = "") -> None:
+    def __init__(
+        self, upstream: Upstream, extra: str = "", env: dict[str, str] | None = None
+    ) -> None:
         self.upstream = upstream
         self.admin_key = "lsk_test_admin_" + secrets.token_hex(16)
         self.dir = Path(tempfile.mkdtemp(prefix="leash-sdk-"))
         config = self.dir / "leash.toml"
         config.write_text(f"{extra}\n{ROUTES.format(upstream=upstream.url)}\n{LIMITS}")
-        env = {**os.environ, "LEASH_ADMIN_TOKEN": self.admin_key, "LEASH_LOG": "warn"}
+        process_env = {
+            **os.environ,
+            "LEASH_ADMIN_TOKEN": self.admin_key,
+            "LEASH_LOG": "warn",
+            **(env or {}),
+        }
         for name in ("LEASH_ISSUER", "LEASH_DATABASE", "LEASH_MASTER_KEY"):
-            env.pop(name, None)
+            process_env.pop(name, None)
         self.process = subprocess.Popen(
             [
                 str(leash_bin()),
@@ -186,7 +193,7 @@ class Leash:
                 "--listen",
                 "127.0.0.1:0",
             ],
-            env=env,
+            env=process_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -286,11 +293,12 @@ def leash(upstream: Upstream) -> Iterator[Leash]:
 
 @pytest.fixture
 def make_leash(upstream: Upstream) -> Iterator[Any]:
-    """A server of the test's own, with `extra` config lines (short token lifetimes, nonces)."""
+    """A server of the test's own, with `extra` config lines (short token lifetimes, nonces) and
+    `env` added to its environment."""
     servers: list[Leash] = []
 
-    def make(extra: str) -> Leash:
-        server = Leash(upstream, extra)
+    def make(extra: str, env: dict[str, str] | None = None) -> Leash:
+        server = Leash(upstream, extra, env)
         servers.append(server)
         return server
 
