@@ -39,9 +39,7 @@ def oidc_section(issuer: str, extra: str = "") -> str:
 
 def leash_for(make_leash: MakeLeash, idp: Idp, top: str = "", oidc: str = "") -> Leash:
     """A Leash that logs humans in at `idp`, whose callback the IdP now accepts."""
-    leash = make_leash(
-        f"{top}\n{oidc_section(idp.issuer, oidc)}", {SECRET_ENV: idp.client_secret}
-    )
+    leash = make_leash(f"{top}\n{oidc_section(idp.issuer, oidc)}", {SECRET_ENV: idp.client_secret})
     idp.set_redirect_uri(f"{leash.url}/auth/callback")
     return leash
 
@@ -96,7 +94,8 @@ def test_a_login_creates_a_session_keyed_by_the_idps_subject(leash_idp: Leash, i
     query = dict(httpx.URL(authorize).params)
     assert query["code_challenge_method"] == "S256"
     assert query["response_type"] == "code"
-    assert query["state"] and query["nonce"]
+    assert query["state"]
+    assert query["nonce"]
     assert query["redirect_uri"] == f"{leash_idp.url}/auth/callback"
     back = login_over_http(client, authorize, "alice", idp.password("alice"))
     done = client.get(back.headers["location"])
@@ -221,9 +220,7 @@ def test_a_callback_without_the_login_cookie_is_refused(leash_idp: Leash, idp: I
     assert session_cookie(other) is None
 
 
-def test_a_wrong_or_foreign_state_is_refused_and_ends_the_login(
-    leash_idp: Leash, idp: Idp
-) -> None:
+def test_a_wrong_or_foreign_state_is_refused_and_ends_the_login(leash_idp: Leash, idp: Idp) -> None:
     client = browser(leash_idp)
     back = login_over_http(client, start(client), "alice", idp.password("alice"))
     query = redirect_query(back)
@@ -302,9 +299,7 @@ def test_a_session_id_set_before_login_is_never_used(leash_idp: Leash, idp: Idp)
 def test_an_id_token_that_fails_a_check_makes_no_session(
     make_leash: MakeLeash, hostile_idp: HostileIdp, mode: Any
 ) -> None:
-    leash = make_leash(
-        oidc_section(hostile_idp.issuer), {SECRET_ENV: hostile_idp.client_secret}
-    )
+    leash = make_leash(oidc_section(hostile_idp.issuer), {SECRET_ENV: hostile_idp.client_secret})
     client = browser(leash)
     # Good first: the hostile IdP's flow works when it plays fair.
     back = client.get(start(client))
@@ -393,14 +388,16 @@ def test_the_console_is_served_with_a_strict_policy(leash_idp: Leash) -> None:
         assert page.headers["x-content-type-options"] == "nosniff"
     index = http.get("/console").text
     assert "<script>" not in index.replace(" ", "")
-    assert "onload=" not in index and "onclick=" not in index
+    assert "onload=" not in index
+    assert "onclick=" not in index
     code = [
         line
         for line in http.get("/console/assets/app.js").text.splitlines()
         if not line.lstrip().startswith(("//", "*", "/*"))
     ]
     sinks = re.compile(
-        r"\.(innerHTML|outerHTML)\s*[+]?=|insertAdjacentHTML\(|document\.write|\beval\(|new Function"
+        r"\.(innerHTML|outerHTML)\s*[+]?=|insertAdjacentHTML\(|document\.write"
+        r"|\beval\(|new Function"
     )
     assert [line for line in code if sinks.search(line)] == []
 
@@ -408,9 +405,7 @@ def test_the_console_is_served_with_a_strict_policy(leash_idp: Leash) -> None:
 # --- IdP tokens as Bearer ----------------------------------------------------------------------
 
 
-def test_an_idp_access_token_for_leash_is_a_bearer_credential(
-    leash_idp: Leash, idp: Idp
-) -> None:
+def test_an_idp_access_token_for_leash_is_a_bearer_credential(leash_idp: Leash, idp: Idp) -> None:
     http = browser(leash_idp)
     token = idp.access_token("alice")
     answer = http.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
@@ -428,9 +423,7 @@ def test_an_idp_access_token_for_leash_is_a_bearer_credential(
     assert http.get("/v1/users", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
 
 
-def test_id_tokens_and_tokens_for_others_are_refused_as_bearer(
-    leash_idp: Leash, idp: Idp
-) -> None:
+def test_id_tokens_and_tokens_for_others_are_refused_as_bearer(leash_idp: Leash, idp: Idp) -> None:
     http = browser(leash_idp)
     for token in (idp.id_token("alice"), idp.access_token("alice", "https://other.example")):
         answer = http.get("/v1/me", headers={"Authorization": f"Bearer {token}"})
@@ -440,9 +433,7 @@ def test_id_tokens_and_tokens_for_others_are_refused_as_bearer(
 def test_forged_and_expired_idp_tokens_are_refused(
     make_leash: MakeLeash, hostile_idp: HostileIdp
 ) -> None:
-    leash = make_leash(
-        oidc_section(hostile_idp.issuer), {SECRET_ENV: hostile_idp.client_secret}
-    )
+    leash = make_leash(oidc_section(hostile_idp.issuer), {SECRET_ENV: hostile_idp.client_secret})
     http = browser(leash)
     good = hostile_idp.mint_access_token("sub-z", DEFAULT_AUDIENCE)
     assert http.get("/v1/me", headers={"Authorization": f"Bearer {good}"}).status_code == 200
