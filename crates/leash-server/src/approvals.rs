@@ -30,6 +30,8 @@ pub struct ApprovalView {
     /// `pending`, `approved`, `denied`, `expired` or `used`.
     status: String,
     grant_id: String,
+    /// The human on whose behalf the agent asks (`usr_…`).
+    subject: String,
     /// The grant's purpose.
     purpose: Option<String>,
     agent: String,
@@ -71,6 +73,7 @@ impl ApprovalView {
             id: approval.id.clone(),
             status: approval.status_at(now).as_str().to_owned(),
             grant_id: approval.grant_id.clone(),
+            subject: approval.subject.clone(),
             purpose: purpose.map(str::to_owned),
             agent: approval.agent.clone(),
             action: approval.action.clone(),

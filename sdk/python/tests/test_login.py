@@ -17,31 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import AGENT_ID, Leash, keygen
+from conftest import Leash
 from idp_fixtures import DEFAULT_AUDIENCE, Idp, login_over_http, redirect_query
 from idp_hostile import HostileIdp
+from login_helpers import SECRET_ENV, MakeLeash, agent_for, leash_for, oidc_section
 
-from leash_agent import Agent, SigningKey
-
-SECRET_ENV = "LEASH_TEST_OIDC_SECRET"
-
-MakeLeash = Callable[..., Leash]
-
-
-def oidc_section(issuer: str, extra: str = "") -> str:
-    """An `[oidc]` table for the IdP at `issuer` (the config's last table but the routes')."""
-    return (
-        f'[oidc]\nissuer = "{issuer}"\nclient_id = "leash"\n'
-        f'client_secret_env = "{SECRET_ENV}"\nscopes = ["openid", "email", "profile"]\n'
-        f'admin_groups = ["leash-admins"]\naudience = "{DEFAULT_AUDIENCE}"\n{extra}\n'
-    )
-
-
-def leash_for(make_leash: MakeLeash, idp: Idp, top: str = "", oidc: str = "") -> Leash:
-    """A Leash that logs humans in at `idp`, whose callback the IdP now accepts."""
-    leash = make_leash(f"{top}\n{oidc_section(idp.issuer, oidc)}", {SECRET_ENV: idp.client_secret})
-    idp.set_redirect_uri(f"{leash.url}/auth/callback")
-    return leash
+from leash_agent import Agent
 
 
 @pytest.fixture
@@ -453,16 +434,6 @@ def test_forged_and_expired_idp_tokens_are_refused(
 
 
 # --- humans see their own; the admin disables --------------------------------------------------
-
-
-def agent_for(leash: Leash, directory: Path) -> tuple[str, Path]:
-    key_file = keygen(directory)
-    agent_id = f"{AGENT_ID}-{time.monotonic_ns()}"
-    import json
-
-    public = SigningKey.from_jwk(json.loads(key_file.read_text())).public_jwk()
-    leash.register_agent(agent_id, public)
-    return agent_id, key_file
 
 
 def grant_by_session(leash: Leash, client: httpx.Client, agent_id: str) -> dict[str, Any]:

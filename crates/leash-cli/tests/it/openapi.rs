@@ -21,6 +21,8 @@ const CONTRACT: &[(&str, &str)] = &[
     ("POST", "/oauth2/revoke"),
     ("POST", "/oauth2/introspect"),
     ("POST", "/v1/users"),
+    ("POST", "/v1/users/{id}/disable"),
+    ("GET", "/v1/me"),
     ("GET", "/v1/agents"),
     ("POST", "/v1/agents"),
     ("GET", "/v1/agents/{id}"),
