@@ -162,7 +162,9 @@ pub async fn prepare(
     let token_endpoint = url::Url::parse(&format!("{issuer}/oauth2/token"))?;
     let origin = url::Url::parse(&public_url)?.origin().ascii_serialization();
     let oidc = match &config.oidc {
-        Some(oidc) => Some(crate::oidc::Oidc::new(oidc.clone(), &public_url).map_err(anyhow::Error::msg)?),
+        Some(oidc) => {
+            Some(crate::oidc::Oidc::new(oidc.clone(), &public_url).map_err(anyhow::Error::msg)?)
+        }
         None => None,
     };
     let mut verify_keys = HashMap::new();

@@ -100,7 +100,10 @@ mod tests {
 
     #[test]
     fn only_changes_to_the_api_and_logout_are_guarded() {
-        assert!(is_cookie_change(&Method::POST, "/v1/approvals/apr_1/approve"));
+        assert!(is_cookie_change(
+            &Method::POST,
+            "/v1/approvals/apr_1/approve"
+        ));
         assert!(is_cookie_change(&Method::DELETE, "/v1/vault/mail"));
         assert!(is_cookie_change(&Method::PUT, "/v1/vault/mail"));
         assert!(is_cookie_change(&Method::POST, "/logout"));

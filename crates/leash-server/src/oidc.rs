@@ -23,8 +23,7 @@ use leash_store::{Login, Session, User};
 use openidconnect::core::{
     CoreAuthDisplay, CoreAuthPrompt, CoreErrorResponseType, CoreGenderClaim, CoreJsonWebKey,
     CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm, CoreProviderMetadata,
-    CoreRevocableToken, CoreRevocationErrorResponse, CoreTokenIntrospectionResponse,
-    CoreTokenType,
+    CoreRevocableToken, CoreRevocationErrorResponse, CoreTokenIntrospectionResponse, CoreTokenType,
 };
 use openidconnect::{
     AdditionalClaims, AuthenticationFlow, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
@@ -219,7 +218,9 @@ impl Oidc {
         }
         let refused = |why: &str| ApiError::Unauthorized(format!("IdP token refused: {why}"));
         let Some(audience) = &self.config.audience else {
-            return Err(refused("this server accepts no IdP tokens ([oidc] audience)"));
+            return Err(refused(
+                "this server accepts no IdP tokens ([oidc] audience)",
+            ));
         };
         let mut discovered = self.discovered(false).await?;
         if jwt.key(&discovered.metadata).is_none() {
@@ -327,7 +328,8 @@ impl Jwt {
         if parts.next().is_some() {
             return None;
         }
-        let header: JwtHeader = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
+        let header: JwtHeader =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
         let claims: TokenClaims =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
         Some(Self {
@@ -385,11 +387,7 @@ async fn human_for(state: &AppState, issuer: &str, subject: &str, name: &str) ->
 
 /// A display name: printable, at most 64 characters.
 fn display_name(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect();
+    let clean: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
     if clean.trim().is_empty() {
         "user".to_owned()
     } else {
@@ -593,7 +591,11 @@ pub async fn callback(
         return Err(refused("the login took too long; start again"));
     }
     if let Some(error) = &query.error {
-        let error: String = error.chars().filter(char::is_ascii_graphic).take(64).collect();
+        let error: String = error
+            .chars()
+            .filter(char::is_ascii_graphic)
+            .take(64)
+            .collect();
         return Err(refused(&format!("the identity provider answered {error}")));
     }
     let given_state = query.state.as_deref().unwrap_or_default();
@@ -665,7 +667,13 @@ pub async fn callback(
             "your groups are not allowed to use Leash".into(),
         ));
     }
-    let user = human_for(&state, &issuer, &subject, name.as_deref().unwrap_or(&subject)).await?;
+    let user = human_for(
+        &state,
+        &issuer,
+        &subject,
+        name.as_deref().unwrap_or(&subject),
+    )
+    .await?;
     let session_id = random_token();
     let session = Session {
         admin: oidc.is_admin(&groups),
@@ -750,7 +758,10 @@ mod tests {
     #[test]
     fn a_cookie_sent_twice_counts_as_none() {
         let mut headers = HeaderMap::new();
-        headers.append(header::COOKIE, HeaderValue::from_static("a=1; leash_session=x"));
+        headers.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; leash_session=x"),
+        );
         assert_eq!(cookie(&headers, "leash_session"), Some("x"));
         headers.append(header::COOKIE, HeaderValue::from_static("leash_session=y"));
         assert_eq!(cookie(&headers, "leash_session"), None);

@@ -7,8 +7,8 @@ use leash_core::audit::{Checkpoint, Outcome};
 use leash_core::grant::{Grant, GrantStatus};
 
 use crate::{
-    Agent, Approval, ApprovalStatus, CheckpointSigner, Login, Session, StoreError, StoreResult, User,
-    VaultEntry,
+    Agent, Approval, ApprovalStatus, CheckpointSigner, Login, Session, StoreError, StoreResult,
+    User, VaultEntry,
 };
 
 /// Typed column reads, the same for a SQLite and a PostgreSQL row (both schemas use TEXT,

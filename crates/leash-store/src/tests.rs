@@ -17,8 +17,8 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 
 use crate::{
-    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, OneTimeKind,
-    OneTimeUse, RequestUse, SingleUse, Store, StoreError, UseVerdict, User, VaultEntry,
+    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, Login, OneTimeKind,
+    OneTimeUse, RequestUse, Session, SingleUse, Store, StoreError, UseVerdict, User, VaultEntry,
 };
 
 /// A fresh, empty database of one backend, removed when dropped.
@@ -1505,5 +1505,92 @@ both_backends! {
         }
         let message = refused.to_string();
         assert!(message.contains("has no Leash schema") || message.contains("no database file"), "{message}");
+    }
+}
+
+fn person(id: &str, name: &str) -> User {
+    User {
+        id: id.into(),
+        name: name.into(),
+        created_at: 1,
+        disabled: false,
+    }
+}
+
+both_backends! {
+    async fn an_oidc_human_is_found_by_issuer_and_subject_never_by_name(fx) {
+        let store = fx.open().await;
+        let key = SecretDigest::from_stored("unused".into());
+        store
+            .create_user(&person("usr_k", "alice@example.com"), &SecretDigest::from_stored("k".into()), &ev("user.created"))
+            .await
+            .unwrap();
+        // A name already taken is made unique; who the human is comes from (iss, sub).
+        let first = store
+            .oidc_user("https://idp", "sub-1", &person("usr_a", "alice@example.com"), &key, &ev("user.created"))
+            .await
+            .unwrap();
+        assert_eq!(first.id, "usr_a");
+        assert_eq!(first.name, "alice@example.com (usr_a)");
+        let again = store
+            .oidc_user("https://idp", "sub-1", &person("usr_b", "other"), &SecretDigest::from_stored("k2".into()), &ev("user.created"))
+            .await
+            .unwrap();
+        assert_eq!(again, first);
+        // The same subject at another issuer is another human.
+        let elsewhere = store
+            .oidc_user("https://other-idp", "sub-1", &person("usr_c", "carol"), &SecretDigest::from_stored("k3".into()), &ev("user.created"))
+            .await
+            .unwrap();
+        assert_eq!(elsewhere.id, "usr_c");
+        assert_eq!(store.list_users().await.unwrap().len(), 3);
+    }
+}
+
+both_backends! {
+    async fn sessions_end_at_logout_and_when_their_human_is_disabled(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let user = store.user_by_key(&SecretDigest::from_stored("d1".into())).await.unwrap().unwrap();
+        let session = Session { user: user.clone(), admin: true, created_at: 10, last_seen: 10, expires_at: 100 };
+        let (one, two) = (SecretDigest::of("session-1"), SecretDigest::of("session-2"));
+        store.create_session(&one, &session, &ev("session.login")).await.unwrap();
+        store.create_session(&two, &session, &ev("session.login")).await.unwrap();
+        assert_eq!(store.session(&one).await.unwrap(), Some(session.clone()));
+        assert_eq!(store.session(&SecretDigest::of("session-3")).await.unwrap(), None);
+        store.touch_session(&one, 50).await.unwrap();
+        // A touch never moves last_seen back.
+        store.touch_session(&one, 20).await.unwrap();
+        assert_eq!(store.session(&one).await.unwrap().unwrap().last_seen, 50);
+        assert!(store.end_session(&one, &ev("session.logout")).await.unwrap());
+        assert!(!store.end_session(&one, &ev("session.logout")).await.unwrap());
+        assert_eq!(store.session(&one).await.unwrap(), None);
+
+        assert!(store.disable_user(&user.id, 60, &ev("user.disabled")).await.unwrap());
+        assert!(!store.disable_user("usr_nobody", 60, &ev("user.disabled")).await.unwrap());
+        assert_eq!(store.session(&two).await.unwrap(), None);
+        assert_eq!(store.user_by_key(&SecretDigest::from_stored("d1".into())).await.unwrap(), None);
+        assert!(store.list_users().await.unwrap()[0].disabled);
+        assert_eq!(store.live_grant(&grant.id).await.unwrap().unwrap().status, GrantStatus::Revoked);
+    }
+}
+
+both_backends! {
+    async fn a_login_is_taken_once_and_expired_ones_are_pruned(fx) {
+        let store = fx.open().await;
+        let login = Login {
+            state: "s".into(),
+            nonce: "n".into(),
+            verifier: "v".into(),
+            return_to: "/console".into(),
+            expires_at: 100,
+        };
+        let (live, old) = (SecretDigest::of("login-1"), SecretDigest::of("login-2"));
+        store.create_login(&live, &login).await.unwrap();
+        store.create_login(&old, &Login { expires_at: 5, ..login.clone() }).await.unwrap();
+        assert_eq!(store.take_login(&live).await.unwrap(), Some(login));
+        assert_eq!(store.take_login(&live).await.unwrap(), None);
+        assert!(store.prune(10).await.unwrap() >= 1);
+        assert_eq!(store.take_login(&old).await.unwrap(), None);
     }
 }

@@ -302,10 +302,11 @@ fn policy_check_validates_example_and_refuses_broken_policies() {
 
 #[test]
 fn example_configs_are_valid() {
-    for example in ["leash.toml", "mcp/leash.toml"] {
+    for example in ["leash.toml", "mcp/leash.toml", "console/leash.toml"] {
         let config = format!("{}/../../examples/{example}", env!("CARGO_MANIFEST_DIR"));
         let out = std::process::Command::new(bin())
             .args(["serve", "--check", "--config", &config])
+            .env("LEASH_OIDC_CLIENT_SECRET", "console-example-secret")
             .output()
             .unwrap();
         assert!(
@@ -314,6 +315,19 @@ fn example_configs_are_valid() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // The OIDC client secret comes from the environment only, and its absence is named.
+    let config = format!(
+        "{}/../../examples/console/leash.toml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--check", "--config", &config])
+        .env_remove("LEASH_OIDC_CLIENT_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("LEASH_OIDC_CLIENT_SECRET"), "{err}");
 }
 
 /// Waits for a child that must exit by itself; kills it and fails if it does not in time.
