@@ -854,6 +854,7 @@ def test_session_and_login_cookie_values_are_no_other_credential(
 ) -> None:
     leash, alice = leash_idp_alice
     session = session_cookie(alice)
+    assert session
     login_value = fresh(leash).get("/login").headers["set-cookie"].split(";")[0].split("=", 1)[1]
     bearer_session = {"Authorization": f"Bearer {session}"}
     assert fresh(leash).get("/v1/me", headers=bearer_session).status_code == 401
@@ -934,3 +935,128 @@ def test_an_idp_controlled_name_is_shown_as_text_to_the_admin(
         assert page.evaluate("window.__pwned") is None, hash_route
     assert dialogs == []
     assert not [m for m in console if "Content Security Policy" in m], console
+
+
+def test_hostile_mcp_tool_arguments_are_shown_as_text_in_the_inbox(
+    make_leash: MakeLeash, idp: Idp, tmp_path: Path, browser_page: Page
+) -> None:
+    import asyncio
+
+    from mcp_fixtures import mcp_session, start_crm
+    from test_mcp import CRM_TOOLS
+
+    with start_crm() as crm:
+        leash = make_leash(
+            f"{CRM_TOOLS.format(url=crm.url, wait=20)}\n{oidc_section(idp.issuer)}",
+            {SECRET_ENV: idp.client_secret},
+        )
+        idp.set_redirect_uri(f"{leash.url}/auth/callback")
+        alice = log_in(leash, idp, "alice")
+        agent_id, key_file = agent_for(leash, tmp_path)
+        body = {
+            "agent": agent_id,
+            "purpose": "Pay the invoice",
+            "upstreams": ["crm"],
+            "actions": ["crm:pay"],
+            "approval_required": ["crm:pay"],
+            "ttl_seconds": 900,
+        }
+        created = alice.post("/v1/grants", json=body, headers=origin(leash))
+        assert created.status_code == 201, created.text
+        handle = created.json()["handle"]
+
+        async def pay() -> None:
+            with Agent.from_jwk_file(leash.url, agent_id, key_file) as agent:
+                task = agent.task(handle)
+                async with mcp_session(f"{leash.url}/mcp/crm", task.auth) as mcp:
+                    await mcp.call_tool("pay", {"to": PAYLOAD, "amount": 1})
+
+        def run() -> None:
+            with contextlib.suppress(BaseException):
+                asyncio.run(pay())
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        for _ in range(150):
+            listed = alice.get("/v1/approvals", params={"status": "pending"}).json()
+            if listed["approvals"]:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the tool call never reached the inbox")
+        [approval] = listed["approvals"]
+        page = browser_page
+        dialogs, console = watch(page)
+        browser_login(page, leash, idp, "alice")
+        page.goto(f"{leash.url}/console#/inbox")
+        page.wait_for_timeout(1500)
+        assert "onerror" in page.inner_text("main")
+        assert page.locator("main img").count() == 0
+        assert page.evaluate("window.__pwned") is None
+        assert dialogs == []
+        assert not [m for m in console if "Content Security Policy" in m], console
+        alice.post(f"/v1/approvals/{approval['id']}/deny", headers=origin(leash))
+        thread.join(timeout=30)
+        assert [c for c in crm.calls() if c["tool"] == "pay"] == []
+
+
+def test_session_ids_and_login_secrets_are_not_stored_in_clear(
+    make_leash: MakeLeash, idp: Idp
+) -> None:
+    leash = leash_for(make_leash, idp)
+    client = browser(leash)
+    authorize = start(client)
+    login_cookie = client.cookies.get("leash_login")
+    back = login_over_http(client, authorize, "alice", idp.password("alice"))
+    assert client.get(back.headers["location"]).status_code == 303
+    session = session_cookie(client)
+    assert session
+    assert login_cookie
+    stored = b"".join(
+        path.read_bytes() for path in (leash.dir / "data").rglob("*") if path.is_file()
+    )
+    assert stored, "no store found"
+    for name, value in {
+        "session id": session,
+        "login cookie": login_cookie,
+        "client secret": idp.client_secret,
+    }.items():
+        assert value.encode() not in stored, name
+
+
+def test_activity_never_stretches_a_session_past_its_absolute_end(
+    make_leash: MakeLeash, hostile_idp: HostileIdp
+) -> None:
+    leash = make_leash(
+        oidc_section(hostile_idp.issuer, "session_ttl = 2\nsession_idle = 60"),
+        {SECRET_ENV: hostile_idp.client_secret},
+    )
+    client, done = hostile_login(leash)
+    assert done.status_code == 303
+    started = time.monotonic()
+    while time.monotonic() - started < 1.2:
+        assert me(client).status_code == 200
+        time.sleep(0.3)
+    time.sleep(max(0.0, 2.4 - (time.monotonic() - started)))
+    assert me(client).status_code == 401
+    # A new login is a new session, not the old one revived.
+    again, done = hostile_login(leash)
+    assert done.status_code == 303
+    assert session_cookie(again) != session_cookie(client)
+
+
+def test_no_cors_grant_on_a_decision_preflight(
+    hostile_approval: tuple[Leash, dict[str, Any]],
+) -> None:
+    leash, approval = hostile_approval
+    for path in (f"/v1/approvals/{approval['id']}/approve", "/logout", "/v1/vault/mail"):
+        answer = fresh(leash).options(
+            path,
+            headers={
+                "Origin": "https://evil.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        assert "access-control-allow-origin" not in answer.headers, path
+        assert "access-control-allow-credentials" not in answer.headers, path
