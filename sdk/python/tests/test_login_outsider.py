@@ -51,6 +51,16 @@ def fresh(leash: Leash) -> httpx.Client:
     )
 
 
+def sign_in(leash: Leash, idp: Idp, username: str) -> httpx.Client:
+    """`log_in`, then the person's browser on connections that are never reused (a reuse that
+    races Leash closing an idle keep-alive connection is no answer of Leash's)."""
+    logged_in = log_in(leash, idp, username)
+    client = fresh(leash)
+    client.cookies = logged_in.cookies
+    logged_in.close()
+    return client
+
+
 @pytest.fixture
 def hostile_leash(make_leash: MakeLeash, hostile_idp: HostileIdp) -> Leash:
     return make_leash(oidc_section(hostile_idp.issuer), {SECRET_ENV: hostile_idp.client_secret})
@@ -284,7 +294,7 @@ def test_get_logout_is_no_logout(leash_idp_alice: tuple[Leash, httpx.Client]) ->
 @pytest.fixture
 def leash_idp_alice(make_leash: MakeLeash, idp: Idp) -> tuple[Leash, httpx.Client]:
     leash = leash_for(make_leash, idp)
-    return leash, log_in(leash, idp, "alice")
+    return leash, sign_in(leash, idp, "alice")
 
 
 @pytest.mark.parametrize(
@@ -352,7 +362,7 @@ def test_no_method_changes_state_by_cookie_without_origin(
     make_leash: MakeLeash, idp: Idp, method: str
 ) -> None:
     leash = leash_for(make_leash, idp)
-    root = log_in(leash, idp, "root")
+    root = sign_in(leash, idp, "root")
     cookie = {"Cookie": f"leash_session={session_cookie(root)}"}
     for path in STATE_CHANGES:
         answer = fresh(leash).request(method, path, json={"name": "x"}, headers=cookie)
@@ -370,7 +380,7 @@ def test_two_session_cookies_of_the_same_name_authenticate_no_one(
     """Cookie tossing: a sibling origin plants a second `leash_session`; neither order lets the
     planted one (or an attacker's own session) act for the victim."""
     leash, alice = leash_idp_alice
-    mallory = log_in(leash, idp, "mallory")
+    mallory = sign_in(leash, idp, "mallory")
     victim, attacker = session_cookie(alice), session_cookie(mallory)
     for cookie in (
         f"leash_session={attacker}; leash_session={victim}",
@@ -610,7 +620,7 @@ def hostile_approval(
 ) -> Iterator[tuple[Leash, dict[str, Any]]]:
     """Alice's grant with a hostile purpose; its agent's hostile send waits for her approval."""
     leash = leash_for(make_leash, idp)
-    alice = log_in(leash, idp, "alice")
+    alice = sign_in(leash, idp, "alice")
     agent_id, key_file = agent_for(leash, tmp_path)
     body = {
         "agent": agent_id,
@@ -830,7 +840,7 @@ def test_an_approval_is_never_decided_by_a_cookie_get_or_a_null_origin(
     hostile_approval: tuple[Leash, dict[str, Any]], idp: Idp
 ) -> None:
     leash, approval = hostile_approval
-    alice = log_in(leash, idp, "alice")
+    alice = sign_in(leash, idp, "alice")
     for decision in ("approve", "deny"):
         path = f"/v1/approvals/{approval['id']}/{decision}"
         for method in ("GET", "HEAD", "OPTIONS", "PUT", "PATCH"):
@@ -951,7 +961,7 @@ def test_hostile_mcp_tool_arguments_are_shown_as_text_in_the_inbox(
             {SECRET_ENV: idp.client_secret},
         )
         idp.set_redirect_uri(f"{leash.url}/auth/callback")
-        alice = log_in(leash, idp, "alice")
+        alice = sign_in(leash, idp, "alice")
         agent_id, key_file = agent_for(leash, tmp_path)
         body = {
             "agent": agent_id,
