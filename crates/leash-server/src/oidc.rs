@@ -21,15 +21,17 @@ use leash_core::audit::{AuditEvent, Mode};
 use leash_core::secret::{Secret, SecretDigest, random_id};
 use leash_store::{Login, Session, User};
 use openidconnect::core::{
-    CoreAuthDisplay, CoreAuthPrompt, CoreErrorResponseType, CoreGenderClaim, CoreJsonWebKey,
-    CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm, CoreProviderMetadata,
-    CoreRevocableToken, CoreRevocationErrorResponse, CoreTokenIntrospectionResponse, CoreTokenType,
+    CoreAuthDisplay, CoreAuthPrompt, CoreClaimName, CoreClaimType, CoreClientAuthMethod,
+    CoreErrorResponseType, CoreGenderClaim, CoreGrantType, CoreJsonWebKey,
+    CoreJweContentEncryptionAlgorithm, CoreJweKeyManagementAlgorithm, CoreJwsSigningAlgorithm,
+    CoreResponseMode, CoreResponseType, CoreRevocableToken, CoreRevocationErrorResponse,
+    CoreSubjectIdentifierType, CoreTokenIntrospectionResponse, CoreTokenType,
 };
 use openidconnect::{
-    AdditionalClaims, AuthenticationFlow, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
-    EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet, IdTokenFields, IssuerUrl,
-    JsonWebKey as _, Nonce, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, Scope,
-    StandardErrorResponse, StandardTokenResponse,
+    AdditionalClaims, AdditionalProviderMetadata, AuthenticationFlow, AuthorizationCode, ClientId,
+    ClientSecret, CsrfToken, EmptyExtraTokenFields, EndpointMaybeSet, EndpointNotSet, EndpointSet,
+    IdTokenFields, IssuerUrl, JsonWebKey as _, Nonce, PkceCodeChallenge, PkceCodeVerifier,
+    ProviderMetadata, RedirectUrl, Scope, StandardErrorResponse, StandardTokenResponse,
 };
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
@@ -45,7 +47,8 @@ const LOGIN_TTL: i64 = 600;
 const DISCOVERY_TTL: Duration = Duration::from_secs(300);
 /// The least time between two fetches forced by a key the cached set does not hold.
 const REFRESH_FLOOR: Duration = Duration::from_secs(10);
-/// A session's `last_seen` is written at most this often (the idle end is that much coarse).
+/// A session's `last_seen` is written at most this often, and at most every quarter of the idle
+/// lifetime (so a session in use never reaches its idle end).
 const TOUCH_EVERY: i64 = 60;
 /// The signature algorithms accepted from the IdP: asymmetric only, so a token signed with the
 /// client secret (HS256) or unsigned never passes.
@@ -69,6 +72,31 @@ pub struct GroupClaims {
 }
 
 impl AdditionalClaims for GroupClaims {}
+
+/// RFC 9207: whether the IdP names itself (`iss`) in its authorization responses. When it says
+/// so, a response without `iss` is refused like one with another issuer (mix-up).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IssParameter {
+    #[serde(default)]
+    authorization_response_iss_parameter_supported: bool,
+}
+
+impl AdditionalProviderMetadata for IssParameter {}
+
+type Metadata = ProviderMetadata<
+    IssParameter,
+    CoreAuthDisplay,
+    CoreClientAuthMethod,
+    CoreClaimName,
+    CoreClaimType,
+    CoreGrantType,
+    CoreJweContentEncryptionAlgorithm,
+    CoreJweKeyManagementAlgorithm,
+    CoreJsonWebKey,
+    CoreResponseMode,
+    CoreResponseType,
+    CoreSubjectIdentifierType,
+>;
 
 type TokenResponse = StandardTokenResponse<
     IdTokenFields<
@@ -104,7 +132,7 @@ type OidcClient = openidconnect::Client<
 /// What discovery found, and when.
 struct Discovered {
     client: OidcClient,
-    metadata: CoreProviderMetadata,
+    metadata: Metadata,
     at: Instant,
 }
 
@@ -172,9 +200,28 @@ impl Oidc {
         }
         let issuer = IssuerUrl::new(self.config.issuer.clone())
             .map_err(|e| unreachable_idp(format!("invalid issuer: {e}")))?;
-        let metadata = CoreProviderMetadata::discover_async(issuer, &self.http)
-            .await
-            .map_err(|e| unreachable_idp(format!("discovery failed: {e}")))?;
+        let metadata = match Metadata::discover_async(issuer, &self.http).await {
+            Ok(metadata) => metadata,
+            Err(e) => {
+                let failed = unreachable_idp(format!("discovery failed: {e}"));
+                // An IdP that is down for a while does not lock everyone out: the keys it
+                // published last still verify, and the next try waits REFRESH_FLOOR.
+                return match slot.as_mut() {
+                    Some(stale) => {
+                        let kept = Arc::new(Discovered {
+                            client: stale.client.clone(),
+                            metadata: stale.metadata.clone(),
+                            at: Instant::now()
+                                .checked_sub(DISCOVERY_TTL - REFRESH_FLOOR)
+                                .unwrap_or_else(Instant::now),
+                        });
+                        *stale = Arc::clone(&kept);
+                        Ok(kept)
+                    }
+                    None => Err(failed),
+                };
+            }
+        };
         let client = OidcClient::from_provider_metadata(
             metadata.clone(),
             ClientId::new(self.config.client_id.clone()),
@@ -232,6 +279,15 @@ impl Oidc {
         if !ALGORITHMS.contains(&jwt.alg) {
             return Err(refused("algorithm not accepted"));
         }
+        // No JOSE extension is understood here (RFC 7515 §4.1.11).
+        if jwt.crit {
+            return Err(refused("crit header"));
+        }
+        if !jwt.access_token_typ {
+            return Err(refused(
+                "not an access token (typ must be at+jwt, RFC 9068)",
+            ));
+        }
         key.verify_signature(&jwt.alg, jwt.signed.as_bytes(), &jwt.signature)
             .map_err(|_| refused("bad signature"))?;
         let claims = &jwt.claims;
@@ -281,6 +337,9 @@ fn unreachable_idp(detail: String) -> ApiError {
 struct Jwt {
     alg: CoreJwsSigningAlgorithm,
     kid: Option<String>,
+    /// RFC 9068 §2.1: `at+jwt` (or `application/at+jwt`) marks an access token.
+    access_token_typ: bool,
+    crit: bool,
     signed: String,
     signature: Vec<u8>,
     claims: TokenClaims,
@@ -290,6 +349,8 @@ struct Jwt {
 struct JwtHeader {
     alg: CoreJwsSigningAlgorithm,
     kid: Option<String>,
+    typ: Option<String>,
+    crit: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -332,9 +393,14 @@ impl Jwt {
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).ok()?).ok()?;
         let claims: TokenClaims =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
+        let access_token_typ = header.typ.as_deref().is_some_and(|typ| {
+            typ.eq_ignore_ascii_case("at+jwt") || typ.eq_ignore_ascii_case("application/at+jwt")
+        });
         Some(Self {
             alg: header.alg,
             kid: header.kid,
+            access_token_typ,
+            crit: header.crit.is_some(),
             signed: token[..token.len() - signature.len() - 1].to_owned(),
             signature: URL_SAFE_NO_PAD.decode(signature).ok()?,
             claims,
@@ -342,7 +408,7 @@ impl Jwt {
     }
 
     /// The key of the IdP's set this token names (by `kid`, or the only key when it names none).
-    fn key<'m>(&self, metadata: &'m CoreProviderMetadata) -> Option<&'m CoreJsonWebKey> {
+    fn key<'m>(&self, metadata: &'m Metadata) -> Option<&'m CoreJsonWebKey> {
         let keys = metadata.jwks().keys();
         match &self.kid {
             Some(kid) => keys
@@ -476,7 +542,8 @@ pub async fn session_of(state: &AppState, headers: &HeaderMap) -> ApiResult<Opti
     if now >= session.expires_at || now - session.last_seen >= oidc.config.session_idle {
         return Ok(None);
     }
-    if now - session.last_seen >= TOUCH_EVERY {
+    let touch_every = TOUCH_EVERY.min(oidc.config.session_idle / 4).max(1);
+    if now - session.last_seen >= touch_every {
         state.store.touch_session(&digest, now).await?;
     }
     Ok(Some(session))
@@ -602,19 +669,26 @@ pub async fn callback(
     if !bool::from(given_state.as_bytes().ct_eq(login.state.as_bytes())) {
         return Err(refused("state does not match this browser's login"));
     }
-    // RFC 9207: an authorization response from another server (mix-up) names another issuer.
-    if query
-        .iss
-        .as_deref()
-        .is_some_and(|iss| iss != oidc.config.issuer)
-    {
-        return Err(refused("the answer came from another issuer"));
+    let discovered = oidc.discovered(false).await?;
+    // RFC 9207: an authorization response from another server (mix-up) names another issuer,
+    // or none when the IdP says it always names itself.
+    let names_itself = discovered
+        .metadata
+        .additional_metadata()
+        .authorization_response_iss_parameter_supported;
+    match query.iss.as_deref() {
+        Some(iss) if iss != oidc.config.issuer => {
+            return Err(refused("the answer came from another issuer"));
+        }
+        None if names_itself => {
+            return Err(refused("the answer does not name its issuer (iss)"));
+        }
+        _ => {}
     }
     let code = query
         .code
         .filter(|c| !c.is_empty())
         .ok_or_else(|| refused("no code"))?;
-    let discovered = oidc.discovered(false).await?;
     let exchange = discovered
         .client
         .exchange_code(AuthorizationCode::new(code))
@@ -628,6 +702,11 @@ pub async fn callback(
                 answer.error()
             )));
         }
+        // What the IdP sent back does not parse as a token response (an ID token's claims of
+        // the wrong type, say): bad input, not an unreachable IdP.
+        Err(openidconnect::RequestTokenError::Parse(_, _)) => {
+            return Err(refused("the identity provider's answer is not valid"));
+        }
         Err(e) => return Err(unreachable_idp(format!("code exchange failed: {e}"))),
     };
     let id_token = tokens
@@ -640,8 +719,27 @@ pub async fn callback(
             .client
             .id_token_verifier()
             .set_allowed_algs(ALGORITHMS);
+        let client_id = oidc.config.client_id.as_str();
         id_token
             .claims(&verifier, &nonce)
+            .map_err(|e| e.to_string())
+            .and_then(|claims| {
+                // OIDC Core §3.1.3.7 steps 4-5, which the crate leaves to its user: with
+                // several audiences, the authorized party must be Leash.
+                match claims.authorized_party() {
+                    Some(azp) if azp.as_str() != client_id => {
+                        return Err("it was issued to another client (azp)".to_owned());
+                    }
+                    None if claims.audiences().len() > 1 => {
+                        return Err("several audiences and no azp".to_owned());
+                    }
+                    _ => {}
+                }
+                if claims.subject().is_empty() {
+                    return Err("no subject".to_owned());
+                }
+                Ok(claims)
+            })
             .map(|claims| {
                 (
                     claims.issuer().to_string(),
@@ -653,7 +751,6 @@ pub async fn callback(
                     claims.additional_claims().groups.clone(),
                 )
             })
-            .map_err(|e| e.to_string())
     };
     let verified = match verify(&discovered) {
         // A key the cached set does not hold: the IdP may have rotated.

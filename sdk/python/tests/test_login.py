@@ -233,7 +233,7 @@ def test_a_replayed_callback_or_code_makes_no_session(leash_idp: Leash, idp: Idp
     fresh = browser(leash_idp)
     state = dict(httpx.URL(start(fresh)).params)["state"]
     code = redirect_query(back)["code"]
-    refused = fresh.get("/auth/callback", params={"code": code, "state": state})
+    refused = fresh.get("/auth/callback", params={"code": code, "state": state, "iss": idp.issuer})
     assert refused.status_code == 400
     assert "refused the code" in refused.json()["error_description"]
     assert session_cookie(fresh) is None
