@@ -7,8 +7,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 from conftest import AGENT_ID, Leash, keygen
-from idp_fixtures import DEFAULT_AUDIENCE, Idp
+from idp_fixtures import DEFAULT_AUDIENCE, Idp, login_over_http
 
 from leash_agent import SigningKey
 
@@ -40,3 +41,39 @@ def agent_for(leash: Leash, directory: Path) -> tuple[str, Path]:
     public = SigningKey.from_jwk(json.loads(key_file.read_text())).public_jwk()
     leash.register_agent(agent_id, public)
     return agent_id, key_file
+
+
+def browser(leash: Leash) -> httpx.Client:
+    """A fresh cookie jar: one person's browser."""
+    return httpx.Client(base_url=leash.url, timeout=10)
+
+
+def start(client: httpx.Client, return_to: str | None = None) -> str:
+    """`GET /login`: the IdP's authorization URL."""
+    params = {"return_to": return_to} if return_to else None
+    answer = client.get("/login", params=params)
+    assert answer.status_code == 302, answer.text
+    assert "leash_login=" in answer.headers["set-cookie"]
+    location: str = answer.headers["location"]
+    return location
+
+
+def log_in(leash: Leash, idp: Idp, username: str) -> httpx.Client:
+    """A browser in which `username` logged in through the IdP."""
+    client = browser(leash)
+    back = login_over_http(client, start(client), username, idp.password(username))
+    done = client.get(back.headers["location"])
+    assert done.status_code == 303, done.text
+    return client
+
+
+def me(client: httpx.Client) -> httpx.Response:
+    return client.get("/v1/me")
+
+
+def origin(leash: Leash) -> dict[str, str]:
+    return {"Origin": leash.url}
+
+
+def session_cookie(client: httpx.Client) -> str | None:
+    return client.cookies.get("leash_session")

@@ -20,7 +20,19 @@ import pytest
 from conftest import Leash
 from idp_fixtures import DEFAULT_AUDIENCE, Idp, login_over_http, redirect_query
 from idp_hostile import HostileIdp
-from login_helpers import SECRET_ENV, MakeLeash, agent_for, leash_for, oidc_section
+from login_helpers import (
+    SECRET_ENV,
+    MakeLeash,
+    agent_for,
+    browser,
+    leash_for,
+    log_in,
+    me,
+    oidc_section,
+    origin,
+    session_cookie,
+    start,
+)
 
 from leash_agent import Agent
 
@@ -28,42 +40,6 @@ from leash_agent import Agent
 @pytest.fixture
 def leash_idp(make_leash: MakeLeash, idp: Idp) -> Leash:
     return leash_for(make_leash, idp)
-
-
-def browser(leash: Leash) -> httpx.Client:
-    """A fresh cookie jar: one person's browser."""
-    return httpx.Client(base_url=leash.url, timeout=10)
-
-
-def start(client: httpx.Client, return_to: str | None = None) -> str:
-    """`GET /login`: the IdP's authorization URL."""
-    params = {"return_to": return_to} if return_to else None
-    answer = client.get("/login", params=params)
-    assert answer.status_code == 302, answer.text
-    assert "leash_login=" in answer.headers["set-cookie"]
-    location: str = answer.headers["location"]
-    return location
-
-
-def log_in(leash: Leash, idp: Idp, username: str) -> httpx.Client:
-    """A browser in which `username` logged in through the IdP."""
-    client = browser(leash)
-    back = login_over_http(client, start(client), username, idp.password(username))
-    done = client.get(back.headers["location"])
-    assert done.status_code == 303, done.text
-    return client
-
-
-def me(client: httpx.Client) -> httpx.Response:
-    return client.get("/v1/me")
-
-
-def origin(leash: Leash) -> dict[str, str]:
-    return {"Origin": leash.url}
-
-
-def session_cookie(client: httpx.Client) -> str | None:
-    return client.cookies.get("leash_session")
 
 
 # --- the flow ---------------------------------------------------------------------------------

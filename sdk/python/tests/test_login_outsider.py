@@ -25,8 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 from idp_fixtures import DEFAULT_AUDIENCE, Idp, login_over_http
 from idp_hostile import HostileIdp, b64url, sign
-from playwright.sync_api import ConsoleMessage, Dialog, Page
-from test_login import (
+from login_helpers import (
     SECRET_ENV,
     MakeLeash,
     agent_for,
@@ -39,6 +38,7 @@ from test_login import (
     session_cookie,
     start,
 )
+from playwright.sync_api import ConsoleMessage, Dialog, Page
 
 from leash_agent import Agent
 
