@@ -1,7 +1,8 @@
 //! Request extractors: strict JSON and form bodies with per-endpoint size limits (`body.rs`),
-//! and the caller's identity: the admin or a human by API key, IdP token or session (`api_key.rs`), an agent by
-//! DPoP-bound access token and proof, the token checks included (`agent.rs`). The
-//! `Authorization` and `DPoP` header fields they read are parsed in one place (`headers.rs`).
+//! and the caller's identity: the admin or a human by API key, IdP token or browser session
+//! (`api_key.rs`), an agent by DPoP-bound access token and proof, the token checks included
+//! (`agent.rs`). The `Authorization` and `DPoP` header fields they read are parsed in one place
+//! (`headers.rs`).
 
 mod agent;
 mod api_key;
