@@ -303,10 +303,10 @@ def test_a_session_cookie_is_no_credential_at_the_gateway_or_mcp(
     )
     idp.set_redirect_uri(f"{leash_idp.url}/auth/callback")
     client = log_in(leash_idp, idp, "alice")
-    gateway = client.get("/gw/mail/messages/1", headers=origin(leash_idp))
+    path = f"/messages/cookie-{time.monotonic_ns()}"
+    gateway = client.get(f"/gw/mail{path}", headers=origin(leash_idp))
     assert gateway.status_code == 401
-    seen = [r for r in leash_idp.upstream.seen() if r.path == "/messages/1"]
-    assert seen == []
+    assert [r for r in leash_idp.upstream.seen() if r.path == path] == []
     mcp = client.post(
         "/mcp/crm",
         json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
