@@ -84,6 +84,8 @@ def test_a_human_delegates_approves_revokes_and_reviews_in_the_browser(
 
     # The agent's high-risk send waits for Alice.
     answers: list[httpx.Response] = []
+    # Its own path: the recording upstream is shared by the session's tests.
+    path = f"/messages/c{time.monotonic_ns()}/send"
 
     def send() -> None:
         with Agent.from_jwk_file(console.url, agent_id, key_file) as agent:
@@ -91,7 +93,7 @@ def test_a_human_delegates_approves_revokes_and_reviews_in_the_browser(
             with httpx.Client(timeout=40) as client:
                 answers.append(
                     client.post(
-                        task.url("mail", "/messages/9/send?notify=<b>x</b>"),
+                        task.url("mail", f"{path}?notify=<b>x</b>"),
                         json={"to": "bob@example.com", "body": "<script>alert(1)</script>"},
                         auth=task.auth,
                     )
@@ -101,7 +103,7 @@ def test_a_human_delegates_approves_revokes_and_reviews_in_the_browser(
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     asked = time.monotonic()
-    card = page.locator("article.card.approval").filter(has_text="/messages/9/send")
+    card = page.locator("article.card.approval").filter(has_text=path)
     # The inbox polls every second: the card appears within 2 s of the ask, without a reload.
     expect(card).to_be_visible(timeout=5000)
     assert time.monotonic() - asked < 4, "the card took too long to appear"
@@ -117,7 +119,7 @@ def test_a_human_delegates_approves_revokes_and_reviews_in_the_browser(
     card.get_by_role("button", name="Approve").click()
     thread.join(timeout=30)
     assert [a.status_code for a in answers] == [200]
-    sends = [r for r in console.upstream.seen() if r.path.startswith("/messages/9/send")]
+    sends = [r for r in console.upstream.seen() if r.path.startswith(path)]
     assert len(sends) == 1
 
     # Revoke the task.

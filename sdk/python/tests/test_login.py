@@ -436,14 +436,14 @@ def waiting_send(
     agent_id, key_file = agent_for(leash_idp, tmp_path)
     grant = grant_by_session(leash_idp, alice, agent_id)
     answers: list[httpx.Response] = []
+    # Its own path: the recording upstream is shared by the session's tests.
+    path = f"/messages/s{time.monotonic_ns()}/send"
 
     def send() -> None:
         with Agent.from_jwk_file(leash_idp.url, agent_id, key_file) as agent:
             task = agent.task(grant["handle"], approval_timeout=20)
             with httpx.Client(timeout=30) as client:
-                answers.append(
-                    client.post(task.url("mail", "/messages/7/send"), content=b"hi", auth=task.auth)
-                )
+                answers.append(client.post(task.url("mail", path), content=b"hi", auth=task.auth))
 
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
@@ -478,7 +478,7 @@ def test_a_human_approves_by_session_and_the_agent_proceeds_once(
             break
         time.sleep(0.1)
     assert [a.status_code for a in answers] == [200]
-    sends = [r for r in leash_idp.upstream.seen() if r.path == "/messages/7/send"]
+    sends = [r for r in leash_idp.upstream.seen() if r.path == approval["path"]]
     assert len(sends) == 1
     events = leash_idp.call("GET", f"/v1/audit?grant_id={grant['id']}", leash_idp.admin_key)
     assert f'"approver":"{approval_view_approver(alice, approval["id"])}"' in events.text
