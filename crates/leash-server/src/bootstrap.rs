@@ -170,6 +170,7 @@ pub async fn prepare(
     let mut verify_keys = HashMap::new();
     verify_keys.insert(signing.kid().to_owned(), signing.public());
     let token_rates = CallerRates::new(config.limits.token_rate);
+    let login_rates = CallerRates::new(config.limits.unauthenticated_rate);
     let gateway_rates = CallerRates::new(config.limits.gateway_rate);
     let unauthenticated = UnauthenticatedRefusals::new(config.limits.unauthenticated_rate);
     let state = AppState {
@@ -192,6 +193,7 @@ pub async fn prepare(
         verified_tokens: quick_cache::sync::Cache::new(VERIFIED_TOKEN_CAPACITY),
         notifier,
         token_rates,
+        login_rates,
         gateway_rates,
         unauthenticated,
         reflection_guards: SecretsCache::default(),

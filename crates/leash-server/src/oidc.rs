@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -583,11 +583,14 @@ fn random_token() -> String {
 }
 
 /// `GET /login`: starts a login at the IdP, bound to this browser by a login cookie.
-pub async fn login(
-    State(state): State<Arc<AppState>>,
-    Query(query): Query<LoginQuery>,
-) -> ApiResult<Response> {
+pub async fn login(State(state): State<Arc<AppState>>, request: Request) -> ApiResult<Response> {
     let oidc = state.oidc.as_ref().ok_or_else(no_oidc)?;
+    let Query(query) = Query::<LoginQuery>::try_from_uri(request.uri())
+        .map_err(|_| ApiError::InvalidRequest("the only parameter is return_to".into()))?;
+    // Each login started stores a row: one source address cannot start them without end.
+    if let Some(source) = crate::gateway::source_of(&state, &request) {
+        state.login_rates.check(&source.to_string())?;
+    }
     let discovered = oidc.discovered(false).await?;
     let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
     let mut request = discovered.client.authorize_url(

@@ -82,6 +82,9 @@ pub struct AppState {
     pub notifier: Notifier,
     /// Token requests per agent (`[limits] token_rate`).
     pub token_rates: CallerRates,
+    /// Logins started per source address (`[limits] unauthenticated_rate`): each one stores a
+    /// row until it completes or expires.
+    pub login_rates: CallerRates,
     /// Gateway and authorize requests per caller (`[limits] gateway_rate`).
     pub gateway_rates: CallerRates,
     /// Refusals of unidentified callers per source address (`[limits] unauthenticated_rate`).

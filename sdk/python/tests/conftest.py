@@ -167,13 +167,17 @@ class Leash:
     """A running server: its URL, admin key, and the human's side of the API."""
 
     def __init__(
-        self, upstream: Upstream, extra: str = "", env: dict[str, str] | None = None
+        self,
+        upstream: Upstream,
+        extra: str = "",
+        env: dict[str, str] | None = None,
+        limits: str = LIMITS,
     ) -> None:
         self.upstream = upstream
         self.admin_key = "lsk_test_admin_" + secrets.token_hex(16)
         self.dir = Path(tempfile.mkdtemp(prefix="leash-sdk-"))
         config = self.dir / "leash.toml"
-        config.write_text(f"{extra}\n{ROUTES.format(upstream=upstream.url)}\n{LIMITS}")
+        config.write_text(f"{extra}\n{ROUTES.format(upstream=upstream.url)}\n{limits}")
         process_env = {
             **os.environ,
             "LEASH_ADMIN_TOKEN": self.admin_key,
@@ -293,12 +297,12 @@ def leash(upstream: Upstream) -> Iterator[Leash]:
 
 @pytest.fixture
 def make_leash(upstream: Upstream) -> Iterator[Any]:
-    """A server of the test's own, with `extra` config lines (short token lifetimes, nonces) and
-    `env` added to its environment."""
+    """A server of the test's own, with `extra` config lines (short token lifetimes, nonces),
+    `env` added to its environment, and its `[limits]` table (default: rates off)."""
     servers: list[Leash] = []
 
-    def make(extra: str, env: dict[str, str] | None = None) -> Leash:
-        server = Leash(upstream, extra, env)
+    def make(extra: str, env: dict[str, str] | None = None, limits: str = LIMITS) -> Leash:
+        server = Leash(upstream, extra, env, limits)
         servers.append(server)
         return server
 

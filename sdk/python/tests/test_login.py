@@ -163,6 +163,24 @@ def test_sessions_end_after_their_absolute_and_idle_lifetimes(
     assert me(client).status_code == 401
 
 
+def test_one_address_cannot_start_logins_without_end(make_leash: MakeLeash, idp: Idp) -> None:
+    limits = "[limits]\ntoken_rate = 0\ngateway_rate = 0\nunauthenticated_rate = 1\n"
+    leash = make_leash(
+        oidc_section(idp.issuer),
+        {SECRET_ENV: idp.client_secret},
+        limits + "unauthenticated_burst = 3\n",
+    )
+    client = browser(leash)
+    answers = [client.get("/login") for _ in range(8)]
+    started = [a for a in answers if a.status_code == 302]
+    refused = [a for a in answers if a.status_code == 429]
+    assert 3 <= len(started) <= 4, [a.status_code for a in answers]
+    assert len(started) + len(refused) == 8
+    assert all("set-cookie" not in a.headers for a in refused)
+    assert all(int(a.headers["retry-after"]) >= 1 for a in refused)
+    assert refused[0].json()["error"] == "rate_limited"
+
+
 # --- login refusals (ATTACKS 54) ---------------------------------------------------------------
 
 
