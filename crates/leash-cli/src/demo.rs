@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::Remote;
 use crate::client::{AgentSession, Reply, call, exchange};
+use crate::demo_idp::DemoIdp;
 
 /// `leash demo`.
 #[derive(Debug, clap::Args)]
@@ -25,7 +26,11 @@ pub struct DemoArgs {
     /// in another terminal.
     #[arg(long)]
     interactive: bool,
-    /// With --interactive: how long to wait for your decision.
+    /// Do the approval yourself in the web console: Alice signs in at the demo's own identity
+    /// provider (one click) and approves or denies the send in her approvals inbox.
+    #[arg(long, conflicts_with = "interactive")]
+    console: bool,
+    /// With --interactive or --console: how long to wait for your decision.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     wait: u64,
 }
@@ -41,7 +46,15 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let session_cookie = format!("session={}", random_hex());
     let mailbox = Mailbox::start(&session_cookie).await?;
     let crm = Crm::start().await?;
-    let server = Server::start(dir.path(), &mailbox.url, &crm.url).await?;
+    let idp = if args.console {
+        Some(DemoIdp::start().await?)
+    } else {
+        None
+    };
+    let server = Server::start(dir.path(), &mailbox.url, &crm.url, idp.as_ref()).await?;
+    if let Some(idp) = &idp {
+        idp.set_redirect_uri(format!("{}/auth/callback", server.url));
+    }
     heading(format!(
         "Leash demo: Alice delegates one task to an AI agent\n   Leash on {} (temporary store in {}), a sample mailbox app on {}",
         server.url,
@@ -55,6 +68,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         crm: &crm,
         session_cookie,
         dir: dir.path(),
+        idp: idp.as_ref(),
         args,
     };
     let told = story.tell().await;
@@ -120,16 +134,29 @@ struct Server {
 }
 
 impl Server {
-    async fn start(dir: &std::path::Path, mailbox: &str, crm: &str) -> anyhow::Result<Self> {
+    async fn start(
+        dir: &std::path::Path,
+        mailbox: &str,
+        crm: &str,
+        idp: Option<&DemoIdp>,
+    ) -> anyhow::Result<Self> {
         let config_path = dir.join("leash.toml");
-        std::fs::write(&config_path, config_toml(dir, mailbox, crm))
+        let mut config = config_toml(dir, mailbox, crm);
+        if let Some(idp) = idp {
+            config.push_str(&oidc_toml(idp));
+        }
+        std::fs::write(&config_path, config)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
         let flags = leash_server::config::Flags {
             config: Some(config_path),
             ..Default::default()
         };
-        // The demo's settings are its own: nothing from the environment (LEASH_*) applies.
-        let config = leash_server::config::Config::load(&flags, |_| None)?;
+        // The demo's settings are its own: nothing from the environment (LEASH_*) applies; the
+        // demo IdP's client secret reaches the config as the environment would bring it.
+        let secret = idp.map(|idp| idp.client_secret.clone());
+        let config = leash_server::config::Config::load(&flags, |name| {
+            (name == DEMO_SECRET_ENV).then(|| secret.clone()).flatten()
+        })?;
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(leash_server::run(
@@ -214,6 +241,20 @@ tool = [
   {{ name = "delete_contact", action = "crm:delete", risk = "high" }},
 ]
 "#
+    )
+}
+
+/// The environment variable name the demo's `[oidc]` reads its client secret from.
+const DEMO_SECRET_ENV: &str = "LEASH_DEMO_OIDC_SECRET";
+
+/// `[oidc]` for the demo's identity provider (`leash demo --console`).
+fn oidc_toml(idp: &DemoIdp) -> String {
+    format!(
+        "\n[oidc]\nissuer = {}\nclient_id = {}\nclient_secret_env = {}\naudience = {}\n",
+        toml_string(&idp.issuer),
+        toml_string(crate::demo_idp::CLIENT_ID),
+        toml_string(DEMO_SECRET_ENV),
+        toml_string(crate::demo_idp::AUDIENCE),
     )
 }
 
@@ -413,6 +454,7 @@ struct Story<'a> {
     crm: &'a Crm,
     session_cookie: String,
     dir: &'a std::path::Path,
+    idp: Option<&'a DemoIdp>,
     args: DemoArgs,
 }
 
@@ -505,24 +547,48 @@ impl Story<'_> {
             "Alice stores her mailbox session in the vault; the agent is registered with its own identity",
         );
         let admin = self.remote(&self.admin);
-        let user = call(
-            &admin,
-            Method::POST,
-            "/v1/users",
-            Some(json!({"name": "alice"})),
-        )
-        .await?;
-        let (Some(key), Some(id)) = (user["api_key"].as_str(), user["id"].as_str()) else {
-            bail!("POST /v1/users returned no id or api_key: {user}");
+        let alice = match self.idp {
+            Some(idp) => {
+                // Alice is a person at the company's IdP: her calls carry its access token, and
+                // Leash knows her by the IdP's (iss, sub), the same when she logs in later.
+                let key = idp.alice_access_token();
+                let me = call(&self.remote(&key), Method::GET, "/v1/me", None).await?;
+                let Some(id) = me["id"].as_str() else {
+                    bail!("GET /v1/me returned no id: {me}");
+                };
+                say(
+                    Mark::Done,
+                    format_args!(
+                        "alice ({}) is known at the company's identity provider; Leash made her {id} on first sight, no API key",
+                        me["name"].as_str().unwrap_or("?")
+                    ),
+                );
+                Alice {
+                    id: id.to_owned(),
+                    key,
+                }
+            }
+            None => {
+                let user = call(
+                    &admin,
+                    Method::POST,
+                    "/v1/users",
+                    Some(json!({"name": "alice"})),
+                )
+                .await?;
+                let (Some(key), Some(id)) = (user["api_key"].as_str(), user["id"].as_str()) else {
+                    bail!("POST /v1/users returned no id or api_key: {user}");
+                };
+                say(
+                    Mark::Done,
+                    "the admin added the user alice (she gets her own API key)",
+                );
+                Alice {
+                    id: id.to_owned(),
+                    key: key.to_owned(),
+                }
+            }
         };
-        let alice = Alice {
-            id: id.to_owned(),
-            key: key.to_owned(),
-        };
-        say(
-            Mark::Done,
-            "the admin added the user alice (she gets her own API key)",
-        );
 
         let vault = json!({"kind": "cookie", "secret": self.session_cookie});
         call(
@@ -739,7 +805,9 @@ impl Story<'_> {
             pending["status"].as_str().unwrap_or("?"),
         ));
 
-        let decided = if self.args.interactive {
+        let decided = if self.args.console {
+            self.wait_in_console(alice, &id).await?
+        } else if self.args.interactive {
             self.wait_for_alice(alice, &id).await?
         } else {
             call(
@@ -831,6 +899,25 @@ impl Story<'_> {
             "(`leash approvals show {id}` shows exactly what it lets through; from a checkout, `cargo run --release --` stands for `leash`; waiting up to {} s)",
             self.args.wait
         ));
+        self.decision(alice, id).await
+    }
+
+    /// `--console`: Alice decides in her browser.
+    async fn wait_in_console(&self, alice: &str, id: &str) -> anyhow::Result<Value> {
+        say(
+            Mark::Wait,
+            "your turn: open the console in a browser, sign in as Alice, and approve (or deny) it:",
+        );
+        anstream::println!("\n      {}/console\n", self.leash);
+        note(format_args!(
+            "(\"Log in\" takes you to the demo's identity provider: one click signs you in as Alice; the approval is in her inbox; waiting up to {} s)",
+            self.args.wait
+        ));
+        self.decision(alice, id).await
+    }
+
+    /// Waits for Alice's decision on `id`, up to `--wait`.
+    async fn decision(&self, alice: &str, id: &str) -> anyhow::Result<Value> {
         let deadline = std::time::Instant::now() + Duration::from_secs(self.args.wait);
         let path = format!("/v1/approvals/{id}");
         loop {

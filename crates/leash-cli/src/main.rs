@@ -4,6 +4,7 @@
 mod audit;
 mod client;
 mod demo;
+mod demo_idp;
 
 use std::path::PathBuf;
 use std::sync::Arc;

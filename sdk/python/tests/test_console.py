@@ -10,6 +10,7 @@ README shows)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Leash
+from conftest import Leash, leash_bin
 from idp_fixtures import Idp
 from login_helpers import MakeLeash, agent_for, leash_for
 from playwright.sync_api import Dialog, Page, expect
@@ -189,3 +190,42 @@ def test_the_console_cannot_be_framed(console: Leash, watched: Page) -> None:
     frame = next(f for f in watched.frames if f != watched.main_frame)
     assert frame.url.startswith("chrome-error://"), frame.url
     assert framed.locator("#who").count() == 0
+
+
+def test_the_demo_story_with_the_approval_done_in_the_browser(watched: Page) -> None:
+    """`leash demo --console`: the demo waits at the send; a person opens the console, signs in
+    at the demo's identity provider as Alice, finds the send in her inbox and approves it; the
+    demo's story then goes on to its end and every step checks out."""
+    demo = subprocess.Popen(
+        [str(leash_bin()), "demo", "--console", "--wait", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        assert demo.stdout is not None
+        lines: list[str] = []
+        console_url = None
+        for line in demo.stdout:
+            lines.append(line)
+            if line.strip().endswith("/console") and line.strip().startswith("http://"):
+                console_url = line.strip()
+                break
+        assert console_url, "".join(lines)
+        watched.goto(console_url)
+        watched.get_by_role("link", name="Log in").click()
+        watched.get_by_role("button", name="Sign in as Alice").click()
+        expect(watched.locator("#who")).to_contain_text("alice@example.com")
+        card = watched.locator("article.card.approval").filter(has_text="/messages/draft-1/send")
+        expect(card).to_contain_text("triage my inbox")
+        card.get_by_role("button", name="Approve").click()
+        rest, _ = demo.communicate(timeout=120)
+        output = "".join(lines) + rest
+        assert demo.returncode == 0, output
+        assert "approved" in output
+        assert "Every step behaved as expected" in output
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
