@@ -120,9 +120,14 @@ impl SigningKey {
 
     /// Signs an access token.
     pub fn sign(&self, claims: &AccessClaims) -> String {
-        let header = json!({"alg": "EdDSA", "typ": ACCESS_TOKEN_TYP, "kid": self.kid});
         let claims = serde_json::to_value(claims).unwrap_or(Value::Null);
-        crate::jws::sign_ed25519(&header, &claims, &self.key)
+        self.sign_at_jwt(&claims)
+    }
+
+    /// Signs `claims` as an RFC 9068 access token (`typ` at+jwt) under this key's `kid`.
+    pub fn sign_at_jwt(&self, claims: &Value) -> String {
+        let header = json!({"alg": "EdDSA", "typ": ACCESS_TOKEN_TYP, "kid": self.kid});
+        crate::jws::sign_ed25519(&header, claims, &self.key)
     }
 }
 

@@ -23,6 +23,9 @@ use crate::state::{AppState, Metrics, load_policy};
 
 /// Names of the settings the keys are stored under; each sealed key is also bound to its name.
 const SIGNING_KEY: &str = "token_signing_key";
+/// The key of delegation tokens (API §17), never the access tokens' key: an agent's own token
+/// can never pass for one.
+const DELEGATION_KEY: &str = "delegation_signing_key";
 const NONCE_KEY: &str = "dpop_nonce_key";
 const ADMIN_KEY: &str = "admin_key_digest";
 
@@ -100,6 +103,24 @@ async fn signing_key(store: &dyn Store, master: &MasterKey) -> anyhow::Result<Ve
     Ok(store.init_setting(SIGNING_KEY, &candidate).await?)
 }
 
+/// The delegation-token key: the one in the store, or a new one stored now (nodes agree on one).
+async fn delegation_key(store: &dyn Store, master: &MasterKey) -> anyhow::Result<SigningKey> {
+    let candidate = master.seal(&random_32(), DELEGATION_KEY.as_bytes());
+    let sealed = store.init_setting(DELEGATION_KEY, &candidate).await?;
+    let bytes = master
+        .open(&sealed, DELEGATION_KEY.as_bytes())
+        .map_err(|_| {
+            anyhow::anyhow!("the master key does not open this database's delegation key")
+        })?;
+    let bytes: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("stored delegation key has the wrong length"))?;
+    Ok(SigningKey::new(ed25519_dalek::SigningKey::from_bytes(
+        &bytes,
+    )))
+}
+
 /// The key of stateless DPoP nonces: the one in the store, or a new one stored now.
 async fn nonce_key(store: &dyn Store, master: &MasterKey) -> anyhow::Result<NonceKey> {
     let candidate = master.seal(&random_32(), NONCE_KEY.as_bytes());
@@ -149,6 +170,7 @@ pub async fn prepare(
         clock.clone(),
     ));
     let nonce_key = nonce_key(store.as_ref(), &master).await?;
+    let delegation = delegation_key(store.as_ref(), &master).await?;
     let (admin_key, generated_admin_key) = admin_key(store.as_ref(), admin_token).await?;
 
     let notifier = match (
@@ -161,6 +183,16 @@ pub async fn prepare(
     let public_url = config.public_url.clone().unwrap_or_else(|| issuer.clone());
     let token_endpoint = url::Url::parse(&format!("{issuer}/oauth2/token"))?;
     let origin = url::Url::parse(&public_url)?.origin().ascii_serialization();
+    for upstream in config.upstreams.values() {
+        if let Some(audience) = &upstream.delegation_audience
+            && (*audience == issuer || *audience == public_url)
+        {
+            anyhow::bail!(
+                "invalid setting `upstream.{}`: inject.audience must differ from Leash's issuer and public_url",
+                upstream.name
+            );
+        }
+    }
     let oidc = match &config.oidc {
         Some(oidc) => {
             Some(crate::oidc::Oidc::new(oidc.clone(), &public_url).map_err(anyhow::Error::msg)?)
@@ -186,6 +218,7 @@ pub async fn prepare(
         verify_keys,
         admin_key,
         nonce_key,
+        delegation,
         metrics: Metrics::default(),
         master,
         policy: std::sync::RwLock::new(Arc::new(policy)),

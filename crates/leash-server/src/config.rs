@@ -229,6 +229,14 @@ struct UpstreamFile {
     #[serde(default)]
     tool: Vec<ToolFile>,
     unlisted_tools: Option<String>,
+    inject: Option<InjectFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InjectFile {
+    kind: String,
+    audience: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -312,6 +320,10 @@ pub struct Upstream {
     /// Set for an MCP server (`kind = "mcp"`, API §14), reached at `/mcp/{name}` only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mcp: Option<McpServer>,
+    /// `[upstream.inject] kind = "leash_token"` (API §17): the upstream gets a delegation token
+    /// Leash signs per request for this audience, in place of a vaulted credential.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegation_audience: Option<String>,
 }
 
 impl Upstream {
@@ -849,6 +861,42 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
             return Err(invalid(&key, "url must be http or https"));
         }
         let mcp = mcp_server(&key, &mut file)?;
+        let delegation_audience = match file.inject.take() {
+            None => None,
+            Some(inject) if inject.kind == "leash_token" => {
+                let audience = inject.audience;
+                if audience.is_empty()
+                    || audience.len() > 512
+                    || audience.chars().any(char::is_control)
+                {
+                    return Err(invalid(
+                        &key,
+                        "inject.audience must be 1-512 printable characters",
+                    ));
+                }
+                if out
+                    .values()
+                    .any(|u: &Upstream| u.delegation_audience.as_ref() == Some(&audience))
+                {
+                    return Err(invalid(
+                        &key,
+                        format!(
+                            "inject.audience {audience:?} is another upstream's: each must be unique"
+                        ),
+                    ));
+                }
+                Some(audience)
+            }
+            Some(inject) => {
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "inject.kind {:?} is not one Leash knows (leash_token)",
+                        inject.kind
+                    ),
+                ));
+            }
+        };
         let mut routes = Vec::new();
         for route in file.route {
             let method = route.method.to_ascii_uppercase();
@@ -894,6 +942,7 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
                     routes,
                     table,
                     mcp,
+                    delegation_audience,
                 },
             )
             .is_some()

@@ -926,7 +926,13 @@ pub(crate) async fn forward(
     let mut secrets = Secrets::default();
     for (name, value) in injected {
         if !name.as_str().starts_with("leash-") {
-            secrets = state.reflection_guards.of(value.as_bytes());
+            secrets = if upstream.delegation_audience.is_some() {
+                // A token minted for this request only: caching its automaton would only push
+                // the vaulted credentials' out.
+                Secrets::of(value.as_bytes())
+            } else {
+                state.reflection_guards.of(value.as_bytes())
+            };
         }
         out.insert(name, value);
     }
@@ -1055,7 +1061,12 @@ impl Decided<'_> {
     ) -> ApiResult<Vec<(HeaderName, HeaderValue)>> {
         let principal = &self.principal;
         let mut out = Vec::new();
-        if let Some(injection) =
+        if let Some(audience) = &self.upstream.delegation_audience {
+            out.push((
+                header::AUTHORIZATION,
+                self.delegation_token(state, audience),
+            ));
+        } else if let Some(injection) =
             crate::vault::injection(state, &principal.subject, &self.upstream.name).await?
         {
             out.push((injection.name, injection.value));
@@ -1073,6 +1084,39 @@ impl Decided<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+/// How long a delegation token lives (API §17: at most 60 s).
+pub const DELEGATION_TOKEN_TTL: i64 = 60;
+
+impl Decided<'_> {
+    /// `Bearer <delegation token>` for this request (API §17): signed with the delegation key
+    /// for the upstream's `audience`, naming the human (`sub`), the agent (`act.sub`,
+    /// `client_id`), the grant and the one action, for [`DELEGATION_TOKEN_TTL`] seconds. No
+    /// `cnf`: it is the upstream's bearer token, bound to this audience, not the agent's key.
+    fn delegation_token(&self, state: &AppState, audience: &str) -> HeaderValue {
+        let principal = &self.principal;
+        let now = state.clock.now();
+        let mut claims = serde_json::json!({
+            "iss": state.issuer,
+            "sub": principal.subject,
+            "aud": audience,
+            "iat": now,
+            "exp": now.saturating_add(DELEGATION_TOKEN_TTL),
+            "jti": leash_core::secret::random_id("dlg_"),
+            "scope": self.action,
+        });
+        if let Some(grant) = &principal.grant {
+            claims["grant_id"] = serde_json::json!(grant.id);
+            claims["client_id"] = serde_json::json!(principal.actor);
+            claims["act"] = serde_json::json!({"sub": principal.actor});
+        }
+        let token = state.delegation.sign_at_jwt(&claims);
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
+        value.set_sensitive(true);
+        value
     }
 }
 

@@ -51,6 +51,7 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(meta::metrics))
         .routes(routes!(meta::metadata))
         .routes(routes!(meta::jwks))
+        .routes(routes!(meta::delegation_jwks))
         .routes(routes!(oauth::token))
         .routes(routes!(oauth::revoke))
         .routes(routes!(oauth::introspect))

@@ -43,6 +43,14 @@ pub async fn jwks(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"keys": [state.signing.jwks_entry()]}))
 }
 
+/// `GET /.well-known/leash-delegation-jwks.json`: the key of the delegation tokens Leash injects
+/// into upstreams (API §17); never the access tokens' key.
+#[utoipa::path(get, path = "/.well-known/leash-delegation-jwks.json", tag = "discovery",
+    responses((status = 200, body = crate::openapi::Jwks)))]
+pub async fn delegation_jwks(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"keys": [state.delegation.jwks_entry()]}))
+}
+
 /// `GET /healthz`: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Status)))]
 pub async fn healthz() -> Json<Value> {

@@ -64,6 +64,9 @@ pub struct AppState {
     pub verify_keys: HashMap<String, PublicJwk>,
     /// Digest of the admin API key.
     pub admin_key: SecretDigest,
+    /// The key of delegation tokens (API §17), published only at
+    /// `/.well-known/leash-delegation-jwks.json`.
+    pub delegation: SigningKey,
     /// Key of stateless DPoP nonces, shared by all nodes through the store.
     pub nonce_key: NonceKey,
     /// Counters.

@@ -13,6 +13,7 @@ use super::leash;
 /// (`ANY /gw/{upstream}/{path…}`) passes upstream answers through and is not one.
 const CONTRACT: &[(&str, &str)] = &[
     ("GET", "/.well-known/jwks.json"),
+    ("GET", "/.well-known/leash-delegation-jwks.json"),
     ("GET", "/.well-known/oauth-authorization-server"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
