@@ -18,10 +18,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Leash, leash_bin
+from conftest import Leash, Setup, leash_bin
 from idp_fixtures import Idp
-from login_helpers import MakeLeash, agent_for, leash_for
+from login_helpers import SECRET_ENV, MakeLeash, agent_for, leash_for, oidc_section
 from playwright.sync_api import Dialog, Page, expect
+from test_mcp_outsider2 import (
+    CONFIG,
+    Hostile,
+    Side,
+    elicit_in_background,
+    elicitation,
+    form,
+    hostile,  # noqa: F401 (the fixture)
+    server_got,
+)
 
 from leash_agent import Agent
 
@@ -229,3 +239,58 @@ def test_the_demo_story_with_the_approval_done_in_the_browser(watched: Page) -> 
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def test_a_servers_elicitation_is_shown_as_text_and_answered_in_the_browser(
+    make_leash: MakeLeash,
+    idp: Idp,
+    hostile: Hostile,  # noqa: F811 (the fixture imported above)
+    watched: Page,
+    tmp_path: Path,
+) -> None:
+    """What an MCP server writes (an elicitation's message, its form's titles) is the
+    upstream's text: the console shows it as text (ATTACKS 53), and the human's answer from the
+    generated form is what reaches the server."""
+    config = CONFIG.format(url=hostile.url, wait=20)
+    leash = make_leash(f"{config}\n{oidc_section(idp.issuer)}", {SECRET_ENV: idp.client_secret})
+    idp.set_redirect_uri(f"{leash.url}/auth/callback")
+    # Alice's grant, made with her IdP token: the human who logs in below.
+    alice = idp.access_token("alice")
+    agent_id, key_file = agent_for(leash, tmp_path)
+    body = {
+        "agent": agent_id,
+        "purpose": "Tidy the CRM",
+        "upstreams": ["evil"],
+        "actions": ["evil:elicit"],
+        "approval_required": [],
+        "ttl_seconds": 900,
+    }
+    created = leash.call("POST", "/v1/grants", alice, body)
+    assert created.status_code == 201, created.text
+    setup = Setup(leash, alice, agent_id, key_file, created.json())
+    agent = Agent.from_jwk_file(leash.url, agent_id, key_file)
+    me = Side(setup, agent, agent.task(setup.handle), leash, "evil").open()
+    message = 'Confirm <img src=x onerror="window.__pwned=1"> \u202eevil\u200b?'
+    schema = {
+        "type": "object",
+        "properties": {
+            "email": {"type": "string", "title": "<script>window.__pwned=2</script>Email"}
+        },
+        "required": ["email"],
+    }
+    try:
+        thread, out = elicit_in_background(
+            me, [elicitation("x1", form(message, schema))], ["x1"], wait=25
+        )
+        log_in(watched, leash, idp, "alice")
+        card = watched.locator("article.card.approval").filter(has_text="Confirm")
+        expect(card).to_contain_text('Confirm <img src=x onerror="window.__pwned=1">')
+        expect(card).to_contain_text("<script>window.__pwned=2</script>Email")
+        assert card.locator("img, script").count() == 0
+        card.locator("form.elicit input").fill("alice@example.com")
+        card.get_by_role("button", name="Send answer").click()
+        thread.join(30)
+    finally:
+        me.close()
+    [answer] = server_got(out[0])
+    assert answer["result"] == {"action": "accept", "content": {"email": "alice@example.com"}}
