@@ -66,7 +66,7 @@ const ALGORITHMS: [CoreJwsSigningAlgorithm; 9] = [
 
 /// The `groups` claim, which decides admin and who may log in.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct GroupClaims {
+struct GroupClaims {
     #[serde(default)]
     groups: Vec<String>,
 }
@@ -76,7 +76,7 @@ impl AdditionalClaims for GroupClaims {}
 /// RFC 9207: whether the IdP names itself (`iss`) in its authorization responses. When it says
 /// so, a response without `iss` is refused like one with another issuer (mix-up).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct IssParameter {
+struct IssParameter {
     #[serde(default)]
     authorization_response_iss_parameter_supported: bool,
 }
@@ -181,11 +181,6 @@ impl Oidc {
             redirect,
             discovered: Mutex::new(None),
         })
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &OidcConfig {
-        &self.config
     }
 
     /// The IdP as discovered: the cached copy unless it is stale, or `refresh` asks for a new

@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import httpx
 import pytest
+from mcp_fixtures import stop
 from playwright.sync_api import Browser, Page, sync_playwright
 
 TESTS = Path(__file__).resolve().parent
@@ -223,13 +224,7 @@ class IdpProcess:
         self.answer("IDP OK")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process)
 
 
 @dataclass
