@@ -23,10 +23,12 @@ import httpx
 import pytest
 
 # The OIDC IdP's and the browser's fixtures (tests/idp_fixtures.py), the hostile IdP's
-# (tests/idp_hostile.py) and the MCP servers' (tests/mcp_fixtures.py), for every test module.
+# (tests/idp_hostile.py), the MCP servers' (tests/mcp_fixtures.py) and the upstream API's
+# (tests/upstream_api.py), for every test module.
 from idp_fixtures import browser, browser_page, idp, make_idp  # noqa: F401
 from idp_hostile import hostile_idp  # noqa: F401
 from mcp_fixtures import crm_server, everything_server  # noqa: F401
+from upstream_api import make_resource_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[3]
 AGENT_ID = "spiffe://example.org/agent/mailbot"

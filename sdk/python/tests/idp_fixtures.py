@@ -9,6 +9,15 @@
   plain HTTP, up to the redirect back to the relying party, which it does not follow;
 - `Idp.access_token(username, audience)` and `Idp.id_token(username)`: real tokens from the IdP's
   real flows (authorization code with PKCE);
+- the IdP as an upstream's OAuth server (`make_idp(refresh_tokens=True, access_token_ttl=...,
+  scopes=["mail.read"])`): `Idp.tokens(username, scope=...)` gives an opaque access token and a
+  refresh token; `Idp.refresh`, `Idp.revoke` (RFC 7009) and `Idp.introspect` (RFC 7662, as the
+  resource server's client `RESOURCE_SERVER_CLIENT_ID`, which every IdP has); every refresh
+  rotates the refresh token, and presenting a rotated-away one fails `invalid_grant` and revokes
+  the whole grant. `Idp.stats()` counts the token endpoint's grants and failed refreshes and the
+  revocations, `Idp.revoke_refresh_tokens(username)` revokes a person's grants behind the client's
+  back, and `Idp.fail_token_endpoint(status, count)` makes the next token requests fail. A
+  resource server that checks bearer tokens by introspection is tests/upstream_api.py;
 - `browser` (fixture, one per test module) and `browser_page` (fixture, a fresh context per test):
   Playwright driving Debian's chromium (`LEASH_CHROMIUM`, default /usr/bin/chromium).
 
@@ -49,6 +58,9 @@ CHROMIUM = os.environ.get("LEASH_CHROMIUM", "/usr/bin/chromium")
 # Leash's client at the IdP, and the harness's own (for `access_token`).
 LEASH_CLIENT_ID = "leash"
 HARNESS_CLIENT_ID = "test-harness"
+# The client of the upstream's resource server (tests/upstream_api.py): no grants, and it may
+# introspect every token (other clients only their own).
+RESOURCE_SERVER_CLIENT_ID = "resource-server"
 # The default audience of the `idp` fixture's access tokens (Leash's `[oidc] audience` in tests).
 DEFAULT_AUDIENCE = "https://leash.test/api"
 
@@ -106,7 +118,7 @@ class Authorization:
     url: str
     redirect_uri: str
     state: str
-    nonce: str
+    nonce: str | None
     pkce: Pkce
 
 
@@ -174,11 +186,13 @@ def redirect_query(response: httpx.Response) -> dict[str, str]:
 
 class IdpProcess:
     """idp.mjs running: its output (stdout and stderr together) is read as it comes and echoed
-    to stderr (pytest shows it with a failing test); commands go in on its stdin."""
+    to stderr (pytest shows it with a failing test); commands go in on its stdin, one at a time
+    (from any thread)."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.output: list[str] = []
         self.lines: queue.Queue[str] = queue.Queue()
+        self.commanding = threading.Lock()
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "IDP_CONFIG": json.dumps(config),
@@ -217,11 +231,19 @@ class IdpProcess:
             raise AssertionError(f"the IdP answered {line!r}:\n" + "".join(self.output))
         return line.removeprefix(prefix)
 
-    def command(self, command: Mapping[str, Any]) -> None:
+    def command(self, command: Mapping[str, Any]) -> Any:
+        """Sends `command` and returns the JSON of its answer `IDP OK <json>` (None for a bare
+        `IDP OK`); `IDP ERROR` fails."""
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        self.answer("IDP OK")
+        with self.commanding:
+            self.process.stdin.write(json.dumps(command) + "\n")
+            self.process.stdin.flush()
+            answer = self.answer("IDP OK")
+        if not answer:
+            return None
+        if not answer.startswith(" "):
+            raise AssertionError(f"the IdP answered 'IDP OK{answer}'")
+        return json.loads(answer)
 
     def stop(self) -> None:
         stop(self.process)
@@ -230,7 +252,8 @@ class IdpProcess:
 @dataclass
 class Idp:
     """A running IdP. Leash's client is `client_id`/`client_secret` (client_secret_basic unless
-    made otherwise); `audience` is the default resource of `access_token`."""
+    made otherwise); `audience` is the default resource of `access_token`; the resource server's
+    client is `RESOURCE_SERVER_CLIENT_ID`/`resource_server_secret` (client_secret_basic)."""
 
     process: IdpProcess
     issuer: str
@@ -240,7 +263,9 @@ class Idp:
     accounts: dict[str, Account]
     audience: str | None
     harness_secret: str
+    resource_server_secret: str
     http: httpx.Client = field(repr=False)
+    _discovery: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def harness_callback(self) -> str:
@@ -276,6 +301,38 @@ class Idp:
         document: dict[str, Any] = response.json()
         return document
 
+    def endpoint(self, name: str) -> str:
+        """An endpoint of the discovery document (e.g. `token`, `introspection`, `revocation`:
+        `<name>_endpoint`), fetched once."""
+        if self._discovery is None:
+            self._discovery = self.discovery()
+        url: str = self._discovery[f"{name}_endpoint"]
+        return url
+
+    @property
+    def token_endpoint(self) -> str:
+        return self.endpoint("token")
+
+    @property
+    def introspection_endpoint(self) -> str:
+        return self.endpoint("introspection")
+
+    @property
+    def revocation_endpoint(self) -> str:
+        return self.endpoint("revocation")
+
+    def client_auth(self, client_id: str | None, client_secret: str | None) -> tuple[str, str]:
+        """`client_id` (default Leash's) and its secret (default: the IdP's own for its known
+        clients), for client_secret_basic."""
+        client_id = client_id or self.client_id
+        if client_secret is None:
+            client_secret = {
+                self.client_id: self.client_secret,
+                HARNESS_CLIENT_ID: self.harness_secret,
+                RESOURCE_SERVER_CLIENT_ID: self.resource_server_secret,
+            }.get(client_id, "")
+        return client_id, client_secret
+
     def jwks(self) -> dict[str, Any]:
         response = self.http.get(self.discovery()["jwks_uri"])
         response.raise_for_status()
@@ -292,19 +349,22 @@ class Idp:
         prompt: str | None = None,
     ) -> Authorization:
         """An authorization request of Leash's client (or `client_id`) with PKCE S256, a fresh
-        `state` and `nonce`, to the harness callback unless `redirect_uri` is given."""
+        `state` and `nonce` (none without the scope `openid`: oidc-provider refuses a nonce in a
+        plain OAuth request), to the harness callback unless `redirect_uri` is given."""
         redirect_uri = redirect_uri or self.harness_callback
-        state, nonce, pkce = secrets.token_urlsafe(16), secrets.token_urlsafe(16), Pkce()
+        state, pkce = secrets.token_urlsafe(16), Pkce()
+        nonce = secrets.token_urlsafe(16) if "openid" in scope.split() else None
         params = {
             "response_type": "code",
             "client_id": client_id or self.client_id,
             "redirect_uri": redirect_uri,
             "scope": scope,
             "state": state,
-            "nonce": nonce,
             "code_challenge": pkce.challenge,
             "code_challenge_method": "S256",
         }
+        if nonce is not None:
+            params["nonce"] = nonce
         if resource is not None:
             params["resource"] = resource
         if prompt is not None:
@@ -331,10 +391,81 @@ class Idp:
         if resource is not None:
             form["resource"] = resource
         return self.http.post(
-            self.discovery()["token_endpoint"],
-            data=form,
-            auth=(client_id or self.client_id, client_secret or self.client_secret),
+            self.token_endpoint, data=form, auth=self.client_auth(client_id, client_secret)
         )
+
+    def refresh(
+        self,
+        refresh_token: str,
+        *,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        scope: str | None = None,
+    ) -> httpx.Response:
+        """A refresh token grant (client_secret_basic) of Leash's client (or `client_id`): with
+        `refresh_tokens`, 200 with a new `refresh_token` (the old one is then spent), or 400
+        `invalid_grant`."""
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        if scope is not None:
+            form["scope"] = scope
+        return self.http.post(
+            self.token_endpoint, data=form, auth=self.client_auth(client_id, client_secret)
+        )
+
+    def revoke(
+        self,
+        token: str,
+        *,
+        token_type_hint: str | None = None,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+    ) -> httpx.Response:
+        """A revocation request (RFC 7009) of the token's client (default Leash's): 200, also for
+        an unknown token; a refresh token's revocation revokes its whole grant."""
+        form = {"token": token}
+        if token_type_hint is not None:
+            form["token_type_hint"] = token_type_hint
+        return self.http.post(
+            self.revocation_endpoint, data=form, auth=self.client_auth(client_id, client_secret)
+        )
+
+    def introspect(
+        self, token: str, *, client_id: str | None = None, client_secret: str | None = None
+    ) -> dict[str, Any]:
+        """The introspection (RFC 7662) of `token` as the resource server's client (or
+        `client_id`, which sees only its own tokens as active): `{"active": false}`, or `active`
+        with `sub`, `client_id`, `scope`, `exp`, `iat`, `iss`, `token_type` (and `aud` for a token
+        with a resource)."""
+        response = self.http.post(
+            self.introspection_endpoint,
+            data={"token": token},
+            auth=self.client_auth(client_id or RESOURCE_SERVER_CLIENT_ID, client_secret),
+        )
+        response.raise_for_status()
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def stats(self) -> dict[str, int]:
+        """The IdP's counts since it started: `authorization_code` and `refresh_token` (successful
+        token grants), `refresh_token_failed` (refresh grants refused by oidc-provider, not those
+        of `fail_token_endpoint`), `revoked` (the revocation endpoint's 200 answers, unknown
+        tokens included) and `injected_failures` (token requests `fail_token_endpoint` failed)."""
+        counts: dict[str, int] = self.process.command({"stats": {}})
+        return counts
+
+    def revoke_refresh_tokens(self, username: str) -> int:
+        """Revokes every grant of `username` that has a refresh token, at the IdP and behind the
+        clients' backs (their refresh and access tokens die with it); returns how many usable
+        refresh tokens it destroyed."""
+        answer = self.process.command({"revoke_refresh_tokens": {"sub": self.sub(username)}})
+        revoked: int = answer["revoked"]
+        return revoked
+
+    def fail_token_endpoint(self, status: int = 503, count: int = 1) -> None:
+        """The next `count` token requests (of any client) are answered `status` with
+        `{"error":"temporarily_unavailable"}`, without reaching oidc-provider; replaces what
+        was pending (`count=0` ends it)."""
+        self.process.command({"fail_token_endpoint": {"status": status, "count": count}})
 
     def tokens(
         self,
@@ -343,9 +474,11 @@ class Idp:
         client_id: str | None = None,
         client_secret: str | None = None,
         resource: str | None = None,
+        scope: str = "openid email profile groups",
     ) -> dict[str, Any]:
-        """The token response of a whole code flow of `username` through the harness callback."""
-        authorization = self.authorization(client_id=client_id, resource=resource)
+        """The token response of a whole code flow of `username` through the harness callback
+        (with `refresh_tokens`, it has a `refresh_token`)."""
+        authorization = self.authorization(client_id=client_id, resource=resource, scope=scope)
         with httpx.Client(timeout=10) as browser:
             back = login_over_http(browser, authorization.url, username, self.password(username))
         query = redirect_query(back)
@@ -395,16 +528,27 @@ def start_idp(
     sso: bool = False,
     token_endpoint_auth_method: str = "client_secret_basic",
     allowed_audiences: Iterable[str] | None = None,
+    access_token_ttl: int | None = None,
+    refresh_tokens: bool = False,
+    refresh_token_ttl: int | None = None,
+    scopes: Iterable[str] = (),
 ) -> Iterator[Idp]:
     """Runs idp.mjs on a free port until the block ends: Leash's client with `redirect_uris`
-    (more with `set_redirect_uris`) and a fresh secret, `ACCOUNTS` and `accounts`. With
-    `allowed_audiences`, the IdP refuses other resource indicators (`invalid_target`)."""
+    (more with `set_redirect_uris`) and a fresh secret, the harness's client, the resource
+    server's client, `ACCOUNTS` and `accounts`. With `allowed_audiences`, the IdP refuses other
+    resource indicators (`invalid_target`). `access_token_ttl` (seconds, default 600) is the
+    lifetime of opaque access tokens; with `refresh_tokens`, every code grant also gives a refresh
+    token (lifetime `refresh_token_ttl`, default a day) that every refresh rotates; `scopes` are
+    plain OAuth scopes (e.g. `mail.read`) clients may ask for (see tests/idp/idp.mjs)."""
     everyone = {**ACCOUNTS, **(accounts or {})}
     client_secret = secrets.token_urlsafe(32)
     harness_secret = secrets.token_urlsafe(32)
+    resource_server_secret = secrets.token_urlsafe(32)
     config: dict[str, Any] = {
         "port": 0,
         "sso": sso,
+        "refresh_tokens": refresh_tokens,
+        "scopes": list(scopes),
         "clients": [
             {
                 "client_id": LEASH_CLIENT_ID,
@@ -413,6 +557,11 @@ def start_idp(
                 "token_endpoint_auth_method": token_endpoint_auth_method,
             },
             {"client_id": HARNESS_CLIENT_ID, "client_secret": harness_secret},
+            {
+                "client_id": RESOURCE_SERVER_CLIENT_ID,
+                "client_secret": resource_server_secret,
+                "resource_server": True,
+            },
         ],
         "accounts": {
             username: {
@@ -427,19 +576,24 @@ def start_idp(
     }
     if allowed_audiences is not None:
         config["audience"] = list(allowed_audiences)
+    if access_token_ttl is not None:
+        config["access_token_ttl"] = access_token_ttl
+    if refresh_token_ttl is not None:
+        config["refresh_token_ttl"] = refresh_token_ttl
     process = IdpProcess(config)
     http = httpx.Client(timeout=10)
     try:
         yield Idp(
-            process,
-            process.issuer,
-            LEASH_CLIENT_ID,
-            client_secret,
-            list(redirect_uris),
-            everyone,
-            audience,
-            harness_secret,
-            http,
+            process=process,
+            issuer=process.issuer,
+            client_id=LEASH_CLIENT_ID,
+            client_secret=client_secret,
+            redirect_uris=list(redirect_uris),
+            accounts=everyone,
+            audience=audience,
+            harness_secret=harness_secret,
+            resource_server_secret=resource_server_secret,
+            http=http,
         )
     finally:
         http.close()
@@ -449,8 +603,9 @@ def start_idp(
 @pytest.fixture
 def make_idp() -> Iterator[MakeIdp]:
     """`make_idp(redirect_uris=(), audience=None, accounts=None, *, sso=False,
-    token_endpoint_auth_method="client_secret_basic", allowed_audiences=None) -> Idp`: an IdP of
-    the test's own (see `start_idp`), stopped when the test ends."""
+    token_endpoint_auth_method="client_secret_basic", allowed_audiences=None,
+    access_token_ttl=None, refresh_tokens=False, refresh_token_ttl=None, scopes=()) -> Idp`: an
+    IdP of the test's own (see `start_idp`), stopped when the test ends."""
     with ExitStack() as stack:
 
         def make(*args: Any, **kwargs: Any) -> Idp:

@@ -1,6 +1,7 @@
-"""The OIDC test harness on its own, without Leash: the real IdP (tests/idp, oidc-provider), the
-hostile IdP and the browser (tests/idp_fixtures.py, tests/idp_hostile.py), so that a failure in
-the login and console tests is Leash's and not the harness's."""
+"""The OIDC test harness on its own, without Leash: the real IdP (tests/idp, oidc-provider), also
+as an upstream's OAuth server with the upstream's API (tests/upstream_api.py), the hostile IdP and
+the browser (tests/idp_fixtures.py, tests/idp_hostile.py), so that a failure in the login,
+console and OAuth connection tests is Leash's and not the harness's."""
 
 from __future__ import annotations
 
@@ -11,15 +12,25 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, get_args
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
-from idp_fixtures import DEFAULT_AUDIENCE, Idp, MakeIdp, Pkce, login_over_http, redirect_query
+from idp_fixtures import (
+    DEFAULT_AUDIENCE,
+    HARNESS_CLIENT_ID,
+    Idp,
+    MakeIdp,
+    Pkce,
+    login_over_http,
+    redirect_query,
+)
 from idp_hostile import MODES, HostileIdp, Mode, jwt_parts, verify_jwt
 from playwright.sync_api import Page
+from upstream_api import MakeResourceServer, token_hash
 
 AUDIENCE = DEFAULT_AUDIENCE
 
@@ -31,6 +42,10 @@ def test_discovery(idp: Idp) -> None:
     assert {"openid", "email", "profile", "groups"} <= set(document["scopes_supported"])
     assert {"email", "preferred_username", "groups"} <= set(document["claims_supported"])
     assert "client_secret_basic" in document["token_endpoint_auth_methods_supported"]
+    # RFC 9207, 7009 and 7662.
+    assert document["authorization_response_iss_parameter_supported"] is True
+    assert document["revocation_endpoint"] == f"{idp.issuer}/token/revocation"
+    assert document["introspection_endpoint"] == f"{idp.issuer}/token/introspection"
     keys = idp.jwks()["keys"]
     assert [key["kty"] for key in keys] == ["RSA"]
     assert "d" not in keys[0]
@@ -402,3 +417,233 @@ def test_browser_logs_in_at_the_idp(
     claims = verify_jwt(tokens["id_token"], idp.jwks())
     assert claims["sub"] == "sub-root"
     assert claims["nonce"] == authorization.nonce
+
+
+# The IdP as an upstream's OAuth server (refresh tokens, introspection, revocation), and the
+# upstream's API.
+
+MAIL_SCOPE = "mail.read"
+
+
+def upstream_idp(make_idp: MakeIdp, **kwargs: Any) -> Idp:
+    return make_idp(refresh_tokens=True, scopes=[MAIL_SCOPE], **kwargs)
+
+
+def error_of(response: httpx.Response) -> str:
+    error: str = response.json()["error"]
+    return error
+
+
+def test_refresh_tokens_rotate_and_a_reused_one_fails(make_idp: MakeIdp) -> None:
+    idp = upstream_idp(make_idp)
+    assert idp.stats() == {
+        "authorization_code": 0,
+        "refresh_token": 0,
+        "refresh_token_failed": 0,
+        "revoked": 0,
+        "injected_failures": 0,
+    }
+    tokens = idp.tokens("alice", scope=f"openid {MAIL_SCOPE}")
+    first = tokens["refresh_token"]
+    assert tokens["scope"] == f"openid {MAIL_SCOPE}"
+    assert tokens["expires_in"] == 600
+    assert "id_token" in tokens
+
+    refreshed = idp.refresh(first)
+    assert refreshed.status_code == 200, refreshed.text
+    second = refreshed.json()["refresh_token"]
+    assert second != first
+    assert refreshed.json()["access_token"] != tokens["access_token"]
+    assert refreshed.json()["scope"] == f"openid {MAIL_SCOPE}"
+    assert idp.introspect(refreshed.json()["access_token"])["active"] is True
+
+    # Another client may not use it; the rotated-away one is refused, and its reuse revokes the
+    # whole grant: the newest refresh token and the access tokens die with it.
+    other = idp.refresh(second, client_id=HARNESS_CLIENT_ID)
+    assert (other.status_code, error_of(other)) == (400, "invalid_grant")
+    reused = idp.refresh(first)
+    assert (reused.status_code, error_of(reused)) == (400, "invalid_grant")
+    after = idp.refresh(second)
+    assert (after.status_code, error_of(after)) == (400, "invalid_grant")
+    assert idp.introspect(refreshed.json()["access_token"]) == {"active": False}
+    assert idp.stats() == {
+        "authorization_code": 1,
+        "refresh_token": 1,
+        "refresh_token_failed": 3,
+        "revoked": 0,
+        "injected_failures": 0,
+    }
+
+
+def test_plain_oauth_scopes_and_concurrent_refreshes(make_idp: MakeIdp) -> None:
+    """A client may ask for `mail.read` alone (no ID token); of two concurrent refreshes with one
+    refresh token, one succeeds and the other is a reuse (the IdP handles token requests one at a
+    time), which revokes the grant."""
+    idp = upstream_idp(make_idp)
+    tokens = idp.tokens("bob", scope=MAIL_SCOPE)
+    assert "id_token" not in tokens
+    assert tokens["scope"] == MAIL_SCOPE
+    introspection = idp.introspect(tokens["access_token"])
+    assert introspection["active"] is True
+    assert (introspection["sub"], introspection["client_id"]) == ("sub-bob", idp.client_id)
+    assert introspection["scope"] == MAIL_SCOPE
+    assert introspection["iss"] == idp.issuer
+    assert introspection["token_type"] == "Bearer"
+    assert "aud" not in introspection
+    # An unknown scope is dropped, not refused.
+    assert idp.tokens("bob", scope=f"{MAIL_SCOPE} mail.write")["scope"] == MAIL_SCOPE
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(idp.refresh, [tokens["refresh_token"]] * 2))
+    assert sorted(answer.status_code for answer in answers) == [200, 400]
+    (winner,) = (answer for answer in answers if answer.status_code == 200)
+    (loser,) = (answer for answer in answers if answer.status_code == 400)
+    assert error_of(loser) == "invalid_grant"
+    assert error_of(idp.refresh(winner.json()["refresh_token"])) == "invalid_grant"
+    stats = idp.stats()
+    assert (stats["authorization_code"], stats["refresh_token"]) == (2, 1)
+    assert stats["refresh_token_failed"] == 2
+
+
+def test_access_token_ttl_and_the_resource_server(
+    make_idp: MakeIdp, make_resource_server: MakeResourceServer
+) -> None:
+    idp = upstream_idp(make_idp, access_token_ttl=2)
+    api = make_resource_server(idp)
+    tokens = idp.tokens("alice", scope=MAIL_SCOPE)
+    token = tokens["access_token"]
+    assert tokens["expires_in"] == 2
+    assert idp.introspect(token)["active"] is True
+    # Another client (the harness's) sees only its own tokens; Leash's sees its own.
+    assert idp.introspect(token, client_id=HARNESS_CLIENT_ID) == {"active": False}
+    assert idp.introspect(token, client_id=idp.client_id)["active"] is True
+
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        answer = http.get(
+            "/v1/messages?folder=inbox",
+            headers={"Authorization": f"Bearer {token}", "X-Request": "one"},
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {
+            "sub": "sub-alice",
+            "client_id": idp.client_id,
+            "scope": MAIL_SCOPE,
+            "method": "GET",
+            "path": "/v1/messages?folder=inbox",
+        }
+        time.sleep(3)
+        assert idp.introspect(token) == {"active": False}
+        expired = http.post(
+            "/v1/messages", headers={"Authorization": f"Bearer {token}"}, json={"to": "bob"}
+        )
+        assert expired.status_code == 401
+        assert expired.json() == {"error": "invalid_token"}
+        assert expired.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        # A refresh gives a live one again.
+        fresh = idp.refresh(tokens["refresh_token"]).json()["access_token"]
+        again = http.get("/v1/messages", headers={"Authorization": f"Bearer {fresh}"})
+        assert again.status_code == 200
+
+    seen = api.requests()
+    assert [(r.method, r.path, r.status) for r in seen] == [
+        ("GET", "/v1/messages?folder=inbox", 200),
+        ("POST", "/v1/messages", 401),
+        ("GET", "/v1/messages", 200),
+    ]
+    assert [r.token_sha256 for r in seen] == [token_hash(token)] * 2 + [token_hash(fresh)]
+    assert seen[0].headers["x-request"] == "one"
+    assert "authorization" not in seen[0].headers
+    assert seen[1].body == b'{"to":"bob"}'
+    assert token not in repr(seen)
+
+
+def test_resource_server_refuses_missing_and_garbage_tokens(
+    idp: Idp, make_resource_server: MakeResourceServer
+) -> None:
+    api = make_resource_server(idp)
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        for headers in (
+            {},
+            {"Authorization": "Bearer"},
+            {"Authorization": "Bearer not-a-token"},
+            {"Authorization": f"Basic {base64.b64encode(b'a:b').decode()}"},
+        ):
+            answer = http.get("/v1/me", headers=headers)
+            assert answer.status_code == 401, headers
+            assert answer.json() == {"error": "invalid_token"}
+            assert answer.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    hashes = [r.token_sha256 for r in api.requests()]
+    assert hashes == [None, None, token_hash("not-a-token"), None]
+
+
+def test_resource_server_required_scope_and_50_concurrent_requests(
+    make_idp: MakeIdp, make_resource_server: MakeResourceServer
+) -> None:
+    idp = upstream_idp(make_idp)
+    api = make_resource_server(idp, required_scope=MAIL_SCOPE)
+    token = idp.tokens("alice", scope=MAIL_SCOPE)["access_token"]
+    without = idp.tokens("bob", scope="openid")["access_token"]
+    with httpx.Client(base_url=api.url, timeout=10) as http:
+        refused = http.get("/v1/me", headers={"Authorization": f"Bearer {without}"})
+        assert refused.status_code == 403
+        assert refused.json() == {"error": "insufficient_scope"}
+
+        def call(n: int) -> int:
+            answer = http.get(f"/v1/items/{n}", headers={"Authorization": f"Bearer {token}"})
+            assert answer.json()["path"] == f"/v1/items/{n}"
+            return answer.status_code
+
+        with ThreadPoolExecutor(50) as pool:
+            assert list(pool.map(call, range(50))) == [200] * 50
+    paths = sorted(r.path for r in api.requests() if r.status == 200)
+    assert paths == sorted(f"/v1/items/{n}" for n in range(50))
+
+
+def test_stats_revocation_and_revoke_refresh_tokens(make_idp: MakeIdp) -> None:
+    idp = upstream_idp(make_idp)
+    alice = idp.tokens("alice", scope=MAIL_SCOPE)
+    alice_again = idp.tokens("alice", scope=MAIL_SCOPE, client_id=HARNESS_CLIENT_ID)
+    bob = idp.tokens("bob", scope=MAIL_SCOPE)
+    assert idp.refresh(alice["refresh_token"]).status_code == 200
+
+    # Behind the clients' backs: both of alice's grants (not bob's), whatever client.
+    assert idp.revoke_refresh_tokens("alice") == 2
+    assert idp.revoke_refresh_tokens("alice") == 0
+    for tokens, client_id in ((alice, None), (alice_again, HARNESS_CLIENT_ID)):
+        refused = idp.refresh(tokens["refresh_token"], client_id=client_id)
+        assert (refused.status_code, error_of(refused)) == (400, "invalid_grant")
+    assert idp.introspect(alice_again["access_token"]) == {"active": False}
+    assert idp.introspect(bob["access_token"])["active"] is True
+
+    # RFC 7009 by the client: 200, also for an unknown token; the refresh token's grant dies.
+    assert idp.revoke(bob["refresh_token"], token_type_hint="refresh_token").status_code == 200
+    assert idp.revoke("not-a-token").status_code == 200
+    refused = idp.refresh(bob["refresh_token"])
+    assert (refused.status_code, error_of(refused)) == (400, "invalid_grant")
+    assert idp.introspect(bob["access_token"]) == {"active": False}
+    assert idp.stats() == {
+        "authorization_code": 3,
+        "refresh_token": 1,
+        "refresh_token_failed": 3,
+        "revoked": 2,
+        "injected_failures": 0,
+    }
+
+
+def test_fail_token_endpoint(make_idp: MakeIdp) -> None:
+    idp = upstream_idp(make_idp)
+    tokens = idp.tokens("alice", scope=MAIL_SCOPE)
+    idp.fail_token_endpoint(503, 2)
+    for _ in range(2):
+        failed = idp.refresh(tokens["refresh_token"])
+        assert failed.status_code == 503
+        assert failed.json() == {"error": "temporarily_unavailable"}
+    # The failures never reached oidc-provider: the refresh token is still the live one.
+    refreshed = idp.refresh(tokens["refresh_token"])
+    assert refreshed.status_code == 200, refreshed.text
+    idp.fail_token_endpoint(500, 1)
+    assert idp.refresh(refreshed.json()["refresh_token"]).status_code == 500
+    assert idp.refresh(refreshed.json()["refresh_token"]).status_code == 200
+    stats = idp.stats()
+    assert (stats["refresh_token"], stats["refresh_token_failed"]) == (2, 0)
+    assert stats["injected_failures"] == 3
