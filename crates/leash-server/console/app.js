@@ -1207,14 +1207,24 @@ async function vaultPage(root, ctx) {
     }
     listSlot.append(el('table', { class: 'table' },
       el('thead', {}, el('tr', {}, ['App', 'Kind', 'Header', 'Expires', 'Stored', ''].map((h) => el('th', {}, h)))),
-      el('tbody', {}, credentials.map((c) => el('tr', {},
-        el('td', { class: 'mono' }, c.upstream), el('td', {}, c.kind), el('td', { class: 'mono' }, c.name),
-        el('td', { class: 'c-time' }, c.expires_at ? timeEl(c.expires_at) : muted('never')), el('td', { class: 'c-time' }, timeEl(c.created_at)),
-        el('td', { class: 'row-actions' }, confirmButton('Delete', `Delete the ${escapeText(c.upstream)} credential?`, 'Yes, delete',
-          async () => { await api('DELETE', `/v1/vault/${encodeURIComponent(c.upstream)}`); await draw(); })))))));
+      el('tbody', {}, credentials.map((c) => el('tr', { 'data-upstream': c.upstream },
+        el('td', { class: 'mono' }, c.upstream),
+        el('td', {}, c.kind === 'oauth' ? 'OAuth connection' : c.kind,
+          c.status === 'reconnect' ? [' ', badge('reconnect needed', 'danger')] : []),
+        el('td', { class: 'mono' }, c.name),
+        el('td', { class: 'c-time' }, c.expires_at ? timeEl(c.expires_at) : muted(c.kind === 'oauth' ? 'kept fresh' : 'never')), el('td', { class: 'c-time' }, timeEl(c.created_at)),
+        el('td', { class: 'row-actions' },
+          c.status === 'reconnect' ? connectButton(c.upstream, 'Reconnect') : [],
+          confirmButton('Delete', `Delete the ${escapeText(c.upstream)} credential?`, 'Yes, delete',
+            async () => { await api('DELETE', `/v1/vault/${encodeURIComponent(c.upstream)}`); await draw(); })))))));
   };
+  const connectable = S.upstreams.filter((u) => u.credential === 'oauth');
+  const connectPanel = connectable.length ? el('section', { class: 'panel' }, el('h2', {}, 'Connect an account'),
+    el('p', { class: 'muted' }, 'These apps sign you in with their own OAuth server. Leash keeps the tokens sealed and fresh; your agents never see them.'),
+    el('div', { class: 'row' }, connectable.map((u) => connectButton(u.name, `Connect ${u.name}`)))) : [];
 
-  const upstream = el('select', { id: 'v-up' }, S.upstreams.map((u) => el('option', { value: u.name }, u.name)));
+  const upstream = el('select', { id: 'v-up' }, S.upstreams.filter((u) => !u.credential || u.credential === 'vault')
+    .map((u) => el('option', { value: u.name }, u.name)));
   const kind = el('select', { id: 'v-kind' }, el('option', { value: 'bearer' }, 'Bearer token (Authorization: Bearer …)'),
     el('option', { value: 'cookie' }, 'Cookie (name=value)'), el('option', { value: 'header' }, 'Header (name and value)'));
   const name = el('input', { id: 'v-name', type: 'text', placeholder: 'X-Api-Key', autocomplete: 'off', spellcheck: false });
@@ -1258,8 +1268,27 @@ async function vaultPage(root, ctx) {
       save.disabled = false;
     }
   });
-  root.append(el('section', { class: 'panel' }, el('h2', {}, 'Stored credentials'), listSlot), form);
+  add(root, [el('section', { class: 'panel' }, el('h2', {}, 'Stored credentials'), listSlot), connectPanel, form]);
   await draw();
+}
+
+// Starts an OAuth connection and goes to the app's consent page; its answer comes back to
+// this browser's session, then to this page.
+function connectButton(upstream, label) {
+  const b = el('button', { type: 'button', class: 'primary', 'data-connect': upstream }, label);
+  b.addEventListener('click', async () => {
+    b.disabled = true;
+    try {
+      const started = await api('POST', `/v1/vault/${encodeURIComponent(upstream)}/connect`);
+      const target = new URL(started.authorization_url);
+      if (target.protocol !== 'https:' && target.protocol !== 'http:') throw new Error('not a web address');
+      window.location.assign(target.href);
+    } catch (e) {
+      b.disabled = false;
+      b.after(errorLine(e));
+    }
+  });
+  return b;
 }
 
 // ---------------------------------------------------------------------------------------------

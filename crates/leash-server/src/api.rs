@@ -681,6 +681,10 @@ pub struct UpstreamView {
     /// `"high"`): a grant may also name `<upstream>:<tool>` for those.
     #[serde(skip_serializing_if = "Option::is_none")]
     unlisted_tools: Option<&'static str>,
+    /// What the upstream gets from Leash (API §9, §17): `vault` (the human's stored secret),
+    /// `oauth` (the access token of the human's OAuth connection, made with
+    /// `POST /v1/vault/{upstream}/connect`) or `leash_token` (a delegation token).
+    credential: &'static str,
 }
 
 /// `GET /v1/upstreams`.
@@ -709,6 +713,13 @@ pub async fn list_upstreams(State(state): State<Arc<AppState>>, _: Caller) -> Js
                     Risk::High => "high",
                     Risk::Normal => "allow",
                 }),
+            credential: if u.delegation_audience.is_some() {
+                "leash_token"
+            } else if u.oauth.is_some() {
+                "oauth"
+            } else {
+                "vault"
+            },
         })
         .collect();
     Json(UpstreamList { upstreams })

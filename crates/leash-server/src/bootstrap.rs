@@ -199,6 +199,7 @@ pub async fn prepare(
         }
         None => None,
     };
+    let connections = crate::connections::Connections::new().map_err(anyhow::Error::msg)?;
     let mut verify_keys = HashMap::new();
     verify_keys.insert(signing.kid().to_owned(), signing.public());
     let token_rates = CallerRates::new(config.limits.token_rate);
@@ -231,6 +232,7 @@ pub async fn prepare(
         unauthenticated,
         reflection_guards: SecretsCache::default(),
         mcp_sessions: crate::mcp::Sessions::default(),
+        connections,
         elicitations: crate::mcp::Elicitations::default(),
     };
     Ok(Bootstrap {

@@ -230,6 +230,21 @@ struct UpstreamFile {
     tool: Vec<ToolFile>,
     unlisted_tools: Option<String>,
     inject: Option<InjectFile>,
+    oauth: Option<OAuthFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OAuthFile {
+    issuer: Option<String>,
+    authorization_endpoint: Option<String>,
+    token_endpoint: Option<String>,
+    revocation_endpoint: Option<String>,
+    client_id: String,
+    client_secret_env: Option<String>,
+    client_auth: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -324,6 +339,138 @@ pub struct Upstream {
     /// Leash signs per request for this audience, in place of a vaulted credential.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delegation_audience: Option<String>,
+    /// `[upstream.oauth]` (API §17): humans connect their account at the upstream's OAuth
+    /// server, and Leash injects the access token it keeps fresh.
+    #[serde(skip)]
+    pub oauth: Option<UpstreamOAuth>,
+}
+
+/// How Leash authenticates to an upstream's OAuth server's token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_secret_basic` (the default).
+    Basic,
+    /// `client_secret_post`.
+    Post,
+}
+
+/// The endpoints of an upstream's OAuth server, when configured rather than discovered.
+#[derive(Debug, Clone)]
+pub struct OAuthEndpoints {
+    /// Where the human is sent to authorize Leash.
+    pub authorization: url::Url,
+    /// Where codes and refresh tokens are exchanged.
+    pub token: url::Url,
+    /// RFC 7009, where `DELETE /v1/vault/{upstream}` revokes the tokens, if offered.
+    pub revocation: Option<url::Url>,
+}
+
+/// `[upstream.oauth]`: Leash as an OAuth client of the upstream's authorization server.
+#[derive(Debug, Clone)]
+pub struct UpstreamOAuth {
+    /// The server's issuer: discovery (RFC 8414, then OpenID) when `endpoints` is not given,
+    /// and the RFC 9207 `iss` its authorization responses must name.
+    pub issuer: Option<String>,
+    /// The endpoints, when configured.
+    pub endpoints: Option<OAuthEndpoints>,
+    /// Leash's client id there.
+    pub client_id: String,
+    /// Leash's client secret there (from the environment); none for a public client.
+    pub client_secret: Option<Secret>,
+    /// How the secret is sent.
+    pub client_auth: ClientAuth,
+    /// Scopes asked for.
+    pub scopes: Vec<String>,
+}
+
+fn upstream_oauth(
+    key: &str,
+    file: OAuthFile,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<UpstreamOAuth, ConfigError> {
+    let key = format!("{key}.oauth");
+    let endpoint = |name: &str, value: String| -> Result<url::Url, ConfigError> {
+        let url = url::Url::parse(&value).map_err(|e| invalid(&key, format!("{name}: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.fragment().is_some() {
+            return Err(invalid(&key, format!("{name} must be an http(s) URL")));
+        }
+        Ok(url)
+    };
+    let issuer = file
+        .issuer
+        .map(|issuer| base_url(&format!("{key}.issuer"), issuer))
+        .transpose()?;
+    let endpoints = match (file.authorization_endpoint, file.token_endpoint) {
+        (Some(authorization), Some(token)) => Some(OAuthEndpoints {
+            authorization: endpoint("authorization_endpoint", authorization)?,
+            token: endpoint("token_endpoint", token)?,
+            revocation: file
+                .revocation_endpoint
+                .map(|r| endpoint("revocation_endpoint", r))
+                .transpose()?,
+        }),
+        (None, None) if issuer.is_some() => {
+            if file.revocation_endpoint.is_some() {
+                return Err(invalid(
+                    &key,
+                    "revocation_endpoint goes with authorization_endpoint and token_endpoint; with issuer alone it is discovered",
+                ));
+            }
+            None
+        }
+        _ => {
+            return Err(invalid(
+                &key,
+                "give issuer (discovery), or authorization_endpoint and token_endpoint",
+            ));
+        }
+    };
+    if file.client_id.is_empty() {
+        return Err(invalid(&key, "client_id must not be empty"));
+    }
+    let client_secret = file
+        .client_secret_env
+        .map(|name| {
+            env(&name)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .ok_or_else(|| {
+                    invalid(
+                        &key,
+                        format!("set the client secret in the environment variable {name}"),
+                    )
+                })
+        })
+        .transpose()?;
+    let client_auth = match file.client_auth.as_deref() {
+        None | Some("client_secret_basic") => ClientAuth::Basic,
+        Some("client_secret_post") => ClientAuth::Post,
+        Some(other) => {
+            return Err(invalid(
+                &key,
+                format!("client_auth {other:?}: use client_secret_basic or client_secret_post"),
+            ));
+        }
+    };
+    if let Some(scope) = file.scopes.iter().find(|s| {
+        s.is_empty()
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    }) {
+        return Err(invalid(
+            &key,
+            format!("scope {scope:?} is not a scope token"),
+        ));
+    }
+    Ok(UpstreamOAuth {
+        issuer,
+        endpoints,
+        client_id: file.client_id,
+        client_secret,
+        client_auth,
+        scopes: file.scopes,
+    })
 }
 
 impl Upstream {
@@ -849,7 +996,10 @@ fn mcp_server(key: &str, file: &mut UpstreamFile) -> Result<Option<McpServer>, C
     Ok(Some(server))
 }
 
-fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, ConfigError> {
+fn upstreams(
+    files: Vec<UpstreamFile>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<BTreeMap<String, Upstream>, ConfigError> {
     let mut out = BTreeMap::new();
     for mut file in files {
         let key = format!("upstream.{}", file.name);
@@ -897,6 +1047,17 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
                 ));
             }
         };
+        let oauth = file
+            .oauth
+            .take()
+            .map(|oauth| upstream_oauth(&key, oauth, env))
+            .transpose()?;
+        if oauth.is_some() && delegation_audience.is_some() {
+            return Err(invalid(
+                &key,
+                "an upstream gets a delegation token or an OAuth connection's token, not both",
+            ));
+        }
         let mut routes = Vec::new();
         for route in file.route {
             let method = route.method.to_ascii_uppercase();
@@ -943,6 +1104,7 @@ fn upstreams(files: Vec<UpstreamFile>) -> Result<BTreeMap<String, Upstream>, Con
                     table,
                     mcp,
                     delegation_audience,
+                    oauth,
                 },
             )
             .is_some()
@@ -1040,7 +1202,7 @@ impl Config {
                     _ => dir,
                 }),
             dpop_nonce: file.dpop_nonce.unwrap_or(false),
-            upstreams: upstreams(file.upstream)?,
+            upstreams: upstreams(file.upstream, &env)?,
             approvals,
             limits: limits(file.limits)?,
             authorize: authorize(file.authorize, env(ENV_AUTHORIZE_KEY))?,

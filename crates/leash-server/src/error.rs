@@ -128,6 +128,10 @@ pub enum ApiError {
     /// 502 `bad_gateway`: the upstream could not be reached.
     #[error("{0}")]
     BadGateway(String),
+    /// 502 `upstream_credential_expired`: the human's OAuth connection to the upstream could
+    /// not be refreshed (API §17); they must connect again, or try later.
+    #[error("{0}")]
+    UpstreamCredentialExpired(String),
     /// 502 `credential_reflected`: the upstream's answer carried the credential Leash injected
     /// (see the `reflection` module); the agent gets nothing of it.
     #[error(
@@ -213,6 +217,9 @@ impl ApiError {
             ),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Self::CredentialReflected => (StatusCode::BAD_GATEWAY, "credential_reflected"),
+            Self::UpstreamCredentialExpired(_) => {
+                (StatusCode::BAD_GATEWAY, "upstream_credential_expired")
+            }
             Self::GatewayTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "gateway_timeout"),
             Self::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable"),
@@ -297,6 +304,7 @@ impl IntoResponse for ApiError {
             | Self::HeadersTooLarge(_)
             | Self::BadGateway(_)
             | Self::CredentialReflected
+            | Self::UpstreamCredentialExpired(_)
             | Self::GatewayTimeout(_)
             | Self::AuditUnavailable
             | Self::Unavailable(_) => {}

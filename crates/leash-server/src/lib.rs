@@ -7,6 +7,7 @@ pub mod audit;
 pub mod authorize;
 pub mod bootstrap;
 pub mod config;
+pub mod connections;
 pub mod console;
 pub mod error;
 pub mod extract;
@@ -76,6 +77,8 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(review::review))
         .routes(routes!(vault::list))
         .routes(routes!(vault::put, vault::delete))
+        .routes(routes!(connections::connect))
+        .routes(routes!(connections::callback))
         .routes(routes!(authorize::authorize))
 }
 

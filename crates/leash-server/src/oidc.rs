@@ -515,6 +515,12 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     found
 }
 
+/// The digest of the session id the request's cookie carries (whether or not it is live).
+pub fn session_digest(state: &AppState, headers: &HeaderMap) -> Option<SecretDigest> {
+    state.oidc.as_ref()?;
+    cookie(headers, Cookies::of(state).session_name()).map(SecretDigest::of)
+}
+
 /// Whether the request carries a session cookie (whether or not it is valid).
 pub fn has_session_cookie(state: &AppState, headers: &HeaderMap) -> bool {
     state.oidc.is_some() && cookie(headers, Cookies::of(state).session_name()).is_some()

@@ -96,6 +96,8 @@ pub struct AppState {
     pub reflection_guards: SecretsCache,
     /// MCP sessions this node has seen initialized, and whom they belong to.
     pub mcp_sessions: crate::mcp::Sessions,
+    /// OAuth connections to upstreams (API §17).
+    pub connections: crate::connections::Connections,
     /// MCP servers' elicitations waiting for their human on this node.
     pub elicitations: crate::mcp::Elicitations,
 }

@@ -37,7 +37,11 @@ pub struct NewCredential {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CredentialView {
     upstream: String,
+    /// `bearer`, `cookie`, `header` or `oauth` (a connection, API §17).
     kind: String,
+    /// `active`, or `reconnect`: an OAuth connection whose refresh failed for good; the human
+    /// must connect again (`POST /v1/vault/{upstream}/connect`).
+    status: &'static str,
     name: Option<String>,
     expires_at: Option<String>,
     created_at: String,
@@ -48,6 +52,11 @@ impl From<&VaultEntry> for CredentialView {
         Self {
             upstream: entry.upstream.clone(),
             kind: entry.kind.clone(),
+            status: if entry.reconnect {
+                "reconnect"
+            } else {
+                "active"
+            },
             name: entry.header_name.clone(),
             expires_at: entry.expires_at.map(rfc3339),
             created_at: rfc3339(entry.created_at),
@@ -91,7 +100,7 @@ fn context(entry_subject: &str, upstream: &str, kind: &str, name: Option<&str>) 
     .into_bytes()
 }
 
-fn human(caller: Caller) -> ApiResult<leash_store::User> {
+pub(crate) fn human(caller: Caller) -> ApiResult<leash_store::User> {
     match caller {
         Caller::Human(user) | Caller::AdminHuman(user) => Ok(user),
         Caller::Admin => Err(ApiError::Forbidden(
@@ -145,6 +154,11 @@ pub async fn put(
                 "name is only for kind header".into(),
             ));
         }
+        ("oauth", _) => {
+            return Err(ApiError::InvalidRequest(
+                "an OAuth connection is made with POST /v1/vault/{upstream}/connect".into(),
+            ));
+        }
         _ => {
             return Err(ApiError::InvalidRequest(
                 "kind must be bearer, cookie or header".into(),
@@ -175,6 +189,9 @@ pub async fn put(
         sealed,
         expires_at,
         created_at: now,
+        reconnect: false,
+        version: 0,
+        retry_at: None,
     };
     let event = credential_event("credential.stored", &entry.subject, &entry.upstream, now);
     state.store.put_credential(&entry, &event).await?;
@@ -220,12 +237,21 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let user = human(caller)?;
     let event = credential_event("credential.deleted", &user.id, &upstream, state.clock.now());
+    let connection = state
+        .store
+        .credential_now(&user.id, &upstream)
+        .await?
+        .filter(|entry| entry.kind == "oauth");
     if state
         .store
         .delete_credential(&user.id, &upstream, &event)
         .await?
     {
         tracing::info!(subject = %user.id, upstream = %upstream, "credential deleted");
+        // Gone from Leash first: a server that does not answer cannot keep it here.
+        if let Some(connection) = connection {
+            state.connections.revoke(&state, &connection).await;
+        }
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound("no credential for this upstream".into()))
@@ -243,6 +269,19 @@ pub async fn injection(
     };
     if entry.expires_at.is_some_and(|t| t <= state.clock.now()) {
         return Ok(None);
+    }
+    if entry.kind == "oauth" {
+        let token = state.connections.access_token(state, entry).await?;
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            ApiError::UpstreamCredentialExpired(
+                "the upstream's OAuth server issued an access token that cannot be sent".into(),
+            )
+        })?;
+        value.set_sensitive(true);
+        return Ok(Some(Injection {
+            name: axum::http::header::AUTHORIZATION,
+            value,
+        }));
     }
     let plain = state
         .master

@@ -7,8 +7,8 @@ use leash_core::audit::{Checkpoint, Outcome};
 use leash_core::grant::{Grant, GrantStatus};
 
 use crate::{
-    Agent, Approval, ApprovalStatus, CheckpointSigner, Login, Session, StoreError, StoreResult,
-    User, VaultEntry,
+    Agent, Approval, ApprovalStatus, CheckpointSigner, Login, OAuthConnect, Session, StoreError,
+    StoreResult, User, VaultEntry,
 };
 
 /// Typed column reads, the same for a SQLite and a PostgreSQL row (both schemas use TEXT,
@@ -109,6 +109,19 @@ pub(crate) fn vault_from_row(row: &impl Columns) -> StoreResult<VaultEntry> {
         sealed: row.column("sealed")?,
         expires_at: row.column("expires_at")?,
         created_at: row.column("created_at")?,
+        reconnect: row.column::<String>("status")? == "reconnect",
+        version: row.column("version")?,
+        retry_at: row.column("retry_at")?,
+    })
+}
+
+pub(crate) fn connect_from_row(row: &impl Columns) -> StoreResult<OAuthConnect> {
+    Ok(OAuthConnect {
+        subject: row.column("subject")?,
+        upstream: row.column("upstream")?,
+        session_digest: row.column("session_digest")?,
+        verifier: row.column("verifier")?,
+        expires_at: row.column("expires_at")?,
     })
 }
 

@@ -111,6 +111,31 @@ pub struct Login {
     pub expires_at: i64,
 }
 
+/// An OAuth connection under way (API §17): what `POST /v1/vault/{upstream}/connect` bound to
+/// its `state`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OAuthConnect {
+    /// The human connecting.
+    pub subject: String,
+    /// The upstream connected.
+    pub upstream: String,
+    /// The digest of the browser session that started it, if a session did.
+    pub session_digest: Option<String>,
+    /// The PKCE code verifier.
+    pub verifier: String,
+    /// When the connection can no longer complete.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for OAuthConnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthConnect")
+            .field("subject", &self.subject)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A registered agent (workload identity).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Agent {
@@ -143,6 +168,13 @@ pub struct VaultEntry {
     pub expires_at: Option<i64>,
     /// When it was stored.
     pub created_at: i64,
+    /// An OAuth connection whose refresh failed for good: the human must connect again.
+    pub reconnect: bool,
+    /// Grows with every write of the row (a refresh is stored only over the row it was made
+    /// from); a new entry is stored at version 0 or above the one it replaces.
+    pub version: i64,
+    /// After an OAuth refresh that failed for a passing reason: no new try before then.
+    pub retry_at: Option<i64>,
 }
 
 impl std::fmt::Debug for VaultEntry {
@@ -507,6 +539,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn create_login(&self, id: &SecretDigest, login: &Login) -> StoreResult<()>;
     /// Takes (deletes and returns) a login under way: a second take finds nothing.
     async fn take_login(&self, id: &SecretDigest) -> StoreResult<Option<Login>>;
+    /// Stores an OAuth connection under way under the digest of its `state`.
+    async fn create_connect(&self, state: &SecretDigest, connect: &OAuthConnect)
+    -> StoreResult<()>;
+    /// Takes (deletes and returns) an OAuth connection under way: a second take finds nothing.
+    async fn take_connect(&self, state: &SecretDigest) -> StoreResult<Option<OAuthConnect>>;
 
     /// Registers an agent; `Conflict` if the id is taken.
     async fn create_agent(&self, agent: &Agent, event: &AuditEvent) -> StoreResult<()>;
@@ -577,8 +614,46 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn put_credential(&self, entry: &VaultEntry, event: &AuditEvent) -> StoreResult<()>;
     /// A human's credential for an upstream.
     async fn credential(&self, subject: &str, upstream: &str) -> StoreResult<Option<VaultEntry>>;
+    /// A human's credential for an upstream as the database holds it now, not as memory
+    /// remembers it (another node may have refreshed it).
+    async fn credential_now(
+        &self,
+        subject: &str,
+        upstream: &str,
+    ) -> StoreResult<Option<VaultEntry>>;
     /// A human's credentials.
     async fn list_credentials(&self, subject: &str) -> StoreResult<Vec<VaultEntry>>;
+    /// Claims the refresh of an OAuth connection still at `version` until `until`: of all
+    /// callers on all nodes, only one gets true until that lease runs out or the row changes.
+    async fn claim_refresh(
+        &self,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        now: i64,
+        until: i64,
+    ) -> StoreResult<bool>;
+    /// Stores refreshed tokens over the row still at `version` (it moves on, its lease ends);
+    /// false, and nothing written, if the row changed meanwhile.
+    async fn store_refreshed(
+        &self,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        sealed: &[u8],
+        event: &AuditEvent,
+    ) -> StoreResult<bool>;
+    /// Records a failed refresh of the row at `version` and ends its lease: with `retry_at`,
+    /// no new try before then (a passing failure); without, for good: the connection waits
+    /// for the human to connect again.
+    async fn refresh_failed(
+        &self,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        retry_at: Option<i64>,
+        event: &AuditEvent,
+    ) -> StoreResult<()>;
     /// Deletes a human's credential for an upstream; false if there was none (and then no
     /// event).
     async fn delete_credential(

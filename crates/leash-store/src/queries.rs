@@ -14,12 +14,13 @@ use leash_core::secret::SecretDigest;
 
 use crate::common::{
     APPROVAL_COLUMNS, Columns as _, GRANT_BY_HANDLE, GRANT_COLUMNS, agent_from_row,
-    approval_from_row, checkpoint_from_row, grant_from_row, grant_with_agent_from_row, json_list,
-    login_from_row, session_from_row, unavailable, user_from_row, vault_from_row,
+    approval_from_row, checkpoint_from_row, connect_from_row, grant_from_row,
+    grant_with_agent_from_row, json_list, login_from_row, session_from_row, unavailable,
+    user_from_row, vault_from_row,
 };
 use crate::{
-    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, Login, Session, StoreResult,
-    User, VaultEntry,
+    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, Login, OAuthConnect, Session,
+    StoreResult, User, VaultEntry,
 };
 
 /// The shared statements, on a connection of the database.
@@ -107,7 +108,42 @@ pub(crate) trait Queries: sqlx::Database {
         conn: &mut Self::Connection,
         id: &SecretDigest,
     ) -> impl Future<Output = StoreResult<Option<Login>>> + Send;
-    /// Deletes sessions and logins past their end; returns how many.
+    fn create_connect(
+        conn: &mut Self::Connection,
+        state: &SecretDigest,
+        connect: &OAuthConnect,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    fn take_connect(
+        conn: &mut Self::Connection,
+        state: &SecretDigest,
+    ) -> impl Future<Output = StoreResult<Option<OAuthConnect>>> + Send;
+    /// The conditional update of `Store::claim_refresh`.
+    fn claim_refresh(
+        conn: &mut Self::Connection,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        now: i64,
+        until: i64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// The conditional update of `Store::store_refreshed`.
+    fn store_refreshed(
+        conn: &mut Self::Connection,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        sealed: &[u8],
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Ends the lease of the row at `version` after a failed refresh: no new try before
+    /// `retry_at`, or none at all (the row waits for a new connection); false if it changed.
+    fn refresh_failed(
+        conn: &mut Self::Connection,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        retry_at: Option<i64>,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Deletes sessions, logins and OAuth connections past their end; returns how many.
     fn prune_sessions(
         conn: &mut Self::Connection,
         now: i64,
@@ -521,7 +557,118 @@ macro_rules! shared_queries {
                 .execute(&mut *conn)
                 .await
                 .map_err(unavailable)?;
-            Ok(sessions.rows_affected() + logins.rows_affected())
+            let connects = sqlx::query("DELETE FROM oauth_connects WHERE expires_at <= $1")
+                .bind(now)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(sessions.rows_affected() + logins.rows_affected() + connects.rows_affected())
+        }
+
+        async fn create_connect(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            state: &SecretDigest,
+            connect: &OAuthConnect,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO oauth_connects \
+                 (state_digest, subject, upstream, session_digest, verifier, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(state.as_str())
+            .bind(&connect.subject)
+            .bind(&connect.upstream)
+            .bind(&connect.session_digest)
+            .bind(&connect.verifier)
+            .bind(connect.expires_at)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn take_connect(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            state: &SecretDigest,
+        ) -> StoreResult<Option<OAuthConnect>> {
+            let row = sqlx::query(
+                "DELETE FROM oauth_connects WHERE state_digest = $1 \
+                 RETURNING subject, upstream, session_digest, verifier, expires_at",
+            )
+            .bind(state.as_str())
+            .fetch_optional(conn)
+            .await
+            .map_err(unavailable)?;
+            row.as_ref().map(connect_from_row).transpose()
+        }
+
+        async fn claim_refresh(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            subject: &str,
+            upstream: &str,
+            version: i64,
+            now: i64,
+            until: i64,
+        ) -> StoreResult<bool> {
+            let done = sqlx::query(
+                "UPDATE vault SET refresh_lease = $4 \
+                 WHERE subject = $1 AND upstream = $2 AND version = $3 AND status = 'active' \
+                 AND (refresh_lease IS NULL OR refresh_lease <= $5) \
+                 AND (retry_at IS NULL OR retry_at <= $5)",
+            )
+            .bind(subject)
+            .bind(upstream)
+            .bind(version)
+            .bind(until)
+            .bind(now)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn store_refreshed(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            subject: &str,
+            upstream: &str,
+            version: i64,
+            sealed: &[u8],
+        ) -> StoreResult<bool> {
+            let done = sqlx::query(
+                "UPDATE vault SET sealed = $4, version = version + 1, refresh_lease = NULL, \
+                 retry_at = NULL \
+                 WHERE subject = $1 AND upstream = $2 AND version = $3",
+            )
+            .bind(subject)
+            .bind(upstream)
+            .bind(version)
+            .bind(sealed)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn refresh_failed(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            subject: &str,
+            upstream: &str,
+            version: i64,
+            retry_at: Option<i64>,
+        ) -> StoreResult<bool> {
+            let done = sqlx::query(
+                "UPDATE vault SET status = CASE WHEN $4 IS NULL THEN 'reconnect' ELSE status END, \
+                 retry_at = $4, version = version + 1, refresh_lease = NULL \
+                 WHERE subject = $1 AND upstream = $2 AND version = $3",
+            )
+            .bind(subject)
+            .bind(upstream)
+            .bind(version)
+            .bind(retry_at)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(done.rows_affected() == 1)
         }
 
         async fn create_agent(
@@ -843,11 +990,13 @@ macro_rules! shared_queries {
         ) -> StoreResult<()> {
             sqlx::query(
                 "INSERT INTO vault \
-                 (subject, upstream, kind, header_name, sealed, expires_at, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (subject, upstream) DO UPDATE \
+                 (subject, upstream, kind, header_name, sealed, expires_at, created_at, status, \
+                 version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (subject, upstream) DO UPDATE \
                  SET kind = excluded.kind, header_name = excluded.header_name, \
                  sealed = excluded.sealed, expires_at = excluded.expires_at, \
-                 created_at = excluded.created_at",
+                 created_at = excluded.created_at, status = excluded.status, \
+                 version = vault.version + 1, refresh_lease = NULL, retry_at = NULL",
             )
             .bind(&entry.subject)
             .bind(&entry.upstream)
@@ -856,6 +1005,8 @@ macro_rules! shared_queries {
             .bind(&entry.sealed)
             .bind(entry.expires_at)
             .bind(entry.created_at)
+            .bind(if entry.reconnect { "reconnect" } else { "active" })
+            .bind(entry.version)
             .execute(conn)
             .await
             .map_err(unavailable)?;

@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 use crate::common::{Memo, SignerSlot, draft_of, log_unflushed, unavailable, vault_key};
 use crate::queries::Queries;
 use crate::{
-    ActionUse, Agent, Approval, AuditQuery, CheckpointSigner, GrantEnd, Login, RequestUse, Session,
-    Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
+    ActionUse, Agent, Approval, AuditQuery, CheckpointSigner, GrantEnd, Login, OAuthConnect,
+    RequestUse, Session, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
 };
 
 /// A connection of a backend's database.
@@ -336,6 +336,20 @@ impl<B: Backend> Store for Repo<B> {
         B::Db::take_login(&mut conn, id).await
     }
 
+    async fn create_connect(
+        &self,
+        state: &SecretDigest,
+        connect: &OAuthConnect,
+    ) -> StoreResult<()> {
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::create_connect(&mut conn, state, connect).await
+    }
+
+    async fn take_connect(&self, state: &SecretDigest) -> StoreResult<Option<OAuthConnect>> {
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::take_connect(&mut conn, state).await
+    }
+
     async fn create_agent(&self, agent: &Agent, event: &AuditEvent) -> StoreResult<()> {
         let mut tx = self.begin().await?;
         B::Db::create_agent(&mut tx, agent).await?;
@@ -490,8 +504,60 @@ impl<B: Backend> Store for Repo<B> {
         Ok(entry)
     }
 
+    async fn credential_now(
+        &self,
+        subject: &str,
+        upstream: &str,
+    ) -> StoreResult<Option<VaultEntry>> {
+        // From the writer: on PostgreSQL a reader could be a replica behind it.
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::credential(&mut conn, subject, upstream).await
+    }
+
     async fn list_credentials(&self, subject: &str) -> StoreResult<Vec<VaultEntry>> {
         B::Db::list_credentials(&mut *self.read().await?, subject).await
+    }
+
+    async fn claim_refresh(
+        &self,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        now: i64,
+        until: i64,
+    ) -> StoreResult<bool> {
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::claim_refresh(&mut conn, subject, upstream, version, now, until).await
+    }
+
+    async fn store_refreshed(
+        &self,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        sealed: &[u8],
+        event: &AuditEvent,
+    ) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let stored = B::Db::store_refreshed(&mut tx, subject, upstream, version, sealed).await?;
+        let change = Change::Vault(subject, upstream);
+        self.commit_change(tx, stored.then_some(event), &[change])
+            .await
+            .map(|()| stored)
+    }
+
+    async fn refresh_failed(
+        &self,
+        subject: &str,
+        upstream: &str,
+        version: i64,
+        retry_at: Option<i64>,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        B::Db::refresh_failed(&mut tx, subject, upstream, version, retry_at).await?;
+        let change = Change::Vault(subject, upstream);
+        self.commit_change(tx, Some(event), &[change]).await
     }
 
     async fn delete_credential(

@@ -17,8 +17,9 @@ use leash_core::grant::{Grant, GrantStatus};
 use leash_core::secret::SecretDigest;
 
 use crate::{
-    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, Login, OneTimeKind,
-    OneTimeUse, RequestUse, Session, SingleUse, Store, StoreError, UseVerdict, User, VaultEntry,
+    Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, Login, OAuthConnect,
+    OneTimeKind, OneTimeUse, RequestUse, Session, SingleUse, Store, StoreError, UseVerdict, User,
+    VaultEntry,
 };
 
 /// A fresh, empty database of one backend, removed when dropped.
@@ -441,6 +442,9 @@ both_backends! {
             sealed: sealed.to_vec(),
             expires_at: None,
             created_at: 1,
+            reconnect: false,
+            version: 0,
+            retry_at: None,
         };
         assert_eq!(store.credential(&grant.subject, "mail").await.unwrap(), None);
         store.put_credential(&entry(b"one"), &ev("credential.stored")).await.unwrap();
@@ -452,6 +456,77 @@ both_backends! {
         assert_eq!(store.list_credentials(&grant.subject).await.unwrap().len(), 1);
         assert!(store.delete_credential(&grant.subject, "mail", &ev("credential.deleted")).await.unwrap());
         assert_eq!(store.credential(&grant.subject, "mail").await.unwrap(), None);
+    }
+}
+
+both_backends! {
+    async fn one_refresher_holds_an_oauth_connection_and_stores_only_over_its_version(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let subject = grant.subject.as_str();
+        let entry = VaultEntry {
+            subject: subject.into(),
+            upstream: "mail".into(),
+            kind: "oauth".into(),
+            header_name: None,
+            sealed: b"tokens-1".to_vec(),
+            expires_at: None,
+            created_at: 1,
+            reconnect: false,
+            version: 0,
+            retry_at: None,
+        };
+        store.put_credential(&entry, &ev("credential.connected")).await.unwrap();
+        let v = store.credential_now(subject, "mail").await.unwrap().unwrap().version;
+        assert!(store.claim_refresh(subject, "mail", v, 100, 120).await.unwrap());
+        // Held: nobody else, until the lease runs out.
+        assert!(!store.claim_refresh(subject, "mail", v, 101, 121).await.unwrap());
+        assert!(!store.claim_refresh(subject, "mail", v, 119, 139).await.unwrap());
+        assert!(store.claim_refresh(subject, "mail", v, 120, 140).await.unwrap());
+        // A result made from an older row is not stored.
+        assert!(!store.store_refreshed(subject, "mail", v - 1, b"stale", &ev("credential.refreshed")).await.unwrap());
+        assert!(store.store_refreshed(subject, "mail", v, b"tokens-2", &ev("credential.refreshed")).await.unwrap());
+        let now = store.credential(subject, "mail").await.unwrap().unwrap();
+        assert_eq!((now.sealed.as_slice(), now.version, now.reconnect), (&b"tokens-2"[..], v + 1, false));
+        // The refresh stored ended the lease: the next one may start at once.
+        assert!(!store.claim_refresh(subject, "mail", v, 121, 141).await.unwrap());
+        assert!(store.claim_refresh(subject, "mail", v + 1, 121, 141).await.unwrap());
+        // A passing failure: no try before its back-off ends, and the lease is over.
+        store.refresh_failed(subject, "mail", v + 1, Some(200), &ev("credential.refresh_failed")).await.unwrap();
+        let backing_off = store.credential(subject, "mail").await.unwrap().unwrap();
+        assert_eq!((backing_off.retry_at, backing_off.reconnect), (Some(200), false));
+        assert!(!store.claim_refresh(subject, "mail", backing_off.version, 199, 219).await.unwrap());
+        assert!(store.claim_refresh(subject, "mail", backing_off.version, 200, 220).await.unwrap());
+        store.refresh_failed(subject, "mail", backing_off.version, None, &ev("credential.refresh_failed")).await.unwrap();
+        let dead = store.credential(subject, "mail").await.unwrap().unwrap();
+        assert!(dead.reconnect);
+        assert!(!store.claim_refresh(subject, "mail", dead.version, 500, 520).await.unwrap());
+        // Connecting again replaces it: active, and above every version before.
+        store.put_credential(&entry, &ev("credential.connected")).await.unwrap();
+        let again = store.credential(subject, "mail").await.unwrap().unwrap();
+        assert!(!again.reconnect && again.version > dead.version);
+    }
+}
+
+both_backends! {
+    async fn an_oauth_connection_under_way_is_taken_once(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let connect = OAuthConnect {
+            subject: grant.subject.clone(),
+            upstream: "mail".into(),
+            session_digest: Some("abc".into()),
+            verifier: "v".repeat(43),
+            expires_at: 1_000,
+        };
+        let state = SecretDigest::of("state-1");
+        store.create_connect(&state, &connect).await.unwrap();
+        assert_eq!(store.take_connect(&state).await.unwrap(), Some(connect.clone()));
+        assert_eq!(store.take_connect(&state).await.unwrap(), None);
+        let old = SecretDigest::of("state-2");
+        store.create_connect(&old, &OAuthConnect { expires_at: 5, ..connect }).await.unwrap();
+        store.prune(10).await.unwrap();
+        assert_eq!(store.take_connect(&old).await.unwrap(), None);
     }
 }
 
@@ -1001,6 +1076,55 @@ async fn within(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Option
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_of_many_refreshers_on_two_nodes_exactly_one_claims_the_refresh() {
+    let fx = Fixture::postgres().await;
+    let (a, b) = (fx.open().await, fx.open().await);
+    let grant = with_grant(a.as_ref(), None).await;
+    let entry = VaultEntry {
+        subject: grant.subject.clone(),
+        upstream: "mail".into(),
+        kind: "oauth".into(),
+        header_name: None,
+        sealed: b"tokens".to_vec(),
+        expires_at: None,
+        created_at: 1,
+        reconnect: false,
+        version: 0,
+        retry_at: None,
+    };
+    a.put_credential(&entry, &ev("credential.connected"))
+        .await
+        .unwrap();
+    let version = b
+        .credential_now(&grant.subject, "mail")
+        .await
+        .unwrap()
+        .unwrap()
+        .version;
+    let mut claims = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let node = if i % 2 == 0 {
+            Arc::clone(&a)
+        } else {
+            Arc::clone(&b)
+        };
+        let subject = grant.subject.clone();
+        claims.spawn(async move {
+            node.claim_refresh(&subject, "mail", version, 100, 130)
+                .await
+                .unwrap()
+        });
+    }
+    let won = claims
+        .join_all()
+        .await
+        .into_iter()
+        .filter(|&won| won)
+        .count();
+    assert_eq!(won, 1, "one refresher across the cluster");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_a_value_or_approval_used_on_one_node_is_refused_on_the_other() {
     let fx = Fixture::postgres().await;
     let (a, b) = (fx.open().await, fx.open().await);
@@ -1062,6 +1186,9 @@ async fn cluster_an_end_or_revocation_on_one_node_reaches_the_others_memory() {
         sealed: b"one".to_vec(),
         expires_at: None,
         created_at: 1,
+        reconnect: false,
+        version: 0,
+        retry_at: None,
     };
     a.put_credential(&entry, &ev("credential.stored"))
         .await
@@ -1184,6 +1311,9 @@ async fn cluster_changes_on_two_nodes_are_chained_once_each() {
         sealed: b"x".to_vec(),
         expires_at: None,
         created_at: 1,
+        reconnect: false,
+        version: 0,
+        retry_at: None,
     };
     nodes[0]
         .put_credential(&stored, &ev("credential.stored"))

@@ -180,14 +180,19 @@ class Leash:
         self.dir = Path(tempfile.mkdtemp(prefix="leash-sdk-"))
         config = self.dir / "leash.toml"
         config.write_text(f"{extra}\n{ROUTES.format(upstream=upstream.url)}\n{limits}")
+        # The caller's environment never leaks in these; `env` may still set them (a cluster's
+        # nodes share one master key).
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("LEASH_ISSUER", "LEASH_DATABASE", "LEASH_MASTER_KEY")
+        }
         process_env = {
-            **os.environ,
+            **inherited,
             "LEASH_ADMIN_TOKEN": self.admin_key,
             "LEASH_LOG": "warn",
             **(env or {}),
         }
-        for name in ("LEASH_ISSUER", "LEASH_DATABASE", "LEASH_MASTER_KEY"):
-            process_env.pop(name, None)
         self.process = subprocess.Popen(
             [
                 str(leash_bin()),

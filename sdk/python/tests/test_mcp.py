@@ -150,9 +150,10 @@ def test_tools_are_listed_and_called_within_the_grant(
         ("crm:update", "deny"),
     ]
     assert events[0]["path"].startswith("/tools/search_contacts?arguments_sha256=")
-    # "ada" is also made of hex digits, so look for it as a value and for its key, not as a substring.
+    # "ada" is made of hex digits too: look for it as a value and for its key, not as a substring.
     audited = json.dumps(events)
-    assert '"ada"' not in audited and '"query"' not in audited, "arguments are audited only as a hash"
+    assert '"ada"' not in audited, "arguments are audited only as a hash"
+    assert '"query"' not in audited
     review = crm_leash.call("GET", "/v1/review", setup.user_key).json()
     reviewed = next(g for g in review["grants"] if g["id"] == setup.grant_id)
     assert "crm:search" in json.dumps(reviewed["actions_used"])
