@@ -1097,27 +1097,43 @@ impl Decided<'_> {
     /// `cnf`: it is the upstream's bearer token, bound to this audience, not the agent's key.
     fn delegation_token(&self, state: &AppState, audience: &str) -> HeaderValue {
         let principal = &self.principal;
-        let now = state.clock.now();
-        let mut claims = serde_json::json!({
-            "iss": state.issuer,
-            "sub": principal.subject,
-            "aud": audience,
-            "iat": now,
-            "exp": now.saturating_add(DELEGATION_TOKEN_TTL),
-            "jti": leash_core::secret::random_id("dlg_"),
-            "scope": self.action,
-        });
-        if let Some(grant) = &principal.grant {
-            claims["grant_id"] = serde_json::json!(grant.id);
-            claims["client_id"] = serde_json::json!(principal.actor);
-            claims["act"] = serde_json::json!({"sub": principal.actor});
-        }
-        let token = state.delegation.sign_at_jwt(&claims);
-        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
-        value.set_sensitive(true);
-        value
+        let delegated = principal
+            .grant
+            .as_ref()
+            .map(|grant| (principal.actor.as_str(), grant.id.as_str()));
+        delegation_token(state, audience, &principal.subject, delegated, &self.action)
     }
+}
+
+/// `Authorization: Bearer <delegation token>` (API §17) for one request of `subject` under
+/// `action`, made by the agent of `delegated` (actor, grant id) or by the human directly.
+pub(crate) fn delegation_token(
+    state: &AppState,
+    audience: &str,
+    subject: &str,
+    delegated: Option<(&str, &str)>,
+    action: &str,
+) -> HeaderValue {
+    let now = state.clock.now();
+    let mut claims = serde_json::json!({
+        "iss": state.issuer,
+        "sub": subject,
+        "aud": audience,
+        "iat": now,
+        "exp": now.saturating_add(DELEGATION_TOKEN_TTL),
+        "jti": leash_core::secret::random_id("dlg_"),
+        "scope": action,
+    });
+    if let Some((actor, grant_id)) = delegated {
+        claims["grant_id"] = serde_json::json!(grant_id);
+        claims["client_id"] = serde_json::json!(actor);
+        claims["act"] = serde_json::json!({"sub": actor});
+    }
+    let token = state.delegation.sign_at_jwt(&claims);
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
+    value.set_sensitive(true);
+    value
 }
 
 /// The request headers an approval binds and shows the human (API §7): those the gateway

@@ -1272,6 +1272,12 @@ pub(crate) struct Answerer {
     /// looked up only when an answer is sent (rarely), never for every relayed stream.
     subject: String,
     upstream: String,
+    /// The agent (or the human, directly) on whose behalf the answer goes, for a delegation
+    /// token (`[upstream.inject] kind = "leash_token"`).
+    actor: String,
+    /// The upstream's delegation audience, if it takes delegation tokens rather than a vaulted
+    /// credential.
+    delegation_audience: Option<String>,
     /// The grant whose human an elicitation is put to.
     grant: String,
     /// The action an elicitation is shown under (`<upstream>:elicitation`).
@@ -1316,6 +1322,8 @@ impl Answerer {
             headers,
             subject: exchange.principal.subject.clone(),
             upstream: exchange.upstream.name.clone(),
+            actor: exchange.principal.actor.clone(),
+            delegation_audience: exchange.upstream.delegation_audience.clone(),
             grant: exchange.owner.grant.clone(),
             elicitation_action: exchange.server.elicitation_action.clone(),
         }
@@ -1345,6 +1353,18 @@ impl Answerer {
             self.upstream.clone(),
             self.grant.clone(),
         );
+        // Like every request the gateway forwards to such an upstream: a token minted for this
+        // answer, under the action it is made as, never a stored secret.
+        let delegation = self.delegation_audience.as_ref().map(|audience| {
+            let delegated = (!grant.is_empty()).then_some((self.actor.as_str(), grant.as_str()));
+            crate::gateway::delegation_token(
+                &state,
+                audience,
+                &subject,
+                delegated,
+                &self.elicitation_action,
+            )
+        });
         tokio::spawn(async move {
             // The human's credential goes only with a live grant's requests (API §9): once the
             // task ended, the server gets no answer at all.
@@ -1352,16 +1372,20 @@ impl Answerer {
                 tracing::info!(upstream = %upstream, "no answer to the MCP server: the task ended");
                 return;
             }
-            match crate::vault::injection(&state, &subject, &upstream).await {
-                Ok(Some(injection)) => {
-                    request
-                        .headers_mut()
-                        .insert(injection.name, injection.value);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "no credential for an answer to the MCP server");
-                    return;
+            if let Some(token) = delegation {
+                request.headers_mut().insert(header::AUTHORIZATION, token);
+            } else {
+                match crate::vault::injection(&state, &subject, &upstream).await {
+                    Ok(Some(injection)) => {
+                        request
+                            .headers_mut()
+                            .insert(injection.name, injection.value);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no credential for an answer to the MCP server");
+                        return;
+                    }
                 }
             }
             if let Err(e) = state.upstream_client.request(request).await {

@@ -804,6 +804,58 @@ def test_the_humans_credential_reaches_the_server_and_never_the_agent(
     assert all(r["headers"].get("cookie") == secret for r in declines)
 
 
+CRM = "https://crm.example"
+
+
+@pytest.fixture(scope="module")
+def crm_delegated(crm: CrmServer, upstream: Any) -> Iterator[Leash]:
+    """The CRM behind `[upstream.inject] kind = "leash_token"`: it gets delegation tokens."""
+    inject = f'kind = "mcp"\ninject = {{ kind = "leash_token", audience = "{CRM}" }}\n'
+    server = Leash(
+        upstream, CRM_TOOLS.format(url=crm.url, wait=20).replace('kind = "mcp"\n', inject)
+    )
+    yield server
+    server.stop()
+
+
+def test_an_mcp_server_taking_delegation_tokens_gets_one_per_message_and_answer(
+    crm_delegated: Leash, crm: CrmServer, tmp_path: Path
+) -> None:
+    """API §17 for MCP: each forwarded message carries a delegation token for the tool's action,
+    and so does what Leash answers the server for the human (the declined elicitation), under
+    `<upstream>:elicitation`; the agent's own token never does."""
+    from test_delegation import check, delegation_keys
+
+    setup, agent, task = crm_task(crm_delegated, tmp_path)
+    before = len(crm.requests())
+
+    async def session() -> None:
+        async with mcp_session(f"{crm_delegated.url}/mcp/crm", task.auth) as mcp:
+            await mcp.call_tool("search_contacts", {"query": "ada"})
+            await mcp.call_tool("ask_new_email", {"id": 1})
+
+    def human() -> None:
+        setup.leash.decide(setup.user_key, pending_elicitation(setup)["id"], "deny")
+
+    with agent:
+        deciding = threading.Thread(target=human)
+        deciding.start()
+        asyncio.run(asyncio.wait_for(session(), 10))
+        deciding.join()
+    keys = delegation_keys(crm_delegated)
+    seen = crm.requests()[before:]
+    call = next(r for r in seen if '"search_contacts"' in r["body"])
+    called = check(call["headers"]["authorization"].removeprefix("Bearer "), keys, CRM)
+    assert (called["scope"], called["act"]["sub"]) == ("crm:search", setup.agent_id)
+    assert called["grant_id"] == setup.grant_id
+    declines = [r for r in seen if '"decline"' in r["body"]]
+    assert declines, "Leash never answered the elicitation"
+    for answer in declines:
+        claims = check(answer["headers"]["authorization"].removeprefix("Bearer "), keys, CRM)
+        assert (claims["scope"], claims["sub"]) == ("crm:elicitation", called["sub"])
+        assert claims["act"]["sub"] == setup.agent_id
+
+
 def test_a_request_from_another_origin_is_refused(
     crm_leash: Leash, crm: CrmServer, tmp_path: Path
 ) -> None:
