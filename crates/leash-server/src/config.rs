@@ -1537,4 +1537,80 @@ risk = "high"
         );
         assert_eq!(mail.routes[1].risk, Risk::High);
     }
+
+    #[test]
+    fn oauth_upstreams_take_discovery_or_endpoints_and_a_secret_from_the_environment() {
+        let with = |oauth: &str, vars: &[(&str, &str)]| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("leash.toml");
+            let text = format!(
+                "[[upstream]]\nname = \"notes\"\nurl = \"http://127.0.0.1:9\"\n[upstream.oauth]\n{oauth}\n"
+            );
+            std::fs::write(&path, text).unwrap();
+            let flags = Flags {
+                config: Some(path),
+                ..Flags::default()
+            };
+            Config::load(&flags, env(vars)).map(|mut c| c.upstreams.remove("notes").unwrap())
+        };
+        let discovered = with(
+            "issuer = \"https://as.example\"\nclient_id = \"leash\"\nclient_secret_env = \"NOTES_SECRET\"\nscopes = [\"notes.read\"]",
+            &[("NOTES_SECRET", "s3cret")],
+        )
+        .unwrap();
+        let oauth = discovered.oauth.unwrap();
+        assert_eq!(oauth.issuer.as_deref(), Some("https://as.example"));
+        assert!(oauth.endpoints.is_none());
+        assert_eq!(oauth.client_secret.unwrap().expose(), "s3cret");
+        assert_eq!(oauth.client_auth, ClientAuth::Basic);
+        assert_eq!(oauth.scopes, ["notes.read"]);
+
+        let configured = with(
+            "authorization_endpoint = \"https://as.example/authorize\"\ntoken_endpoint = \"https://as.example/token\"\nclient_id = \"leash\"\nclient_auth = \"client_secret_post\"",
+            &[],
+        )
+        .unwrap();
+        let oauth = configured.oauth.unwrap();
+        assert!(oauth.client_secret.is_none(), "a public client");
+        assert_eq!(oauth.client_auth, ClientAuth::Post);
+        assert_eq!(
+            oauth.endpoints.unwrap().token.as_str(),
+            "https://as.example/token"
+        );
+
+        for (bad, vars) in [
+            // Neither discovery nor both endpoints.
+            ("client_id = \"leash\"", &[][..]),
+            (
+                "token_endpoint = \"https://as.example/token\"\nclient_id = \"leash\"",
+                &[],
+            ),
+            // A secret named but not set.
+            (
+                "issuer = \"https://as.example\"\nclient_id = \"leash\"\nclient_secret_env = \"UNSET\"",
+                &[],
+            ),
+            ("issuer = \"https://as.example\"\nclient_id = \"\"", &[]),
+            ("issuer = \"ftp://as.example\"\nclient_id = \"leash\"", &[]),
+            (
+                "issuer = \"https://as.example\"\nclient_id = \"leash\"\nclient_auth = \"private_key_jwt\"",
+                &[],
+            ),
+            (
+                "issuer = \"https://as.example\"\nclient_id = \"leash\"\nscopes = [\"a b\"]",
+                &[],
+            ),
+            (
+                "issuer = \"https://as.example\"\nclient_id = \"leash\"\nclient_secret = \"inline\"",
+                &[],
+            ),
+        ] {
+            assert!(with(bad, vars).is_err(), "{bad}");
+        }
+        // Not both a delegation token and a connection.
+        let both = config_of(
+            "[[upstream]]\nname = \"notes\"\nurl = \"http://127.0.0.1:9\"\ninject = { kind = \"leash_token\", audience = \"https://notes.example\" }\n[upstream.oauth]\nissuer = \"https://as.example\"\nclient_id = \"leash\"\n",
+        );
+        assert!(both.is_err());
+    }
 }

@@ -880,7 +880,7 @@ pub async fn callback(
     tracing::info!(subject = %entry.subject, upstream = %entry.upstream, "OAuth connection stored");
     let mut response = StatusCode::SEE_OTHER.into_response();
     let out = response.headers_mut();
-    out.insert(header::LOCATION, HeaderValue::from_static("/console#vault"));
+    out.insert(header::LOCATION, HeaderValue::from_static("/console#/vault"));
     out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
 }

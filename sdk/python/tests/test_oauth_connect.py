@@ -33,6 +33,7 @@ import pytest
 from conftest import Leash
 from idp_fixtures import DEFAULT_AUDIENCE, Idp, login_over_http
 from login_helpers import SECRET_ENV, agent_for, browser, leash_for, log_in, origin
+from playwright.sync_api import Page, expect
 from upstream_api import ResourceServer
 
 from leash_agent import Agent
@@ -91,7 +92,7 @@ def connect(leash: Leash, idp: Idp, client: httpx.Client, username: str = "alice
     back = login_over_http(client, start_connect(leash, client), username, idp.password(username))
     done = client.get(back.headers["location"])
     assert done.status_code == 303, done.text
-    assert done.headers["location"] == "/console#vault"
+    assert done.headers["location"] == "/console#/vault"
 
 
 def vault_entry(client: httpx.Client) -> dict[str, Any]:
@@ -310,6 +311,41 @@ def test_a_static_secret_cannot_pose_as_a_connection(notes_leash: Leash, notes_i
     started = alice.post("/v1/vault/mail/connect", headers=origin(notes_leash))
     assert started.status_code == 400
     assert started.json()["error"] == "invalid_request"
+
+
+def test_the_console_connects_an_account_and_asks_to_reconnect_when_it_broke(
+    notes_leash: Leash, notes_idp: Idp, browser_page: Page
+) -> None:
+    leash, idp, page = notes_leash, notes_idp, browser_page
+
+    def sign_in_at_the_idp() -> None:
+        page.fill("#username", "alice")
+        page.fill("#password", idp.password("alice"))
+        page.click("#submit")
+
+    page.goto(f"{leash.url}/console")
+    page.get_by_role("link", name="Log in").click()
+    sign_in_at_the_idp()
+    expect(page.locator("#who")).to_contain_text("alice@example.com")
+    page.goto(f"{leash.url}/console#/vault")
+    page.click('[data-connect="notes"]')
+    # The server's consent page (its login), then back to the console's vault.
+    sign_in_at_the_idp()
+    row = page.locator('tr[data-upstream="notes"]')
+    expect(row).to_contain_text("OAuth connection")
+    expect(row).not_to_contain_text("reconnect")
+    assert direct(leash, idp).get("/gw/notes/notes/console").status_code == 200
+    # The human revoked Leash's access at the server: the next refresh is refused.
+    idp.revoke_refresh_tokens("alice")
+    wait_until_expired()
+    assert direct(leash, idp).get("/gw/notes/notes/console2").status_code == 502
+    page.reload()
+    expect(row).to_contain_text("reconnect needed")
+    row.locator('[data-connect="notes"]').click()
+    sign_in_at_the_idp()
+    expect(row).to_contain_text("OAuth connection")
+    expect(row).not_to_contain_text("reconnect")
+    assert direct(leash, idp).get("/gw/notes/notes/console3").status_code == 200
 
 
 # --- ATTACKS 59: connect CSRF and mix-up ------------------------------------------------------
