@@ -167,7 +167,7 @@ fn server_unreachable(detail: String) -> ApiError {
 
 /// The vault's sealing context of a connection's tokens.
 fn sealing_context(subject: &str, upstream: &str) -> Vec<u8> {
-    format!("leash vault\0{subject}\0{upstream}\0oauth\0").into_bytes()
+    crate::vault::context(subject, upstream, "oauth", None)
 }
 
 impl Connections {
@@ -880,7 +880,10 @@ pub async fn callback(
     tracing::info!(subject = %entry.subject, upstream = %entry.upstream, "OAuth connection stored");
     let mut response = StatusCode::SEE_OTHER.into_response();
     let out = response.headers_mut();
-    out.insert(header::LOCATION, HeaderValue::from_static("/console#/vault"));
+    out.insert(
+        header::LOCATION,
+        HeaderValue::from_static("/console#/vault"),
+    );
     out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
 }

@@ -92,7 +92,13 @@ const RESERVED: [&str; 9] = [
     "te",
 ];
 
-fn context(entry_subject: &str, upstream: &str, kind: &str, name: Option<&str>) -> Vec<u8> {
+/// The AEAD context a vault entry is sealed under: who, for which upstream, what kind.
+pub(crate) fn context(
+    entry_subject: &str,
+    upstream: &str,
+    kind: &str,
+    name: Option<&str>,
+) -> Vec<u8> {
     format!(
         "leash vault\0{entry_subject}\0{upstream}\0{kind}\0{}",
         name.unwrap_or("")
