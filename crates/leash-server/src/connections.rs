@@ -319,14 +319,11 @@ impl Connections {
     /// about to expire: by this caller if it wins the cluster-wide lease, else by whoever holds
     /// it, whose result this caller waits for (unless the current token still has time).
     pub async fn access_token(&self, state: &AppState, entry: VaultEntry) -> ApiResult<String> {
-        if entry.reconnect {
-            return Err(expired("the human must connect again"));
-        }
-        let tokens = open(state, &entry)?;
+        let tokens = match current(state, &entry)? {
+            Current::Fresh(token) => return Ok(token),
+            Current::Due(tokens) => tokens,
+        };
         let now = state.clock.now();
-        if !tokens.needs_refresh(now) {
-            return Ok(tokens.access_token);
-        }
         let gate = self.gate(&entry.subject, &entry.upstream);
         let _held = if tokens.usable(now) {
             match gate.try_lock_owned() {
@@ -347,14 +344,11 @@ impl Connections {
                 .await?
                 .filter(|e| e.kind == "oauth")
                 .ok_or_else(|| expired("the connection was removed"))?;
-            if entry.reconnect {
-                return Err(expired("the human must connect again"));
-            }
-            let tokens = open(state, &entry)?;
+            let tokens = match current(state, &entry)? {
+                Current::Fresh(token) => return Ok(token),
+                Current::Due(tokens) => tokens,
+            };
             let now = state.clock.now();
-            if !tokens.needs_refresh(now) {
-                return Ok(tokens.access_token);
-            }
             if entry.retry_at.is_some_and(|at| now < at) {
                 return after_passing_failure(state, tokens);
             }
@@ -507,11 +501,7 @@ impl Connections {
                     RequestTokenError::ServerResponse(refusal) => refusal.error().to_string(),
                     _ => "server_unreachable".to_owned(),
                 };
-                let reason: String = reason
-                    .chars()
-                    .filter(char::is_ascii_graphic)
-                    .take(64)
-                    .collect();
+                let reason = crate::error::foreign_code(&reason);
                 state
                     .store
                     .refresh_failed(
@@ -619,6 +609,26 @@ impl Connections {
             )))
         }
     }
+}
+
+/// A connection's tokens as they stand.
+enum Current {
+    /// Its access token, good for now.
+    Fresh(String),
+    /// Its tokens, due for a refresh.
+    Due(Tokens),
+}
+
+fn current(state: &AppState, entry: &VaultEntry) -> ApiResult<Current> {
+    if entry.reconnect {
+        return Err(expired("the human must connect again"));
+    }
+    let tokens = open(state, entry)?;
+    Ok(if tokens.needs_refresh(state.clock.now()) {
+        Current::Due(tokens)
+    } else {
+        Current::Fresh(tokens.access_token)
+    })
 }
 
 /// After a refresh that failed for a passing reason (until the back-off ends): the current
@@ -803,11 +813,7 @@ pub async fn callback(
         ));
     }
     if let Some(error) = &query.error {
-        let error: String = error
-            .chars()
-            .filter(char::is_ascii_graphic)
-            .take(64)
-            .collect();
+        let error = crate::error::foreign_code(error);
         return Err(refused(&format!(
             "the authorization server answered {error}"
         )));

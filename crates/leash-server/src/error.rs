@@ -313,6 +313,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An error code another server chose (an OAuth `error`), as Leash may repeat it in an answer,
+/// a log line or an event: printable ASCII only, at most 64 characters.
+pub fn foreign_code(code: &str) -> String {
+    code.chars()
+        .filter(char::is_ascii_graphic)
+        .take(64)
+        .collect()
+}
+
 /// Result of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
 

@@ -662,11 +662,7 @@ pub async fn callback(
         return Err(refused("the login took too long; start again"));
     }
     if let Some(error) = &query.error {
-        let error: String = error
-            .chars()
-            .filter(char::is_ascii_graphic)
-            .take(64)
-            .collect();
+        let error = crate::error::foreign_code(error);
         return Err(refused(&format!("the identity provider answered {error}")));
     }
     let given_state = query.state.as_deref().unwrap_or_default();
