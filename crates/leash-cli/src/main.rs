@@ -5,6 +5,7 @@ mod audit;
 mod client;
 mod demo;
 mod demo_idp;
+mod keys;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,6 +67,9 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Operations on the master key that seals secrets at rest (server stopped).
+    #[command(subcommand, name = "master-key")]
+    MasterKey(keys::MasterKeyCommand),
     /// Check Cedar policies against the Leash schema.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -226,6 +230,7 @@ async fn main() -> std::process::ExitCode {
         Command::Audit(cmd) => audit::audit(cmd).await,
         Command::Review { json, remote } => audit::review(&remote, json).await,
         Command::Policy(cmd) => policy(cmd),
+        Command::MasterKey(cmd) => keys::master_key(cmd).await,
         Command::Demo(args) => demo::demo(args).await,
     };
     match result {

@@ -69,6 +69,88 @@ pub fn load_master_key(env_value: Option<String>, data_dir: &Path) -> anyhow::Re
     }
 }
 
+/// The file a master-key rotation stages the new key in, next to `master.key`, until the
+/// store is re-sealed; see [`settle_master_key`].
+pub const NEXT_MASTER_KEY_FILE: &str = "master.key.next";
+
+/// The settings that hold a value sealed under the master key (bound to their name).
+const SEALED_SETTINGS: [&str; 3] = [SIGNING_KEY, DELEGATION_KEY, NONCE_KEY];
+
+/// Re-seals everything the store keeps sealed under `old` with `new`, in one transaction (API
+/// §3, `leash master-key rotate`): the keys in the settings, the vault, the approvals' body
+/// previews. A value that does not open with `old` cancels the whole change. Returns how many
+/// values were re-sealed.
+pub async fn rotate_master_key(
+    store: &dyn Store,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> anyhow::Result<usize> {
+    let reseal = |place: &leash_store::SealedPlace, sealed: &[u8]| {
+        use leash_store::SealedPlace;
+        let context = match place {
+            SealedPlace::Setting(name) => {
+                if !SEALED_SETTINGS.contains(&name.as_str())
+                    && old.open(sealed, name.as_bytes()).is_err()
+                {
+                    // Not sealed (a digest, say): it stays as it is.
+                    return Ok(None);
+                }
+                name.as_bytes().to_vec()
+            }
+            SealedPlace::Vault {
+                subject,
+                upstream,
+                kind,
+                header_name,
+            } => crate::vault::context(subject, upstream, kind, header_name.as_deref()),
+            SealedPlace::Preview(id) => crate::gateway::preview_context(id),
+        };
+        let plain = old.open(sealed, &context).map_err(|_| {
+            format!("{place:?} does not open with the current master key; nothing was changed")
+        })?;
+        Ok(Some(new.seal(&plain, &context)))
+    };
+    Ok(store.reseal_all(&reseal).await?)
+}
+
+/// Finishes or undoes a master-key rotation a crash interrupted: with `master.key.next` in the
+/// data dir (and the key from `master.key`), whichever of the two opens the store's signing key
+/// is the key; the other file goes. Returns the key to use.
+pub async fn settle_master_key(
+    store: &dyn Store,
+    data_dir: &Path,
+    current: MasterKey,
+) -> anyhow::Result<MasterKey> {
+    let next_path = data_dir.join(NEXT_MASTER_KEY_FILE);
+    let next = match std::fs::read_to_string(&next_path) {
+        Ok(text) => MasterKey::from_base64(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", next_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(current),
+        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", next_path.display())),
+    };
+    let sealed = store.setting(SIGNING_KEY).await?;
+    let opens = |key: &MasterKey| {
+        sealed
+            .as_deref()
+            .is_some_and(|s| key.open(s, SIGNING_KEY.as_bytes()).is_ok())
+    };
+    if opens(&next) {
+        std::fs::rename(&next_path, data_dir.join("master.key"))
+            .map_err(|e| anyhow::anyhow!("cannot install {}: {e}", next_path.display()))?;
+        tracing::warn!("finished an interrupted master-key rotation: master.key is the new key");
+        Ok(next)
+    } else if opens(&current) || sealed.is_none() {
+        std::fs::remove_file(&next_path)
+            .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", next_path.display()))?;
+        tracing::warn!("an interrupted master-key rotation did not happen: the old key stays");
+        Ok(current)
+    } else {
+        anyhow::bail!(
+            "neither master.key nor {NEXT_MASTER_KEY_FILE} opens this database's signing key"
+        )
+    }
+}
+
 /// Opens the token signing key sealed in the database under the master key.
 pub fn open_signing_key(master: &MasterKey, sealed: &[u8]) -> anyhow::Result<SigningKey> {
     let bytes = master.open(sealed, SIGNING_KEY.as_bytes()).map_err(|_| {

@@ -163,11 +163,17 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display())
     })?;
+    let from_file = secrets.master_key.is_none();
     let master = bootstrap::load_master_key(secrets.master_key, &config.data_dir)?;
     let store = leash_store::open(&config.database).await.map_err(|e| {
         let url = leash_store::display_url(&config.database);
         anyhow::anyhow!("cannot open database {url}: {e}")
     })?;
+    let master = if from_file {
+        bootstrap::settle_master_key(store.as_ref(), &config.data_dir, master).await?
+    } else {
+        master
+    };
     let socket = listener::listen(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = socket.local_addr()?;

@@ -111,6 +111,31 @@ pub struct Login {
     pub expires_at: i64,
 }
 
+/// Where a value sealed under the master key is kept; its AEAD context derives from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SealedPlace {
+    /// A server-wide setting, by name (not every setting is sealed).
+    Setting(String),
+    /// A human's credential.
+    Vault {
+        /// The human.
+        subject: String,
+        /// The upstream.
+        upstream: String,
+        /// Its kind.
+        kind: String,
+        /// The header name of a `header` credential.
+        header_name: Option<String>,
+    },
+    /// An approval's body preview, by the approval's id.
+    Preview(String),
+}
+
+/// How [`Store::reseal_all`] re-seals one value: the value sealed anew, `Ok(None)` to leave it
+/// (a setting that is not sealed), or an error that cancels the whole change.
+pub type Resealer<'a> =
+    dyn Fn(&SealedPlace, &[u8]) -> Result<Option<Vec<u8>>, String> + Send + Sync + 'a;
+
 /// An OAuth connection under way (API §17): what `POST /v1/vault/{upstream}/connect` bound to
 /// its `state`.
 #[derive(Clone, PartialEq, Eq)]
@@ -490,6 +515,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Whether the database answers.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Re-seals every value sealed under the master key (settings, vault, previews) with
+    /// `reseal`, in one transaction: all or nothing, so a failure or a crash midway leaves every
+    /// value as it was. Returns how many values changed. Meant for a store no server runs on
+    /// (a running node keeps the old master key in memory).
+    async fn reseal_all(&self, reseal: &Resealer<'_>) -> StoreResult<usize>;
     /// A server-wide setting, if set.
     async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
     /// Sets `name` to `value` unless it is set; returns the value that holds afterwards

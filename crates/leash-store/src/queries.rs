@@ -19,8 +19,8 @@ use crate::common::{
     user_from_row, vault_from_row,
 };
 use crate::{
-    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, Login, OAuthConnect, Session,
-    StoreResult, User, VaultEntry,
+    ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, Login, OAuthConnect,
+    SealedPlace, Session, StoreResult, User, VaultEntry,
 };
 
 /// The shared statements, on a connection of the database.
@@ -108,6 +108,16 @@ pub(crate) trait Queries: sqlx::Database {
         conn: &mut Self::Connection,
         id: &SecretDigest,
     ) -> impl Future<Output = StoreResult<Option<Login>>> + Send;
+    /// Every value sealed under the master key, with where it is kept.
+    fn sealed_values(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = StoreResult<Vec<(SealedPlace, Vec<u8>)>>> + Send;
+    /// Replaces the sealed value kept at `place`.
+    fn replace_sealed(
+        conn: &mut Self::Connection,
+        place: &SealedPlace,
+        sealed: &[u8],
+    ) -> impl Future<Output = StoreResult<()>> + Send;
     fn create_connect(
         conn: &mut Self::Connection,
         state: &SecretDigest,
@@ -563,6 +573,70 @@ macro_rules! shared_queries {
                 .await
                 .map_err(unavailable)?;
             Ok(sessions.rows_affected() + logins.rows_affected() + connects.rows_affected())
+        }
+
+        async fn sealed_values(
+            conn: &mut <$db as sqlx::Database>::Connection,
+        ) -> StoreResult<Vec<(SealedPlace, Vec<u8>)>> {
+            let mut out = Vec::new();
+            for row in sqlx::query("SELECT name, value FROM settings ORDER BY name")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(unavailable)?
+            {
+                out.push((SealedPlace::Setting(row.column("name")?), row.column("value")?));
+            }
+            for row in sqlx::query(
+                "SELECT subject, upstream, kind, header_name, sealed FROM vault \
+                 ORDER BY subject, upstream",
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(unavailable)?
+            {
+                let place = SealedPlace::Vault {
+                    subject: row.column("subject")?,
+                    upstream: row.column("upstream")?,
+                    kind: row.column("kind")?,
+                    header_name: row.column("header_name")?,
+                };
+                out.push((place, row.column("sealed")?));
+            }
+            for row in sqlx::query("SELECT id, sealed FROM approval_previews ORDER BY id")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(unavailable)?
+            {
+                out.push((SealedPlace::Preview(row.column("id")?), row.column("sealed")?));
+            }
+            Ok(out)
+        }
+
+        async fn replace_sealed(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            place: &SealedPlace,
+            sealed: &[u8],
+        ) -> StoreResult<()> {
+            let query = match place {
+                SealedPlace::Setting(name) => {
+                    sqlx::query("UPDATE settings SET value = $2 WHERE name = $1").bind(name)
+                }
+                SealedPlace::Vault { subject, upstream, .. } => sqlx::query(
+                    "UPDATE vault SET sealed = $3, version = version + 1 \
+                     WHERE subject = $1 AND upstream = $2",
+                )
+                .bind(subject)
+                .bind(upstream),
+                SealedPlace::Preview(id) => {
+                    sqlx::query("UPDATE approval_previews SET sealed = $2 WHERE id = $1").bind(id)
+                }
+            };
+            let done = query.bind(sealed).execute(conn).await.map_err(unavailable)?;
+            if done.rows_affected() == 1 {
+                Ok(())
+            } else {
+                Err(crate::StoreError::Corrupt(format!("{place:?} changed while it was re-sealed")))
+            }
         }
 
         async fn create_connect(

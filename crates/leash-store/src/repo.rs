@@ -20,7 +20,7 @@ use crate::common::{Memo, SignerSlot, draft_of, log_unflushed, unavailable, vaul
 use crate::queries::Queries;
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CheckpointSigner, GrantEnd, Login, OAuthConnect,
-    RequestUse, Session, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
+    RequestUse, Resealer, Session, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
 };
 
 /// A connection of a backend's database.
@@ -234,6 +234,21 @@ impl<B> Repo<B> {
 impl<B: Backend> Store for Repo<B> {
     async fn ping(&self) -> StoreResult<()> {
         B::Db::ping(&mut *self.read().await?).await
+    }
+
+    async fn reseal_all(&self, reseal: &Resealer<'_>) -> StoreResult<usize> {
+        let mut tx = self.begin().await?;
+        let mut changed = 0;
+        for (place, sealed) in B::Db::sealed_values(&mut tx).await? {
+            let Some(resealed) = reseal(&place, &sealed).map_err(StoreError::Corrupt)? else {
+                continue;
+            };
+            B::Db::replace_sealed(&mut tx, &place, &resealed).await?;
+            changed += 1;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        self.memos.clear();
+        Ok(changed)
     }
 
     async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>> {

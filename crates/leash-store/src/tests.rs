@@ -18,8 +18,8 @@ use leash_core::secret::SecretDigest;
 
 use crate::{
     Agent, Approval, ApprovalStatus, AuditQuery, CheckpointSigner, GrantEnd, Login, OAuthConnect,
-    OneTimeKind, OneTimeUse, RequestUse, Session, SingleUse, Store, StoreError, UseVerdict, User,
-    VaultEntry,
+    OneTimeKind, OneTimeUse, RequestUse, SealedPlace, Session, SingleUse, Store, StoreError,
+    UseVerdict, User, VaultEntry,
 };
 
 /// A fresh, empty database of one backend, removed when dropped.
@@ -599,6 +599,71 @@ both_backends! {
         let expected = [("approval_required", "apr_1"), ("deny", "replayed"), ("deny", "grant_spent")];
         assert_eq!(outcomes, expected.map(|(d, r)| (d.to_owned(), r.to_owned())));
         assert!(verify_stored(store.as_ref()).await > 0);
+    }
+}
+
+both_backends! {
+    async fn every_sealed_value_is_resealed_in_one_transaction_or_none_is(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        store.init_setting("sealed_key", b"s1").await.unwrap();
+        store.init_setting("plain_digest", b"p1").await.unwrap();
+        let entry = VaultEntry {
+            subject: grant.subject.clone(),
+            upstream: "mail".into(),
+            kind: "header".into(),
+            header_name: Some("X-Api-Key".into()),
+            sealed: b"v1".to_vec(),
+            expires_at: None,
+            created_at: 1,
+            reconnect: false,
+            version: 0,
+            retry_at: None,
+        };
+        store.put_credential(&entry, &ev("credential.stored")).await.unwrap();
+        let mut approval = approval_of(&grant, "apr_1");
+        approval.previewed = true;
+        store
+            .record_use(RequestUse {
+                pending_approval: Some(Box::new(approval)),
+                pending_preview: Some(b"b1".to_vec()),
+                ..RequestUse::default()
+            })
+            .await
+            .unwrap();
+        let before = store.credential(&grant.subject, "mail").await.unwrap().unwrap();
+        // Fails at the last value: nothing changed, not even what came before it.
+        let failing = |place: &SealedPlace, sealed: &[u8]| match place {
+            SealedPlace::Preview(_) => Err("does not open".to_owned()),
+            SealedPlace::Setting(name) if name.starts_with("plain") => Ok(None),
+            _ => Ok(Some([b"new-", sealed].concat())),
+        };
+        assert!(store.reseal_all(&failing).await.is_err());
+        assert_eq!(store.setting("sealed_key").await.unwrap().unwrap(), b"s1");
+        assert_eq!(store.credential(&grant.subject, "mail").await.unwrap().unwrap(), before);
+        // Whole: each place seen once, with what the context needs; unsealed settings kept.
+        let seen = std::sync::Mutex::new(Vec::new());
+        let whole = |place: &SealedPlace, sealed: &[u8]| {
+            seen.lock().unwrap().push(place.clone());
+            match place {
+                SealedPlace::Setting(name) if name.starts_with("plain") => Ok(None),
+                _ => Ok(Some([b"new-", sealed].concat())),
+            }
+        };
+        store.reseal_all(&whole).await.unwrap();
+        let seen = seen.into_inner().unwrap();
+        assert!(seen.contains(&SealedPlace::Vault {
+            subject: grant.subject.clone(),
+            upstream: "mail".into(),
+            kind: "header".into(),
+            header_name: Some("X-Api-Key".into()),
+        }));
+        assert!(seen.contains(&SealedPlace::Preview("apr_1".into())));
+        assert_eq!(store.setting("sealed_key").await.unwrap().unwrap(), b"new-s1");
+        assert_eq!(store.setting("plain_digest").await.unwrap().unwrap(), b"p1");
+        let after = store.credential(&grant.subject, "mail").await.unwrap().unwrap();
+        assert_eq!(after.sealed, b"new-v1");
+        assert_eq!(store.approval_preview("apr_1").await.unwrap().unwrap(), b"new-b1");
     }
 }
 

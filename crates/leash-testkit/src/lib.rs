@@ -756,6 +756,12 @@ impl Leash {
             .expect("wait")
     }
 
+    /// Starts the server again, after `kill9` or `terminate`, on the same port and data.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server is still running");
+        self.spawn().await;
+    }
+
     /// Starts the server again on the same port and data.
     pub async fn restart(&mut self) {
         self.kill9().await;

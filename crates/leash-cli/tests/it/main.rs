@@ -22,6 +22,7 @@ mod jose_python;
 mod limits;
 mod nginx;
 mod openapi;
+mod operations;
 mod ownership;
 mod proofs;
 mod resource;
