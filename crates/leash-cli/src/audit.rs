@@ -61,11 +61,16 @@ pub enum AuditCommand {
         /// A database URL (sqlite://PATH) instead of a file.
         #[arg(long)]
         database: Option<String>,
-        /// The JWKS (file or http(s) URL) whose keys signed the checkpoints. Default: the
-        /// database's own key (with --database, via LEASH_MASTER_KEY or DATA_DIR/master.key),
-        /// else the server's published JWKS.
+        /// The JWKS (file or http(s) URL) whose keys signed the checkpoints. Default: with
+        /// --database, every key the database has had; for a file, the server's published JWKS
+        /// and, with an admin key (LEASH_TOKEN), every key it has had (`leash keys list`).
         #[arg(long)]
         jwks: Option<String>,
+        /// Also accept, for checkpoints signed by a key none of the above holds (withdrawn
+        /// since), the public key the export carries. Such keys are named: compare them with
+        /// `leash keys list`, since whoever could edit the export could also replace them.
+        #[arg(long)]
+        trust_export_keys: bool,
         /// Data directory holding master.key (with --database).
         #[arg(long, env = "LEASH_DATA_DIR", default_value = ".leash")]
         data_dir: PathBuf,
@@ -104,6 +109,7 @@ pub async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
             file,
             database,
             jwks,
+            trust_export_keys,
             data_dir,
             remote,
         } => {
@@ -112,10 +118,14 @@ pub async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
                     let keys = match jwks {
                         Some(source) => load_jwks(&source).await?,
                         None => {
-                            load_jwks(&format!("{}/.well-known/jwks.json", base(&remote))).await?
+                            let mut keys =
+                                load_jwks(&format!("{}/.well-known/jwks.json", base(&remote)))
+                                    .await?;
+                            keys.extend(every_key(&remote).await);
+                            keys
                         }
                     };
-                    verify_file(&file, &keys)?
+                    verify_file(&file, &keys, trust_export_keys)?
                 }
                 (None, Some(url)) => verify_database(&url, jwks, &data_dir, &remote).await?,
                 (None, None) => bail!("name an export file or --database"),
@@ -267,6 +277,14 @@ pub(crate) async fn export(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     if format == "jsonl" {
+        // Every signing key there has been: checkpoints signed before a rotation verify with
+        // keys the server no longer publishes.
+        let keys = crate::client::call(remote, reqwest::Method::GET, "/v1/keys", None).await?;
+        for key in keys["keys"].as_array().into_iter().flatten() {
+            let mut jwk = key["jwk"].clone();
+            jwk["kid"] = key["kid"].clone();
+            writeln!(out, "{}", json!({ "key": jwk }))?;
+        }
         let text = get_lines(remote, "/v1/audit/checkpoints", &[]).await?;
         for line in text.lines().filter(|l| !l.is_empty()) {
             let checkpoint: Checkpoint =
@@ -395,6 +413,26 @@ pub(crate) async fn load_jwks(source: &str) -> anyhow::Result<Vec<(String, Publi
         .collect())
 }
 
+/// The trusted keys, and of the keys an export carries those whose kid signed one of its
+/// checkpoints and is not among the trusted ones (named on stderr).
+fn with_carried(
+    trusted: &[(String, PublicJwk)],
+    carried: &[(String, PublicJwk)],
+    checkpoints: &[Checkpoint],
+) -> Vec<(String, PublicJwk)> {
+    let mut keys = trusted.to_vec();
+    for (kid, key) in carried {
+        let needed = checkpoints.iter().any(|c| &c.kid == kid);
+        if needed && !trusted.iter().any(|(k, _)| k == kid) {
+            eprintln!(
+                "checkpoints signed by {kid} verify with the key the export carries (no longer published); compare it with `leash keys list`"
+            );
+            keys.push((kid.clone(), key.clone()));
+        }
+    }
+    keys
+}
+
 fn find<'k>(keys: &'k [(String, PublicJwk)]) -> impl Fn(&str) -> Option<PublicJwk> + 'k {
     move |kid| {
         keys.iter()
@@ -408,7 +446,32 @@ fn broken(e: impl std::fmt::Display) -> anyhow::Error {
 }
 
 /// Checks an export: its checkpoint lines (which come first), then each event in order.
-pub(crate) fn verify_file(path: &Path, keys: &[(String, PublicJwk)]) -> anyhow::Result<u64> {
+/// Every signing key the server has had (`GET /v1/keys`), when the caller's key may ask: none
+/// otherwise.
+async fn every_key(remote: &Remote) -> Vec<(String, PublicJwk)> {
+    if remote.token.is_none() {
+        return Vec::new();
+    }
+    let Ok(listed) = crate::client::call(remote, reqwest::Method::GET, "/v1/keys", None).await
+    else {
+        return Vec::new();
+    };
+    listed["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| {
+            let kid = k["kid"].as_str()?.to_owned();
+            PublicJwk::from_value(&k["jwk"]).ok().map(|key| (kid, key))
+        })
+        .collect()
+}
+
+pub(crate) fn verify_file(
+    path: &Path,
+    keys: &[(String, PublicJwk)],
+    trust_export_keys: bool,
+) -> anyhow::Result<u64> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -418,6 +481,10 @@ pub(crate) fn verify_file(path: &Path, keys: &[(String, PublicJwk)]) -> anyhow::
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    // Keys the export carries serve only when asked (`--trust_export_keys`), only for kids the
+    // trusted keys lack (keys withdrawn since), and each one used is named.
+    let mut carried: Vec<(String, PublicJwk)> = Vec::new();
+    let mut keys: Vec<(String, PublicJwk)> = keys.to_vec();
     let mut checkpoints = Vec::new();
     let mut verifier = None;
     let mut line = String::new();
@@ -436,6 +503,20 @@ pub(crate) fn verify_file(path: &Path, keys: &[(String, PublicJwk)]) -> anyhow::
         if text.is_empty() {
             continue;
         }
+        if text.starts_with(r#"{"key":"#) {
+            if verifier.is_some() || !checkpoints.is_empty() {
+                bail!("a key line after the checkpoints: not an export of `leash audit export`");
+            }
+            let value: Value = serde_json::from_str(text).context("malformed key line")?;
+            let kid = value["key"]["kid"]
+                .as_str()
+                .context("a key line without kid")?
+                .to_owned();
+            let key =
+                PublicJwk::from_value(&value["key"]).map_err(|e| anyhow!("key {kid}: {e}"))?;
+            carried.push((kid, key));
+            continue;
+        }
         if text.starts_with(r#"{"checkpoint":"#) {
             if verifier.is_some() {
                 bail!("a checkpoint line after the events: not an export of `leash audit export`");
@@ -448,15 +529,26 @@ pub(crate) fn verify_file(path: &Path, keys: &[(String, PublicJwk)]) -> anyhow::
         }
         let chain = match &mut verifier {
             Some(chain) => chain,
-            None => verifier
-                .insert(ChainVerifier::new(&checkpoints, find(keys)).map_err(|e| anyhow!("{e}"))?),
+            None => {
+                if trust_export_keys {
+                    keys = with_carried(&keys, &carried, &checkpoints);
+                }
+                verifier.insert(
+                    ChainVerifier::new(&checkpoints, find(&keys)).map_err(|e| anyhow!("{e}"))?,
+                )
+            }
         };
         chain.push(text).map_err(broken)?;
     }
     progress.finish_and_clear();
     let chain = match verifier {
         Some(chain) => chain,
-        None => ChainVerifier::new(&checkpoints, find(keys)).map_err(|e| anyhow!("{e}"))?,
+        None => {
+            if trust_export_keys {
+                keys = with_carried(&keys, &carried, &checkpoints);
+            }
+            ChainVerifier::new(&checkpoints, find(&keys)).map_err(|e| anyhow!("{e}"))?
+        }
     };
     if checkpoints.is_empty() && chain.verified() > 0 {
         bail!("the export holds no signed checkpoint: its end cannot be checked");
@@ -475,8 +567,21 @@ async fn verify_database(
         let url = leash_store::display_url(url);
         anyhow!("cannot open database {url}: {e}")
     })?;
+    let stored = store.signing_public_keys().await?;
     let keys = match jwks {
         Some(source) => load_jwks(&source).await?,
+        // Every key there has been, withdrawn ones included: checkpoints verify across
+        // rotations, without the master key.
+        None if !stored.is_empty() => stored
+            .iter()
+            .map(|(kid, jwk)| {
+                let value: Value = serde_json::from_str(jwk)
+                    .map_err(|e| anyhow!("stored key {kid} is not JSON: {e}"))?;
+                let key =
+                    PublicJwk::from_value(&value).map_err(|e| anyhow!("stored key {kid}: {e}"))?;
+                Ok((kid.clone(), key))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
         None => match local_key(&store, data_dir).await? {
             Some(key) => vec![(key.kid().to_owned(), key.public())],
             None => load_jwks(&format!("{}/.well-known/jwks.json", base(remote))).await?,

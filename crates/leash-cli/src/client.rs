@@ -31,6 +31,49 @@ pub enum UserCommand {
     },
 }
 
+/// `leash keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Rotate the token-signing key (admin key): the new key is published at once and signs
+    /// from `jwks_max_age` later; the old one stays published until its last token expires.
+    Rotate {
+        /// The current key is compromised: switch at once and withdraw the old key at once
+        /// (every token it signed dies).
+        #[arg(long)]
+        compromised: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List every signing key there has been, withdrawn ones included.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Runs a `leash keys` verb.
+pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
+    let value = match cmd {
+        KeysCommand::Rotate {
+            compromised,
+            remote,
+        } => {
+            call(
+                &remote,
+                reqwest::Method::POST,
+                "/v1/keys/rotate",
+                Some(json!({ "compromised": compromised })),
+            )
+            .await?
+        }
+        KeysCommand::List { remote } => {
+            call(&remote, reqwest::Method::GET, "/v1/keys", None).await?
+        }
+    };
+    print(&value);
+    Ok(())
+}
+
 /// `leash agent …`.
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {

@@ -2,6 +2,7 @@
 //! client for admins, humans and agents so Leash can be tried without writing code.
 
 mod audit;
+mod backup;
 mod client;
 mod demo;
 mod demo_idp;
@@ -67,6 +68,14 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Download a consistent copy of a running server's store (admin key; SQLite).
+    Backup(backup::BackupArgs),
+    /// Put a backup back into an empty data dir (or mark a PostgreSQL database restored with
+    /// pg_restore); the first start after it revokes what was live (a restore is a rollback).
+    Restore(backup::RestoreArgs),
+    /// Rotate and list the token-signing keys (admin key).
+    #[command(subcommand)]
+    Keys(client::KeysCommand),
     /// Operations on the master key that seals secrets at rest (server stopped).
     #[command(subcommand, name = "master-key")]
     MasterKey(keys::MasterKeyCommand),
@@ -231,6 +240,9 @@ async fn main() -> std::process::ExitCode {
         Command::Review { json, remote } => audit::review(&remote, json).await,
         Command::Policy(cmd) => policy(cmd),
         Command::MasterKey(cmd) => keys::master_key(cmd).await,
+        Command::Keys(cmd) => client::keys(cmd).await,
+        Command::Backup(args) => backup::backup(args).await,
+        Command::Restore(args) => backup::restore(args).await,
         Command::Demo(args) => demo::demo(args).await,
     };
     match result {

@@ -167,7 +167,7 @@ fn setup() -> Setup {
             grant_id: grant.id.clone(),
             purpose: grant.purpose.clone(),
         };
-        let token = state.signing.sign(&claims);
+        let token = state.sign_token(&claims);
         (state, token)
     });
     Setup {

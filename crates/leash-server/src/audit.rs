@@ -293,10 +293,13 @@ pub async fn checkpoint_now(
 /// The checkpoint signer handed to the store: the server's token key, whose public half is in
 /// the JWKS under the same `kid`.
 pub fn signer(
-    key: leash_core::token::SigningKey,
+    keys: Arc<crate::keys::Keys>,
     clock: Arc<dyn leash_core::Clock>,
 ) -> leash_store::CheckpointSigner {
-    Arc::new(move |seq, hash| Checkpoint::sign(&key, seq, hash, clock.now()).ok())
+    Arc::new(move |seq, hash| {
+        let now = clock.now();
+        Checkpoint::sign(keys.ring().signer(now), seq, hash, now).ok()
+    })
 }
 
 /// Signs a checkpoint at least every 10 s while events arrive (API §8); the writer adds one

@@ -3,7 +3,6 @@
 //! nonce key, generated once and stored insert-if-absent, so that nodes sharing a database
 //! agree on one), the admin key, and the [`AppState`] built from them.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,7 +21,7 @@ use crate::reflection::SecretsCache;
 use crate::state::{AppState, Metrics, load_policy};
 
 /// Names of the settings the keys are stored under; each sealed key is also bound to its name.
-const SIGNING_KEY: &str = "token_signing_key";
+const SIGNING_KEY: &str = crate::keys::SIGNING_KEY_CONTEXT;
 /// The key of delegation tokens (API §17), never the access tokens' key: an agent's own token
 /// can never pass for one.
 const DELEGATION_KEY: &str = "delegation_signing_key";
@@ -41,7 +40,7 @@ pub struct Bootstrap {
     pub generated_admin_key: Option<Secret>,
 }
 
-fn random_32() -> [u8; 32] {
+pub(crate) fn random_32() -> [u8; 32] {
     use rand::RngCore as _;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
@@ -104,6 +103,7 @@ pub async fn rotate_master_key(
                 header_name,
             } => crate::vault::context(subject, upstream, kind, header_name.as_deref()),
             SealedPlace::Preview(id) => crate::gateway::preview_context(id),
+            SealedPlace::SigningKey(_) => SIGNING_KEY.as_bytes().to_vec(),
         };
         let plain = old.open(sealed, &context).map_err(|_| {
             format!("{place:?} does not open with the current master key; nothing was changed")
@@ -153,18 +153,7 @@ pub async fn settle_master_key(
 
 /// Opens the token signing key sealed in the database under the master key.
 pub fn open_signing_key(master: &MasterKey, sealed: &[u8]) -> anyhow::Result<SigningKey> {
-    let bytes = master.open(sealed, SIGNING_KEY.as_bytes()).map_err(|_| {
-        anyhow::anyhow!(
-            "the master key does not open this database's signing key (wrong LEASH_MASTER_KEY?)"
-        )
-    })?;
-    let bytes: [u8; 32] = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("stored signing key has the wrong length"))?;
-    Ok(SigningKey::new(ed25519_dalek::SigningKey::from_bytes(
-        &bytes,
-    )))
+    crate::keys::open_key(master, sealed)
 }
 
 /// The signing key of a database that a server has started on, if any; for offline checks
@@ -246,11 +235,16 @@ pub async fn prepare(
 ) -> anyhow::Result<Bootstrap> {
     let policy = load_policy(&config)?;
     let sealed = signing_key(store.as_ref(), &master).await?;
-    let signing = open_signing_key(&master, &sealed)?;
-    store.set_checkpoint_signer(crate::audit::signer(
-        open_signing_key(&master, &sealed)?,
-        clock.clone(),
-    ));
+    let first = open_signing_key(&master, &sealed)?;
+    // The first key signs from the beginning; rotations add the others.
+    store
+        .init_signing_key(&crate::keys::row_of(&first, sealed, clock.now(), 0))
+        .await?;
+    // After the first key is in the table (a store from before rotations gets it now), so that
+    // a restore withdraws it too.
+    crate::backup::finish_restore(store.as_ref(), &master, clock.now()).await?;
+    let keys = Arc::new(crate::keys::Keys::load(store.as_ref(), &master).await?);
+    store.set_checkpoint_signer(crate::audit::signer(Arc::clone(&keys), clock.clone()));
     let nonce_key = nonce_key(store.as_ref(), &master).await?;
     let delegation = delegation_key(store.as_ref(), &master).await?;
     let (admin_key, generated_admin_key) = admin_key(store.as_ref(), admin_token).await?;
@@ -282,8 +276,6 @@ pub async fn prepare(
         None => None,
     };
     let connections = crate::connections::Connections::new().map_err(anyhow::Error::msg)?;
-    let mut verify_keys = HashMap::new();
-    verify_keys.insert(signing.kid().to_owned(), signing.public());
     let token_rates = CallerRates::new(config.limits.token_rate);
     let login_rates = CallerRates::new(config.limits.unauthenticated_rate);
     let gateway_rates = CallerRates::new(config.limits.gateway_rate);
@@ -297,8 +289,7 @@ pub async fn prepare(
         token_endpoint,
         store,
         clock,
-        signing,
-        verify_keys,
+        keys,
         admin_key,
         nonce_key,
         delegation,

@@ -82,6 +82,7 @@ struct FileConfig {
     database: Option<String>,
     data_dir: Option<PathBuf>,
     max_token_ttl: Option<i64>,
+    jwks_max_age: Option<i64>,
     max_grant_ttl: Option<i64>,
     approval_ttl: Option<i64>,
     max_pending_approvals: Option<u32>,
@@ -94,6 +95,7 @@ struct FileConfig {
     limits: Option<LimitsFile>,
     authorize: Option<AuthorizeFile>,
     mcp: Option<McpFile>,
+    keys: Option<KeysFile>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
     oidc: Option<OidcFile>,
@@ -260,6 +262,34 @@ struct ToolFile {
     name: String,
     action: Option<String>,
     risk: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    rotate_every: Option<String>,
+}
+
+/// A duration written `30d`, `12h`, `15m` or `90s`.
+fn duration(key: &str, text: &str) -> Result<std::time::Duration, ConfigError> {
+    let bad = || {
+        invalid(
+            key,
+            "write a duration as a positive number with d, h, m or s (30d, 12h)",
+        )
+    };
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "d" => number.checked_mul(86_400),
+        "h" => number.checked_mul(3_600),
+        "m" => number.checked_mul(60),
+        "s" => Some(number),
+        _ => None,
+    }
+    .filter(|&s| s > 0)
+    .ok_or_else(bad)?;
+    Ok(std::time::Duration::from_secs(seconds))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -841,6 +871,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Longest access-token lifetime, seconds.
     pub max_token_ttl: i64,
+    /// The JWKS's `Cache-Control` max-age, seconds: a rotated key signs this long after it
+    /// was published.
+    pub jwks_max_age: i64,
     /// Longest grant lifetime, seconds.
     pub max_grant_ttl: i64,
     /// How long an approval waits, seconds.
@@ -868,6 +901,9 @@ pub struct Config {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Human login through an IdP, when configured.
     pub oidc: Option<OidcConfig>,
+    /// `[keys] rotate_every`: a planned signing-key rotation once the newest key is this old;
+    /// none (the default): only when asked.
+    pub rotate_keys_every: Option<std::time::Duration>,
 }
 
 /// A positive number of seconds as a duration, `default` when unset.
@@ -1186,6 +1222,7 @@ impl Config {
             database,
             data_dir,
             max_token_ttl: positive("max_token_ttl", file.max_token_ttl, 300)?,
+            jwks_max_age: positive("jwks_max_age", file.jwks_max_age, 300)?,
             max_grant_ttl: positive("max_grant_ttl", file.max_grant_ttl, 8 * 3600)?,
             approval_ttl: positive("approval_ttl", file.approval_ttl, 15 * 60)?,
             approval_preview_bytes: file.approval_preview_bytes.unwrap_or(64 * 1024),
@@ -1211,6 +1248,11 @@ impl Config {
                 file.mcp.and_then(|m| m.approval_wait),
                 std::time::Duration::from_secs(120),
             )?,
+            rotate_keys_every: file
+                .keys
+                .and_then(|k| k.rotate_every)
+                .map(|every| duration("keys.rotate_every", &every))
+                .transpose()?,
             trusted_proxies: file
                 .trusted_proxies
                 .iter()
@@ -1612,5 +1654,22 @@ risk = "high"
             "[[upstream]]\nname = \"notes\"\nurl = \"http://127.0.0.1:9\"\ninject = { kind = \"leash_token\", audience = \"https://notes.example\" }\n[upstream.oauth]\nissuer = \"https://as.example\"\nclient_id = \"leash\"\n",
         );
         assert!(both.is_err());
+    }
+
+    #[test]
+    fn durations_are_days_hours_minutes_or_seconds() {
+        assert_eq!(duration("k", "30d").unwrap().as_secs(), 30 * 86_400);
+        assert_eq!(duration("k", "12h").unwrap().as_secs(), 12 * 3_600);
+        assert_eq!(duration("k", "15m").unwrap().as_secs(), 900);
+        assert_eq!(duration("k", "90s").unwrap().as_secs(), 90);
+        for bad in ["", "d", "0d", "-1d", "1w", "1.5h", "99999999999999999999d"] {
+            assert!(duration("k", bad).is_err(), "{bad}");
+        }
+        let c = config_of("[keys]\nrotate_every = \"30d\"\n").unwrap();
+        assert_eq!(c.rotate_keys_every.unwrap().as_secs(), 30 * 86_400);
+        assert!(
+            config_of("").unwrap().rotate_keys_every.is_none(),
+            "off by default"
+        );
     }
 }

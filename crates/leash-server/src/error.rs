@@ -153,6 +153,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => Self::Conflict("already exists".into()),
+            StoreError::Unsupported(why) => Self::InvalidRequest(why),
             StoreError::Unavailable(_)
             | StoreError::Corrupt(_)
             | StoreError::UnsupportedUrl(_)

@@ -5,6 +5,7 @@ pub mod api;
 pub mod approvals;
 pub mod audit;
 pub mod authorize;
+pub mod backup;
 pub mod bootstrap;
 pub mod config;
 pub mod connections;
@@ -13,6 +14,7 @@ pub mod error;
 pub mod extract;
 pub mod files;
 pub mod gateway;
+pub mod keys;
 pub mod limits;
 pub mod listener;
 pub mod mcp;
@@ -53,6 +55,9 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(meta::metadata))
         .routes(routes!(meta::jwks))
         .routes(routes!(meta::delegation_jwks))
+        .routes(routes!(keys::rotate))
+        .routes(routes!(keys::list))
+        .routes(routes!(backup::backup))
         .routes(routes!(oauth::token))
         .routes(routes!(oauth::revoke))
         .routes(routes!(oauth::introspect))
@@ -212,6 +217,12 @@ pub async fn run(
         })
     };
     let checkpoints = tokio::spawn(audit::checkpoint_timer(store.clone()));
+    let key_watch = tokio::spawn(keys::watch(boot.state.clone()));
+    let key_schedule = boot
+        .state
+        .config
+        .rotate_keys_every
+        .map(|every| tokio::spawn(keys::schedule(boot.state.clone(), every)));
     let rates = boot.state.clone();
     let pruner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -233,6 +244,10 @@ pub async fn run(
     // What the minute had counted so far is not lost with the process.
     audit::record_refusal_summary(&state).await;
     checkpoints.abort();
+    key_watch.abort();
+    if let Some(schedule) = key_schedule {
+        schedule.abort();
+    }
     #[cfg(unix)]
     reloader.abort();
     Ok(())

@@ -39,8 +39,15 @@ pub async fn metadata(State(state): State<Arc<AppState>>) -> Json<Value> {
 /// `GET /.well-known/jwks.json`.
 #[utoipa::path(get, path = "/.well-known/jwks.json", tag = "discovery",
     responses((status = 200, body = crate::openapi::Jwks)))]
-pub async fn jwks(State(state): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"keys": [state.signing.jwks_entry()]}))
+pub async fn jwks(State(state): State<Arc<AppState>>) -> impl axum::response::IntoResponse {
+    let keys = state.keys.ring().jwks(state.clock.now());
+    // A rotated key signs `jwks_max_age` after it is published: a client that honours this
+    // has it by then.
+    let cache = format!("public, max-age={}", state.config.jwks_max_age);
+    (
+        [(axum::http::header::CACHE_CONTROL, cache)],
+        Json(json!({ "keys": keys })),
+    )
 }
 
 /// `GET /.well-known/leash-delegation-jwks.json`: the key of the delegation tokens Leash injects

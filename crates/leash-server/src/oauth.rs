@@ -358,7 +358,7 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         grant_id: grant.id.clone(),
         purpose: grant.purpose.clone(),
     };
-    let access_token = state.signing.sign(&claims);
+    let access_token = state.sign_token(&claims);
     Metrics::incr(&state.metrics.tokens_issued);
     tracing::info!(grant_id = %grant.id, agent = %claims.client_id, jti = %claims.jti, "token issued");
     let mut response = Json(TokenResponse {

@@ -2,7 +2,7 @@
 //! keys, caches, rate tables), built once at start by `bootstrap::prepare`; and the policy set
 //! in force, which a reload swaps whole.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -57,11 +57,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     /// The clock.
     pub clock: Arc<dyn Clock>,
-    /// The token signing key.
-    pub signing: SigningKey,
-    /// Keys tokens may be verified with, by `kid` (held in memory: a token never makes
-    /// Leash fetch a key).
-    pub verify_keys: HashMap<String, PublicJwk>,
+    /// The token-signing keys (held in memory: a token never makes Leash fetch a key), read
+    /// again as they rotate.
+    pub keys: Arc<crate::keys::Keys>,
     /// Digest of the admin API key.
     pub admin_key: SecretDigest,
     /// The key of delegation tokens (API §17), published only at
@@ -122,9 +120,14 @@ impl AppState {
         Ok(count)
     }
 
-    /// A token-verification key by `kid`.
+    /// A token-verification key by `kid`, if it is published now.
     pub fn verify_key(&self, kid: &str) -> Option<PublicJwk> {
-        self.verify_keys.get(kid).cloned()
+        self.keys.ring().verify_key(kid, self.clock.now())
+    }
+
+    /// Signs an access token with the key that signs now.
+    pub fn sign_token(&self, claims: &leash_core::token::AccessClaims) -> String {
+        self.keys.ring().signer(self.clock.now()).sign(claims)
     }
 
     /// The nonce key when nonces are required.

@@ -43,6 +43,9 @@ pub enum StoreError {
     /// A stored row could not be read back (corruption or a newer schema).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// The operation does not exist for this backend.
+    #[error("{0}")]
+    Unsupported(String),
     /// The database URL is not one this build supports.
     #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
@@ -111,6 +114,51 @@ pub struct Login {
     pub expires_at: i64,
 }
 
+/// A token-signing key (API §3): it signs from `signs_from` until the next key's `signs_from`,
+/// and is published (and accepted) until `published_until`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKeyRow {
+    /// Its JWKS `kid`.
+    pub kid: String,
+    /// The private key, sealed under the master key.
+    pub sealed: Vec<u8>,
+    /// Its public JWK (JSON), kept for verifying old checkpoints.
+    pub public_jwk: String,
+    /// When it was made.
+    pub created_at: i64,
+    /// From when it signs tokens and checkpoints.
+    pub signs_from: i64,
+    /// Until when it is published and accepted; none: for as long as it is the newest.
+    pub published_until: Option<i64>,
+}
+
+impl std::fmt::Debug for SigningKeyRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKeyRow")
+            .field("kid", &self.kid)
+            .field("signs_from", &self.signs_from)
+            .field("published_until", &self.published_until)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The setting `leash restore` leaves in a restored store: its first start rolls it back
+/// ([`Store::finish_restore`]).
+pub const RESTORE_PENDING: &str = "restore_pending";
+
+/// What the first start after a restore did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// The snapshot's last event, `(seq, hash)`, if it had any.
+    pub last_event: Option<(i64, String)>,
+    /// Grants revoked.
+    pub grants_revoked: u64,
+    /// Approvals that were pending, now expired.
+    pub approvals_expired: u64,
+    /// Sessions ended.
+    pub sessions_ended: u64,
+}
+
 /// Where a value sealed under the master key is kept; its AEAD context derives from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SealedPlace {
@@ -129,6 +177,8 @@ pub enum SealedPlace {
     },
     /// An approval's body preview, by the approval's id.
     Preview(String),
+    /// A token-signing key, by its `kid`.
+    SigningKey(String),
 }
 
 /// How [`Store::reseal_all`] re-seals one value: the value sealed anew, `Ok(None)` to leave it
@@ -520,6 +570,39 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// value as it was. Returns how many values changed. Meant for a store no server runs on
     /// (a running node keeps the old master key in memory).
     async fn reseal_all(&self, reseal: &Resealer<'_>) -> StoreResult<usize>;
+    /// Writes a consistent copy of the database to `path`, a file that must not exist (SQLite;
+    /// `Unsupported` on PostgreSQL, which has pg_dump), while the server serves.
+    async fn backup_to(&self, path: &std::path::Path) -> StoreResult<()>;
+    /// After a restore (API §3; the setting [`RESTORE_PENDING`] marks one), the rollback's
+    /// first start, in one transaction: every grant still active revoked (`restored`), pending
+    /// approvals expired, sessions and logins and connections under way ended, every signing
+    /// key withdrawn and `next_key` added, the mark removed; `restored` (naming the snapshot's
+    /// last event) is the first event after the snapshot's, then `rotated`. `None` if no
+    /// restore is pending (nothing done).
+    async fn finish_restore(
+        &self,
+        now: i64,
+        next_key: &SigningKeyRow,
+        restored: &mut AuditEvent,
+        rotated: &AuditEvent,
+    ) -> StoreResult<Option<RestoreReport>>;
+    /// Every token-signing key, oldest first.
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>>;
+    /// Stores the first signing key if no key of that `kid` exists (nodes starting together
+    /// all offer the same one).
+    async fn init_signing_key(&self, key: &SigningKeyRow) -> StoreResult<()>;
+    /// Rotation: ends the publication of `newest` (the one key published without an end) at
+    /// `previous_until` and adds `next`, in one transaction with `event`; with `withdraw_all`,
+    /// every key published after `previous_until` ends then too (a compromise). `Conflict` if
+    /// `newest` is no longer the newest (another rotation won).
+    async fn rotate_signing_key(
+        &self,
+        newest: &str,
+        next: &SigningKeyRow,
+        previous_until: i64,
+        withdraw_all: bool,
+        event: &AuditEvent,
+    ) -> StoreResult<()>;
     /// A server-wide setting, if set.
     async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
     /// Sets `name` to `value` unless it is set; returns the value that holds afterwards

@@ -261,4 +261,10 @@ impl Backend for Postgres {
 
     /// Nothing: this node's memo of revoked tokens is dropped every [`RESYNC_EVERY`] anyway.
     fn forget_revoked(&self, _now: i64) {}
+
+    async fn backup_to(&self, _path: &std::path::Path) -> StoreResult<()> {
+        Err(StoreError::Unsupported(
+            "a PostgreSQL store is backed up with pg_dump (docs/operations.md)".into(),
+        ))
+    }
 }

@@ -20,7 +20,7 @@ use crate::common::{
 };
 use crate::{
     ActionUse, Agent, Approval, ApprovalStatus, AuditQuery, GrantEnd, Login, OAuthConnect,
-    SealedPlace, Session, StoreResult, User, VaultEntry,
+    RestoreReport, SealedPlace, Session, SigningKeyRow, StoreResult, User, VaultEntry,
 };
 
 /// The shared statements, on a connection of the database.
@@ -108,6 +108,30 @@ pub(crate) trait Queries: sqlx::Database {
         conn: &mut Self::Connection,
         id: &SecretDigest,
     ) -> impl Future<Output = StoreResult<Option<Login>>> + Send;
+    fn signing_keys(
+        conn: &mut Self::Connection,
+    ) -> impl Future<Output = StoreResult<Vec<SigningKeyRow>>> + Send;
+    /// The rollback of `Store::finish_restore`, but for the keys and the events.
+    fn roll_back_restored(
+        conn: &mut Self::Connection,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<RestoreReport>> + Send;
+    /// Inserts a signing key unless one of its `kid` exists.
+    fn insert_signing_key(
+        conn: &mut Self::Connection,
+        key: &SigningKeyRow,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Ends the publication of every key published after `until`, at `until`.
+    fn withdraw_keys(
+        conn: &mut Self::Connection,
+        until: i64,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Ends the publication of key `kid` at `until`, if it had no end; false if it had.
+    fn end_publication(
+        conn: &mut Self::Connection,
+        kid: &str,
+        until: i64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
     /// Every value sealed under the master key, with where it is kept.
     fn sealed_values(
         conn: &mut Self::Connection,
@@ -575,6 +599,133 @@ macro_rules! shared_queries {
             Ok(sessions.rows_affected() + logins.rows_affected() + connects.rows_affected())
         }
 
+        async fn roll_back_restored(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            now: i64,
+        ) -> StoreResult<RestoreReport> {
+            let last = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            let last_event = match last {
+                Some(row) => Some((row.int("seq")?, row.column("hash")?)),
+                None => None,
+            };
+            let grants = sqlx::query(
+                "UPDATE grants SET status = 'revoked', ended_at = $1, end_reason = 'restored' \
+                 WHERE status = 'active'",
+            )
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+            let approvals = sqlx::query(
+                "UPDATE approvals SET expires_at = $1 WHERE status = 'pending' AND expires_at > $1",
+            )
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+            let sessions = sqlx::query("DELETE FROM sessions")
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            for table in ["logins", "oauth_connects"] {
+                sqlx::query(&format!("DELETE FROM {table}"))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            sqlx::query("DELETE FROM settings WHERE name = $1")
+                .bind(crate::RESTORE_PENDING)
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(RestoreReport {
+                last_event,
+                grants_revoked: grants.rows_affected(),
+                approvals_expired: approvals.rows_affected(),
+                sessions_ended: sessions.rows_affected(),
+            })
+        }
+
+        async fn signing_keys(
+            conn: &mut <$db as sqlx::Database>::Connection,
+        ) -> StoreResult<Vec<SigningKeyRow>> {
+            let rows = sqlx::query(
+                "SELECT kid, sealed, public_jwk, created_at, signs_from, published_until \
+                 FROM signing_keys ORDER BY signs_from, created_at, kid",
+            )
+            .fetch_all(conn)
+            .await
+            .map_err(unavailable)?;
+            rows.iter()
+                .map(|row| {
+                    Ok(SigningKeyRow {
+                        kid: row.column("kid")?,
+                        sealed: row.column("sealed")?,
+                        public_jwk: row.column("public_jwk")?,
+                        created_at: row.column("created_at")?,
+                        signs_from: row.column("signs_from")?,
+                        published_until: row.column("published_until")?,
+                    })
+                })
+                .collect()
+        }
+
+        async fn insert_signing_key(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            key: &SigningKeyRow,
+        ) -> StoreResult<bool> {
+            let done = sqlx::query(
+                "INSERT INTO signing_keys \
+                 (kid, sealed, public_jwk, created_at, signs_from, published_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (kid) DO NOTHING",
+            )
+            .bind(&key.kid)
+            .bind(&key.sealed)
+            .bind(&key.public_jwk)
+            .bind(key.created_at)
+            .bind(key.signs_from)
+            .bind(key.published_until)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(done.rows_affected() == 1)
+        }
+
+        async fn withdraw_keys(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            until: i64,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "UPDATE signing_keys SET published_until = $1 \
+                 WHERE published_until IS NULL OR published_until > $1",
+            )
+            .bind(until)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(())
+        }
+
+        async fn end_publication(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            kid: &str,
+            until: i64,
+        ) -> StoreResult<bool> {
+            let done = sqlx::query(
+                "UPDATE signing_keys SET published_until = $2 \
+                 WHERE kid = $1 AND published_until IS NULL",
+            )
+            .bind(kid)
+            .bind(until)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(done.rows_affected() == 1)
+        }
+
         async fn sealed_values(
             conn: &mut <$db as sqlx::Database>::Connection,
         ) -> StoreResult<Vec<(SealedPlace, Vec<u8>)>> {
@@ -601,6 +752,13 @@ macro_rules! shared_queries {
                     header_name: row.column("header_name")?,
                 };
                 out.push((place, row.column("sealed")?));
+            }
+            for row in sqlx::query("SELECT kid, sealed FROM signing_keys ORDER BY kid")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(unavailable)?
+            {
+                out.push((SealedPlace::SigningKey(row.column("kid")?), row.column("sealed")?));
             }
             for row in sqlx::query("SELECT id, sealed FROM approval_previews ORDER BY id")
                 .fetch_all(&mut *conn)
@@ -629,6 +787,9 @@ macro_rules! shared_queries {
                 .bind(upstream),
                 SealedPlace::Preview(id) => {
                     sqlx::query("UPDATE approval_previews SET sealed = $2 WHERE id = $1").bind(id)
+                }
+                SealedPlace::SigningKey(kid) => {
+                    sqlx::query("UPDATE signing_keys SET sealed = $2 WHERE kid = $1").bind(kid)
                 }
             };
             let done = query.bind(sealed).execute(conn).await.map_err(unavailable)?;

@@ -31,6 +31,7 @@ trait Read: Send + Sync + std::fmt::Debug {
     async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
     async fn checkpoints(&self, since_seq: u64) -> StoreResult<Vec<Checkpoint>>;
     async fn audit_lines(&self, query: &AuditQuery) -> StoreResult<Vec<String>>;
+    async fn signing_keys(&self) -> StoreResult<Vec<crate::SigningKeyRow>>;
 }
 
 #[async_trait]
@@ -49,6 +50,10 @@ impl<D: Queries> Read for sqlx::Pool<D> {
 
     async fn audit_lines(&self, query: &AuditQuery) -> StoreResult<Vec<String>> {
         D::audit_lines(&mut *self.acquire().await.map_err(unavailable)?, query).await
+    }
+
+    async fn signing_keys(&self) -> StoreResult<Vec<crate::SigningKeyRow>> {
+        D::signing_keys(&mut *self.acquire().await.map_err(unavailable)?).await
     }
 }
 
@@ -109,6 +114,16 @@ impl AuditReader {
     /// Checkpoints with `seq` > `since_seq`, oldest first.
     pub async fn checkpoints(&self, since_seq: u64) -> StoreResult<Vec<Checkpoint>> {
         self.pool.checkpoints(since_seq).await
+    }
+
+    /// The public JWK (JSON) of every token-signing key there has been, by `kid`: what verifies
+    /// the checkpoints, across rotations. Empty for a database from before rotations.
+    pub async fn signing_public_keys(&self) -> StoreResult<Vec<(String, String)>> {
+        match self.pool.signing_keys().await {
+            Ok(rows) => Ok(rows.into_iter().map(|r| (r.kid, r.public_jwk)).collect()),
+            Err(_) if self.pool.probe("signing_keys").await.is_err() => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Stored event lines (their hashed JCS form) matching `query`.

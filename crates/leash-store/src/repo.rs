@@ -20,7 +20,8 @@ use crate::common::{Memo, SignerSlot, draft_of, log_unflushed, unavailable, vaul
 use crate::queries::Queries;
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CheckpointSigner, GrantEnd, Login, OAuthConnect,
-    RequestUse, Resealer, Session, Store, StoreError, StoreResult, UseVerdict, User, VaultEntry,
+    RequestUse, Resealer, RestoreReport, Session, SigningKeyRow, Store, StoreError, StoreResult,
+    UseVerdict, User, VaultEntry,
 };
 
 /// A connection of a backend's database.
@@ -65,6 +66,8 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn prune_one_time(&self, now: i64) -> impl Future<Output = StoreResult<u64>> + Send;
     /// Forgets the revoked tokens expired before `now`, whose rows were just pruned.
     fn forget_revoked(&self, now: i64);
+    /// Writes a consistent copy of the database to `path` (a new file).
+    fn backup_to(&self, path: &std::path::Path) -> impl Future<Output = StoreResult<()>> + Send;
 }
 
 /// What a management change changed: memory drops what it holds of it (on every node).
@@ -234,6 +237,80 @@ impl<B> Repo<B> {
 impl<B: Backend> Store for Repo<B> {
     async fn ping(&self) -> StoreResult<()> {
         B::Db::ping(&mut *self.read().await?).await
+    }
+
+    async fn backup_to(&self, path: &std::path::Path) -> StoreResult<()> {
+        self.backend.backup_to(path).await
+    }
+
+    async fn finish_restore(
+        &self,
+        now: i64,
+        next_key: &SigningKeyRow,
+        restored: &mut AuditEvent,
+        rotated: &AuditEvent,
+    ) -> StoreResult<Option<RestoreReport>> {
+        let mut tx = self.begin().await?;
+        if B::Db::setting(&mut tx, crate::RESTORE_PENDING)
+            .await?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let report = B::Db::roll_back_restored(&mut tx, now).await?;
+        // Whatever signed before the snapshot was taken, and after it on the old deployment,
+        // is withdrawn: the restored store signs with a key of its own.
+        B::Db::withdraw_keys(&mut tx, now).await?;
+        if !B::Db::insert_signing_key(&mut tx, next_key).await? {
+            return Err(StoreError::Conflict);
+        }
+        restored.reason = Some(match &report.last_event {
+            Some((seq, hash)) => format!(
+                "restored from a snapshot ending at seq {seq} (hash {hash}): {} grants revoked, \
+                 {} pending approvals expired, {} sessions ended, signing key replaced",
+                report.grants_revoked, report.approvals_expired, report.sessions_ended
+            ),
+            None => "restored from a snapshot with no events".to_owned(),
+        });
+        B::Db::stage_event(&mut tx, restored).await?;
+        self.commit_change(tx, Some(rotated), &[Change::AllGrants])
+            .await?;
+        self.memos.clear();
+        Ok(Some(report))
+    }
+
+    async fn signing_keys(&self) -> StoreResult<Vec<SigningKeyRow>> {
+        // From the writer: a rotation must be seen at once by the node that made it.
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::signing_keys(&mut conn).await
+    }
+
+    async fn init_signing_key(&self, key: &SigningKeyRow) -> StoreResult<()> {
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::insert_signing_key(&mut conn, key).await.map(|_| ())
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        newest: &str,
+        next: &SigningKeyRow,
+        previous_until: i64,
+        withdraw_all: bool,
+        event: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        // The newest key is the only one published without an end: ending it is the claim. Of
+        // two rotations at once, the second waits on its row and then finds it ended.
+        if !B::Db::end_publication(&mut tx, newest, previous_until).await? {
+            return Err(StoreError::Conflict);
+        }
+        if withdraw_all {
+            B::Db::withdraw_keys(&mut tx, previous_until).await?;
+        }
+        if !B::Db::insert_signing_key(&mut tx, next).await? {
+            return Err(StoreError::Conflict);
+        }
+        self.commit_change(tx, Some(event), &[]).await
     }
 
     async fn reseal_all(&self, reseal: &Resealer<'_>) -> StoreResult<usize> {

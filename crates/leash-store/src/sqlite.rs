@@ -199,6 +199,20 @@ impl Backend for Sqlite {
         ask(&self.owner.jobs, WriteJob::Flush).await?
     }
 
+    /// `VACUUM INTO`: one read transaction, so the copy holds every commit before it began
+    /// (every write the server acknowledged by then) and nothing after; writers go on.
+    async fn backup_to(&self, path: &std::path::Path) -> StoreResult<()> {
+        let target = path
+            .to_str()
+            .ok_or_else(|| StoreError::Unavailable("the backup path is not UTF-8".into()))?;
+        sqlx::query("VACUUM INTO $1")
+            .bind(target)
+            .execute(&self.writer)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     fn remember_revoked(&self, jti: &str, expires_at: i64) {
         self.revoked
             .write()

@@ -375,3 +375,79 @@ async fn a_postgres_restart_mid_load_fails_closed_and_the_nodes_recover_by_thems
         assert_eq!(status, 200, "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_on_one_node_is_published_by_the_others_within_a_second_and_a_compromised_key_dies_everywhere()
+ {
+    let c = cluster(grant_body(json!({}))).await;
+    let (token, dpop) = c.s.token(&c.nodes[0]).await;
+    let kids = |node: &Leash| {
+        let url = format!("{}/.well-known/jwks.json", node.url);
+        let http = node.http().clone();
+        async move {
+            let jwks: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            jwks["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["kid"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let rotate = |compromised: bool| {
+        c.nodes[0].call(
+            Method::POST,
+            "/v1/keys/rotate",
+            ADMIN_KEY,
+            Some(json!({ "compromised": compromised })),
+        )
+    };
+    let (status, rotated) = rotate(false).await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["kid"].as_str().unwrap().to_owned();
+    let asked = Instant::now();
+    for node in &c.nodes[1..] {
+        while !kids(node).await.contains(&new) {
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "not published within 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The old key's token is honoured on every node (its key is still published).
+    for node in &c.nodes {
+        let (status, body) =
+            call(node, Method::GET, "/gw/mail/messages/1", &token, &dpop, &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Compromised: every node refuses the old tokens within a second.
+    let (status, rotated) = rotate(true).await;
+    assert_eq!(status, 200, "{rotated}");
+    let (fresh, fresh_dpop) = c.s.token(&c.nodes[0]).await;
+    let asked = Instant::now();
+    for node in &c.nodes {
+        loop {
+            let (status, _) =
+                call(node, Method::GET, "/gw/mail/messages/1", &token, &dpop, &[]).await;
+            if status == 401 {
+                break;
+            }
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "a compromised key's token lived on"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, body) = call(
+            node,
+            Method::GET,
+            "/gw/mail/messages/1",
+            &fresh,
+            &fresh_dpop,
+            &[],
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
