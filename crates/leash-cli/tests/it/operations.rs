@@ -520,6 +520,12 @@ async fn a_backup_under_load_restores_to_a_verifying_store_where_nothing_live_co
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.await.unwrap();
     assert!(served.load(std::sync::atomic::Ordering::Relaxed) > 5);
+    // The backup holds the proofs used so far (they stay refused after a restore).
+    let used: i64 = rusqlite::Connection::open(&file)
+        .unwrap()
+        .query_row("SELECT count(*) FROM replay", [], |row| row.get(0))
+        .unwrap();
+    assert!(used >= 5, "{used} used proofs in the backup");
     // The backup is a database whose chain verifies, with no master key.
     let backup_url = format!("sqlite://{}", file.display());
     let (ok, text) = cli(&gw, &["audit", "verify", "--database", &backup_url]);
@@ -617,7 +623,15 @@ async fn a_backup_under_load_restores_to_a_verifying_store_where_nothing_live_co
 #[tokio::test]
 async fn a_database_marked_restored_is_rolled_back_at_its_next_start() {
     // The PostgreSQL procedure: pg_restore, then `leash restore --database URL` marks it.
-    let mut gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let mut gw = setup("", grant(&["mail:read", "mail:send"], &["mail"], json!({}))).await;
+    // An approval waiting for the human when the backup was taken.
+    let (status, _, asked) = gw.call(Method::POST, "/gw/mail/messages/1/send", &[]).await;
+    assert_eq!(
+        (status, asked["error"].as_str()),
+        (403, Some("approval_required")),
+        "{asked}"
+    );
+    let approval = asked["approval_id"].as_str().unwrap().to_owned();
     gw.leash.kill9().await;
     let (ok, text) = cli(
         &gw,
@@ -633,6 +647,27 @@ async fn a_database_marked_restored_is_rolled_back_at_its_next_start() {
     gw.leash.start_again().await;
     assert_eq!(read_with(&gw, &gw.token, &gw.dpop).await, 401);
     assert_eq!(gw.s.grant_status(&gw.leash).await, "revoked");
+    let (_, approval) = gw
+        .leash
+        .call(
+            Method::GET,
+            &format!("/v1/approvals/{approval}"),
+            leash_testkit::ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(approval["status"], "expired", "{approval}");
+    // Nor can the human approve it now.
+    let (status, _) = gw
+        .leash
+        .call(
+            Method::POST,
+            &format!("/v1/approvals/{}/approve", approval["id"].as_str().unwrap()),
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    assert_ne!(status, 200);
     // Once: a second start does nothing more.
     let (_, keys) = gw
         .leash
