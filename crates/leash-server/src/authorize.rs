@@ -196,14 +196,14 @@ async fn decide_for_proxy(
             .map_err(|e| crate::extract::body_error(&e, limit))?;
         refuse_method_field(form, &bytes)?;
     }
-    decided
+    let injected = decided
         .commit(state, trail, AUTHORIZE_EVENT, request_id)
         .await?;
     let mut response = StatusCode::OK.into_response();
     let out = response.headers_mut();
     out.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     out.insert("leash-remove-headers", remove_headers());
-    for (name, value) in decided.upstream_headers(state, request_id).await? {
+    for (name, value) in injected {
         let carrier = injected_as(&name, out);
         out.insert(carrier, value);
     }

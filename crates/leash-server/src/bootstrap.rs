@@ -308,8 +308,10 @@ pub async fn prepare(
         connections,
         elicitations: crate::mcp::Elicitations::default(),
     };
+    let state = Arc::new(state);
+    state.connections.attach(&state);
     Ok(Bootstrap {
-        state: Arc::new(state),
+        state,
         generated_admin_key,
     })
 }

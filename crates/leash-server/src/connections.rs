@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use leash_core::audit::{AuditEvent, Mode};
@@ -50,9 +50,19 @@ use crate::state::AppState;
 
 /// How long a started connection may take to come back.
 const CONNECT_TTL: i64 = 600;
-/// How long a node holds the refresh of a connection: longer than one try at the token
-/// endpoint (the HTTP client's timeout).
-const REFRESH_LEASE: i64 = 15;
+/// How long a node holds the refresh of a connection: well past [`REFRESH_BUDGET`], so that no
+/// other node takes over a refresh still under way (and presents the same refresh token).
+const REFRESH_LEASE: i64 = 60;
+/// The most a refresh may take, discovery included; past it, it is given up (a passing
+/// failure).
+const REFRESH_BUDGET: Duration = Duration::from_secs(25);
+/// The most one revocation request may take (they run after the human's answer).
+const REVOKE_BUDGET: Duration = Duration::from_secs(5);
+/// The largest answer read from an upstream's OAuth server (a token response, a discovery
+/// document): anything bigger is refused, not stored.
+const ANSWER_CAP: usize = 64 * 1024;
+/// The longest token Leash keeps and sends.
+const TOKEN_CAP: usize = 8 * 1024;
 /// The back-off after a refresh that failed for a passing reason.
 const RETRY_AFTER: i64 = 10;
 /// How long a request waits for another node's refresh before it gives up.
@@ -105,22 +115,48 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
+/// RFC 6750 §2.1 `b64token`: what an access token must be to go out as `Bearer <token>`.
+fn is_b64token(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && token.len() <= TOKEN_CAP
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+}
+
 impl Tokens {
-    fn from_response(answer: &BasicTokenResponse, now: i64, kept_refresh: Option<String>) -> Self {
+    /// The tokens of a server's answer, if Leash can keep and send them: an access token that
+    /// is a `b64token`, a refresh token of visible ASCII, each at most [`TOKEN_CAP`].
+    fn from_response(
+        answer: &BasicTokenResponse,
+        now: i64,
+        kept_refresh: Option<String>,
+    ) -> Result<Self, &'static str> {
+        if *answer.token_type() != BasicTokenType::Bearer {
+            return Err("a token type other than Bearer");
+        }
+        let access_token = answer.access_token().secret();
+        if !is_b64token(access_token) {
+            return Err("an access token that cannot be sent as a Bearer token");
+        }
+        let fresh_refresh = answer.refresh_token().map(|t| t.secret().clone());
+        if fresh_refresh.as_ref().is_some_and(|t| {
+            t.is_empty() || t.len() > TOKEN_CAP || !t.bytes().all(|b| b.is_ascii_graphic())
+        }) {
+            return Err("a refresh token Leash cannot keep");
+        }
         let lifetime = answer
             .expires_in()
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        Self {
-            access_token: answer.access_token().secret().clone(),
+        Ok(Self {
+            access_token: access_token.clone(),
             // Rotation: a new refresh token replaces the old, which the server has forgotten;
             // without one, the old stays good.
-            refresh_token: answer
-                .refresh_token()
-                .map(|t| t.secret().clone())
-                .or(kept_refresh),
+            refresh_token: fresh_refresh.or(kept_refresh),
             expires_at: lifetime.map(|l| now.saturating_add(l)),
             obtained_at: now,
-        }
+        })
     }
 
     /// When to refresh: a third of the lifetime before expiry, between 1 and 60 seconds.
@@ -128,6 +164,16 @@ impl Tokens {
         let expires_at = self.expires_at?;
         let margin = (expires_at.saturating_sub(self.obtained_at) / 3).clamp(1, 60);
         Some(expires_at.saturating_sub(margin))
+    }
+
+    /// An answer's tokens as they are, only to revoke them.
+    fn unchecked(answer: &BasicTokenResponse, now: i64) -> Self {
+        Self {
+            access_token: answer.access_token().secret().clone(),
+            refresh_token: answer.refresh_token().map(|t| t.secret().clone()),
+            expires_at: None,
+            obtained_at: now,
+        }
     }
 
     fn needs_refresh(&self, now: i64) -> bool {
@@ -144,9 +190,59 @@ impl Tokens {
 /// OAuth connections: the HTTP client that talks to the upstreams' OAuth servers, what their
 /// discovery said, and the gates that keep one refresh per connection in this node.
 pub struct Connections {
-    http: reqwest::Client,
+    http: Capped,
     discovered: std::sync::Mutex<HashMap<String, Endpoints>>,
     gates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The server's state, for work that goes on after an answer (a refresh beside a request
+    /// whose token is still good, revocations): set once it exists.
+    app: std::sync::OnceLock<std::sync::Weak<AppState>>,
+}
+
+/// The HTTP client for the OAuth servers, as the `oauth2` crate calls it, reading at most
+/// [`ANSWER_CAP`] of an answer (the crate's own reqwest client reads any size).
+#[derive(Clone)]
+struct Capped(reqwest::Client);
+
+/// An answer's body, refused past [`ANSWER_CAP`].
+async fn read_capped(response: &mut reqwest::Response) -> Result<Vec<u8>, String> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > ANSWER_CAP as u64)
+    {
+        return Err(format!("an answer over {ANSWER_CAP} bytes"));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| e.to_string())? {
+        if body.len().saturating_add(chunk.len()) > ANSWER_CAP {
+            return Err(format!("an answer over {ANSWER_CAP} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for Capped {
+    type Error = oauth2::HttpClientError<reqwest::Error>;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<oauth2::HttpResponse, Self::Error>> + Send + 'c,
+        >,
+    >;
+
+    fn call(&'c self, request: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let request = reqwest::Request::try_from(request).map_err(Box::new)?;
+            let mut response = self.0.execute(request).await.map_err(Box::new)?;
+            let mut builder = oauth2::http::Response::builder().status(response.status());
+            for (name, value) in response.headers() {
+                builder = builder.header(name, value);
+            }
+            let body = read_capped(&mut response)
+                .await
+                .map_err(oauth2::HttpClientError::Other)?;
+            builder.body(body).map_err(oauth2::HttpClientError::Http)
+        })
+    }
 }
 
 impl std::fmt::Debug for Connections {
@@ -179,10 +275,20 @@ impl Connections {
             .build()
             .map_err(|e| format!("cannot build the OAuth HTTP client: {e}"))?;
         Ok(Self {
-            http,
+            http: Capped(http),
             discovered: std::sync::Mutex::new(HashMap::new()),
             gates: std::sync::Mutex::new(HashMap::new()),
+            app: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives the connections the server's state, once it exists.
+    pub fn attach(&self, state: &Arc<AppState>) {
+        let _ = self.app.set(Arc::downgrade(state));
+    }
+
+    fn app(&self) -> Option<Arc<AppState>> {
+        self.app.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// The endpoints of `upstream`'s server: as configured, or discovered (RFC 8414 first,
@@ -241,7 +347,7 @@ impl Connections {
         ];
         let mut last = String::new();
         for candidate in candidates {
-            let answer = match self.http.get(&candidate).send().await {
+            let mut answer = match self.http.0.get(&candidate).send().await {
                 Ok(answer) if answer.status() == StatusCode::OK => answer,
                 Ok(answer) => {
                     last = format!("{candidate} answered {}", answer.status());
@@ -252,18 +358,29 @@ impl Connections {
                     continue;
                 }
             };
-            let metadata: ServerMetadata = answer
-                .json()
+            let body = read_capped(&mut answer)
                 .await
+                .map_err(|e| server_unreachable(format!("{candidate}: {e}")))?;
+            let metadata: ServerMetadata = serde_json::from_slice(&body)
                 .map_err(|e| server_unreachable(format!("{candidate} is not metadata: {e}")))?;
             if metadata.issuer != issuer {
                 return Err(server_unreachable(format!(
                     "{candidate} names another issuer"
                 )));
             }
+            // Web addresses only: the authorization endpoint goes to the human's browser.
             let url = |name: &str, value: &str| {
                 url::Url::parse(value)
                     .map_err(|e| server_unreachable(format!("{name} in {candidate}: {e}")))
+                    .and_then(|url| {
+                        if matches!(url.scheme(), "http" | "https") && url.fragment().is_none() {
+                            Ok(url)
+                        } else {
+                            Err(server_unreachable(format!(
+                                "{name} in {candidate} is not an http(s) address"
+                            )))
+                        }
+                    })
             };
             return Ok(Endpoints {
                 authorization: AuthUrl::from_url(url(
@@ -323,17 +440,27 @@ impl Connections {
             Current::Fresh(token) => return Ok(token),
             Current::Due(tokens) => tokens,
         };
-        let now = state.clock.now();
         let gate = self.gate(&entry.subject, &entry.upstream);
-        let _held = if tokens.usable(now) {
-            match gate.try_lock_owned() {
-                Ok(held) => held,
-                // Someone in this node refreshes already; this token still has time.
-                Err(_) => return Ok(tokens.access_token),
+        if tokens.usable(state.clock.now()) {
+            // This token still has time: it goes out now, and the refresh (unless one is under
+            // way in this node already) runs beside the request, never in its way.
+            if let (Ok(held), Some(app)) = (gate.try_lock_owned(), self.app()) {
+                tokio::spawn(async move {
+                    let _held = held;
+                    if let Err(e) = app.connections.refresh_due(&app, entry).await {
+                        tracing::debug!(error = %e, "a refresh beside a request did not succeed");
+                    }
+                });
             }
-        } else {
-            gate.lock_owned().await
-        };
+            return Ok(tokens.access_token);
+        }
+        let _held = gate.lock_owned().await;
+        self.refresh_due(state, entry).await
+    }
+
+    /// Holding the node's gate of the connection: its access token once refreshed, by this
+    /// node if it wins the cluster-wide lease, else by whoever holds it.
+    async fn refresh_due(&self, state: &AppState, entry: VaultEntry) -> ApiResult<String> {
         let waited = Instant::now();
         loop {
             // What the database holds now: whoever held the gate or the lease may have stored
@@ -365,7 +492,7 @@ impl Connections {
             {
                 return self.refresh(state, &entry, tokens).await;
             }
-            // Another node refreshes (or backs off after a failed try).
+            // Another node refreshes.
             if tokens.usable(now) {
                 return Ok(tokens.access_token);
             }
@@ -390,27 +517,25 @@ impl Connections {
             .get(upstream)
             .and_then(|u| u.oauth.as_ref())
             .ok_or_else(|| expired("the upstream no longer has an OAuth server configured"))?;
-        let failed = |reason: &str| {
+        // `retry_at` none: for good (the human must connect again); else a passing failure.
+        let give_up = |reason: &str, retry: bool| {
             let mut event = credential_event("credential.refresh_failed", subject, upstream, state);
             event.reason = Some(reason.to_owned());
-            event
+            let retry_at = retry.then(|| retry_at(state));
+            async move {
+                state
+                    .store
+                    .refresh_failed(subject, upstream, entry.version, retry_at, &event)
+                    .await
+            }
         };
         let Some(refresh_token) = tokens.refresh_token.clone() else {
-            state
-                .store
-                .refresh_failed(
-                    subject,
-                    upstream,
-                    entry.version,
-                    None,
-                    &failed("no_refresh_token"),
-                )
-                .await?;
+            give_up("no_refresh_token", false).await?;
             return Err(expired(
                 "its access token expired and the server gave no refresh token; connect again",
             ));
         };
-        let attempt = async {
+        let attempt = tokio::time::timeout(REFRESH_BUDGET, async {
             let endpoints = self.endpoints(upstream, oauth).await?;
             let client = Self::client(state, upstream, oauth, &endpoints)?;
             Ok::<_, ApiError>(
@@ -419,129 +544,135 @@ impl Connections {
                     .request_async(&self.http)
                     .await,
             )
-        };
-        let answer = match attempt.await {
-            Ok(answer) => answer,
-            Err(e) => {
-                state
-                    .store
-                    .refresh_failed(
-                        subject,
-                        upstream,
-                        entry.version,
-                        Some(retry_at(state)),
-                        &failed("server_unreachable"),
-                    )
-                    .await?;
+        })
+        .await;
+        let answer = match attempt {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                give_up("server_unreachable", true).await?;
                 tracing::warn!(subject, upstream, error = %e, "an OAuth connection could not be refreshed");
                 return after_passing_failure(state, tokens);
             }
+            Err(_) => {
+                give_up("server_timeout", true).await?;
+                tracing::warn!(
+                    subject,
+                    upstream,
+                    "an OAuth connection's refresh took too long"
+                );
+                return after_passing_failure(state, tokens);
+            }
         };
-        match answer {
-            Ok(answer) if *answer.token_type() == BasicTokenType::Bearer => {
-                let now = state.clock.now();
-                let fresh = Tokens::from_response(&answer, now, Some(refresh_token));
-                let sealed = seal(state, subject, upstream, &fresh)?;
-                let event = credential_event("credential.refreshed", subject, upstream, state);
-                if state
-                    .store
-                    .store_refreshed(subject, upstream, entry.version, &sealed, &event)
-                    .await?
-                {
-                    tracing::info!(subject, upstream, "OAuth connection refreshed");
-                    Ok(fresh.access_token)
-                } else {
-                    // Replaced or removed by the human meanwhile: what they did wins.
-                    Err(expired(
-                        "the connection changed while it was refreshed; try again",
-                    ))
-                }
-            }
-            Ok(_) => {
-                state
-                    .store
-                    .refresh_failed(
-                        subject,
-                        upstream,
-                        entry.version,
-                        None,
-                        &failed("unsupported_token_type"),
-                    )
-                    .await?;
-                Err(expired(
-                    "the server answered a token type other than Bearer",
-                ))
-            }
+        let answer = match answer {
+            Ok(answer) => answer,
             // The refresh token is dead (revoked, expired, or rotated away): only the human
             // can mend this, and trying again would only be refused again.
             Err(RequestTokenError::ServerResponse(refusal))
                 if *refusal.error() == BasicErrorResponseType::InvalidGrant =>
             {
-                state
-                    .store
-                    .refresh_failed(
-                        subject,
-                        upstream,
-                        entry.version,
-                        None,
-                        &failed("invalid_grant"),
-                    )
-                    .await?;
+                give_up("invalid_grant", false).await?;
                 tracing::warn!(
                     subject,
                     upstream,
                     "an OAuth connection's refresh was refused; the human must connect again"
                 );
-                Err(expired(
+                return Err(expired(
                     "the server refused its refresh; the human must connect again",
-                ))
+                ));
             }
             Err(e) => {
                 let reason = match &e {
-                    RequestTokenError::ServerResponse(refusal) => refusal.error().to_string(),
-                    _ => "server_unreachable".to_owned(),
+                    RequestTokenError::ServerResponse(refusal) => refusal_code(refusal.error()),
+                    _ => "server_unreachable",
                 };
-                let reason = crate::error::foreign_code(&reason);
-                state
-                    .store
-                    .refresh_failed(
-                        subject,
-                        upstream,
-                        entry.version,
-                        Some(retry_at(state)),
-                        &failed(&reason),
-                    )
-                    .await?;
+                give_up(reason, true).await?;
                 tracing::warn!(
                     subject,
                     upstream,
                     reason,
                     "an OAuth connection could not be refreshed"
                 );
-                after_passing_failure(state, tokens)
+                return after_passing_failure(state, tokens);
             }
+        };
+        let now = state.clock.now();
+        let fresh = match Tokens::from_response(&answer, now, Some(refresh_token)) {
+            Ok(fresh) => fresh,
+            Err(why) => {
+                give_up("invalid_token_response", false).await?;
+                tracing::warn!(
+                    subject,
+                    upstream,
+                    why,
+                    "an OAuth connection's refresh answered tokens Leash cannot use"
+                );
+                return Err(expired(&format!(
+                    "the server answered {why}; the human must connect again"
+                )));
+            }
+        };
+        let sealed = seal(state, subject, upstream, &fresh)?;
+        let event = credential_event("credential.refreshed", subject, upstream, state);
+        if state
+            .store
+            .store_refreshed(subject, upstream, entry.version, &sealed, &event)
+            .await?
+        {
+            tracing::info!(subject, upstream, "OAuth connection refreshed");
+            Ok(fresh.access_token)
+        } else {
+            // Replaced or removed by the human meanwhile: what they did wins, and the tokens
+            // just obtained, which nobody will keep, are revoked.
+            self.revoke_later(upstream, fresh);
+            Err(expired(
+                "the connection changed while it was refreshed; try again",
+            ))
         }
     }
 
-    /// Revokes a removed connection's tokens at the server (RFC 7009), refresh token first
-    /// (which ends the access tokens issued with it at most servers). Best effort: the
+    /// Revokes a connection's tokens at the server (RFC 7009), once they are no longer
+    /// Leash's: removed, replaced, or obtained too late to be kept. In the background, each
+    /// token on its own and bounded: the human's answer never waits on the server, and the
     /// connection is gone from Leash whatever the server says.
-    pub async fn revoke(&self, state: &AppState, entry: &VaultEntry) {
-        let Some(oauth) = state
-            .config
-            .upstreams
-            .get(&entry.upstream)
-            .and_then(|u| u.oauth.as_ref())
-        else {
+    pub fn revoke_entry_later(&self, state: &AppState, entry: &VaultEntry) {
+        if entry.kind != "oauth" {
+            return;
+        }
+        if let Ok(tokens) = open(state, entry) {
+            self.revoke_later(&entry.upstream, tokens);
+        }
+    }
+
+    fn revoke_later(&self, upstream: &str, tokens: Tokens) {
+        let Some(app) = self.app() else {
             return;
         };
-        let Ok(tokens) = open(state, entry) else {
-            return;
-        };
-        let revoked = async {
-            let endpoints = self.endpoints(&entry.upstream, oauth).await?;
-            let Some(revocation) = &endpoints.revocation else {
-                return Ok(false);
+        let upstream = upstream.to_owned();
+        tokio::spawn(async move {
+            let Some(oauth) = app
+                .config
+                .upstreams
+                .get(&upstream)
+                .and_then(|u| u.oauth.as_ref())
+            else {
+                return;
+            };
+            let connections = &app.connections;
+            let endpoints =
+                match tokio::time::timeout(REVOKE_BUDGET, connections.endpoints(&upstream, oauth))
+                    .await
+                {
+                    Ok(Ok(endpoints)) => endpoints,
+                    _ => {
+                        tracing::warn!(
+                            upstream,
+                            "no revocation: the server's endpoints are not at hand"
+                        );
+                        return;
+                    }
+                };
+            let Some(revocation) = endpoints.revocation else {
+                return;
             };
             let mut each = Vec::new();
             if let Some(refresh) = &tokens.refresh_token {
@@ -549,20 +680,38 @@ impl Connections {
             }
             each.push((tokens.access_token.as_str(), "access_token"));
             for (token, hint) in each {
-                self.revoke_one(oauth, revocation.url(), token, hint)
-                    .await?;
+                let revoked = tokio::time::timeout(
+                    REVOKE_BUDGET,
+                    connections.revoke_one(oauth, revocation.url(), token, hint),
+                )
+                .await;
+                match revoked {
+                    Ok(Ok(())) => tracing::info!(upstream, hint, "token revoked at the server"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(upstream, hint, error = %e, "the server did not confirm a revocation")
+                    }
+                    Err(_) => tracing::warn!(upstream, hint, "a revocation took too long"),
+                }
             }
-            Ok::<_, ApiError>(true)
-        };
-        match revoked.await {
-            Ok(true) => {
-                tracing::info!(subject = %entry.subject, upstream = %entry.upstream, "OAuth connection revoked at the server")
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(subject = %entry.subject, upstream = %entry.upstream, error = %e, "the server did not confirm the revocation")
-            }
+        });
+    }
+}
+
+/// The standard RFC 6749 §5.2 code of a refusal, or `other`: a server's own code is never
+/// repeated (it could carry anything, a token included).
+fn refusal_code(error: &BasicErrorResponseType) -> &'static str {
+    match error {
+        BasicErrorResponseType::InvalidClient => "invalid_client",
+        BasicErrorResponseType::InvalidGrant => "invalid_grant",
+        BasicErrorResponseType::InvalidRequest => "invalid_request",
+        BasicErrorResponseType::InvalidScope => "invalid_scope",
+        BasicErrorResponseType::UnauthorizedClient => "unauthorized_client",
+        BasicErrorResponseType::UnsupportedGrantType => "unsupported_grant_type",
+        BasicErrorResponseType::Extension(code) if code == "temporarily_unavailable" => {
+            "temporarily_unavailable"
         }
+        BasicErrorResponseType::Extension(code) if code == "server_error" => "server_error",
+        _ => "other",
     }
 }
 
@@ -579,7 +728,7 @@ impl Connections {
         hint: &str,
     ) -> ApiResult<()> {
         let mut form = vec![("token", token), ("token_type_hint", hint)];
-        let mut request = self.http.post(endpoint.clone());
+        let mut request = self.http.0.post(endpoint.clone());
         let secret = oauth.client_secret.as_ref().map(|s| s.expose());
         match (oauth.client_auth, secret) {
             (ClientAuth::Basic, Some(secret)) => {
@@ -755,13 +904,23 @@ pub async fn connect(
     }))
 }
 
-/// Query of `GET /v1/vault/{upstream}/callback`.
-#[derive(Debug, Deserialize)]
+/// Query of an OAuth callback (`GET /v1/vault/{upstream}/callback`, `GET /auth/callback`).
+#[derive(Debug, Default, Deserialize)]
 pub struct CallbackQuery {
-    code: Option<String>,
-    state: Option<String>,
-    iss: Option<String>,
-    error: Option<String>,
+    pub(crate) code: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) iss: Option<String>,
+    pub(crate) error: Option<String>,
+}
+
+/// An OAuth callback's query: a parameter given twice (which one would the server mean?) or
+/// a query that does not decode is refused with the contract's JSON error.
+pub(crate) fn callback_query(raw: Option<&str>) -> ApiResult<CallbackQuery> {
+    serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|_| {
+        ApiError::InvalidRequest(
+            "the callback's parameters are malformed or given more than once".into(),
+        )
+    })
 }
 
 /// `GET /v1/vault/{upstream}/callback`: completes a connection, once, in the browser session
@@ -773,9 +932,10 @@ pub async fn callback(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(upstream): Path<String>,
-    Query(query): Query<CallbackQuery>,
+    RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
     let refused = |why: &str| ApiError::InvalidRequest(format!("connection refused: {why}"));
+    let query = callback_query(query.as_deref())?;
     let oauth = oauth_of(&state, &upstream)?;
     let given_state = query
         .state
@@ -857,12 +1017,18 @@ pub async fn callback(
         }
         Err(e) => return Err(server_unreachable(format!("code exchange failed: {e}"))),
     };
-    if *answer.token_type() != BasicTokenType::Bearer {
-        return Err(refused(
-            "the authorization server answered a token type other than Bearer",
-        ));
-    }
-    let tokens = Tokens::from_response(&answer, now, None);
+    let tokens = match Tokens::from_response(&answer, now, None) {
+        Ok(tokens) => tokens,
+        Err(why) => {
+            // Issued but refused here: the server should not keep them live either.
+            connections.revoke_later(&upstream, Tokens::unchecked(&answer, now));
+            return Err(refused(&format!("the authorization server answered {why}")));
+        }
+    };
+    let replaced = state
+        .store
+        .credential_now(&pending.subject, &upstream)
+        .await?;
     let entry = VaultEntry {
         sealed: seal(&state, &pending.subject, &upstream, &tokens)?,
         subject: pending.subject,
@@ -883,6 +1049,10 @@ pub async fn callback(
     );
     event.actor = Some(entry.subject.clone());
     state.store.put_credential(&entry, &event).await?;
+    // Connecting again: the connection replaced is no longer Leash's to keep.
+    if let Some(replaced) = replaced {
+        connections.revoke_entry_later(&state, &replaced);
+    }
     tracing::info!(subject = %entry.subject, upstream = %entry.upstream, "OAuth connection stored");
     let mut response = StatusCode::SEE_OTHER.into_response();
     let out = response.headers_mut();

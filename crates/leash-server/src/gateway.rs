@@ -68,8 +68,8 @@ async fn gateway(
     let decided = decide(state, &parts.method, &parts.uri, &parts.headers, trail).await?;
     // Between steps 6 and 7: the body, read whole where it must be checked or bound.
     let body = request_body(state, &decided, &parts, body, trail, request_id).await?;
-    // Step 7: the request's use and its audit event, durably.
-    decided
+    // Step 7: the request's use and its audit event, durably (the credential had first).
+    let injected = decided
         .commit(state, trail, GATEWAY_EVENT, request_id)
         .await?;
     // Step 8: forward.
@@ -84,6 +84,7 @@ async fn gateway(
             body,
             trail,
             answer_idle: None,
+            injected,
         },
         request_id,
     )
@@ -797,7 +798,11 @@ impl Decided<'_> {
         trail: &mut Trail,
         kind: &str,
         request_id: &str,
-    ) -> ApiResult<()> {
+    ) -> ApiResult<Injected> {
+        // The credential first: one that cannot be had (an OAuth connection whose refresh
+        // failed) refuses the request before it spends anything of the grant, and the refusal
+        // is what the audit says.
+        let injected = self.upstream_headers(state, request_id).await?;
         let principal = &self.principal;
         let approval = match &self.approval {
             ApprovalState::NotNeeded => None,
@@ -828,7 +833,7 @@ impl Decided<'_> {
             ApiError::AuditUnavailable
         })?;
         trail.recorded = true;
-        verdict_result(verdict)
+        verdict_result(verdict).map(|()| injected)
     }
 
     /// The token's single use of the action, if the grant makes it `single_use` (API §2): one
@@ -860,6 +865,9 @@ pub const CREDENTIAL_REFLECTED: &str = "credential_reflected";
 /// it was committed and while it streamed to the upstream.
 pub const REQUEST_CUT_OFF: &str = "request_cut_off";
 
+/// The headers the upstream gets from Leash for one request (see [`Decided::upstream_headers`]).
+pub type Injected = Vec<(HeaderName, HeaderValue)>;
+
 /// What [`forward`] sends of the agent's request.
 pub(crate) struct Forwarded<'r> {
     /// The path after the upstream's URL.
@@ -873,6 +881,8 @@ pub(crate) struct Forwarded<'r> {
     pub(crate) trail: &'r Trail,
     /// How long the answer may pause between two parts (`None`: `upstream_timeout`).
     pub(crate) answer_idle: Option<std::time::Duration>,
+    /// What Leash adds: the credential and the attribution headers, had before the commit.
+    pub(crate) injected: Injected,
 }
 
 /// Why a committed request was not forwarded.
@@ -898,6 +908,7 @@ pub(crate) async fn forward(
         body,
         trail,
         answer_idle,
+        injected,
     } = sent;
     // Made only for an answer Leash guards (a credential was injected), when it is guarded.
     let reflected = || {
@@ -919,10 +930,6 @@ pub(crate) async fn forward(
     for (name, value) in forwarded_request_headers(headers) {
         out.append(name.clone(), value.clone());
     }
-    let injected = decided
-        .upstream_headers(state, request_id)
-        .await
-        .map_err(NotForwarded::Failed)?;
     let mut secrets = Secrets::default();
     for (name, value) in injected {
         if !name.as_str().starts_with("leash-") {

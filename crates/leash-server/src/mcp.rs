@@ -596,9 +596,12 @@ impl<'s> Exchange<'s> {
         trail: &mut Trail,
         answer: AnswerTo,
     ) -> ApiResult<Response> {
-        self.claim_proof().await?;
         let decided = self.decided("", String::new(), "", ApprovalState::NotNeeded);
-        self.send(&decided, &parts, Body::from(bytes), trail, answer)
+        let injected = decided
+            .upstream_headers(self.state, self.request_id)
+            .await?;
+        self.claim_proof().await?;
+        self.send(&decided, &parts, Body::from(bytes), trail, answer, injected)
             .await
     }
 
@@ -632,11 +635,18 @@ impl<'s> Exchange<'s> {
         }
         // With its action, for its `single_use` (API §2) in the commit.
         let decided = self.decided(method, path, action, ApprovalState::NotNeeded);
-        decided
+        let injected = decided
             .commit(self.state, trail, MCP_REQUEST_EVENT, self.request_id)
             .await?;
-        self.send(&decided, &parts, Body::from(bytes), trail, AnswerTo::Other)
-            .await
+        self.send(
+            &decided,
+            &parts,
+            Body::from(bytes),
+            trail,
+            AnswerTo::Other,
+            injected,
+        )
+        .await
     }
 
     /// Steps 4–6 for an action of this upstream: scope, then policy, then whether a human must
@@ -748,11 +758,18 @@ impl<'s> Exchange<'s> {
                 Held::Refused(refusal) => return Ok(tool_refusal(id, &refusal)),
             }
         }
-        decided
+        let injected = decided
             .commit(self.state, trail, MCP_CALL_EVENT, self.request_id)
             .await?;
-        self.send(&decided, &parts, Body::from(bytes), trail, AnswerTo::Other)
-            .await
+        self.send(
+            &decided,
+            &parts,
+            Body::from(bytes),
+            trail,
+            AnswerTo::Other,
+            injected,
+        )
+        .await
     }
 
     /// Asks the human and waits for the decision, up to `mcp.approval_wait`. The request for
@@ -969,15 +986,25 @@ impl<'s> Exchange<'s> {
     /// GET (the server's stream) and DELETE (the session's end): no message to judge; the proof
     /// is claimed, then the request forwarded.
     async fn stream_or_end(self, parts: Parts, trail: &mut Trail) -> ApiResult<Response> {
+        let decided = self.decided("", String::new(), "", ApprovalState::NotNeeded);
+        let injected = decided
+            .upstream_headers(self.state, self.request_id)
+            .await?;
         self.claim_proof().await?;
         if parts.method == Method::DELETE
             && let Some(id) = &self.session
         {
             self.state.mcp_sessions.end(id);
         }
-        let decided = self.decided("", String::new(), "", ApprovalState::NotNeeded);
-        self.send(&decided, &parts, Body::empty(), trail, AnswerTo::Other)
-            .await
+        self.send(
+            &decided,
+            &parts,
+            Body::empty(),
+            trail,
+            AnswerTo::Other,
+            injected,
+        )
+        .await
     }
 
     /// Forwards a decided message and relays the answer: JSON answers to `tools/list` filtered,
@@ -989,6 +1016,7 @@ impl<'s> Exchange<'s> {
         body: Body,
         trail: &Trail,
         answer: AnswerTo,
+        injected: crate::gateway::Injected,
     ) -> ApiResult<Response> {
         let forwarded = forward(
             self.state,
@@ -1001,6 +1029,7 @@ impl<'s> Exchange<'s> {
                 body,
                 trail,
                 answer_idle: Some(STREAM_IDLE),
+                injected,
             },
             self.request_id,
         )

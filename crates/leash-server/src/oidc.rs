@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Query, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -631,22 +631,14 @@ pub async fn login(State(state): State<Arc<AppState>>, request: Request) -> ApiR
     Ok(response)
 }
 
-/// Query of `GET /auth/callback`.
-#[derive(Debug, Deserialize)]
-pub struct CallbackQuery {
-    code: Option<String>,
-    state: Option<String>,
-    iss: Option<String>,
-    error: Option<String>,
-}
-
 /// `GET /auth/callback`: completes the login this browser started, once.
 pub async fn callback(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(query): Query<CallbackQuery>,
+    RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
     let oidc = state.oidc.as_ref().ok_or_else(no_oidc)?;
+    let query = crate::connections::callback_query(query.as_deref())?;
     let cookies = Cookies::of(&state);
     let refused = |why: &str| ApiError::InvalidRequest(format!("login refused: {why}"));
     let login_id = cookie(&headers, cookies.login_name())

@@ -200,7 +200,15 @@ pub async fn put(
         retry_at: None,
     };
     let event = credential_event("credential.stored", &entry.subject, &entry.upstream, now);
+    let replaced = state
+        .store
+        .credential_now(&entry.subject, &entry.upstream)
+        .await?;
     state.store.put_credential(&entry, &event).await?;
+    // A secret stored over an OAuth connection ends it: its tokens are revoked at the server.
+    if let Some(replaced) = replaced {
+        state.connections.revoke_entry_later(&state, &replaced);
+    }
     tracing::info!(subject = %entry.subject, upstream = %entry.upstream, kind = %entry.kind, "credential stored");
     Ok((StatusCode::OK, Json(CredentialView::from(&entry))))
 }
@@ -254,9 +262,10 @@ pub async fn delete(
         .await?
     {
         tracing::info!(subject = %user.id, upstream = %upstream, "credential deleted");
-        // Gone from Leash first: a server that does not answer cannot keep it here.
+        // Gone from Leash first: a server that does not answer cannot keep it here, nor
+        // hold this answer (the revocation runs after it).
         if let Some(connection) = connection {
-            state.connections.revoke(&state, &connection).await;
+            state.connections.revoke_entry_later(&state, &connection);
         }
         Ok(StatusCode::NO_CONTENT)
     } else {
