@@ -9,8 +9,8 @@ use serde_json::json;
 use super::bin;
 use super::gateway::{Gw, grant, setup};
 
-/// `leash master-key rotate` on the stopped server's store; its output and success.
-fn rotate(gw: &Gw, new_key_file: &std::path::Path) -> (bool, String) {
+/// `leash master-key rotate` on the stopped server's store, ready to run.
+fn rotate_command(gw: &Gw, new_key_file: &std::path::Path) -> std::process::Command {
     let mut command = std::process::Command::new(bin());
     command
         .args(["master-key", "rotate", "--new-key-file"])
@@ -25,6 +25,11 @@ fn rotate(gw: &Gw, new_key_file: &std::path::Path) -> (bool, String) {
     if let Some(key) = gw.leash.master_key() {
         command.env("LEASH_MASTER_KEY", key);
     }
+    command
+}
+
+/// Runs `command`: whether it succeeded, and what it printed.
+fn outcome(command: &mut std::process::Command) -> (bool, String) {
     let out = command.output().unwrap();
     let text = format!(
         "{}{}",
@@ -32,6 +37,11 @@ fn rotate(gw: &Gw, new_key_file: &std::path::Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// `leash master-key rotate` on the stopped server's store; its output and success.
+fn rotate(gw: &Gw, new_key_file: &std::path::Path) -> (bool, String) {
+    outcome(&mut rotate_command(gw, new_key_file))
 }
 
 /// The agent's read goes through with the human's vaulted cookie (the store opened with the
@@ -155,15 +165,7 @@ async fn a_rotation_killed_midway_leaves_a_store_that_opens_and_loses_nothing() 
     for (round, delay_ms) in [1_u64, 15, 40, 120].into_iter().enumerate() {
         gw.leash.kill9().await;
         let (path, _) = new_key(keys.path(), &format!("k{round}.key"));
-        let mut child = std::process::Command::new(bin())
-            .args(["master-key", "rotate", "--new-key-file"])
-            .arg(&path)
-            .arg("--data-dir")
-            .arg(gw.leash.data_dir())
-            .arg("--database")
-            .arg(gw.leash.database_url())
-            .env_remove("LEASH_MASTER_KEY")
-            .env_remove("LEASH_CONFIG")
+        let mut child = rotate_command(&gw, &path)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -253,13 +255,7 @@ fn cli_as(gw: &Gw, token: Option<&str>, args: &[&str]) -> (bool, String) {
     if let Some(token) = token {
         command.env("LEASH_TOKEN", token);
     }
-    let out = command.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    outcome(&mut command)
 }
 
 #[tokio::test]
