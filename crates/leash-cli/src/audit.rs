@@ -109,7 +109,7 @@ pub async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
             file,
             database,
             jwks,
-            trust_export_keys,
+            mut trust_export_keys,
             data_dir,
             remote,
         } => {
@@ -121,7 +121,18 @@ pub async fn audit(cmd: AuditCommand) -> anyhow::Result<()> {
                             let mut keys =
                                 load_jwks(&format!("{}/.well-known/jwks.json", base(&remote)))
                                     .await?;
-                            keys.extend(every_key(&remote).await);
+                            let every = every_key(&remote).await;
+                            if !every.is_empty() {
+                                // The server's whole list: a key it never had, carried by the
+                                // export, can only be a forgery.
+                                if trust_export_keys {
+                                    eprintln!(
+                                        "--trust-export-keys ignored: the server listed every key it has had"
+                                    );
+                                }
+                                trust_export_keys = false;
+                            }
+                            keys.extend(every);
                             keys
                         }
                     };

@@ -35,7 +35,13 @@ pub async fn backup(args: BackupArgs) -> anyhow::Result<()> {
         bail!("the server refused the backup");
     }
     let partial = args.out.with_extension("partial");
-    let mut file = std::fs::File::create(&partial)
+    // A whole copy of the store: private, like the master key.
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&partial)
         .with_context(|| format!("cannot create {}", partial.display()))?;
     let expected = response.content_length();
     let progress = indicatif::ProgressBar::new(expected.unwrap_or(0));
@@ -99,6 +105,8 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     };
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let config = Config::load(&flags, env)?;
+    // The database this run put in place, taken out again if marking it fails.
+    let mut installed: Option<std::path::PathBuf> = None;
     if let Some(from) = &args.from {
         let path = config
             .database
@@ -118,9 +126,28 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let partial = path.with_extension("restoring");
-        std::fs::copy(from, &partial).with_context(|| format!("cannot copy {}", from.display()))?;
-        std::fs::File::open(&partial)?.sync_all()?;
+        let checked = async {
+            std::fs::copy(from, &partial)
+                .with_context(|| format!("cannot copy {}", from.display()))?;
+            #[cfg(unix)]
+            std::fs::set_permissions(
+                &partial,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
+            std::fs::File::open(&partial)?.sync_all()?;
+            // Only a Leash store is put in place: a wrong file leaves nothing behind.
+            let url = format!("sqlite://{}", partial.display());
+            leash_store::open_audit_reader(&url)
+                .await
+                .map_err(|e| anyhow!("{} is not a Leash backup: {e}", from.display()))?;
+            Ok::<_, anyhow::Error>(())
+        };
+        if let Err(e) = checked.await {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
         std::fs::rename(&partial, path)?;
+        installed = Some(path.to_owned());
     }
     if let Some(key) = &args.master_key_file {
         let text = std::fs::read_to_string(key)
@@ -135,18 +162,32 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         )
         .context("the data dir has a master key already")?;
     }
-    let store = leash_store::open(&config.database).await.map_err(|e| {
-        let url = leash_store::display_url(&config.database);
-        anyhow!("cannot open database {url}: {e}")
-    })?;
-    let mark = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
-    store
-        .init_setting(leash_store::RESTORE_PENDING, mark.as_bytes())
-        .await?;
-    drop(store);
+    let marked = async {
+        let store = leash_store::open(&config.database).await.map_err(|e| {
+            let url = leash_store::display_url(&config.database);
+            anyhow!("cannot open database {url}: {e}")
+        })?;
+        let mark = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+        store
+            .init_setting(leash_store::RESTORE_PENDING, mark.as_bytes())
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    };
+    if let Err(e) = marked.await {
+        if let Some(path) = installed {
+            for leftover in ["", "-wal", "-shm", ".lock"] {
+                let _ = std::fs::remove_file(format!("{}{leftover}", path.display()));
+            }
+        }
+        return Err(e);
+    }
     println!(
         "restored into {}; its first start revokes every grant still active, expires pending approvals, ends sessions and replaces the signing key",
         leash_store::display_url(&config.database)
+    );
+    // A rollback also undoes what was done to people and agents since the backup.
+    eprintln!(
+        "note: users and agents disabled after this backup was taken are enabled again in it; disable them again before agents get new grants (leash user list, leash agent list)"
     );
     Ok(())
 }

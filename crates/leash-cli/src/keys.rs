@@ -62,6 +62,21 @@ pub async fn master_key(cmd: MasterKeyCommand) -> anyhow::Result<()> {
         None => read_key(&key_path)
             .context("the current master key (LEASH_MASTER_KEY or DATA_DIR/master.key)")?,
     };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&new_key_file)
+            .with_context(|| format!("cannot read the key file {}", new_key_file.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "{} can be read by others (mode {:o}): make it private first (chmod 600)",
+                new_key_file.display(),
+                mode & 0o777
+            );
+        }
+    }
     let new = read_key(&new_key_file)?;
     if new.to_base64() == old.to_base64() {
         bail!("the new key is the current key");

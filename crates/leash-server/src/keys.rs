@@ -268,9 +268,12 @@ pub async fn rotate(
 async fn rotate_now(state: &AppState, compromised: bool, actor: &str) -> ApiResult<Rotated> {
     let now = state.clock.now();
     let rows = state.store.signing_keys().await?;
+    // The newest is the one key published without an end (every rotation ends the one
+    // before); by time it may tie with another made in the same second.
     let newest = rows
-        .last()
-        .ok_or_else(|| ApiError::Unavailable("the database holds no signing key".into()))?;
+        .iter()
+        .find(|k| k.published_until.is_none())
+        .ok_or_else(|| ApiError::Unavailable("the database holds no open signing key".into()))?;
     let bytes = crate::bootstrap::random_32();
     let sealed = state.master.seal(&bytes, SIGNING_KEY_CONTEXT.as_bytes());
     let key = SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&bytes));
@@ -330,7 +333,8 @@ pub async fn schedule(state: Arc<AppState>, every: Duration) {
         tick.tick().await;
         let due = match state.store.signing_keys().await {
             Ok(rows) => rows
-                .last()
+                .iter()
+                .find(|k| k.published_until.is_none())
                 .is_some_and(|k| state.clock.now() >= k.created_at.saturating_add(every_secs)),
             Err(e) => {
                 tracing::warn!(error = %e, "reading the signing keys for the rotation schedule failed");

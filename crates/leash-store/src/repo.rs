@@ -267,7 +267,8 @@ impl<B: Backend> Store for Repo<B> {
         restored.reason = Some(match &report.last_event {
             Some((seq, hash)) => format!(
                 "restored from a snapshot ending at seq {seq} (hash {hash}): {} grants revoked, \
-                 {} pending approvals expired, {} sessions ended, signing key replaced",
+                 {} pending approvals expired, {} sessions ended, signing key replaced; users \
+                 and agents disabled after the snapshot are enabled in it",
                 report.grants_revoked, report.approvals_expired, report.sessions_ended
             ),
             None => "restored from a snapshot with no events".to_owned(),

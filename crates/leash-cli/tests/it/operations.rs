@@ -58,6 +58,9 @@ fn new_key(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
     let key = MasterKey::generate().to_base64().to_string();
     let path = dir.join(name);
     std::fs::write(&path, format!("{key}\n")).unwrap();
+    // Private, as `leash master-key rotate` demands.
+    #[cfg(unix)]
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     (path, key)
 }
 

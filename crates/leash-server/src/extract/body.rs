@@ -76,6 +76,13 @@ pub async fn optional_json<T: DeserializeOwned + Default>(req: Request) -> ApiRe
 }
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    // Every body of the API is an object: serde would also fill a struct from an array, in
+    // field order, which no client means.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidRequest(
+            "request body must be a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         // serde's messages can quote the offending value; never echo values back.
         let message = e.to_string();
