@@ -799,10 +799,6 @@ impl Decided<'_> {
         kind: &str,
         request_id: &str,
     ) -> ApiResult<Injected> {
-        // The credential first: one that cannot be had (an OAuth connection whose refresh
-        // failed) refuses the request before it spends anything of the grant, and the refusal
-        // is what the audit says.
-        let injected = self.upstream_headers(state, request_id).await?;
         let principal = &self.principal;
         let approval = match &self.approval {
             ApprovalState::NotNeeded => None,
@@ -814,6 +810,10 @@ impl Decided<'_> {
                 });
             }
         };
+        // The credential before the commit: one that cannot be had (an OAuth connection whose
+        // refresh failed) refuses the request before it spends anything of the grant, and the
+        // refusal is what the audit says.
+        let injected = self.upstream_headers(state, request_id).await?;
         let now = state.clock.now();
         let request = RequestUse {
             once: principal.proof_once.into_iter().collect(),
