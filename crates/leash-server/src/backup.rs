@@ -30,7 +30,11 @@ pub async fn backup(State(state): State<Arc<AppState>>, _: Admin) -> ApiResult<R
         .config
         .data_dir
         .join(format!(".{}.backup", random_id("bak_")));
-    state.store.backup_to(&path).await?;
+    if let Err(e) = state.store.backup_to(&path).await {
+        // A copy cut short (a full disk, say) is not left behind either.
+        let _ = std::fs::remove_file(&path);
+        return Err(e.into());
+    }
     let file = tokio::fs::File::open(&path).await;
     let _ = std::fs::remove_file(&path);
     let file = file.map_err(|e| ApiError::Unavailable(format!("cannot read the backup: {e}")))?;
