@@ -430,6 +430,13 @@ def notes_entry(client: httpx.Client) -> dict[str, Any] | None:
     return None
 
 
+def assert_active(client: httpx.Client) -> None:
+    """The human's connection is there and `active` (no reconnect asked)."""
+    entry = notes_entry(client)
+    assert entry is not None
+    assert entry["status"] == "active"
+
+
 def gateway_of(leash: Leash, idp: Idp, username: str = "alice") -> httpx.Client:
     """The human calling the gateway directly with an IdP access token (API §6 direct mode)."""
     token = idp.access_token(username, DEFAULT_AUDIENCE)
@@ -945,9 +952,7 @@ def test_a_hanging_token_endpoint_bounds_every_request_and_is_asked_once(
     assert max(took for _, took, _ in later) < 1.5
     assert len(hostile_as.grants("refresh_token")) == 1
     # A passing failure: the human is not asked to reconnect.
-    entry = notes_entry(alice)
-    assert entry is not None
-    assert entry["status"] == "active"
+    assert_active(alice)
 
 
 # FIXED: the request that opens the refresh window (a third of the lifetime before expiry)
@@ -995,9 +1000,7 @@ def test_a_5xx_storm_at_the_token_endpoint_is_not_hammered(
     assert last.json()["error"] == "upstream_credential_expired"
     # One try, then one per back-off (10 s): not one per request.
     assert 1 <= len(hostile_as.grants("refresh_token")) <= 3
-    entry = notes_entry(alice)
-    assert entry is not None
-    assert entry["status"] == "active"
+    assert_active(alice)
 
 
 # FIXED: a refusal's `error` code is copied into the audit event `credential.refresh_failed`
