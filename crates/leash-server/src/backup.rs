@@ -67,10 +67,7 @@ pub async fn finish_restore(
     if store.setting(leash_store::RESTORE_PENDING).await?.is_none() {
         return Ok(());
     }
-    let bytes = crate::bootstrap::random_32();
-    let sealed = master.seal(&bytes, crate::keys::SIGNING_KEY_CONTEXT.as_bytes());
-    let key = leash_core::token::SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&bytes));
-    let row = crate::keys::row_of(&key, sealed, now, now);
+    let row = crate::keys::new_key(master, now, now);
     let mut restored = AuditEvent::new("system.restore", Mode::System, now);
     restored.actor = Some("leash".into());
     let mut rotated = AuditEvent::new("keys.rotated", Mode::System, now);

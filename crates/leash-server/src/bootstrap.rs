@@ -151,11 +151,6 @@ pub async fn settle_master_key(
     }
 }
 
-/// Opens the token signing key sealed in the database under the master key.
-pub fn open_signing_key(master: &MasterKey, sealed: &[u8]) -> anyhow::Result<SigningKey> {
-    crate::keys::open_key(master, sealed)
-}
-
 /// The signing key of a database that a server has started on, if any; for offline checks
 /// (`leash audit verify --database`).
 pub async fn stored_signing_key(
@@ -163,7 +158,7 @@ pub async fn stored_signing_key(
     master: &MasterKey,
 ) -> anyhow::Result<Option<SigningKey>> {
     match store.setting(SIGNING_KEY).await? {
-        Some(sealed) => open_signing_key(master, &sealed).map(Some),
+        Some(sealed) => crate::keys::open_key(master, &sealed).map(Some),
         None => Ok(None),
     }
 }
@@ -235,7 +230,7 @@ pub async fn prepare(
 ) -> anyhow::Result<Bootstrap> {
     let policy = load_policy(&config)?;
     let sealed = signing_key(store.as_ref(), &master).await?;
-    let first = open_signing_key(&master, &sealed)?;
+    let first = crate::keys::open_key(&master, &sealed)?;
     // The first key signs from the beginning; rotations add the others.
     store
         .init_signing_key(&crate::keys::row_of(&first, sealed, clock.now(), 0))

@@ -125,6 +125,15 @@ pub fn open_key(master: &MasterKey, sealed: &[u8]) -> anyhow::Result<SigningKey>
     )))
 }
 
+/// A new signing key, sealed, signing from `signs_from` (a rotation, or a restore's first
+/// start).
+pub fn new_key(master: &MasterKey, now: i64, signs_from: i64) -> SigningKeyRow {
+    let bytes = crate::bootstrap::random_32();
+    let sealed = master.seal(&bytes, SIGNING_KEY_CONTEXT.as_bytes());
+    let key = SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&bytes));
+    row_of(&key, sealed, now, signs_from)
+}
+
 /// The row of a key signing from `signs_from`.
 pub fn row_of(key: &SigningKey, sealed: Vec<u8>, now: i64, signs_from: i64) -> SigningKeyRow {
     SigningKeyRow {
@@ -274,9 +283,6 @@ async fn rotate_now(state: &AppState, compromised: bool, actor: &str) -> ApiResu
         .iter()
         .find(|k| k.published_until.is_none())
         .ok_or_else(|| ApiError::Unavailable("the database holds no open signing key".into()))?;
-    let bytes = crate::bootstrap::random_32();
-    let sealed = state.master.seal(&bytes, SIGNING_KEY_CONTEXT.as_bytes());
-    let key = SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&bytes));
     let (signs_from, previous_until) = if compromised {
         (now, now)
     } else {
@@ -286,7 +292,7 @@ async fn rotate_now(state: &AppState, compromised: bool, actor: &str) -> ApiResu
             .saturating_add(PUBLISHED_MARGIN);
         (signs_from, until)
     };
-    let row = row_of(&key, sealed, now, signs_from);
+    let row = new_key(&state.master, now, signs_from);
     let mut event = AuditEvent::new("keys.rotated", Mode::System, now);
     event.actor = Some(actor.to_owned());
     event.reason = Some(if compromised {
