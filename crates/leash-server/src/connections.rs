@@ -904,25 +904,6 @@ pub async fn connect(
     }))
 }
 
-/// Query of an OAuth callback (`GET /v1/vault/{upstream}/callback`, `GET /auth/callback`).
-#[derive(Debug, Default, Deserialize)]
-pub struct CallbackQuery {
-    pub(crate) code: Option<String>,
-    pub(crate) state: Option<String>,
-    pub(crate) iss: Option<String>,
-    pub(crate) error: Option<String>,
-}
-
-/// An OAuth callback's query: a parameter given twice (which one would the server mean?) or
-/// a query that does not decode is refused with the contract's JSON error.
-pub(crate) fn callback_query(raw: Option<&str>) -> ApiResult<CallbackQuery> {
-    serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|_| {
-        ApiError::InvalidRequest(
-            "the callback's parameters are malformed or given more than once".into(),
-        )
-    })
-}
-
 /// `GET /v1/vault/{upstream}/callback`: completes a connection, once, in the browser session
 /// that started it.
 #[utoipa::path(get, path = "/v1/vault/{upstream}/callback", tag = "vault",
@@ -935,7 +916,7 @@ pub async fn callback(
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
     let refused = |why: &str| ApiError::InvalidRequest(format!("connection refused: {why}"));
-    let query = callback_query(query.as_deref())?;
+    let query = crate::oidc::callback_query(query.as_deref())?;
     let oauth = oauth_of(&state, &upstream)?;
     let given_state = query
         .state

@@ -631,6 +631,25 @@ pub async fn login(State(state): State<Arc<AppState>>, request: Request) -> ApiR
     Ok(response)
 }
 
+/// Query of an OAuth callback (`GET /v1/vault/{upstream}/callback`, `GET /auth/callback`).
+#[derive(Debug, Default, Deserialize)]
+pub struct CallbackQuery {
+    pub(crate) code: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) iss: Option<String>,
+    pub(crate) error: Option<String>,
+}
+
+/// An OAuth callback's query: a parameter given twice (which one would the server mean?) or
+/// a query that does not decode is refused with the contract's JSON error.
+pub(crate) fn callback_query(raw: Option<&str>) -> ApiResult<CallbackQuery> {
+    serde_urlencoded::from_str(raw.unwrap_or_default()).map_err(|_| {
+        ApiError::InvalidRequest(
+            "the callback's parameters are malformed or given more than once".into(),
+        )
+    })
+}
+
 /// `GET /auth/callback`: completes the login this browser started, once.
 pub async fn callback(
     State(state): State<Arc<AppState>>,
@@ -638,7 +657,7 @@ pub async fn callback(
     RawQuery(query): RawQuery,
 ) -> ApiResult<Response> {
     let oidc = state.oidc.as_ref().ok_or_else(no_oidc)?;
-    let query = crate::connections::callback_query(query.as_deref())?;
+    let query = callback_query(query.as_deref())?;
     let cookies = Cookies::of(&state);
     let refused = |why: &str| ApiError::InvalidRequest(format!("login refused: {why}"));
     let login_id = cookie(&headers, cookies.login_name())
