@@ -498,7 +498,7 @@ pub(crate) async fn call(
     json_or_error(response).await
 }
 
-fn print(value: &Value) {
+pub(crate) fn print(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()

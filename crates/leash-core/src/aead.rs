@@ -1,5 +1,5 @@
-//! Authenticated encryption at rest with the master key (XChaCha20-Poly1305): private signing
-//! keys now, vaulted upstream credentials later.
+//! Authenticated encryption at rest with the master key (XChaCha20-Poly1305): the signing
+//! keys, the vault, OAuth connections, approval body previews.
 
 use chacha20poly1305::aead::{Aead as _, KeyInit as _, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -40,6 +40,18 @@ impl MasterKey {
         );
         let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| AeadError::BadKey)?;
         Ok(Self(Zeroizing::new(array)))
+    }
+
+    /// The key's public name: which key sealed a store, said without revealing the key (a
+    /// domain-separated SHA-256 of it; the key is 32 random bytes, so the name gives no way
+    /// back to it).
+    pub fn id(&self) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::new()
+            .chain_update(b"leash master key id\0")
+            .chain_update(self.0.as_ref())
+            .finalize();
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Standard base64 of the key, for writing the key file.
@@ -86,6 +98,18 @@ impl MasterKey {
     }
 }
 
+/// What can open sealed values: one master key, or a node's keys during a rotation.
+pub trait Opener: Send + Sync {
+    /// Decrypts what [`MasterKey::seal`] produced with the same `context`.
+    fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Zeroizing<Vec<u8>>, AeadError>;
+}
+
+impl Opener for MasterKey {
+    fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Zeroizing<Vec<u8>>, AeadError> {
+        MasterKey::open(self, sealed, context)
+    }
+}
+
 impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterKey(<redacted>)")
@@ -107,6 +131,15 @@ mod tests {
         assert_eq!(key.open(&sealed, b"ctx").unwrap_err(), AeadError::Open);
         let other = MasterKey::generate();
         assert!(other.open(&key.seal(b"x", b"c"), b"c").is_err());
+    }
+
+    #[test]
+    fn the_id_names_one_key_and_reveals_nothing_of_it() {
+        let key = MasterKey::generate();
+        let same = MasterKey::from_base64(&key.to_base64()).unwrap();
+        assert_eq!(key.id(), same.id());
+        assert_eq!(key.id().len(), 16);
+        assert_ne!(key.id(), MasterKey::generate().id());
     }
 
     #[test]

@@ -98,6 +98,7 @@ fn setup() -> Setup {
             store.clone(),
             Arc::new(SystemClock),
             MasterKey::generate(),
+            true,
             None,
         )
         .await

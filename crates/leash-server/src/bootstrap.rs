@@ -21,11 +21,11 @@ use crate::reflection::SecretsCache;
 use crate::state::{AppState, Metrics, load_policy};
 
 /// Names of the settings the keys are stored under; each sealed key is also bound to its name.
-const SIGNING_KEY: &str = crate::keys::SIGNING_KEY_CONTEXT;
+pub(crate) const SIGNING_KEY: &str = crate::keys::SIGNING_KEY_CONTEXT;
 /// The key of delegation tokens (API §17), never the access tokens' key: an agent's own token
 /// can never pass for one.
-const DELEGATION_KEY: &str = "delegation_signing_key";
-const NONCE_KEY: &str = "dpop_nonce_key";
+pub(crate) const DELEGATION_KEY: &str = "delegation_signing_key";
+pub(crate) const NONCE_KEY: &str = "dpop_nonce_key";
 const ADMIN_KEY: &str = "admin_key_digest";
 
 /// Verified access tokens held in memory at most.
@@ -65,89 +65,6 @@ pub fn load_master_key(env_value: Option<String>, data_dir: &Path) -> anyhow::Re
             Ok(key)
         }
         Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
-    }
-}
-
-/// The file a master-key rotation stages the new key in, next to `master.key`, until the
-/// store is re-sealed; see [`settle_master_key`].
-pub const NEXT_MASTER_KEY_FILE: &str = "master.key.next";
-
-/// The settings that hold a value sealed under the master key (bound to their name).
-const SEALED_SETTINGS: [&str; 3] = [SIGNING_KEY, DELEGATION_KEY, NONCE_KEY];
-
-/// Re-seals everything the store keeps sealed under `old` with `new`, in one transaction (API
-/// §3, `leash master-key rotate`): the keys in the settings, the vault, the approvals' body
-/// previews. A value that does not open with `old` cancels the whole change. Returns how many
-/// values were re-sealed.
-pub async fn rotate_master_key(
-    store: &dyn Store,
-    old: &MasterKey,
-    new: &MasterKey,
-) -> anyhow::Result<usize> {
-    let reseal = |place: &leash_store::SealedPlace, sealed: &[u8]| {
-        use leash_store::SealedPlace;
-        let context = match place {
-            SealedPlace::Setting(name) => {
-                if !SEALED_SETTINGS.contains(&name.as_str())
-                    && old.open(sealed, name.as_bytes()).is_err()
-                {
-                    // Not sealed (a digest, say): it stays as it is.
-                    return Ok(None);
-                }
-                name.as_bytes().to_vec()
-            }
-            SealedPlace::Vault {
-                subject,
-                upstream,
-                kind,
-                header_name,
-            } => crate::vault::context(subject, upstream, kind, header_name.as_deref()),
-            SealedPlace::Preview(id) => crate::gateway::preview_context(id),
-            SealedPlace::SigningKey(_) => SIGNING_KEY.as_bytes().to_vec(),
-        };
-        let plain = old.open(sealed, &context).map_err(|_| {
-            format!("{place:?} does not open with the current master key; nothing was changed")
-        })?;
-        Ok(Some(new.seal(&plain, &context)))
-    };
-    Ok(store.reseal_all(&reseal).await?)
-}
-
-/// Finishes or undoes a master-key rotation a crash interrupted: with `master.key.next` in the
-/// data dir (and the key from `master.key`), whichever of the two opens the store's signing key
-/// is the key; the other file goes. Returns the key to use.
-pub async fn settle_master_key(
-    store: &dyn Store,
-    data_dir: &Path,
-    current: MasterKey,
-) -> anyhow::Result<MasterKey> {
-    let next_path = data_dir.join(NEXT_MASTER_KEY_FILE);
-    let next = match std::fs::read_to_string(&next_path) {
-        Ok(text) => MasterKey::from_base64(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", next_path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(current),
-        Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", next_path.display())),
-    };
-    let sealed = store.setting(SIGNING_KEY).await?;
-    let opens = |key: &MasterKey| {
-        sealed
-            .as_deref()
-            .is_some_and(|s| key.open(s, SIGNING_KEY.as_bytes()).is_ok())
-    };
-    if opens(&next) {
-        std::fs::rename(&next_path, data_dir.join("master.key"))
-            .map_err(|e| anyhow::anyhow!("cannot install {}: {e}", next_path.display()))?;
-        tracing::warn!("finished an interrupted master-key rotation: master.key is the new key");
-        Ok(next)
-    } else if opens(&current) || sealed.is_none() {
-        std::fs::remove_file(&next_path)
-            .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", next_path.display()))?;
-        tracing::warn!("an interrupted master-key rotation did not happen: the old key stays");
-        Ok(current)
-    } else {
-        anyhow::bail!(
-            "neither master.key nor {NEXT_MASTER_KEY_FILE} opens this database's signing key"
-        )
     }
 }
 
@@ -219,18 +136,21 @@ async fn admin_key(
 }
 
 /// Prepares the state of a server whose issuer is `issuer`: loads the policies, and loads the
-/// keys from `store` (generating those a first start finds missing).
+/// keys from `store` (generating those a first start finds missing). `master_from_file` when
+/// the master key came from `<data dir>/master.key`, not `LEASH_MASTER_KEY`.
 pub async fn prepare(
     config: Config,
     issuer: String,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     master: MasterKey,
+    master_from_file: bool,
     admin_token: Option<Secret>,
 ) -> anyhow::Result<Bootstrap> {
     let policy = load_policy(&config)?;
     let sealed = signing_key(store.as_ref(), &master).await?;
     let first = crate::keys::open_key(&master, &sealed)?;
+    crate::master::ensure_named(store.as_ref(), &master).await?;
     // The first key signs from the beginning; rotations add the others.
     store
         .init_signing_key(&crate::keys::row_of(&first, sealed, clock.now(), 0))
@@ -275,6 +195,7 @@ pub async fn prepare(
     let login_rates = CallerRates::new(config.limits.unauthenticated_rate);
     let gateway_rates = CallerRates::new(config.limits.gateway_rate);
     let unauthenticated = UnauthenticatedRefusals::new(config.limits.unauthenticated_rate);
+    let master = crate::master::Master::new(master, &config.data_dir, master_from_file);
     let state = AppState {
         config,
         issuer,

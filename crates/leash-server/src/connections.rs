@@ -805,9 +805,9 @@ fn open(state: &AppState, entry: &VaultEntry) -> ApiResult<Tokens> {
 fn seal(state: &AppState, subject: &str, upstream: &str, tokens: &Tokens) -> ApiResult<Vec<u8>> {
     let plain = serde_json::to_vec(tokens)
         .map_err(|_| ApiError::Unavailable("cannot seal the tokens".into()))?;
-    Ok(state
+    state
         .master
-        .seal(&plain, &sealing_context(subject, upstream)))
+        .seal(&plain, &sealing_context(subject, upstream))
 }
 
 fn credential_event(kind: &str, subject: &str, upstream: &str, state: &AppState) -> AuditEvent {

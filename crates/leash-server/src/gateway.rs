@@ -720,8 +720,13 @@ pub(crate) async fn ask_approval(
         .shown
         .iter()
         .any(|(name, _)| name == "content-encoding");
-    let preview = (!encoded && asked.body.len() <= state.config.approval_preview_bytes)
-        .then(|| state.master.seal(asked.body, &preview_context(&id)));
+    let preview = match (!encoded && asked.body.len() <= state.config.approval_preview_bytes)
+        .then(|| state.master.seal(asked.body, &preview_context(&id)))
+        .transpose()
+    {
+        Ok(preview) => preview,
+        Err(refused) => return refused,
+    };
     let approval = Approval {
         id,
         grant_id: grant.id.clone(),

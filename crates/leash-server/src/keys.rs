@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use leash_core::aead::MasterKey;
+use leash_core::aead::{MasterKey, Opener};
 use leash_core::audit::{AuditEvent, Mode, rfc3339};
 use leash_core::jwk::PublicJwk;
 use leash_core::token::SigningKey;
@@ -31,7 +31,7 @@ use crate::state::AppState;
 /// The setting the first key is kept under, and the sealing context of every signing key.
 pub const SIGNING_KEY_CONTEXT: &str = "token_signing_key";
 /// How often each node reads the keys again.
-const RELOAD_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const RELOAD_EVERY: Duration = Duration::from_millis(500);
 /// How long the previous key stays published after its last token could have been issued,
 /// beyond `max_token_ttl`: clock skew between nodes and verifiers.
 const PUBLISHED_MARGIN: i64 = 60;
@@ -108,7 +108,7 @@ impl std::fmt::Debug for Keys {
 }
 
 /// Opens a signing key sealed under the master key, checking it is the key its row names.
-pub fn open_key(master: &MasterKey, sealed: &[u8]) -> anyhow::Result<SigningKey> {
+pub fn open_key(master: &dyn Opener, sealed: &[u8]) -> anyhow::Result<SigningKey> {
     let bytes = master
         .open(sealed, SIGNING_KEY_CONTEXT.as_bytes())
         .map_err(|_| {
@@ -146,7 +146,7 @@ pub fn row_of(key: &SigningKey, sealed: Vec<u8>, now: i64, signs_from: i64) -> S
     }
 }
 
-fn ring_of(master: &MasterKey, rows: &[SigningKeyRow]) -> anyhow::Result<KeyRing> {
+fn ring_of(master: &dyn Opener, rows: &[SigningKeyRow]) -> anyhow::Result<KeyRing> {
     let mut keys = Vec::with_capacity(rows.len());
     for row in rows {
         let key = open_key(master, &row.sealed)?;
@@ -167,7 +167,7 @@ fn ring_of(master: &MasterKey, rows: &[SigningKeyRow]) -> anyhow::Result<KeyRing
 
 impl Keys {
     /// The keys the store holds, opened with `master`.
-    pub async fn load(store: &dyn Store, master: &MasterKey) -> anyhow::Result<Self> {
+    pub async fn load(store: &dyn Store, master: &dyn Opener) -> anyhow::Result<Self> {
         let rows = store.signing_keys().await?;
         let ring = ring_of(master, &rows)?;
         Ok(Self {
@@ -187,7 +187,7 @@ impl Keys {
     }
 
     /// Reads the keys again; the ring changes only if they did (then true).
-    pub async fn reload(&self, store: &dyn Store, master: &MasterKey) -> anyhow::Result<bool> {
+    pub async fn reload(&self, store: &dyn Store, master: &dyn Opener) -> anyhow::Result<bool> {
         let rows = store.signing_keys().await?;
         let unchanged = *self
             .read
@@ -229,6 +229,10 @@ pub async fn watch(state: Arc<AppState>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // The master key first: after a rotation elsewhere, the keys open only with the new one.
+        if let Err(e) = crate::master::follow(&state).await {
+            tracing::warn!(error = %e, "reading the store's master key name failed");
+        }
         if let Err(e) = reload(&state).await {
             tracing::warn!(error = %e, "reading the signing keys failed; keeping the ones held");
         }
@@ -292,7 +296,7 @@ async fn rotate_now(state: &AppState, compromised: bool, actor: &str) -> ApiResu
             .saturating_add(PUBLISHED_MARGIN);
         (signs_from, until)
     };
-    let row = new_key(&state.master, now, signs_from);
+    let row = new_key(&*state.master.sealing_key()?, now, signs_from);
     let mut event = AuditEvent::new("keys.rotated", Mode::System, now);
     event.actor = Some(actor.to_owned());
     event.reason = Some(if compromised {

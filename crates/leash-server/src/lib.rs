@@ -17,6 +17,7 @@ pub mod gateway;
 pub mod keys;
 pub mod limits;
 pub mod listener;
+pub mod master;
 pub mod mcp;
 pub mod meta;
 pub mod notify;
@@ -57,6 +58,7 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(meta::delegation_jwks))
         .routes(routes!(keys::rotate))
         .routes(routes!(keys::list))
+        .routes(routes!(master::rotate_online))
         .routes(routes!(backup::backup))
         .routes(routes!(oauth::token))
         .routes(routes!(oauth::revoke))
@@ -175,7 +177,7 @@ pub async fn run(
         anyhow::anyhow!("cannot open database {url}: {e}")
     })?;
     let master = if from_file {
-        bootstrap::settle_master_key(store.as_ref(), &config.data_dir, master).await?
+        master::settle(store.as_ref(), &config.data_dir, master).await?
     } else {
         master
     };
@@ -192,6 +194,7 @@ pub async fn run(
         store.clone(),
         clock.clone(),
         master,
+        from_file,
         secrets.admin_token,
     )
     .await?;

@@ -64,7 +64,7 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: the store answers.
+/// `GET /readyz`: the store answers, and this node holds the key it is sealed under.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Status), UnavailableError))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
@@ -73,6 +73,9 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, A
         .ping()
         .await
         .map_err(|_| ApiError::Unavailable("the database is unreachable".into()))?;
+    if let Some(unready) = state.master.unready() {
+        return Err(unready);
+    }
     Ok(Json(json!({"status": "ready"})))
 }
 

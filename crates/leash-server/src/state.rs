@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use leash_core::Clock;
-use leash_core::aead::MasterKey;
 use leash_core::dpop::{AccessTokenHash, NonceKey};
 use leash_core::jwk::PublicJwk;
 use leash_core::secret::SecretDigest;
@@ -69,8 +68,8 @@ pub struct AppState {
     pub nonce_key: NonceKey,
     /// Counters.
     pub metrics: Metrics,
-    /// The vault master key.
-    pub master: MasterKey,
+    /// The master key everything at rest is sealed under, switched by a rotation.
+    pub master: crate::master::Master,
     /// The policy set in force; replaced whole on reload.
     pub policy: std::sync::RwLock<Arc<PolicyEngine>>,
     /// The client that forwards gateway requests.

@@ -93,12 +93,7 @@ const RESERVED: [&str; 9] = [
 ];
 
 /// The AEAD context a vault entry is sealed under: who, for which upstream, what kind.
-pub(crate) fn context(
-    entry_subject: &str,
-    upstream: &str,
-    kind: &str,
-    name: Option<&str>,
-) -> Vec<u8> {
+pub fn context(entry_subject: &str, upstream: &str, kind: &str, name: Option<&str>) -> Vec<u8> {
     format!(
         "leash vault\0{entry_subject}\0{upstream}\0{kind}\0{}",
         name.unwrap_or("")
@@ -186,7 +181,7 @@ pub async fn put(
     let sealed = state.master.seal(
         secret.as_bytes(),
         &context(&user.id, &upstream, &body.kind, name.as_deref()),
-    );
+    )?;
     let entry = VaultEntry {
         subject: user.id,
         upstream,

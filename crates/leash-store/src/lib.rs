@@ -565,11 +565,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Whether the database answers.
     async fn ping(&self) -> StoreResult<()>;
 
-    /// Re-seals every value sealed under the master key (settings, vault, previews) with
-    /// `reseal`, in one transaction: all or nothing, so a failure or a crash midway leaves every
-    /// value as it was. Returns how many values changed. Meant for a store no server runs on
-    /// (a running node keeps the old master key in memory).
-    async fn reseal_all(&self, reseal: &Resealer<'_>) -> StoreResult<usize>;
+    /// Re-seals every value sealed under the master key (settings, vault, signing keys,
+    /// previews) with `reseal`, in one transaction with `event`: all or nothing, so a failure
+    /// or a crash midway leaves every value as it was. A value another writer changed after it
+    /// was read cancels everything with `Conflict` (nodes may serve meanwhile). Returns how
+    /// many values changed.
+    async fn reseal_all(
+        &self,
+        reseal: &Resealer<'_>,
+        event: Option<&AuditEvent>,
+    ) -> StoreResult<usize>;
     /// Writes a consistent copy of the database to `path`, a file that must not exist (SQLite;
     /// `Unsupported` on PostgreSQL, which has pg_dump), while the server serves.
     async fn backup_to(&self, path: &std::path::Path) -> StoreResult<()>;

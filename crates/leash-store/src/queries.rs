@@ -136,12 +136,13 @@ pub(crate) trait Queries: sqlx::Database {
     fn sealed_values(
         conn: &mut Self::Connection,
     ) -> impl Future<Output = StoreResult<Vec<(SealedPlace, Vec<u8>)>>> + Send;
-    /// Replaces the sealed value kept at `place`.
+    /// Replaces the sealed value kept at `place` if it is still `old`; false if it changed.
     fn replace_sealed(
         conn: &mut Self::Connection,
         place: &SealedPlace,
+        old: &[u8],
         sealed: &[u8],
-    ) -> impl Future<Output = StoreResult<()>> + Send;
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
     fn create_connect(
         conn: &mut Self::Connection,
         state: &SecretDigest,
@@ -773,31 +774,38 @@ macro_rules! shared_queries {
         async fn replace_sealed(
             conn: &mut <$db as sqlx::Database>::Connection,
             place: &SealedPlace,
+            old: &[u8],
             sealed: &[u8],
-        ) -> StoreResult<()> {
+        ) -> StoreResult<bool> {
+            // Conditional on the value read, so that a node writing meanwhile is never undone
+            // (a rotation while nodes serve). The vault's `version` stays: the plaintext is the
+            // same, and a refresh under way must still be able to store its result.
             let query = match place {
                 SealedPlace::Setting(name) => {
-                    sqlx::query("UPDATE settings SET value = $2 WHERE name = $1").bind(name)
+                    sqlx::query("UPDATE settings SET value = $3 WHERE name = $1 AND value = $2")
+                        .bind(name)
                 }
                 SealedPlace::Vault { subject, upstream, .. } => sqlx::query(
-                    "UPDATE vault SET sealed = $3, version = version + 1 \
-                     WHERE subject = $1 AND upstream = $2",
+                    "UPDATE vault SET sealed = $3 \
+                     WHERE subject = $1 AND upstream = $2 AND sealed = $4",
                 )
                 .bind(subject)
                 .bind(upstream),
-                SealedPlace::Preview(id) => {
-                    sqlx::query("UPDATE approval_previews SET sealed = $2 WHERE id = $1").bind(id)
-                }
-                SealedPlace::SigningKey(kid) => {
-                    sqlx::query("UPDATE signing_keys SET sealed = $2 WHERE kid = $1").bind(kid)
-                }
+                SealedPlace::Preview(id) => sqlx::query(
+                    "UPDATE approval_previews SET sealed = $3 WHERE id = $1 AND sealed = $2",
+                )
+                .bind(id),
+                SealedPlace::SigningKey(kid) => sqlx::query(
+                    "UPDATE signing_keys SET sealed = $3 WHERE kid = $1 AND sealed = $2",
+                )
+                .bind(kid),
             };
-            let done = query.bind(sealed).execute(conn).await.map_err(unavailable)?;
-            if done.rows_affected() == 1 {
-                Ok(())
-            } else {
-                Err(crate::StoreError::Corrupt(format!("{place:?} changed while it was re-sealed")))
-            }
+            let query = match place {
+                SealedPlace::Vault { .. } => query.bind(sealed).bind(old),
+                _ => query.bind(old).bind(sealed),
+            };
+            let done = query.execute(conn).await.map_err(unavailable)?;
+            Ok(done.rows_affected() == 1)
         }
 
         async fn create_connect(

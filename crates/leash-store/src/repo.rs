@@ -314,17 +314,23 @@ impl<B: Backend> Store for Repo<B> {
         self.commit_change(tx, Some(event), &[]).await
     }
 
-    async fn reseal_all(&self, reseal: &Resealer<'_>) -> StoreResult<usize> {
+    async fn reseal_all(
+        &self,
+        reseal: &Resealer<'_>,
+        event: Option<&AuditEvent>,
+    ) -> StoreResult<usize> {
         let mut tx = self.begin().await?;
         let mut changed = 0;
         for (place, sealed) in B::Db::sealed_values(&mut tx).await? {
             let Some(resealed) = reseal(&place, &sealed).map_err(StoreError::Corrupt)? else {
                 continue;
             };
-            B::Db::replace_sealed(&mut tx, &place, &resealed).await?;
+            if !B::Db::replace_sealed(&mut tx, &place, &sealed, &resealed).await? {
+                return Err(StoreError::Conflict);
+            }
             changed += 1;
         }
-        tx.commit().await.map_err(unavailable)?;
+        self.commit_change(tx, event, &[]).await?;
         self.memos.clear();
         Ok(changed)
     }

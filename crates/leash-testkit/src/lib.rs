@@ -639,6 +639,26 @@ impl Leash {
         }
     }
 
+    /// Reads one byte column of one row from outside the server, with SQL both backends take.
+    pub async fn query_bytes(&self, sql: &str) -> Vec<u8> {
+        match &self.database {
+            Some(database) => {
+                use sqlx::Connection as _;
+                let mut conn = sqlx::PgConnection::connect(&database.url)
+                    .await
+                    .expect("connect");
+                sqlx::query_scalar(sql)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("query")
+            }
+            None => rusqlite::Connection::open(self.data_dir().join("leash.db"))
+                .expect("open")
+                .query_row(sql, [], |row| row.get(0))
+                .expect("query"),
+        }
+    }
+
     /// Makes every insert into `table` fail from outside the server (as a full or broken disk
     /// would), or, with `fail` false, undoes it; on either backend.
     pub async fn fail_inserts(&self, table: &str, fail: bool) {

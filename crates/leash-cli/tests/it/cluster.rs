@@ -451,3 +451,135 @@ async fn a_key_rotation_on_one_node_is_published_by_the_others_within_a_second_a
         assert_eq!(status, 200, "{body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_online_master_key_rotation_reaches_every_node_that_holds_the_key_and_stops_one_that_does_not()
+ {
+    use leash_core::aead::MasterKey;
+    let c = cluster(grant_body(json!({}))).await;
+    let (token, dpop) = c.s.token(&c.nodes[0]).await;
+    let new = MasterKey::generate();
+    let stage = |node: &Leash| {
+        leash_server::files::write_private(
+            &node.data_dir().join("master.key.next"),
+            new.to_base64().as_bytes(),
+            leash_server::files::IfExists::Replace,
+        )
+        .unwrap();
+    };
+    // Staged on two nodes of three; the third is forgotten.
+    stage(&c.nodes[0]);
+    stage(&c.nodes[1]);
+    let (status, body) = c.nodes[0]
+        .call(
+            Method::POST,
+            "/v1/master-key/rotate",
+            ADMIN_KEY,
+            Some(json!({ "new_key_id": new.id() })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let asked = Instant::now();
+    // Whichever key the other node sealed with (it may not have switched yet), every node
+    // opens it.
+    let (status, body) = c.nodes[1]
+        .call(
+            Method::PUT,
+            "/v1/vault/mail",
+            &c.s.user_key,
+            Some(json!({"kind": "cookie", "secret": "session=rotated"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for node in &c.nodes[..2] {
+        let before = c.upstream.count();
+        let (status, body) =
+            call(node, Method::GET, "/gw/mail/messages/1", &token, &dpop, &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            c.upstream.requests()[before].headers["cookie"],
+            "session=rotated"
+        );
+    }
+    // The node without the key stops sealing and says so to the load balancer, within 1 s.
+    let forgotten = &c.nodes[2];
+    loop {
+        let (status, _) = forgotten.call(Method::GET, "/readyz", "", None).await;
+        if status == 503 {
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "a node without the new key stayed ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = forgotten
+        .call(
+            Method::PUT,
+            "/v1/vault/mail",
+            &c.s.user_key,
+            Some(json!({"kind": "cookie", "secret": "session=under-the-old-key"})),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("master.key.next"),
+        "{body}"
+    );
+    // Given the key, it switches by itself within 1 s.
+    stage(forgotten);
+    let given = Instant::now();
+    loop {
+        let (status, _) = forgotten.call(Method::GET, "/readyz", "", None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            given.elapsed() < Duration::from_secs(1),
+            "the node did not take the staged key"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = c.upstream.count();
+    let (status, body) = call(
+        forgotten,
+        Method::GET,
+        "/gw/mail/messages/1",
+        &token,
+        &dpop,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        c.upstream.requests()[before].headers["cookie"],
+        "session=rotated"
+    );
+    // The nodes run on LEASH_MASTER_KEY: the staged files are gone, the operator sets the
+    // variable before the next start.
+    for node in &c.nodes {
+        assert!(!node.data_dir().join("master.key.next").exists());
+    }
+    // And whatever was sealed under the old key meanwhile ends under the new one.
+    let context = leash_server::vault::context(&c.s.user_id, "mail", "cookie", None);
+    let swept = Instant::now();
+    while new
+        .open(
+            &c.nodes[0]
+                .query_bytes("SELECT sealed FROM vault WHERE upstream = 'mail'")
+                .await,
+            &context,
+        )
+        .is_err()
+    {
+        assert!(
+            swept.elapsed() < Duration::from_secs(15),
+            "a value stayed under the old key"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
