@@ -233,6 +233,10 @@ pub async fn watch(state: Arc<AppState>) {
         if let Err(e) = crate::master::follow(&state).await {
             tracing::warn!(error = %e, "reading the store's master key name failed");
         }
+        if state.master.unready().is_some() {
+            // Without the store's master key the keys do not open; `follow` said so once.
+            continue;
+        }
         if let Err(e) = reload(&state).await {
             tracing::warn!(error = %e, "reading the signing keys failed; keeping the ones held");
         }
