@@ -136,6 +136,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             Arc::new(state.config.limits.clone()),
             listener::check_head,
         ))
+        .layer(axum::middleware::from_fn(listener::close_when_body_left))
         .with_state(state)
 }
 

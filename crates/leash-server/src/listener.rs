@@ -321,6 +321,65 @@ async fn accept_failed(e: std::io::Error) {
     }
 }
 
+/// A request body that says when it was read to its end.
+struct TrackedBody {
+    inner: axum::body::Body,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.finished
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Answers `Connection: close` to an HTTP/1 request whose body the handler left unread (a
+/// refusal before the body, say): hyper cannot reuse such a connection and closes it after
+/// the answer, and without the header a client would send its next request into that
+/// closing connection and get no answer.
+pub async fn close_when_body_left(request: Request, next: Next) -> Response {
+    use hyper::body::Body as _;
+    let http1 = request.version() < axum::http::Version::HTTP_2;
+    if !http1 || request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tracked = Arc::clone(&finished);
+    let request = request.map(|inner| {
+        axum::body::Body::new(TrackedBody {
+            inner,
+            finished: tracked,
+        })
+    });
+    let mut response = next.run(request).await;
+    if !finished.load(std::sync::atomic::Ordering::Relaxed) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
 /// The configured head limits, answered with a JSON 431 before any handler runs.
 pub async fn check_head(
     State(limits): State<Arc<Limits>>,

@@ -154,7 +154,24 @@ impl Master {
     /// Opens with the current key, else the staged one (a rotation another node just made),
     /// else a previous one (a value sealed by a node that had not switched yet).
     pub fn open(&self, sealed: &[u8], context: &[u8]) -> Result<Zeroizing<Vec<u8>>, AeadError> {
-        self.held().open(sealed, context)
+        let held = self.held();
+        if let Ok(plain) = held.open(sealed, context) {
+            return Ok(plain);
+        }
+        // A rotation elsewhere may have come before this node's next look at its staged
+        // file: look now (a small local file, and only when nothing held opens the value).
+        let staged = self.read_staged().ok_or(AeadError::Open)?;
+        if held.staged.as_ref().is_some_and(|k| k.id() == staged.id()) {
+            return Err(AeadError::Open);
+        }
+        let plain = staged.open(sealed, context)?;
+        self.replace(Held {
+            current: Arc::clone(&held.current),
+            staged: Some(staged),
+            previous: held.previous.clone(),
+            stale: held.stale,
+        });
+        Ok(plain)
     }
 
     /// Why this node cannot seal or serve, if it cannot.
@@ -221,17 +238,25 @@ impl Opener for Master {
     }
 }
 
-/// Reads a key file that must be private; `None` if there is none.
+/// Reads a key file that must be a private regular file; `None` if there is none. A symlink
+/// (it would be installed as `master.key` pointing elsewhere) or a FIFO (reading it would
+/// block) is refused before it is opened.
 pub fn read_private_key(path: &Path) -> anyhow::Result<Option<MasterKey>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => Zeroizing::new(text),
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
     };
+    if !meta.file_type().is_file() {
+        anyhow::bail!(
+            "{} must be a regular file (not a link, directory or pipe): copy the key there",
+            path.display()
+        );
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(path)?.permissions().mode();
+        let mode = meta.permissions().mode();
         if mode & 0o077 != 0 {
             anyhow::bail!(
                 "{} can be read by others (mode {:o}): make it private first (chmod 600)",
@@ -240,6 +265,10 @@ pub fn read_private_key(path: &Path) -> anyhow::Result<Option<MasterKey>> {
             );
         }
     }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+    );
     MasterKey::from_base64(&text)
         .map(Some)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
@@ -337,8 +366,15 @@ pub async fn settle(
     current: MasterKey,
 ) -> anyhow::Result<MasterKey> {
     let next_path = data_dir.join(NEXT_MASTER_KEY_FILE);
-    let Some(next) = read_private_key(&next_path)? else {
-        return Ok(current);
+    let next = match read_private_key(&next_path) {
+        Ok(Some(next)) => next,
+        Ok(None) => return Ok(current),
+        Err(e) => {
+            // Never the key the store is under (a rotation never takes such a file): the
+            // current key opens the store or the start fails on that, saying so.
+            tracing::warn!(error = %e, "the staged master key is unusable; it is ignored");
+            return Ok(current);
+        }
     };
     let sealed = store.setting(SIGNING_KEY).await?;
     let opens = |key: &MasterKey| {
@@ -604,6 +640,55 @@ mod tests {
             "{refused}"
         );
         assert!(master.unready().is_some());
+    }
+
+    #[test]
+    fn a_value_under_a_key_staged_since_the_last_look_opens_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (master, _) = master_in(dir.path());
+        let next = MasterKey::generate();
+        let from_next = next.seal(b"new", b"ctx");
+        crate::files::write_private(
+            &dir.path().join(NEXT_MASTER_KEY_FILE),
+            next.to_base64().as_bytes(),
+            crate::files::IfExists::Fail,
+        )
+        .unwrap();
+        // No tick has read the file yet.
+        assert!(master.held().staged.is_none());
+        assert_eq!(&*master.open(&from_next, b"ctx").unwrap(), b"new");
+        assert!(
+            master
+                .open(&MasterKey::generate().seal(b"x", b"ctx"), b"ctx")
+                .is_err()
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_staged_link_or_pipe_is_refused_without_being_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("new.key");
+        crate::files::write_private(
+            &target,
+            MasterKey::generate().to_base64().as_bytes(),
+            crate::files::IfExists::Fail,
+        )
+        .unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let refused = read_private_key(&link).unwrap_err().to_string();
+        assert!(refused.contains("regular file"), "{refused}");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg("-m600")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Would block for ever if it were opened.
+        let refused = read_private_key(&fifo).unwrap_err().to_string();
+        assert!(refused.contains("regular file"), "{refused}");
     }
 
     #[test]

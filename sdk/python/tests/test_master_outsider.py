@@ -3,8 +3,8 @@ key"), against the real `leash` binary: who may rotate, what a staged key file m
 rotation does to sealed values under concurrent writes, two rotations at once, nodes without the
 key, crashes and restarts, and whether key material ever leaves the machine.
 
-Each test is one attack and asserts the secure behaviour; a test that fails against the binary
-is a finding of the review, marked `# FINDING:`. The cluster tests need the test PostgreSQL
+Each test is one attack and asserts the secure behaviour; the four that failed against the
+binary reviewed were findings, fixed since and marked `# FIXED:`. The cluster tests need the test PostgreSQL
 server (`LEASH_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/postgres)."""
 
 from __future__ import annotations
@@ -361,7 +361,7 @@ def test_a_session_cookie_cannot_rotate_from_another_site(
 def test_refused_rotations_do_not_drop_the_next_request_on_the_connection(
     nodes: Callable[..., Node], tmp_path: Path
 ) -> None:
-    # FINDING: a human's POST /v1/master-key/rotate, refused 403, now and then leaves the
+    # FIXED: a human's POST /v1/master-key/rotate, refused 403, now and then leaves the
     # keep-alive connection closed by the server without an answer to the *next* request (and
     # without `Connection: close` on the 403): httpx raises "Server disconnected without sending
     # a response" for ~5 % of 200 requests (the same with POST /v1/keys/rotate, ~12 %, and
@@ -440,7 +440,7 @@ def test_bad_staged_files_are_refused_and_change_nothing(
 def test_a_fifo_as_the_staged_key_does_not_wedge_online_rotation(
     nodes: Callable[..., Node], tmp_path: Path
 ) -> None:
-    # FINDING: `master.key.next` that is a FIFO is opened and read: the rotate call never
+    # FIXED: `master.key.next` that is a FIFO is opened and read: the rotate call never
     # answers, and the node's online rotation stays wedged after the FIFO is replaced by a good
     # key (every later POST /v1/master-key/rotate hangs too) until the process restarts. A
     # directory is refused ("Is a directory"); anything but a regular file should be refused at
@@ -488,7 +488,7 @@ def rotate_with_timeout(node: Node, body: Any, seconds: float) -> httpx.Response
 def test_a_symlinked_staged_key_does_not_leave_master_key_pointing_outside_the_data_dir(
     nodes: Callable[..., Node], tmp_path: Path
 ) -> None:
-    # FINDING: `master.key.next` may be a symlink (to the operator's new.key, say): the rotation
+    # FIXED: `master.key.next` may be a symlink (to the operator's new.key, say): the rotation
     # succeeds and renames the *link* over `master.key`, so the store's only key now lives
     # outside the data dir, in a file the guide's workflow treats as a temporary (delete new.key
     # after the rotation and the node never starts again; whoever can write the target's
@@ -822,7 +822,7 @@ def test_a_node_without_the_staged_key_stops_sealing_never_serves_a_wrong_secret
 def test_a_node_with_the_staged_key_opens_new_values_before_it_switched(
     nodes: Callable[..., Node], database: str, tmp_path: Path
 ) -> None:
-    # FINDING: the guide says "until then [its switch, within a second] a node opens values
+    # FIXED: the guide says "until then [its switch, within a second] a node opens values
     # under either key". It does not: right after node A's rotation, node B (the new key
     # staged, /readyz 200) answers the gateway with 503 temporarily_unavailable "the vaulted
     # credential cannot be used" and logs ERROR "a vaulted credential does not open with the
