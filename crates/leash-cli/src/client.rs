@@ -51,6 +51,35 @@ pub enum KeysCommand {
     },
 }
 
+/// `leash proxy …`.
+#[derive(Debug, Subcommand)]
+pub enum ProxyCommand {
+    /// Print the proxy CA's certificate (PEM): the agent's browser must trust it to browse
+    /// through the proxy (API §16). Public; no key needed.
+    Ca {
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Runs a `leash proxy` verb.
+pub async fn proxy(cmd: ProxyCommand) -> anyhow::Result<()> {
+    let ProxyCommand::Ca { remote } = cmd;
+    let url = format!("{}/v1/proxy/ca", base(&remote));
+    let response = http()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    match json_or_error(response).await? {
+        Value::String(pem) if pem.starts_with("-----BEGIN CERTIFICATE-----") => {
+            print!("{pem}");
+            Ok(())
+        }
+        other => bail!("{url} did not answer a certificate: {other}"),
+    }
+}
+
 /// Runs a `leash keys` verb.
 pub async fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     let value = match cmd {

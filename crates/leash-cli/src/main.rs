@@ -76,6 +76,9 @@ enum Command {
     /// Rotate and list the token-signing keys (admin key).
     #[command(subcommand)]
     Keys(client::KeysCommand),
+    /// The forward proxy for browser agents: its CA certificate.
+    #[command(subcommand)]
+    Proxy(client::ProxyCommand),
     /// Operations on the master key that seals secrets at rest (server stopped).
     #[command(subcommand, name = "master-key")]
     MasterKey(keys::MasterKeyCommand),
@@ -241,6 +244,7 @@ async fn main() -> std::process::ExitCode {
         Command::Policy(cmd) => policy(cmd),
         Command::MasterKey(cmd) => keys::master_key(cmd).await,
         Command::Keys(cmd) => client::keys(cmd).await,
+        Command::Proxy(cmd) => client::proxy(cmd).await,
         Command::Backup(args) => backup::backup(args).await,
         Command::Restore(args) => backup::restore(args).await,
         Command::Demo(args) => demo::demo(args).await,

@@ -117,6 +117,23 @@ async fn nonce_key(store: &dyn Store, master: &MasterKey) -> anyhow::Result<Nonc
     Ok(NonceKey::new(bytes))
 }
 
+/// The key of proxy credentials: the one in the store, or a new one stored now.
+async fn proxy_credential_key(
+    store: &dyn Store,
+    master: &MasterKey,
+) -> anyhow::Result<crate::proxy::credential::CredentialKey> {
+    const NAME: &str = crate::proxy::credential::KEY_SETTING;
+    let candidate = master.seal(&random_32(), NAME.as_bytes());
+    let sealed = store.init_setting(NAME, &candidate).await?;
+    let bytes: [u8; 32] = master
+        .open(&sealed, NAME.as_bytes())
+        .map_err(|_| anyhow::anyhow!("the master key does not open this database's proxy key"))?
+        .as_slice()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("stored proxy key has the wrong length"))?;
+    Ok(crate::proxy::credential::CredentialKey::new(bytes))
+}
+
 /// The digest of the admin key: `LEASH_ADMIN_TOKEN`'s, else the stored one, else that of a key
 /// generated and stored now, which is returned too (to be shown once).
 async fn admin_key(
@@ -162,6 +179,19 @@ pub async fn prepare(
     store.set_checkpoint_signer(crate::audit::signer(Arc::clone(&keys), clock.clone()));
     let nonce_key = nonce_key(store.as_ref(), &master).await?;
     let delegation = delegation_key(store.as_ref(), &master).await?;
+    let proxy_credentials = proxy_credential_key(store.as_ref(), &master).await?;
+    let proxy_ca = match &config.proxy {
+        Some(_) => {
+            crate::proxy::ca::ProxyCa::load(
+                store.as_ref(),
+                &master,
+                &config.proxy_hosts(),
+                clock.now(),
+            )
+            .await?
+        }
+        None => None,
+    };
     let (admin_key, generated_admin_key) = admin_key(store.as_ref(), admin_token).await?;
 
     let notifier = match (
@@ -209,6 +239,8 @@ pub async fn prepare(
         admin_key,
         nonce_key,
         delegation,
+        proxy_credentials,
+        proxy_ca,
         metrics: Metrics::default(),
         master,
         policy: std::sync::RwLock::new(Arc::new(policy)),

@@ -96,6 +96,7 @@ struct FileConfig {
     authorize: Option<AuthorizeFile>,
     mcp: Option<McpFile>,
     keys: Option<KeysFile>,
+    proxy: Option<ProxyFile>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
     oidc: Option<OidcFile>,
@@ -233,6 +234,9 @@ struct UpstreamFile {
     unlisted_tools: Option<String>,
     inject: Option<InjectFile>,
     oauth: Option<OAuthFile>,
+    /// The host names a browser navigates to, for the forward proxy (API §16).
+    #[serde(default)]
+    hosts: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -268,6 +272,48 @@ struct ToolFile {
 #[serde(deny_unknown_fields)]
 struct KeysFile {
     rotate_every: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyFile {
+    listen: String,
+    approval_wait: Option<i64>,
+}
+
+/// `[proxy]` (API §16): the forward proxy for browser agents.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Its own listener.
+    pub listen: SocketAddr,
+    /// How long a request that needs approval is held open while the human decides.
+    pub approval_wait: std::time::Duration,
+}
+
+/// A host name a browser navigates to (`hosts`): a DNS name of letters, digits and hyphens,
+/// lower case, no wildcard, no IP address (the proxy CA's name constraints name DNS names
+/// only, and exclude every address).
+fn proxy_host(key: &str, host: &str) -> Result<String, ConfigError> {
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    let is_address = host.parse::<std::net::IpAddr>().is_ok()
+        || host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    if host.len() > 253 || is_address || !host.split('.').all(label_ok) {
+        return Err(invalid(
+            key,
+            format!(
+                "hosts: {host:?} must be a DNS name in lower case (no wildcard, no IP address)"
+            ),
+        ));
+    }
+    Ok(host.to_owned())
 }
 
 /// A duration written `30d`, `12h`, `15m` or `90s`.
@@ -369,6 +415,9 @@ pub struct Upstream {
     /// Leash signs per request for this audience, in place of a vaulted credential.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delegation_audience: Option<String>,
+    /// The host names a browser reaches this upstream by through the forward proxy (API §16).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
     /// `[upstream.oauth]` (API §17): humans connect their account at the upstream's OAuth
     /// server, and Leash injects the access token it keeps fresh.
     #[serde(skip)]
@@ -904,6 +953,24 @@ pub struct Config {
     /// `[keys] rotate_every`: a planned signing-key rotation once the newest key is this old;
     /// none (the default): only when asked.
     pub rotate_keys_every: Option<std::time::Duration>,
+    /// `[proxy]`, when the forward proxy is on.
+    pub proxy: Option<ProxyConfig>,
+}
+
+impl Config {
+    /// The upstream a browser reaches at `host` through the proxy.
+    pub fn upstream_by_host(&self, host: &str) -> Option<&Upstream> {
+        self.upstreams
+            .values()
+            .find(|u| u.hosts.iter().any(|h| h == host))
+    }
+
+    /// Every host the proxy serves, sorted, each once.
+    pub fn proxy_hosts(&self) -> Vec<String> {
+        let hosts: std::collections::BTreeSet<&String> =
+            self.upstreams.values().flat_map(|u| &u.hosts).collect();
+        hosts.into_iter().cloned().collect()
+    }
 }
 
 /// A positive number of seconds as a duration, `default` when unset.
@@ -1047,6 +1114,25 @@ fn upstreams(
             return Err(invalid(&key, "url must be http or https"));
         }
         let mcp = mcp_server(&key, &mut file)?;
+        let hosts = std::mem::take(&mut file.hosts)
+            .iter()
+            .map(|host| proxy_host(&key, host))
+            .collect::<Result<Vec<_>, _>>()?;
+        if mcp.is_some() && !hosts.is_empty() {
+            return Err(invalid(
+                &key,
+                "an MCP upstream has no hosts (the proxy is for browsers)",
+            ));
+        }
+        if let Some(taken) = hosts
+            .iter()
+            .find(|h| out.values().any(|u: &Upstream| u.hosts.contains(h)))
+        {
+            return Err(invalid(
+                &key,
+                format!("hosts: {taken:?} belongs to another upstream"),
+            ));
+        }
         let delegation_audience = match file.inject.take() {
             None => None,
             Some(inject) if inject.kind == "leash_token" => {
@@ -1140,6 +1226,7 @@ fn upstreams(
                     table,
                     mcp,
                     delegation_audience,
+                    hosts,
                     oauth,
                 },
             )
@@ -1248,6 +1335,21 @@ impl Config {
                 file.mcp.and_then(|m| m.approval_wait),
                 std::time::Duration::from_secs(120),
             )?,
+            proxy: file
+                .proxy
+                .map(|p| {
+                    Ok::<_, ConfigError>(ProxyConfig {
+                        listen: p.listen.parse().map_err(|_| {
+                            invalid("proxy.listen", format!("{:?} is not host:port", p.listen))
+                        })?,
+                        approval_wait: seconds(
+                            "proxy.approval_wait",
+                            p.approval_wait,
+                            std::time::Duration::from_secs(120),
+                        )?,
+                    })
+                })
+                .transpose()?,
             rotate_keys_every: file
                 .keys
                 .and_then(|k| k.rotate_every)
@@ -1654,6 +1756,67 @@ risk = "high"
             "[[upstream]]\nname = \"notes\"\nurl = \"http://127.0.0.1:9\"\ninject = { kind = \"leash_token\", audience = \"https://notes.example\" }\n[upstream.oauth]\nissuer = \"https://as.example\"\nclient_id = \"leash\"\n",
         );
         assert!(both.is_err());
+    }
+
+    #[test]
+    fn the_proxy_and_its_hosts_are_checked() {
+        let upstream = |name: &str, hosts: &str| {
+            format!(
+                "[[upstream]]\nname = \"{name}\"\nurl = \"https://{name}.example\"\nhosts = {hosts}\n"
+            )
+        };
+        let c = config_of(&format!(
+            "[proxy]\nlisten = \"127.0.0.1:8471\"\n{}{}",
+            upstream(
+                "finance",
+                "[\"finance.example.com\", \"app.finance.example.com\"]"
+            ),
+            upstream("portal", "[\"portal.example.org\"]")
+        ))
+        .unwrap();
+        let proxy = c.proxy.as_ref().unwrap();
+        assert_eq!(proxy.listen.port(), 8471);
+        assert_eq!(proxy.approval_wait.as_secs(), 120);
+        assert_eq!(
+            c.proxy_hosts(),
+            [
+                "app.finance.example.com",
+                "finance.example.com",
+                "portal.example.org"
+            ]
+        );
+        assert_eq!(
+            c.upstream_by_host("portal.example.org").unwrap().name,
+            "portal"
+        );
+        assert!(c.upstream_by_host("example.org").is_none());
+        assert!(config_of("").unwrap().proxy.is_none(), "off by default");
+        for bad in [
+            "[\"*.example.com\"]",
+            "[\"Finance.example.com\"]",
+            "[\"127.0.0.1\"]",
+            "[\"[::1]\"]",
+            "[\"a..b\"]",
+            "[\"-a.example\"]",
+            "[\"a.example:443\"]",
+            "[\"\"]",
+        ] {
+            assert!(
+                config_of(&upstream("finance", bad)).is_err(),
+                "{bad} was accepted"
+            );
+        }
+        // One host, one upstream; a bad listen address; no zero wait.
+        assert!(
+            config_of(&format!(
+                "{}{}",
+                upstream("a", "[\"x.example\"]"),
+                upstream("b", "[\"x.example\"]")
+            ))
+            .is_err()
+        );
+        assert!(config_of("[proxy]\nlisten = \"nowhere\"\n").is_err());
+        assert!(config_of("[proxy]\nlisten = \"127.0.0.1:1\"\napproval_wait = 0\n").is_err());
     }
 
     #[test]

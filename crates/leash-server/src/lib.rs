@@ -25,6 +25,7 @@ pub mod oauth;
 pub mod oidc;
 pub mod openapi;
 pub mod overrides;
+pub mod proxy;
 pub mod reflection;
 pub mod review;
 pub mod state;
@@ -59,6 +60,7 @@ fn documented() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(keys::rotate))
         .routes(routes!(keys::list))
         .routes(routes!(master::rotate_online))
+        .routes(routes!(proxy::ca_pem))
         .routes(routes!(backup::backup))
         .routes(routes!(oauth::token))
         .routes(routes!(oauth::revoke))
@@ -220,6 +222,11 @@ pub async fn run(
             }
         })
     };
+    if let Some(proxy) = &boot.state.config.proxy {
+        // The forward proxy comes in parts (API §16): its CA and credentials are served; its
+        // listener is not yet, and a configuration must not look as if it were.
+        tracing::warn!(listen = %proxy.listen, "[proxy]: the proxy CA (GET /v1/proxy/ca) and proxy credentials are served; the proxy listener itself is not built yet, so nothing listens there");
+    }
     let checkpoints = tokio::spawn(audit::checkpoint_timer(store.clone()));
     let key_watch = tokio::spawn(keys::watch(boot.state.clone()));
     let key_schedule = boot

@@ -38,8 +38,14 @@ pub const MASTER_KEY_ID: &str = "master_key_id";
 /// the operator (or `leash master-key rotate`) before a rotation, moved over `master.key` after.
 pub const NEXT_MASTER_KEY_FILE: &str = "master.key.next";
 
-/// The settings that hold a value sealed under the master key (bound to their name).
-const SEALED_SETTINGS: [&str; 3] = [SIGNING_KEY, DELEGATION_KEY, NONCE_KEY];
+/// The settings that hold a value sealed under the master key (bound to their name); the
+/// proxy CAs' (`proxy_ca:…`) are found by opening them.
+const SEALED_SETTINGS: [&str; 4] = [
+    SIGNING_KEY,
+    DELEGATION_KEY,
+    NONCE_KEY,
+    crate::proxy::credential::KEY_SETTING,
+];
 
 /// When, after a node switched keys, values still sealed under the old one are looked for:
 /// later than every other node's switch (they check every 500 ms), and again in case a write

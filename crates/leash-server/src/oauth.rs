@@ -1,6 +1,7 @@
 //! The OAuth endpoints: token exchange (RFC 8693) with private_key_jwt and DPoP, revocation
 //! (RFC 7009) and introspection (RFC 7662).
 
+use crate::proxy::credential::{PROXY_CREDENTIAL_TYPE, ProxyClaims};
 use std::sync::Arc;
 
 use axum::Json;
@@ -14,8 +15,8 @@ use leash_core::grant::{GrantStatus, narrow_scope};
 use leash_core::jwk::parse_jwks;
 use leash_core::secret::{SecretDigest, random_id};
 use leash_core::token::{
-    ACCESS_TOKEN_TYPE, AccessClaims, Actor, Confirmation, GRANT_TOKEN_TYPE, TOKEN_EXCHANGE,
-    verify_access_token,
+    ACCESS_TOKEN_TYPE, AccessClaims, Actor, Confirmation, GRANT_TOKEN_TYPE, JWT_TOKEN_TYPE,
+    TOKEN_EXCHANGE, verify_access_token,
 };
 use leash_store::{Agent, OneTimeKind, OneTimeUse, RequestUse, UseVerdict};
 use serde::Serialize;
@@ -229,6 +230,20 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
             "actor_token is not used: the agent authenticates with client_assertion".into(),
         ));
     }
+    let for_proxy = match form.get("requested_token_type") {
+        None | Some(ACCESS_TOKEN_TYPE | JWT_TOKEN_TYPE) => false,
+        Some(PROXY_CREDENTIAL_TYPE) if state.config.proxy.is_some() => true,
+        Some(PROXY_CREDENTIAL_TYPE) => {
+            return Err(ApiError::InvalidRequest(
+                "this server has no forward proxy ([proxy] is not configured)".into(),
+            ));
+        }
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "requested_token_type must be {ACCESS_TOKEN_TYPE} or {PROXY_CREDENTIAL_TYPE}"
+            )));
+        }
+    };
 
     // One query finds the grant and its agent; the client is authenticated first all the same.
     let found = state
@@ -266,7 +281,7 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
             ApiError::InvalidGrant("unknown grant handle, or not issued to this agent".into())
         })?;
     // From here on the grant is known: every outcome is audited under it.
-    let jti = random_id("tok_");
+    let jti = random_id(if for_proxy { "pxc_" } else { "tok_" });
     let mut event = AuditEvent::new("token.exchange", Mode::Delegated, now);
     event.subject = Some(grant.subject.clone());
     event.actor = Some(agent.clone());
@@ -293,6 +308,9 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
     let scope = actions.join(" ");
     event.action = Some(scope.clone());
     event.decision = Some(Outcome::Allow);
+    if for_proxy {
+        event.reason = Some("a proxy credential for the agent's browser (API §16)".into());
+    }
 
     // Both one-time values are consumed together, and only once every check passed; the
     // grant is checked live again in the same transaction (a grant revoked since it was read
@@ -344,6 +362,30 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
     }
 
     let exp = (now + state.config.max_token_ttl).min(grant.expires_at);
+    if for_proxy {
+        let credential = state.proxy_credentials.issue(&ProxyClaims {
+            iss: state.issuer.clone(),
+            sub: grant.subject.clone(),
+            act: Actor { sub: agent.clone() },
+            client_id: agent,
+            grant_id: grant.id.clone(),
+            scope: scope.clone(),
+            jti,
+            iat: now,
+            exp,
+        });
+        Metrics::incr(&state.metrics.tokens_issued);
+        tracing::info!(grant_id = %grant.id, "proxy credential issued");
+        return Ok(Json(TokenResponse {
+            access_token: credential,
+            issued_token_type: PROXY_CREDENTIAL_TYPE,
+            // RFC 8693 §2.2.1: not an access token for an `Authorization` header.
+            token_type: "N_A",
+            expires_in: exp - now,
+            scope,
+        })
+        .into_response());
+    }
     let claims = AccessClaims {
         iss: state.issuer.clone(),
         sub: grant.subject.clone(),
@@ -442,11 +484,27 @@ pub async fn revoke(
         ));
     }
     let now = state.clock.now();
-    if let Ok(claims) = verify_access_token(token, |kid| state.verify_key(kid), &state.issuer, now)
-    {
+    // An access token, or a proxy credential (API §16): either names its own `jti`.
+    let revocable =
+        match verify_access_token(token, |kid| state.verify_key(kid), &state.issuer, now) {
+            Ok(claims) => Some((
+                claims.sub,
+                claims.client_id,
+                claims.grant_id,
+                claims.jti,
+                claims.exp,
+                Some(claims.purpose),
+            )),
+            Err(_) => state
+                .proxy_credentials
+                .verify(token, &state.issuer, now)
+                .ok()
+                .map(|c| (c.sub, c.client_id, c.grant_id, c.jti, c.exp, None)),
+        };
+    if let Some((sub, client_id, grant_id, jti, exp, purpose)) = revocable {
         let allowed = match &caller {
-            OAuthCaller::Key(c) => c.may_act_for(&claims.sub),
-            OAuthCaller::Agent(client) => client.agent == claims.client_id,
+            OAuthCaller::Key(c) => c.may_act_for(&sub),
+            OAuthCaller::Agent(client) => client.agent == client_id,
         };
         if allowed {
             let mode = match &caller {
@@ -454,16 +512,16 @@ pub async fn revoke(
                 OAuthCaller::Agent(_) => Mode::Delegated,
             };
             let mut event = AuditEvent::new("token.revoked", mode, now);
-            event.subject = Some(claims.sub.clone());
-            event.actor = Some(claims.client_id.clone());
-            event.grant_id = Some(claims.grant_id.clone());
-            event.purpose = Some(claims.purpose.clone());
-            event.request_id = Some(claims.jti.clone());
+            event.subject = Some(sub);
+            event.actor = Some(client_id);
+            event.grant_id = Some(grant_id.clone());
+            event.purpose = purpose;
+            event.request_id = Some(jti.clone());
             state
                 .store
-                .revoke_token(&claims.jti, &claims.grant_id, claims.exp, &event)
+                .revoke_token(&jti, &grant_id, exp, &event)
                 .await?;
-            tracing::info!(jti = %claims.jti, grant_id = %claims.grant_id, "token revoked");
+            tracing::info!(jti = %jti, grant_id = %grant_id, "token revoked");
         }
     }
     Ok(no_store(Json(json!({})).into_response()))

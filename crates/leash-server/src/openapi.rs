@@ -221,6 +221,9 @@ pub struct TokenForm {
     pub client_assertion: String,
     /// A space-separated subset of the grant's actions.
     pub scope: Option<String>,
+    /// `urn:ietf:params:oauth:token-type:access_token` (the default), or
+    /// `urn:leash:params:oauth:token-type:proxy-credential` for the agent's browser (API §16).
+    pub requested_token_type: Option<String>,
 }
 
 /// The revocation form (RFC 7009); an agent authenticates with a client assertion.

@@ -64,6 +64,10 @@ pub struct AppState {
     /// The key of delegation tokens (API §17), published only at
     /// `/.well-known/leash-delegation-jwks.json`.
     pub delegation: SigningKey,
+    /// The key of proxy credentials (API §16), shared by all nodes through the store.
+    pub proxy_credentials: crate::proxy::credential::CredentialKey,
+    /// The proxy CA, when the proxy is configured and an upstream has `hosts`.
+    pub proxy_ca: Option<crate::proxy::ca::ProxyCa>,
     /// Key of stateless DPoP nonces, shared by all nodes through the store.
     pub nonce_key: NonceKey,
     /// Counters.

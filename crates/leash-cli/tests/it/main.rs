@@ -25,6 +25,7 @@ mod openapi;
 mod operations;
 mod ownership;
 mod proofs;
+mod proxy;
 mod resource;
 mod secrets;
 mod single_use;
