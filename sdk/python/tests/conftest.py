@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -165,6 +166,50 @@ action = "mail:read"
 LIMITS = "[limits]\ntoken_rate = 0\ngateway_rate = 0\nunauthenticated_rate = 0\n"
 
 
+def serve(
+    config: Path, data: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[str], list[str], str]:
+    """Starts `leash serve` with `config` on `data`, logging warnings, with `env` over the
+    caller's environment, of which `LEASH_ISSUER`, `LEASH_DATABASE` and `LEASH_MASTER_KEY` never
+    leak in (`env` may still set them: a cluster's nodes share one master key). Returns the
+    process, its output lines (filled as it runs) and its URL: "" if it exited, or did not
+    listen within 30 s."""
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LEASH_ISSUER", "LEASH_DATABASE", "LEASH_MASTER_KEY")
+    }
+    process = subprocess.Popen(
+        [
+            *(str(leash_bin()), "serve", "--config", str(config), "--data-dir", str(data)),
+            *("--listen", "127.0.0.1:0"),
+        ],
+        env={**inherited, "LEASH_LOG": "warn", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    listening: queue.Queue[str] = queue.Queue()
+
+    def read_output() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("leash listening on "):
+                listening.put(line.split()[3])
+
+    threading.Thread(target=read_output, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            return process, output, "http://" + listening.get(timeout=0.2)
+        except queue.Empty:
+            if process.poll() is not None:
+                break
+    return process, output, ""
+
+
 class Leash:
     """A running server: its URL, admin key, and the human's side of the API."""
 
@@ -180,51 +225,13 @@ class Leash:
         self.dir = Path(tempfile.mkdtemp(prefix="leash-sdk-"))
         config = self.dir / "leash.toml"
         config.write_text(f"{extra}\n{ROUTES.format(upstream=upstream.url)}\n{limits}")
-        # The caller's environment never leaks in these; `env` may still set them (a cluster's
-        # nodes share one master key).
-        inherited = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("LEASH_ISSUER", "LEASH_DATABASE", "LEASH_MASTER_KEY")
-        }
-        process_env = {
-            **inherited,
-            "LEASH_ADMIN_TOKEN": self.admin_key,
-            "LEASH_LOG": "warn",
-            **(env or {}),
-        }
-        self.process = subprocess.Popen(
-            [
-                str(leash_bin()),
-                "serve",
-                "--config",
-                str(config),
-                "--data-dir",
-                str(self.dir / "data"),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            env=process_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        self.process, self.output, url = serve(
+            config, self.dir / "data", {"LEASH_ADMIN_TOKEN": self.admin_key, **(env or {})}
         )
-        self.output: list[str] = []
-        listening: queue.Queue[str] = queue.Queue()
-
-        def read_output() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                self.output.append(line)
-                if line.startswith("leash listening on "):
-                    listening.put(line.split()[3])
-
-        threading.Thread(target=read_output, daemon=True).start()
-        try:
-            self.url = "http://" + listening.get(timeout=30)
-        except queue.Empty:
+        if not url:
             self.stop()
-            raise RuntimeError("leash did not start:\n" + "".join(self.output)) from None
+            raise RuntimeError("leash did not start:\n" + "".join(self.output))
+        self.url = url
         self.http = httpx.Client(base_url=self.url, timeout=10)
 
     def stop(self) -> None:

@@ -4,8 +4,8 @@ rotation does to sealed values under concurrent writes, two rotations at once, n
 key, crashes and restarts, and whether key material ever leaves the machine.
 
 Each test is one attack and asserts the secure behaviour; the four that failed against the
-binary reviewed were findings, fixed since and marked `# FIXED:`. The cluster tests need the test PostgreSQL
-server (`LEASH_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/postgres)."""
+binary reviewed were findings, fixed since and marked `# FIXED:`. The cluster tests need the
+test PostgreSQL server (`LEASH_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/postgres)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import base64
 import contextlib
 import json
 import os
-import queue
 import secrets
 import signal
 import stat
@@ -27,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, leash_bin, set_up
+from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, leash_bin, serve, set_up
 
 from leash_agent import Agent
 
@@ -112,44 +111,10 @@ class Node(Leash):
         config = data.parent / f"leash-{secrets.token_hex(3)}.toml"
         top = f'database = "{database}"\n' if database else ""
         config.write_text(f"{top}{ROUTES.format(upstream=upstream.url)}\n{LIMITS}")
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("LEASH_ISSUER", "LEASH_DATABASE", "LEASH_MASTER_KEY")
-        }
-        env.update({"LEASH_ADMIN_TOKEN": admin_key, "LEASH_LOG": log})
+        env = {"LEASH_ADMIN_TOKEN": admin_key, "LEASH_LOG": log}
         if master_key:
             env["LEASH_MASTER_KEY"] = master_key
-        self.process = subprocess.Popen(
-            [
-                *(str(leash_bin()), "serve", "--config", str(config), "--data-dir", str(data)),
-                *("--listen", "127.0.0.1:0"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.output: list[str] = []
-        listening: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                self.output.append(line)
-                if line.startswith("leash listening on "):
-                    listening.put(line.split()[3])
-
-        threading.Thread(target=read, daemon=True).start()
-        self.url = ""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.url = "http://" + listening.get(timeout=0.2)
-                break
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
+        self.process, self.output, self.url = serve(config, data, env)
         self.http = httpx.Client(base_url=self.url or "http://127.0.0.1:9", timeout=15)
 
     def stop(self) -> None:

@@ -10,12 +10,10 @@ import base64
 import hashlib
 import json
 import os
-import queue
 import secrets
 import sqlite3
 import stat
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +22,7 @@ from typing import Any
 
 import httpx
 import jwt
-from conftest import Leash, Setup, leash_bin, set_up
+from conftest import Leash, Setup, leash_bin, serve, set_up
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_key_rotation import token_of
 
@@ -87,42 +85,7 @@ class Served:
         self.admin_key = admin_key
         config = data.parent / f"leash-{secrets.token_hex(3)}.toml"
         config.write_text(f"{extra}\n{ROUTES.format(upstream=upstream_url)}\n{LIMITS}")
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("LEASH_ISSUER", "LEASH_DATABASE", "LEASH_MASTER_KEY")
-        }
-        env.update({"LEASH_ADMIN_TOKEN": admin_key, "LEASH_LOG": "warn"})
-        self.process = subprocess.Popen(
-            [
-                *(str(leash_bin()), "serve", "--config", str(config), "--data-dir", str(data)),
-                *("--listen", "127.0.0.1:0"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.output: list[str] = []
-        listening: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                self.output.append(line)
-                if line.startswith("leash listening on "):
-                    listening.put(line.split()[3])
-
-        threading.Thread(target=read, daemon=True).start()
-        self.url = ""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.url = "http://" + listening.get(timeout=0.2)
-                break
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    break
+        self.process, self.output, self.url = serve(config, data, {"LEASH_ADMIN_TOKEN": admin_key})
         self.http = httpx.Client(base_url=self.url or "http://127.0.0.1:9", timeout=10)
 
     def call(self, method: str, path: str, key: str, body: Any = None) -> httpx.Response:
