@@ -303,8 +303,16 @@ fn proxy_host(key: &str, host: &str) -> Result<String, ConfigError> {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
-    let is_address = host.parse::<std::net::IpAddr>().is_ok()
-        || host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    // A last label that is a number (decimal, octal or `0x` hex) makes a browser's URL parser
+    // read the whole name as an IPv4 address (WHATWG URL): `0x7f000001`, `127.1`, `a.123`.
+    let last = host.rsplit('.').next().unwrap_or_default();
+    let numeric = |label: &str| {
+        let hex = label
+            .strip_prefix("0x")
+            .is_some_and(|digits| digits.bytes().all(|b| b.is_ascii_hexdigit()));
+        hex || (!label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let is_address = host.parse::<std::net::IpAddr>().is_ok() || numeric(last);
     if host.len() > 253 || is_address || !host.split('.').all(label_ok) {
         return Err(invalid(
             key,
@@ -1799,6 +1807,11 @@ risk = "high"
             "[\"a..b\"]",
             "[\"-a.example\"]",
             "[\"a.example:443\"]",
+            "[\"0x7f000001\"]",
+            "[\"0x7f.1\"]",
+            "[\"a.123\"]",
+            "[\"foo.0x1\"]",
+            "[\"2130706433\"]",
             "[\"\"]",
         ] {
             assert!(

@@ -199,13 +199,16 @@ def serve(
             if line.startswith("leash listening on "):
                 listening.put(line.split()[3])
 
-    threading.Thread(target=read_output, daemon=True).start()
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             return process, output, "http://" + listening.get(timeout=0.2)
         except queue.Empty:
             if process.poll() is not None:
+                # Its last words (why it did not start) are read before the caller looks.
+                reader.join(timeout=2)
                 break
     return process, output, ""
 

@@ -3,8 +3,9 @@ the real `leash` binary: the proxy CA at `GET /v1/proxy/ca`, the `lpx_` proxy cr
 token exchange and its revocation, the `[proxy]` and `hosts` configuration, and the HTTP/1
 `Connection: close` change for answers that leave the request body unread.
 
-Each test is one attack and asserts the secure behaviour; a test that fails against the binary
-reviewed is a finding, marked `# FINDING:`. The cluster test needs the test PostgreSQL server
+Each test is one attack and asserts the secure behaviour; the two that failed against the binary
+reviewed were findings, fixed since and marked `# FIXED:`. The cluster test needs the test
+PostgreSQL server
 (`LEASH_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/postgres)."""
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import datetime
 import ipaddress
 import json
 import os
-import queue
 import secrets
 import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, leash_bin, set_up
+from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, leash_bin, serve, set_up
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -247,43 +248,9 @@ class Node(Leash):
         config = data.parent / f"leash-{secrets.token_hex(3)}.toml"
         top = f'database = "{database}"\nissuer = "http://leash.test"\n' if database else ""
         config.write_text(top + config_text)
-        process_env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("LEASH_ISSUER", "LEASH_DATABASE", "LEASH_MASTER_KEY")
-        }
-        process_env.update({"LEASH_ADMIN_TOKEN": admin_key, "LEASH_LOG": "warn", **(env or {})})
-        self.process = subprocess.Popen(
-            [
-                *(str(leash_bin()), "serve", "--config", str(config), "--data-dir", str(data)),
-                *("--listen", "127.0.0.1:0"),
-            ],
-            env=process_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        self.process, self.output, self.url = serve(
+            config, data, {"LEASH_ADMIN_TOKEN": admin_key, **(env or {})}
         )
-        self.output: list[str] = []
-        listening: queue.Queue[str] = queue.Queue()
-
-        def read() -> None:
-            assert self.process.stdout is not None
-            for line in self.process.stdout:
-                self.output.append(line)
-                if line.startswith("leash listening on "):
-                    listening.put(line.split()[3])
-
-        threading.Thread(target=read, daemon=True).start()
-        self.url = ""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self.url = "http://" + listening.get(timeout=0.1)
-                break
-            except queue.Empty:
-                if self.process.poll() is not None:
-                    time.sleep(0.1)
-                    break
         self.http = httpx.Client(base_url=self.url or "http://127.0.0.1:9", timeout=15)
 
     def stop(self) -> None:
@@ -438,7 +405,7 @@ def test_an_unknown_or_repeated_requested_token_type_is_refused(ctx: Ctx) -> Non
             ("requested_token_type", PROXY_CREDENTIAL),
             ("requested_token_type", second),
         ]
-        body = str(httpx.QueryParams(form))
+        body = urllib.parse.urlencode(form)
         answer = ctx.leash.http.post(
             "/oauth2/token",
             content=body,
@@ -772,7 +739,7 @@ def test_the_ca_is_a_constrained_leaf_only_ca_without_a_private_key(px: Leash) -
 
 
 def test_the_ca_permits_no_name_beyond_the_configured_hosts(px: Leash) -> None:
-    # FINDING: the CA's name constraints are `permitted: DNS:finance.example.com`; RFC 5280
+    # FIXED: the CA's name constraints are `permitted: DNS:finance.example.com`; RFC 5280
     # §4.2.1.10 reads a dNSName constraint as a subtree ("any DNS name that can be constructed
     # by simply adding zero or more labels to the left-hand side"), so a leaf for
     # `evil.finance.example.com`, `*.finance.example.com` or `a.b.pay.finance-two.example`
@@ -966,7 +933,7 @@ def test_hosts_that_are_ips_wildcards_or_not_lower_case_dns_names_are_refused_at
 def test_hosts_a_browser_reads_as_an_ip_address_are_refused_at_start(
     upstream: Upstream, tmp_path: Path
 ) -> None:
-    # FINDING: `hosts = ["0x7f000001"]` and `["0x7f.1"]` start the server (and the CA permits
+    # FIXED: `hosts = ["0x7f000001"]` and `["0x7f.1"]` start the server (and the CA permits
     # DNS:0x7f000001), though a browser's URL parser (WHATWG, "ends in a number") reads both as
     # the IPv4 address 127.0.0.1; "a.123" and "foo.0x1" (not a valid browser host at all) are
     # accepted too. Decimal and octal forms ("2130706433", "0177.0.0.1", "127.1") are refused.

@@ -100,11 +100,7 @@ fn new_ca(hosts: &[String], now: i64) -> anyhow::Result<Stored> {
             .iter()
             .map(|h| GeneralSubtree::DnsName(h.clone()))
             .collect(),
-        // Without an iPAddress subtree, addresses would be unconstrained (RFC 5280).
-        excluded_subtrees: vec![
-            GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
-            GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
-        ],
+        excluded_subtrees: excluded(hosts),
     });
     let cert = params.self_signed(&key)?;
     Ok(Stored {
@@ -112,6 +108,26 @@ fn new_ca(hosts: &[String], now: i64) -> anyhow::Result<Stored> {
         cert: b64::encode(cert.der()),
         key: b64::encode(key.serialize_der()),
     })
+}
+
+/// What the CA must not sign for, within what it permits: every address (without an
+/// iPAddress subtree, addresses would be unconstrained, RFC 5280), and the subdomains of each
+/// host (a DNS constraint permits every name under it too), written `.host` as OpenSSL, Go,
+/// BoringSSL and webpki read it: subdomains only. A host with another configured host under it
+/// keeps its subdomains (an exclusion would win over the other host's permission); the proxy
+/// still makes leaves for configured hosts only.
+fn excluded(hosts: &[String]) -> Vec<GeneralSubtree> {
+    let mut out = vec![
+        GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+        GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+    ];
+    for host in hosts {
+        let below = format!(".{host}");
+        if !hosts.iter().any(|other| other.ends_with(&below)) {
+            out.push(GeneralSubtree::DnsName(below));
+        }
+    }
+    out
 }
 
 fn random_serial() -> rcgen::SerialNumber {
@@ -294,6 +310,8 @@ mod tests {
             "bank.example.com",
             "example.com",
             "finance.example.com.evil.net",
+            "evil.finance.example.com",
+            "www.finance.example.com",
         ] {
             let forged = ca.sign_any(name, now).unwrap();
             assert!(
@@ -315,6 +333,29 @@ mod tests {
             }
         };
         assert!(verify(&ca, &forged_ip, "127.0.0.1", now).is_err());
+    }
+
+    #[test]
+    fn a_host_under_another_configured_host_keeps_its_leaf() {
+        let now = 1_800_000_000;
+        let ca = ca(
+            &[
+                "app.finance.example.com",
+                "finance.example.com",
+                "other.example",
+            ],
+            now,
+        );
+        for host in [
+            "app.finance.example.com",
+            "finance.example.com",
+            "other.example",
+        ] {
+            let leaf = ca.leaf(host, now).unwrap().unwrap();
+            verify(&ca, &leaf, host, now).unwrap();
+        }
+        let forged = ca.sign_any("x.other.example", now).unwrap();
+        assert!(verify(&ca, &forged, "x.other.example", now).is_err());
     }
 
     #[test]
