@@ -298,6 +298,20 @@ async fn exchange(state: &AppState, headers: &HeaderMap, form: &Form) -> ApiResu
         let refused = ApiError::InvalidGrant(format!("the grant is {why}"));
         return Err(audit_refusal(state, event, refused).await);
     }
+    if for_proxy
+        && !grant.upstreams.iter().any(|name| {
+            state
+                .config
+                .upstreams
+                .get(name)
+                .is_some_and(|u| !u.hosts.is_empty())
+        })
+    {
+        let refused = ApiError::InvalidRequest(
+            "none of the grant's upstreams has `hosts`: a browser could reach nothing through the proxy".into(),
+        );
+        return Err(audit_refusal(state, event, refused).await);
+    }
     let actions = match narrow_scope(form.0.get("scope").map(String::as_str), &grant.actions) {
         Ok(actions) => actions,
         Err(e) => {

@@ -116,8 +116,36 @@ async fn without_the_proxy_there_is_no_ca_and_no_proxy_credential() {
 }
 
 #[tokio::test]
-async fn an_agent_gets_a_proxy_credential_that_passes_for_no_access_token_and_dies_when_revoked() {
+async fn a_grant_no_browser_could_use_gets_no_proxy_credential() {
+    // The grant's only upstream has no `hosts`.
     let gw = setup(PROXY, grant(&["mail:read"], &["mail"], json!({}))).await;
+    let mut exchange = gw.s.exchange_form(&gw.leash);
+    exchange.push(("requested_token_type".into(), PROXY_CREDENTIAL.into()));
+    let dpop = AgentKey::generate(Alg::EdDsa);
+    let proof = dpop.dpop_proof("POST", &gw.leash.token_url(), None, None, now());
+    let (status, _, body) = gw.s.exchange_raw(&gw.leash, &exchange, Some(proof)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "invalid_request");
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("hosts"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_gets_a_proxy_credential_that_passes_for_no_access_token_and_dies_when_revoked() {
+    let gw = setup(
+        PROXY,
+        grant(
+            &["mail:read", "portal:read"],
+            &["mail", "portal"],
+            json!({}),
+        ),
+    )
+    .await;
     let exchange = |requested: &str| {
         let mut form = gw.s.exchange_form(&gw.leash);
         form.push(("requested_token_type".into(), requested.into()));
@@ -161,7 +189,7 @@ async fn an_agent_gets_a_proxy_credential_that_passes_for_no_access_token_and_di
     assert_eq!(headers["cache-control"], "no-store");
     assert_eq!(body["issued_token_type"], PROXY_CREDENTIAL);
     assert_eq!(body["token_type"], "N_A");
-    assert_eq!(body["scope"], "mail:read");
+    assert_eq!(body["scope"], "mail:read portal:read");
     let expires_in = body["expires_in"].as_i64().unwrap();
     assert!(expires_in > 0 && expires_in <= 300, "{body}");
     let credential = body["access_token"].as_str().unwrap().to_owned();
