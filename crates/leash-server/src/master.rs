@@ -506,7 +506,7 @@ pub async fn follow(state: &Arc<AppState>) -> anyhow::Result<()> {
 /// Body of `POST /v1/master-key/rotate`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RotateRequest {
+pub struct MasterKeyRotateRequest {
     /// The id of the new key (`leash master-key id --key-file F`): the key itself never
     /// crosses the network. It must be staged in this node's `master.key.next`, and in every
     /// other node's, before.
@@ -515,7 +515,7 @@ pub struct RotateRequest {
 
 /// Answer of `POST /v1/master-key/rotate`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Rotated {
+pub struct MasterKeyRotated {
     /// The id of the key the store is now sealed under.
     key_id: String,
     /// The id of the key it replaced.
@@ -526,13 +526,13 @@ pub struct Rotated {
 
 /// `POST /v1/master-key/rotate` (admin; `leash master-key rotate --online`).
 #[utoipa::path(post, path = "/v1/master-key/rotate", tag = "operations",
-    request_body = RotateRequest,
-    responses((status = 200, body = Rotated), ApiErrors), security(("api_key" = [])))]
+    request_body = MasterKeyRotateRequest,
+    responses((status = 200, body = MasterKeyRotated), ApiErrors), security(("api_key" = [])))]
 pub async fn rotate_online(
     State(state): State<Arc<AppState>>,
     _: Admin,
-    JsonBody(request): JsonBody<RotateRequest>,
-) -> ApiResult<Json<Rotated>> {
+    JsonBody(request): JsonBody<MasterKeyRotateRequest>,
+) -> ApiResult<Json<MasterKeyRotated>> {
     let master = &state.master;
     let _one = master.rotating.lock().await;
     let staged = read_private_key(&master.staged_path)
@@ -574,7 +574,7 @@ pub async fn rotate_online(
     .map_err(|e| ApiError::Conflict(format!("master key not rotated: {e}")))?;
     master.switch_to(Arc::new(staged));
     sweep_later(&state);
-    Ok(Json(Rotated {
+    Ok(Json(MasterKeyRotated {
         key_id: master.id(),
         previous_key_id: previous_id,
         resealed,
