@@ -1,7 +1,6 @@
 //! The OAuth endpoints: token exchange (RFC 8693) with private_key_jwt and DPoP, revocation
 //! (RFC 7009) and introspection (RFC 7662).
 
-use crate::proxy::credential::{PROXY_CREDENTIAL_TYPE, ProxyClaims};
 use std::sync::Arc;
 
 use axum::Json;
@@ -28,6 +27,7 @@ use crate::extract::{
     AuthScheme, Caller, Form, authorization, caller_from_key, check_token_live, single_dpop_header,
 };
 use crate::openapi::{IntrospectForm, OAuthErrors, RevokeForm, TokenForm};
+use crate::proxy::credential::{PROXY_CREDENTIAL_TYPE, ProxyClaims};
 use crate::state::{AppState, Metrics};
 
 fn no_store(mut response: Response) -> Response {
