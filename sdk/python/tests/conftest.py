@@ -166,6 +166,25 @@ action = "mail:read"
 LIMITS = "[limits]\ntoken_rate = 0\ngateway_rate = 0\nunauthenticated_rate = 0\n"
 
 
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Runs the `leash` command line with `env` over the caller's environment, of which the
+    variables that would point it at another server, database or key never leak in."""
+    inherited = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LEASH_MASTER_KEY", "LEASH_DATABASE", "LEASH_URL", "LEASH_TOKEN")
+    }
+    return subprocess.run(
+        [str(leash_bin()), *args],
+        env={**inherited, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def serve(
     config: Path, data: Path, env: dict[str, str]
 ) -> tuple[subprocess.Popen[str], list[str], str]:

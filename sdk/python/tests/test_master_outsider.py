@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, leash_bin, serve, set_up
+from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, cli, serve, set_up
 
 from leash_agent import Agent
 
@@ -54,23 +54,6 @@ def stage(data: Path, text: str, mode: int = 0o600) -> Path:
     path.write_text(text + "\n")
     path.chmod(mode)
     return path
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LEASH_MASTER_KEY", "LEASH_DATABASE", "LEASH_URL", "LEASH_TOKEN")
-    }
-    return subprocess.run(
-        [str(leash_bin()), *args],
-        env={**inherited, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def key_id(text: str, directory: Path) -> str:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import secrets
 import sqlite3
 import stat
-import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +20,7 @@ from typing import Any
 
 import httpx
 import jwt
-from conftest import Leash, Setup, leash_bin, serve, set_up
+from conftest import Leash, Setup, cli, serve, set_up
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_key_rotation import token_of
 
@@ -40,23 +38,6 @@ def rotate(leash: Leash, body: Any = None, key: str | None = None) -> httpx.Resp
 
 def jwks_kids(leash: Leash) -> list[str]:
     return [k["kid"] for k in leash.http.get("/.well-known/jwks.json").json()["keys"]]
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LEASH_MASTER_KEY", "LEASH_DATABASE", "LEASH_URL", "LEASH_TOKEN")
-    }
-    return subprocess.run(
-        [str(leash_bin()), *args],
-        env={**inherited, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def as_admin(leash: Leash) -> dict[str, str]:

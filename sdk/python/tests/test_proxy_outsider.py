@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, leash_bin, serve, set_up
+from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, cli, serve, set_up
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -211,21 +211,6 @@ def ca_allows(cert: x509.Certificate, name: str) -> bool:
     excluded = [s.value for s in nc.excluded_subtrees or [] if isinstance(s, x509.DNSName)]
     return any(dns_matches(name, c) for c in permitted) and not any(
         dns_matches(name, c) for c in excluded
-    )
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    inherited = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("LEASH_MASTER_KEY", "LEASH_DATABASE", "LEASH_URL", "LEASH_TOKEN")
-    }
-    return subprocess.run(
-        [str(leash_bin()), *args],
-        env={**inherited, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
 
 

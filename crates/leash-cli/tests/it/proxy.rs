@@ -94,11 +94,8 @@ async fn the_proxy_ca_is_made_once_and_kept_across_restarts_and_a_master_key_rot
     assert_eq!(ca(&gw).await.2, pem);
 }
 
-#[tokio::test]
-async fn without_the_proxy_there_is_no_ca_and_no_proxy_credential() {
-    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
-    let (status, _, body) = ca(&gw).await;
-    assert_eq!(status, 404, "{body}");
+/// A proxy credential asked for with a good assertion and proof is refused, saying `why`.
+async fn proxy_credential_refused(gw: &Gw, why: &str) {
     let mut exchange = gw.s.exchange_form(&gw.leash);
     exchange.push(("requested_token_type".into(), PROXY_CREDENTIAL.into()));
     let dpop = AgentKey::generate(Alg::EdDsa);
@@ -106,33 +103,23 @@ async fn without_the_proxy_there_is_no_ca_and_no_proxy_credential() {
     let (status, _, body) = gw.s.exchange_raw(&gw.leash, &exchange, Some(proof)).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"], "invalid_request");
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("[proxy]"),
-        "{body}"
-    );
+    let description = body["error_description"].as_str().unwrap();
+    assert!(description.contains(why), "{body}");
+}
+
+#[tokio::test]
+async fn without_the_proxy_there_is_no_ca_and_no_proxy_credential() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let (status, _, body) = ca(&gw).await;
+    assert_eq!(status, 404, "{body}");
+    proxy_credential_refused(&gw, "[proxy]").await;
 }
 
 #[tokio::test]
 async fn a_grant_no_browser_could_use_gets_no_proxy_credential() {
     // The grant's only upstream has no `hosts`.
     let gw = setup(PROXY, grant(&["mail:read"], &["mail"], json!({}))).await;
-    let mut exchange = gw.s.exchange_form(&gw.leash);
-    exchange.push(("requested_token_type".into(), PROXY_CREDENTIAL.into()));
-    let dpop = AgentKey::generate(Alg::EdDsa);
-    let proof = dpop.dpop_proof("POST", &gw.leash.token_url(), None, None, now());
-    let (status, _, body) = gw.s.exchange_raw(&gw.leash, &exchange, Some(proof)).await;
-    assert_eq!(status, 400, "{body}");
-    assert_eq!(body["error"], "invalid_request");
-    assert!(
-        body["error_description"]
-            .as_str()
-            .unwrap()
-            .contains("hosts"),
-        "{body}"
-    );
+    proxy_credential_refused(&gw, "hosts").await;
 }
 
 #[tokio::test]
