@@ -219,6 +219,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 started.addr, started.issuer
             );
             tracing::info!(addr = %started.addr, issuer = %started.issuer, "listening");
+            if let Some(proxy) = started.proxy_addr {
+                println!("leash proxy listening on {proxy}");
+                tracing::info!(addr = %proxy, "proxy listening");
+            }
         },
         shutdown_signal()?,
     )

@@ -98,6 +98,11 @@ pub struct AuditEvent {
     pub ts: String,
     /// The upstream.
     pub upstream: Option<String>,
+    /// How a delegated request came in, where it is not the gateway itself: `proxy` (the
+    /// forward proxy, API §16). Absent otherwise, not `null`: the events of every chain written
+    /// before it existed keep their hashes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
 }
 
 /// Failures to canonicalise (only a non-finite number could cause one; events hold none).
@@ -128,6 +133,7 @@ impl AuditEvent {
             purpose: None,
             action: None,
             upstream: None,
+            via: None,
             method: None,
             path: None,
             decision: None,

@@ -226,6 +226,7 @@ pub async fn prepare(
     let gateway_rates = CallerRates::new(config.limits.gateway_rate);
     let unauthenticated = UnauthenticatedRefusals::new(config.limits.unauthenticated_rate);
     let master = crate::master::Master::new(master, &config.data_dir, master_from_file);
+    let upstream_clients = crate::upstream_client::UpstreamClients::build(&config)?;
     let state = AppState {
         config,
         issuer,
@@ -244,7 +245,7 @@ pub async fn prepare(
         metrics: Metrics::default(),
         master,
         policy: std::sync::RwLock::new(Arc::new(policy)),
-        upstream_client: crate::upstream_client::build(),
+        upstream_clients,
         verified_tokens: quick_cache::sync::Cache::new(VERIFIED_TOKEN_CAPACITY),
         notifier,
         token_rates,

@@ -237,6 +237,9 @@ struct UpstreamFile {
     /// The host names a browser navigates to, for the forward proxy (API §16).
     #[serde(default)]
     hosts: Vec<String>,
+    /// A PEM file of the CA certificates the upstream's TLS is verified with, in place of
+    /// Mozilla's roots (an internal CA).
+    ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -426,6 +429,9 @@ pub struct Upstream {
     /// The host names a browser reaches this upstream by through the forward proxy (API §16).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
+    /// `ca_file`: the CA certificates its TLS is verified with, in place of Mozilla's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// `[upstream.oauth]` (API §17): humans connect their account at the upstream's OAuth
     /// server, and Leash injects the access token it keeps fresh.
     #[serde(skip)]
@@ -1235,6 +1241,7 @@ fn upstreams(
                     mcp,
                     delegation_audience,
                     hosts,
+                    ca_file: file.ca_file,
                     oauth,
                 },
             )

@@ -73,23 +73,30 @@ async fn gateway(
         .commit(state, trail, GATEWAY_EVENT, request_id)
         .await?;
     // Step 8: forward.
-    let forwarded = forward(
-        state,
-        &decided,
-        Forwarded {
-            path: &decided.path,
-            query: parts.uri.query(),
-            method: &parts.method,
-            headers: &parts.headers,
-            body,
-            trail,
-            answer_idle: None,
-            injected,
-        },
-        request_id,
-    )
-    .await;
-    match forwarded {
+    let sent = Forwarded {
+        path: &decided.path,
+        query: parts.uri.query(),
+        method: &parts.method,
+        headers: &parts.headers,
+        body,
+        trail,
+        answer_idle: None,
+        injected,
+        guarded: None,
+    };
+    forward_committed(state, &decided, sent, request_id).await
+}
+
+/// Step 8 for a committed request: forwards it; a request whose body failed while it was sent
+/// is also recorded as cut off.
+pub(crate) async fn forward_committed(
+    state: &Arc<AppState>,
+    decided: &Decided<'_>,
+    sent: Forwarded<'_>,
+    request_id: &str,
+) -> ApiResult<Response> {
+    let trail = sent.trail;
+    match forward(state, decided, sent, request_id).await {
         Ok(response) => Ok(response),
         Err(NotForwarded::Failed(e)) => Err(e),
         Err(NotForwarded::CutOff(e)) => {
@@ -118,7 +125,7 @@ async fn gateway(
 /// are kept. A request RFC 9113 §8.3.1 and §8.2.1 call malformed, and h2 lets through, is
 /// refused: userinfo in `:authority`, a `Host` naming another authority, a field value with
 /// leading or trailing whitespace.
-fn http2_target(uri: &Uri, headers: &HeaderMap) -> ApiResult<Uri> {
+pub(crate) fn http2_target(uri: &Uri, headers: &HeaderMap) -> ApiResult<Uri> {
     let malformed =
         |what: &str| ApiError::InvalidRequest(format!("malformed HTTP/2 request: {what}"));
     if let Some(authority) = uri.authority() {
@@ -150,11 +157,12 @@ fn http2_target(uri: &Uri, headers: &HeaderMap) -> ApiResult<Uri> {
         .map_err(|_| malformed("the :path is not a request target"))
 }
 
-/// A gateway request's method and target, which passed the checks made before anyone is
-/// authenticated.
-struct Target<'r> {
+/// A request's method and target, which passed the checks made before anyone is
+/// authenticated: at the gateway (`/gw/{upstream}/…`) or in the forward proxy's tunnel (whose
+/// host names the upstream).
+pub(crate) struct Target<'r> {
     method: &'r Method,
-    /// The upstream's name, as the request spells it (`/gw/{upstream}/…`).
+    /// The upstream's name, as the request spells it.
     upstream: &'r str,
     /// The path after the upstream's name, `/` at least.
     path: &'r str,
@@ -163,9 +171,35 @@ struct Target<'r> {
     query: Option<&'r str>,
 }
 
-/// Refuses what no step may see: an absolute-form target, `CONNECT` and `TRACE`, a path that
-/// is not byte for byte what would be forwarded (`route::safe_segments`), and a `_method`
-/// query parameter. Splits the target into the upstream's name and the path.
+impl<'r> Target<'r> {
+    /// Refuses a path that is not byte for byte what would be forwarded
+    /// (`route::safe_segments`) and a `_method` query parameter.
+    pub(crate) fn checked(
+        method: &'r Method,
+        upstream: &'r str,
+        path: &'r str,
+        query: Option<&'r str>,
+        trail: &mut Trail,
+    ) -> ApiResult<Self> {
+        trail.known.method = Some(method.as_str().to_owned());
+        trail.known.upstream = Some(upstream.to_owned());
+        trail.known.path = Some(path.to_owned());
+        let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+        if let Some(query) = query {
+            refuse_method_parameter(query.as_bytes())?;
+        }
+        Ok(Self {
+            method,
+            upstream,
+            path,
+            segments,
+            query,
+        })
+    }
+}
+
+/// Refuses what no step may see: an absolute-form target, `CONNECT` and `TRACE`, and what
+/// [`Target::checked`] refuses. Splits the target into the upstream's name and the path.
 fn check_target<'r>(method: &'r Method, uri: &'r Uri, trail: &mut Trail) -> ApiResult<Target<'r>> {
     trail.known.method = Some(method.as_str().to_owned());
     if uri.scheme().is_some() || uri.authority().is_some() {
@@ -184,19 +218,7 @@ fn check_target<'r>(method: &'r Method, uri: &'r Uri, trail: &mut Trail) -> ApiR
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    trail.known.upstream = Some(upstream.to_owned());
-    trail.known.path = Some(path.to_owned());
-    let segments = safe_segments(path).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-    if let Some(query) = uri.query() {
-        refuse_method_parameter(query.as_bytes())?;
-    }
-    Ok(Target {
-        method,
-        upstream,
-        path,
-        segments,
-        query: uri.query(),
-    })
+    Target::checked(method, upstream, path, uri.query(), trail)
 }
 
 // ---- Steps 1–6: the decision, in memory ---------------------------------------------------------
@@ -266,15 +288,27 @@ pub async fn decide<'s>(
     let target = check_target(method, uri, trail)?;
     // Steps 1–3.
     let principal = authenticate(state, method, uri, headers, trail).await?;
+    decide_for(state, principal, &target, headers, trail).await
+}
+
+/// Steps 4–6 for an authenticated `principal` (by the gateway's steps 1–3, or by the forward
+/// proxy's credential) and a checked `target`.
+pub(crate) async fn decide_for<'s>(
+    state: &'s AppState,
+    principal: Principal,
+    target: &Target<'_>,
+    headers: &HeaderMap,
+    trail: &mut Trail,
+) -> ApiResult<Decided<'s>> {
     // Counted once the caller is authenticated: forged requests naming an agent cannot use up
     // its allowance, and the table holds registered callers only.
     state.gateway_rates.check(&principal.actor)?;
     // Step 4.
-    let routed = route_and_scope(state, &principal, &target, trail)?;
+    let routed = route_and_scope(state, &principal, target, trail)?;
     // Step 5, with the attached approval (if any) checked first: policy sees whether there is
     // one.
     let now = state.clock.now();
-    let attached = attached_approval(state, &principal, headers, &target, &routed, now).await?;
+    let attached = attached_approval(state, &principal, headers, target, &routed, now).await?;
     trail.known.approver = attached.as_ref().and_then(|a| a.approver.clone());
     let judged = Judged {
         method: target.method.as_str(),
@@ -291,7 +325,7 @@ pub async fn decide<'s>(
         principal,
         upstream: routed.upstream,
         path: target.path.to_owned(),
-        method: method.as_str().to_owned(),
+        method: target.method.as_str().to_owned(),
         action: routed.route.action.clone(),
         approval,
     })
@@ -341,13 +375,20 @@ pub(crate) async fn authenticate(
             ));
         }
     };
-    trail.known.mode = principal.mode;
-    trail.known.subject = Some(principal.subject.clone());
-    trail.known.actor = Some(principal.actor.clone());
-    if let Some(grant) = &principal.grant {
-        trail.grant(grant);
-    }
+    principal.record(trail);
     Ok(principal)
+}
+
+impl Principal {
+    /// Puts who acts, for whom and under which grant in the request's audit trail.
+    pub(crate) fn record(&self, trail: &mut Trail) {
+        trail.known.mode = self.mode;
+        trail.known.subject = Some(self.subject.clone());
+        trail.known.actor = Some(self.actor.clone());
+        if let Some(grant) = &self.grant {
+            trail.grant(grant);
+        }
+    }
 }
 
 /// The configured upstream a request names, and its route that matched the request.
@@ -557,7 +598,7 @@ pub(crate) fn approval_step(
 /// than `[limits] gateway_body_bytes` is refused at once; a form body may name another method
 /// (`_method`), so it is read whole (within the limit) and checked; a body an approval binds is
 /// read whole and hashed ([`Decided::bind_body`]). Other bodies stream, cut off at the limit.
-async fn request_body(
+pub(crate) async fn request_body(
     state: &AppState,
     decided: &Decided<'_>,
     parts: &Parts,
@@ -617,7 +658,7 @@ async fn request_body(
 /// SHA-256 bound to the approval. Other requests stream.
 pub const APPROVAL_BODY_LIMIT: usize = 1024 * 1024;
 
-async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
+pub(crate) async fn hash_body(body: Body) -> ApiResult<(axum::body::Bytes, String)> {
     use sha2::Digest as _;
     let bytes = axum::body::to_bytes(body, APPROVAL_BODY_LIMIT)
         .await
@@ -888,7 +929,15 @@ pub(crate) struct Forwarded<'r> {
     pub(crate) answer_idle: Option<std::time::Duration>,
     /// What Leash adds: the credential and the attribution headers, had before the commit.
     pub(crate) injected: Injected,
+    /// The credential an answer must not echo, where it is not simply the injected one (the
+    /// forward proxy's cookies: the human's session, not every cookie it sends).
+    pub(crate) guarded: Option<&'r [u8]>,
 }
+
+/// The upstream's `Set-Cookie` values, which never reach the caller: kept in the answer's
+/// extensions (never sent) for the forward proxy's cookie jar.
+#[derive(Clone)]
+pub(crate) struct SetCookies(pub(crate) Vec<HeaderValue>);
 
 /// Why a committed request was not forwarded.
 pub(crate) enum NotForwarded {
@@ -914,6 +963,7 @@ pub(crate) async fn forward(
         trail,
         answer_idle,
         injected,
+        guarded,
     } = sent;
     // Made only for an answer Leash guards (a credential was injected), when it is guarded.
     let reflected = || {
@@ -935,9 +985,12 @@ pub(crate) async fn forward(
     for (name, value) in forwarded_request_headers(headers) {
         out.append(name.clone(), value.clone());
     }
-    let mut secrets = Secrets::default();
+    let mut secrets = match guarded {
+        Some(guarded) if !guarded.is_empty() => state.reflection_guards.of(guarded),
+        _ => Secrets::default(),
+    };
     for (name, value) in injected {
-        if !name.as_str().starts_with("leash-") {
+        if guarded.is_none() && !name.as_str().starts_with("leash-") {
             secrets = if upstream.delegation_audience.is_some() {
                 // A token minted for this request only: caching its automaton would only push
                 // the vaulted credentials' out.
@@ -967,7 +1020,7 @@ pub(crate) async fn forward(
     let limits = &state.config.limits;
     let response = tokio::time::timeout(
         limits.upstream_timeout,
-        state.upstream_client.request(request),
+        state.upstream_clients.of(upstream).request(request),
     )
     .await
     .map_err(|_| {
@@ -1053,6 +1106,11 @@ pub(crate) async fn forward(
     let mut relayed = Response::new(body);
     *relayed.status_mut() = status;
     *relayed.headers_mut() = kept;
+    let mut set_cookies = upstream_parts.headers.get_all(header::SET_COOKIE).iter();
+    if let Some(first) = set_cookies.next() {
+        let all = std::iter::once(first).chain(set_cookies).cloned().collect();
+        relayed.extensions_mut().insert(SetCookies(all));
+    }
     tracing::info!(
         request_id = %request_id,
         upstream = %upstream.name,

@@ -54,20 +54,10 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, under `limits`.
-///
-/// The configured head limits are answered by [`check_head`] with a JSON 431; hyper's own
-/// limits are set at twice them, as the backstop that stops a client from making the server
-/// buffer an unbounded head (hyper answers those with a bare 431 and closes the connection).
-/// A client has `header_read_timeout` to send each request head, which also closes a
-/// kept-alive connection idle for that long. At `max_connections`, new connections wait in the
-/// listen backlog (see [`listen`]) until one closes.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    limits: &Limits,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) {
+/// How connections are served under `limits`: HTTP/1.1 or HTTP/2, the head limits at twice
+/// the configured ones (see [`serve`]), `header_read_timeout` for each head and as HTTP/2's
+/// keep-alive.
+pub(crate) fn connection_builder(limits: &Limits) -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
     {
         let mut http1 = builder.http1();
@@ -86,7 +76,24 @@ pub async fn serve(
         .max_header_list_size(u32::try_from(limits.max_header_bytes * 2).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(limits.header_read_timeout))
         .keep_alive_timeout(limits.header_read_timeout);
-    let builder = Arc::new(builder);
+    builder
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, under `limits`.
+///
+/// The configured head limits are answered by [`check_head`] with a JSON 431; hyper's own
+/// limits are set at twice them, as the backstop that stops a client from making the server
+/// buffer an unbounded head (hyper answers those with a bare 431 and closes the connection).
+/// A client has `header_read_timeout` to send each request head, which also closes a
+/// kept-alive connection idle for that long. At `max_connections`, new connections wait in the
+/// listen backlog (see [`listen`]) until one closes.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: &Limits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let builder = Arc::new(connection_builder(limits));
     let stall_limit = limits.header_read_timeout;
     let body_limit = limits.body_read_timeout;
     let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));

@@ -300,6 +300,9 @@ fn context_of(place: &SealedPlace, sealed: &[u8], opener: &dyn Opener) -> Option
         } => crate::vault::context(subject, upstream, kind, header_name.as_deref()),
         SealedPlace::Preview(id) => crate::gateway::preview_context(id),
         SealedPlace::SigningKey(_) => SIGNING_KEY.as_bytes().to_vec(),
+        SealedPlace::CookieJar { grant_id, upstream } => {
+            crate::proxy::jar::context(grant_id, upstream)
+        }
     })
 }
 

@@ -1030,6 +1030,7 @@ impl<'s> Exchange<'s> {
                 trail,
                 answer_idle: Some(STREAM_IDLE),
                 injected,
+                guarded: None,
             },
             self.request_id,
         )
@@ -1417,7 +1418,10 @@ impl Answerer {
                     }
                 }
             }
-            if let Err(e) = state.upstream_client.request(request).await {
+            let Some(configured) = state.config.upstreams.get(&upstream) else {
+                return;
+            };
+            if let Err(e) = state.upstream_clients.of(configured).request(request).await {
                 tracing::warn!(error = %e, "answering the MCP server for the human failed");
             }
         });

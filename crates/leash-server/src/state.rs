@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::limits::{CallerRates, UnauthenticatedRefusals};
 use crate::notify::Notifier;
 use crate::reflection::SecretsCache;
-use crate::upstream_client::UpstreamClient;
+use crate::upstream_client::UpstreamClients;
 
 /// Counters exported at `/metrics`.
 #[derive(Debug, Default)]
@@ -76,8 +76,8 @@ pub struct AppState {
     pub master: crate::master::Master,
     /// The policy set in force; replaced whole on reload.
     pub policy: std::sync::RwLock<Arc<PolicyEngine>>,
-    /// The client that forwards gateway requests.
-    pub upstream_client: UpstreamClient,
+    /// The clients that forward gateway requests.
+    pub upstream_clients: UpstreamClients,
     /// Claims of access tokens whose signature checked out, by SHA-256 of the token
     /// (`extract::verified_token`): a token's signature is verified once, not on every
     /// request. Liveness (grant, revocation) and the proof are still checked every time.

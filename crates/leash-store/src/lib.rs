@@ -179,6 +179,13 @@ pub enum SealedPlace {
     Preview(String),
     /// A token-signing key, by its `kid`.
     SigningKey(String),
+    /// The forward proxy's cookie jar of a grant for an upstream.
+    CookieJar {
+        /// The grant.
+        grant_id: String,
+        /// The upstream.
+        upstream: String,
+    },
 }
 
 /// How [`Store::reseal_all`] re-seals one value: the value sealed anew, `Ok(None)` to leave it
@@ -610,6 +617,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<()>;
     /// A server-wide setting, if set.
     async fn setting(&self, name: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// A grant's cookie jar for one upstream (the forward proxy's, API §16), sealed.
+    async fn cookie_jar(&self, grant_id: &str, upstream: &str) -> StoreResult<Option<Vec<u8>>>;
+    /// Stores a grant's cookie jar for one upstream, replacing the one stored; false (nothing
+    /// stored) if the grant is no longer active. Completing or revoking the grant deletes its
+    /// jars, and so does the pruner once the grant ended otherwise.
+    async fn put_cookie_jar(
+        &self,
+        grant_id: &str,
+        upstream: &str,
+        sealed: &[u8],
+        now: i64,
+    ) -> StoreResult<bool>;
     /// Sets `name` to `value` unless it is set; returns the value that holds afterwards
     /// (so nodes racing to initialise agree on one value).
     async fn init_setting(&self, name: &str, value: &[u8]) -> StoreResult<Vec<u8>>;

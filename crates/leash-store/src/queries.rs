@@ -132,6 +132,20 @@ pub(crate) trait Queries: sqlx::Database {
         kid: &str,
         until: i64,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// A grant's cookie jar for one upstream, sealed (API §16).
+    fn cookie_jar(
+        conn: &mut Self::Connection,
+        grant_id: &str,
+        upstream: &str,
+    ) -> impl Future<Output = StoreResult<Option<Vec<u8>>>> + Send;
+    /// Stores a grant's cookie jar for one upstream, if the grant is active; false if not.
+    fn put_cookie_jar(
+        conn: &mut Self::Connection,
+        grant_id: &str,
+        upstream: &str,
+        sealed: &[u8],
+        now: i64,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
     /// Every value sealed under the master key, with where it is kept.
     fn sealed_values(
         conn: &mut Self::Connection,
@@ -597,7 +611,20 @@ macro_rules! shared_queries {
                 .execute(&mut *conn)
                 .await
                 .map_err(unavailable)?;
-            Ok(sessions.rows_affected() + logins.rows_affected() + connects.rows_affected())
+            // Jars of grants that ended otherwise than by completion or revocation (expired,
+            // exhausted, their human disabled), which delete theirs at once.
+            let jars = sqlx::query(
+                "DELETE FROM cookie_jars WHERE grant_id NOT IN \
+                 (SELECT id FROM grants WHERE status = 'active' AND expires_at > $1)",
+            )
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(sessions.rows_affected()
+                + logins.rows_affected()
+                + connects.rows_affected()
+                + jars.rows_affected())
         }
 
         async fn roll_back_restored(
@@ -727,6 +754,48 @@ macro_rules! shared_queries {
             Ok(done.rows_affected() == 1)
         }
 
+        async fn cookie_jar(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            grant_id: &str,
+            upstream: &str,
+        ) -> StoreResult<Option<Vec<u8>>> {
+            let row = sqlx::query(
+                "SELECT sealed FROM cookie_jars WHERE grant_id = $1 AND upstream = $2",
+            )
+            .bind(grant_id)
+            .bind(upstream)
+            .fetch_optional(conn)
+            .await
+            .map_err(unavailable)?;
+            row.map(|r| r.column("sealed")).transpose()
+        }
+
+        async fn put_cookie_jar(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            grant_id: &str,
+            upstream: &str,
+            sealed: &[u8],
+            now: i64,
+        ) -> StoreResult<bool> {
+            // The grant's state is read in the same statement: a jar is never stored for a
+            // grant that ended (its deletion at the end could not see it otherwise).
+            let done = sqlx::query(
+                "INSERT INTO cookie_jars (grant_id, upstream, sealed, updated_at) \
+                 SELECT $1, $2, $3, $4 WHERE EXISTS \
+                 (SELECT 1 FROM grants WHERE id = $1 AND status = 'active' AND expires_at > $4) \
+                 ON CONFLICT (grant_id, upstream) \
+                 DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+            )
+            .bind(grant_id)
+            .bind(upstream)
+            .bind(sealed)
+            .bind(now)
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(done.rows_affected() == 1)
+        }
+
         async fn sealed_values(
             conn: &mut <$db as sqlx::Database>::Connection,
         ) -> StoreResult<Vec<(SealedPlace, Vec<u8>)>> {
@@ -768,6 +837,19 @@ macro_rules! shared_queries {
             {
                 out.push((SealedPlace::Preview(row.column("id")?), row.column("sealed")?));
             }
+            for row in sqlx::query(
+                "SELECT grant_id, upstream, sealed FROM cookie_jars ORDER BY grant_id, upstream",
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(unavailable)?
+            {
+                let place = SealedPlace::CookieJar {
+                    grant_id: row.column("grant_id")?,
+                    upstream: row.column("upstream")?,
+                };
+                out.push((place, row.column("sealed")?));
+            }
             Ok(out)
         }
 
@@ -799,9 +881,17 @@ macro_rules! shared_queries {
                     "UPDATE signing_keys SET sealed = $3 WHERE kid = $1 AND sealed = $2",
                 )
                 .bind(kid),
+                SealedPlace::CookieJar { grant_id, upstream } => sqlx::query(
+                    "UPDATE cookie_jars SET sealed = $3 \
+                     WHERE grant_id = $1 AND upstream = $2 AND sealed = $4",
+                )
+                .bind(grant_id)
+                .bind(upstream),
             };
             let query = match place {
-                SealedPlace::Vault { .. } => query.bind(sealed).bind(old),
+                SealedPlace::Vault { .. } | SealedPlace::CookieJar { .. } => {
+                    query.bind(sealed).bind(old)
+                }
                 _ => query.bind(old).bind(sealed),
             };
             let done = query.execute(conn).await.map_err(unavailable)?;
@@ -1073,9 +1163,16 @@ macro_rules! shared_queries {
             .bind(now)
             .bind(reason)
             .bind(id)
-            .fetch_optional(conn)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(unavailable)?;
+            if row.is_some() {
+                sqlx::query("DELETE FROM cookie_jars WHERE grant_id = $1")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+            }
             row.as_ref().map(grant_from_row).transpose()
         }
 

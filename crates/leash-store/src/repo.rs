@@ -339,6 +339,21 @@ impl<B: Backend> Store for Repo<B> {
         B::Db::setting(&mut *self.read().await?, name).await
     }
 
+    async fn cookie_jar(&self, grant_id: &str, upstream: &str) -> StoreResult<Option<Vec<u8>>> {
+        B::Db::cookie_jar(&mut *self.read().await?, grant_id, upstream).await
+    }
+
+    async fn put_cookie_jar(
+        &self,
+        grant_id: &str,
+        upstream: &str,
+        sealed: &[u8],
+        now: i64,
+    ) -> StoreResult<bool> {
+        let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
+        B::Db::put_cookie_jar(&mut conn, grant_id, upstream, sealed, now).await
+    }
+
     async fn init_setting(&self, name: &str, value: &[u8]) -> StoreResult<Vec<u8>> {
         let mut conn = self.backend.writer().acquire().await.map_err(unavailable)?;
         B::Db::insert_setting(&mut conn, name, value).await?;

@@ -588,6 +588,25 @@ impl Leash {
         self.child = Some(child);
     }
 
+    /// The forward proxy's address (`[proxy] listen`) as this start printed it, once printed.
+    pub async fn proxy_addr(&self) -> String {
+        for _ in 0..100 {
+            let output = self.output.lock().expect("lock").clone();
+            if let Some(line) = output
+                .lines()
+                .rev()
+                .find_map(|line| line.strip_prefix("leash proxy listening on "))
+            {
+                return line.trim().to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "the proxy did not listen: {}",
+            self.output.lock().expect("lock")
+        )
+    }
+
     /// The directory holding the config file (a place for policy files).
     pub fn config_dir(&self) -> PathBuf {
         self.dir.path().to_owned()
@@ -636,6 +655,27 @@ impl Leash {
                 .expect("open")
                 .execute_batch(sqlite)
                 .expect("sql"),
+        }
+    }
+
+    /// How many rows `table` holds, read from outside the server.
+    pub async fn count_rows(&self, table: &str) -> i64 {
+        let sql = format!("SELECT COUNT(*) FROM {table}");
+        match &self.database {
+            Some(database) => {
+                use sqlx::Connection as _;
+                let mut conn = sqlx::PgConnection::connect(&database.url)
+                    .await
+                    .expect("connect");
+                sqlx::query_scalar(&sql)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("query")
+            }
+            None => rusqlite::Connection::open(self.data_dir().join("leash.db"))
+                .expect("open")
+                .query_row(&sql, [], |row| row.get(0))
+                .expect("query"),
         }
     }
 

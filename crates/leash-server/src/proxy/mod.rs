@@ -1,9 +1,15 @@
 //! The forward proxy for browser agents (API §16): the agent's browser uses Leash as its proxy,
-//! and Leash holds the human's session. This part: the proxy CA and its leaf certificates, and
-//! the proxy credential the browser presents.
+//! and Leash holds the human's session. The proxy CA and its leaf certificates (`ca`), the
+//! credential the browser presents (`credential`), the listener and its tunnels (`front`), each
+//! request in a tunnel through the gateway's steps (`tunnel`), the grant's cookie jar (`jar`),
+//! and the pages a browser is refused with (`page`).
 
 pub mod ca;
 pub mod credential;
+pub mod front;
+pub mod jar;
+mod page;
+mod tunnel;
 
 use std::sync::Arc;
 
