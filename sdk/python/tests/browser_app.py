@@ -1,0 +1,392 @@
+"""A real HTTPS web app that knows only browser sessions, for the forward proxy's browser tests
+(tests/test_proxy_browser.py; API §16): the "portal" a browser agent works in through Leash.
+
+- `BrowserApp(directory)`: a threaded HTTPS server (HTTP/1.1, keep-alive) on 127.0.0.1 with a
+  test CA of its own, made here: `ca_file` (in `directory`) is the only certificate that trusts
+  it; its leaf names `localhost` and `127.0.0.1`; `url` is `https://localhost:PORT`.
+- `add_user(name, password)`; `POST /login` (form `user`, `password`) sets the session cookie
+  `sid=<random>; HttpOnly; Secure; Path=/` and redirects (303) to `/ledger/home`, a wrong one
+  answers 401. `log_in(name, password)` does that over real HTTPS and returns the `sid`.
+  Sessions live server-side: `sessions()` maps each valid `sid` to its user.
+- Pages that need a valid session (the first `sid` of the `Cookie` header; else `401` and a page
+  `#login-needed`):
+  - `GET /ledger/...`: the user's ledger, `#user` naming them, `#path` the path;
+  - `GET /rotate`: a new session (the old `sid` is invalid from then on), sent as `Set-Cookie:
+    sid=<new>`, plus a cookie `seen` that scripts may read (no `HttpOnly`); `#rotated`;
+  - `GET /transfer`: a form `#transfer` (fields `to`, `amount`, button `#submit`) posting to
+    `POST /transfer`, which carries it out (`transfers()`, in order) and shows `#done`;
+  - `GET /cookies`: a script sets the cookie `theme=dark` and writes `document.cookie` into
+    `#cookies`;
+  - `GET /admin`: a page no Leash route names.
+- `requests()`: every request the app received, in order, with its headers as sent (names in
+  lower case, in order, repeated ones kept) and its body; `mark()` and `since(mark)` give those
+  after a point.
+
+No answer ever contains a session id or any request header's value (Leash refuses answers that
+echo the credential it injected, `502 credential_reflected`)."""
+
+from __future__ import annotations
+
+import datetime
+import html
+import ipaddress
+import secrets
+import ssl
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class AppRequest:
+    """A request as the app received it. `headers` are (name in lower case, value) in order."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> list[str]:
+        """Every value of the header `name` (case-insensitive)."""
+        return [value for key, value in self.headers if key == name.lower()]
+
+    def cookies(self) -> list[tuple[str, str]]:
+        """The (name, value) pairs of every `Cookie` header, in order."""
+        return parse_cookies(self.header("cookie"))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A transfer the app carried out: who asked, and the form's fields."""
+
+    user: str
+    to: str
+    amount: str
+
+
+def parse_cookies(headers: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for header in headers:
+        for part in header.split(";"):
+            name, _, value = part.strip().partition("=")
+            if name:
+                pairs.append((name, value))
+    return pairs
+
+
+def make_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A test CA (`ca.pem`) and a leaf for `localhost` and 127.0.0.1 it signed (`leaf.pem`, its
+    key `leaf-key.pem`), written to `directory`."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Portal test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        leaf_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+class _TLSServer(ThreadingHTTPServer):
+    """A threaded HTTP server whose connections are TLS, each handshake done in the
+    connection's own thread (a client that stalls there holds up no other)."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], context: ssl.SSLContext) -> None:
+        self.context = context
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(10)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        try:
+            super().finish_request(tls, client_address)
+        except OSError:
+            pass
+        finally:
+            tls.close()
+
+
+def _page(title: str, body: str) -> bytes:
+    return (
+        "<!doctype html><html><head><meta charset=utf-8>"
+        f"<title>{html.escape(title)}</title></head><body>{body}</body></html>"
+    ).encode()
+
+
+COOKIES_SCRIPT = """<pre id="cookies"></pre>
+<script>
+document.cookie = "theme=dark; Path=/";
+document.getElementById("cookies").textContent = "cookies:" + document.cookie;
+</script>"""
+
+TRANSFER_FORM = """<form id="transfer" method="post" action="/transfer">
+<input name="to" value="bob"> <input name="amount" value="100">
+<button id="submit" type="submit">Send</button></form>"""
+
+
+class BrowserApp:
+    """The portal, serving until `stop`. Thread-safe."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca_file, leaf, key = make_ca(directory)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(leaf, key)
+        context.set_alpn_protocols(["http/1.1"])
+        self.lock = threading.Lock()
+        self.users: dict[str, str] = {}
+        self.session_users: dict[str, str] = {}
+        self.recorded: list[AppRequest] = []
+        self.done: list[Transfer] = []
+        self.server = _TLSServer(self.handler(), context)
+        self.port = self.server.server_address[1]
+        self.url = f"https://localhost:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add_user(self, name: str, password: str) -> None:
+        with self.lock:
+            self.users[name] = password
+
+    def log_in(self, name: str, password: str) -> str:
+        """Logs `name` in through `POST /login` over HTTPS (trusting only `ca_file`); returns the
+        session id the app set."""
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(self.ca_file))) as http:
+            answer = http.post(self.url + "/login", data={"user": name, "password": password})
+        assert answer.status_code == 303, answer.text
+        sid = answer.cookies.get("sid")
+        assert sid, answer.headers
+        return sid
+
+    def sessions(self) -> dict[str, str]:
+        with self.lock:
+            return dict(self.session_users)
+
+    def requests(self) -> list[AppRequest]:
+        with self.lock:
+            return list(self.recorded)
+
+    def mark(self) -> int:
+        with self.lock:
+            return len(self.recorded)
+
+    def since(self, mark: int) -> list[AppRequest]:
+        with self.lock:
+            return self.recorded[mark:]
+
+    def transfers(self) -> list[Transfer]:
+        with self.lock:
+            return list(self.done)
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        app = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            server_version = "Portal/1"
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def read_body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    body = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return body
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def answer(
+                self, status: int, body: bytes, headers: list[tuple[str, str]] | None = None
+            ) -> None:
+                self.send_response(status)
+                for name, value in headers or []:
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Cache-Control", "no-store")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def new_session(self, user: str) -> tuple[str, str]:
+                sid = secrets.token_urlsafe(24)
+                with app.lock:
+                    app.session_users[sid] = user
+                return sid, f"sid={sid}; HttpOnly; Secure; Path=/; SameSite=Lax"
+
+            def handle_any(self) -> None:
+                body = self.read_body()
+                request = AppRequest(
+                    self.command,
+                    self.path,
+                    tuple((name.lower(), value) for name, value in self.headers.items()),
+                    body,
+                )
+                with app.lock:
+                    app.recorded.append(request)
+                path = urllib.parse.urlsplit(self.path).path
+                if (self.command, path) == ("GET", "/login"):
+                    form = (
+                        '<form id="login" method="post" action="/login">'
+                        '<input name="user"> <input name="password" type="password">'
+                        '<button id="submit" type="submit">Log in</button></form>'
+                    )
+                    return self.answer(200, _page("Log in", form))
+                if (self.command, path) == ("POST", "/login"):
+                    fields = urllib.parse.parse_qs(body.decode(errors="replace"))
+                    name = fields.get("user", [""])[0]
+                    password = fields.get("password", [""])[0]
+                    with app.lock:
+                        known = app.users.get(name)
+                    if known is None or not secrets.compare_digest(known, password):
+                        return self.answer(401, _page("Log in", '<p id="error">Wrong</p>'))
+                    _, cookie = self.new_session(name)
+                    return self.answer(
+                        303,
+                        _page("Logged in", "<p>Logged in</p>"),
+                        [("Set-Cookie", cookie), ("Location", "/ledger/home")],
+                    )
+                sids = [value for name, value in request.cookies() if name == "sid"]
+                with app.lock:
+                    found = app.session_users.get(sids[0]) if sids else None
+                if found is None:
+                    return self.answer(
+                        401, _page("Log in first", '<h1 id="login-needed">Please log in</h1>')
+                    )
+                user = found
+                name = html.escape(user)
+                if self.command == "GET" and path.startswith("/ledger/"):
+                    return self.answer(
+                        200,
+                        _page(
+                            "Ledger",
+                            f'<h1>Ledger of <span id="user">{name}</span></h1>'
+                            f'<p id="path">{html.escape(path)}</p>',
+                        ),
+                    )
+                if (self.command, path) == ("GET", "/rotate"):
+                    with app.lock:
+                        del app.session_users[sids[0]]
+                    _, cookie = self.new_session(user)
+                    return self.answer(
+                        200,
+                        _page("Rotated", f'<p id="rotated">New session for {name}</p>'),
+                        [("Set-Cookie", cookie), ("Set-Cookie", "seen=1; Path=/; Secure")],
+                    )
+                if (self.command, path) == ("GET", "/transfer"):
+                    return self.answer(200, _page("Transfer", TRANSFER_FORM))
+                if (self.command, path) == ("POST", "/transfer"):
+                    fields = urllib.parse.parse_qs(body.decode(errors="replace"))
+                    transfer = Transfer(
+                        user, fields.get("to", [""])[0], fields.get("amount", [""])[0]
+                    )
+                    with app.lock:
+                        app.done.append(transfer)
+                        count = len(app.done)
+                    return self.answer(
+                        200, _page("Done", f'<p id="done">Transfer {count} done for {name}</p>')
+                    )
+                if (self.command, path) == ("GET", "/cookies"):
+                    return self.answer(200, _page("Cookies", COOKIES_SCRIPT))
+                if (self.command, path) == ("GET", "/admin"):
+                    return self.answer(200, _page("Admin", f'<p id="admin">Admin {name}</p>'))
+                return self.answer(404, _page("Not found", "<p>Not found</p>"))
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = handle_any
+
+        return Handler
