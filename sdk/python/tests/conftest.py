@@ -232,6 +232,20 @@ def serve(
     return process, output, ""
 
 
+def printed_address(output: list[str], prefix: str, timeout: float = 10) -> str:
+    """The address that a server started by `serve` printed after `prefix` (e.g. `leash proxy
+    listening on `, the forward proxy's line, API §16) on a line of its `output`; "" if no
+    such line came within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in list(output):
+            if line.startswith(prefix):
+                return line[len(prefix) :].split()[0]
+        if time.monotonic() > deadline:
+            return ""
+        time.sleep(0.05)
+
+
 class Leash:
     """A running server: its URL, admin key, and the human's side of the API."""
 
