@@ -17,13 +17,15 @@
     `POST /transfer`, which carries it out (`transfers()`, in order) and shows `#done`;
   - `GET /cookies`: a script sets the cookie `theme=dark` and writes `document.cookie` into
     `#cookies`;
-  - `GET /admin`: a page no Leash route names.
+  - `GET /admin`: a page no Leash route names;
+  - `GET /echo/header` and `GET /echo/body`: a debug page that reflects the request's `Cookie`
+    header, in the answer's header `X-Seen-Cookie` or in its body after 2,000 bytes of `x`.
 - `requests()`: every request the app received, in order, with its headers as sent (names in
   lower case, in order, repeated ones kept) and its body; `mark()` and `since(mark)` give those
   after a point.
 
-No answer ever contains a session id or any request header's value (Leash refuses answers that
-echo the credential it injected, `502 credential_reflected`)."""
+No other answer contains a session id or any request header's value (Leash refuses answers that
+echo the credential it injected, `502 credential_reflected`, API §16)."""
 
 from __future__ import annotations
 
@@ -383,6 +385,14 @@ class BrowserApp:
                     )
                 if (self.command, path) == ("GET", "/cookies"):
                     return self.answer(200, _page("Cookies", COOKIES_SCRIPT))
+                if (self.command, path) == ("GET", "/echo/header"):
+                    seen = "; ".join(request.header("cookie"))
+                    return self.answer(200, _page("Echo", "<p>ok</p>"), [("X-Seen-Cookie", seen)])
+                if (self.command, path) == ("GET", "/echo/body"):
+                    seen = html.escape("; ".join(request.header("cookie")))
+                    return self.answer(
+                        200, _page("Echo", f'<p>{"x" * 2000}</p><pre id="seen">{seen}</pre>')
+                    )
                 if (self.command, path) == ("GET", "/admin"):
                     return self.answer(200, _page("Admin", f'<p id="admin">Admin {name}</p>'))
                 return self.answer(404, _page("Not found", "<p>Not found</p>"))

@@ -11,6 +11,7 @@ Leash's `407`. The human logs in at the app, and only the vault holds the sessio
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -54,6 +55,7 @@ def portal_config(app: BrowserApp) -> str:
         ("GET", "/transfer", "portal:read", ""),
         ("POST", "/transfer", "portal:transfer", 'risk = "high"\n'),
         ("GET", "/cookies", "portal:read", ""),
+        ("GET", "/echo/*", "portal:read", ""),
     ]
     table = "".join(
         f'[[upstream.route]]\nmethod = "{method}"\npath = "{path}"\naction = "{action}"\n{risk}'
@@ -278,7 +280,7 @@ def read_answer(sock: socket.socket, timeout: float = 10, head_only: bool = Fals
     while length is None or len(rest) < int(length[0]):
         try:
             chunk = sock.recv(65536)
-        except TimeoutError:
+        except OSError:  # a timeout, a reset, TLS cut short: what came is the answer
             break
         if not chunk:
             break
@@ -412,7 +414,11 @@ def test_the_browser_never_holds_the_session_cookie_before_or_after_rotation(
 ) -> None:
     mark = app.mark()
     responses: list[Response] = []
-    task.page.on("response", responses.append)
+
+    def note(response: Response) -> None:
+        responses.append(response)
+
+    task.page.on("response", note)
 
     def script_sees() -> str:
         assert goto(task.page, f"{PORTAL}/cookies").status == 200
@@ -474,6 +480,67 @@ def test_after_rotation_the_next_request_carries_the_new_session(
     # And the one after that too.
     assert goto(task.page, f"{PORTAL}/ledger/later").status == 200
     assert task.page.text_content("#user") == task.user
+
+
+def test_two_humans_browsers_keep_their_own_sessions(
+    make_task: Callable[..., Task], app: BrowserApp
+) -> None:
+    first, second = make_task(), make_task()
+    assert goto(first.page, f"{PORTAL}/rotate").status == 200
+    rotated = [s for s, user in app.sessions().items() if user == first.user]
+    assert len(rotated) == 1
+    mark = app.mark()
+    for task, sid in ((second, second.sid), (first, rotated[0])):
+        assert goto(task.page, f"{PORTAL}/ledger/mine").status == 200
+        assert task.page.text_content("#user") == task.user
+        got = [r for r in task.mine(app.since(mark)) if r.path == "/ledger/mine"]
+        assert len(got) == 1, got
+        assert [v for n, v in got[0].cookies() if n == "sid"] == [sid], task.user
+
+
+def test_an_answer_reflecting_the_session_never_reaches_the_browser(
+    task: Task, app: BrowserApp
+) -> None:
+    """API §16: an answer that echoes an injected secret is refused: the vaulted cookie, and
+    after a rotation the one Leash keeps in the grant's jar and sends in its place."""
+
+    def never_shown(sid: str) -> None:
+        mark = app.mark()
+        # In a header: refused before anything is sent.
+        response = goto(task.page, f"{PORTAL}/echo/header")
+        assert response.status == 502, task.page.content()[:500]
+        assert response.header_value("leash-decision") == "credential_reflected"
+        assert response.header_value("x-seen-cookie") is None
+        assert sid not in task.page.content()
+        # In the body (the answer is cut off where it appears, or closed unanswered): every
+        # byte that came out of the tunnel, and what the browser shows.
+        try:
+            answer = in_tunnel(
+                task.proxy,
+                task.credential,
+                "portal.test",
+                "GET /echo/body HTTP/1.1\r\nHost: portal.test\r\nConnection: close\r\n\r\n",
+            )
+        except ConnectionError:
+            answer = Answer(0, {}, b"")
+        assert sid.encode() not in answer.body
+        assert all(sid not in v for values in answer.headers.values() for v in values)
+        # (A navigation whose body was cut off never finishes loading: wait for its answer.)
+        with contextlib.suppress(PlaywrightError):
+            task.page.goto(f"{PORTAL}/echo/body", wait_until="commit", timeout=5_000)
+        task.page.wait_for_timeout(300)
+        assert sid not in task.page.content()
+        # The app did echo it: each of the three reached it with the session.
+        echoed = [r for r in app.since(mark) if r.path.startswith("/echo/")]
+        assert len(echoed) == 3, echoed
+        for request in echoed:
+            assert [v for n, v in request.cookies() if n == "sid"] == [sid]
+
+    never_shown(task.sid)
+    assert goto(task.page, f"{PORTAL}/rotate").status == 200
+    rotated = [s for s, user in app.sessions().items() if user == task.user]
+    assert len(rotated) == 1
+    never_shown(rotated[0])
 
 
 def test_plain_http_reaches_the_configured_https_upstream(task: Task, app: BrowserApp) -> None:
@@ -548,6 +615,7 @@ def test_a_denied_transfer_shows_leashs_refusal_page(task: Task, app: BrowserApp
     response = navigation.value
     assert response is not None
     assert response.status == 403, task.page.content()[:500]
+    assert response.header_value("leash-decision"), response.headers
     assert time.monotonic() - started < 15, "the refusal waited for approval_wait"
     assert "text/html" in (response.header_value("content-type") or "")
     assert "denied" in (task.page.text_content("body") or "").lower(), task.page.content()
@@ -638,6 +706,7 @@ def test_actions_outside_the_grant_or_without_a_route_are_refused(
     response = navigation.value
     assert response is not None
     assert response.status == 403, task.page.content()[:500]
+    assert response.header_value("leash-decision") == "insufficient_scope"
     # Refused for its scope at once: no approval was asked of the human.
     assert not pending_approvals(task.leash, task.setup)
     # A page the app has but no route names.
