@@ -28,7 +28,7 @@ if [[ -z ${LEASH_BIN:-} ]]; then
   (cd "$repo" && cargo build --release -p leash-cli)
   export LEASH_BIN="$repo/target/release/leash"
 fi
-"$venv/bin/ruff" check . ../../examples/agents
-"$venv/bin/ruff" format --check . ../../examples/agents
-"$venv/bin/mypy" . ../../examples/agents
+"$venv/bin/ruff" check . ../../examples/agents ../../examples/browser-agent
+"$venv/bin/ruff" format --check . ../../examples/agents ../../examples/browser-agent
+"$venv/bin/mypy" . ../../examples/agents ../../examples/browser-agent
 "$venv/bin/pytest" -q "$@"

@@ -19,6 +19,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,12 +30,12 @@ from typing import Any
 import httpx
 import pytest
 from browser_app import AppRequest, BrowserApp
-from conftest import Leash, Setup, Upstream, printed_address, set_up
+from conftest import REPO, Leash, Setup, Upstream, printed_address, set_up
 from idp_fixtures import CHROMIUM
 from playwright.sync_api import Browser, BrowserContext, Page, Response, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
-from leash_agent import Agent, SigningKey
+from leash_agent import Agent
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 GRANT_TYPE = "urn:leash:params:oauth:token-type:grant"
@@ -155,20 +156,9 @@ def proxied_browser(nss_home: Path) -> Iterator[Browser]:
 
 
 def proxy_credential(leash: Leash, setup: Setup, agent: Agent) -> str:
-    """The agent's `lpx_` credential for its grant (token exchange, API §3.1 and §16)."""
-    now = agent._now()
-    form = {
-        "grant_type": TOKEN_EXCHANGE,
-        "subject_token": setup.handle,
-        "subject_token_type": GRANT_TYPE,
-        "client_assertion_type": JWT_BEARER,
-        "client_assertion": agent._key.client_assertion(agent.agent_id, agent.issuer, now),
-        "requested_token_type": PROXY_CREDENTIAL,
-    }
-    proof = SigningKey.generate().dpop_proof("POST", leash.url + "/oauth2/token", now)
-    answer = leash.http.post("/oauth2/token", data=form, headers={"DPoP": proof})
-    assert answer.status_code == 200, answer.text
-    credential: str = answer.json()["access_token"]
+    """The agent's `lpx_` credential for its grant (token exchange, API §3.1 and §16), as the
+    SDK gets it."""
+    credential = agent.task(handle=setup.handle).proxy_credential()
     assert credential.startswith("lpx_"), credential[:8]
     return credential
 
@@ -764,3 +754,33 @@ def test_the_app_only_trusts_its_own_ca(app: BrowserApp) -> None:
         httpx.get(app.url + "/login", timeout=5)
     trusted = ssl.create_default_context(cafile=str(app.ca_file))
     assert httpx.get(app.url + "/login", verify=trusted, timeout=5).status_code == 200
+
+
+def test_the_example_browser_agent_does_its_task(task: Task, proxy: Proxy) -> None:
+    """`examples/browser-agent/agent.py` runs as its docstring says: the SDK's proxy credential,
+    its own NSS trust of the proxy CA, Chromium through the proxy, the task completed."""
+    setup = task.setup
+    script = REPO / "examples" / "browser-agent" / "agent.py"
+    env = {
+        **os.environ,
+        "LEASH_GRANT_HANDLE": setup.handle,
+        "LEASH_URL": proxy.leash.url,
+        "LEASH_PROXY": proxy.server,
+        "LEASH_CHROMIUM": CHROMIUM,
+    }
+    command = [
+        *(sys.executable, str(script), "--id", setup.agent_id, "--key", str(setup.key_file)),
+        *("--url", f"{PORTAL}/ledger/2026"),
+    ]
+    if os.geteuid() == 0:
+        env["LEASH_CHROMIUM_ARGS"] = "--no-sandbox"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert f"opened {PORTAL}/ledger/2026: HTTP 200" in done.stdout, out
+    assert task.user in done.stdout, "the page was read as the human"
+    assert "cookies the browser holds: 0" in done.stdout, out
+    assert task.sid not in out
+    assert setup.handle not in out
+    status = proxy.leash.grant_status(setup.user_key, setup.grant_id)
+    assert status == "completed", status

@@ -36,6 +36,7 @@ log = logging.getLogger("leash_agent")
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 (a URN)
 GRANT_TOKEN_TYPE = "urn:leash:params:oauth:token-type:grant"  # noqa: S105 (a URN)
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+PROXY_CREDENTIAL_TYPE = "urn:leash:params:oauth:token-type:proxy-credential"
 
 #: The header on every answer Leash itself produces (API §6); the gateway strips it from
 #: upstream answers, so only Leash's own refusals carry it.
@@ -355,6 +356,12 @@ class Task:
             raise ValueError(f"{upstream!r} is not an upstream name")
         return f"{self._agent.issuer}/gw/{upstream}{path if path.startswith('/') else '/' + path}"
 
+    def proxy_credential(self) -> str:
+        """A proxy credential (`lpx_…`, API §16) for the task's browser: the password, with the
+        user name `leash`, of the browser's proxy settings (Leash's forward proxy). It lives as
+        long as an access token and dies with the task; each call exchanges a new one."""
+        return self._exchange(proxy=True).value
+
     def complete(self) -> None:
         """Ends the task at Leash: every token of its grant is dead at once. Again: nothing."""
         if self._ended == "the task is complete":
@@ -407,10 +414,10 @@ class Task:
             self._token = self._exchange()
             return self._token
 
-    def _exchange(self) -> _Token:
+    def _exchange(self, proxy: bool = False) -> _Token:
         nonce_tried = False
         for _ in range(4):
-            answer = self._exchange_once()
+            answer = self._exchange_once(proxy)
             if answer.token is not None:
                 return answer.token
             if answer.code == "use_dpop_nonce" and answer.nonce and not nonce_tried:
@@ -429,7 +436,7 @@ class Task:
             raise LeashError(answer.code, answer.description, answer.status)
         raise LeashError("rate_limited", "the token endpoint kept refusing", 429)
 
-    def _exchange_once(self) -> _ExchangeAnswer:
+    def _exchange_once(self, proxy: bool = False) -> _ExchangeAnswer:
         """One request to the token endpoint. The form (with the grant handle and the client
         assertion) and the proof live in this frame only, which has ended before the caller
         raises anything: an error tracker that records a traceback's locals never sees them.
@@ -445,6 +452,8 @@ class Task:
         }
         if self._scope:
             form["scope"] = " ".join(self._scope)
+        if proxy:
+            form["requested_token_type"] = PROXY_CREDENTIAL_TYPE
         proof = self._dpop_key.dpop_proof("POST", self._token_url, now, nonce=self._nonce)
         started = time.monotonic()
         failure: httpx.HTTPError | None = None
@@ -457,7 +466,8 @@ class Task:
             raise failure.with_traceback(None) from None
         if response.status_code == 200:
             try:
-                return _ExchangeAnswer(200, token=self._token_of(response, started))
+                read = self._proxy_credential_of if proxy else self._token_of
+                return _ExchangeAnswer(200, token=read(response, started))
             except LeashError as malformed:
                 return _ExchangeAnswer(200, malformed.code, malformed.description)
         error = _error_of(response)
@@ -484,6 +494,20 @@ class Task:
         renew_at = started + lifetime - min(RENEW_AHEAD_SECONDS, lifetime / 4)
         log.debug("exchanged a token for grant %s (scope %s, %d s)", grant_id, scope, lifetime)
         return _Token(value, grant_id, scope, renew_at)
+
+    def _proxy_credential_of(self, response: httpx.Response, started: float) -> _Token:
+        try:
+            body = response.json()
+            value = body["access_token"]
+            lifetime = float(body["expires_in"])
+        except (ValueError, KeyError, TypeError):
+            raise LeashError("unexpected_response", "the token answer is malformed") from None
+        if body.get("issued_token_type") != PROXY_CREDENTIAL_TYPE or not str(value).startswith(
+            "lpx_"
+        ):
+            raise LeashError("unexpected_response", "the answer is not a proxy credential")
+        scope = str(body.get("scope", "")).split()
+        return _Token(str(value), "", scope, started + lifetime)
 
     # One request.
 
