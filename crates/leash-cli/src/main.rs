@@ -145,7 +145,13 @@ struct ServeArgs {
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env(config::ENV_LOG)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        // The cookie jar's library logs the cookies it stores, values included: never.
+        .add_directive(
+            "cookie_store=off"
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a fixed directive")),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -988,6 +988,22 @@ impl Config {
 }
 
 /// A positive number of seconds as a duration, `default` when unset.
+/// The longest `proxy.approval_wait`: a browser's request held open for longer than an hour
+/// is a connection nobody is waiting on any more.
+const MAX_PROXY_APPROVAL_WAIT: i64 = 3600;
+
+fn held_request_wait(value: Option<i64>) -> Result<std::time::Duration, ConfigError> {
+    let key = "proxy.approval_wait";
+    let wait = seconds(key, value, std::time::Duration::from_secs(120))?;
+    if value.is_some_and(|v| v > MAX_PROXY_APPROVAL_WAIT) {
+        return Err(invalid(
+            key,
+            format!("at most {MAX_PROXY_APPROVAL_WAIT} seconds"),
+        ));
+    }
+    Ok(wait)
+}
+
 fn seconds(
     key: &str,
     value: Option<i64>,
@@ -1357,11 +1373,7 @@ impl Config {
                         listen: p.listen.parse().map_err(|_| {
                             invalid("proxy.listen", format!("{:?} is not host:port", p.listen))
                         })?,
-                        approval_wait: seconds(
-                            "proxy.approval_wait",
-                            p.approval_wait,
-                            std::time::Duration::from_secs(120),
-                        )?,
+                        approval_wait: held_request_wait(p.approval_wait)?,
                     })
                 })
                 .transpose()?,
@@ -1826,7 +1838,7 @@ risk = "high"
                 "{bad} was accepted"
             );
         }
-        // One host, one upstream; a bad listen address; no zero wait.
+        // One host, one upstream; a bad listen address; no zero wait, nor one over an hour.
         assert!(
             config_of(&format!(
                 "{}{}",
@@ -1837,6 +1849,18 @@ risk = "high"
         );
         assert!(config_of("[proxy]\nlisten = \"nowhere\"\n").is_err());
         assert!(config_of("[proxy]\nlisten = \"127.0.0.1:1\"\napproval_wait = 0\n").is_err());
+        assert!(config_of("[proxy]\nlisten = \"127.0.0.1:1\"\napproval_wait = 3601\n").is_err());
+        let hour = config_of("[proxy]\nlisten = \"127.0.0.1:1\"\napproval_wait = 3600\n");
+        assert_eq!(hour.unwrap().proxy.unwrap().approval_wait.as_secs(), 3600);
+        // An upstream's own CA, kept as a path (read and checked at start).
+        let own = config_of(
+            "[[upstream]]\nname = \"a\"\nurl = \"https://a.example\"\nca_file = \"ca.pem\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            own.upstreams["a"].ca_file.as_deref(),
+            Some(std::path::Path::new("ca.pem"))
+        );
     }
 
     #[test]

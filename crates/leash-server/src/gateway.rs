@@ -929,9 +929,9 @@ pub(crate) struct Forwarded<'r> {
     pub(crate) answer_idle: Option<std::time::Duration>,
     /// What Leash adds: the credential and the attribution headers, had before the commit.
     pub(crate) injected: Injected,
-    /// The credential an answer must not echo, where it is not simply the injected one (the
-    /// forward proxy's cookies: the human's session, not every cookie it sends).
-    pub(crate) guarded: Option<&'r [u8]>,
+    /// The credentials an answer must not echo, where they are not simply the injected one
+    /// (the forward proxy's: the vaulted credential and every cookie of the grant's jar).
+    pub(crate) guarded: Option<Vec<&'r [u8]>>,
 }
 
 /// The upstream's `Set-Cookie` values, which never reach the caller: kept in the answer's
@@ -985,8 +985,8 @@ pub(crate) async fn forward(
     for (name, value) in forwarded_request_headers(headers) {
         out.append(name.clone(), value.clone());
     }
-    let mut secrets = match guarded {
-        Some(guarded) if !guarded.is_empty() => state.reflection_guards.of(guarded),
+    let mut secrets = match &guarded {
+        Some(values) if !values.is_empty() => state.reflection_guards.of_all(values),
         _ => Secrets::default(),
     };
     for (name, value) in injected {

@@ -190,6 +190,11 @@ pub async fn run(
     let socket = listener::listen(config.listen)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = socket.local_addr()?;
+    if config.proxy.is_none() && !config.proxy_hosts().is_empty() {
+        tracing::warn!(
+            "upstreams have `hosts`, but no [proxy] is configured: no browser reaches them"
+        );
+    }
     let proxy_socket = match &config.proxy {
         Some(proxy) => Some(listener::listen(proxy.listen).map_err(|e| {
             anyhow::anyhow!("cannot listen on {} for the proxy: {e}", proxy.listen)

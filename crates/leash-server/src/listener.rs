@@ -134,13 +134,25 @@ pub async fn serve(
                 request
             },
         ));
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let (builder, watcher) = (Arc::clone(&builder), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            // hyper's head timeout starts with the first byte: a client that connects and sends
+            // nothing would otherwise hold its place (one of `max_connections`, and of its
+            // address's share) for ever, waiting for the protocol to be told apart.
+            // `peek`, not `readable`, which may wake without data.
+            let mut first = [0u8; 1];
+            if tokio::time::timeout(stall_limit, stream.peek(&mut first))
+                .await
+                .is_err()
+            {
+                tracing::debug!(peer = %peer.ip(), "a connection that sent nothing closed");
+            } else {
+                let connection = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                if let Err(e) = watcher.watch(connection).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
             }
             drop(share);
             drop(permit);

@@ -48,14 +48,23 @@ impl std::fmt::Debug for Secrets {
 impl Secrets {
     /// The pieces of a credential injected as `value`.
     pub fn of(value: &[u8]) -> Self {
-        let text = String::from_utf8_lossy(value);
-        let mut pieces = vec![value.to_vec()];
-        if let Some(token) = text.strip_prefix("Bearer ") {
-            pieces.push(token.as_bytes().to_vec());
-        }
-        for cookie in text.split(';') {
-            if let Some((_, cookie_value)) = cookie.split_once('=') {
-                pieces.push(cookie_value.trim().as_bytes().to_vec());
+        Self::of_all(&[value])
+    }
+
+    /// The pieces of every credential of `values` (injected together: a vaulted credential and
+    /// the forward proxy's cookies).
+    pub fn of_all(values: &[&[u8]]) -> Self {
+        let mut pieces = Vec::new();
+        for value in values {
+            let text = String::from_utf8_lossy(value);
+            pieces.push(value.to_vec());
+            if let Some(token) = text.strip_prefix("Bearer ") {
+                pieces.push(token.as_bytes().to_vec());
+            }
+            for cookie in text.split(';') {
+                if let Some((_, cookie_value)) = cookie.split_once('=') {
+                    pieces.push(cookie_value.trim().as_bytes().to_vec());
+                }
             }
         }
         pieces.retain(|piece| piece.len() >= MIN_SECRET_LEN);
@@ -184,11 +193,22 @@ const SECRETS_CACHE_CAPACITY: usize = 4096;
 impl SecretsCache {
     /// The secrets of the credential injected as `value`.
     pub fn of(&self, value: &[u8]) -> Secrets {
+        self.of_all(&[value])
+    }
+
+    /// The secrets of the credentials injected as `values`.
+    pub fn of_all(&self, values: &[&[u8]]) -> Secrets {
         use sha2::Digest as _;
-        let key: [u8; 32] = sha2::Sha256::digest(value).into();
+        let mut digest = sha2::Sha256::new();
+        for value in values {
+            // Length-prefixed: no two lists of values share a key.
+            digest.update((value.len() as u64).to_be_bytes());
+            digest.update(value);
+        }
+        let key: [u8; 32] = digest.finalize().into();
         self.0
             .get_or_insert_with(&key, || {
-                Ok::<_, std::convert::Infallible>(Secrets::of(value))
+                Ok::<_, std::convert::Infallible>(Secrets::of_all(values))
             })
             .unwrap_or_else(|never| match never {})
     }

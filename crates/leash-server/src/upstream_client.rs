@@ -96,3 +96,30 @@ fn client(
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(connector)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstreams_ca_file_must_hold_a_usable_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(roots_from(&dir.path().join("missing.pem")).is_err());
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let error = roots_from(&empty).unwrap_err().to_string();
+        assert!(error.contains("no certificate"), "{error}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(roots_from(&garbage).is_err());
+        let ca = rcgen::generate_simple_self_signed(vec!["upstream.test".to_owned()]).unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.cert.pem()).unwrap();
+        assert_eq!(roots_from(&good).unwrap().len(), 1);
+        assert!(build_trusting(roots_from(&good).unwrap()).is_ok());
+    }
+}

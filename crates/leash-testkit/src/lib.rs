@@ -482,6 +482,17 @@ impl Leash {
         Self::start_cluster_on(bin, nodes, upstream_url, TestDatabase::create().await).await
     }
 
+    /// [`Leash::start_cluster`] with `extra` config lines on every node.
+    pub async fn start_cluster_with(
+        bin: &Path,
+        nodes: usize,
+        upstream_url: &str,
+        extra: &str,
+    ) -> Vec<Self> {
+        let database = TestDatabase::create().await;
+        Self::start_cluster_of(bin, nodes, upstream_url, database, extra).await
+    }
+
     /// The same on a database of choice (of a [`PrivatePostgres`], say).
     pub async fn start_cluster_on(
         bin: &Path,
@@ -489,12 +500,22 @@ impl Leash {
         upstream_url: &str,
         database: TestDatabase,
     ) -> Vec<Self> {
+        Self::start_cluster_of(bin, nodes, upstream_url, database, "").await
+    }
+
+    async fn start_cluster_of(
+        bin: &Path,
+        nodes: usize,
+        upstream_url: &str,
+        database: TestDatabase,
+        extra: &str,
+    ) -> Vec<Self> {
         use base64::Engine as _;
         let database = std::sync::Arc::new(database);
         let master_key =
             base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
         let upstreams = UPSTREAMS.replace("http://127.0.0.1:9", upstream_url);
-        let config = format!("issuer = \"{CLUSTER_URL}\"\n{upstreams}\n{UNLIMITED}");
+        let config = format!("issuer = \"{CLUSTER_URL}\"\n{extra}\n{upstreams}\n{UNLIMITED}");
         let mut cluster = Vec::new();
         for _ in 0..nodes {
             let mut node = Self::prepare(bin, &config, "warn", Some(database.clone()));

@@ -10,8 +10,9 @@ test asks for (cookies for other domains, redirects, echoes of the injected cook
 1xx answers, upgrades). The `Secure` cookie test needs a non-loopback IPv4 address of this
 machine (loopback is a secure context, RFC 6265bis), and is skipped without one.
 
-Each test is one attack and asserts the secure behaviour. Those that failed against the binary
-reviewed are kept failing and marked `# FINDING:` (request, expected, got)."""
+Each test is one attack and asserts the secure behaviour. The five that failed against the
+binary reviewed were findings, fixed since and marked `# FIXED:` (what the review saw, and the
+fix)."""
 
 from __future__ import annotations
 
@@ -1269,7 +1270,8 @@ def test_connect_to_hosts_outside_the_grant_addresses_or_leash_itself_is_refused
 
 
 def test_connect_targets_with_a_malformed_port_are_refused(rig: Rig, task: Task) -> None:
-    # FINDING: `CONNECT shop.test:65979` (65979 = 443 + 65536), `shop.test:443x`,
+    # FIXED (ports are parsed strictly, `proxy::front::port_of`; CONNECT takes host:port only):
+    # `CONNECT shop.test:65979` (65979 = 443 + 65536), `shop.test:443x`,
     # `shop.test:+443`, `shop.test:-1` and `shop.test:` (empty port) each open a tunnel (200),
     # while `shop.test:8443` and `shop.test:0` are refused (403): a port that does not parse as
     # a u16 is read as the default instead of refused, so the port check is bypassed by any
@@ -1806,7 +1808,8 @@ def test_answers_reflecting_the_vaulted_or_rotated_session_are_refused(
 
 
 def test_answers_reflecting_any_other_cookie_of_the_jar_are_refused(rig: Rig, task: Task) -> None:
-    # FINDING: a cookie the upstream set under a name other than the vaulted one (here `j`; in
+    # FIXED (every cookie the proxy sends is guarded, not only the vaulted session):
+    # a cookie the upstream set under a name other than the vaulted one (here `j`; in
     # real apps the session cookie proper next to a vaulted remember-me cookie, or a CSRF token)
     # is kept in the jar and injected by Leash, but an answer echoing it is not refused: in a
     # response header (`X-Echo: <value>`, 200), in a redirect's `Location` (302), in a body
@@ -1935,7 +1938,8 @@ def test_a_jar_belongs_to_one_grant_is_sealed_and_dies_with_it(
 def test_the_jar_keeps_to_the_cookie_size_and_count_limits(
     rig: Rig, make_task: Callable[..., Task]
 ) -> None:
-    # FINDING: the jar applies no limit. (1) `Set-Cookie: big0=<5,000 bytes>` is stored and sent
+    # FIXED (4,096 bytes a cookie, 50 cookies and 8 KiB a jar; more are ignored):
+    # the jar applied no limit. (1) `Set-Cookie: big0=<5,000 bytes>` is stored and sent
     # back, though RFC 6265bis §5.6 ignores a cookie whose name and value exceed 4,096 octets;
     # (2) 20 answers of 50 cookies each leave 1,000 cookies for one host, all sent on every
     # request (browsers keep at most 180 per domain and evict the oldest). A hostile upstream,
@@ -2245,8 +2249,9 @@ def test_every_forwarded_and_refused_request_is_audited_as_delegated_via_the_pro
 def test_no_session_cookie_or_credential_in_debug_logs_or_the_audit(
     upstream: Upstream, tmp_path: Path
 ) -> None:
-    # FINDING: with LEASH_LOG=debug, every cookie without the `Secure` attribute that the
-    # upstream sets is written to the log in plaintext by the cookie library's debug line
+    # FIXED (the `cookie_store` target is never logged): with LEASH_LOG=debug, every cookie
+    # without the `Secure` attribute that the upstream set was written to the log in plaintext
+    # by the cookie library's debug line
     # `DEBUG cookie_store::cookie_store: inserting Set-Cookie 'Cookie { cookie_string:
     # Some("sid=<value>; Path=/; HttpOnly") ...`: here the rotated session `sid=<new>` (what
     # Leash injects from then on in place of the vaulted one) and another jar cookie `j`. (A
@@ -2388,7 +2393,9 @@ def test_slow_heads_and_unfinished_handshakes_are_cut_off(rig: Rig, task: Task) 
 
 
 def test_silent_connections_cannot_lock_other_clients_out(rig: Rig, task: Task) -> None:
-    # FINDING: a TCP connection to the proxy that never sends a byte is never closed (still
+    # FIXED (a connection must send its first byte within `header_read_timeout`, on every
+    # listener: hyper waited for ever to tell HTTP/1 from HTTP/2): a TCP connection to the
+    # proxy that never sent a byte was never closed (still
     # open after 70 s), while one that sends part of a head is closed after 10 s. The proxy
     # holds about 512 connections per source address and drops the rest unanswered, so 600
     # silent connections (no credential needed) lock every other client of that address out

@@ -583,3 +583,61 @@ async fn an_online_master_key_rotation_reaches_every_node_that_holds_the_key_and
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_stops_a_browser_tunnel_on_another_within_a_second() {
+    use super::proxy_tunnel::{browser, portal_config, scenario_proxy_credential};
+    let upstream = RecordingUpstream::start().await;
+    let nodes =
+        Leash::start_cluster_with(bin(), 2, &upstream.url, &portal_config(&upstream.url)).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let portal_grant = json!({
+        "agent": AGENT, "purpose": "Read the ledger", "upstreams": ["portal"],
+        "actions": ["portal:read"], "ttl_seconds": 600,
+    });
+    let mut s = Scenario::with_grant(a, Alg::EdDsa, portal_grant.clone()).await;
+    let ca = b
+        .http()
+        .get(format!("{}/v1/proxy/ca", b.url))
+        .send()
+        .await
+        .expect("ca")
+        .text()
+        .await
+        .expect("ca");
+    let proxy = b.proxy_addr().await;
+    let mut propagation = Vec::new();
+    for round in 0..10 {
+        if round > 0 {
+            s.grant = a.create_grant(&s.user_key, portal_grant.clone()).await;
+        }
+        let credential = scenario_proxy_credential(a, &s).await;
+        let tunnel = browser(&proxy, &credential, &ca, true);
+        let get = || tunnel.get("https://portal.test/ledger/1").send();
+        assert_eq!(get().await.expect("get").status(), 200, "round {round}");
+        let revoke = format!("/v1/grants/{}/revoke", s.grant_id());
+        assert_eq!(
+            a.call(Method::POST, &revoke, &s.user_key, None).await.0,
+            200
+        );
+        let revoked_at = Instant::now();
+        loop {
+            let status = get().await.expect("get").status().as_u16();
+            assert!(matches!(status, 200 | 407), "{status}");
+            if status == 407 {
+                break;
+            }
+            assert!(
+                revoked_at.elapsed() < Duration::from_secs(1),
+                "round {round}: a tunnel on node B still works 1 s after the revocation on A"
+            );
+        }
+        propagation.push(revoked_at.elapsed());
+    }
+    propagation.sort();
+    eprintln!(
+        "proxy revocation propagation over {} rounds: max {:.1} ms",
+        propagation.len(),
+        propagation[propagation.len() - 1].as_secs_f64() * 1000.0
+    );
+}

@@ -247,6 +247,15 @@ async fn a_slow_client_and_an_idle_connection_are_closed_after_the_header_timeou
         .await
         .expect("an idle kept-alive connection is closed");
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+
+    // One that sends nothing at all (hyper would wait for ever to tell HTTP/1 from HTTP/2).
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let got = until_closed(&mut silent, Duration::from_secs(10))
+        .await
+        .expect("a connection that sends nothing is closed");
+    assert!(got.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(900));
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ const PROXY_CREDENTIAL: &str = "urn:leash:params:oauth:token-type:proxy-credenti
 const SESSION: &str = "sid=human-portal-session-0123456789";
 
 /// A portal reached by browsers at `portal.test`, with a high-risk form.
-fn portal_config(url: &str) -> String {
+pub(super) fn portal_config(url: &str) -> String {
     format!(
         r#"
 [proxy]
@@ -97,19 +97,7 @@ impl Portal {
     /// A client with Leash as its proxy, presenting the credential and trusting the proxy CA
     /// only; HTTP/2 where ALPN agrees (as browsers do) unless `http1_only`.
     fn browser_with(&self, http1_only: bool) -> reqwest::Client {
-        let proxy = reqwest::Proxy::all(format!("http://{}", self.proxy))
-            .unwrap()
-            .basic_auth("leash", &self.credential);
-        let builder = reqwest::Client::builder()
-            .proxy(proxy)
-            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.as_bytes()).unwrap())
-            .tls_built_in_root_certs(false);
-        let builder = if http1_only {
-            builder.http1_only()
-        } else {
-            builder
-        };
-        builder.build().unwrap()
+        browser(&self.proxy, &self.credential, &self.ca, http1_only)
     }
 
     fn browser(&self) -> reqwest::Client {
@@ -143,13 +131,44 @@ impl Portal {
     }
 }
 
+/// A client with the proxy at `proxy` presenting `credential`, trusting the proxy CA `ca`
+/// only; HTTP/2 where ALPN agrees (as browsers do) unless `http1_only`.
+pub(super) fn browser(
+    proxy: &str,
+    credential: &str,
+    ca: &str,
+    http1_only: bool,
+) -> reqwest::Client {
+    let proxy = reqwest::Proxy::all(format!("http://{proxy}"))
+        .unwrap()
+        .basic_auth("leash", credential);
+    let builder = reqwest::Client::builder()
+        .proxy(proxy)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false);
+    let builder = if http1_only {
+        builder.http1_only()
+    } else {
+        builder
+    };
+    builder.build().unwrap()
+}
+
 /// The agent's proxy credential for its grant.
 async fn proxy_credential(gw: &Gw) -> String {
-    let mut form = gw.s.exchange_form(&gw.leash);
+    scenario_proxy_credential(&gw.leash, &gw.s).await
+}
+
+/// The proxy credential of scenario `s`'s grant, exchanged at `leash`.
+pub(super) async fn scenario_proxy_credential(
+    leash: &Leash,
+    s: &leash_testkit::Scenario,
+) -> String {
+    let mut form = s.exchange_form(leash);
     form.push(("requested_token_type".into(), PROXY_CREDENTIAL.into()));
     let dpop = AgentKey::generate(Alg::EdDsa);
-    let proof = dpop.dpop_proof("POST", &gw.leash.token_url(), None, None, now());
-    let (status, _, body) = gw.s.exchange_raw(&gw.leash, &form, Some(proof)).await;
+    let proof = dpop.dpop_proof("POST", &leash.token_url(), None, None, now());
+    let (status, _, body) = s.exchange_raw(leash, &form, Some(proof)).await;
     assert_eq!(status, 200, "{body}");
     body["access_token"].as_str().unwrap().to_owned()
 }

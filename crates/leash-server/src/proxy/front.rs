@@ -325,11 +325,16 @@ fn destination(
             "the request's host must not carry userinfo".into(),
         ));
     }
+    if secure && (uri.scheme().is_some() || uri.path_and_query().is_some()) {
+        return Err(ApiError::InvalidRequest(
+            "CONNECT takes host:port, nothing else".into(),
+        ));
+    }
     let host = authority.host().to_ascii_lowercase();
-    let port = authority
-        .port_u16()
-        .unwrap_or(if secure { HTTPS_PORT } else { HTTP_PORT });
     let wanted = if secure { HTTPS_PORT } else { HTTP_PORT };
+    let port = port_of(authority)
+        .ok_or_else(|| ApiError::InvalidRequest("the request's port is malformed".into()))?
+        .unwrap_or(wanted);
     let upstream = state.config.upstream_by_host(&host);
     if let Some(upstream) = upstream {
         trail.known.upstream = Some(upstream.name.clone());
@@ -348,9 +353,43 @@ fn destination(
     Ok(Destination { host, secure })
 }
 
+/// The port an authority names: `Some(None)` if it names none, `None` if what follows the host
+/// is not `:` and 1–5 digits of a port (`:443x`, `:+443`, `:`, 65979 are not; `http`'s parser
+/// reads them as no port at all).
+pub(crate) fn port_of(authority: &Authority) -> Option<Option<u16>> {
+    let text = authority.as_str();
+    let after_host = text.get(authority.host().len()..)?;
+    if after_host.is_empty() {
+        return Some(None);
+    }
+    let digits = after_host.strip_prefix(':')?;
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_digits_of_a_port_or_nothing() {
+        let port = |text: &str| port_of(&text.parse::<Authority>().unwrap());
+        assert_eq!(port("shop.test"), Some(None));
+        assert_eq!(port("shop.test:443"), Some(Some(443)));
+        assert_eq!(port("[::1]:8443"), Some(Some(8443)));
+        for bad in [
+            "shop.test:",
+            "shop.test:65979",
+            "shop.test:443x",
+            "shop.test:+443",
+        ] {
+            if let Ok(authority) = bad.parse::<Authority>() {
+                assert_eq!(port_of(&authority), None, "{bad}");
+            }
+        }
+    }
 
     fn basic(text: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();

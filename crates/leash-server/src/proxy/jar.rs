@@ -11,6 +11,16 @@ use url::Url;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
+/// The longest cookie kept, its name and value together (RFC 6265bis §5.6: a longer one is
+/// ignored, as browsers do).
+const MAX_COOKIE_BYTES: usize = 4096;
+/// The most cookies a jar keeps (browsers keep 180 per domain at most; a grant reaches one
+/// upstream): more are ignored until some expire or are replaced.
+const MAX_JAR_COOKIES: usize = 50;
+/// The most bytes of names and values a jar keeps: all of them go in every request's `Cookie`,
+/// which an upstream limits (8 KiB is common) like any header.
+const MAX_JAR_BYTES: usize = 8192;
+
 /// What a jar is sealed with: it opens only as this grant's jar for this upstream.
 pub fn context(grant_id: &str, upstream: &str) -> Vec<u8> {
     format!("leash cookie jar {grant_id} {upstream}").into_bytes()
@@ -49,7 +59,10 @@ pub(crate) async fn store_set_cookies(
         .iter()
         .filter_map(|value| value.to_str().ok())
         .filter_map(|value| RawCookie::parse(value.to_owned()).ok());
-    jar.store_response_cookies(cookies, url);
+    let ignored = keep_within_limits(&mut jar, cookies, url);
+    if ignored > 0 {
+        tracing::warn!(grant = %grant_id, upstream = %upstream, ignored, "cookies over the jar's limits were ignored");
+    }
     let mut json = Vec::new();
     cookie_store::serde::json::save_incl_expired_and_nonpersistent(&jar, &mut json)
         .map_err(|e| ApiError::Unavailable(format!("a cookie jar does not write: {e}")))?;
@@ -65,41 +78,62 @@ pub(crate) async fn store_set_cookies(
     Ok(())
 }
 
+/// Stores `cookies` set by an answer from `url` in `jar`, one by one, ignoring a cookie larger
+/// than [`MAX_COOKIE_BYTES`] and one that leaves the jar over [`MAX_JAR_COOKIES`] or
+/// [`MAX_JAR_BYTES`] (a cookie replacing one of the same name, domain and path always fits
+/// unless it grows the jar past them). Returns how many were ignored.
+fn keep_within_limits(
+    jar: &mut CookieStore,
+    cookies: impl Iterator<Item = RawCookie<'static>>,
+    url: &Url,
+) -> usize {
+    let over = |jar: &CookieStore| {
+        let (count, bytes) = jar.iter_unexpired().fold((0, 0), |(count, bytes), kept| {
+            (count + 1, bytes + kept.name().len() + kept.value().len())
+        });
+        count > MAX_JAR_COOKIES || bytes > MAX_JAR_BYTES
+    };
+    let mut ignored = 0;
+    for cookie in cookies {
+        if cookie.name().len() + cookie.value().len() > MAX_COOKIE_BYTES {
+            ignored += 1;
+            continue;
+        }
+        let before = jar.clone();
+        jar.store_response_cookies(std::iter::once(cookie), url);
+        if over(jar) {
+            *jar = before;
+            ignored += 1;
+        }
+    }
+    ignored
+}
+
 /// The `Cookie` the upstream gets for `url`: each of the human's vaulted cookies (`vaulted`, a
 /// `Cookie` value), unless the upstream set one of that name since (a rotated session), then
-/// the jar's other cookies. Also returns the human's session as it now stands, the vaulted
-/// cookies with their current values, which an answer must never echo.
-pub(crate) fn cookie_header(
-    vaulted: Option<&str>,
-    jar: &CookieStore,
-    url: &Url,
-) -> (Option<String>, Option<String>) {
+/// the jar's other cookies.
+pub(crate) fn cookie_header(vaulted: Option<&str>, jar: &CookieStore, url: &Url) -> Option<String> {
     let from_jar: Vec<(&str, &str)> = jar.get_request_values(url).collect();
-    let mut sent = Vec::new();
-    let mut session = Vec::new();
+    let mut sent: Vec<String> = Vec::new();
+    let mut vaulted_names = Vec::new();
     for pair in vaulted.into_iter().flat_map(|v| v.split(';')) {
         let pair = pair.trim();
         if pair.is_empty() {
             continue;
         }
         let name = pair.split_once('=').map_or(pair, |(name, _)| name).trim();
-        let current = match from_jar.iter().find(|(n, _)| *n == name) {
-            Some((n, v)) => format!("{n}={v}"),
-            None => pair.to_owned(),
-        };
-        session.push(current.clone());
-        sent.push(current);
+        vaulted_names.push(name);
+        match from_jar.iter().find(|(n, _)| *n == name) {
+            Some((n, v)) => sent.push(format!("{n}={v}")),
+            None => sent.push(pair.to_owned()),
+        }
     }
     for (name, value) in &from_jar {
-        let vaulted_name = session
-            .iter()
-            .any(|pair| pair.split_once('=').is_some_and(|(n, _)| n == *name));
-        if !vaulted_name {
+        if !vaulted_names.contains(name) {
             sent.push(format!("{name}={value}"));
         }
     }
-    let join = |pairs: Vec<String>| (!pairs.is_empty()).then(|| pairs.join("; "));
-    (join(sent), join(session))
+    (!sent.is_empty()).then(|| sent.join("; "))
 }
 
 #[cfg(test)]
@@ -123,14 +157,12 @@ mod tests {
             "https://portal.example/rotate",
             &["sid=NEW; Path=/; Secure; HttpOnly", "theme=dark; Path=/"],
         );
-        let (sent, session) = cookie_header(Some("sid=OLD; lang=en"), &jar, &url);
-        let sent = sent.unwrap();
+        let sent = cookie_header(Some("sid=OLD; lang=en"), &jar, &url).unwrap();
         assert!(sent.contains("sid=NEW") && !sent.contains("OLD"), "{sent}");
         assert!(
             sent.contains("lang=en") && sent.contains("theme=dark"),
             "{sent}"
         );
-        assert_eq!(session.as_deref(), Some("sid=NEW; lang=en"));
     }
 
     #[test]
@@ -144,10 +176,8 @@ mod tests {
                 "elsewhere=1; Domain=other.example; Path=/",
             ],
         );
-        let values = |url: &str| {
-            let (sent, _) = cookie_header(None, &jar, &Url::parse(url).unwrap());
-            sent.unwrap_or_default()
-        };
+        let values =
+            |url: &str| cookie_header(None, &jar, &Url::parse(url).unwrap()).unwrap_or_default();
         let app = values("https://portal.example/app/x");
         assert!(
             app.contains("scoped=1") && app.contains("secure=1"),
@@ -162,12 +192,36 @@ mod tests {
     }
 
     #[test]
+    fn a_jar_keeps_to_its_limits_and_a_replacement_always_fits() {
+        let url = Url::parse("https://portal.example/").unwrap();
+        let mut jar = CookieStore::default();
+        let parse = |text: String| RawCookie::parse(text).unwrap();
+        let huge = parse(format!("big={}", "x".repeat(MAX_COOKIE_BYTES)));
+        assert_eq!(keep_within_limits(&mut jar, std::iter::once(huge), &url), 1);
+        let many = (0..MAX_JAR_COOKIES + 10).map(|i| parse(format!("c{i}=v")));
+        assert_eq!(keep_within_limits(&mut jar, many, &url), 10);
+        assert_eq!(jar.iter_unexpired().count(), MAX_JAR_COOKIES);
+        // Full, a cookie of a name it holds still replaces it (a rotated session).
+        let rotated = parse("c0=rotated".to_owned());
+        assert_eq!(
+            keep_within_limits(&mut jar, std::iter::once(rotated), &url),
+            0
+        );
+        let sent = cookie_header(None, &jar, &url).unwrap();
+        assert!(sent.contains("c0=rotated"), "{sent}");
+        // Bytes: a few large cookies fill it before the count does.
+        let mut jar = CookieStore::default();
+        let large = (0..5).map(|i| parse(format!("l{i}={}", "y".repeat(3000))));
+        assert_eq!(keep_within_limits(&mut jar, large, &url), 3);
+    }
+
+    #[test]
     fn a_jar_round_trips_through_its_stored_form_with_session_cookies() {
         let jar = jar_with("https://portal.example/", &["sid=S; Path=/; HttpOnly"]);
         let mut json = Vec::new();
         cookie_store::serde::json::save_incl_expired_and_nonpersistent(&jar, &mut json).unwrap();
         let back = cookie_store::serde::json::load_all(json.as_slice()).unwrap();
         let url = Url::parse("https://portal.example/x").unwrap();
-        assert_eq!(cookie_header(None, &back, &url).0.as_deref(), Some("sid=S"));
+        assert_eq!(cookie_header(None, &back, &url).as_deref(), Some("sid=S"));
     }
 }

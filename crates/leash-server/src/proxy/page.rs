@@ -25,11 +25,14 @@ pub(crate) async fn refuse(
     source: Option<std::net::IpAddr>,
     error: ApiError,
 ) -> Response {
-    let credential_refused = matches!(error, ApiError::InvalidToken(_));
-    let message = error.to_string();
+    let (status, _) = error.status_and_code();
+    let mut message = error.to_string();
+    let mut credential_refused = matches!(error, ApiError::InvalidToken(_));
     let answered = crate::gateway::refuse(state, trail, EVENT, request_id, source, error).await;
-    if answered.status() == StatusCode::TOO_MANY_REQUESTS {
-        return answered;
+    if answered.status() != status {
+        // Not recorded one by one: over the rate of unidentified refusals from this address.
+        message = "Too many refused requests from this address; try again shortly.".into();
+        credential_refused = false;
     }
     let (status, title) = if credential_refused {
         (
@@ -83,8 +86,8 @@ pub(crate) fn not_approved(approval_id: &str, denied: bool) -> Response {
         (
             "No decision in time",
             format!(
-                "Nobody approved this request (approval {approval_id}) in time. Nothing was sent; \
-                 once it is approved, the same request goes through."
+                "Nobody approved this request (approval {approval_id}) in time, so nothing was \
+                 sent. Sending it again asks again."
             ),
         )
     };

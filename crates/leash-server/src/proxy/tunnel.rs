@@ -23,7 +23,7 @@ use leash_core::token::AccessClaims;
 use leash_store::{Approval, ApprovalStatus};
 use url::Url;
 
-use super::front::{Proxy, VIA, holder_of};
+use super::front::{Proxy, VIA, holder_of, port_of};
 use super::{jar, page};
 use crate::audit::Trail;
 use crate::config::Upstream;
@@ -74,7 +74,15 @@ pub(crate) async fn serve_tls(tunnel: Tunnel, upgraded: Upgraded, tls: Arc<rustl
                 Ok::<_, Infallible>(handle(&tunnel, request).await)
             }
         });
+    // The protocol ALPN chose, not guessed from the first bytes: a tunnel that sends nothing
+    // then meets HTTP/1's head timeout (or HTTP/2's keep-alive) instead of waiting for ever.
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let builder = crate::listener::connection_builder(&limits);
+    let builder = if h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
     if let Err(e) = builder
         .serve_connection(TokioIo::new(stream), service)
         .await
@@ -177,32 +185,33 @@ async fn proxied(
             crate::gateway::request_body(state, &decided, &parts, body, trail, request_id).await?;
         (decided, body)
     };
+    // The grant's cookies, read before the commit: a jar that cannot be read refuses the
+    // request before it is recorded as forwarded.
+    let grant_id = holder.grant.id.clone();
+    let url = upstream_url(upstream, &decided, parts.uri.query())?;
+    let jar = jar::load(state, &grant_id, &upstream.name).await?;
     // Step 7.
     let mut injected = decided
         .commit(state, trail, page::EVENT, request_id)
         .await?;
     // Step 8, with the grant's cookies.
-    let grant_id = holder.grant.id.clone();
-    let url = upstream_url(upstream, &decided, parts.uri.query())?;
-    let jar = jar::load(state, &grant_id, &upstream.name).await?;
     let vaulted = injected
         .iter()
         .position(|(name, _)| name == header::COOKIE)
         .map(|at| injected.remove(at).1);
     let vaulted = vaulted.as_ref().and_then(|v| v.to_str().ok());
-    let (cookie, session) = jar::cookie_header(vaulted, &jar, &url);
-    if let Some(cookie) = cookie {
+    if let Some(cookie) = jar::cookie_header(vaulted, &jar, &url) {
         let value = HeaderValue::from_str(&cookie)
             .map_err(|_| ApiError::BadGateway("a stored cookie cannot be sent".into()))?;
         injected.push((header::COOKIE, value));
     }
-    // The answer is guarded against echoing the human's session (or, if the credential is not
-    // a cookie, whatever was injected).
-    let guarded_credential = injected
+    // An answer must echo none of it: not the vaulted credential, nor any cookie of the jar
+    // (a session the upstream set beside a vaulted one is as good as the human's own).
+    let guarded: Vec<Vec<u8>> = injected
         .iter()
-        .find(|(name, _)| !name.as_str().starts_with("leash-") && *name != header::COOKIE)
-        .map(|(_, value)| value.as_bytes().to_vec());
-    let guarded = guarded_credential.or(session.map(String::into_bytes));
+        .filter(|(name, _)| !name.as_str().starts_with("leash-"))
+        .map(|(_, value)| value.as_bytes().to_vec())
+        .collect();
     let sent = Forwarded {
         path: &decided.path,
         query: parts.uri.query(),
@@ -212,7 +221,7 @@ async fn proxied(
         trail,
         answer_idle: None,
         injected,
-        guarded: Some(guarded.as_deref().unwrap_or_default()),
+        guarded: Some(guarded.iter().map(Vec::as_slice).collect()),
     };
     let mut response = crate::gateway::forward_committed(state, &decided, sent, request_id).await?;
     if let Some(SetCookies(set_cookies)) = response.extensions_mut().remove::<SetCookies>() {
@@ -247,7 +256,7 @@ fn check_request(tunnel: &Tunnel, parts: &Parts) -> ApiResult<()> {
         authority.parse::<Authority>().is_ok_and(|a| {
             !a.as_str().contains('@')
                 && a.host().eq_ignore_ascii_case(&tunnel.host)
-                && a.port_u16().is_none_or(|p| p == port)
+                && port_of(&a).is_some_and(|p| p.is_none_or(|p| p == port))
         })
     };
     let other_host = || {
