@@ -23,7 +23,7 @@ use leash_core::token::AccessClaims;
 use leash_store::{Approval, ApprovalStatus};
 use url::Url;
 
-use super::front::{Proxy, VIA, holder_of, port_of};
+use super::front::{Holder, Proxy, VIA, holder_of, port_of};
 use super::{jar, page};
 use crate::audit::Trail;
 use crate::config::Upstream;
@@ -129,27 +129,14 @@ async fn proxied(
     let state = &tunnel.proxy.state;
     let (mut parts, body) = request.into_parts();
     trail.known.method = Some(parts.method.as_str().to_owned());
-    // Steps 1–3: the credential the tunnel was opened with, live now.
-    let holder = holder_of(state, Arc::clone(&tunnel.claims), trail).await?;
-    check_request(tunnel, &parts)?;
     let upstream = state
         .config
         .upstream_by_host(&tunnel.host)
         .ok_or_else(|| ApiError::Forbidden("the tunnel's host is no longer served".into()))?;
     // An approval is attached by the proxy itself, once the human decided: never by the page.
     parts.headers.remove("leash-approval");
-    // Steps 4–6.
-    let decided = {
-        let target = Target::checked(
-            &parts.method,
-            &upstream.name,
-            parts.uri.path(),
-            parts.uri.query(),
-            trail,
-        )?;
-        decide_for(state, holder.principal(), &target, &parts.headers, trail).await?
-    };
-    let (decided, body) = if matches!(decided.approval, ApprovalState::Needed { .. }) {
+    let (holder, decided) = decide(tunnel, upstream, &parts, trail).await?;
+    let (holder, decided, body) = if matches!(decided.approval, ApprovalState::Needed { .. }) {
         let (bytes, approval) =
             held_for_approval(tunnel, &decided, &parts, body, trail, request_id).await?;
         // Decided again, as the gateway decides the request retried with its approval: the
@@ -161,15 +148,7 @@ async fn proxied(
             .insert(HeaderName::from_static("leash-approval"), approval);
         *trail = Trail::default();
         trail.known.via = Some(VIA.into());
-        let holder = holder_of(state, Arc::clone(&tunnel.claims), trail).await?;
-        let target = Target::checked(
-            &parts.method,
-            &upstream.name,
-            parts.uri.path(),
-            parts.uri.query(),
-            trail,
-        )?;
-        let decided = decide_for(state, holder.principal(), &target, &parts.headers, trail).await?;
+        let (holder, decided) = decide(tunnel, upstream, &parts, trail).await?;
         let body = crate::gateway::request_body(
             state,
             &decided,
@@ -179,11 +158,11 @@ async fn proxied(
             request_id,
         )
         .await?;
-        (decided, body)
+        (holder, decided, body)
     } else {
         let body =
             crate::gateway::request_body(state, &decided, &parts, body, trail, request_id).await?;
-        (decided, body)
+        (holder, decided, body)
     };
     // The grant's cookies, read before the commit: a jar that cannot be read refuses the
     // request before it is recorded as forwarded.
@@ -234,6 +213,28 @@ async fn proxied(
     }
     rewrite_location(tunnel, upstream, &mut response);
     Ok(response)
+}
+
+/// Steps 1–3, the credential the tunnel was opened with checked live now, then the request's
+/// own checks ([`check_request`]), then the gateway's steps 4–6.
+async fn decide<'s>(
+    tunnel: &'s Tunnel,
+    upstream: &'s Upstream,
+    parts: &Parts,
+    trail: &mut Trail,
+) -> ApiResult<(Holder, Decided<'s>)> {
+    let state = &tunnel.proxy.state;
+    let holder = holder_of(state, Arc::clone(&tunnel.claims), trail).await?;
+    check_request(tunnel, parts)?;
+    let target = Target::checked(
+        &parts.method,
+        &upstream.name,
+        parts.uri.path(),
+        parts.uri.query(),
+        trail,
+    )?;
+    let decided = decide_for(state, holder.principal(), &target, &parts.headers, trail).await?;
+    Ok((holder, decided))
 }
 
 /// Refuses what no request in a tunnel may do: name another host than the tunnel's (`Host`,
