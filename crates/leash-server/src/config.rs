@@ -362,6 +362,8 @@ struct RouteFile {
     path: String,
     action: String,
     risk: Option<String>,
+    #[serde(default)]
+    websocket: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -405,6 +407,11 @@ pub struct Route {
     pub action: String,
     /// Its risk.
     pub risk: Risk,
+    /// Whether a browser may open a WebSocket on it through the forward proxy (API §16): the
+    /// upgrade is judged as one request of this route's action, and the socket then lives
+    /// until either side closes it or the grant ends.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub websocket: bool,
 }
 
 /// An application behind the gateway.
@@ -1232,11 +1239,21 @@ fn upstreams(
                 ));
             }
             let risk = risk(&key, route.risk.as_deref())?;
+            if route.websocket && method != "GET" {
+                return Err(invalid(
+                    &key,
+                    format!(
+                        "route {} {}: a websocket route must be GET (a WebSocket opens with GET)",
+                        route.method, route.path
+                    ),
+                ));
+            }
             routes.push(Route {
                 method,
                 path: route.path,
                 action: route.action,
                 risk,
+                websocket: route.websocket,
             });
         }
         let table = leash_core::route::RouteTable::new(
@@ -1783,6 +1800,28 @@ risk = "high"
             "[[upstream]]\nname = \"notes\"\nurl = \"http://127.0.0.1:9\"\ninject = { kind = \"leash_token\", audience = \"https://notes.example\" }\n[upstream.oauth]\nissuer = \"https://as.example\"\nclient_id = \"leash\"\n",
         );
         assert!(both.is_err());
+    }
+
+    #[test]
+    fn a_websocket_route_is_a_get_route() {
+        let route = |method: &str| {
+            format!(
+                "[[upstream]]\nname = \"portal\"\nurl = \"https://portal.example\"\n\
+                 [[upstream.route]]\nmethod = \"{method}\"\npath = \"/live\"\n\
+                 action = \"portal:live\"\nwebsocket = true\n"
+            )
+        };
+        let c = config_of(&route("get")).unwrap();
+        assert!(c.upstreams["portal"].routes[0].websocket);
+        for method in ["POST", "*"] {
+            let error = config_of(&route(method)).unwrap_err().to_string();
+            assert!(error.contains("websocket route must be GET"), "{error}");
+        }
+        let plain = config_of(&route("GET").replace("websocket = true\n", "")).unwrap();
+        assert!(
+            !plain.upstreams["portal"].routes[0].websocket,
+            "off by default"
+        );
     }
 
     #[test]

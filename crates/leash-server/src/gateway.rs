@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
@@ -82,7 +82,7 @@ async fn gateway(
         trail,
         answer_idle: None,
         injected,
-        guarded: None,
+        proxied: None,
     };
     forward_committed(state, &decided, sent, request_id).await
 }
@@ -245,6 +245,8 @@ pub struct Decided<'s> {
     pub(crate) path: String,
     pub(crate) method: String,
     pub(crate) action: String,
+    /// Whether the route allows a WebSocket (only the forward proxy opens one).
+    pub(crate) websocket: bool,
     /// Step 6's outcome.
     pub approval: ApprovalState,
 }
@@ -327,6 +329,7 @@ pub(crate) async fn decide_for<'s>(
         path: target.path.to_owned(),
         method: target.method.as_str().to_owned(),
         action: routed.route.action.clone(),
+        websocket: routed.route.websocket,
         approval,
     })
 }
@@ -929,15 +932,36 @@ pub(crate) struct Forwarded<'r> {
     pub(crate) answer_idle: Option<std::time::Duration>,
     /// What Leash adds: the credential and the attribution headers, had before the commit.
     pub(crate) injected: Injected,
-    /// The credentials an answer must not echo, where they are not simply the injected one
-    /// (the forward proxy's: the vaulted credential and every cookie of the grant's jar).
-    pub(crate) guarded: Option<Vec<&'r [u8]>>,
+    /// What differs for a request from the forward proxy (`None`: the gateway's or MCP's).
+    pub(crate) proxied: Option<ProxyForward<'r>>,
+}
+
+/// What the forward proxy asks of [`forward`] beyond the gateway's step 8.
+pub(crate) struct ProxyForward<'r> {
+    /// The credentials an answer must not echo: the vaulted credential and every cookie of
+    /// the grant's jar, not only the injected header as a whole.
+    pub(crate) guarded: Vec<&'r [u8]>,
+    /// The browser asked for a WebSocket on a route that allows one: the upstream is asked to
+    /// switch protocols too, and its `101` is passed on with [`UpstreamSocket`].
+    pub(crate) websocket: bool,
 }
 
 /// The upstream's `Set-Cookie` values, which never reach the caller: kept in the answer's
 /// extensions (never sent) for the forward proxy's cookie jar.
 #[derive(Clone)]
 pub(crate) struct SetCookies(pub(crate) Vec<HeaderValue>);
+
+/// An upstream's side of a WebSocket it switched to (`101`), in the answer's extensions: its
+/// connection once upgraded, and what its messages must not echo.
+#[derive(Clone)]
+pub(crate) struct UpstreamSocket {
+    pub(crate) upgrade: hyper::upgrade::OnUpgrade,
+    pub(crate) secrets: Secrets,
+}
+
+/// The extensions of a WebSocket handshake: asking for one lets the upstream compress its
+/// messages, past the check for an echoed credential, so none is asked for or accepted.
+const WEBSOCKET_EXTENSIONS: &str = "sec-websocket-extensions";
 
 /// Why a committed request was not forwarded.
 pub(crate) enum NotForwarded {
@@ -963,8 +987,10 @@ pub(crate) async fn forward(
         trail,
         answer_idle,
         injected,
-        guarded,
+        proxied,
     } = sent;
+    let websocket = proxied.as_ref().is_some_and(|p| p.websocket);
+    let guarded = proxied.as_ref().map(|p| &p.guarded);
     // Made only for an answer Leash guards (a credential was injected), when it is guarded.
     let reflected = || {
         trail.event(
@@ -1000,6 +1026,11 @@ pub(crate) async fn forward(
             };
         }
         out.insert(name, value);
+    }
+    if websocket {
+        out.remove(WEBSOCKET_EXTENSIONS);
+        out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        out.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     if !secrets.is_empty() {
         // An answer is only checked for the credential as it is sent: a compressed echo would
@@ -1044,8 +1075,23 @@ pub(crate) async fn forward(
             upstream.name
         )))
     })?;
-    let (upstream_parts, upstream_body) = response.into_parts();
+    let (mut upstream_parts, upstream_body) = response.into_parts();
     let status = upstream_parts.status;
+    if websocket && status == StatusCode::SWITCHING_PROTOCOLS {
+        let socket = switched(upstream, &mut upstream_parts, secrets, request_id).map_err(|e| {
+            if matches!(e, ApiError::CredentialReflected) {
+                record_reflection(state.clone(), reflected());
+            }
+            NotForwarded::Failed(e)
+        })?;
+        let mut relayed = Response::new(Body::empty());
+        *relayed.status_mut() = status;
+        *relayed.headers_mut() = socket.0;
+        relayed.extensions_mut().insert(socket.1);
+        keep_set_cookies(&upstream_parts.headers, &mut relayed);
+        tracing::info!(request_id = %request_id, upstream = %upstream.name, actor = %principal.actor, "WebSocket opened");
+        return Ok(relayed);
+    }
     if status.is_informational() {
         // Nothing was upgraded for the agent; an unasked-for 101 would leave its connection to
         // the upstream's protocol.
@@ -1106,10 +1152,8 @@ pub(crate) async fn forward(
     let mut relayed = Response::new(body);
     *relayed.status_mut() = status;
     *relayed.headers_mut() = kept;
-    let mut set_cookies = upstream_parts.headers.get_all(header::SET_COOKIE).iter();
-    if let Some(first) = set_cookies.next() {
-        let all = std::iter::once(first).chain(set_cookies).cloned().collect();
-        relayed.extensions_mut().insert(SetCookies(all));
+    if proxied.is_some() {
+        keep_set_cookies(&upstream_parts.headers, &mut relayed);
     }
     tracing::info!(
         request_id = %request_id,
@@ -1119,6 +1163,64 @@ pub(crate) async fn forward(
         "forwarded"
     );
     Ok(relayed)
+}
+
+/// The upstream's `Set-Cookie` values, in `relayed`'s extensions for the proxy's jar.
+fn keep_set_cookies(upstream: &HeaderMap, relayed: &mut Response) {
+    let mut set_cookies = upstream.get_all(header::SET_COOKIE).iter();
+    if let Some(first) = set_cookies.next() {
+        let all = std::iter::once(first).chain(set_cookies).cloned().collect();
+        relayed.extensions_mut().insert(SetCookies(all));
+    }
+}
+
+/// An upstream's `101` to a WebSocket handshake: the headers the browser gets (the
+/// upstream's, hop-by-hop and `Set-Cookie` dropped, `Upgrade` and `Connection` set again) and
+/// the upstream's socket. Refused: an answer switching to anything but `websocket`, one that
+/// names an extension (none was offered: a compressed message would hide an echoed credential),
+/// and one whose headers echo a credential.
+fn switched(
+    upstream: &Upstream,
+    parts: &mut axum::http::response::Parts,
+    secrets: Secrets,
+    request_id: &str,
+) -> ApiResult<(HeaderMap, UpstreamSocket)> {
+    let refused = |why: &str| {
+        tracing::warn!(request_id = %request_id, upstream = %upstream.name, "{why}");
+        ApiError::BadGateway(format!("upstream {}: {why}", upstream.name))
+    };
+    let to_websocket = parts
+        .headers
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    if !to_websocket {
+        return Err(refused(
+            "switched protocols to something other than WebSocket",
+        ));
+    }
+    if parts.headers.contains_key(WEBSOCKET_EXTENSIONS) {
+        return Err(refused(
+            "accepted a WebSocket extension that was not offered",
+        ));
+    }
+    let upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| refused("switched protocols on a connection that cannot be upgraded"))?;
+    let listed = connection_listed(&parts.headers);
+    let mut kept = HeaderMap::new();
+    for (name, value) in &parts.headers {
+        if !is_stripped_response_header(name) && !listed.iter().any(|l| l == name.as_str()) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    if !secrets.is_empty() && secrets.found_in_headers(&kept) {
+        tracing::warn!(request_id = %request_id, upstream = %upstream.name, "the upstream's switch to WebSocket carries the injected credential; refused");
+        return Err(ApiError::CredentialReflected);
+    }
+    kept.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    kept.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    Ok((kept, UpstreamSocket { upgrade, secrets }))
 }
 
 impl Decided<'_> {

@@ -938,6 +938,7 @@ impl<'s> Exchange<'s> {
             path,
             method: method.to_owned(),
             action: action.to_owned(),
+            websocket: false,
             approval,
         }
     }
@@ -1030,7 +1031,7 @@ impl<'s> Exchange<'s> {
                 trail,
                 answer_idle: Some(STREAM_IDLE),
                 injected,
-                guarded: None,
+                proxied: None,
             },
             self.request_id,
         )

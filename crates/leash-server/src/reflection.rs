@@ -133,7 +133,7 @@ impl Secrets {
         self.finder.is_none() && !self.unbuildable
     }
 
-    fn longest(&self) -> usize {
+    pub(crate) fn longest(&self) -> usize {
         self.longest
     }
 

@@ -26,6 +26,7 @@ mod operations;
 mod ownership;
 mod proofs;
 mod proxy;
+mod proxy_socket;
 mod proxy_tunnel;
 mod resource;
 mod secrets;

@@ -14,7 +14,7 @@ use super::audit::audit;
 use super::gateway::{Gw, grant, setup_with};
 
 const PROXY_CREDENTIAL: &str = "urn:leash:params:oauth:token-type:proxy-credential";
-const SESSION: &str = "sid=human-portal-session-0123456789";
+pub(super) const SESSION: &str = "sid=human-portal-session-0123456789";
 
 /// A portal reached by browsers at `portal.test`, with a high-risk form.
 pub(super) fn portal_config(url: &str) -> String {
@@ -53,34 +53,8 @@ struct Portal {
 impl Portal {
     async fn start(actions: &[&str]) -> Self {
         let upstream = RecordingUpstream::start().await;
-        let gw = setup_with(
-            &portal_config(&upstream.url),
-            grant(actions, &["portal"], json!({})),
-            Some(&upstream.url),
-        )
-        .await;
-        let (status, body) = gw
-            .leash
-            .call(
-                Method::PUT,
-                "/v1/vault/portal",
-                &gw.s.user_key,
-                Some(json!({"kind": "cookie", "secret": SESSION})),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let credential = proxy_credential(&gw).await;
-        let proxy = gw.leash.proxy_addr().await;
-        let ca = gw
-            .leash
-            .http()
-            .get(format!("{}/v1/proxy/ca", gw.leash.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let (gw, proxy, credential, ca) =
+            opened(&portal_config(&upstream.url), &upstream.url, actions).await;
         Self {
             gw,
             upstream,
@@ -129,6 +103,40 @@ impl Portal {
             base64::engine::general_purpose::STANDARD.encode(format!("leash:{}", self.credential));
         format!("Basic {encoded}")
     }
+}
+
+/// A running proxy configured with `config` (its upstream at `url`), a grant of `actions` on
+/// the portal, the human's session vaulted: the gateway, the proxy's address, the agent's
+/// proxy credential and the proxy CA.
+pub(super) async fn opened(
+    config: &str,
+    url: &str,
+    actions: &[&str],
+) -> (Gw, String, String, String) {
+    let gw = setup_with(config, grant(actions, &["portal"], json!({})), Some(url)).await;
+    let (status, body) = gw
+        .leash
+        .call(
+            Method::PUT,
+            "/v1/vault/portal",
+            &gw.s.user_key,
+            Some(json!({"kind": "cookie", "secret": SESSION})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let credential = proxy_credential(&gw).await;
+    let proxy = gw.leash.proxy_addr().await;
+    let ca = gw
+        .leash
+        .http()
+        .get(format!("{}/v1/proxy/ca", gw.leash.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (gw, proxy, credential, ca)
 }
 
 /// A client with the proxy at `proxy` presenting `credential`, trusting the proxy CA `ca`

@@ -65,6 +65,11 @@ impl Proxy {
         }
     }
 
+    /// A place among the tunnels (a WebSocket counts as one), if one is free.
+    pub(crate) fn tunnel_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.tunnels).try_acquire_owned().ok()
+    }
+
     /// The TLS configuration presenting the leaf for `host`, made again when the leaf is.
     fn tls_for(&self, host: &str) -> anyhow::Result<Arc<rustls::ServerConfig>> {
         let ca = self
@@ -172,7 +177,7 @@ async fn front(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Respons
     if request.method() != Method::CONNECT {
         return tunnel::handle(&tunnel, request).await;
     }
-    let Ok(permit) = Arc::clone(&proxy.tunnels).try_acquire_owned() else {
+    let Some(permit) = proxy.tunnel_permit() else {
         let busy = ApiError::Unavailable("too many tunnels are open; try again".into());
         return page::refuse(state, &trail, &request_id, source, busy).await;
     };

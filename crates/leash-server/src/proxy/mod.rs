@@ -9,6 +9,7 @@ pub mod credential;
 pub mod front;
 pub mod jar;
 mod page;
+mod socket;
 mod tunnel;
 
 use std::sync::Arc;

@@ -16,7 +16,7 @@ use axum::http::uri::Authority;
 use axum::http::{HeaderName, HeaderValue, Method, Version, header};
 use axum::response::Response;
 use hyper::body::Body as _;
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use leash_core::secret::random_id;
 use leash_core::token::AccessClaims;
@@ -24,12 +24,13 @@ use leash_store::{Approval, ApprovalStatus};
 use url::Url;
 
 use super::front::{Holder, Proxy, VIA, holder_of, port_of};
-use super::{jar, page};
+use super::{jar, page, socket};
 use crate::audit::Trail;
 use crate::config::Upstream;
 use crate::error::{ApiError, ApiResult};
 use crate::gateway::{
-    ApprovalState, Asked, BoundHeaders, Decided, Forwarded, SetCookies, Target, decide_for,
+    ApprovalState, Asked, BoundHeaders, Decided, Forwarded, ProxyForward, SetCookies, Target,
+    UpstreamSocket, decide_for,
 };
 use crate::listener::StallTimed;
 use crate::overrides::{form_body, refuse_method_field};
@@ -84,7 +85,7 @@ pub(crate) async fn serve_tls(tunnel: Tunnel, upgraded: Upgraded, tls: Arc<rustl
         builder.http1_only()
     };
     if let Err(e) = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .await
     {
         tracing::debug!(error = %e, "a tunnel's connection ended with an error");
@@ -136,6 +137,14 @@ async fn proxied(
     // An approval is attached by the proxy itself, once the human decided: never by the page.
     parts.headers.remove("leash-approval");
     let (holder, decided) = decide(tunnel, upstream, &parts, trail).await?;
+    let websocket = is_websocket_handshake(&parts);
+    if websocket && !decided.websocket {
+        return Err(ApiError::Forbidden(format!(
+            "WebSocket refused: the route of {} {} does not allow one (websocket = true)",
+            parts.method, decided.path
+        ))
+        .into());
+    }
     let (holder, decided, body) = if matches!(decided.approval, ApprovalState::Needed { .. }) {
         let (bytes, approval) =
             held_for_approval(tunnel, &decided, &parts, body, trail, request_id).await?;
@@ -169,6 +178,19 @@ async fn proxied(
     let grant_id = holder.grant.id.clone();
     let url = upstream_url(upstream, &decided, parts.uri.query())?;
     let jar = jar::load(state, &grant_id, &upstream.name).await?;
+    // A socket is counted with the tunnels, and refused before it is recorded as opened.
+    let opening =
+        if websocket {
+            let browser = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
+                ApiError::InvalidRequest("this connection cannot be upgraded".into())
+            })?;
+            let permit = tunnel.proxy.tunnel_permit().ok_or_else(|| {
+                ApiError::Unavailable("too many tunnels are open; try again".into())
+            })?;
+            Some((browser, permit))
+        } else {
+            None
+        };
     // Step 7.
     let mut injected = decided
         .commit(state, trail, page::EVENT, request_id)
@@ -200,9 +222,25 @@ async fn proxied(
         trail,
         answer_idle: None,
         injected,
-        guarded: Some(guarded.iter().map(Vec::as_slice).collect()),
+        proxied: Some(ProxyForward {
+            guarded: guarded.iter().map(Vec::as_slice).collect(),
+            websocket,
+        }),
     };
     let mut response = crate::gateway::forward_committed(state, &decided, sent, request_id).await?;
+    if let (Some((browser, permit)), Some(upstream_socket)) = (
+        opening,
+        response.extensions_mut().remove::<UpstreamSocket>(),
+    ) {
+        tokio::spawn(socket::relay(socket::Socket {
+            tunnel: tunnel.clone(),
+            browser,
+            upstream: upstream_socket,
+            permit,
+            trail: trail.clone(),
+            request_id: request_id.to_owned(),
+        }));
+    }
     if let Some(SetCookies(set_cookies)) = response.extensions_mut().remove::<SetCookies>() {
         let _one_at_a_time = tunnel.proxy.jar_updates.lock().await;
         if let Err(e) =
@@ -237,9 +275,40 @@ async fn decide<'s>(
     Ok((holder, decided))
 }
 
+/// Whether `parts` is a browser's WebSocket handshake (RFC 6455 §4.1) over HTTP/1.1: `GET`
+/// without a body, `Upgrade: websocket` and nothing else, `Connection: upgrade`, version 13
+/// and one key. Whether its route allows one is for the route to say.
+fn is_websocket_handshake(parts: &Parts) -> bool {
+    let one = |name: &str| {
+        let mut values = parts.headers.get_all(name).iter();
+        values.next().filter(|_| values.next().is_none())
+    };
+    let connection_upgrade = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v.as_bytes() == b"0");
+    parts.version == Version::HTTP_11
+        && parts.method == Method::GET
+        && bodiless
+        && connection_upgrade
+        && one("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && one("sec-websocket-version").is_some_and(|v| v.as_bytes() == b"13")
+        && one("sec-websocket-key").is_some_and(|v| !v.is_empty())
+}
+
 /// Refuses what no request in a tunnel may do: name another host than the tunnel's (`Host`,
 /// HTTP/2's `:authority`, an absolute-form target), tunnel again (`CONNECT`), echo itself
-/// (`TRACE`), or upgrade the connection (WebSocket: no route of Leash's allows one).
+/// (`TRACE`), or upgrade the connection to anything but a WebSocket (which its route must
+/// then allow).
 fn check_request(tunnel: &Tunnel, parts: &Parts) -> ApiResult<()> {
     if parts.method == Method::CONNECT || parts.method == Method::TRACE {
         return Err(ApiError::InvalidRequest(format!(
@@ -247,9 +316,9 @@ fn check_request(tunnel: &Tunnel, parts: &Parts) -> ApiResult<()> {
             parts.method
         )));
     }
-    if parts.headers.contains_key(header::UPGRADE) {
+    if parts.headers.contains_key(header::UPGRADE) && !is_websocket_handshake(parts) {
         return Err(ApiError::Forbidden(
-            "connection upgrades (WebSocket) are refused: no route allows them".into(),
+            "connection upgrades are refused, but for a WebSocket handshake on a route that allows one".into(),
         ));
     }
     let port = if tunnel.secure { 443 } else { 80 };
