@@ -2,8 +2,9 @@
 (tests/test_proxy_browser.py; API §16): the "portal" a browser agent works in through Leash.
 
 - `BrowserApp(directory)`: a threaded HTTPS server (HTTP/1.1, keep-alive) on 127.0.0.1 with a
-  test CA of its own, made here: `ca_file` (in `directory`) is the only certificate that trusts
-  it; its leaf names `localhost` and `127.0.0.1`; `url` is `https://localhost:PORT`.
+  test CA of its own (tests/proxy_fixtures.py's `RecordingUpstream` and `make_pki`): `ca_file`
+  (in `directory`) is the only certificate that trusts it; its leaf names `localhost` and
+  `127.0.0.1`; `url` is `https://localhost:PORT`.
 - `add_user(name, password)`; `POST /login` (form `user`, `password`) sets the session cookie
   `sid=<random>; HttpOnly; Secure; Path=/` and redirects (303) to `/ledger/home`, a wrong one
   answers 401. `log_in(name, password)` does that over real HTTPS and returns the `sid`.
@@ -29,41 +30,15 @@ echo the credential it injected, `502 credential_reflected`, API §16)."""
 
 from __future__ import annotations
 
-import datetime
 import html
-import ipaddress
 import secrets
 import ssl
-import threading
 import urllib.parse
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-
-@dataclass(frozen=True)
-class AppRequest:
-    """A request as the app received it. `headers` are (name in lower case, value) in order."""
-
-    method: str
-    path: str
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-
-    def header(self, name: str) -> list[str]:
-        """Every value of the header `name` (case-insensitive)."""
-        return [value for key, value in self.headers if key == name.lower()]
-
-    def cookies(self) -> list[tuple[str, str]]:
-        """The (name, value) pairs of every `Cookie` header, in order."""
-        return parse_cookies(self.header("cookie"))
+from proxy_fixtures import RecordingHandler, RecordingUpstream, make_pki
 
 
 @dataclass(frozen=True)
@@ -73,125 +48,6 @@ class Transfer:
     user: str
     to: str
     amount: str
-
-
-def parse_cookies(headers: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for header in headers:
-        for part in header.split(";"):
-            name, _, value = part.strip().partition("=")
-            if name:
-                pairs.append((name, value))
-    return pairs
-
-
-def make_ca(directory: Path) -> tuple[Path, Path, Path]:
-    """A test CA (`ca.pem`) and a leaf for `localhost` and 127.0.0.1 it signed (`leaf.pem`, its
-    key `leaf-key.pem`), written to `directory`."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Portal test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf-key.pem"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        leaf_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
-
-
-class _TLSServer(ThreadingHTTPServer):
-    """A threaded HTTP server whose connections are TLS, each handshake done in the
-    connection's own thread (a client that stalls there holds up no other)."""
-
-    daemon_threads = True
-    request_queue_size = 64
-
-    def __init__(self, handler: type[BaseHTTPRequestHandler], context: ssl.SSLContext) -> None:
-        self.context = context
-        super().__init__(("127.0.0.1", 0), handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(10)
-        try:
-            tls = self.context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError):
-            return
-        try:
-            super().finish_request(tls, client_address)
-        except OSError:
-            pass
-        finally:
-            tls.close()
 
 
 def _page(title: str, body: str) -> bytes:
@@ -212,28 +68,16 @@ TRANSFER_FORM = """<form id="transfer" method="post" action="/transfer">
 <button id="submit" type="submit">Send</button></form>"""
 
 
-class BrowserApp:
+class BrowserApp(RecordingUpstream):
     """The portal, serving until `stop`. Thread-safe."""
 
     def __init__(self, directory: Path) -> None:
-        self.ca_file, leaf, key = make_ca(directory)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(leaf, key)
-        context.set_alpn_protocols(["http/1.1"])
-        self.lock = threading.Lock()
+        self.ca_file, context = make_pki(directory, name="Portal test CA")
         self.users: dict[str, str] = {}
         self.session_users: dict[str, str] = {}
-        self.recorded: list[AppRequest] = []
         self.done: list[Transfer] = []
-        self.server = _TLSServer(self.handler(), context)
-        self.port = self.server.server_address[1]
+        super().__init__(context)
         self.url = f"https://localhost:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
     def add_user(self, name: str, password: str) -> None:
         with self.lock:
@@ -253,45 +97,16 @@ class BrowserApp:
         with self.lock:
             return dict(self.session_users)
 
-    def requests(self) -> list[AppRequest]:
-        with self.lock:
-            return list(self.recorded)
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.recorded)
-
-    def since(self, mark: int) -> list[AppRequest]:
-        with self.lock:
-            return self.recorded[mark:]
-
     def transfers(self) -> list[Transfer]:
         with self.lock:
             return list(self.done)
 
-    def handler(self) -> type[BaseHTTPRequestHandler]:
+    def handler(self) -> type[RecordingHandler]:
         app = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(RecordingHandler):
             server_version = "Portal/1"
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def read_body(self) -> bytes:
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    body = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return body
-                        body += self.rfile.read(size)
-                        self.rfile.readline()
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
+            upstream = app
 
             def answer(
                 self, status: int, body: bytes, headers: list[tuple[str, str]] | None = None
@@ -312,15 +127,8 @@ class BrowserApp:
                 return sid, f"sid={sid}; HttpOnly; Secure; Path=/; SameSite=Lax"
 
             def handle_any(self) -> None:
-                body = self.read_body()
-                request = AppRequest(
-                    self.command,
-                    self.path,
-                    tuple((name.lower(), value) for name, value in self.headers.items()),
-                    body,
-                )
-                with app.lock:
-                    app.recorded.append(request)
+                request = self.record()
+                body = request.body
                 path = urllib.parse.urlsplit(self.path).path
                 if (self.command, path) == ("GET", "/login"):
                     form = (

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import os
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -29,70 +27,55 @@ from typing import Any
 
 import httpx
 import pytest
-from browser_app import AppRequest, BrowserApp
-from conftest import REPO, Leash, Setup, Upstream, printed_address, set_up
+from browser_app import BrowserApp
+from conftest import REPO, Leash, Setup, Upstream, set_up
 from idp_fixtures import CHROMIUM
 from playwright.sync_api import Browser, BrowserContext, Page, Response, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
+from proxy_fixtures import (
+    REALM,
+    Answer,
+    AppRequest,
+    Closed,
+    Proxy,
+    basic,
+    connect,
+    in_tunnel,
+    pending_approvals,
+    plain,
+    proxy_listening,
+    proxy_toml,
+    revoke,
+    upstream_toml,
+)
 
 from leash_agent import Agent
 
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-GRANT_TYPE = "urn:leash:params:oauth:token-type:grant"
-JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-PROXY_CREDENTIAL = "urn:leash:params:oauth:token-type:proxy-credential"
-PROXY_LINE = "leash proxy listening on "
-REALM = 'Basic realm="leash"'
 PORTAL = "https://portal.test"
 
 
 def portal_config(app: BrowserApp) -> str:
     """`[proxy]` and the upstream `portal` (the app, at `portal.test` for the browser), and an
     upstream `other` (the same app at `other.test`) that the tests' grants never name."""
-    url, ca = json.dumps(app.url), json.dumps(str(app.ca_file))
     routes = [
-        ("GET", "/ledger/**", "portal:read", ""),
-        ("GET", "/rotate", "portal:read", ""),
-        ("GET", "/transfer", "portal:read", ""),
-        ("POST", "/transfer", "portal:transfer", 'risk = "high"\n'),
-        ("GET", "/cookies", "portal:read", ""),
-        ("GET", "/echo/*", "portal:read", ""),
+        ("GET", "/ledger/**", "read"),
+        ("GET", "/rotate", "read"),
+        ("GET", "/transfer", "read"),
+        ("POST", "/transfer", "transfer"),
+        ("GET", "/cookies", "read"),
+        ("GET", "/echo/*", "read"),
     ]
-    table = "".join(
-        f'[[upstream.route]]\nmethod = "{method}"\npath = "{path}"\naction = "{action}"\n{risk}'
-        for method, path, action, risk in routes
+    return "\n".join(
+        [
+            proxy_toml(approval_wait=20),
+            upstream_toml(
+                "portal", app.url, ["portal.test"], routes, app.ca_file, high_risk={"transfer"}
+            ),
+            upstream_toml(
+                "other", app.url, ["other.test"], [("GET", "/ledger/**", "read")], app.ca_file
+            ),
+        ]
     )
-    return f"""[proxy]
-listen = "127.0.0.1:0"
-approval_wait = 20
-
-[[upstream]]
-name = "portal"
-url = {url}
-ca_file = {ca}
-hosts = ["portal.test"]
-{table}
-[[upstream]]
-name = "other"
-url = {url}
-ca_file = {ca}
-hosts = ["other.test"]
-[[upstream.route]]
-method = "GET"
-path = "/ledger/**"
-action = "other:read"
-"""
-
-
-@dataclass
-class Proxy:
-    leash: Leash
-    port: int
-    ca_file: Path  # Leash's proxy CA
-
-    @property
-    def server(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +91,8 @@ def proxy(
 ) -> Iterator[Proxy]:
     leash = Leash(upstream, portal_config(app))
     try:
-        address = printed_address(leash.output, PROXY_LINE)
-        if not address:
-            pytest.fail(f"no `{PROXY_LINE}ADDR` line:\n" + "".join(leash.output))
-        answer = leash.http.get("/v1/proxy/ca")
-        assert answer.status_code == 200, answer.text
         ca_file = tmp_path_factory.mktemp("leash-ca") / "ca.pem"
-        ca_file.write_text(answer.text)
-        yield Proxy(leash, int(address.rsplit(":", 1)[1]), ca_file)
+        yield Proxy(leash, proxy_listening(leash, ca_file), ca_file, "portal.test")
     finally:
         leash.stop()
 
@@ -233,91 +210,6 @@ def task(make_task: Callable[..., Task]) -> Task:
     return make_task()
 
 
-def basic(credential: str, user: str = "leash") -> str:
-    return "Basic " + base64.b64encode(f"{user}:{credential}".encode()).decode()
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, list[str]]  # names in lower case
-    body: bytes
-
-    def header(self, name: str) -> list[str]:
-        return self.headers.get(name, [])
-
-
-def read_answer(sock: socket.socket, timeout: float = 10, head_only: bool = False) -> Answer:
-    """One HTTP/1.1 answer from `sock`: its body by `Content-Length` (or, without one, up to the
-    end of the connection), none with `head_only` (a `CONNECT`'s 2xx)."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before an answer: {data!r}")
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    if head_only and 200 <= status < 300:
-        return Answer(status, headers, b"")
-    length = headers.get("content-length")
-    while length is None or len(rest) < int(length[0]):
-        try:
-            chunk = sock.recv(65536)
-        except OSError:  # a timeout, a reset, TLS cut short: what came is the answer
-            break
-        if not chunk:
-            break
-        rest += chunk
-    return Answer(status, headers, rest)
-
-
-def connect(proxy: Proxy, target: str, authorization: str | None) -> Answer:
-    """`CONNECT target` at the proxy on a connection of its own, with `authorization` as the
-    `Proxy-Authorization`."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(connect_request(target, authorization))
-        return read_answer(sock, head_only=True)
-
-
-def connect_request(target: str, authorization: str | None) -> bytes:
-    auth = f"Proxy-Authorization: {authorization}\r\n" if authorization is not None else ""
-    return f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode()
-
-
-def absolute(proxy: Proxy, url: str, authorization: str | None, extra: str = "") -> Answer:
-    """A plain-HTTP request for the absolute-form `url` at the proxy."""
-    host = url.split("/")[2]
-    auth = f"Proxy-Authorization: {authorization}\r\n" if authorization is not None else ""
-    request = f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{auth}{extra}Connection: close\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(request.encode())
-        return read_answer(sock)
-
-
-def in_tunnel(proxy: Proxy, credential: str, host: str, request: str) -> Answer:
-    """`request` (which should say `Connection: close`) sent inside a TLS tunnel to `host:443`
-    through the proxy, trusting only Leash's proxy CA, SNI `host`."""
-    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    try:
-        sock.sendall(connect_request(f"{host}:443", basic(credential)))
-        opened = read_answer(sock, head_only=True)
-        assert opened.status == 200, (opened.status, opened.body)
-        context = ssl.create_default_context(cafile=str(proxy.ca_file))
-        context.set_alpn_protocols(["http/1.1"])
-        with context.wrap_socket(sock, server_hostname=host) as tls:
-            tls.sendall(request.encode())
-            return read_answer(tls)
-    finally:
-        sock.close()
-
-
 def goto(page: Page, url: str) -> Response:
     response = page.goto(url)
     assert response is not None, url
@@ -334,12 +226,6 @@ def refused_navigation(page: Page, url: str) -> str:
     assert response is not None, url
     assert response.status >= 400, (url, response.status, page.content()[:300])
     return str(response.status)
-
-
-def pending_approvals(leash: Leash, setup: Setup) -> list[dict[str, Any]]:
-    answer = leash.call("GET", "/v1/approvals?status=pending", setup.user_key)
-    assert answer.status_code == 200, answer.text
-    return [a for a in answer.json()["approvals"] if a["grant_id"] == setup.grant_id]
 
 
 def decide_when_asked(task: Task, decision: str) -> Future[dict[str, Any]]:
@@ -508,13 +394,12 @@ def test_an_answer_reflecting_the_session_never_reaches_the_browser(
             answer = in_tunnel(
                 task.proxy,
                 task.credential,
-                "portal.test",
                 "GET /echo/body HTTP/1.1\r\nHost: portal.test\r\nConnection: close\r\n\r\n",
             )
-        except ConnectionError:
-            answer = Answer(0, {}, b"")
+        except Closed:
+            answer = Answer(0, [], b"")
         assert sid.encode() not in answer.body
-        assert all(sid not in v for values in answer.headers.values() for v in values)
+        assert all(sid not in v for _, v in answer.headers)
         # (A navigation whose body was cut off never finishes loading: wait for its answer.)
         with contextlib.suppress(PlaywrightError):
             task.page.goto(f"{PORTAL}/echo/body", wait_until="commit", timeout=5_000)
@@ -540,7 +425,7 @@ def test_plain_http_reaches_the_configured_https_upstream(task: Task, app: Brows
     assert task.page.url == "http://portal.test/ledger/plain"
     assert task.page.text_content("#user") == task.user
     # The same by hand, with a cookie of the client's own that must not reach the app.
-    answer = absolute(
+    answer = plain(
         task.proxy,
         "http://portal.test/ledger/raw",
         basic(task.credential),
@@ -561,7 +446,7 @@ def test_plain_http_reaches_the_configured_https_upstream(task: Task, app: Brows
         f"http://localhost:{app.port}/ledger/1",  # the upstream's own address
         f"http://127.0.0.1:{app.port}/ledger/1",
     ):
-        refused = absolute(task.proxy, url, basic(task.credential))
+        refused = plain(task.proxy, url, basic(task.credential))
         assert refused.status == 403, (url, refused.status, refused.body[:200])
     assert len(app.since(mark)) == 2
 
@@ -625,7 +510,7 @@ def test_connect_outside_the_grant_is_refused(task: Task, app: BrowserApp) -> No
         "other.test:443",  # a configured upstream's host, outside this grant
         f"localhost:{app.port}",  # the upstream's own address
         f"127.0.0.1:{app.port}",
-        f"127.0.0.1:{task.proxy.port}",
+        f"127.0.0.1:{task.proxy.proxy_port}",
         f"127.0.0.1:{task.leash.url.rsplit(':', 1)[1]}",
     ):
         answer = connect(task.proxy, target, good)
@@ -655,9 +540,9 @@ def test_no_or_garbage_proxy_credential_gets_407(
     answer = connect(proxy, "portal.test:443", authorization)
     assert answer.status == 407, (answer.status, answer.body[:200])
     assert answer.header("proxy-authenticate") == [REALM], answer.headers
-    plain = absolute(proxy, "http://portal.test/ledger/1", authorization)
-    assert plain.status == 407, (plain.status, plain.body[:200])
-    assert plain.header("proxy-authenticate") == [REALM], plain.headers
+    over_http = plain(proxy, "http://portal.test/ledger/1", authorization)
+    assert over_http.status == 407, (over_http.status, over_http.body[:200])
+    assert over_http.header("proxy-authenticate") == [REALM], over_http.headers
     assert not app.since(mark)
 
 
@@ -669,18 +554,14 @@ def test_a_tampered_bearer_or_revoked_credential_gets_407(task: Task, app: Brows
         answer = connect(task.proxy, "portal.test:443", authorization)
         assert answer.status == 407, (authorization[:12], answer.status)
         assert answer.header("proxy-authenticate") == [REALM], answer.headers
-    revoked = task.leash.http.post(
-        "/oauth2/revoke",
-        data={"token": cred},
-        headers={"Authorization": f"Bearer {task.setup.user_key}"},
-    )
+    revoked = revoke(task.leash, cred, task.setup.user_key)
     assert revoked.status_code == 200, revoked.text
     mark = app.mark()
     answer = connect(task.proxy, "portal.test:443", basic(cred))
     assert answer.status == 407, answer.status
     assert answer.header("proxy-authenticate") == [REALM], answer.headers
-    plain = absolute(task.proxy, "http://portal.test/ledger/2", basic(cred))
-    assert plain.status == 407, plain.status
+    over_http = plain(task.proxy, "http://portal.test/ledger/2", basic(cred))
+    assert over_http.status == 407, over_http.status
     how = refused_navigation(task.page, f"{PORTAL}/ledger/3")
     assert not app.since(mark), how
 
@@ -710,7 +591,6 @@ def test_a_request_in_a_tunnel_for_another_host_is_refused(task: Task, app: Brow
     ok = in_tunnel(
         task.proxy,
         task.credential,
-        "portal.test",
         "GET /ledger/tunnel HTTP/1.1\r\nHost: portal.test\r\nConnection: close\r\n\r\n",
     )
     assert ok.status == 200, ok.body[:300]
@@ -719,8 +599,8 @@ def test_a_request_in_a_tunnel_for_another_host_is_refused(task: Task, app: Brow
     for host in ("other.test", "example.org", f"localhost:{app.port}"):
         request = f"GET /ledger/tunnel HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
         try:
-            answer = in_tunnel(task.proxy, task.credential, "portal.test", request)
-        except (ConnectionError, ssl.SSLError):
+            answer = in_tunnel(task.proxy, task.credential, request)
+        except (Closed, ssl.SSLError):
             continue  # closed unanswered: refused too
         assert answer.status in (400, 403, 421), (host, answer.status, answer.body[:200])
     assert len(app.since(mark)) == 1
@@ -742,8 +622,8 @@ def test_a_completed_grant_stops_the_browser_at_once(task: Task, app: BrowserApp
     assert time.monotonic() - completed < 1.5
     assert not app.since(mark), how
     # Nothing else lets it through either.
-    plain = absolute(task.proxy, "http://portal.test/ledger/3", basic(task.credential))
-    assert plain.status == 407, plain.status
+    over_http = plain(task.proxy, "http://portal.test/ledger/3", basic(task.credential))
+    assert over_http.status == 407, over_http.status
     assert not app.since(mark)
 
 

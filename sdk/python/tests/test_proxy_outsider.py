@@ -32,13 +32,21 @@ import pytest
 from conftest import LIMITS, ROUTES, Leash, Setup, Upstream, cli, serve, set_up
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from proxy_fixtures import (
+    GRANT_TYPE,
+    JWT_BEARER,
+    PROXY_CREDENTIAL,
+    STATIC_STATUS,
+    TOKEN_EXCHANGE,
+    exchange_form,
+    h2_frame,
+    hpack_literal,
+    huffman_digits,
+    revoke,
+)
 
 from leash_agent import Agent, SigningKey
 
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-GRANT_TYPE = "urn:leash:params:oauth:token-type:grant"
-JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-PROXY_CREDENTIAL = "urn:leash:params:oauth:token-type:proxy-credential"
 AUTHORIZE_KEY = "px-outsider-authorize-key-" + secrets.token_hex(16)
 HOSTS = ["finance.example.com", "pay.finance-two.example"]
 
@@ -125,17 +133,13 @@ def exchange(
     client_assertion: str | None = None,
     handle: str | None = None,
 ) -> httpx.Response:
-    form = {
-        "grant_type": TOKEN_EXCHANGE,
-        "subject_token": handle or c.setup.handle,
-        "subject_token_type": GRANT_TYPE,
-        "client_assertion_type": JWT_BEARER,
-        "client_assertion": client_assertion or assertion(c),
-    }
-    if token_type is not None:
-        form["requested_token_type"] = token_type
-    if scope is not None:
-        form["scope"] = scope
+    form = exchange_form(
+        c.agent,
+        handle or c.setup.handle,
+        token_type=token_type,
+        scope=scope,
+        client_assertion=client_assertion or assertion(c),
+    )
     if proof == "":
         proof = c.dpop.dpop_proof("POST", c.token_url, c.agent._now())
     headers = {"DPoP": proof} if proof is not None else {}
@@ -465,32 +469,28 @@ def test_the_credential_is_refused_at_authorize_even_from_a_configured_proxy(ctx
     assert answer.status_code == 200, answer.text
     cred = credential(ctx)
     original = f"{ctx.leash.url}/gw/mail/messages/1"
-    for scheme in ("DPoP", "Bearer"):
-        answer = ctx.leash.http.post(
+
+    def authorize(scheme: str, token: str) -> httpx.Response:
+        """`GET /gw/mail/messages/1` put to `/v1/authorize` by the configured proxy, with
+        `token` under `scheme` and its proof."""
+        return ctx.leash.http.post(
             "/v1/authorize",
             headers={
                 "Leash-Proxy-Key": AUTHORIZE_KEY,
                 "Leash-Original-Method": "GET",
                 "Leash-Original-URI": "/gw/mail/messages/1",
-                "Authorization": f"{scheme} {cred}",
-                "DPoP": ctx.dpop.dpop_proof("GET", original, ctx.agent._now(), cred),
+                "Authorization": f"{scheme} {token}",
+                "DPoP": ctx.dpop.dpop_proof("GET", original, ctx.agent._now(), token),
             },
         )
+
+    for scheme in ("DPoP", "Bearer"):
+        answer = authorize(scheme, cred)
         assert answer.status_code == 401, (scheme, answer.status_code, answer.text)
         assert secret not in answer.text
         assert secret not in str(answer.headers)
     # The same call with an access token is answered (so the refusal above is the credential's).
-    token = access_token(ctx)
-    answer = ctx.leash.http.post(
-        "/v1/authorize",
-        headers={
-            "Leash-Proxy-Key": AUTHORIZE_KEY,
-            "Leash-Original-Method": "GET",
-            "Leash-Original-URI": "/gw/mail/messages/1",
-            "Authorization": f"DPoP {token}",
-            "DPoP": ctx.dpop.dpop_proof("GET", original, ctx.agent._now(), token),
-        },
-    )
+    answer = authorize("DPoP", access_token(ctx))
     assert answer.status_code == 200, answer.text
 
 
@@ -550,9 +550,7 @@ def test_its_agent_its_human_and_the_admin_each_revoke_it(px: Leash, tmp_path: P
     by_agent, by_human, by_admin = credential(c), credential(c), credential(c)
     assert revoke_as_agent(c, by_agent).status_code == 200
     for cred, key in ((by_human, c.setup.user_key), (by_admin, px.admin_key)):
-        answer = px.http.post(
-            "/oauth2/revoke", data={"token": cred}, headers={"Authorization": f"Bearer {key}"}
-        )
+        answer = revoke(px, cred, key)
         assert answer.status_code == 200, answer.text
     for cred in (by_agent, by_human, by_admin):
         assert revoked(px, cred), claims(cred)["jti"]
@@ -639,11 +637,7 @@ def test_forged_or_altered_credentials_revoke_nothing_and_never_5xx(
             if who == "agent":
                 answer = revoke_as_agent(attacker, forged)
             else:
-                answer = px.http.post(
-                    "/oauth2/revoke",
-                    data={"token": forged},
-                    headers={"Authorization": f"Bearer {px.admin_key}"},
-                )
+                answer = revoke(px, forged, px.admin_key)
             assert answer.status_code in (200, 400, 413), (why, who, answer.status_code)
     assert not revoked(px, target), "a forged credential revoked another agent's"
     assert not revoked(px, mine), "an altered credential revoked the one it was made from"
@@ -844,9 +838,7 @@ def test_nodes_started_at_once_on_a_new_store_serve_one_ca(
         c = ctx_of(started[0], tmp_path, issuer="http://leash.test")
         cred = credential(c)
         other = started[1]
-        answer = other.http.post(
-            "/oauth2/revoke", data={"token": cred}, headers={"Authorization": f"Bearer {admin}"}
-        )
+        answer = revoke(other, cred, admin)
         assert answer.status_code == 200
         assert revoked(started[0], cred)
     finally:
@@ -1073,37 +1065,6 @@ def test_a_pipelined_request_after_a_refused_post_is_answered_or_the_refusal_say
             assert b"HTTP/1.1 200" in got, (name, got[-300:])
 
 
-# HPACK's Huffman codes of the characters a `:status` value holds (RFC 7541 Appendix B).
-DIGIT_CODES = {
-    "00000": "0",
-    "00001": "1",
-    "00010": "2",
-    "011001": "3",
-    "011010": "4",
-    "011011": "5",
-    "011100": "6",
-    "011101": "7",
-    "011110": "8",
-    "011111": "9",
-}
-STATIC_STATUS = {8: "200", 9: "204", 10: "206", 11: "304", 12: "400", 13: "404", 14: "500"}
-
-
-def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-    )
-
-
-def h2_literal(name: str, value: str) -> bytes:
-    """A literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2)."""
-    out = b"\x00"
-    for text in (name.encode(), value.encode()):
-        assert len(text) < 127
-        out += bytes([len(text)]) + text
-    return out
-
-
 def h2_status(block: bytes) -> str:
     """The `:status` of a response header block (the first field, as servers send it)."""
     first = block[0]
@@ -1114,15 +1075,7 @@ def h2_status(block: bytes) -> str:
     assert first & 0x0F == 8 or first & 0x3F == 8, block[:4]
     length, huffman = block[1] & 0x7F, bool(block[1] & 0x80)
     value = block[2 : 2 + length]
-    if not huffman:
-        return value.decode()
-    bits = "".join(f"{b:08b}" for b in value)
-    out, code = "", ""
-    for bit in bits:
-        code += bit
-        if code in DIGIT_CODES:
-            out, code = out + DIGIT_CODES[code], ""
-    return out
+    return huffman_digits(value) if huffman else value.decode()
 
 
 def h2c_requests(
@@ -1134,7 +1087,7 @@ def h2c_requests(
     for i, (method, path, headers, body) in enumerate(requests):
         stream = 2 * i + 1
         block = b"".join(
-            h2_literal(k, v)
+            hpack_literal(k.encode(), v.encode())
             for k, v in (
                 (":method", method),
                 (":scheme", "http"),
@@ -1214,14 +1167,7 @@ def test_a_successful_post_keeps_the_connection_alive(px: Leash, ctx: Ctx) -> No
             assert answer.headers.get("connection", "").lower() != "close", i
             stream = answer.extensions["network_stream"]
             ports.add(stream.get_extra_info("client_addr")[1])
-        form = {
-            "grant_type": TOKEN_EXCHANGE,
-            "subject_token": ctx.setup.handle,
-            "subject_token_type": GRANT_TYPE,
-            "client_assertion_type": JWT_BEARER,
-            "client_assertion": assertion(ctx),
-            "requested_token_type": PROXY_CREDENTIAL,
-        }
+        form = exchange_form(ctx.agent, ctx.setup.handle, client_assertion=assertion(ctx))
         proof = ctx.dpop.dpop_proof("POST", ctx.token_url, ctx.agent._now())
         answer = http.post("/oauth2/token", data=form, headers={"DPoP": proof})
         assert answer.status_code == 200, answer.text

@@ -4,11 +4,12 @@ credential of its own grant), a malicious page in that browser, a hostile upstre
 peer can do to the proxy, its tunnels, the grant's cookie jar, the held approvals and the audit.
 
 Everything goes over raw sockets (HTTP/1.1 and HTTP/2 frames by hand, TLS by Python's `ssl`
-trusting only Leash's proxy CA) to hostile upstreams of the test's own (`Hostile`: HTTPS with a
-test CA given to Leash as `ca_file`, or plain HTTP) that record every request and answer what a
-test asks for (cookies for other domains, redirects, echoes of the injected cookie, trailers,
-1xx answers, upgrades). The `Secure` cookie test needs a non-loopback IPv4 address of this
-machine (loopback is a secure context, RFC 6265bis), and is skipped without one.
+trusting only Leash's proxy CA; the helpers of tests/proxy_fixtures.py) to hostile upstreams of
+the test's own (`Hostile`: HTTPS with a test CA given to Leash as `ca_file`, or plain HTTP) that
+record every request and answer what a test asks for (cookies for other domains, redirects,
+echoes of the injected cookie, trailers, 1xx answers, upgrades). The `Secure` cookie test needs a
+non-loopback IPv4 address of this machine (loopback is a secure context, RFC 6265bis), and is
+skipped without one.
 
 Each test is one attack and asserts the secure behaviour. The five that failed against the
 binary reviewed were findings, fixed since and marked `# FIXED:` (what the review saw, and the
@@ -18,42 +19,57 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import datetime
 import gzip
 import hashlib
 import ipaddress
-import json
 import secrets
 import socket
 import sqlite3
 import ssl
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from browser_app import AppRequest, _TLSServer
-from conftest import Leash, Setup, Upstream, printed_address, set_up
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from conftest import Leash, Setup, Upstream, set_up
+from proxy_fixtures import (
+    REALM,
+    STATIC_STATUS,
+    Answer,
+    AppRequest,
+    Closed,
+    Proxy,
+    Reader,
+    RecordingHandler,
+    RecordingUpstream,
+    at_proxy,
+    basic,
+    connect,
+    connect_request,
+    dial,
+    exchange_form,
+    h2_frame,
+    hpack_literal,
+    huffman_digits,
+    in_tunnel,
+    make_pki,
+    pending_approvals,
+    plain,
+    proxy_listening,
+    proxy_toml,
+    read_answer,
+    revoke,
+    tunnel,
+    upstream_toml,
+)
 
 from leash_agent import Agent, SigningKey
 
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-GRANT_TYPE = "urn:leash:params:oauth:token-type:grant"
-JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-PROXY_CREDENTIAL = "urn:leash:params:oauth:token-type:proxy-credential"
-PROXY_LINE = "leash proxy listening on "
-REALM = 'Basic realm="leash"'
 APPROVAL_WAIT = 3
 
 
@@ -78,76 +94,10 @@ def external_address() -> str | None:
 EXTERNAL = external_address()
 
 
-# --- a test PKI for the hostile upstreams ---------------------------------------------------------
-
-
-def make_pki(directory: Path, addresses: list[str]) -> tuple[Path, ssl.SSLContext]:
-    """A test CA (`ca.pem` in `directory`, what Leash is given as `ca_file`) and a server context
-    whose leaf it signed for `localhost` and `addresses`."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Hostile test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    leaf_key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
-    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
-        .public_key(leaf_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_file, leaf_file, key_file = (directory / n for n in ("ca.pem", "leaf.pem", "key.pem"))
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    leaf_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        leaf_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(leaf_file, key_file)
-    context.set_alpn_protocols(["http/1.1"])
-    return ca_file, context
-
-
 # --- hostile upstreams ----------------------------------------------------------------------------
 
 
-class TLSServer(_TLSServer):
-    """browser_app's threaded TLS server, on `address`."""
-
-    def __init__(
-        self, address: str, handler: type[BaseHTTPRequestHandler], context: ssl.SSLContext
-    ) -> None:
-        self.context = context
-        ThreadingHTTPServer.__init__(self, (address, 0), handler)
-
-
-class Hostile:
+class Hostile(RecordingUpstream):
     """An upstream app (HTTPS with `context`, or plain HTTP) that records every request and
     answers by path (the query is the test's script):
 
@@ -165,54 +115,12 @@ class Hostile:
       or not, then whatever bytes come next are recorded as a request `RAW`;
     - anything else: 200 `ok METHOD PATH`."""
 
-    def __init__(self, context: ssl.SSLContext | None, address: str = "127.0.0.1") -> None:
-        self.lock = threading.Lock()
-        self.recorded: list[AppRequest] = []
-        handler = self.handler()
-        self.server: ThreadingHTTPServer
-        if context:
-            self.server = TLSServer(address, handler, context)
-        else:
-            self.server = ThreadingHTTPServer((address, 0), handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.recorded)
-
-    def since(self, mark: int) -> list[AppRequest]:
-        with self.lock:
-            return self.recorded[mark:]
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
+    def handler(self) -> type[RecordingHandler]:
         app = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(RecordingHandler):
             server_version = "Hostile/1"
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-            def read_body(self) -> bytes:
-                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                    body = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return body
-                        body += self.rfile.read(size)
-                        self.rfile.readline()
-                length = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(length) if length else b""
+            upstream = app
 
             extra: tuple[tuple[str, str], ...] = ()
 
@@ -228,15 +136,7 @@ class Hostile:
                 self.wfile.write(body)
 
             def handle_any(self) -> None:
-                body = self.read_body()
-                request = AppRequest(
-                    self.command,
-                    self.path,
-                    tuple((name.lower(), value) for name, value in self.headers.items()),
-                    body,
-                )
-                with app.lock:
-                    app.recorded.append(request)
+                request = self.record()
                 split = urllib.parse.urlsplit(self.path)
                 query = urllib.parse.parse_qs(split.query)
                 path = split.path
@@ -305,8 +205,7 @@ class Hostile:
                     with contextlib.suppress(OSError):
                         raw = self.connection.recv(65536)
                         if raw:
-                            with app.lock:
-                                app.recorded.append(AppRequest("RAW", path, (), raw))
+                            app.add(AppRequest("RAW", path, (), raw))
                     self.close_connection = True
                     return None
                 return self.send(200, f"ok {self.command} {self.path}".encode())
@@ -318,14 +217,6 @@ class Hostile:
 
 
 # --- the rig: Leash with a proxy in front of the hostile upstreams --------------------------------
-
-
-def routes(upstream: str, lines: list[tuple[str, str, str]]) -> str:
-    return "".join(
-        f'[[upstream.route]]\nmethod = "{method}"\npath = "{path}"\naction = "{upstream}:{act}"\n'
-        + ('risk = "high"\n' if act == "pay" else "")
-        for method, path, act in lines
-    )
 
 
 SHOP_ROUTES = [
@@ -340,10 +231,7 @@ READ_ROUTES = [("GET", "/r/**", "read"), ("GET", "/x/**", "read")]
 
 
 @dataclass
-class Rig:
-    leash: Leash
-    proxy_port: int
-    ca_file: Path  # Leash's proxy CA
+class Rig(Proxy):
     app: Hostile  # `shop` (https://localhost:PORT) and `twin` (https://127.0.0.1:PORT)
     other: Hostile  # `other` (https://localhost:PORT2), which no grant of these tests names
     plain: Hostile  # `plain` (http://EXTERNAL:PORT3, or 127.0.0.1 without one)
@@ -371,42 +259,18 @@ class Rig:
 
 def rig_config(apps: list[Hostile], ca_file: Path) -> str:
     app, other, plain_app, safe = apps
-    ca = json.dumps(str(ca_file))
     outside = EXTERNAL or "127.0.0.1"
-    return f"""[proxy]
-listen = "127.0.0.1:0"
-approval_wait = {APPROVAL_WAIT}
-
-[[upstream]]
-name = "shop"
-url = "https://localhost:{app.port}"
-ca_file = {ca}
-hosts = ["shop.test"]
-{routes("shop", SHOP_ROUTES)}
-[[upstream]]
-name = "twin"
-url = "https://127.0.0.1:{app.port}"
-ca_file = {ca}
-hosts = ["twin.test"]
-{routes("twin", READ_ROUTES)}
-[[upstream]]
-name = "plain"
-url = "http://{outside}:{plain_app.port}"
-hosts = ["plain.test"]
-{routes("plain", READ_ROUTES)}
-[[upstream]]
-name = "safe"
-url = "https://{outside}:{safe.port}"
-ca_file = {ca}
-hosts = ["safe.test"]
-{routes("safe", READ_ROUTES)}
-[[upstream]]
-name = "other"
-url = "https://localhost:{other.port}"
-ca_file = {ca}
-hosts = ["other.test"]
-{routes("other", [("GET", "/r/**", "read")])}
-"""
+    tables = [
+        ("shop", f"https://localhost:{app.port}", SHOP_ROUTES, ca_file),
+        ("twin", f"https://127.0.0.1:{app.port}", READ_ROUTES, ca_file),
+        ("plain", f"http://{outside}:{plain_app.port}", READ_ROUTES, None),
+        ("safe", f"https://{outside}:{safe.port}", READ_ROUTES, ca_file),
+        ("other", f"https://localhost:{other.port}", [("GET", "/r/**", "read")], ca_file),
+    ]
+    return proxy_toml(APPROVAL_WAIT) + "".join(
+        upstream_toml(name, url, [f"{name}.test"], routes, ca, high_risk={"pay"})
+        for name, url, routes, ca in tables
+    )
 
 
 @contextlib.contextmanager
@@ -417,18 +281,13 @@ def started_rig(
     limits: str | None = None,
 ) -> Iterator[Rig]:
     outside = EXTERNAL or "127.0.0.1"
-    ca_file, context = make_pki(directory, sorted({"127.0.0.1", outside}))
+    ca_file, context = make_pki(directory, sorted({"127.0.0.1", outside}), "Hostile test CA")
     apps = [Hostile(context), Hostile(context), Hostile(None, outside), Hostile(context, outside)]
     options: dict[str, Any] = {} if limits is None else {"limits": limits}
     leash = Leash(upstream, rig_config(apps, ca_file), env=env, **options)
     try:
-        address = printed_address(leash.output, PROXY_LINE)
-        assert address, "".join(leash.output)
-        pem = leash.http.get("/v1/proxy/ca")
-        assert pem.status_code == 200, pem.text
         proxy_ca = directory / "leash-proxy-ca.pem"
-        proxy_ca.write_text(pem.text)
-        yield Rig(leash, int(address.rsplit(":", 1)[1]), proxy_ca, *apps)
+        yield Rig(leash, proxy_listening(leash, proxy_ca), proxy_ca, "shop.test", *apps)
     finally:
         alive = leash.process.poll() is None
         last_words = "".join(leash.output[-30:])
@@ -476,9 +335,7 @@ class Task:
         return self.leash.audit(self.setup.grant_id)
 
     def pending(self) -> list[dict[str, Any]]:
-        answer = self.leash.call("GET", "/v1/approvals?status=pending", self.setup.user_key)
-        assert answer.status_code == 200, answer.text
-        return [a for a in answer.json()["approvals"] if a["grant_id"] == self.grant_id]
+        return pending_approvals(self.leash, self.setup)
 
     def end(self, how: str = "revoke") -> None:
         answer = self.leash.call("POST", f"/v1/grants/{self.grant_id}/{how}", self.setup.user_key)
@@ -488,15 +345,7 @@ class Task:
 def proxy_credential(leash: Leash, setup: Setup, agent: Agent, scope: str | None = None) -> str:
     """The agent's `lpx_` credential for its grant (token exchange, API §3.1 and §16)."""
     now = agent._now()
-    form = {
-        "grant_type": TOKEN_EXCHANGE,
-        "subject_token": setup.handle,
-        "subject_token_type": GRANT_TYPE,
-        "client_assertion_type": JWT_BEARER,
-        "client_assertion": agent._key.client_assertion(agent.agent_id, agent.issuer, now),
-        "requested_token_type": PROXY_CREDENTIAL,
-        **({"scope": scope} if scope else {}),
-    }
+    form = exchange_form(agent, setup.handle, scope=scope, now=now)
     proof = SigningKey.generate().dpop_proof("POST", leash.url + "/oauth2/token", now)
     answer = leash.http.post("/oauth2/token", data=form, headers={"DPoP": proof})
     assert answer.status_code == 200, answer.text
@@ -509,13 +358,7 @@ def access_token(leash: Leash, setup: Setup, agent: Agent) -> tuple[str, Signing
     """An ordinary DPoP-bound access token of the same grant, and its DPoP key."""
     now = agent._now()
     key = SigningKey.generate()
-    form = {
-        "grant_type": TOKEN_EXCHANGE,
-        "subject_token": setup.handle,
-        "subject_token_type": GRANT_TYPE,
-        "client_assertion_type": JWT_BEARER,
-        "client_assertion": agent._key.client_assertion(agent.agent_id, agent.issuer, now),
-    }
+    form = exchange_form(agent, setup.handle, token_type=None, now=now)
     proof = key.dpop_proof("POST", leash.url + "/oauth2/token", now)
     answer = leash.http.post("/oauth2/token", data=form, headers={"DPoP": proof})
     assert answer.status_code == 200, answer.text
@@ -594,191 +437,6 @@ def task(make_task: Callable[..., Task]) -> Task:
 # --- HTTP/1.1 by hand -----------------------------------------------------------------------------
 
 
-def basic(credential: str, user: str = "leash") -> str:
-    return "Basic " + base64.b64encode(f"{user}:{credential}".encode()).decode()
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: list[tuple[str, str]]  # names in lower case, in order
-    body: bytes
-    raw: bytes = b""
-
-    def header(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name.lower()]
-
-
-class Closed(Exception):
-    """The peer closed (or reset, or went silent) before a whole answer came."""
-
-
-class Reader:
-    """Buffered reads from a socket (plain or TLS)."""
-
-    def __init__(self, sock: socket.socket | ssl.SSLSocket, timeout: float) -> None:
-        self.sock = sock
-        self.buffer = b""
-        sock.settimeout(timeout)
-
-    def fill(self) -> bool:
-        try:
-            chunk = self.sock.recv(65536)
-        except (OSError, ssl.SSLError):
-            return False
-        self.buffer += chunk
-        return bool(chunk)
-
-    def until(self, mark: bytes) -> bytes:
-        while mark not in self.buffer:
-            if not self.fill():
-                raise Closed(f"closed before {mark!r}: {self.buffer[:300]!r}")
-        got, self.buffer = self.buffer.split(mark, 1)
-        return got
-
-    def exact(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            if not self.fill():
-                break
-        got, self.buffer = self.buffer[:size], self.buffer[size:]
-        return got
-
-    def rest(self) -> bytes:
-        while self.fill():
-            pass
-        got, self.buffer = self.buffer, b""
-        return got
-
-
-def read_answer(
-    sock: socket.socket | ssl.SSLSocket,
-    timeout: float = 10,
-    head_only: bool = False,
-    reader: Reader | None = None,
-) -> Answer:
-    """One HTTP/1.1 answer, after any 1xx but 101 (those are kept in `raw`): its body by
-    `Content-Length`, by chunks (trailers kept in `raw`), or up to the close; none with
-    `head_only` (a CONNECT's 2xx) or for 101/204/304."""
-    reader = reader or Reader(sock, timeout)
-    raw = b""
-    while True:
-        head = reader.until(b"\r\n\r\n")
-        raw += head + b"\r\n\r\n"
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers.append((name.strip().lower(), value.strip()))
-        if not (100 <= status < 200 and status != 101):
-            break
-    answer = Answer(status, headers, b"", raw)
-    if (head_only and 200 <= status < 300) or status in (101, 204, 304):
-        return answer
-    length = answer.header("content-length")
-    if any("chunked" in v.lower() for v in answer.header("transfer-encoding")):
-        body = b""
-        with contextlib.suppress(Closed):
-            while True:
-                size_line = reader.until(b"\r\n")
-                raw += size_line + b"\r\n"
-                size = int(size_line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while trailer := reader.until(b"\r\n"):  # up to an empty line
-                        raw += trailer + b"\r\n"
-                    raw += b"\r\n"
-                    break
-                chunk = reader.exact(size + 2)
-                raw += chunk
-                body += chunk[:size]
-        answer.body = body
-        answer.raw = raw
-    elif length:
-        answer.body = reader.exact(int(length[0]))
-        answer.raw = raw + answer.body
-    else:
-        answer.body = reader.rest()
-        answer.raw = raw + answer.body
-    return answer
-
-
-# --- the proxy ------------------------------------------------------------------------------------
-
-
-def dial(rig: Rig) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=10)
-
-
-def connect_request(target: str, authorization: str | None, host: str | None = None) -> bytes:
-    auth = f"Proxy-Authorization: {authorization}\r\n" if authorization is not None else ""
-    return f"CONNECT {target} HTTP/1.1\r\nHost: {host or target}\r\n{auth}\r\n".encode()
-
-
-def at_proxy(rig: Rig, request: bytes, timeout: float = 10) -> Answer:
-    """`request` (raw bytes) sent to the proxy on a connection of its own; its first answer."""
-    with dial(rig) as sock:
-        with contextlib.suppress(OSError):
-            sock.sendall(request)
-        return read_answer(sock, timeout, head_only=request.startswith(b"CONNECT "))
-
-
-def connect(rig: Rig, target: str, authorization: str | None) -> Answer:
-    return at_proxy(rig, connect_request(target, authorization))
-
-
-def plain(rig: Rig, url: str, authorization: str | None, extra: str = "") -> Answer:
-    """A plain-HTTP proxy request for the absolute-form `url`."""
-    host = url.split("/")[2]
-    auth = f"Proxy-Authorization: {authorization}\r\n" if authorization is not None else ""
-    request = f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{auth}{extra}Connection: close\r\n\r\n"
-    return at_proxy(rig, request.encode())
-
-
-def tls_client(rig: Rig, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
-    """A TLS client that trusts only Leash's proxy CA."""
-    context = ssl.create_default_context(cafile=str(rig.ca_file))
-    context.set_alpn_protocols(list(alpn))
-    return context
-
-
-@contextlib.contextmanager
-def tunnel(
-    rig: Rig,
-    credential: str,
-    host: str = "shop.test",
-    sni: str | None = "",
-    alpn: tuple[str, ...] = ("http/1.1",),
-    target: str | None = None,
-) -> Iterator[ssl.SSLSocket]:
-    """A TLS connection inside `CONNECT target` (default `host:443`) with SNI `sni` (default
-    `host`; None: none), trusting only Leash's proxy CA for `host`."""
-    sock = dial(rig)
-    try:
-        sock.sendall(connect_request(target or f"{host}:443", basic(credential)))
-        opened = read_answer(sock, head_only=True)
-        assert opened.status == 200, (opened.status, opened.raw[:300])
-        context = tls_client(rig, alpn)
-        if sni is None or (sni and sni != host):
-            context.check_hostname = False
-        name = host if sni == "" else sni
-        with context.wrap_socket(sock, server_hostname=name) as tls:
-            yield tls
-    finally:
-        sock.close()
-
-
-def in_tunnel(
-    rig: Rig, credential: str, request: bytes | str, host: str = "shop.test", **options: Any
-) -> Answer:
-    """`request` in a tunnel of its own; its first answer. A tunnel closed without an answer
-    raises `Closed`."""
-    data = request.encode() if isinstance(request, str) else request
-    with tunnel(rig, credential, host, **options) as tls:
-        with contextlib.suppress(OSError):  # cut off while sending: its answer may have come
-            tls.sendall(data)
-        return read_answer(tls)
-
-
 def get(path: str, host: str = "shop.test", extra: str = "", method: str = "GET") -> str:
     return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
 
@@ -814,47 +472,8 @@ def tunnel_refused(rig: Rig, credential: str, request: bytes | str, **options: A
 
 # --- HTTP/2 by hand (RFC 9113; HPACK literals without Huffman, RFC 7541) --------------------------
 
-# HPACK's Huffman codes of the characters a `:status` value holds (RFC 7541 Appendix B).
-DIGIT_CODES = {
-    "00000": "0",
-    "00001": "1",
-    "00010": "2",
-    "011001": "3",
-    "011010": "4",
-    "011011": "5",
-    "011100": "6",
-    "011101": "7",
-    "011110": "8",
-    "011111": "9",
-}
-STATIC_STATUS = {8: "200", 9: "204", 10: "206", 11: "304", 12: "400", 13: "404", 14: "500"}
 # SETTINGS: HEADER_TABLE_SIZE 0 (so that every `:status` comes as a literal or a static index).
 CLIENT_SETTINGS = (1).to_bytes(2, "big") + (0).to_bytes(4, "big")
-
-
-def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-    )
-
-
-def hpack_int(value: int, prefix: int, first: int = 0) -> bytes:
-    """RFC 7541 §5.1."""
-    top = (1 << prefix) - 1
-    if value < top:
-        return bytes([first | value])
-    out = bytearray([first | top])
-    value -= top
-    while value >= 128:
-        out.append(value % 128 + 128)
-        value //= 128
-    out.append(value)
-    return bytes(out)
-
-
-def hpack_literal(name: bytes, value: bytes) -> bytes:
-    """A literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2)."""
-    return b"\x00" + hpack_int(len(name), 7) + name + hpack_int(len(value), 7) + value
 
 
 def hpack_read_int(block: bytes, at: int, prefix: int) -> tuple[int, int]:
@@ -872,15 +491,6 @@ def hpack_read_int(block: bytes, at: int, prefix: int) -> tuple[int, int]:
         shift += 7
         if not byte & 0x80:
             return value, at
-
-
-def huffman_digits(value: bytes) -> str:
-    out, code = "", ""
-    for bit in "".join(f"{b:08b}" for b in value):
-        code += bit
-        if code in DIGIT_CODES:
-            out, code = out + DIGIT_CODES[code], ""
-    return out
 
 
 def h2_status(block: bytes) -> str:
@@ -1027,7 +637,7 @@ class H2:
 
 
 @contextlib.contextmanager
-def h2_tunnel(rig: Rig, credential: str, host: str = "shop.test") -> Iterator[H2]:
+def h2_tunnel(rig: Rig, credential: str, host: str | None = None) -> Iterator[H2]:
     with tunnel(rig, credential, host, alpn=("h2",)) as tls:
         assert tls.selected_alpn_protocol() == "h2", tls.selected_alpn_protocol()
         yield H2(tls)
@@ -1159,11 +769,7 @@ def test_ending_the_grant_or_the_credential_stops_open_tunnels_at_once(
             done = as_agent(task, "POST", f"/v1/grants/{task.grant_id}/complete")
             assert done.status_code == 200, done.text
         else:
-            done = task.leash.http.post(
-                "/oauth2/revoke",
-                data={"token": task.credential},
-                headers={"Authorization": f"Bearer {task.setup.user_key}"},
-            )
+            done = revoke(task.leash, task.credential, task.setup.user_key)
             assert done.status_code == 200, done.text
         # At once: the very next request on each open tunnel.
         tls.sendall(keep_alive("/r/after"))
@@ -2158,11 +1764,7 @@ def test_nothing_held_goes_out_after_the_grant_or_credential_ends(
         if ending == "grant revoked":
             task.end("revoke")
         else:
-            done = task.leash.http.post(
-                "/oauth2/revoke",
-                data={"token": task.credential},
-                headers={"Authorization": f"Bearer {task.setup.user_key}"},
-            )
+            done = revoke(task.leash, task.credential, task.setup.user_key)
             assert done.status_code == 200
         task.leash.call("POST", f"/v1/approvals/{approval['id']}/approve", task.setup.user_key)
         answer = held.result(timeout=15)
