@@ -146,9 +146,20 @@ struct ServeArgs {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env(config::ENV_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // The cookie jar's library logs the cookies it stores, values included: never.
+        // The cookie jar's library logs the cookies it stores, values included, and the
+        // WebSocket library the frames it relays: never.
         .add_directive(
             "cookie_store=off"
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a fixed directive")),
+        )
+        .add_directive(
+            "tungstenite=off"
+                .parse()
+                .unwrap_or_else(|_| unreachable!("a fixed directive")),
+        )
+        .add_directive(
+            "tokio_tungstenite=off"
                 .parse()
                 .unwrap_or_else(|_| unreachable!("a fixed directive")),
         );

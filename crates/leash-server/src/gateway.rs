@@ -1078,12 +1078,14 @@ pub(crate) async fn forward(
     let (mut upstream_parts, upstream_body) = response.into_parts();
     let status = upstream_parts.status;
     if websocket && status == StatusCode::SWITCHING_PROTOCOLS {
-        let socket = switched(upstream, &mut upstream_parts, secrets, request_id).map_err(|e| {
-            if matches!(e, ApiError::CredentialReflected) {
-                record_reflection(state.clone(), reflected());
-            }
-            NotForwarded::Failed(e)
-        })?;
+        let key = headers.get("sec-websocket-key").map(HeaderValue::as_bytes);
+        let socket =
+            switched(upstream, &mut upstream_parts, key, secrets, request_id).map_err(|e| {
+                if matches!(e, ApiError::CredentialReflected) {
+                    record_reflection(state.clone(), reflected());
+                }
+                NotForwarded::Failed(e)
+            })?;
         let mut relayed = Response::new(Body::empty());
         *relayed.status_mut() = status;
         *relayed.headers_mut() = socket.0;
@@ -1176,12 +1178,14 @@ fn keep_set_cookies(upstream: &HeaderMap, relayed: &mut Response) {
 
 /// An upstream's `101` to a WebSocket handshake: the headers the browser gets (the
 /// upstream's, hop-by-hop and `Set-Cookie` dropped, `Upgrade` and `Connection` set again) and
-/// the upstream's socket. Refused: an answer switching to anything but `websocket`, one that
-/// names an extension (none was offered: a compressed message would hide an echoed credential),
+/// the upstream's socket. Refused: an answer switching to anything but `websocket`, one whose
+/// `Sec-WebSocket-Accept` does not answer the browser's key (RFC 6455 §4.1), one that names an
+/// extension (none was offered: a compressed message would hide an echoed credential),
 /// and one whose headers echo a credential.
 fn switched(
     upstream: &Upstream,
     parts: &mut axum::http::response::Parts,
+    key: Option<&[u8]>,
     secrets: Secrets,
     request_id: &str,
 ) -> ApiResult<(HeaderMap, UpstreamSocket)> {
@@ -1196,6 +1200,16 @@ fn switched(
     if !to_websocket {
         return Err(refused(
             "switched protocols to something other than WebSocket",
+        ));
+    }
+    let accept = key.map(tokio_tungstenite::tungstenite::handshake::derive_accept_key);
+    let accepted = parts
+        .headers
+        .get("sec-websocket-accept")
+        .is_some_and(|v| accept.is_some_and(|a| v.as_bytes() == a.as_bytes()));
+    if !accepted {
+        return Err(refused(
+            "switched to WebSocket without accepting the browser's key",
         ));
     }
     if parts.headers.contains_key(WEBSOCKET_EXTENSIONS) {

@@ -17,12 +17,12 @@ closes the socket with 1008 and the audit event `credential_reflected`; ending t
 an open socket within about a second; messages are at most `[limits] gateway_body_bytes`; no
 secret in the audit or the log.
 
-Each test is one attack and asserts the secure behaviour; those that failed against the binary
-reviewed are marked `# FINDING:` (what was seen) and `xfail(strict=True)`: the reason of an app's
-close frame is never checked for an echo (the page reads the vaulted session in
-`CloseEvent.reason`, and the debug log holds it); the browser's `Sec-WebSocket-Key` is never
-checked (a malformed one opens a socket to an app that switches on anything); a 101 whose
-`Sec-WebSocket-Accept` answers another key is passed on."""
+Each test is one attack and asserts the secure behaviour. Those that failed against the binary
+reviewed were findings, fixed since and marked `# FIXED:` (what was seen, and the fix): the
+reason of an app's close frame was never checked for an echo (the page read the vaulted session
+in `CloseEvent.reason`, and the debug log held it); the browser's `Sec-WebSocket-Key` was never
+checked (a malformed one opened a socket to an app that switches on anything); a 101 whose
+`Sec-WebSocket-Accept` answered another key was passed on."""
 
 from __future__ import annotations
 
@@ -49,10 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from browser_app import make_ca
 from conftest import LIMITS, Leash, Setup, Upstream, printed_address, set_up
 from idp_fixtures import CHROMIUM
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from proxy_fixtures import make_pki
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -154,10 +154,7 @@ class Live:
     - anything else: 404."""
 
     def __init__(self, directory: Path) -> None:
-        self.ca_file, leaf, key = make_ca(directory)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(leaf, key)
-        self.context.set_alpn_protocols(["http/1.1"])
+        self.ca_file, self.context = make_pki(directory)
         self.lock = threading.Lock()
         self.recorded: list[Seen] = []
         self.sockets: dict[str, Socket] = {}
@@ -306,10 +303,7 @@ class Odd:
     - anything else: a good 101 and nothing more."""
 
     def __init__(self, directory: Path) -> None:
-        self.ca_file, leaf, key = make_ca(directory)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(leaf, key)
-        self.context.set_alpn_protocols(["http/1.1"])
+        self.ca_file, self.context = make_pki(directory)
         self.lock = threading.Lock()
         self.recorded: list[Seen] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -925,11 +919,11 @@ def test_chromium_opens_a_socket_only_where_the_route_allows_and_never_holds_the
     assert not rig.live.opened(feed)
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: a close frame's reason is never checked")
 def test_chromium_reads_no_session_in_the_reason_of_the_apps_close_frame(
     rig: Rig, task: Task, chromium: Browser
 ) -> None:
-    # FINDING: the app closes with `1000, "bye <the vaulted sid>"` and the page's `onclose` reads
+    # FIXED: the app's close reason is checked as its messages are. Seen: the app closes with
+    # `1000, "bye <the vaulted sid>"` and the page's `onclose` reads
     # `close:1000:bye vaulted-...` (`CloseEvent.reason`): the session the browser must never
     # hold, in the page's hands. Expected: 1008, and no credential in the reason.
     IN_A_CLOSE_REASON.append(task.sid)
@@ -1071,23 +1065,16 @@ MALFORMED = {
 }
 
 
-# FINDING: the browser's `Sec-WebSocket-Key` is passed to the app as it came, never checked to be
+# FIXED: a key that is not the base64 of 16 bytes is no handshake (403). Seen: the browser's
+# `Sec-WebSocket-Key` was passed to the app as it came, never checked to be
 # the base64 of 16 bytes (RFC 6455 §4.1, §4.2.1): `Sec-WebSocket-Key: YWJj` (3 bytes) or
 # `Sec-WebSocket-Key: ?not*base64 at all, no!` in a handshake on `/live` (a `websocket = true`
 # route) reaches the app as an upgrade; a strict app (`websockets`) answers 400 ("invalid
 # Sec-WebSocket-Key header"), but one that switches on anything (`Odd`) gets its `101` through to
 # the browser and the socket opens. Every other malformed handshake here is refused by Leash
 # itself (403 with a `Leash-Decision`) and reaches no app.
-KEY_FINDING = pytest.mark.xfail(
-    strict=True, reason="FINDING: a malformed Sec-WebSocket-Key is never checked"
-)
 MALFORMED_CASES = [
-    pytest.param(
-        request_,
-        host,
-        id=f"{case}-{kind}",
-        marks=[KEY_FINDING] if case in ("short key", "junk key") else [],
-    )
+    pytest.param(request_, host, id=f"{case}-{kind}")
     for case, request_ in MALFORMED.items()
     for host, kind in (("live.test", "strict app"), ("odd.test", "lenient app"))
 ]
@@ -1358,15 +1345,13 @@ def test_a_high_risk_socket_waits_for_the_humans_approval_each_time(rig: Rig, ta
         "/ext",
         "/h2c",
         "/other",
-        # FINDING: a 101 whose `Sec-WebSocket-Accept` does not answer the key is passed on as it
+        # FIXED: the accept must answer the browser's key (502 otherwise). Seen: a 101 whose
+        # `Sec-WebSocket-Accept` does not answer the key is passed on as it
         # is (RFC 6455 §4.1: the client MUST fail the connection): `GET /accept` with a good
         # handshake on `odd.test` gets `101` with the app's wrong accept, and the socket is
         # relayed. (Leash forwards the browser's key and the app's accept unchanged, so it
         # never checks that what answered is a WebSocket server at all.)
-        pytest.param(
-            "/accept",
-            marks=pytest.mark.xfail(strict=True, reason="FINDING: a wrong accept is passed on"),
-        ),
+        "/accept",
     ],
 )
 def test_a_101_with_an_extension_another_protocol_or_a_wrong_accept_is_refused(
@@ -1534,17 +1519,13 @@ IN_A_CLOSE_REASON: list[str] = []
     [
         "ping",
         "pong",
-        # FINDING: the reason of the app's close frame is never checked: an app that closes
+        # FIXED: checked as a message is. Seen: the reason of the app's close frame is never
+        # checked: an app that closes
         # with `1000, "bye <the vaulted sid>"` gets that close frame relayed to the browser
         # as it is (the page reads it as `CloseEvent.reason`); no 1008, no
         # `credential_reflected` in the audit. Expected: the echo closes with 1008 and the
         # reason never reaches the browser, as for a message.
-        pytest.param(
-            "close reason",
-            marks=pytest.mark.xfail(
-                strict=True, reason="FINDING: a close frame's reason is never checked"
-            ),
-        ),
+        "close reason",
     ],
 )
 def test_an_echo_of_the_session_in_a_control_frame_never_reaches_the_browser(
@@ -1690,9 +1671,9 @@ def test_messages_over_gateway_body_bytes_never_pass_either_way(rig: Rig, shared
 # === 6. The audit and the log =====================================================================
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: an app's close reason is logged at debug")
 def test_an_apps_close_reason_never_reaches_the_debug_log(rig: Rig, task: Task) -> None:
-    # FINDING: with `LEASH_LOG=debug`, the reason of every close frame the app sends is written
+    # FIXED: the WebSocket library's targets are never logged (as `cookie_store`). Seen: with
+    # `LEASH_LOG=debug`, the reason of every close frame the app sends is written
     # to the log as it is, by the WebSocket library's own line
     # `DEBUG tungstenite::protocol: Received close frame: Some(CloseFrame { code: Normal, reason:
     # Utf8Bytes(b"bye vaulted-...") })`: here the vaulted session, which the app echoed in its

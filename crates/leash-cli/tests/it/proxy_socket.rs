@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::audit::audit;
@@ -55,7 +56,8 @@ struct Handshake {
 struct Seen(Arc<Mutex<Vec<Handshake>>>);
 
 /// A WebSocket upstream: it sets a cookie in its `101`, answers `echo-cookie` with the cookie
-/// it was sent (a hostile app), and every other text with `upstream: <text>`.
+/// it was sent and closes on `close-with-cookie` giving it as the reason (a hostile app), and
+/// answers every other text with `upstream: <text>`.
 async fn socket_upstream() -> (String, Seen) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -103,6 +105,15 @@ async fn socket_upstream() -> (String, Seen) {
                     let answer = match message {
                         Message::Text(text) if text.as_str() == "echo-cookie" => {
                             cookie.lock().unwrap().clone()
+                        }
+                        Message::Text(text) if text.as_str() == "close-with-cookie" => {
+                            let reason = cookie.lock().unwrap().clone();
+                            let frame = CloseFrame {
+                                code: CloseCode::Normal,
+                                reason: reason.into(),
+                            };
+                            let _ = socket.close(Some(frame)).await;
+                            return;
                         }
                         Message::Text(text) => format!("upstream: {}", text.as_str()),
                         _ => continue,
@@ -254,7 +265,15 @@ async fn a_websocket_opens_only_where_its_route_allows_and_never_carries_the_ses
     second.send(Message::text("echo-cookie")).await.unwrap();
     assert_eq!(next(&mut second).await, Err(Some(CloseCode::Policy)));
 
-    // Audited: two sockets opened as requests of the route's action, one echo refused.
+    // Nor in the reason of the upstream's close.
+    let (mut third, _) = open(&proxy, &credential, &ca, "/live").await.unwrap();
+    third
+        .send(Message::text("close-with-cookie"))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut third).await, Err(Some(CloseCode::Policy)));
+
+    // Audited: three sockets opened as requests of the route's action, two echoes refused.
     let (_, events) = audit(&gw.leash, &gw.s.user_key, "").await;
     let of = |decision: &str| -> Vec<&Value> {
         events
@@ -263,15 +282,19 @@ async fn a_websocket_opens_only_where_its_route_allows_and_never_carries_the_ses
             .collect()
     };
     let opened_events = of("allow");
-    assert_eq!(opened_events.len(), 2, "{events:?}");
+    assert_eq!(opened_events.len(), 3, "{events:?}");
     for event in opened_events {
         assert_eq!(event["action"], "portal:live");
         assert_eq!(event["via"], "proxy");
         assert_eq!(event["path"], "/live");
     }
     let denied = of("deny");
-    assert!(
-        denied.iter().any(|e| e["reason"] == "credential_reflected"),
+    assert_eq!(
+        denied
+            .iter()
+            .filter(|e| e["reason"] == "credential_reflected")
+            .count(),
+        2,
         "{denied:?}"
     );
     assert!(

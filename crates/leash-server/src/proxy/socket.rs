@@ -2,8 +2,9 @@
 //! §16 refuses every other upgrade). The handshake is one request of the route's action,
 //! judged and audited like any other in the tunnel; the socket it opens is then relayed message
 //! by message:
-//! - every message of the upstream is checked for an echo of a credential Leash sent (the
-//!   vaulted one, the jar's cookies), across message boundaries too; one that carries it closes
+//! - every message of the upstream (and the reason of its close) is checked for an echo of a
+//!   credential Leash sent (the vaulted one, the jar's cookies), across message boundaries
+//!   too; one that carries it closes
 //!   the socket (`1008`) and is audited as `credential_reflected`, the message never reaching
 //!   the browser. No extension is negotiated, so nothing is compressed past the check;
 //! - the holder's credential is checked live on every message of the browser and every second:
@@ -182,6 +183,9 @@ async fn relayed(
             message = upstream.next() => {
                 let Some(Ok(message)) = message else { return End::Gone };
                 match message {
+                    Message::Close(Some(ref frame)) if echoes.found_in(frame.reason.as_bytes()) => {
+                        return End::Reflected;
+                    }
                     Message::Close(frame) => return End::Closed { by_browser: false, frame },
                     Message::Text(ref text) if echoes.found_in(text.as_bytes()) => return End::Reflected,
                     Message::Binary(ref data) if echoes.found_in(data) => return End::Reflected,

@@ -277,7 +277,7 @@ async fn decide<'s>(
 
 /// Whether `parts` is a browser's WebSocket handshake (RFC 6455 §4.1) over HTTP/1.1: `GET`
 /// without a body, `Upgrade: websocket` and nothing else, `Connection: upgrade`, version 13
-/// and one key. Whether its route allows one is for the route to say.
+/// and one well-formed key. Whether its route allows one is for the route to say.
 fn is_websocket_handshake(parts: &Parts) -> bool {
     let one = |name: &str| {
         let mut values = parts.headers.get_all(name).iter();
@@ -302,7 +302,16 @@ fn is_websocket_handshake(parts: &Parts) -> bool {
         && connection_upgrade
         && one("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
         && one("sec-websocket-version").is_some_and(|v| v.as_bytes() == b"13")
-        && one("sec-websocket-key").is_some_and(|v| !v.is_empty())
+        && one("sec-websocket-key").is_some_and(|key| is_websocket_key(key.as_bytes()))
+}
+
+/// A `Sec-WebSocket-Key`: 16 bytes, base64-encoded (RFC 6455 §4.1).
+fn is_websocket_key(key: &[u8]) -> bool {
+    use base64::Engine as _;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|nonce| nonce.len() == 16)
 }
 
 /// Refuses what no request in a tunnel may do: name another host than the tunnel's (`Host`,
@@ -467,5 +476,25 @@ fn rewrite_location(tunnel: &Tunnel, upstream: &Upstream, response: &mut Respons
     let scheme = if tunnel.secure { "https" } else { "http" };
     if let Ok(value) = HeaderValue::from_str(&format!("{scheme}://{}{rest}", tunnel.host)) {
         response.headers_mut().insert(header::LOCATION, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_websocket_key_is_16_bytes_in_base64() {
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in [
+            &b""[..],
+            b"YWJj",
+            b"?not*base64 at all, no!",
+            b"dGhlIHNhbXBsZSBub25jZQ",
+            b"dGhlIHNhbXBsZSBub25jZSE=",
+            b"dGhlIHNhbXBsZSBub25jZQ==\n",
+        ] {
+            assert!(!is_websocket_key(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 }
