@@ -39,10 +39,12 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::str::FromStr as _;
+use std::sync::Arc;
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, EntityId, EntityTypeName, EntityUid,
-    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, EntityId,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
 };
 
 /// The built-in policy: permit what the grant and scope checks already allowed. Operator
@@ -335,9 +337,11 @@ fn type_name(name: &str) -> Result<EntityTypeName, PolicyError> {
 /// A parsed, validated policy set and what it takes to evaluate it.
 #[derive(Debug)]
 pub struct PolicyEngine {
-    policies: PolicySet,
-    waivers: PolicySet,
+    policies: Sliced,
+    waivers: Sliced,
     authorizer: Authorizer,
+    /// Always empty: no entity has a parent, so `principal in X` and `action in [A, B]` hold
+    /// only of `X` itself and of `A`, `B`, which [`Sliced`] relies on.
     entities: Entities,
     agent_type: EntityTypeName,
     human_type: EntityTypeName,
@@ -452,8 +456,8 @@ impl PolicyEngine {
             .iter()
             .any(|&(attr, _)| attr == Attr::Arguments);
         Ok(Self {
-            policies,
-            waivers,
+            policies: Sliced::new(policies),
+            waivers: Sliced::new(waivers),
             authorizer: Authorizer::new(),
             entities: Entities::empty(),
             agent_type: type_name("Leash::Agent")?,
@@ -530,9 +534,11 @@ impl PolicyEngine {
             Ok(request) => request,
             Err(deny) => return deny,
         };
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.policies, &self.entities);
+        let response = self.authorizer.is_authorized(
+            &request,
+            &self.policies.for_request(&request),
+            &self.entities,
+        );
         let diagnostics = response.diagnostics();
         let mut policies: Vec<String> = diagnostics
             .reason()
@@ -570,12 +576,85 @@ impl PolicyEngine {
 impl PolicyEngine {
     /// Whether an operator permit annotated `@approval("not_required")` matches, cleanly.
     fn waived(&self, request: &Request) -> bool {
-        let response = self
-            .authorizer
-            .is_authorized(request, &self.waivers, &self.entities);
+        let response = self.authorizer.is_authorized(
+            request,
+            &self.waivers.for_request(request),
+            &self.entities,
+        );
         response.decision() == CedarDecision::Allow
             && response.diagnostics().errors().next().is_none()
     }
+}
+
+/// From how many policies a set is sliced: below, evaluating the whole set costs less than
+/// finding the slice.
+const SLICE_FROM: usize = 16;
+
+/// How many slices are kept (one per principal and action met).
+const SLICES_KEPT: usize = 16_384;
+
+/// A policy set evaluated per request only with the policies whose scope the request's
+/// principal and action could satisfy, so the cost of a decision stays flat as operators add
+/// policies per agent or per action (issue #34: 1,000 policies). Exact: a policy whose scope
+/// does not match is never satisfied, so it neither permits, forbids nor errs. A scope naming
+/// one principal (`==`, or `in`, which with no entity parents is `==`) or a list of actions
+/// is matched here; any other scope (`is`, none) keeps the policy in every slice.
+#[derive(Debug)]
+struct Sliced {
+    whole: Arc<PolicySet>,
+    /// Its policies, when there are enough to slice.
+    policies: Option<Vec<Policy>>,
+    slices: quick_cache::sync::Cache<(EntityUid, EntityUid), Arc<PolicySet>>,
+}
+
+impl Sliced {
+    fn new(whole: PolicySet) -> Self {
+        let policies: Vec<Policy> = whole.policies().cloned().collect();
+        Self {
+            whole: Arc::new(whole),
+            policies: (policies.len() >= SLICE_FROM).then_some(policies),
+            slices: quick_cache::sync::Cache::new(SLICES_KEPT),
+        }
+    }
+
+    /// The policies `request` is evaluated with.
+    fn for_request(&self, request: &Request) -> Arc<PolicySet> {
+        let (Some(policies), Some(principal), Some(action)) =
+            (&self.policies, request.principal(), request.action())
+        else {
+            return Arc::clone(&self.whole);
+        };
+        let key = (principal.clone(), action.clone());
+        if let Some(slice) = self.slices.get(&key) {
+            return slice;
+        }
+        let mut slice = PolicySet::new();
+        for policy in policies {
+            if scope_may_match(policy, principal, action) && slice.add(policy.clone()).is_err() {
+                // Cannot happen (the ids are the whole set's, unique): fail towards the whole.
+                return Arc::clone(&self.whole);
+            }
+        }
+        let slice = Arc::new(slice);
+        self.slices.insert(key, Arc::clone(&slice));
+        slice
+    }
+}
+
+/// Whether `policy`'s principal and action constraints could hold of `principal` and `action`.
+fn scope_may_match(policy: &Policy, principal: &EntityUid, action: &EntityUid) -> bool {
+    let principal_may = match policy.principal_constraint() {
+        PrincipalConstraint::Eq(uid) | PrincipalConstraint::In(uid) => &uid == principal,
+        PrincipalConstraint::Any | PrincipalConstraint::Is(_) | PrincipalConstraint::IsIn(..) => {
+            true
+        }
+    };
+    principal_may
+        && match policy.action_constraint() {
+            ActionConstraint::Any => true,
+            ActionConstraint::Eq(uid) => &uid == action,
+            ActionConstraint::In(uids) => uids.contains(action),
+        }
 }
 
 /// The value of one context attribute for a request; `None` when it is absent (`tool` of a

@@ -506,3 +506,116 @@ fn an_mcp_context_without_arguments_members_validates_against_the_schema() {
     )
     .unwrap();
 }
+
+/// Per-agent and per-action policies, more than [`SLICE_FROM`], of every scope shape.
+fn many_policies(agents: usize) -> String {
+    let mut text = String::new();
+    for i in 0..agents {
+        let agent = format!("spiffe://example.org/agent/a{i}");
+        text.push_str(&format!(
+            "@id(\"send-{i}\")\nforbid(principal == Leash::Agent::\"{agent}\", action == Leash::Action::\"mail:send\", resource) when {{ context.hour >= 20 }};\n"
+        ));
+        text.push_str(&format!(
+            "@id(\"in-{i}\")\nforbid(principal in Leash::Agent::\"{agent}\", action in [Leash::Action::\"mail:export\", Leash::Action::\"mail:read\"], resource) when {{ context.purpose == \"p{i}\" }};\n"
+        ));
+    }
+    text.push_str(
+        "@id(\"is-agent\")\nforbid(principal is Leash::Agent, action == Leash::Action::\"mail:export\", resource) when { context.purpose like \"*leak*\" };\n\
+         @id(\"waive-read\")\n@approval(\"not_required\")\npermit(principal == Leash::Agent::\"spiffe://example.org/agent/a1\", action == Leash::Action::\"mail:export\", resource);\n\
+         @id(\"everyone-late\")\nforbid(principal, action, resource) when { context.hour == 23 };\n",
+    );
+    text
+}
+
+#[test]
+fn a_sliced_policy_set_decides_exactly_as_the_whole_set() {
+    let agents = 40;
+    let engine =
+        PolicyEngine::from_sources(&actions(), &[("many.cedar".into(), many_policies(agents))])
+            .unwrap();
+    let whole = engine.policies.whole.policies().count();
+    assert!(whole > SLICE_FROM, "sliced at all");
+    let mut compared = 0;
+    for i in 0..agents + 2 {
+        let principal = format!("spiffe://example.org/agent/a{i}");
+        let purpose = format!("p{i}");
+        for action in ["mail:read", "mail:send", "mail:export"] {
+            for (now, purpose) in [
+                (MONDAY_10, purpose.as_str()),
+                (MONDAY_22, "triage"),
+                (MONDAY_22 + 3600, "leak it"),
+            ] {
+                let mut facts = facts(action, now);
+                facts.principal = &principal;
+                facts.purpose = purpose;
+                let request = engine.request(&facts).unwrap();
+                let slice = engine.policies.for_request(&request);
+                let sliced = slice.policies().count();
+                assert!(sliced <= 8, "{sliced} of {whole} policies");
+                let reasons = |set: &PolicySet| {
+                    let response = engine
+                        .authorizer
+                        .is_authorized(&request, set, &engine.entities);
+                    let mut reasons: Vec<String> = response
+                        .diagnostics()
+                        .reason()
+                        .map(ToString::to_string)
+                        .collect();
+                    reasons.sort();
+                    (
+                        response.decision(),
+                        reasons,
+                        response.diagnostics().errors().count(),
+                    )
+                };
+                assert_eq!(
+                    reasons(&slice),
+                    reasons(&engine.policies.whole),
+                    "{principal} {action} {purpose}"
+                );
+                let waivers = engine.waivers.for_request(&request);
+                assert_eq!(
+                    engine
+                        .authorizer
+                        .is_authorized(&request, &waivers, &engine.entities)
+                        .decision(),
+                    engine
+                        .authorizer
+                        .is_authorized(&request, &engine.waivers.whole, &engine.entities)
+                        .decision(),
+                );
+                compared += 1;
+            }
+        }
+    }
+    assert_eq!(compared, (agents + 2) * 9);
+    // The decisions themselves: an agent's own forbid, another's not, the one waiver.
+    let decide = |agent: usize, action: &str, now: i64, purpose: &str| {
+        let principal = format!("spiffe://example.org/agent/a{agent}");
+        let mut facts = facts(action, now);
+        facts.principal = &principal;
+        facts.purpose = purpose;
+        engine.authorize(&facts)
+    };
+    assert!(
+        matches!(decide(3, "mail:send", MONDAY_22, "x"), Decision::Deny { policies, .. } if policies == ["send-3"])
+    );
+    assert!(matches!(
+        decide(3, "mail:read", MONDAY_10, "p4"),
+        Decision::Allow { .. }
+    ));
+    assert!(
+        matches!(decide(4, "mail:read", MONDAY_10, "p4"), Decision::Deny { policies, .. } if policies == ["in-4"])
+    );
+    assert!(
+        matches!(
+            decide(1, "mail:export", MONDAY_10, "x"),
+            Decision::Allow { .. }
+        ),
+        "waived"
+    );
+    assert!(matches!(
+        decide(2, "mail:export", MONDAY_10, "x"),
+        Decision::ApprovalRequired { .. }
+    ));
+}

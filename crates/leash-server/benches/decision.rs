@@ -16,169 +16,31 @@
     reason = "a benchmark with a broken setup should abort loudly"
 )]
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use criterion::{BatchSize, Criterion, black_box, criterion_group, criterion_main};
-use leash_core::aead::MasterKey;
-use leash_core::audit::{AuditEvent, Mode};
-use leash_core::client::AgentKey;
-use leash_core::clock::SystemClock;
-use leash_core::grant::{Grant, GrantStatus};
 use leash_core::jws::Alg;
-use leash_core::secret::Secret;
-use leash_core::token::{AccessClaims, Actor, Confirmation};
 use leash_server::audit::Trail;
 use leash_server::extract::{PresentedToken, authorization, verified_token, verify_agent};
 use leash_server::gateway::decide;
 use leash_server::mcp::decide_tool_call;
-use leash_server::{AppState, Config, Flags};
-use leash_store::{Agent, User};
-use leash_testkit::{AGENT, UNLIMITED, UPSTREAMS, now};
+use leash_testkit::now;
 
 /// The allocator the `leash` binary uses, so that the path allocates as it does in the product.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const ISSUER: &str = "http://127.0.0.1:8470";
 const TARGET: &str = "/gw/mail/messages/42";
 const PROOFS: usize = 4096;
 const MCP_TARGET: &str = "/mcp/crm";
-const MCP_UPSTREAM: &str = "
-[[upstream]]
-name = \"crm\"
-url = \"http://127.0.0.1:9/mcp\"
-kind = \"mcp\"
-[[upstream.tool]]
-name = \"search_contacts\"
-action = \"crm:search\"
-";
+mod common;
+
+use common::{Load, Setup, setup, signed};
+
 /// A tool call as the official clients send it.
 const MCP_CALL: &str = r#"{"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"search_contacts","arguments":{"query":"ada","limit":10,"fields":["name","email"]},"_meta":{"progressToken":42}}}"#;
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    runtime: tokio::runtime::Runtime,
-    state: Arc<AppState>,
-    token: String,
-    dpop: AgentKey,
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let policies = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/policies");
-    let config_path = dir.path().join("leash.toml");
-    std::fs::write(
-        &config_path,
-        // No per-caller rate: the bench calls the decision far faster than an agent may.
-        format!("policy_dir = {policies:?}\n{UPSTREAMS}{MCP_UPSTREAM}{UNLIMITED}"),
-    )
-    .expect("config");
-    let flags = Flags {
-        config: Some(config_path),
-        data_dir: Some(dir.path().to_owned()),
-        ..Flags::default()
-    };
-    let config = Config::load(&flags, |_| None).expect("config loads");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let db = format!("sqlite://{}/leash.db", dir.path().display());
-    let dpop = AgentKey::generate(Alg::EdDsa);
-    let agent_key = AgentKey::generate(Alg::EdDsa);
-    let t = now();
-    let (state, token) = runtime.block_on(async {
-        let store = leash_store::open(&db).await.expect("store");
-        let state = leash_server::bootstrap::prepare(
-            config,
-            ISSUER.into(),
-            store.clone(),
-            Arc::new(SystemClock),
-            MasterKey::generate(),
-            true,
-            None,
-        )
-        .await
-        .expect("bootstrap")
-        .state;
-        let user = User {
-            id: "usr_bench".into(),
-            name: "alice".into(),
-            created_at: t,
-            disabled: false,
-        };
-        store
-            .create_user(
-                &user,
-                &Secret::generate("lsk_").digest(),
-                &ev("user.created"),
-            )
-            .await
-            .expect("user");
-        let agent = Agent {
-            id: AGENT.into(),
-            name: "bench agent".into(),
-            jwks: serde_json::json!({"keys": [agent_key.public().to_value()]}),
-            disabled: false,
-            created_at: t,
-        };
-        store
-            .create_agent(&agent, &ev("agent.registered"))
-            .await
-            .expect("agent");
-        let grant = Grant {
-            id: "grt_bench".into(),
-            subject: user.id.clone(),
-            agent: AGENT.into(),
-            purpose: "Summarise my inbox".into(),
-            upstreams: vec!["mail".into(), "crm".into()],
-            actions: vec!["mail:read".into(), "mail:draft".into(), "crm:search".into()],
-            approval_required: Vec::new(),
-            single_use: Vec::new(),
-            created_at: t,
-            expires_at: t + 3600,
-            max_requests: None,
-            requests_used: 0,
-            status: GrantStatus::Active,
-        };
-        store
-            .create_grant(
-                &grant,
-                &Secret::generate("lgh_").digest(),
-                &ev("grant.created"),
-            )
-            .await
-            .expect("grant");
-        let claims = AccessClaims {
-            iss: ISSUER.into(),
-            sub: user.id.clone(),
-            aud: ISSUER.into(),
-            iat: t,
-            exp: t + 3600,
-            jti: "tok_bench".into(),
-            client_id: AGENT.into(),
-            act: Actor { sub: AGENT.into() },
-            scope: "mail:read mail:draft crm:search".into(),
-            cnf: Confirmation {
-                jkt: dpop.public().thumbprint(),
-            },
-            grant_id: grant.id.clone(),
-            purpose: grant.purpose.clone(),
-        };
-        let token = state.sign_token(&claims);
-        (state, token)
-    });
-    Setup {
-        _dir: dir,
-        runtime,
-        state,
-        token,
-        dpop,
-    }
-}
 
 fn headers(setup: &Setup) -> HeaderMap {
     signed(setup, "GET", TARGET)
@@ -199,22 +61,8 @@ fn mcp_parts(setup: &Setup) -> Parts {
     parts
 }
 
-fn signed(setup: &Setup, method: &str, target: &str) -> HeaderMap {
-    let url = format!("{ISSUER}{target}");
-    let proof = setup
-        .dpop
-        .dpop_proof(method, &url, Some(&setup.token), None, now());
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "authorization",
-        HeaderValue::from_str(&format!("DPoP {}", setup.token)).expect("header"),
-    );
-    headers.insert("dpop", HeaderValue::from_str(&proof).expect("header"));
-    headers
-}
-
 fn bench(c: &mut Criterion) {
-    let setup = setup();
+    let setup = setup(&Load::default());
     let uri: Uri = TARGET.parse().expect("uri");
     let sample = headers(&setup);
     let proof = sample["dpop"].to_str().expect("ascii").to_owned();
@@ -370,8 +218,3 @@ fn interleaved_ratio(
 
 criterion_group!(benches, bench);
 criterion_main!(benches);
-
-/// The event the store records with a setup change.
-fn ev(kind: &str) -> AuditEvent {
-    AuditEvent::new(kind, Mode::System, now())
-}
