@@ -14,7 +14,9 @@ tests/browser_app.py):
   `in_tunnel`, `read_answer` into an `Answer`; `Closed` when the peer closed before a whole
   answer came), TLS by Python's `ssl` trusting only Leash's proxy CA;
 - HTTP/2 by hand (RFC 9113; HPACK literals without Huffman, RFC 7541): `h2_frame`,
-  `hpack_literal`, the `:status` digits' Huffman codes (`huffman_digits`, `STATIC_STATUS`)."""
+  `hpack_literal`, the `:status` digits' Huffman codes (`huffman_digits`, `STATIC_STATUS`);
+- real Chromium behind the proxy: `trusting_home`, a HOME whose NSS database trusts Leash's
+  proxy CA, and `launch_chromium` with it."""
 
 from __future__ import annotations
 
@@ -23,14 +25,17 @@ import contextlib
 import datetime
 import ipaddress
 import json
+import os
+import shutil
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 import pytest
@@ -39,6 +44,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from idp_fixtures import CHROMIUM
+from playwright.sync_api import Browser, sync_playwright
 
 from leash_agent import Agent
 
@@ -322,15 +329,42 @@ class RecordingHandler(BaseHTTPRequestHandler):
         return request
 
 
-class RecordingUpstream:
+Recorded = TypeVar("Recorded")
+
+
+class Recorder(Generic[Recorded]):
+    """What an app records, in order: `add`, `requests()`, and `mark()` and `since(mark)` for
+    those after a point. Thread-safe (`lock`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.recorded: list[Recorded] = []
+
+    def add(self, request: Recorded) -> None:
+        with self.lock:
+            self.recorded.append(request)
+
+    def requests(self) -> list[Recorded]:
+        with self.lock:
+            return list(self.recorded)
+
+    def mark(self) -> int:
+        with self.lock:
+            return len(self.recorded)
+
+    def since(self, mark: int) -> list[Recorded]:
+        with self.lock:
+            return self.recorded[mark:]
+
+
+class RecordingUpstream(Recorder[AppRequest]):
     """An app on `address` (HTTPS with `context`, or plain HTTP), serving until `stop`, that
     records every request it receives: `requests()`, and `mark()` and `since(mark)` for those
     after a point. Thread-safe. A subclass answers through the `RecordingHandler` subclass its
     `handler()` makes."""
 
     def __init__(self, context: ssl.SSLContext | None, address: str = "127.0.0.1") -> None:
-        self.lock = threading.Lock()
-        self.recorded: list[AppRequest] = []
+        super().__init__()
         handler = self.handler()
         self.server: ThreadingHTTPServer
         if context is not None:
@@ -346,22 +380,6 @@ class RecordingUpstream:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-    def add(self, request: AppRequest) -> None:
-        with self.lock:
-            self.recorded.append(request)
-
-    def requests(self) -> list[AppRequest]:
-        with self.lock:
-            return list(self.recorded)
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.recorded)
-
-    def since(self, mark: int) -> list[AppRequest]:
-        with self.lock:
-            return self.recorded[mark:]
 
 
 # --- HTTP/1.1 by hand -----------------------------------------------------------------------------
@@ -604,3 +622,39 @@ def huffman_digits(value: bytes) -> str:
         if code in DIGIT_CODES:
             out, code = out + DIGIT_CODES[code], ""
     return out
+
+
+# --- real Chromium --------------------------------------------------------------------------------
+
+
+def trusting_home(tmp_path_factory: pytest.TempPathFactory, ca_file: Path) -> Path:
+    """A HOME whose NSS database (the one chromium reads on Linux) trusts `ca_file` (Leash's
+    proxy CA) to identify web sites, and nothing else of ours."""
+    if shutil.which("certutil") is None:
+        pytest.fail("certutil is missing: install Debian's libnss3-tools")
+    home = tmp_path_factory.mktemp("browser-home")
+    (home / ".pki" / "nssdb").mkdir(parents=True)
+    db = f"sql:{home}/.pki/nssdb"
+    subprocess.run(["certutil", "-d", db, "-N", "--empty-password"], check=True)
+    subprocess.run(
+        ["certutil", "-d", db, "-A", "-t", "C,,", "-n", "leash", "-i", str(ca_file)],
+        check=True,
+    )
+    return home
+
+
+@contextlib.contextmanager
+def launch_chromium(home: Path) -> Iterator[Browser]:
+    """Headless chromium with `home` as its HOME (so its NSS database), closed on leaving."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium, or set LEASH_CHROMIUM")
+    args = ["--no-sandbox"] if os.geteuid() == 0 else []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=args,
+            env={**os.environ, "HOME": str(home)},
+        )
+        yield browser
+        browser.close()

@@ -14,7 +14,6 @@ import base64
 import contextlib
 import os
 import secrets
-import shutil
 import ssl
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import pytest
 from browser_app import BrowserApp
 from conftest import REPO, Leash, Setup, Upstream, set_up
 from idp_fixtures import CHROMIUM
-from playwright.sync_api import Browser, BrowserContext, Page, Response, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Response
 from playwright.sync_api import Error as PlaywrightError
 from proxy_fixtures import (
     REALM,
@@ -41,11 +40,13 @@ from proxy_fixtures import (
     basic,
     connect,
     in_tunnel,
+    launch_chromium,
     pending_approvals,
     plain,
     proxy_listening,
     proxy_toml,
     revoke,
+    trusting_home,
     upstream_toml,
 )
 
@@ -101,35 +102,15 @@ def proxy(
 def nss_home(proxy: Proxy, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A HOME whose NSS database (the one chromium reads on Linux) trusts Leash's proxy CA to
     identify web sites, and nothing else of ours."""
-    if shutil.which("certutil") is None:
-        pytest.fail("certutil is missing: install Debian's libnss3-tools")
-    home = tmp_path_factory.mktemp("browser-home")
-    (home / ".pki" / "nssdb").mkdir(parents=True)
-    db = f"sql:{home}/.pki/nssdb"
-    subprocess.run(["certutil", "-d", db, "-N", "--empty-password"], check=True)
-    subprocess.run(
-        ["certutil", "-d", db, "-A", "-t", "C,,", "-n", "leash", "-i", str(proxy.ca_file)],
-        check=True,
-    )
-    return home
+    return trusting_home(tmp_path_factory, proxy.ca_file)
 
 
 @pytest.fixture(scope="module")
 def proxied_browser(nss_home: Path) -> Iterator[Browser]:
     """Headless chromium with `nss_home` as its HOME, so that it trusts Leash's proxy CA
     (Playwright's own switches keep `http://` navigations on HTTP)."""
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium, or set LEASH_CHROMIUM")
-    args = ["--no-sandbox"] if os.geteuid() == 0 else []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=args,
-            env={**os.environ, "HOME": str(nss_home)},
-        )
+    with launch_chromium(nss_home) as browser:
         yield browser
-        browser.close()
 
 
 def proxy_credential(leash: Leash, setup: Setup, agent: Agent) -> str:

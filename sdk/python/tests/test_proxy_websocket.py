@@ -31,12 +31,9 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import secrets
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -49,10 +46,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LIMITS, Leash, Setup, Upstream, printed_address, set_up
-from idp_fixtures import CHROMIUM
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
-from proxy_fixtures import make_pki
+from conftest import LIMITS, Leash, Setup, Upstream, set_up
+from playwright.sync_api import Browser, BrowserContext, Page
+from proxy_fixtures import (
+    STATIC_STATUS,
+    Answer,
+    Closed,
+    Proxy,
+    Recorder,
+    basic,
+    dial,
+    h2_frame,
+    hpack_literal,
+    huffman_digits,
+    launch_chromium,
+    make_pki,
+    parse_cookies,
+    pending_approvals,
+    proxy_listening,
+    trusting_home,
+    tunnel,
+)
+from proxy_fixtures import Reader as LenientReader
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -60,7 +75,6 @@ from websockets.http11 import Request, Response
 
 from leash_agent import Agent
 
-PROXY_LINE = "leash proxy listening on "
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 BODY_LIMIT = 65536  # `[limits] gateway_body_bytes` of the Leash under attack
 APPROVAL_WAIT = 10
@@ -87,13 +101,7 @@ class Seen:
         return [value for key, value in self.headers if key == name.lower()]
 
     def cookies(self) -> list[tuple[str, str]]:
-        pairs = []
-        for header in self.header("cookie"):
-            for part in header.split(";"):
-                name, _, value = part.strip().partition("=")
-                if name:
-                    pairs.append((name, value))
-        return pairs
+        return parse_cookies(self.header("cookie"))
 
     @property
     def route(self) -> str:
@@ -141,7 +149,7 @@ def sends(*messages: Sent) -> Action:
     return act
 
 
-class Live:
+class Live(Recorder[Seen]):
     """A WebSocket app over HTTPS (a test CA of its own, given to Leash as `ca_file`), made with
     the `websockets` package (compression on offer, as by default: an extension Leash offered
     would be taken). It records every request, and answers:
@@ -154,9 +162,8 @@ class Live:
     - anything else: 404."""
 
     def __init__(self, directory: Path) -> None:
+        super().__init__()
         self.ca_file, self.context = make_pki(directory)
-        self.lock = threading.Lock()
-        self.recorded: list[Seen] = []
         self.sockets: dict[str, Socket] = {}
         self.on_open: dict[str, Action] = {}
         self.loop = asyncio.new_event_loop()
@@ -187,14 +194,6 @@ class Live:
             asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.recorded)
-
-    def since(self, mark: int) -> list[Seen]:
-        with self.lock:
-            return self.recorded[mark:]
-
     def socket(self, name: str, timeout: float = 5) -> Socket:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -210,8 +209,7 @@ class Live:
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         seen = Seen(request.path, tuple((k.lower(), v) for k, v in request.headers.raw_items()))
-        with self.lock:
-            self.recorded.append(seen)
+        self.add(seen)
         if seen.upgrade:
             return None
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
@@ -286,7 +284,7 @@ def cookie_value(seen: Seen, name: str = "sid") -> bytes:
     return next((v for n, v in seen.cookies() if n == name), "").encode()
 
 
-class Odd:
+class Odd(Recorder[Seen]):
     """A hostile WebSocket app over HTTPS with raw sockets, that answers every request by its
     path (and records it, with whatever the connection carried in the next second):
 
@@ -303,23 +301,14 @@ class Odd:
     - anything else: a good 101 and nothing more."""
 
     def __init__(self, directory: Path) -> None:
+        super().__init__()
         self.ca_file, self.context = make_pki(directory)
-        self.lock = threading.Lock()
-        self.recorded: list[Seen] = []
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         threading.Thread(target=self.serve, daemon=True).start()
 
     def stop(self) -> None:
         self.listener.close()
-
-    def mark(self) -> int:
-        with self.lock:
-            return len(self.recorded)
-
-    def since(self, mark: int) -> list[Seen]:
-        with self.lock:
-            return self.recorded[mark:]
 
     def serve(self) -> None:
         while True:
@@ -348,8 +337,7 @@ class Odd:
                 name, _, value = line.partition(":")
                 headers.append((name.strip().lower(), value.strip()))
             seen = Seen(lines[0].split()[1], tuple(headers))
-            with self.lock:
-                self.recorded.append(seen)
+            self.add(seen)
             with contextlib.suppress(OSError):
                 self.answer(tls, seen)
             tls.settimeout(1)
@@ -386,30 +374,9 @@ class Odd:
 # --- raw sockets: HTTP/1.1 and WebSocket frames by hand -------------------------------------------
 
 
-class Closed(Exception):
-    """The peer closed (or went silent) first."""
-
-
-class Reader:
-    def __init__(self, sock: socket.socket | ssl.SSLSocket, timeout: float) -> None:
-        self.sock = sock
-        self.buffer = b""
-        sock.settimeout(timeout)
-
-    def fill(self) -> bool:
-        try:
-            chunk = self.sock.recv(65536)
-        except (OSError, ssl.SSLError):
-            return False
-        self.buffer += chunk
-        return bool(chunk)
-
-    def until(self, mark: bytes) -> bytes:
-        while mark not in self.buffer:
-            if not self.fill():
-                raise Closed(f"closed before {mark!r}: {self.buffer[:300]!r}")
-        got, self.buffer = self.buffer.split(mark, 1)
-        return got
+class Reader(LenientReader):
+    """The shared `Reader`, but `exact` raises `Closed` when the peer closes short (a frame cut
+    off is an end, not a short frame)."""
 
     def exact(self, size: int) -> bytes:
         while len(self.buffer) < size:
@@ -418,26 +385,11 @@ class Reader:
         got, self.buffer = self.buffer[:size], self.buffer[size:]
         return got
 
-    def rest(self) -> bytes:
-        while self.fill():
-            pass
-        got, self.buffer = self.buffer, b""
-        return got
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: list[tuple[str, str]]  # names in lower case, in order
-    body: bytes
-    raw: bytes
-
-    def header(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k == name.lower()]
-
 
 def read_answer(reader: Reader, head_only: bool = False) -> Answer:
-    """One HTTP/1.1 answer; no body for a 101 or with `head_only` (a CONNECT's 2xx)."""
+    """One HTTP/1.1 answer; no body for a 101 or with `head_only` (a CONNECT's 2xx). Not the
+    shared `read_answer`: this one stops at the first answer, 1xx included, reads a 204's body
+    like any other, keeps no body cut short and no chunk framing in `raw`."""
     head = reader.until(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -552,10 +504,6 @@ class Client:
         return ending
 
 
-def basic(credential: str) -> str:
-    return "Basic " + base64.b64encode(f"leash:{credential}".encode()).decode()
-
-
 def handshake(
     path: str,
     host: str = "live.test",
@@ -575,10 +523,9 @@ def handshake(
 
 
 @dataclass
-class Rig:
-    leash: Leash
-    proxy_port: int
-    ca_file: Path  # Leash's proxy CA
+class Rig(Proxy):
+    """The proxy (its `host` is `live.test`) and the two apps behind it."""
+
     live: Live
     odd: Odd
 
@@ -631,13 +578,8 @@ def rig(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         upstream, rig_config(live, odd, policies), env={"LEASH_LOG": "debug"}, limits=limits
     )
     try:
-        address = printed_address(leash.output, PROXY_LINE)
-        assert address, "".join(leash.output)
-        pem = leash.http.get("/v1/proxy/ca")
-        assert pem.status_code == 200, pem.text
         ca_file = directory / "leash-proxy-ca.pem"
-        ca_file.write_text(pem.text)
-        yield Rig(leash, int(address.rsplit(":", 1)[1]), ca_file, live, odd)
+        yield Rig(leash, proxy_listening(leash, ca_file), ca_file, "live.test", live, odd)
     finally:
         alive = leash.process.poll() is None
         last_words = "".join(leash.output[-30:])
@@ -672,9 +614,7 @@ class Task:
         assert answer.status_code == 200, answer.text
 
     def pending(self) -> list[dict[str, Any]]:
-        answer = self.leash.call("GET", "/v1/approvals?status=pending", self.setup.user_key)
-        assert answer.status_code == 200, answer.text
-        return [a for a in answer.json()["approvals"] if a["grant_id"] == self.grant_id]
+        return pending_approvals(self.leash, self.setup)
 
 
 SECRETS: list[str] = []  # every credential this module's tasks had, for the log's check
@@ -745,37 +685,13 @@ def still_serving(request: pytest.FixtureRequest) -> Iterator[None]:
         assert rig.leash.http.get("/healthz").status_code == 200
 
 
-def dial(rig: Rig) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", rig.proxy_port), timeout=10)
-
-
-@contextlib.contextmanager
-def tunnel(
-    rig: Rig, credential: str, host: str = "live.test", alpn: str = "http/1.1"
-) -> Iterator[tuple[ssl.SSLSocket, Reader]]:
-    """TLS inside `CONNECT host:443`, trusting only Leash's proxy CA."""
-    sock = dial(rig)
-    try:
-        sock.sendall(
-            f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n"
-            f"Proxy-Authorization: {basic(credential)}\r\n\r\n".encode()
-        )
-        opened = read_answer(Reader(sock, 10), head_only=True)
-        assert opened.status == 200, opened.raw[:300]
-        context = ssl.create_default_context(cafile=str(rig.ca_file))
-        context.set_alpn_protocols([alpn])
-        with context.wrap_socket(sock, server_hostname=host) as tls:
-            yield tls, Reader(tls, 10)
-    finally:
-        sock.close()
-
-
 @contextlib.contextmanager
 def opened(
     rig: Rig, credential: str, request: str | bytes, host: str = "live.test"
 ) -> Iterator[tuple[Answer, Client]]:
     """`request` (a handshake) in a tunnel of its own: Leash's answer, and the socket."""
-    with tunnel(rig, credential, host) as (tls, reader):
+    with tunnel(rig, credential, host) as tls:
+        reader = Reader(tls, 10)
         tls.sendall(request.encode() if isinstance(request, str) else request)
         yield read_answer(reader), Client(tls, reader)
 
@@ -819,28 +735,8 @@ def reflected(events: list[dict[str, Any]], path: str = "/live") -> list[dict[st
 @pytest.fixture(scope="module")
 def chromium(rig: Rig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
     """Headless chromium whose NSS database trusts Leash's proxy CA (and nothing else of ours)."""
-    if shutil.which("certutil") is None:
-        pytest.fail("certutil is missing: install Debian's libnss3-tools")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium, or set LEASH_CHROMIUM")
-    home = tmp_path_factory.mktemp("browser-home")
-    (home / ".pki" / "nssdb").mkdir(parents=True)
-    db = f"sql:{home}/.pki/nssdb"
-    subprocess.run(["certutil", "-d", db, "-N", "--empty-password"], check=True)
-    subprocess.run(
-        ["certutil", "-d", db, "-A", "-t", "C,,", "-n", "leash", "-i", str(rig.ca_file)],
-        check=True,
-    )
-    args = ["--no-sandbox"] if os.geteuid() == 0 else []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=args,
-            env={**os.environ, "HOME": str(home)},
-        )
+    with launch_chromium(trusting_home(tmp_path_factory, rig.ca_file)) as browser:
         yield browser
-        browser.close()
 
 
 # Opens `url`, sends `send`, and resolves with what happened once closed (or after `wait` ms, or
@@ -868,7 +764,7 @@ def live_page(rig: Rig, task: Task, chromium: Browser) -> Iterator[tuple[Browser
     page of it at `https://live.test/page`, which has set a cookie of its own (`theme`)."""
     context = chromium.new_context(
         proxy={
-            "server": f"http://127.0.0.1:{rig.proxy_port}",
+            "server": rig.server,
             "username": "leash",
             "password": task.credential,
         }
@@ -951,7 +847,8 @@ def test_the_app_gets_the_vaulted_session_and_jar_and_the_browser_gets_no_cookie
     task, socket_ = shared, name()
     jar = "jar-" + secrets.token_urlsafe(16)
     SECRETS.append(jar)
-    with tunnel(rig, task.credential) as (tls, reader):
+    with tunnel(rig, task.credential) as tls:
+        reader = Reader(tls, 10)
         tls.sendall(
             f"GET /set?c=j%3D{jar}%3B+Path%3D%2F HTTP/1.1\r\nHost: live.test\r\n\r\n".encode()
         )
@@ -1122,31 +1019,6 @@ def test_bytes_pipelined_after_a_handshake_are_frames_never_a_request(
 
 # --- HTTP/2 by hand: RFC 8441's extended CONNECT --------------------------------------------------
 
-DIGITS = {
-    "00000": "0",
-    "00001": "1",
-    "00010": "2",
-    "011001": "3",
-    "011010": "4",
-    "011011": "5",
-    "011100": "6",
-    "011101": "7",
-    "011110": "8",
-    "011111": "9",
-}
-STATIC_STATUS = {8: "200", 9: "204", 10: "206", 11: "304", 12: "400", 13: "404", 14: "500"}
-
-
-def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return (
-        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-    )
-
-
-def hpack_string(value: bytes) -> bytes:
-    assert len(value) < 127
-    return bytes([len(value)]) + value
-
 
 def h2_status(block: bytes) -> str:
     """The `:status` a response's header block starts with (the server may not use its dynamic
@@ -1161,14 +1033,7 @@ def h2_status(block: bytes) -> str:
     value = block[2 : 2 + length]
     if not block[1] & 0x80:
         return value.decode()
-    bits, digits = "".join(f"{b:08b}" for b in value), ""
-    while len(digits) < 3:
-        code = next((c for c in DIGITS if bits.startswith(c)), None)
-        if code is None:
-            break
-        digits += DIGITS[code]
-        bits = bits[len(code) :]
-    return digits
+    return huffman_digits(value)
 
 
 def h2_attempt(
@@ -1176,11 +1041,10 @@ def h2_attempt(
 ) -> tuple[dict[int, int], str]:
     """One stream of `headers` over HTTP/2 in a tunnel: the server's SETTINGS, and how the
     stream ended (`status N`, `reset`, `goaway`, `closed`)."""
-    with tunnel(rig, credential, alpn="h2") as (tls, reader):
+    with tunnel(rig, credential, alpn=("h2",)) as tls:
+        reader = Reader(tls, 10)
         assert tls.selected_alpn_protocol() == "h2"
-        block = b"".join(
-            b"\x00" + hpack_string(n.encode()) + hpack_string(v.encode()) for n, v in headers
-        )
+        block = b"".join(hpack_literal(n.encode(), v.encode()) for n, v in headers)
         settings = (1).to_bytes(2, "big") + (0).to_bytes(4, "big")
         tls.sendall(
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -1563,7 +1427,8 @@ def test_an_echo_of_a_jar_cookie_or_the_rotated_session_closes_the_socket(
     cookies = "&".join(
         "c=" + urllib.parse.quote(c) for c in (f"j={jar}; Path=/", f"sid={rotated}; Path=/")
     )
-    with tunnel(rig, task.credential) as (tls, reader):
+    with tunnel(rig, task.credential) as tls:
+        reader = Reader(tls, 10)
         tls.sendall(f"GET /set?{cookies} HTTP/1.1\r\nHost: live.test\r\n\r\n".encode())
         assert read_answer(reader).status == 200
     for secret in (jar, rotated):
