@@ -1114,7 +1114,6 @@ pub(crate) async fn forward(
             upstream.name
         ))));
     }
-    let listed = connection_listed(&upstream_parts.headers);
     // Between two parts of its answer the upstream has as long as it had to start it (nginx's
     // `proxy_read_timeout`): a stalled answer is cut off instead of holding the agent's
     // connection, and the upstream's, for as long as the upstream does.
@@ -1127,12 +1126,7 @@ pub(crate) async fn forward(
         tracing::warn!(request_id = %stalled, error = %e, "upstream answer cut off");
         e
     });
-    let mut kept = HeaderMap::new();
-    for (name, value) in &upstream_parts.headers {
-        if !is_stripped_response_header(name) && !listed.iter().any(|l| l == name.as_str()) {
-            kept.append(name.clone(), value.clone());
-        }
-    }
+    let kept = relayed_response_headers(&upstream_parts.headers);
     let body = if secrets.is_empty() {
         Body::new(upstream_body)
     } else {
@@ -1221,13 +1215,7 @@ fn switched(
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
         .ok_or_else(|| refused("switched protocols on a connection that cannot be upgraded"))?;
-    let listed = connection_listed(&parts.headers);
-    let mut kept = HeaderMap::new();
-    for (name, value) in &parts.headers {
-        if !is_stripped_response_header(name) && !listed.iter().any(|l| l == name.as_str()) {
-            kept.append(name.clone(), value.clone());
-        }
-    }
+    let mut kept = relayed_response_headers(&parts.headers);
     if !secrets.is_empty() && secrets.found_in_headers(&kept) {
         tracing::warn!(request_id = %request_id, upstream = %upstream.name, "the upstream's switch to WebSocket carries the injected credential; refused");
         return Err(ApiError::CredentialReflected);
@@ -1431,6 +1419,19 @@ fn is_stripped_request_header(name: &HeaderName) -> bool {
         || crate::overrides::is_override_header(name)
 }
 
+/// The upstream's answer headers that are passed on: all but the hop-by-hop ones (and those
+/// `Connection` lists), `Set-Cookie` and `Leash-Decision`.
+fn relayed_response_headers(headers: &HeaderMap) -> HeaderMap {
+    let listed = connection_listed(headers);
+    let mut kept = HeaderMap::new();
+    for (name, value) in headers {
+        if !is_stripped_response_header(name) && !listed.iter().any(|l| l == name.as_str()) {
+            kept.append(name.clone(), value.clone());
+        }
+    }
+    kept
+}
+
 fn is_stripped_response_header(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -1448,7 +1449,7 @@ fn is_stripped_response_header(name: &HeaderName) -> bool {
 }
 
 /// Names listed in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+pub(crate) fn connection_listed(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
         .iter()

@@ -133,7 +133,7 @@ impl Secrets {
         self.finder.is_none() && !self.unbuildable
     }
 
-    pub(crate) fn longest(&self) -> usize {
+    fn longest(&self) -> usize {
         self.longest
     }
 
@@ -167,6 +167,49 @@ impl Secrets {
         headers.iter().any(|(name, value)| {
             self.found_in(name.as_str().as_bytes()) || self.found_in(value.as_bytes())
         })
+    }
+}
+
+/// Whole messages (a WebSocket's) checked as one stream: a piece split between two messages is
+/// found as in one. A message cannot be held back as a body's tail is ([`GuardedBody`]), so the
+/// end of what went before is kept to be searched with the next.
+pub struct Echoes {
+    secrets: Secrets,
+    /// The end of what was sent before, as long as a piece could reach back into it.
+    tail: Vec<u8>,
+}
+
+impl Echoes {
+    pub fn new(secrets: Secrets) -> Self {
+        Self {
+            secrets,
+            tail: Vec::new(),
+        }
+    }
+
+    /// Whether `message`, or it following what came before, carries a piece.
+    pub fn found_in(&mut self, message: &[u8]) -> bool {
+        if self.secrets.is_empty() {
+            return false;
+        }
+        if self.secrets.found_in(message) {
+            return true;
+        }
+        let reach = self.secrets.longest().saturating_sub(1);
+        let mut joined = std::mem::take(&mut self.tail);
+        joined.extend_from_slice(&message[..message.len().min(reach)]);
+        if self.secrets.found_in(&joined) {
+            return true;
+        }
+        if message.len() >= reach {
+            joined.clear();
+            joined.extend_from_slice(&message[message.len() - reach..]);
+        } else {
+            let drop = joined.len().saturating_sub(reach);
+            joined.drain(..drop);
+        }
+        self.tail = joined;
+        false
     }
 }
 
@@ -511,5 +554,32 @@ mod tests {
             !String::from_utf8_lossy(&passed).contains("HUMAN"),
             "a prefix of the secret was passed on: {passed:?}"
         );
+    }
+
+    #[test]
+    fn an_echo_split_between_messages_is_found() {
+        let secret = b"session=s3cr3t-value-of-the-human";
+        let mut echoes = Echoes::new(Secrets::of(secret));
+        assert!(!echoes.found_in(b"hello"));
+        assert!(!echoes.found_in(b"your cookie is session=s3cr3t-"));
+        assert!(echoes.found_in(b"value-of-the-human, thanks"));
+
+        let mut echoes = Echoes::new(Secrets::of(secret));
+        for byte in b"xx s3cr3t-value-of-the-human" {
+            if echoes.found_in(&[*byte]) {
+                return;
+            }
+        }
+        panic!("an echo sent a byte per message was not found");
+    }
+
+    #[test]
+    fn messages_without_the_credential_pass() {
+        let mut echoes = Echoes::new(Secrets::of(b"session=s3cr3t-value-of-the-human"));
+        for message in [&b"s3cr3t"[..], b"-valu", b"e", b"nothing", b"of-the-human"] {
+            assert!(!echoes.found_in(message));
+        }
+        let mut none = Echoes::new(Secrets::default());
+        assert!(!none.found_in(b"session=s3cr3t-value-of-the-human"));
     }
 }

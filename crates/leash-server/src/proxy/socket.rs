@@ -33,7 +33,7 @@ use super::page;
 use super::tunnel::Tunnel;
 use crate::audit::Trail;
 use crate::gateway::{CREDENTIAL_REFLECTED, UpstreamSocket};
-use crate::reflection::Secrets;
+use crate::reflection::Echoes;
 
 /// How often an idle socket looks whether its grant is still live (besides on each message of
 /// the browser): within the second tokens die in.
@@ -212,78 +212,4 @@ async fn live(tunnel: &Tunnel) -> bool {
     holder_of(&tunnel.proxy.state, Arc::clone(&tunnel.claims), &mut trail)
         .await
         .is_ok()
-}
-
-/// The upstream's messages as one stream checked for a credential: a piece split between two
-/// messages is found as in one.
-struct Echoes {
-    secrets: Secrets,
-    /// The end of what was sent before, as long as a piece could reach back into it.
-    tail: Vec<u8>,
-}
-
-impl Echoes {
-    fn new(secrets: Secrets) -> Self {
-        Self {
-            secrets,
-            tail: Vec::new(),
-        }
-    }
-
-    /// Whether `message`, or it following what came before, carries a piece.
-    fn found_in(&mut self, message: &[u8]) -> bool {
-        if self.secrets.is_empty() {
-            return false;
-        }
-        if self.secrets.found_in(message) {
-            return true;
-        }
-        let reach = self.secrets.longest().saturating_sub(1);
-        let mut joined = std::mem::take(&mut self.tail);
-        joined.extend_from_slice(&message[..message.len().min(reach)]);
-        if self.secrets.found_in(&joined) {
-            return true;
-        }
-        if message.len() >= reach {
-            joined.clear();
-            joined.extend_from_slice(&message[message.len() - reach..]);
-        } else {
-            let drop = joined.len().saturating_sub(reach);
-            joined.drain(..drop);
-        }
-        self.tail = joined;
-        false
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_echo_split_between_messages_is_found() {
-        let secret = b"session=s3cr3t-value-of-the-human";
-        let mut echoes = Echoes::new(Secrets::of(secret));
-        assert!(!echoes.found_in(b"hello"));
-        assert!(!echoes.found_in(b"your cookie is session=s3cr3t-"));
-        assert!(echoes.found_in(b"value-of-the-human, thanks"));
-
-        let mut echoes = Echoes::new(Secrets::of(secret));
-        for byte in b"xx s3cr3t-value-of-the-human" {
-            if echoes.found_in(&[*byte]) {
-                return;
-            }
-        }
-        panic!("an echo sent a byte per message was not found");
-    }
-
-    #[test]
-    fn messages_without_the_credential_pass() {
-        let mut echoes = Echoes::new(Secrets::of(b"session=s3cr3t-value-of-the-human"));
-        for message in [&b"s3cr3t"[..], b"-valu", b"e", b"nothing", b"of-the-human"] {
-            assert!(!echoes.found_in(message));
-        }
-        let mut none = Echoes::new(Secrets::default());
-        assert!(!none.found_in(b"session=s3cr3t-value-of-the-human"));
-    }
 }

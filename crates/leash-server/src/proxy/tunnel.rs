@@ -23,7 +23,7 @@ use leash_core::token::AccessClaims;
 use leash_store::{Approval, ApprovalStatus};
 use url::Url;
 
-use super::front::{Holder, Proxy, VIA, holder_of, port_of};
+use super::front::{Proxy, VIA, holder_of, port_of};
 use super::{jar, page, socket};
 use crate::audit::Trail;
 use crate::config::Upstream;
@@ -136,7 +136,7 @@ async fn proxied(
         .ok_or_else(|| ApiError::Forbidden("the tunnel's host is no longer served".into()))?;
     // An approval is attached by the proxy itself, once the human decided: never by the page.
     parts.headers.remove("leash-approval");
-    let (holder, decided) = decide(tunnel, upstream, &parts, trail).await?;
+    let decided = decide(tunnel, upstream, &parts, trail).await?;
     let websocket = is_websocket_handshake(&parts);
     if websocket && !decided.websocket {
         return Err(ApiError::Forbidden(format!(
@@ -145,7 +145,7 @@ async fn proxied(
         ))
         .into());
     }
-    let (holder, decided, body) = if matches!(decided.approval, ApprovalState::Needed { .. }) {
+    let (decided, body) = if matches!(decided.approval, ApprovalState::Needed { .. }) {
         let (bytes, approval) =
             held_for_approval(tunnel, &decided, &parts, body, trail, request_id).await?;
         // Decided again, as the gateway decides the request retried with its approval: the
@@ -157,7 +157,7 @@ async fn proxied(
             .insert(HeaderName::from_static("leash-approval"), approval);
         *trail = Trail::default();
         trail.known.via = Some(VIA.into());
-        let (holder, decided) = decide(tunnel, upstream, &parts, trail).await?;
+        let decided = decide(tunnel, upstream, &parts, trail).await?;
         let body = crate::gateway::request_body(
             state,
             &decided,
@@ -167,17 +167,17 @@ async fn proxied(
             request_id,
         )
         .await?;
-        (holder, decided, body)
+        (decided, body)
     } else {
         let body =
             crate::gateway::request_body(state, &decided, &parts, body, trail, request_id).await?;
-        (holder, decided, body)
+        (decided, body)
     };
     // The grant's cookies, read before the commit: a jar that cannot be read refuses the
     // request before it is recorded as forwarded.
-    let grant_id = holder.grant.id.clone();
+    let grant_id = &tunnel.claims.grant_id;
     let url = upstream_url(upstream, &decided, parts.uri.query())?;
-    let jar = jar::load(state, &grant_id, &upstream.name).await?;
+    let jar = jar::load(state, grant_id, &upstream.name).await?;
     // A socket is counted with the tunnels, and refused before it is recorded as opened.
     let opening =
         if websocket {
@@ -244,7 +244,7 @@ async fn proxied(
     if let Some(SetCookies(set_cookies)) = response.extensions_mut().remove::<SetCookies>() {
         let _one_at_a_time = tunnel.proxy.jar_updates.lock().await;
         if let Err(e) =
-            jar::store_set_cookies(state, &grant_id, &upstream.name, &url, &set_cookies).await
+            jar::store_set_cookies(state, grant_id, &upstream.name, &url, &set_cookies).await
         {
             tracing::warn!(error = %e, grant = %grant_id, "the upstream's cookies were not kept");
         }
@@ -260,7 +260,7 @@ async fn decide<'s>(
     upstream: &'s Upstream,
     parts: &Parts,
     trail: &mut Trail,
-) -> ApiResult<(Holder, Decided<'s>)> {
+) -> ApiResult<Decided<'s>> {
     let state = &tunnel.proxy.state;
     let holder = holder_of(state, Arc::clone(&tunnel.claims), trail).await?;
     check_request(tunnel, parts)?;
@@ -271,8 +271,7 @@ async fn decide<'s>(
         parts.uri.query(),
         trail,
     )?;
-    let decided = decide_for(state, holder.principal(), &target, &parts.headers, trail).await?;
-    Ok((holder, decided))
+    decide_for(state, holder.principal(), &target, &parts.headers, trail).await
 }
 
 /// Whether `parts` is a browser's WebSocket handshake (RFC 6455 §4.1) over HTTP/1.1: `GET`
@@ -283,24 +282,22 @@ fn is_websocket_handshake(parts: &Parts) -> bool {
         let mut values = parts.headers.get_all(name).iter();
         values.next().filter(|_| values.next().is_none())
     };
-    let connection_upgrade = parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    let bodiless = !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts
-            .headers
-            .get_all(header::CONTENT_LENGTH)
-            .iter()
-            .all(|v| v.as_bytes() == b"0");
-    parts.version == Version::HTTP_11
+    let bodiless = || {
+        !parts.headers.contains_key(header::TRANSFER_ENCODING)
+            && parts
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .all(|v| v.as_bytes() == b"0")
+    };
+    // `Upgrade` first: what nearly every request lacks.
+    one("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && parts.version == Version::HTTP_11
         && parts.method == Method::GET
-        && bodiless
-        && connection_upgrade
-        && one("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && bodiless()
+        && crate::gateway::connection_listed(&parts.headers)
+            .iter()
+            .any(|token| token == "upgrade")
         && one("sec-websocket-version").is_some_and(|v| v.as_bytes() == b"13")
         && one("sec-websocket-key").is_some_and(|key| is_websocket_key(key.as_bytes()))
 }
