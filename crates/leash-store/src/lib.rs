@@ -7,6 +7,7 @@
 //! pruning, and the SQLite log's upkeep (`wal`). Migrations live per backend under
 //! `migrations/`. [`open_audit_reader`] reads a store's audit trail without touching it.
 
+mod batch_thread;
 mod chain;
 mod common;
 mod postgres;

@@ -153,7 +153,10 @@ impl Repo<Sqlite> {
         let (jobs, queue) = flume::bounded(1024);
         let writer_thread = std::thread::Builder::new()
             .name("leash-writer".into())
-            .spawn(move || writer::run(chain_writer, queue))
+            .spawn(move || {
+                crate::batch_thread::run_as_batch();
+                writer::run(chain_writer, queue);
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
         let backend = Sqlite {
             writer,

@@ -119,7 +119,10 @@ impl Checkpointer {
         };
         let thread = std::thread::Builder::new()
             .name("leash-checkpoint".into())
-            .spawn(move || copy_rounds(&conn, &files, &shared))
+            .spawn(move || {
+                crate::batch_thread::run_as_batch();
+                copy_rounds(&conn, &files, &shared);
+            })
             .map_err(|e| {
                 rusqlite::Error::ToSqlConversionFailure(
                     format!("cannot start the checkpointer: {e}").into(),
