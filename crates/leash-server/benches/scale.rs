@@ -2,8 +2,9 @@
 //! the `decision` bench) stays flat as the work grows: from 10 to 100,000 live grants of 10,000
 //! agents, and from 2 to 1,000 Cedar policies (per-agent and per-action operator policies, as
 //! an operator with many agents writes them). Each pair is measured in interleaved rounds on
-//! the same machine in one run; the target is a median round ratio ≤ 1.2.
-//! Run: cargo bench -p leash-server --bench scale
+//! the same machine in one run; the target is a median round ratio ≤ 1.2. `tokens` reports the
+//! memory a verified token takes in the server's cache.
+//! Run: cargo bench -p leash-server --bench scale [-- grants | policies | tokens]
 
 #![allow(
     clippy::expect_used,
@@ -18,7 +19,7 @@ use leash_server::gateway::decide;
 
 mod common;
 
-use common::{Load, Setup, setup, signed};
+use common::{Load, Setup, mint, setup, signed, signed_with};
 
 /// The allocator the `leash` binary uses, so that the path allocates as it does in the product.
 #[global_allocator]
@@ -110,6 +111,49 @@ fn resident_bytes() -> u64 {
     pages * 4096
 }
 
+/// How many distinct tokens the memory measurement sends: fewer than the verified-token cache
+/// holds (`VERIFIED_TOKEN_CAPACITY`, 16,384), so that every one stays cached.
+const CACHED_TOKENS: usize = 16_000;
+
+/// Memory per cached token: the process's growth over `CACHED_TOKENS` decisions with a token
+/// each, less its growth over as many decisions with one token (what the replay store, the
+/// audit trail and SQLite's page cache take for any decision). Each run on a fresh server.
+fn tokens_memory() {
+    let growth = |distinct: bool| {
+        let setup = setup(&Load::default());
+        let uri: Uri = TARGET.parse().expect("uri");
+        let tokens: Vec<String> = (0..CACHED_TOKENS)
+            .map(|i| {
+                if distinct {
+                    mint(&setup, &format!("tok_{i}"))
+                } else {
+                    setup.token.clone()
+                }
+            })
+            .collect();
+        let requests: Vec<HeaderMap> = tokens
+            .iter()
+            .map(|token| signed_with(&setup, token, "GET", TARGET))
+            .collect();
+        // The first decision opens what every later one reuses.
+        decision_path(&setup, &uri, &signed(&setup, "GET", TARGET));
+        let before = resident_bytes();
+        for headers in &requests {
+            decision_path(&setup, &uri, headers);
+        }
+        resident_bytes().saturating_sub(before)
+    };
+    let shared = growth(false);
+    let distinct = growth(true);
+    println!(
+        "tokens: {CACHED_TOKENS} decisions grew the process by {:.1} MiB with a token each and \
+         {:.1} MiB with one token: {} bytes per cached token",
+        distinct as f64 / 1048576.0,
+        shared as f64 / 1048576.0,
+        distinct.saturating_sub(shared) / CACHED_TOKENS as u64
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a filter that names neither part skips both.
     let filter: Vec<String> = std::env::args()
@@ -139,6 +183,9 @@ fn main() {
             grown / 100_000
         );
         interleaved("grants: 100,000 live grants against 10", &small, &large);
+    }
+    if wanted("tokens") {
+        tokens_memory();
     }
     if wanted("policies") {
         let dir = tempfile::tempdir().expect("tempdir");

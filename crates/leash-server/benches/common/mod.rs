@@ -158,23 +158,7 @@ pub fn setup(load: &Load<'_>) -> Setup {
                 .await
                 .expect("grant");
         }
-        let claims = AccessClaims {
-            iss: ISSUER.into(),
-            sub: user.id.clone(),
-            aud: ISSUER.into(),
-            iat: t,
-            exp: t + 3600,
-            jti: "tok_bench".into(),
-            client_id: AGENT.into(),
-            act: Actor { sub: AGENT.into() },
-            scope: "mail:read mail:draft crm:search".into(),
-            cnf: Confirmation {
-                jkt: dpop.public().thumbprint(),
-            },
-            grant_id: grant.id.clone(),
-            purpose: grant.purpose.clone(),
-        };
-        let token = state.sign_token(&claims);
+        let token = state.sign_token(&claims("tok_bench", &dpop));
         (state, token)
     });
     Setup {
@@ -186,15 +170,47 @@ pub fn setup(load: &Load<'_>) -> Setup {
     }
 }
 
+/// The claims of a token `jti` for the bench agent's grant, bound to `dpop`.
+fn claims(jti: &str, dpop: &AgentKey) -> AccessClaims {
+    let t = now();
+    AccessClaims {
+        iss: ISSUER.into(),
+        sub: "usr_bench".into(),
+        aud: ISSUER.into(),
+        iat: t,
+        exp: t + 3600,
+        jti: jti.into(),
+        client_id: AGENT.into(),
+        act: Actor { sub: AGENT.into() },
+        scope: "mail:read mail:draft crm:search".into(),
+        cnf: Confirmation {
+            jkt: dpop.public().thumbprint(),
+        },
+        grant_id: "grt_bench".into(),
+        purpose: "Summarise my inbox".into(),
+    }
+}
+
+/// Another token for the bench agent's grant, as the token endpoint would issue it.
+#[allow(dead_code, reason = "only the scale bench mints more tokens")]
+pub fn mint(setup: &Setup, jti: &str) -> String {
+    setup.state.sign_token(&claims(jti, &setup.dpop))
+}
+
 pub fn signed(setup: &Setup, method: &str, target: &str) -> HeaderMap {
+    signed_with(setup, &setup.token, method, target)
+}
+
+/// A request's headers with `token` and a fresh proof for it.
+pub fn signed_with(setup: &Setup, token: &str, method: &str, target: &str) -> HeaderMap {
     let url = format!("{ISSUER}{target}");
     let proof = setup
         .dpop
-        .dpop_proof(method, &url, Some(&setup.token), None, now());
+        .dpop_proof(method, &url, Some(token), None, now());
     let mut headers = HeaderMap::new();
     headers.insert(
         "authorization",
-        HeaderValue::from_str(&format!("DPoP {}", setup.token)).expect("header"),
+        HeaderValue::from_str(&format!("DPoP {token}")).expect("header"),
     );
     headers.insert("dpop", HeaderValue::from_str(&proof).expect("header"));
     headers
