@@ -151,15 +151,12 @@ fn verify(leash: &Leash, jwks: &Path) -> (u64, Duration) {
 async fn start(upstream: &str) -> (Leash, Scenario) {
     let leash = Leash::start_quiet(Path::new(env!("CARGO_BIN_EXE_leash")), "", upstream).await;
     let s = Scenario::new(&leash).await;
-    let (status, body) = leash
-        .call(
-            reqwest::Method::PUT,
-            "/v1/vault/mail",
-            &s.user_key,
-            Some(json!({"kind": "bearer", "secret": "alice-mail-token"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    s.vault(
+        &leash,
+        "mail",
+        json!({"kind": "bearer", "secret": "alice-mail-token"}),
+    )
+    .await;
     (leash, s)
 }
 

@@ -97,15 +97,12 @@ async fn setup(postgres: bool, upstream: &str) -> Setup {
     let bin = Path::new(env!("CARGO_BIN_EXE_leash"));
     let leash = Leash::start_quiet_on(bin, "", upstream, postgres).await;
     let s = Scenario::new(&leash).await;
-    let (status, body) = leash
-        .call(
-            reqwest::Method::PUT,
-            "/v1/vault/mail",
-            &s.user_key,
-            Some(json!({"kind": "bearer", "secret": "alice-mail-token"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    s.vault(
+        &leash,
+        "mail",
+        json!({"kind": "bearer", "secret": "alice-mail-token"}),
+    )
+    .await;
     Setup { leash, s }
 }
 

@@ -105,15 +105,12 @@ async fn run() {
     let nodes =
         Arc::new(Leash::start_cluster(Path::new(env!("CARGO_BIN_EXE_leash")), 3, &upstream).await);
     let s = Arc::new(Scenario::with_grant(&nodes[0], Alg::EdDsa, grant_body()).await);
-    let (status, body) = nodes[1]
-        .call(
-            Method::PUT,
-            "/v1/vault/mail",
-            &s.user_key,
-            Some(json!({"kind": "bearer", "secret": "alice-mail-token"})),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    s.vault(
+        &nodes[1],
+        "mail",
+        json!({"kind": "bearer", "secret": "alice-mail-token"}),
+    )
+    .await;
 
     // The grants; the scenario's own is the one never revoked.
     let mut grants = Vec::new();

@@ -996,6 +996,20 @@ impl Scenario {
         }
     }
 
+    /// Stores the human's `credential` for `upstream` in the vault (through `leash`).
+    pub async fn vault(&self, leash: &Leash, upstream: &str, credential: Value) {
+        let path = format!("/v1/vault/{upstream}");
+        let (status, body) = leash
+            .call(
+                reqwest::Method::PUT,
+                &path,
+                &self.user_key,
+                Some(credential),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
     /// The grant's handle.
     pub fn handle(&self) -> &str {
         self.grant["handle"].as_str().expect("handle")
