@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use leash_core::audit::{AuditEvent, Mode, Outcome};
 use leash_store::{AuditQuery, SqliteStore, Store as _, wal};
 
+mod common;
+
 const APPEND_EVENTS: usize = 50_000;
 const CONCURRENCY: usize = 64;
 const BATCH: usize = 64;
@@ -42,13 +44,9 @@ fn gateway_event(n: usize) -> AuditEvent {
     event
 }
 
-fn signer() -> leash_core::token::SigningKey {
-    leash_core::token::SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]))
-}
-
 async fn open(path: &Path) -> SqliteStore {
     let store = SqliteStore::open(path.to_str().unwrap()).await.unwrap();
-    let key = signer();
+    let key = common::audit_signer();
     store.set_checkpoint_signer(Arc::new(move |seq, hash| {
         leash_core::audit::Checkpoint::sign(&key, seq, hash, 1_800_000_000).ok()
     }));
@@ -254,7 +252,7 @@ fn main() {
     });
     std::fs::write(
         &jwks,
-        serde_json::json!({"keys": [signer().jwks_entry()]}).to_string(),
+        serde_json::json!({"keys": [common::audit_signer().jwks_entry()]}).to_string(),
     )
     .unwrap();
     let size = std::fs::metadata(&export).unwrap().len();

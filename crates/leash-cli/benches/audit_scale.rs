@@ -27,6 +27,8 @@ use leash_store::{SqliteStore, Store as _};
 use leash_testkit::{Leash, Scenario, now};
 use serde_json::{Value, json};
 
+mod common;
+
 const SMALL: u64 = 100_000;
 const CONCURRENCY: u64 = 64;
 const CONNECTIONS: usize = 32;
@@ -51,10 +53,6 @@ fn gateway_event(n: u64) -> AuditEvent {
     event.policies = Some(vec!["leash-default-permit".into()]);
     event.request_id = Some(format!("req_{n:024}"));
     event
-}
-
-fn signer() -> leash_core::token::SigningKey {
-    leash_core::token::SigningKey::new(ed25519_dalek::SigningKey::from_bytes(&[5u8; 32]))
 }
 
 /// Appends events `from..to` through the store's writer from `CONCURRENCY` tasks, with a
@@ -147,19 +145,6 @@ fn verify(leash: &Leash, jwks: &Path) -> (u64, Duration) {
     (events, elapsed)
 }
 
-/// A server with the scenario's grant and a vaulted credential.
-async fn start(upstream: &str) -> (Leash, Scenario) {
-    let leash = Leash::start_quiet(Path::new(env!("CARGO_BIN_EXE_leash")), "", upstream).await;
-    let s = Scenario::new(&leash).await;
-    s.vault(
-        &leash,
-        "mail",
-        json!({"kind": "bearer", "secret": "alice-mail-token"}),
-    )
-    .await;
-    (leash, s)
-}
-
 /// Closed loop: `CONNECTIONS` keep-alive connections send gateway requests with fresh proofs
 /// for `SECONDS`; returns requests/s. Any answer but 200 with the whole body fails the run.
 async fn gateway_rate(leash: &Leash, s: &Scenario, client: &reqwest::Client) -> f64 {
@@ -218,8 +203,8 @@ async fn run() {
         .unwrap_or(10_000_000);
     assert!(total > SMALL, "AUDIT_SCALE_EVENTS must be over {SMALL}");
     let upstream = leash_testkit::fixed_upstream(&[b'x'; BODY]);
-    let (mut big, big_s) = start(&upstream).await;
-    let (empty, empty_s) = start(&upstream).await;
+    let (mut big, big_s) = common::start_with_mail_credential(&upstream).await;
+    let (empty, empty_s) = common::start_with_mail_credential(&upstream).await;
 
     // The server's own keys and the bench's, for `audit verify --jwks`.
     let jwks: Value = big
@@ -232,7 +217,7 @@ async fn run() {
         .await
         .expect("jwks JSON");
     let mut keys = jwks["keys"].as_array().expect("keys").clone();
-    keys.push(signer().jwks_entry());
+    keys.push(common::audit_signer().jwks_entry());
     let dir = tempfile::tempdir().expect("tempdir");
     let jwks_file = dir.path().join("jwks.json");
     std::fs::write(&jwks_file, json!({ "keys": keys }).to_string()).expect("jwks file");
@@ -242,7 +227,7 @@ async fn run() {
     let store = SqliteStore::open(big.data_dir().join("leash.db").to_str().expect("UTF-8"))
         .await
         .unwrap();
-    let key = signer();
+    let key = common::audit_signer();
     store.set_checkpoint_signer(Arc::new(move |seq, hash| {
         leash_core::audit::Checkpoint::sign(&key, seq, hash, 1_800_000_000).ok()
     }));
@@ -326,13 +311,5 @@ async fn run() {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` does not: then only check it builds.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(run());
+    common::bench_main(run);
 }

@@ -20,6 +20,8 @@ use leash_core::jws::Alg;
 use leash_testkit::{AGENT, Leash, Scenario, now};
 use serde_json::json;
 
+mod common;
+
 const SECONDS: u64 = 4;
 const CONCURRENCY: usize = 32;
 const ROUNDS: usize = 2;
@@ -195,13 +197,5 @@ async fn run() {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` does not: then only check it builds.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run());
+    common::bench_main(run);
 }

@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 use leash_core::jwk::PublicJwk;
 use leash_core::jws::Alg;
 use leash_testkit::{Leash, Scenario, now};
-use serde_json::json;
+
+mod common;
 
 const NGINX: &str = "/usr/sbin/nginx";
 const WRK: &str = "/usr/bin/wrk";
@@ -441,20 +442,6 @@ fn leash_url(leash: &Leash) -> String {
     format!("{}/gw/mail/messages/1", leash.url)
 }
 
-/// A Leash on SQLite with the scenario's grant and a vaulted credential, in front of
-/// `upstream`.
-async fn start_leash(upstream: &str) -> (Leash, Scenario) {
-    let leash = Leash::start_quiet(Path::new(env!("CARGO_BIN_EXE_leash")), "", upstream).await;
-    let s = Scenario::new(&leash).await;
-    s.vault(
-        &leash,
-        "mail",
-        json!({"kind": "bearer", "secret": "alice-mail-token"}),
-    )
-    .await;
-    (leash, s)
-}
-
 /// The upstream: nginx on the load core answering 1 KiB to everything.
 async fn start_upstream(prefix: &Path) -> (tokio::process::Child, String) {
     let body = "x".repeat(BODY);
@@ -484,7 +471,7 @@ async fn check_path(url: &str, authorization: &str, proof: &str) {
 /// Target 1: each proxy's own CPU per request, pinned.
 async fn own_cost(dir: &Path) {
     let (upstream_process, upstream) = start_upstream(&dir.join("upstream")).await;
-    let (leash, s) = start_leash(&upstream).await;
+    let (leash, s) = common::start_with_mail_credential(&upstream).await;
     pin(leash.pid(), PROXY_CORE);
     let gateway_url = leash_url(&leash);
     // nginx and the floors read the same request bytes as Leash: a token and proofs for
@@ -782,7 +769,7 @@ async fn leash_target(leash: &Leash, s: &Scenario, count: usize, rate: Option<u6
 /// Target 2: latency added at a fleet's load, pinned as in `own_cost`.
 async fn latency(dir: &Path) {
     let (upstream_process, upstream) = start_upstream(&dir.join("upstream")).await;
-    let (leash, s) = start_leash(&upstream).await;
+    let (leash, s) = common::start_with_mail_credential(&upstream).await;
     pin(leash.pid(), PROXY_CORE);
     let client = client();
     let direct = Target::plain(format!("{upstream}/messages/1"));
@@ -840,7 +827,7 @@ fn profile_rate() -> Option<u64> {
 async fn profile(dir: &Path, rate: u64) {
     const PROFILE_SECONDS: u64 = 20;
     let (upstream_process, upstream) = start_upstream(&dir.join("upstream")).await;
-    let (leash, s) = start_leash(&upstream).await;
+    let (leash, s) = common::start_with_mail_credential(&upstream).await;
     let client = client();
     let warm_up = leash_target(&leash, &s, 256, None).await;
     warm(&warm_up, &client).await;

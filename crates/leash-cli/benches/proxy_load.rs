@@ -23,6 +23,8 @@ use leash_core::jws::Alg;
 use leash_testkit::{Leash, Scenario, now};
 use serde_json::json;
 
+mod common;
+
 const SECONDS: u64 = 5;
 const CONCURRENCY: usize = 32;
 const BODY: usize = 1024;
@@ -260,9 +262,5 @@ async fn proxy_credential(leash: &Leash, s: &Scenario) -> String {
 }
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run());
+    common::bench_main(run);
 }

@@ -26,6 +26,8 @@ use leash_testkit::{AGENT, Leash, Scenario, now, read};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+mod common;
+
 const GRANTS: usize = 100;
 const TOKENS_PER_GRANT: usize = 1_000;
 const CONCURRENCY: usize = 32;
@@ -277,13 +279,5 @@ async fn run() {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` does not: then only check it builds.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(run());
+    common::bench_main(run);
 }

@@ -27,6 +27,8 @@ use leash_testkit::{Leash, form, now, read};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+mod common;
+
 /// Agents working at once, each its own loop.
 const AGENTS: usize = 6;
 /// Reads per task.
@@ -333,13 +335,5 @@ async fn run() {
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` does not: then only check it builds.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(run());
+    common::bench_main(run);
 }
