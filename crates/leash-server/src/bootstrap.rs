@@ -253,6 +253,7 @@ pub async fn prepare(
         gateway_rates,
         unauthenticated,
         reflection_guards: SecretsCache::default(),
+        vault_openings: crate::vault::Openings::default(),
         mcp_sessions: crate::mcp::Sessions::default(),
         connections,
         elicitations: crate::mcp::Elicitations::default(),

@@ -95,6 +95,8 @@ pub struct AppState {
     pub unauthenticated: UnauthenticatedRefusals,
     /// What the gateway looks for in answers, per injected credential.
     pub reflection_guards: SecretsCache,
+    /// The headers of vaulted credentials opened before.
+    pub vault_openings: crate::vault::Openings,
     /// MCP sessions this node has seen initialized, and whom they belong to.
     pub mcp_sessions: crate::mcp::Sessions,
     /// OAuth connections to upstreams (API §17).

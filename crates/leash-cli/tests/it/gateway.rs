@@ -215,6 +215,48 @@ async fn allowed_read_gets_the_vaulted_credential_and_attribution_and_nothing_of
     assert!(post.headers.get("transfer-encoding").is_none());
 }
 
+/// The gateway keeps opened credentials (`vault::Openings`): what it injects must still follow
+/// the vault from one request to the next.
+#[tokio::test]
+async fn a_replaced_or_deleted_credential_is_never_injected_again() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let injected = |gw: &Gw| {
+        gw.upstream
+            .requests()
+            .last()
+            .and_then(|r| r.headers.get("cookie").cloned())
+    };
+    let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(injected(&gw).unwrap(), "session=alice-mail-secret");
+
+    for secret in ["session=rotated-secret-2", "session=alice-mail-secret"] {
+        let (status, body) = gw
+            .leash
+            .call(
+                Method::PUT,
+                "/v1/vault/mail",
+                &gw.s.user_key,
+                Some(json!({"kind": "cookie", "secret": secret})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(injected(&gw).unwrap(), secret);
+    }
+
+    let (status, body) = gw
+        .leash
+        .call(Method::DELETE, "/v1/vault/mail", &gw.s.user_key, None)
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(gw.upstream.requests().len(), 4);
+    assert_eq!(injected(&gw), None, "a deleted credential was injected");
+}
+
 #[tokio::test]
 async fn unmapped_routes_outside_scope_and_outside_grant_are_refused() {
     let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
