@@ -89,10 +89,12 @@ impl std::fmt::Debug for SecretDigest {
     }
 }
 
-/// A random opaque identifier such as `grt_…`, 128 bits.
+/// A random opaque identifier such as `grt_…`, 128 bits, unguessable. From the thread's
+/// CSPRNG (ChaCha12, seeded and reseeded from the operating system) rather than a system call
+/// each: the gateway makes one for every request.
 pub fn random_id(prefix: &str) -> String {
     let mut bytes = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    rand::thread_rng().fill_bytes(&mut bytes);
     format!("{prefix}{}", crate::b64::encode(bytes))
 }
 
