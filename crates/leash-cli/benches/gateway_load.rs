@@ -343,9 +343,37 @@ fn floor_main(kind: &str) {
     struct Floor {
         upstream: String,
         key: Option<PublicJwk>,
+        /// For `proof`: the URL the proofs name.
+        proof_url: Option<String>,
         client: leash_server::upstream_client::UpstreamClient,
     }
     async fn relay(State(floor): State<Arc<Floor>>, request: Request) -> Response {
+        if let Some(url) = &floor.proof_url {
+            let header = |name: &str| {
+                request
+                    .headers()
+                    .get(name)
+                    .and_then(|value| value.to_str().ok())
+            };
+            let token_hash = header("authorization")
+                .and_then(|value| value.strip_prefix("DPoP "))
+                .map(leash_core::dpop::AccessTokenHash::of);
+            let verified = header("dpop")
+                .zip(token_hash)
+                .and_then(|(proof, token_hash)| {
+                    let cx = leash_core::dpop::ProofContext {
+                        method: request.method().as_str(),
+                        url,
+                        access_token: Some(&token_hash),
+                        now: now(),
+                        nonces: None,
+                    };
+                    leash_core::dpop::verify_proof(proof, &cx).ok()
+                });
+            if verified.is_none() {
+                return axum::http::StatusCode::UNAUTHORIZED.into_response();
+            }
+        }
         if let Some(key) = &floor.key {
             let verified = request
                 .headers()
@@ -379,9 +407,12 @@ fn floor_main(kind: &str) {
         let jwk = std::env::var("GATEWAY_LOAD_KEY").expect("the floor's key");
         PublicJwk::from_value(&serde_json::from_str(&jwk).expect("key JSON")).expect("key")
     });
+    let proof_url = (kind == "proof")
+        .then(|| std::env::var("GATEWAY_LOAD_PROOF_URL").expect("the URL the proofs name"));
     let floor = Arc::new(Floor {
         upstream,
         key,
+        proof_url,
         client: leash_server::upstream_client::build(),
     });
     let url = leash_testkit::serve_apart(axum::Router::new().fallback(relay).with_state(floor));
@@ -396,6 +427,7 @@ async fn start_floor(
     kind: &str,
     upstream: &str,
     key: &PublicJwk,
+    proof_url: &str,
 ) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt as _;
     let exe = std::env::current_exe().expect("this benchmark's path");
@@ -403,6 +435,7 @@ async fn start_floor(
         .env(FLOOR_ENV, kind)
         .env("GATEWAY_LOAD_UPSTREAM", upstream)
         .env("GATEWAY_LOAD_KEY", key.to_value().to_string())
+        .env("GATEWAY_LOAD_PROOF_URL", proof_url)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start the floor");
@@ -491,8 +524,12 @@ async fn own_cost(dir: &Path) {
          proxy_set_header Connection \"\"; }",
     )
     .await;
-    let (relay_process, relay_url) = start_floor("relay", &upstream, &floor_key).await;
-    let (verify_process, verify_url) = start_floor("verify", &upstream, &floor_key).await;
+    let (relay_process, relay_url) =
+        start_floor("relay", &upstream, &floor_key, &gateway_url).await;
+    let (verify_process, verify_url) =
+        start_floor("verify", &upstream, &floor_key, &gateway_url).await;
+    let (proof_process, proof_url) =
+        start_floor("proof", &upstream, &floor_key, &gateway_url).await;
     let pid = |child: &tokio::process::Child| child.id().expect("running");
     let proxies = [
         Proxy {
@@ -514,13 +551,19 @@ async fn own_cost(dir: &Path) {
             pids: vec![pid(&verify_process)],
         },
         Proxy {
+            key: "proof",
+            name: "floor: relay + DPoP proof check",
+            url: format!("{proof_url}/messages/1"),
+            pids: vec![pid(&proof_process)],
+        },
+        Proxy {
             key: "leash",
             name: "Leash gateway",
             url: gateway_url.clone(),
             pids: vec![leash.pid()],
         },
     ];
-    for proxy in &proxies[..3] {
+    for proxy in &proxies[..4] {
         check_path(&proxy.url, &floor_authorization, &floor_proofs[0]).await;
     }
     // `GATEWAY_LOAD_PROXIES=leash` (or `nginx,relay,verify,leash`, any of them): measure only
@@ -548,6 +591,11 @@ async fn own_cost(dir: &Path) {
                     token_and_proofs(&leash, &s, &gateway_url, OWN_COST_PROOFS, None).await;
                 check_path(&proxy.url, &authorization, &proofs[0]).await;
                 wrk_run(dir, &proxy.url, &authorization, &proofs[1..], &proxy.pids).await
+            } else if proxy.key == "proof" {
+                // Proofs made now: this floor checks `iat` against its clock.
+                let (authorization, proofs, _) =
+                    token_and_proofs(&leash, &s, &gateway_url, 1_000, None).await;
+                wrk_run(dir, &proxy.url, &authorization, &proofs, &proxy.pids).await
             } else {
                 wrk_run(
                     dir,
@@ -593,8 +641,15 @@ async fn own_cost(dir: &Path) {
         medians.push((per_second, cpu));
     }
     if chosen.is_empty() {
-        let [nginx, _, verify, leash_cost] = [medians[0], medians[1], medians[2], medians[3]];
+        let [nginx, _, verify, proof, leash_cost] =
+            [medians[0], medians[1], medians[2], medians[3], medians[4]];
         println!();
+        println!(
+            "Leash against the proof floor: {:.1} % of its CPU efficiency (floor µs / Leash µs; \
+             target >= 80 %), {:.1} % of its requests/s",
+            100.0 * proof.1 / leash_cost.1,
+            100.0 * leash_cost.0 / proof.0
+        );
         println!(
             "Leash against the verify floor: {:.1} % of its CPU efficiency (floor µs / Leash µs; \
              target >= 80 %), {:.1} % of its requests/s",
@@ -614,7 +669,7 @@ async fn own_cost(dir: &Path) {
     }
     stop_nginx(&nginx_prefix, nginx_process).await;
     stop_nginx(&dir.join("upstream"), upstream_process).await;
-    drop((relay_process, verify_process));
+    drop((relay_process, verify_process, proof_process));
 }
 
 /// What a reqwest request needs: a URL and, for Leash, the token and the next proof.
