@@ -1,6 +1,7 @@
 //! What the gateway's reflection guard (`reflection::GuardedBody`) costs an upstream answer that
 //! passes it: the same body collected through the guard and bare, in one run, for a small JSON
-//! answer (1 KiB, one part) and a larger one (256 KiB in 16 KiB parts). The guard searches each
+//! answer (1 KiB, one part), a larger one (256 KiB in 16 KiB parts) and the gateway load bench's
+//! answer (1 KiB of `x`, with its bearer credential). The guard searches each
 //! part for the injected credential's pieces and holds back the longest piece's length. Also
 //! measured: building the guard's automaton (once per credential) and taking it from the cache
 //! (once per forwarded request with a credential).
@@ -60,9 +61,19 @@ fn bench(c: &mut Criterion) {
     c.bench_function("reflection/cached", |b| {
         b.iter(|| black_box(cache.of(cookie)))
     });
-    let secrets = Secrets::of(cookie);
-    for (name, total, part) in [("1KiB", 1024, 1024), ("256KiB", 256 * 1024, 16 * 1024)] {
-        let parts = answer(total, part);
+    // A session cookie of hex digits under JSON text, and the bearer token of the gateway load
+    // bench under its upstream's answer (1 KiB of `x`): a search's speed depends on both.
+    let bearer = Secrets::of(b"Bearer alice-mail-token");
+    let cases = [
+        ("1KiB", Secrets::of(cookie), answer(1024, 1024)),
+        ("256KiB", Secrets::of(cookie), answer(256 * 1024, 16 * 1024)),
+        (
+            "1KiB-x-bearer",
+            bearer,
+            VecDeque::from([Bytes::from(vec![b'x'; 1024])]),
+        ),
+    ];
+    for (name, secrets, parts) in cases {
         let mut group = c.benchmark_group(format!("reflection/{name}"));
         group.bench_function("bare", |b| {
             b.iter_batched(

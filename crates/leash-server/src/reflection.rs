@@ -28,8 +28,9 @@ const MIN_SECRET_LEN: usize = 8;
 /// compressed ones where a credential was injected.
 #[derive(Clone, Default)]
 pub struct Secrets {
-    /// An automaton over the pieces and their encodings (the pieces themselves are not kept).
-    finder: Option<aho_corasick::AhoCorasick>,
+    /// A searcher for the pieces and their encodings, lowered (the pieces themselves are not
+    /// kept). Shared: a request clones its credential's guard.
+    finder: Option<Arc<Finder>>,
     /// The same pieces as an automaton whose states can be stepped through: whether the end of
     /// a part could start a piece (`AhoCorasick` searches faster but hides its states).
     starts: Option<Arc<aho_corasick::nfa::contiguous::NFA>>,
@@ -90,9 +91,7 @@ impl Secrets {
         // base64 is case-sensitive, but a case-insensitive match only errs towards cutting off.
         // The search is case-insensitive by lowering both sides (`found_in`): a needle occurs in
         // a text regardless of ASCII case exactly when the lowered needle occurs in the lowered
-        // text, and a case-sensitive automaton searches with aho-corasick's SIMD prefilter,
-        // which its case-insensitive mode cannot use: a 1 KiB answer in 0.1 µs instead of 2 µs
-        // (BENCHMARKS.md). Built once per credential ([`SecretsCache`]).
+        // text. Built once per credential ([`SecretsCache`]).
         for needle in &mut needles {
             needle.make_ascii_lowercase();
         }
@@ -101,19 +100,17 @@ impl Secrets {
         if needles.is_empty() {
             return Self::default();
         }
-        let built = aho_corasick::AhoCorasick::builder()
-            .build(&needles)
-            .and_then(|finder| {
-                let starts = aho_corasick::nfa::contiguous::Builder::new()
-                    .ascii_case_insensitive(true)
-                    .prefilter(false)
-                    .build(&needles)?;
-                Ok((finder, starts))
-            });
+        let built = Finder::new(&needles).and_then(|finder| {
+            let starts = aho_corasick::nfa::contiguous::Builder::new()
+                .ascii_case_insensitive(true)
+                .prefilter(false)
+                .build(&needles)?;
+            Ok((finder, starts))
+        });
         let longest = needles.iter().map(Vec::len).max().unwrap_or(0);
         match built {
             Ok((finder, starts)) => Self {
-                finder: Some(finder),
+                finder: Some(Arc::new(finder)),
                 starts: Some(Arc::new(starts)),
                 longest,
                 unbuildable: false,
@@ -170,6 +167,41 @@ impl Secrets {
         headers.iter().any(|(name, value)| {
             self.found_in(name.as_str().as_bytes()) || self.found_in(value.as_bytes())
         })
+    }
+}
+
+/// How the lowered pieces are searched for. aho-corasick's SIMD searcher for a few dozen
+/// patterns (Teddy) where the CPU has it: a 1 KiB answer in about 0.1 µs, and about 1 µs for
+/// a text made to start a piece at every byte; else a DFA, 2 µs per KiB whatever the text.
+/// Not `AhoCorasick` with its own prefilter: for some credentials (hex-heavy cookies) it picks
+/// a byte prefilter that fires on ordinary text, and a JSON answer took 6 µs per KiB
+/// (BENCHMARKS.md, reflection guard).
+enum Finder {
+    Packed(aho_corasick::packed::Searcher),
+    Automaton(aho_corasick::AhoCorasick),
+}
+
+impl Finder {
+    fn new(needles: &[Vec<u8>]) -> Result<Self, aho_corasick::BuildError> {
+        let packed = aho_corasick::packed::Config::new()
+            .builder()
+            .extend(needles)
+            .build();
+        match packed {
+            Some(searcher) => Ok(Self::Packed(searcher)),
+            None => aho_corasick::AhoCorasick::builder()
+                .kind(Some(aho_corasick::AhoCorasickKind::DFA))
+                .prefilter(false)
+                .build(needles)
+                .map(Self::Automaton),
+        }
+    }
+
+    fn is_match(&self, lowered: &[u8]) -> bool {
+        match self {
+            Self::Packed(searcher) => searcher.find(lowered).is_some(),
+            Self::Automaton(automaton) => automaton.is_match(lowered),
+        }
     }
 }
 
@@ -500,6 +532,15 @@ mod tests {
             assert!(mixed.found_in(encoded.to_uppercase().as_bytes()));
         }
         assert!(!mixed.found_in(b"tok_abcdefghij-l"));
+        // Past the SIMD searcher's 128 patterns the pieces are searched by a DFA: the same.
+        let jar: String = (0..24)
+            .map(|i| format!("c{i}=Cookie-Value-Number-{i:02}; "))
+            .collect();
+        let many = Secrets::of(jar.as_bytes());
+        assert!(matches!(many.finder.as_deref(), Some(Finder::Automaton(_))));
+        assert!(many.found_in(b"..COOKIE-value-number-17.."));
+        assert!(!many.found_in(b"cookie-value-number-99"));
+        assert!(matches!(mixed.finder.as_deref(), Some(Finder::Packed(_))));
         assert!(cookie.found_in(hex::encode("HUMAN-SECRET-123").as_bytes()));
         for prefix in ["", "a", "ab"] {
             use base64::Engine as _;
