@@ -3,14 +3,15 @@
 //! `own-cost` (target 1): core 0 runs only the proxy under test; core 1 runs the load client
 //! (`wrk`, one thread, 32 keep-alive connections, closed loop) and the upstream (nginx, one
 //! worker, answering 1 KiB). Every proxy gets the same request bytes (`Authorization: DPoP …`
-//! and a proof): nginx as a plain reverse proxy (one worker), two floor proxies built from
+//! and a proof): nginx as a plain reverse proxy (one worker), three floor proxies built from
 //! Leash's own HTTP stack (one only relays; one relays and verifies each proof's Ed25519
-//! signature) and the real `leash` binary on SQLite with every check on (token, grant, a fresh
+//! signature; one relays and checks each proof as RFC 9449 §4.3 asks, all but `jti` replay,
+//! with Leash's own `verify_proof`) and the real `leash` binary on SQLite with every check on (token, grant, a fresh
 //! proof per request made before the clock starts, route, scope, Cedar, the durable commit of
 //! `jti` + budget + audit event, the vaulted credential). For each: requests/s and the proxy's
 //! own CPU time per request, from `/proc/<pid>/stat` over the run. Rounds interleave the
 //! proxies; the medians are compared. Targets: Leash's CPU per request within 1/0.8 of the
-//! verify floor's and within 1/0.2 of nginx's.
+//! floor's that verifies the proof and within 1/0.2 of nginx's.
 //!
 //! `latency` (target 2): the same pinning; an open loop at 1,000 requests/s over 32
 //! connections for 60 s, direct and through Leash, three times; latency counts from when each
@@ -19,7 +20,7 @@
 //! Run: cargo bench -p leash-cli --bench gateway_load [-- own-cost | latency]
 //! (needs nginx, wrk and taskset: apt-get install nginx-light wrk util-linux).
 //! With `GATEWAY_LOAD_PROFILE_RATE=<requests/s>` it runs only Leash at that rate, unpinned, for
-//! a profiler. `GATEWAY_LOAD_PROXIES=leash` (any of nginx, relay, verify, leash) measures only
+//! a profiler. `GATEWAY_LOAD_PROXIES=leash` (any of nginx, relay, verify, proof, leash) measures only
 //! those in `own-cost`; `GATEWAY_LOAD_PIN=0` pins nothing.
 
 #![allow(
@@ -53,7 +54,8 @@ const OWN_COST_PROOFS: usize = 150_000;
 const LATENCY_RATE: u64 = 1_000;
 const LATENCY_SECONDS: u64 = 60;
 const LATENCY_ROUNDS: usize = 3;
-/// The environment variable that makes this binary a floor proxy (`relay` or `verify`), so
+/// The environment variable that makes this binary a floor proxy (`relay`, `verify` or
+/// `proof`), so
 /// that the floor runs as a process of its own, pinned and measured like the others.
 const FLOOR_ENV: &str = "GATEWAY_LOAD_FLOOR";
 
@@ -333,8 +335,11 @@ async fn wait_until_up(url: &str) {
 /// serving the agent, `leash_server::upstream_client` forwarding, a runtime of one worker per
 /// core, mimalloc) relaying to the upstream with no checks, and for `verify`, also the one
 /// check the issue forbids skipping: the proof's Ed25519 signature, verified strictly against
-/// a decoded key (nothing else of the proof is looked at). Serves until killed; prints its
-/// URL.
+/// a decoded key (nothing else of the proof is looked at); for `proof`, instead, the whole
+/// proof check a resource server owes (RFC 9449 §4.3: its key from the header, signature,
+/// `typ`, `htm`, `htu`, `iat`, `ath` against the request's token; `leash_core::dpop::
+/// verify_proof`), all but the replay check of its `jti`, which needs a store. Serves until
+/// killed; prints its URL.
 fn floor_main(kind: &str) {
     use axum::extract::{Request, State};
     use axum::response::{IntoResponse, Response};
@@ -566,7 +571,7 @@ async fn own_cost(dir: &Path) {
     for proxy in &proxies[..4] {
         check_path(&proxy.url, &floor_authorization, &floor_proofs[0]).await;
     }
-    // `GATEWAY_LOAD_PROXIES=leash` (or `nginx,relay,verify,leash`, any of them): measure only
+    // `GATEWAY_LOAD_PROXIES=leash` (or `nginx,relay,verify,proof,leash`, any of them): measure only
     // those, for a profiler attached to one (the comparisons need all four).
     let chosen = std::env::var("GATEWAY_LOAD_PROXIES").unwrap_or_default();
     let measured = |proxy: &Proxy| chosen.is_empty() || chosen.split(',').any(|k| k == proxy.key);
@@ -828,6 +833,10 @@ async fn latency(dir: &Path) {
     pin(leash.pid(), PROXY_CORE);
     let client = client();
     let direct = Target::plain(format!("{upstream}/messages/1"));
+    // The proof-check floor of `own_cost`, for what any proxy that checks proofs adds.
+    let gateway_url = leash_url(&leash);
+    let (_, _, key) = token_and_proofs(&leash, &s, &gateway_url, 1, None).await;
+    let (floor_process, floor_url) = start_floor("proof", &upstream, &key, &gateway_url).await;
     println!(
         "latency: open loop at {LATENCY_RATE} requests/s, at most {CONNECTIONS} in flight, \
          {LATENCY_SECONDS} s per run; Leash alone on core {PROXY_CORE}, client and upstream on \
@@ -835,7 +844,7 @@ async fn latency(dir: &Path) {
     );
     println!("| round | path | requests/s | p50 µs | p99 µs | failures |");
     println!("|---|---|---|---|---|---|");
-    let mut added = Vec::new();
+    let (mut added, mut floor_added) = (Vec::new(), Vec::new());
     for round in 1..=LATENCY_ROUNDS {
         warm(&direct, &client).await;
         let direct_run = at_rate(&direct, &client, LATENCY_RATE, LATENCY_SECONDS).await;
@@ -844,7 +853,16 @@ async fn latency(dir: &Path) {
         let total = (LATENCY_RATE * LATENCY_SECONDS) as usize;
         let gateway = leash_target(&leash, &s, total, Some(LATENCY_RATE)).await;
         let leash_run = at_rate(&gateway, &client, LATENCY_RATE, LATENCY_SECONDS).await;
-        for (name, run) in [("direct", &direct_run), ("Leash gateway", &leash_run)] {
+        let floor = Target {
+            url: format!("{floor_url}/messages/1"),
+            ..leash_target(&leash, &s, total, Some(LATENCY_RATE)).await
+        };
+        let floor_run = at_rate(&floor, &client, LATENCY_RATE, LATENCY_SECONDS).await;
+        for (name, run) in [
+            ("direct", &direct_run),
+            ("floor: relay + DPoP proof check", &floor_run),
+            ("Leash gateway", &leash_run),
+        ] {
             println!(
                 "| {round} | {name} | {:.0} | {} | {} | {} |",
                 run.per_second, run.p50_us, run.p99_us, run.failures
@@ -854,6 +872,10 @@ async fn latency(dir: &Path) {
         added.push((
             (leash_run.p50_us as f64 - direct_run.p50_us as f64) / 1000.0,
             (leash_run.p99_us as f64 - direct_run.p99_us as f64) / 1000.0,
+        ));
+        floor_added.push((
+            (floor_run.p50_us as f64 - direct_run.p50_us as f64) / 1000.0,
+            (floor_run.p99_us as f64 - direct_run.p99_us as f64) / 1000.0,
         ));
     }
     let spread = |values: Vec<f64>| {
@@ -867,6 +889,12 @@ async fn latency(dir: &Path) {
         spread(added.iter().map(|a| a.0).collect()),
         spread(added.iter().map(|a| a.1).collect())
     );
+    println!(
+        "the proof-check floor adds p50 {}, p99 {} over direct",
+        spread(floor_added.iter().map(|a| a.0).collect()),
+        spread(floor_added.iter().map(|a| a.1).collect())
+    );
+    drop(floor_process);
     stop_nginx(&dir.join("upstream"), upstream_process).await;
 }
 
