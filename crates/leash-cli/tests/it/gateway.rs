@@ -231,16 +231,12 @@ async fn a_replaced_or_deleted_credential_is_never_injected_again() {
     assert_eq!(injected(&gw).unwrap(), "session=alice-mail-secret");
 
     for secret in ["session=rotated-secret-2", "session=alice-mail-secret"] {
-        let (status, body) = gw
-            .leash
-            .call(
-                Method::PUT,
-                "/v1/vault/mail",
-                &gw.s.user_key,
-                Some(json!({"kind": "cookie", "secret": secret})),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
+        gw.s.vault(
+            &gw.leash,
+            "mail",
+            json!({"kind": "cookie", "secret": secret}),
+        )
+        .await;
         let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(injected(&gw).unwrap(), secret);
