@@ -188,6 +188,8 @@ async fn follow_changes(pool: PgPool, watched: std::sync::Weak<Watched>) {
 impl Backend for Postgres {
     type Db = sqlx::Postgres;
 
+    const BEGIN_WRITE: &'static str = "BEGIN";
+
     fn reader(&self) -> &PgPool {
         &self.pool
     }

@@ -35,6 +35,8 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn reader(&self) -> &sqlx::Pool<Self::Db>;
     /// The pool management changes are written through.
     fn writer(&self) -> &sqlx::Pool<Self::Db>;
+    /// The statement a management change begins with.
+    const BEGIN_WRITE: &'static str;
     /// Tells the other nodes, in the change's transaction, to drop what they hold in memory of
     /// what changed.
     fn announce(
@@ -186,7 +188,11 @@ impl<B> Repo<B> {
     where
         B: Backend,
     {
-        self.backend.writer().begin().await.map_err(unavailable)
+        self.backend
+            .writer()
+            .begin_with(B::BEGIN_WRITE)
+            .await
+            .map_err(unavailable)
     }
 
     /// Ends a management change: writes its audit event (when the change took effect) into

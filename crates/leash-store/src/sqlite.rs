@@ -176,6 +176,12 @@ impl Repo<Sqlite> {
 impl Backend for Sqlite {
     type Db = sqlx::Sqlite;
 
+    /// The write lock up front (waiting on the busy timeout). A deferred transaction that reads
+    /// first (a login looking its human up before creating one) reads a snapshot; if the
+    /// writer thread commits before its first write, SQLite refuses that write at once
+    /// (`SQLITE_BUSY_SNAPSHOT`, no busy wait), and the change failed as "storage unavailable".
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+
     fn reader(&self) -> &SqlitePool {
         &self.reader
     }

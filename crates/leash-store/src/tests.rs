@@ -401,6 +401,39 @@ both_backends! {
 }
 
 both_backends! {
+    /// A management change that reads before it writes (a first login looks its human up,
+    /// then creates them) while the writer commits requests all along: none may fail.
+    async fn management_changes_that_read_first_never_fail_beside_the_writer(fx) {
+        let store = fx.open().await;
+        let grant = with_grant(store.as_ref(), None).await;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let uses = {
+            let (store, grant, done) = (store.clone(), grant.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let request = use_of(&grant, &format!("w{i}"), 10);
+                    assert_eq!(store.record_use(request).await.unwrap(), UseVerdict::Recorded);
+                    i += 1;
+                }
+                i
+            })
+        };
+        for i in 0..200 {
+            let id = format!("usr_oidc_{i}");
+            let key = SecretDigest::from_stored(format!("unused-{i}"));
+            let user = store
+                .oidc_user("https://idp", &format!("sub-{i}"), &person(&id, "alice"), &key, &ev("user.created"))
+                .await
+                .unwrap();
+            assert_eq!(user.id, id);
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(uses.await.unwrap() > 0);
+    }
+}
+
+both_backends! {
     async fn a_replayed_use_counts_nothing(fx) {
         let store = fx.open().await;
         let grant = with_grant(store.as_ref(), Some(5)).await;
