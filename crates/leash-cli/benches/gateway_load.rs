@@ -6,9 +6,9 @@
 //! and a proof): nginx as a plain reverse proxy (one worker), three floor proxies built from
 //! Leash's own HTTP stack (one only relays; one relays and verifies each proof's Ed25519
 //! signature; one relays and checks each proof as RFC 9449 §4.3 asks, all but `jti` replay,
-//! with Leash's own `verify_proof`) and the real `leash` binary on SQLite with every check on (token, grant, a fresh
-//! proof per request made before the clock starts, route, scope, Cedar, the durable commit of
-//! `jti` + budget + audit event, the vaulted credential). For each: requests/s and the proxy's
+//! with Leash's own `verify_proof`) and the real `leash` binary on SQLite with every check on
+//! (token, grant, a fresh proof per request made before the clock starts, route, scope, Cedar,
+//! the durable commit of `jti` + budget + audit event, the vaulted credential). For each: requests/s and the proxy's
 //! own CPU time per request, from `/proc/<pid>/stat` over the run. Rounds interleave the
 //! proxies; the medians are compared. Targets: Leash's CPU per request within 1/0.8 of the
 //! floor's that verifies the proof and within 1/0.2 of nginx's.
@@ -20,8 +20,8 @@
 //! Run: cargo bench -p leash-cli --bench gateway_load [-- own-cost | latency]
 //! (needs nginx, wrk and taskset: apt-get install nginx-light wrk util-linux).
 //! With `GATEWAY_LOAD_PROFILE_RATE=<requests/s>` it runs only Leash at that rate, unpinned, for
-//! a profiler. `GATEWAY_LOAD_PROXIES=leash` (any of nginx, relay, verify, proof, leash) measures only
-//! those in `own-cost`; `GATEWAY_LOAD_PIN=0` pins nothing.
+//! a profiler. `GATEWAY_LOAD_PROXIES=leash` (any of nginx, relay, verify, proof, leash)
+//! measures only those in `own-cost`; `GATEWAY_LOAD_PIN=0` pins nothing.
 
 #![allow(
     clippy::expect_used,
@@ -55,8 +55,8 @@ const LATENCY_RATE: u64 = 1_000;
 const LATENCY_SECONDS: u64 = 60;
 const LATENCY_ROUNDS: usize = 3;
 /// The environment variable that makes this binary a floor proxy (`relay`, `verify` or
-/// `proof`), so
-/// that the floor runs as a process of its own, pinned and measured like the others.
+/// `proof`), so that the floor runs as a process of its own, pinned and measured like the
+/// others.
 const FLOOR_ENV: &str = "GATEWAY_LOAD_FLOOR";
 
 // A floor proxy runs in this binary: allocate as the `leash` binary does.
@@ -571,8 +571,8 @@ async fn own_cost(dir: &Path) {
     for proxy in &proxies[..4] {
         check_path(&proxy.url, &floor_authorization, &floor_proofs[0]).await;
     }
-    // `GATEWAY_LOAD_PROXIES=leash` (or `nginx,relay,verify,proof,leash`, any of them): measure only
-    // those, for a profiler attached to one (the comparisons need all four).
+    // `GATEWAY_LOAD_PROXIES=leash` (or `nginx,relay,verify,proof,leash`, any of them): measure
+    // only those, for a profiler attached to one (the comparisons need all five).
     let chosen = std::env::var("GATEWAY_LOAD_PROXIES").unwrap_or_default();
     let measured = |proxy: &Proxy| chosen.is_empty() || chosen.split(',').any(|k| k == proxy.key);
 
@@ -869,14 +869,15 @@ async fn latency(dir: &Path) {
             );
             assert_eq!(run.failures, 0, "{name}: failed requests");
         }
-        added.push((
-            (leash_run.p50_us as f64 - direct_run.p50_us as f64) / 1000.0,
-            (leash_run.p99_us as f64 - direct_run.p99_us as f64) / 1000.0,
-        ));
-        floor_added.push((
-            (floor_run.p50_us as f64 - direct_run.p50_us as f64) / 1000.0,
-            (floor_run.p99_us as f64 - direct_run.p99_us as f64) / 1000.0,
-        ));
+        // What a path adds over direct, p50 and p99, in ms.
+        let over_direct = |run: &Run| {
+            (
+                (run.p50_us as f64 - direct_run.p50_us as f64) / 1000.0,
+                (run.p99_us as f64 - direct_run.p99_us as f64) / 1000.0,
+            )
+        };
+        added.push(over_direct(&leash_run));
+        floor_added.push(over_direct(&floor_run));
     }
     let spread = |values: Vec<f64>| {
         let low = values.iter().copied().fold(f64::INFINITY, f64::min);
