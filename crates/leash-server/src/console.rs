@@ -5,11 +5,8 @@
 //! The page builds its DOM with `textContent` only (see `console/app.js`), so what an agent or
 //! upstream wrote is shown as text, never run; the CSP is the second wall.
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
@@ -65,25 +62,21 @@ fn is_cookie_change(method: &Method, path: &str) -> bool {
     changes && (path.starts_with("/v1/") || path == "/logout")
 }
 
-/// Refuses `403 csrf` a state-changing request that a session cookie would authenticate (no
-/// `Authorization`, a session cookie) unless its `Origin` is Leash's own: a page of another
-/// site cannot make the browser act with the human's session.
-pub async fn csrf_guard(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if is_cookie_change(request.method(), request.uri().path())
+/// The `403 csrf` refusal of a state-changing request that a session cookie would
+/// authenticate (no `Authorization`, a session cookie) unless its `Origin` is Leash's own: a
+/// page of another site cannot make the browser act with the human's session. Run for every
+/// request by [`crate::listener::front_door`].
+pub fn csrf_refusal(state: &AppState, request: &Request) -> Option<Response> {
+    let refused = is_cookie_change(request.method(), request.uri().path())
         && !request.headers().contains_key(header::AUTHORIZATION)
-        && crate::oidc::has_session_cookie(&state, request.headers())
-        && !same_origin(&state, request.headers())
-    {
-        return ApiError::Csrf(
+        && crate::oidc::has_session_cookie(state, request.headers())
+        && !same_origin(state, request.headers());
+    refused.then(|| {
+        ApiError::Csrf(
             "a change made with a session cookie must come from Leash's own pages (Origin)".into(),
         )
-        .into_response();
-    }
-    next.run(request).await
+        .into_response()
+    })
 }
 
 fn same_origin(state: &AppState, headers: &HeaderMap) -> bool {

@@ -133,13 +133,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
-            console::csrf_guard,
+            listener::front_door,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(state.config.limits.clone()),
-            listener::check_head,
-        ))
-        .layer(axum::middleware::from_fn(listener::close_when_body_left))
         .with_state(state)
 }
 

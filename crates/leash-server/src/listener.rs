@@ -81,7 +81,7 @@ pub(crate) fn connection_builder(limits: &Limits) -> Builder<TokioExecutor> {
 
 /// Serves `router` on `listener` until `shutdown` resolves, under `limits`.
 ///
-/// The configured head limits are answered by [`check_head`] with a JSON 431; hyper's own
+/// The configured head limits are answered by [`front_door`] with a JSON 431; hyper's own
 /// limits are set at twice them, as the backstop that stops a client from making the server
 /// buffer an unbounded head (hyper answers those with a bare 431 and closes the connection).
 /// A client has `header_read_timeout` to send each request head, which also closes a
@@ -371,25 +371,44 @@ impl hyper::body::Body for TrackedBody {
     }
 }
 
-/// Answers `Connection: close` to an HTTP/1 request whose body the handler left unread (a
-/// refusal before the body, say): hyper cannot reuse such a connection and closes it after
-/// the answer, and without the header a client would send its next request into that
-/// closing connection and get no answer.
-pub async fn close_when_body_left(request: Request, next: Next) -> Response {
+/// What every request passes before it is routed, in one layer (each `from_fn` layer boxes
+/// the rest of the request's future and allocates its own state; this was three): the head
+/// limits ([`head_refusal`]), the cross-site guard ([`crate::console::csrf_refusal`]), and
+/// `Connection: close` on an HTTP/1 answer whose request body was left unread (a refusal before
+/// the body, say): hyper cannot reuse such a connection and closes it after the answer, and
+/// without the header a client would send its next request into that closing connection and
+/// get no answer.
+pub async fn front_door(
+    State(state): State<Arc<crate::AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     use hyper::body::Body as _;
     let http1 = request.version() < axum::http::Version::HTTP_2;
+    let refusal = |request: &Request| {
+        head_refusal(&state.config.limits, request)
+            .or_else(|| crate::console::csrf_refusal(&state, request))
+    };
     if !http1 || request.body().is_end_stream() {
-        return next.run(request).await;
+        return match refusal(&request) {
+            Some(refused) => refused,
+            None => next.run(request).await,
+        };
     }
     let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let tracked = Arc::clone(&finished);
-    let request = request.map(|inner| {
-        axum::body::Body::new(TrackedBody {
-            inner,
-            finished: tracked,
-        })
-    });
-    let mut response = next.run(request).await;
+    let mut response = match refusal(&request) {
+        Some(refused) => refused,
+        None => {
+            let request = request.map(|inner| {
+                axum::body::Body::new(TrackedBody {
+                    inner,
+                    finished: tracked,
+                })
+            });
+            next.run(request).await
+        }
+    };
     if !finished.load(std::sync::atomic::Ordering::Relaxed) {
         response.headers_mut().insert(
             axum::http::header::CONNECTION,
@@ -400,18 +419,16 @@ pub async fn close_when_body_left(request: Request, next: Next) -> Response {
 }
 
 /// The configured head limits, answered with a JSON 431 before any handler runs.
-pub async fn check_head(
-    State(limits): State<Arc<Limits>>,
-    request: Request,
-    next: Next,
-) -> Response {
+fn head_refusal(limits: &Limits, request: &Request) -> Option<Response> {
     let headers = request.headers();
     if headers.len() > limits.max_headers {
-        return ApiError::HeadersTooLarge(format!(
-            "a request may carry at most {} header fields",
-            limits.max_headers
-        ))
-        .into_response();
+        return Some(
+            ApiError::HeadersTooLarge(format!(
+                "a request may carry at most {} header fields",
+                limits.max_headers
+            ))
+            .into_response(),
+        );
     }
     // The size as it was on the wire, give or take the line endings' exact spelling.
     let target = request
@@ -422,14 +439,13 @@ pub async fn check_head(
     let size = headers.iter().fold(line, |sum, (name, value)| {
         sum + name.as_str().len() + value.len() + 4
     });
-    if size > limits.max_header_bytes {
-        return ApiError::HeadersTooLarge(format!(
+    (size > limits.max_header_bytes).then(|| {
+        ApiError::HeadersTooLarge(format!(
             "the request head may be at most {} bytes",
             limits.max_header_bytes
         ))
-        .into_response();
-    }
-    next.run(request).await
+        .into_response()
+    })
 }
 
 #[cfg(test)]

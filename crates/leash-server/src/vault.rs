@@ -107,21 +107,28 @@ impl Openings {
     /// The header of `entry`, opened with `state`'s master key, or kept from the last time.
     fn of(&self, state: &AppState, entry: &VaultEntry) -> ApiResult<Injection> {
         use sha2::Digest as _;
-        let context = context(
-            &entry.subject,
-            &entry.upstream,
-            &entry.kind,
-            entry.header_name.as_deref(),
-        );
+        let name = entry.header_name.as_deref();
         let mut digest = sha2::Sha256::new();
-        for part in [context.as_slice(), &entry.sealed] {
-            // Length-prefixed: no two (context, sealed) pairs share a key.
+        // What the context is made of (not the context itself, which would be formatted on
+        // every request), then the sealed value; each part length-prefixed, and the header
+        // name's absence told from an empty name, so no two entries share a key.
+        let parts = [
+            entry.subject.as_bytes(),
+            entry.upstream.as_bytes(),
+            entry.kind.as_bytes(),
+            name.unwrap_or_default().as_bytes(),
+            &entry.sealed,
+        ];
+        digest.update([u8::from(name.is_some())]);
+        for part in parts {
             digest.update((part.len() as u64).to_be_bytes());
             digest.update(part);
         }
         let key: [u8; 32] = digest.finalize().into();
-        self.0
-            .get_or_insert_with(&key, || open(state, entry, &context))
+        self.0.get_or_insert_with(&key, || {
+            let context = context(&entry.subject, &entry.upstream, &entry.kind, name);
+            open(state, entry, &context)
+        })
     }
 }
 
