@@ -662,7 +662,7 @@ pub async fn complete_grant(
             return Err(ApiError::Forbidden("the token is for another grant".into()));
         }
         ResourceCaller::Key(caller) => (
-            visible_grant(&state, &caller, &id).await?,
+            Arc::new(visible_grant(&state, &caller, &id).await?),
             audit::caller_mode(&caller),
         ),
     };

@@ -233,7 +233,7 @@ pub(crate) struct Principal {
     pub(crate) actor: String,
     /// The human.
     pub(crate) subject: String,
-    pub(crate) grant: Option<Grant>,
+    pub(crate) grant: Option<Arc<Grant>>,
     /// The agent's token (delegated).
     pub(crate) token: Option<Arc<AccessClaims>>,
 }

@@ -721,7 +721,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The grant a token names, for the per-request liveness check: held in memory and dropped
     /// from it whenever the grant ends or its budget runs out, so its status, expiry and
     /// exhaustion are exact; only `requests_used` below `max_requests` may lag.
-    async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>>;
+    async fn live_grant(&self, id: &str) -> StoreResult<Option<Arc<Grant>>>;
     /// Commits what a request that passed its checks uses, in one durable transaction (group
     /// committed with other requests) before it acts: its one-time values, the approval it
     /// spends or waits for, its single use of an action, one count against its grant's budget,

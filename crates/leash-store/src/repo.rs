@@ -177,6 +177,12 @@ impl<B> Repo<B> {
         }
     }
 
+    /// The backend (tests look into it).
+    #[cfg(test)]
+    pub(crate) fn backend(&self) -> &B {
+        &self.backend
+    }
+
     async fn read(&self) -> StoreResult<PoolConnection<B::Db>>
     where
         B: Backend,
@@ -531,17 +537,18 @@ impl<B: Backend> Store for Repo<B> {
             .map(|()| ended)
     }
 
-    async fn live_grant(&self, id: &str) -> StoreResult<Option<Grant>> {
+    async fn live_grant(&self, id: &str) -> StoreResult<Option<Arc<Grant>>> {
         let grants = &self.memos.grants;
         if let Some(grant) = grants.get(id) {
-            return Ok(Some(Grant::clone(&grant)));
+            return Ok(Some(grant));
         }
         let read_at = grants.epoch();
-        let grant = self.grant(id).await?;
-        if let Some(grant) = &grant {
-            grants.fill(grant.id.clone(), Arc::new(grant.clone()), read_at);
-        }
-        Ok(grant)
+        let Some(grant) = self.grant(id).await? else {
+            return Ok(None);
+        };
+        let grant = Arc::new(grant);
+        grants.fill(grant.id.clone(), Arc::clone(&grant), read_at);
+        Ok(Some(grant))
     }
 
     async fn record_use(&self, mut request: RequestUse) -> StoreResult<UseVerdict> {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row as _, SqlitePool};
 
-use self::writer::{WriteJob, Writer};
+use self::writer::{Shared, WriteJob, Writer};
 use crate::common::{SignerSlot, unavailable};
 use crate::repo::{Backend, Change, Connection, Memos, Prepared, Repo, ask};
 use crate::wal::{Checkpointer, WAL_RESTART_BYTES};
@@ -45,6 +45,9 @@ pub struct Sqlite {
 /// lock, so that a store opened next never meets a writer still running.
 #[derive(Debug)]
 struct Owner {
+    /// The writer, also used by a caller that finds it idle; dropped (its connection closed)
+    /// after its thread has ended and before the lock is released.
+    shared: Arc<Shared>,
     jobs: flume::Sender<WriteJob>,
     writer: Option<std::thread::JoinHandle<()>>,
     _checkpointer: Checkpointer,
@@ -150,12 +153,14 @@ impl Repo<Sqlite> {
         // Events whose change committed but whose move into the chain did not (the process
         // died in between) join the chain now.
         chain_writer.flush_or_log();
+        let shared = Arc::new(Shared::new(chain_writer));
         let (jobs, queue) = flume::bounded(1024);
+        let thread_shared = Arc::clone(&shared);
         let writer_thread = std::thread::Builder::new()
             .name("leash-writer".into())
             .spawn(move || {
                 crate::batch_thread::run_as_batch();
-                writer::run(chain_writer, queue);
+                writer::run(thread_shared, queue);
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer: {e}")))?;
         let backend = Sqlite {
@@ -163,6 +168,7 @@ impl Repo<Sqlite> {
             reader,
             revoked,
             owner: Owner {
+                shared,
                 jobs,
                 writer: Some(writer_thread),
                 _checkpointer: checkpointer,
@@ -170,6 +176,18 @@ impl Repo<Sqlite> {
             },
         };
         Ok(Self::new(backend, memos, signer))
+    }
+}
+
+impl Repo<Sqlite> {
+    /// How many uses were committed on their caller's thread, the writer being idle.
+    #[cfg(test)]
+    pub(crate) fn uses_committed_by_callers(&self) -> u64 {
+        self.backend()
+            .owner
+            .shared
+            .committed_by_callers
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -196,6 +214,14 @@ impl Backend for Sqlite {
     }
 
     async fn record(&self, used: Box<Prepared>) -> StoreResult<UseVerdict> {
+        let used = match self
+            .owner
+            .shared
+            .commit_if_idle(used, self.owner.jobs.is_empty())
+        {
+            Ok((verdict, _request)) => return verdict,
+            Err(used) => used,
+        };
         let (verdict, _request) = ask(&self.owner.jobs, |reply| WriteJob::Use(used, reply)).await?;
         verdict
     }

@@ -433,6 +433,124 @@ both_backends! {
     }
 }
 
+/// A use with an audit event, so that the chain shows both ways of committing agree.
+fn audited_use(grant: &Grant, key: &str, n: u64) -> RequestUse {
+    RequestUse {
+        audit: Some(event(n)),
+        ..use_of(grant, key, 10)
+    }
+}
+
+/// At a fleet's load a use finds the writer idle and commits on its caller's thread; under a
+/// burst the uses go through the writer thread's group commit. Both ways keep one chain, one
+/// set of consumed values and one budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_uses_commit_on_the_callers_thread_and_bursts_through_the_writer() {
+    let fx = Fixture::sqlite().await;
+    let store = crate::SqliteStore::open(fx.url.trim_start_matches("sqlite://"))
+        .await
+        .unwrap();
+    store.set_checkpoint_signer(sign_with_test_key());
+    let grant = with_grant(&store, Some(1_000)).await;
+    for n in 0..20 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let recorded = store
+            .record_use(audited_use(&grant, &format!("lone{n}"), n))
+            .await;
+        assert_eq!(recorded.unwrap(), UseVerdict::Recorded);
+    }
+    let lone = store.uses_committed_by_callers();
+    // The log's upkeep, due every 25 ms, sends one use in a while through the writer thread.
+    assert!(
+        lone >= 15,
+        "only {lone} of 20 lone uses were committed on the caller's thread"
+    );
+
+    let burst: Vec<_> = (0..64u64)
+        .map(|n| {
+            let (store, grant) = (store.clone(), grant.clone());
+            tokio::spawn(async move {
+                store
+                    .record_use(audited_use(&grant, &format!("burst{n}"), 100 + n))
+                    .await
+            })
+        })
+        .collect();
+    for recorded in burst {
+        assert_eq!(recorded.await.unwrap().unwrap(), UseVerdict::Recorded);
+    }
+    let in_burst = store.uses_committed_by_callers() - lone;
+    assert!(
+        in_burst <= 8,
+        "{in_burst} of a burst of 64 were committed one by one"
+    );
+
+    // A replay is refused whichever way the value was consumed, and whichever way it comes.
+    for key in ["lone3", "burst7"] {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let replayed = store
+            .record_use(audited_use(&grant, key, 500))
+            .await
+            .unwrap();
+        assert_eq!(replayed, UseVerdict::Replayed(OneTimeKind::Proof));
+    }
+    let replays: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, grant) = (store.clone(), grant.clone());
+            tokio::spawn(async move { store.record_use(use_of(&grant, "lone5", 10)).await })
+        })
+        .collect();
+    for replayed in replays {
+        let verdict = replayed.await.unwrap().unwrap();
+        assert_eq!(verdict, UseVerdict::Replayed(OneTimeKind::Proof));
+    }
+    assert_eq!(
+        store.grant(&grant.id).await.unwrap().unwrap().requests_used,
+        84
+    );
+    // 84 uses and 2 refused replays audited, after the management events.
+    let kinds = kinds(&store).await;
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|kind| *kind == "gateway.request")
+            .count(),
+        86
+    );
+    assert_eq!(verify_stored(&store).await, kinds.len() as u64);
+}
+
+/// A management change holds SQLite's write lock and needs the very runtime thread a lone use
+/// arrives on to finish: the use must not wait for the lock on that thread (it would wait out
+/// the whole busy timeout and fail), but go to the writer thread and be committed after.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lone_use_never_waits_for_the_write_lock_on_its_callers_thread() {
+    let fx = Fixture::sqlite().await;
+    let path = fx.url.trim_start_matches("sqlite://").to_owned();
+    let store = crate::SqliteStore::open(&path).await.unwrap();
+    let grant = with_grant(&store, None).await;
+    let other = sqlx::SqlitePool::connect(&fx.url).await.unwrap();
+    let (locked, holds) = tokio::sync::oneshot::channel();
+    let change = tokio::spawn(async move {
+        let tx = other.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        locked.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.commit().await.unwrap();
+    });
+    holds.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let started = std::time::Instant::now();
+    let recorded = store.record_use(use_of(&grant, "while-locked", 10)).await;
+    assert_eq!(recorded.unwrap(), UseVerdict::Recorded);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(store.uses_committed_by_callers(), 0);
+    change.await.unwrap();
+}
+
 both_backends! {
     async fn a_replayed_use_counts_nothing(fx) {
         let store = fx.open().await;

@@ -375,6 +375,11 @@ impl WalBound {
         })
     }
 
+    /// Whether [`Self::keep`] has work to do now: a look at the log's size, or a restart.
+    pub fn upkeep_due(&self) -> bool {
+        self.asked.is_some() || self.checked.elapsed() >= WAL_CHECK_EVERY
+    }
+
     /// Starts the log over once it has passed its limit and the background thread has caught
     /// up (or has not within `CATCH_UP_WAIT`); called by the writer between commits.
     pub fn keep(&mut self, conn: &rusqlite::Connection) {

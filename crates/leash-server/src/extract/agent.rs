@@ -78,7 +78,7 @@ pub struct AgentAuth {
     /// The verified token's claims.
     pub claims: Arc<AccessClaims>,
     /// The token's grant, live when the call was authenticated.
-    pub grant: Grant,
+    pub grant: Arc<Grant>,
     /// The proof's one-time value.
     pub proof_once: OneTimeUse,
 }
@@ -201,7 +201,7 @@ pub async fn check_token_live(
     state: &AppState,
     claims: &AccessClaims,
     now: i64,
-) -> ApiResult<Grant> {
+) -> ApiResult<Arc<Grant>> {
     let grant = state
         .store
         .live_grant(&claims.grant_id)

@@ -223,7 +223,7 @@ fn presented_credential(headers: &HeaderMap) -> Option<String> {
 /// Who holds a tunnel: the agent, for the human, under the grant its credential names.
 pub(crate) struct Holder {
     pub(crate) claims: Arc<AccessClaims>,
-    pub(crate) grant: Grant,
+    pub(crate) grant: Arc<Grant>,
 }
 
 /// Checks a credential: its MAC and expiry, then, as for an access token, that its grant is

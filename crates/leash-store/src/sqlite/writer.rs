@@ -4,14 +4,17 @@
 //! uses rusqlite (the same SQLite library as sqlx) and works synchronously: through sqlx every
 //! statement would be a hand-off to a worker thread and back. What a batch decides is decided
 //! by the shared rules (`rules`); this module asks the database and writes what they decided.
+//! A use that finds the writer idle is committed by the same code on its caller's thread
+//! ([`Shared::commit_if_idle`]), under the mutex the thread takes for each of its jobs.
 //!
 //! The writer owns what single use rests on here: its copy of the `replay` table
 //! ([`ReplaySet`]) is complete because every consumption and every prune is its work, and the
 //! store holds the database's lock, so no other process writes.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use leash_core::audit::Checkpoint;
 use leash_core::dpop::ReplayKey;
@@ -65,6 +68,15 @@ const MAX_USE_BATCH: usize = 48;
 const BATCH_LINGER: Duration = Duration::from_micros(300);
 /// The longest one wait lasts; an arrival ends it at once.
 const LINGER_STEP: Duration = Duration::from_micros(30);
+
+/// How long the writer's connection waits for SQLite's write lock (held by a management change).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A use whose caller finds the writer idle, with no use committed for this long, is committed
+/// on the caller's own thread ([`Shared::commit_if_idle`]). Under load, uses come closer than
+/// this (a request's own work is about 0.1 ms of CPU) and keep going through the writer thread,
+/// whose group commit shares one transaction among them.
+const IDLE_AFTER: Duration = Duration::from_micros(200);
 
 /// The chain's head as stored.
 fn load_head(conn: &rusqlite::Connection) -> rusqlite::Result<ChainHead> {
@@ -209,8 +221,90 @@ impl Writer {
     }
 }
 
+/// The writer and what tells whether it is idle, shared by its thread and the store, which
+/// commits a lone use on the caller's thread when the writer is idle: at a fleet's load (a
+/// request every millisecond or so) each use is alone in its transaction anyway, and handing it
+/// to the writer thread and back is two thread wake-ups, on an idle machine each a core woken
+/// from sleep, on the request's time.
+pub(crate) struct Shared {
+    writer: Mutex<Writer>,
+    /// When the last transaction of uses ended, in microseconds since `started`.
+    last_commit: AtomicU64,
+    started: Instant,
+    /// Uses committed on their caller's thread (tests look).
+    pub(crate) committed_by_callers: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared(writer)")
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(writer: Writer) -> Self {
+        Self {
+            writer: Mutex::new(writer),
+            last_commit: AtomicU64::new(0),
+            started: Instant::now(),
+            committed_by_callers: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn now_micros(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    fn committed(&self) {
+        self.last_commit.store(self.now_micros(), Ordering::Relaxed);
+    }
+
+    /// Commits `used` alone on the calling thread if the writer is idle: no job queued, its
+    /// thread not at work (the lock free), no use committed within [`IDLE_AFTER`], no upkeep
+    /// of the log due (that stays on the writer thread), and SQLite's write lock free at once
+    /// (a management change holding it may need this very thread to finish, so the caller
+    /// never waits for it here). Otherwise hands `used` back, for the writer thread.
+    ///
+    /// The commit is the writer thread's, made under the same lock: one transaction, the same
+    /// rules, chain and copies of the consumed values and revoked tokens.
+    pub(crate) fn commit_if_idle(
+        &self,
+        used: Box<Prepared>,
+        queue_empty: bool,
+    ) -> Result<Answer, Box<Prepared>> {
+        let quiet = self.now_micros()
+            >= self.last_commit.load(Ordering::Relaxed) + IDLE_AFTER.as_micros() as u64;
+        if !(queue_empty && quiet) {
+            return Err(used);
+        }
+        let Ok(mut writer) = self.writer.try_lock() else {
+            return Err(used);
+        };
+        if writer.wal.upkeep_due() {
+            return Err(used);
+        }
+        let answer = writer.commit_batch(used, None, None, Lock::NowOrNever);
+        drop(writer);
+        match answer {
+            Committed::Alone(answer) => {
+                self.committed();
+                self.committed_by_callers.fetch_add(1, Ordering::Relaxed);
+                Ok(answer)
+            }
+            Committed::NotBegun(used) => Err(used),
+            Committed::Answered(_) => {
+                unreachable!("a use committed alone has no reply channel")
+            }
+        }
+    }
+}
+
 /// The writer thread: takes jobs until the store is dropped (its queue closes).
-pub(crate) fn run(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
+pub(crate) fn run(shared: Arc<Shared>, jobs: flume::Receiver<WriteJob>) {
     let mut waiting = None;
     let mut last_batch = 1;
     let mut pruning: Option<Pruning> = None;
@@ -221,7 +315,7 @@ pub(crate) fn run(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
             (None, Some(_)) => match jobs.try_recv() {
                 Ok(job) => job,
                 Err(flume::TryRecvError::Empty) => {
-                    writer.prune_step(&mut pruning);
+                    shared.lock().prune_step(&mut pruning);
                     continue;
                 }
                 Err(flume::TryRecvError::Disconnected) => return,
@@ -231,6 +325,7 @@ pub(crate) fn run(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
                 Err(_) => return,
             },
         };
+        let mut writer = shared.lock();
         match job {
             WriteJob::Checkpoint(reply) => {
                 // The timer's checkpoint also retries events an earlier flush left behind.
@@ -260,8 +355,14 @@ pub(crate) fn run(mut writer: Writer, jobs: flume::Receiver<WriteJob>) {
                     waited: Duration::ZERO,
                     interrupted: None,
                 };
-                last_batch = writer.commit_batch(used, reply, &mut arrivals);
+                if let Committed::Answered(count) =
+                    writer.commit_batch(used, Some(reply), Some(&mut arrivals), Lock::Wait)
+                {
+                    last_batch = count;
+                }
+                shared.committed();
                 waiting = arrivals.interrupted;
+                let writer = &mut *writer;
                 writer.wal.keep(&writer.conn);
                 // Under unbroken load the queue is never empty: one step per batch.
                 writer.prune_step(&mut pruning);
@@ -316,20 +417,58 @@ impl Arrivals<'_> {
 /// A use in the open transaction, with its caller and (once recorded) its verdict.
 struct Joined {
     used: Box<Prepared>,
-    reply: oneshot::Sender<Answer>,
+    /// `None` for a use committed on its caller's thread: answered by the return value.
+    reply: Option<oneshot::Sender<Answer>>,
     verdict: UseVerdict,
 }
 
+/// How a transaction of uses takes SQLite's write lock.
+#[derive(Debug, Clone, Copy)]
+enum Lock {
+    /// Waiting up to [`BUSY_TIMEOUT`] for a management change that holds it (the writer thread).
+    Wait,
+    /// Only if it is free now (a caller's thread, see [`Shared::commit_if_idle`]).
+    NowOrNever,
+}
+
+/// What [`Writer::commit_batch`] did.
+enum Committed {
+    /// Committed (or failed) and answered every caller through its reply; how many there were.
+    Answered(usize),
+    /// The one use without a reply channel, with its answer.
+    Alone(Answer),
+    /// The write lock was not free at once: nothing was done.
+    NotBegun(Box<Prepared>),
+}
+
 impl Writer {
-    /// Records `first` and the uses that join it in one transaction, commits, and answers each
-    /// caller. Returns how many uses the transaction held.
+    /// Records `first` and the uses that join it (from `arrivals`) in one transaction, commits,
+    /// and answers each caller: through its reply, or, for a `first` without one, in the
+    /// return value.
     fn commit_batch(
         &mut self,
         first: Box<Prepared>,
-        reply: oneshot::Sender<Answer>,
-        arrivals: &mut Arrivals<'_>,
-    ) -> usize {
-        let mut joined = Vec::with_capacity(MAX_USE_BATCH);
+        reply: Option<oneshot::Sender<Answer>>,
+        arrivals: Option<&mut Arrivals<'_>>,
+        lock: Lock,
+    ) -> Committed {
+        let tx = match begin(&self.conn, lock) {
+            Ok(tx) => tx,
+            Err(_) if matches!(lock, Lock::NowOrNever) => return Committed::NotBegun(first),
+            Err(e) => {
+                let message = e.to_string();
+                tracing::error!(error = %message, "commit failed: the requests are refused");
+                let failed = (Err(StoreError::Unavailable(message)), first);
+                return match reply {
+                    Some(reply) => {
+                        let _ = reply.send(failed);
+                        Committed::Answered(1)
+                    }
+                    None => Committed::Alone(failed),
+                };
+            }
+        };
+        let mut joined = Vec::with_capacity(if arrivals.is_some() { MAX_USE_BATCH } else { 1 });
         joined.push(Joined {
             used: first,
             reply,
@@ -337,7 +476,7 @@ impl Writer {
         });
         let started = std::time::Instant::now();
         let result = record_batch(
-            &mut self.conn,
+            tx,
             &mut joined,
             arrivals,
             &self.head,
@@ -354,7 +493,7 @@ impl Writer {
             );
         }
         let count = joined.len();
-        match result {
+        let result = match result {
             Ok((batch, head)) => {
                 self.head = head;
                 for (key, until) in batch.claims() {
@@ -365,24 +504,36 @@ impl Writer {
                 for id in batch.spent() {
                     self.memos.grants.invalidate(id);
                 }
-                for Joined {
-                    used,
-                    reply,
-                    verdict,
-                } in joined
-                {
-                    let _ = reply.send((Ok(verdict), used));
-                }
+                Ok(())
             }
             Err(e) => {
                 let message = e.to_string();
                 tracing::error!(error = %message, "commit failed: the requests are refused");
-                for Joined { used, reply, .. } in joined {
-                    let _ = reply.send((Err(StoreError::Unavailable(message.clone())), used));
+                Err(message)
+            }
+        };
+        let mut alone = None;
+        for Joined {
+            used,
+            reply,
+            verdict,
+        } in joined
+        {
+            let answer = match &result {
+                Ok(()) => (Ok(verdict), used),
+                Err(message) => (Err(StoreError::Unavailable(message.clone())), used),
+            };
+            match reply {
+                Some(reply) => {
+                    let _ = reply.send(answer);
                 }
+                None => alone = Some(answer),
             }
         }
-        count
+        match alone {
+            Some(answer) => Committed::Alone(answer),
+            None => Committed::Answered(count),
+        }
     }
 
     /// Deletes up to [`PRUNE_STEP`] expired one-time values of the prune under way, if any, in
@@ -576,12 +727,28 @@ fn delete_expired(conn: &mut rusqlite::Connection, now: i64) -> rusqlite::Result
 /// The writer's connection: the same durability as the pools, and no checkpoints.
 pub(crate) fn open_writer_connection(path: &str) -> rusqlite::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
+}
+
+/// A transaction of uses, begun `IMMEDIATE`: it takes the write lock up front, so it never has
+/// to upgrade a read snapshot that another writer moved past. With [`Lock::NowOrNever`] SQLite
+/// is told not to wait for the lock (and to wait again afterwards).
+fn begin(conn: &rusqlite::Connection, lock: Lock) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    let immediate = rusqlite::TransactionBehavior::Immediate;
+    match lock {
+        Lock::Wait => rusqlite::Transaction::new_unchecked(conn, immediate),
+        Lock::NowOrNever => {
+            conn.busy_timeout(Duration::ZERO)?;
+            let begun = rusqlite::Transaction::new_unchecked(conn, immediate);
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            begun
+        }
+    }
 }
 
 /// Records each use in one transaction: the first of `joined`, then each arrival as it is
@@ -590,17 +757,14 @@ pub(crate) fn open_writer_connection(path: &str) -> rusqlite::Result<rusqlite::C
 /// fills, and what the batch spends, counts and stores once all have joined. Returns the
 /// batch's decisions and the chain's head after it.
 fn record_batch(
-    conn: &mut rusqlite::Connection,
+    tx: rusqlite::Transaction<'_>,
     joined: &mut Vec<Joined>,
-    arrivals: &mut Arrivals<'_>,
+    mut arrivals: Option<&mut Arrivals<'_>>,
     head: &ChainHead,
     signer: Option<&CheckpointSigner>,
     replay: &ReplaySet,
     revoked: &RwLock<HashMap<String, i64>>,
 ) -> rusqlite::Result<(Batch, ChainHead)> {
-    // IMMEDIATE: take the write lock up front (waiting on the busy timeout), so the transaction
-    // never has to upgrade a read snapshot that another writer moved past.
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut batch = Batch::default();
     let mut head = head.clone();
     {
@@ -621,10 +785,13 @@ fn record_batch(
             statements.append_event(used, *verdict, &mut head)?;
             checkpoint_if_due(&tx, signer, &mut head)?;
             index += 1;
-            match arrivals.next(joined.len()) {
+            let next = arrivals
+                .as_deref_mut()
+                .and_then(|arrivals| arrivals.next(joined.len()));
+            match next {
                 Some((used, reply)) => joined.push(Joined {
                     used,
-                    reply,
+                    reply: Some(reply),
                     verdict: UseVerdict::Recorded,
                 }),
                 None => break,
