@@ -21,7 +21,9 @@
 //! (needs nginx, wrk and taskset: apt-get install nginx-light wrk util-linux).
 //! With `GATEWAY_LOAD_PROFILE_RATE=<requests/s>` it runs only Leash at that rate, unpinned, for
 //! a profiler. `GATEWAY_LOAD_PROXIES=leash` (any of nginx, relay, verify, proof, leash)
-//! measures only those in `own-cost`; `GATEWAY_LOAD_PIN=0` pins nothing.
+//! measures only those in `own-cost`; `GATEWAY_LOAD_PIN=0` pins nothing;
+//! `GATEWAY_LOAD_SECONDS=20` shortens each latency run; `LEASH_BENCH_BIN=<path>` runs another
+//! build of `leash` (the floors stay this build's).
 
 #![allow(
     clippy::expect_used,
@@ -52,7 +54,13 @@ const OWN_COST_ROUNDS: usize = 3;
 /// `OWN_COST_SECONDS` (a shortfall shows as refused requests, which fail the run).
 const OWN_COST_PROOFS: usize = 150_000;
 const LATENCY_RATE: u64 = 1_000;
-const LATENCY_SECONDS: u64 = 60;
+/// `GATEWAY_LOAD_SECONDS` shortens it, for comparing two builds (the target is read at 60 s).
+fn latency_seconds() -> u64 {
+    std::env::var("GATEWAY_LOAD_SECONDS")
+        .ok()
+        .and_then(|seconds| seconds.parse().ok())
+        .unwrap_or(60)
+}
 const LATENCY_ROUNDS: usize = 3;
 /// The environment variable that makes this binary a floor proxy (`relay`, `verify` or
 /// `proof`), so that the floor runs as a process of its own, pinned and measured like the
@@ -837,9 +845,10 @@ async fn latency(dir: &Path) {
     let gateway_url = leash_url(&leash);
     let (_, _, key) = token_and_proofs(&leash, &s, &gateway_url, 1, None).await;
     let (floor_process, floor_url) = start_floor("proof", &upstream, &key, &gateway_url).await;
+    let seconds = latency_seconds();
     println!(
         "latency: open loop at {LATENCY_RATE} requests/s, at most {CONNECTIONS} in flight, \
-         {LATENCY_SECONDS} s per run; Leash alone on core {PROXY_CORE}, client and upstream on \
+         {seconds} s per run; Leash alone on core {PROXY_CORE}, client and upstream on \
          core {LOAD_CORE}"
     );
     println!("| round | path | requests/s | p50 µs | p99 µs | failures |");
@@ -847,17 +856,17 @@ async fn latency(dir: &Path) {
     let (mut added, mut floor_added) = (Vec::new(), Vec::new());
     for round in 1..=LATENCY_ROUNDS {
         warm(&direct, &client).await;
-        let direct_run = at_rate(&direct, &client, LATENCY_RATE, LATENCY_SECONDS).await;
+        let direct_run = at_rate(&direct, &client, LATENCY_RATE, seconds).await;
         let warm_up = leash_target(&leash, &s, 256, None).await;
         warm(&warm_up, &client).await;
-        let total = (LATENCY_RATE * LATENCY_SECONDS) as usize;
+        let total = (LATENCY_RATE * seconds) as usize;
         let gateway = leash_target(&leash, &s, total, Some(LATENCY_RATE)).await;
-        let leash_run = at_rate(&gateway, &client, LATENCY_RATE, LATENCY_SECONDS).await;
+        let leash_run = at_rate(&gateway, &client, LATENCY_RATE, seconds).await;
         let floor = Target {
             url: format!("{floor_url}/messages/1"),
             ..leash_target(&leash, &s, total, Some(LATENCY_RATE)).await
         };
-        let floor_run = at_rate(&floor, &client, LATENCY_RATE, LATENCY_SECONDS).await;
+        let floor_run = at_rate(&floor, &client, LATENCY_RATE, seconds).await;
         for (name, run) in [
             ("direct", &direct_run),
             ("floor: relay + DPoP proof check", &floor_run),

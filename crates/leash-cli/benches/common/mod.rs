@@ -2,7 +2,7 @@
 
 #![allow(dead_code, reason = "each bench uses a part")]
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use leash_testkit::{Leash, Scenario};
 use serde_json::json;
@@ -20,10 +20,17 @@ pub fn bench_main<F: Future<Output = ()>>(run: impl FnOnce() -> F) {
         .block_on(run());
 }
 
+/// The `leash` binary the benches run: this build's, or the one `LEASH_BENCH_BIN` names (to
+/// measure an earlier build against a floor of this one, say).
+pub fn leash_binary() -> PathBuf {
+    std::env::var_os("LEASH_BENCH_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_leash")), PathBuf::from)
+}
+
 /// A Leash on SQLite in front of `upstream`, with the scenario's grant (alice to the mailbot)
 /// and alice's mail credential in the vault.
 pub async fn start_with_mail_credential(upstream: &str) -> (Leash, Scenario) {
-    let leash = Leash::start_quiet(Path::new(env!("CARGO_BIN_EXE_leash")), "", upstream).await;
+    let leash = Leash::start_quiet(&leash_binary(), "", upstream).await;
     let s = Scenario::new(&leash).await;
     s.vault(
         &leash,
