@@ -12,7 +12,7 @@
 //! store holds the database's lock, so no other process writes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -72,10 +72,13 @@ const LINGER_STEP: Duration = Duration::from_micros(30);
 /// How long the writer's connection waits for SQLite's write lock (held by a management change).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A use whose caller finds the writer idle, with no use committed for this long, is committed
-/// on the caller's own thread ([`Shared::commit_if_idle`]). Under load, uses come closer than
-/// this (a request's own work is about 0.1 ms of CPU) and keep going through the writer thread,
-/// whose group commit shares one transaction among them.
+/// A use whose caller finds the writer idle, with no other use arrived for this long, is
+/// committed on the caller's own thread ([`Shared::commit_if_idle`]) if the writer thread's
+/// last transaction held one use too. Under load, uses arrive closer than this (a request's own
+/// work is about 0.1 ms of CPU), the writer thread's transactions hold several, and uses keep
+/// going through it, whose group commit shares one transaction among them. The gap alone is not
+/// enough: a pinned server at its peak finishes a whole batch's requests before the next use
+/// arrives, and would commit that one alone after every batch.
 const IDLE_AFTER: Duration = Duration::from_micros(200);
 
 /// The chain's head as stored.
@@ -228,8 +231,10 @@ impl Writer {
 /// from sleep, on the request's time.
 pub(crate) struct Shared {
     writer: Mutex<Writer>,
-    /// When the last transaction of uses ended, in microseconds since `started`.
-    last_commit: AtomicU64,
+    /// When the last use arrived, in microseconds since `started`.
+    last_arrival: AtomicU64,
+    /// How many uses the writer thread's last transaction held.
+    last_batch: AtomicUsize,
     started: Instant,
     /// Uses committed on their caller's thread (tests look).
     pub(crate) committed_by_callers: AtomicU64,
@@ -245,7 +250,8 @@ impl Shared {
     pub(crate) fn new(writer: Writer) -> Self {
         Self {
             writer: Mutex::new(writer),
-            last_commit: AtomicU64::new(0),
+            last_arrival: AtomicU64::new(0),
+            last_batch: AtomicUsize::new(1),
             started: Instant::now(),
             committed_by_callers: AtomicU64::new(0),
         }
@@ -259,12 +265,9 @@ impl Shared {
         self.started.elapsed().as_micros() as u64
     }
 
-    fn committed(&self) {
-        self.last_commit.store(self.now_micros(), Ordering::Relaxed);
-    }
-
     /// Commits `used` alone on the calling thread if the writer is idle: no job queued, its
-    /// thread not at work (the lock free), no use committed within [`IDLE_AFTER`], no upkeep
+    /// thread not at work (the lock free) and its last transaction of one use, no other use
+    /// arrived within [`IDLE_AFTER`], no upkeep
     /// of the log due (that stays on the writer thread), and SQLite's write lock free at once
     /// (a management change holding it may need this very thread to finish, so the caller
     /// never waits for it here). Otherwise hands `used` back, for the writer thread.
@@ -276,8 +279,10 @@ impl Shared {
         used: Box<Prepared>,
         queue_empty: bool,
     ) -> Result<Answer, Box<Prepared>> {
-        let quiet = self.now_micros()
-            >= self.last_commit.load(Ordering::Relaxed) + IDLE_AFTER.as_micros() as u64;
+        let now = self.now_micros();
+        let gap = now.saturating_sub(self.last_arrival.swap(now, Ordering::Relaxed));
+        let quiet =
+            gap >= IDLE_AFTER.as_micros() as u64 && self.last_batch.load(Ordering::Relaxed) == 1;
         if !(queue_empty && quiet) {
             return Err(used);
         }
@@ -291,7 +296,6 @@ impl Shared {
         drop(writer);
         match answer {
             Committed::Alone(answer) => {
-                self.committed();
                 self.committed_by_callers.fetch_add(1, Ordering::Relaxed);
                 Ok(answer)
             }
@@ -359,8 +363,8 @@ pub(crate) fn run(shared: Arc<Shared>, jobs: flume::Receiver<WriteJob>) {
                     writer.commit_batch(used, Some(reply), Some(&mut arrivals), Lock::Wait)
                 {
                     last_batch = count;
+                    shared.last_batch.store(count, Ordering::Relaxed);
                 }
-                shared.committed();
                 waiting = arrivals.interrupted;
                 let writer = &mut *writer;
                 writer.wal.keep(&writer.conn);
