@@ -233,7 +233,8 @@ pub(crate) struct Shared {
     writer: Mutex<Writer>,
     /// When the last use arrived, in microseconds since `started`.
     last_arrival: AtomicU64,
-    /// How many uses the writer thread's last transaction held.
+    /// How many uses the writer thread's last transaction held: as many are expected to join
+    /// its next (see `Arrivals`), and only after one alone may a caller commit.
     last_batch: AtomicUsize,
     started: Instant,
     /// Uses committed on their caller's thread (tests look).
@@ -267,10 +268,10 @@ impl Shared {
 
     /// Commits `used` alone on the calling thread if the writer is idle: no job queued, its
     /// thread not at work (the lock free) and its last transaction of one use, no other use
-    /// arrived within [`IDLE_AFTER`], no upkeep
-    /// of the log due (that stays on the writer thread), and SQLite's write lock free at once
-    /// (a management change holding it may need this very thread to finish, so the caller
-    /// never waits for it here). Otherwise hands `used` back, for the writer thread.
+    /// arrived within [`IDLE_AFTER`], no upkeep of the log due (that stays on the writer
+    /// thread), and SQLite's write lock free at once (a management change holding it may need
+    /// this very thread to finish, so the caller never waits for it here). Otherwise hands
+    /// `used` back, for the writer thread.
     ///
     /// The commit is the writer thread's, made under the same lock: one transaction, the same
     /// rules, chain and copies of the consumed values and revoked tokens.
@@ -310,7 +311,6 @@ impl Shared {
 /// The writer thread: takes jobs until the store is dropped (its queue closes).
 pub(crate) fn run(shared: Arc<Shared>, jobs: flume::Receiver<WriteJob>) {
     let mut waiting = None;
-    let mut last_batch = 1;
     let mut pruning: Option<Pruning> = None;
     loop {
         let job = match (waiting.take(), &pruning) {
@@ -355,14 +355,13 @@ pub(crate) fn run(shared: Arc<Shared>, jobs: flume::Receiver<WriteJob>) {
             WriteJob::Use(used, reply) => {
                 let mut arrivals = Arrivals {
                     jobs: &jobs,
-                    expected: last_batch,
+                    expected: shared.last_batch.load(Ordering::Relaxed),
                     waited: Duration::ZERO,
                     interrupted: None,
                 };
                 if let Committed::Answered(count) =
                     writer.commit_batch(used, Some(reply), Some(&mut arrivals), Lock::Wait)
                 {
-                    last_batch = count;
                     shared.last_batch.store(count, Ordering::Relaxed);
                 }
                 waiting = arrivals.interrupted;
