@@ -54,7 +54,8 @@ const OWN_COST_ROUNDS: usize = 3;
 /// `OWN_COST_SECONDS` (a shortfall shows as refused requests, which fail the run).
 const OWN_COST_PROOFS: usize = 150_000;
 const LATENCY_RATE: u64 = 1_000;
-/// `GATEWAY_LOAD_SECONDS` shortens it, for comparing two builds (the target is read at 60 s).
+/// How long each latency run lasts: 60 s, the target's; `GATEWAY_LOAD_SECONDS` shortens it
+/// for comparing two builds.
 fn latency_seconds() -> u64 {
     std::env::var("GATEWAY_LOAD_SECONDS")
         .ok()

@@ -2,11 +2,11 @@
 //! lock on `<database>.lock` for the store's life ([`own_database`]), so a second server on the
 //! same file fails at start, and what the writer keeps in memory (the one-time values consumed,
 //! the revoked tokens) is complete. Two connections write and take turns at SQLite's one write
-//! lock: the group-commit writer thread's (request uses and the audit chain, [`writer`]) and a
-//! one-connection pool for management changes; the log's copier (`wal`) has a third. Reads use
-//! a pool of read-only connections. WAL with `synchronous = NORMAL`: a commit is in the WAL
-//! before it returns, so it survives the process being killed (`kill -9`); only a power cut
-//! may lose the last commits.
+//! lock: the group-commit writer's (request uses and the audit chain, [`writer`]; its thread,
+//! or a caller that finds it idle) and a one-connection pool for management changes; the
+//! log's copier (`wal`) has a third. Reads use a pool of read-only connections. WAL with
+//! `synchronous = NORMAL`: a commit is in the WAL before it returns, so it survives the process
+//! being killed (`kill -9`); only a power cut may lose the last commits.
 
 pub(crate) mod writer;
 
