@@ -189,6 +189,12 @@ impl Repo<Sqlite> {
             .committed_by_callers
             .load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// No upkeep of the log due for a while: a lone use is then sure to try its caller's thread.
+    #[cfg(test)]
+    pub(crate) fn upkeep_checked_just_now(&self) {
+        self.backend().owner.shared.upkeep_checked_just_now();
+    }
 }
 
 impl Backend for Sqlite {

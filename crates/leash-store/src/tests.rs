@@ -539,6 +539,8 @@ async fn a_lone_use_never_waits_for_the_write_lock_on_its_callers_thread() {
     });
     holds.await.unwrap();
     tokio::time::sleep(Duration::from_millis(2)).await;
+    // Every other condition of a caller's-thread commit holds: the use tries it.
+    store.upkeep_checked_just_now();
     let started = std::time::Instant::now();
     let recorded = store.record_use(use_of(&grant, "while-locked", 10)).await;
     assert_eq!(recorded.unwrap(), UseVerdict::Recorded);

@@ -262,6 +262,12 @@ impl Shared {
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// No upkeep of the log due for a while (tests of the caller's-thread commit).
+    #[cfg(test)]
+    pub(crate) fn upkeep_checked_just_now(&self) {
+        self.lock().wal.checked_just_now();
+    }
+
     fn now_micros(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
     }
