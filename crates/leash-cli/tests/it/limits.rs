@@ -172,6 +172,26 @@ async fn request_heads_over_the_limits_are_refused_and_the_server_keeps_serving(
         (431, Some("invalid_request"))
     );
     assert!(body["error_description"].as_str().unwrap().contains("64"));
+    // Refused before its body was read, a request with a body ends its connection (a client
+    // would otherwise send its next request into a connection hyper is closing); one without
+    // a body keeps it.
+    let mut many_with_body = leash.http().post(&url).body("{}");
+    for i in 0..70 {
+        many_with_body = many_with_body.header(format!("x-filler-{i}"), "1");
+    }
+    let (status, headers, _) = read(many_with_body.send().await.unwrap()).await;
+    assert_eq!(status, 431);
+    assert_eq!(
+        headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
+    let mut many_without_body = leash.http().get(&url);
+    for i in 0..70 {
+        many_without_body = many_without_body.header(format!("x-filler-{i}"), "1");
+    }
+    let (status, headers, _) = read(many_without_body.send().await.unwrap()).await;
+    assert_eq!(status, 431);
+    assert!(headers.get("connection").is_none(), "{headers:?}");
 
     let big = "a".repeat(20 * 1024);
     let (status, _, body) = read(
