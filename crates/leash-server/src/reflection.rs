@@ -139,11 +139,21 @@ impl Secrets {
 
     /// Whether `bytes` contain any piece, in any of its forms, in any ASCII case.
     pub fn found_in(&self, bytes: &[u8]) -> bool {
-        self.unbuildable
-            || self
-                .finder
-                .as_ref()
-                .is_some_and(|finder| finder.is_match(&bytes.to_ascii_lowercase()))
+        self.found_lowered(bytes, &mut Vec::new())
+    }
+
+    /// [`Self::found_in`], lowering `bytes` into `lowered` (whose earlier content is dropped),
+    /// so that a caller checking many short texts lowers them all in one allocation.
+    fn found_lowered(&self, bytes: &[u8], lowered: &mut Vec<u8>) -> bool {
+        if self.unbuildable {
+            return true;
+        }
+        let Some(finder) = &self.finder else {
+            return false;
+        };
+        lowered.clear();
+        lowered.extend(bytes.iter().map(u8::to_ascii_lowercase));
+        finder.is_match(lowered.as_slice())
     }
 
     /// Whether some suffix of `tail` (with no piece in it) is the start of a piece: then the
@@ -164,8 +174,10 @@ impl Secrets {
 
     /// Whether any header, by its name or its value, contains any piece.
     pub fn found_in_headers(&self, headers: &HeaderMap) -> bool {
+        let mut lowered = Vec::new();
         headers.iter().any(|(name, value)| {
-            self.found_in(name.as_str().as_bytes()) || self.found_in(value.as_bytes())
+            self.found_lowered(name.as_str().as_bytes(), &mut lowered)
+                || self.found_lowered(value.as_bytes(), &mut lowered)
         })
     }
 }
