@@ -33,6 +33,7 @@ use crate::audit::Trail;
 use crate::config::{Risk, Route, Upstream};
 use crate::error::{ApiError, ApiResult, caused_by};
 use crate::extract::{Caller, ResourceCaller, authenticate_resource, verdict_result};
+use crate::metrics::{self, Surface};
 use crate::overrides::{FormBody, form_body, refuse_method_field, refuse_method_parameter};
 use crate::reflection::{GuardedBody, Secrets};
 use crate::state::AppState;
@@ -42,13 +43,20 @@ const GATEWAY_EVENT: &str = "gateway.request";
 
 /// `ANY /gw/{upstream}/{path…}`.
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let arrived = std::time::Instant::now();
     let request_id = random_id("req_");
     let mut trail = Trail::default();
     let source = source_of(&state, &request);
-    match gateway(&state, request, &request_id, &mut trail).await {
-        Ok(response) => response,
-        Err(e) => refuse(&state, &trail, GATEWAY_EVENT, &request_id, source, e).await,
-    }
+    let (decision, response) = match gateway(&state, request, &request_id, &mut trail).await {
+        Ok(response) => (metrics::Decision::Allow, response),
+        Err(e) => (
+            metrics::Decision::of_refusal(&e),
+            refuse(&state, &trail, GATEWAY_EVENT, &request_id, source, e).await,
+        ),
+    };
+    let requests = &state.metrics.requests;
+    requests.record(Surface::Gateway, decision, arrived.elapsed());
+    response
 }
 
 /// A request's way through the gateway, step by step; `trail` gathers what is known for its

@@ -20,6 +20,7 @@ pub mod listener;
 pub mod master;
 pub mod mcp;
 pub mod meta;
+pub mod metrics;
 pub mod notify;
 pub mod oauth;
 pub mod oidc;

@@ -1,5 +1,6 @@
 //! Discovery and operations: RFC 8414 metadata, JWKS, health, readiness and metrics.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -84,7 +85,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, A
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let m = &state.metrics;
-    let body = format!(
+    let mut body = format!(
         "# HELP leash_tokens_issued_total Access tokens issued.\n\
          # TYPE leash_tokens_issued_total counter\n\
          leash_tokens_issued_total {}\n\
@@ -106,6 +107,29 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.token_rates.tracked(),
         state.gateway_rates.tracked(),
     );
+    m.requests.write(&mut body);
+    // Read when scraped; an unreachable store leaves its gauges out (a scrape never fails for
+    // it) and says so in `leash_store_up`.
+    let gauges = state.store.gauges(state.clock.now()).await;
+    let _ = write!(
+        body,
+        "# HELP leash_store_up Whether the database answered this scrape.\n\
+         # TYPE leash_store_up gauge\n\
+         leash_store_up {}\n",
+        u8::from(gauges.is_ok())
+    );
+    if let Ok(gauges) = gauges {
+        let _ = write!(
+            body,
+            "# HELP leash_live_grants Grants active and not expired.\n\
+             # TYPE leash_live_grants gauge\n\
+             leash_live_grants {}\n\
+             # HELP leash_audit_lag_events Audit events of stored changes not yet in the chain.\n\
+             # TYPE leash_audit_lag_events gauge\n\
+             leash_audit_lag_events {}\n",
+            gauges.live_grants, gauges.audit_outbox
+        );
+    }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub tokens_issued: AtomicU64,
     /// Token requests refused.
     pub token_refusals: AtomicU64,
+    /// Requests at the gateway and the forward proxy, by decision, and their latency.
+    pub requests: crate::metrics::RequestMetrics,
 }
 
 impl Metrics {

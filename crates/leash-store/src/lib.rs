@@ -568,10 +568,23 @@ impl GrantEnd {
 /// between: an event left in the outbox (the append failed, or the process was killed) joins
 /// the chain at the next change, checkpoint or start, and the call that made the change still
 /// succeeds (its change and its event are both durable; the failure is logged).
+/// The store's figures in `GET /metrics` (API §11), read when scraped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreGauges {
+    /// Grants whose tokens may be used now (`Grant::is_live`: active, in time, budget left).
+    pub live_grants: u64,
+    /// The audit lag: events of changes already stored that have yet to join the chain (the
+    /// outbox; nonzero for long only while the chain cannot be written).
+    pub audit_outbox: u64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Whether the database answers.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// What `GET /metrics` reports of the store at `now` (API §11).
+    async fn gauges(&self, now: i64) -> StoreResult<StoreGauges>;
 
     /// Re-seals every value sealed under the master key (settings, vault, signing keys,
     /// previews) with `reseal`, in one transaction with `event`: all or nothing, so a failure

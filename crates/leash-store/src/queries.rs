@@ -26,6 +26,11 @@ use crate::{
 /// The shared statements, on a connection of the database.
 pub(crate) trait Queries: sqlx::Database {
     fn ping(conn: &mut Self::Connection) -> impl Future<Output = StoreResult<()>> + Send;
+    /// `Store::gauges`.
+    fn gauges(
+        conn: &mut Self::Connection,
+        now: i64,
+    ) -> impl Future<Output = StoreResult<crate::StoreGauges>> + Send;
     /// Fails unless `table` exists (a name of the schema, never input).
     fn probe(
         conn: &mut Self::Connection,
@@ -325,6 +330,26 @@ macro_rules! shared_queries {
         async fn ping(conn: &mut <$db as sqlx::Database>::Connection) -> StoreResult<()> {
             sqlx::query("SELECT 1").execute(conn).await.map_err(unavailable)?;
             Ok(())
+        }
+
+        async fn gauges(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            now: i64,
+        ) -> StoreResult<crate::StoreGauges> {
+            let (live_grants, audit_outbox): (i64, i64) = sqlx::query_as(
+                "SELECT \
+                 (SELECT COUNT(*) FROM grants WHERE status = 'active' AND expires_at > $1 \
+                  AND (max_requests IS NULL OR requests_used < max_requests)), \
+                 (SELECT COUNT(*) FROM audit_outbox)",
+            )
+            .bind(now)
+            .fetch_one(conn)
+            .await
+            .map_err(unavailable)?;
+            Ok(crate::StoreGauges {
+                live_grants: u64::try_from(live_grants).unwrap_or_default(),
+                audit_outbox: u64::try_from(audit_outbox).unwrap_or_default(),
+            })
         }
 
         async fn probe(conn: &mut <$db as sqlx::Database>::Connection, table: &str) -> StoreResult<()> {

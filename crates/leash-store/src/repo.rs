@@ -20,8 +20,8 @@ use crate::common::{Memo, SignerSlot, draft_of, log_unflushed, unavailable, vaul
 use crate::queries::Queries;
 use crate::{
     ActionUse, Agent, Approval, AuditQuery, CheckpointSigner, GrantEnd, Login, OAuthConnect,
-    RequestUse, Resealer, RestoreReport, Session, SigningKeyRow, Store, StoreError, StoreResult,
-    UseVerdict, User, VaultEntry,
+    RequestUse, Resealer, RestoreReport, Session, SigningKeyRow, Store, StoreError, StoreGauges,
+    StoreResult, UseVerdict, User, VaultEntry,
 };
 
 /// A connection of a backend's database.
@@ -249,6 +249,10 @@ impl<B> Repo<B> {
 impl<B: Backend> Store for Repo<B> {
     async fn ping(&self) -> StoreResult<()> {
         B::Db::ping(&mut *self.read().await?).await
+    }
+
+    async fn gauges(&self, now: i64) -> StoreResult<StoreGauges> {
+        B::Db::gauges(&mut *self.read().await?, now).await
     }
 
     async fn backup_to(&self, path: &std::path::Path) -> StoreResult<()> {

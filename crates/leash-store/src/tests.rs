@@ -348,6 +348,25 @@ both_backends! {
 }
 
 both_backends! {
+    /// `GET /metrics`'s live grants are the grants `Grant::is_live` says are live.
+    async fn live_grants_are_counted_as_is_live_judges_them(fx) {
+        let store = fx.open().await;
+        let spent = with_grant(store.as_ref(), Some(1)).await;
+        let open = with_grant_named(store.as_ref(), "grt_2", "h2").await;
+        let ended = with_grant_named(store.as_ref(), "grt_3", "h3").await;
+        assert_eq!(store.gauges(10).await.unwrap().live_grants, 3);
+        assert_eq!(store.record_use(use_of(&spent, "p", 10)).await.unwrap(), UseVerdict::Recorded);
+        store.end_grant(&ended.id, GrantEnd::Revoked, None, 11, &ev("grant.ended")).await.unwrap().unwrap();
+        let gauges = store.gauges(11).await.unwrap();
+        assert_eq!(gauges.live_grants, 1, "the spent and the revoked grant still counted");
+        assert_eq!(gauges.audit_outbox, 0, "a change's event left outside the chain");
+        assert!(store.live_grant(&open.id).await.unwrap().unwrap().is_live(11));
+        // At its expiry the last one stops counting.
+        assert_eq!(store.gauges(open.expires_at).await.unwrap().live_grants, 0);
+    }
+}
+
+both_backends! {
     async fn an_ended_grant_is_dead_in_memory_and_spends_nothing(fx) {
         let store = fx.open().await;
         let grant = with_grant(store.as_ref(), None).await;

@@ -947,3 +947,75 @@ async fn an_upstream_reflecting_the_injected_credential_never_hands_it_to_the_ag
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// `GET /metrics` (API §11): the gateway's requests by decision with their latency, live
+/// grants and the audit lag read from the store when scraped.
+#[tokio::test]
+async fn metrics_count_requests_by_decision_and_read_live_grants() {
+    let gw = setup(
+        "",
+        grant(&["mail:read", "mail:export"], &["mail"], json!({})),
+    )
+    .await;
+    let scrape = || async {
+        let response = reqwest::get(format!("{}/metrics", gw.leash.url))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.text().await.unwrap()
+    };
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{series} is not in /metrics:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let gateway = |decision: &str| {
+        format!("leash_requests_total{{surface=\"gateway\",decision=\"{decision}\"}}")
+    };
+    let count = "leash_request_duration_seconds_count{surface=\"gateway\"}";
+    let slowest = "leash_request_duration_seconds_bucket{surface=\"gateway\",le=\"+Inf\"}";
+    let before = scrape().await;
+    assert_eq!(value(&before, "leash_store_up"), 1.0);
+    assert_eq!(value(&before, "leash_live_grants"), 1.0);
+    assert_eq!(value(&before, "leash_audit_lag_events"), 0.0);
+
+    for _ in 0..2 {
+        let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    gw.refused(Method::GET, "/gw/mail/export", 403, "approval_required")
+        .await;
+    gw.refused(Method::PUT, "/gw/mail/messages/1", 403, "no_route")
+        .await;
+    let unauthenticated = reqwest::get(format!("{}/gw/mail/messages/1", gw.leash.url))
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+
+    let after = scrape().await;
+    let added = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(added(&gateway("allow")), 2.0);
+    assert_eq!(added(&gateway("approval_required")), 1.0);
+    assert_eq!(added(&gateway("deny")), 2.0);
+    assert_eq!(added(count), 5.0);
+    assert_eq!(added(slowest), 5.0);
+    assert!(added("leash_request_duration_seconds_sum{surface=\"gateway\"}") > 0.0);
+    assert_eq!(
+        added("leash_requests_total{surface=\"proxy\",decision=\"allow\"}"),
+        0.0
+    );
+
+    let (status, _) = gw
+        .leash
+        .call(
+            Method::POST,
+            &format!("/v1/grants/{}/revoke", gw.s.grant_id()),
+            &gw.s.user_key,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(value(&scrape().await, "leash_live_grants"), 0.0);
+}

@@ -268,6 +268,30 @@ async fn a_tunnel_reaches_the_upstream_as_the_human_and_the_browser_never_holds_
         assert_eq!(event["upstream"], "portal");
         assert_eq!(event["action"], "portal:read");
     }
+
+    // Counted in `/metrics` as the proxy's, not the gateway's.
+    let metrics = reqwest::get(format!("{}/metrics", portal.leash().url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (series, count) in [
+        (
+            "leash_requests_total{surface=\"proxy\",decision=\"allow\"}",
+            3,
+        ),
+        ("leash_request_duration_seconds_count{surface=\"proxy\"}", 3),
+        (
+            "leash_requests_total{surface=\"gateway\",decision=\"allow\"}",
+            0,
+        ),
+    ] {
+        assert!(
+            metrics.contains(&format!("{series} {count}\n")),
+            "{series} is not {count}:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,0 +1,210 @@
+//! The request figures of `GET /metrics` (API §11): requests by surface and decision, and a
+//! latency histogram per surface.
+//!
+//! Hand-written, like the rest of `/metrics` (a few counters do not need a registry): a
+//! fixed-bucket histogram of atomics costs the gateway two relaxed additions per request,
+//! where `prometheus-client`'s histogram takes a lock per observation.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::ApiError;
+
+/// Where a request came in. MCP is not counted here: a tool call refused by policy is answered
+/// as a JSON-RPC error inside a `200`, which the handler's outcome does not tell from a result.
+#[derive(Debug, Clone, Copy)]
+pub enum Surface {
+    /// `/gw/{upstream}/…`.
+    Gateway,
+    /// A request in the forward proxy's tunnel.
+    Proxy,
+}
+
+const SURFACES: [(Surface, &str); 2] = [(Surface::Gateway, "gateway"), (Surface::Proxy, "proxy")];
+
+/// What was decided for a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Decision {
+    /// Forwarded.
+    Allow,
+    /// Refused, at any step (or its approval was denied or not given in time).
+    Deny,
+    /// Refused until a human approves it.
+    ApprovalRequired,
+}
+
+const DECISIONS: [(Decision, &str); 3] = [
+    (Decision::Allow, "allow"),
+    (Decision::Deny, "deny"),
+    (Decision::ApprovalRequired, "approval_required"),
+];
+
+impl Decision {
+    /// The decision a refusal stands for.
+    pub fn of_refusal(error: &ApiError) -> Self {
+        match error {
+            ApiError::ApprovalRequired { .. } => Self::ApprovalRequired,
+            _ => Self::Deny,
+        }
+    }
+}
+
+/// Upper bounds of the latency buckets, in microseconds (`le` is written in seconds): from a
+/// decision made in memory to an upstream at its timeout.
+const BOUNDS_MICROS: [u64; 14] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+/// One surface's latency histogram; `buckets` holds each bucket's own count (the last is
+/// `+Inf`), made cumulative when written.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; BOUNDS_MICROS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let bucket = BOUNDS_MICROS.partition_point(|&bound| bound < micros);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+/// Requests by surface and decision, and how long Leash took to answer each: from its arrival
+/// to the head of Leash's answer (the decision, and for a forwarded request the upstream's
+/// answer head; not the streaming of the body).
+#[derive(Debug, Default)]
+pub struct RequestMetrics {
+    decided: [[AtomicU64; DECISIONS.len()]; SURFACES.len()],
+    latency: [Histogram; SURFACES.len()],
+}
+
+impl RequestMetrics {
+    /// Counts one request of `surface` decided `decision`, answered after `took`.
+    pub fn record(&self, surface: Surface, decision: Decision, took: Duration) {
+        let surface = surface as usize;
+        self.decided[surface][decision as usize].fetch_add(1, Ordering::Relaxed);
+        self.latency[surface].observe(took);
+    }
+
+    /// The figures in Prometheus text format.
+    pub fn write(&self, out: &mut String) {
+        out.push_str(
+            "# HELP leash_requests_total Requests decided, by surface and decision.\n\
+             # TYPE leash_requests_total counter\n",
+        );
+        for (surface, surface_name) in SURFACES {
+            for (decision, decision_name) in DECISIONS {
+                let count =
+                    self.decided[surface as usize][decision as usize].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "leash_requests_total{{surface=\"{surface_name}\",decision=\"{decision_name}\"}} {count}"
+                );
+            }
+        }
+        out.push_str(
+            "# HELP leash_request_duration_seconds Time from a request's arrival to the head of \
+             Leash's answer.\n\
+             # TYPE leash_request_duration_seconds histogram\n",
+        );
+        for (surface, surface_name) in SURFACES {
+            let histogram = &self.latency[surface as usize];
+            let mut cumulative = 0u64;
+            for (at, bucket) in histogram.buckets.iter().enumerate() {
+                cumulative += bucket.load(Ordering::Relaxed);
+                let le = BOUNDS_MICROS
+                    .get(at)
+                    .map_or_else(|| "+Inf".to_owned(), |&micros| seconds(micros));
+                let _ = writeln!(
+                    out,
+                    "leash_request_duration_seconds_bucket{{surface=\"{surface_name}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let sum = seconds(histogram.sum_micros.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "leash_request_duration_seconds_sum{{surface=\"{surface_name}\"}} {sum}\n\
+                 leash_request_duration_seconds_count{{surface=\"{surface_name}\"}} {cumulative}"
+            );
+        }
+    }
+}
+
+/// Microseconds written as seconds, exactly (no float rounding: `0.00025`, `10`).
+fn seconds(micros: u64) -> String {
+    let (whole, fraction) = (micros / 1_000_000, micros % 1_000_000);
+    if fraction == 0 {
+        return whole.to_string();
+    }
+    let fraction = format!("{fraction:06}");
+    format!("{whole}.{}", fraction.trim_end_matches('0'))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests abort loudly on failure")]
+
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines().find(|l| l.starts_with(prefix)).unwrap()
+    }
+
+    #[test]
+    fn buckets_are_cumulative_and_bounds_inclusive() {
+        let metrics = RequestMetrics::default();
+        let gateway = Surface::Gateway;
+        metrics.record(gateway, Decision::Allow, Duration::from_micros(250));
+        metrics.record(gateway, Decision::Allow, Duration::from_micros(251));
+        metrics.record(gateway, Decision::Deny, Duration::from_secs(11));
+        metrics.record(
+            Surface::Proxy,
+            Decision::ApprovalRequired,
+            Duration::from_millis(3),
+        );
+        let mut text = String::new();
+        metrics.write(&mut text);
+        let bucket = |surface: &str, le: &str| {
+            line(
+                &text,
+                &format!(
+                    "leash_request_duration_seconds_bucket{{surface=\"{surface}\",le=\"{le}\"}} "
+                ),
+            )
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+        };
+        // `le` is inclusive: 250 µs is in the first bucket, 251 µs in the second.
+        assert_eq!(bucket("gateway", "0.00025"), "1");
+        assert_eq!(bucket("gateway", "0.0005"), "2");
+        assert_eq!(bucket("gateway", "10"), "2");
+        assert_eq!(bucket("gateway", "+Inf"), "3");
+        assert_eq!(bucket("proxy", "0.0025"), "0");
+        assert_eq!(bucket("proxy", "0.005"), "1");
+        assert!(text.contains("leash_request_duration_seconds_count{surface=\"gateway\"} 3\n"));
+        assert!(
+            text.contains("leash_request_duration_seconds_sum{surface=\"gateway\"} 11.000501\n")
+        );
+        assert!(text.contains("leash_requests_total{surface=\"gateway\",decision=\"allow\"} 2\n"));
+        assert!(text.contains("leash_requests_total{surface=\"gateway\",decision=\"deny\"} 1\n"));
+        assert!(text.contains(
+            "leash_requests_total{surface=\"proxy\",decision=\"approval_required\"} 1\n"
+        ));
+        assert!(text.contains("leash_requests_total{surface=\"proxy\",decision=\"allow\"} 0\n"));
+    }
+
+    #[test]
+    fn seconds_are_written_exactly() {
+        assert_eq!(seconds(250), "0.00025");
+        assert_eq!(seconds(1_000_000), "1");
+        assert_eq!(seconds(2_500_000), "2.5");
+        assert_eq!(seconds(0), "0");
+    }
+}
