@@ -29,6 +29,9 @@ pub struct Trail {
     pub known: AuditEvent,
     /// Whether the request's event is stored already (by its commit).
     pub recorded: bool,
+    /// Whether its commit stored it as allowed: it was, whatever follows (the upstream
+    /// failing, the client leaving).
+    pub allowed: bool,
 }
 
 impl Default for Trail {
@@ -36,6 +39,7 @@ impl Default for Trail {
         Self {
             known: AuditEvent::new("", Mode::Delegated, 0),
             recorded: false,
+            allowed: false,
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::audit::Trail;
 use crate::config::{Risk, Route, Upstream};
 use crate::error::{ApiError, ApiResult, caused_by};
 use crate::extract::{Caller, ResourceCaller, authenticate_resource, verdict_result};
-use crate::metrics::{self, Surface};
+use crate::metrics::{Counted, Surface};
 use crate::overrides::{FormBody, form_body, refuse_method_field, refuse_method_parameter};
 use crate::reflection::{GuardedBody, Secrets};
 use crate::state::AppState;
@@ -43,20 +43,24 @@ const GATEWAY_EVENT: &str = "gateway.request";
 
 /// `ANY /gw/{upstream}/{path…}`.
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let arrived = std::time::Instant::now();
+    let mut counted = Counted::new(&state.metrics.requests, Surface::Gateway);
     let request_id = random_id("req_");
-    let mut trail = Trail::default();
     let source = source_of(&state, &request);
-    let (decision, response) = match gateway(&state, request, &request_id, &mut trail).await {
-        Ok(response) => (metrics::Decision::Allow, response),
-        Err(e) => (
-            metrics::Decision::of_refusal(&e),
-            refuse(&state, &trail, GATEWAY_EVENT, &request_id, source, e).await,
-        ),
-    };
-    let requests = &state.metrics.requests;
-    requests.record(Surface::Gateway, decision, arrived.elapsed());
-    response
+    match gateway(&state, request, &request_id, &mut counted.trail).await {
+        Ok(response) => response,
+        Err(e) => {
+            counted.refused_by(&e);
+            refuse(
+                &state,
+                &counted.trail,
+                GATEWAY_EVENT,
+                &request_id,
+                source,
+                e,
+            )
+            .await
+        }
+    }
 }
 
 /// A request's way through the gateway, step by step; `trail` gathers what is known for its
@@ -890,7 +894,9 @@ impl Decided<'_> {
             ApiError::AuditUnavailable
         })?;
         trail.recorded = true;
-        verdict_result(verdict).map(|()| injected)
+        verdict_result(verdict)?;
+        trail.allowed = true;
+        Ok(injected)
     }
 
     /// The token's single use of the action, if the grant makes it `single_use` (API §2): one

@@ -49,6 +49,8 @@ pub fn source_address(
 pub struct UnauthenticatedRefusals {
     limiter: Option<governor::DefaultKeyedRateLimiter<IpAddr>>,
     suppressed: std::sync::Mutex<Suppressed>,
+    /// Refusals answered 429 since start (`/metrics`).
+    refused: AtomicU64,
 }
 
 /// Refusals answered 429 since the last summary.
@@ -82,6 +84,7 @@ impl UnauthenticatedRefusals {
                 )
             }),
             suppressed: std::sync::Mutex::default(),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -95,6 +98,7 @@ impl UnauthenticatedRefusals {
         if limiter.check_key(&source).is_ok() {
             return true;
         }
+        self.refused.fetch_add(1, Ordering::Relaxed);
         let mut suppressed = self
             .suppressed
             .lock()
@@ -118,6 +122,11 @@ impl UnauthenticatedRefusals {
             requests: taken.requests,
             addresses: taken.addresses.len(),
         })
+    }
+
+    /// Refusals answered 429 since start.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Drops the entries of addresses back at full allowance (run periodically).

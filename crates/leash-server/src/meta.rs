@@ -111,10 +111,12 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
          # HELP leash_token_refusals_total Token requests refused.\n\
          # TYPE leash_token_refusals_total counter\n\
          leash_token_refusals_total {}\n\
-         # HELP leash_rate_limited_total Requests refused with 429, by endpoint.\n\
+         # HELP leash_rate_limited_total Requests refused with 429, by endpoint (`unidentified`: \
+         refusals naming nobody, over their source's rate).\n\
          # TYPE leash_rate_limited_total counter\n\
          leash_rate_limited_total{{endpoint=\"token\"}} {}\n\
          leash_rate_limited_total{{endpoint=\"gateway\"}} {}\n\
+         leash_rate_limited_total{{endpoint=\"unidentified\"}} {}\n\
          # HELP leash_rate_limit_callers Callers whose rate is being tracked, by endpoint.\n\
          # TYPE leash_rate_limit_callers gauge\n\
          leash_rate_limit_callers{{endpoint=\"token\"}} {}\n\
@@ -123,6 +125,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         m.token_refusals.load(Ordering::Relaxed),
         state.token_rates.refused(),
         state.gateway_rates.refused(),
+        state.unauthenticated.refused(),
         state.token_rates.tracked(),
         state.gateway_rates.tracked(),
     );

@@ -7,8 +7,9 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::audit::Trail;
 use crate::error::ApiError;
 
 /// Where a request came in. MCP is not counted here: a tool call refused by policy is answered
@@ -52,9 +53,9 @@ impl Decision {
 
 /// Upper bounds of the latency buckets, in microseconds (`le` is written in seconds): from a
 /// decision made in memory to an upstream at its timeout.
-const BOUNDS_MICROS: [u64; 14] = [
+const BOUNDS_MICROS: [u64; 15] = [
     250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-    2_500_000, 10_000_000,
+    2_500_000, 5_000_000, 10_000_000,
 ];
 
 /// One surface's latency histogram; `buckets` holds each bucket's own count (the last is
@@ -132,6 +133,57 @@ impl RequestMetrics {
                  leash_request_duration_seconds_count{{surface=\"{surface_name}\"}} {cumulative}"
             );
         }
+    }
+}
+
+/// A request of one surface, counted once when its handler ends, however it ends: a client
+/// that hangs up drops the handler mid-way. One whose commit stored it as allowed counts as
+/// allowed, whatever followed (the upstream failing or timing out, the client leaving: it was
+/// forwarded, or was about to be, and the audit says allow); a refused one as its refusal; one
+/// that ended before either (the client left while it was being decided) is not counted.
+pub struct Counted<'m> {
+    requests: &'m RequestMetrics,
+    surface: Surface,
+    arrived: Instant,
+    /// The request's audit trail, held here so that its commit is known when it ends.
+    pub trail: Trail,
+    refused: Option<Decision>,
+}
+
+impl<'m> Counted<'m> {
+    /// A request of `surface` arriving now.
+    pub fn new(requests: &'m RequestMetrics, surface: Surface) -> Self {
+        Self {
+            requests,
+            surface,
+            arrived: Instant::now(),
+            trail: Trail::default(),
+            refused: None,
+        }
+    }
+
+    /// The request was refused: it counts as `decision` unless its commit allowed it first.
+    pub fn refused(&mut self, decision: Decision) {
+        self.refused = Some(decision);
+    }
+
+    /// The request was refused with `error` ([`Self::refused`]).
+    pub fn refused_by(&mut self, error: &ApiError) {
+        self.refused(Decision::of_refusal(error));
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        let decision = if self.trail.allowed {
+            Decision::Allow
+        } else if let Some(refused) = self.refused {
+            refused
+        } else {
+            return;
+        };
+        self.requests
+            .record(self.surface, decision, self.arrived.elapsed());
     }
 }
 

@@ -948,6 +948,24 @@ async fn an_upstream_reflecting_the_injected_credential_never_hands_it_to_the_ag
     }
 }
 
+/// `GET /metrics` as text.
+async fn scrape(leash: &Leash) -> String {
+    let response = reqwest::get(format!("{}/metrics", leash.url))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
+
+/// The value of one series of a `/metrics` text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} is not in /metrics:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
 /// `GET /metrics` (API §11): the gateway's requests by decision with their latency, live
 /// grants and the audit lag read from the store when scraped.
 #[tokio::test]
@@ -957,20 +975,8 @@ async fn metrics_count_requests_by_decision_and_read_live_grants() {
         grant(&["mail:read", "mail:export"], &["mail"], json!({})),
     )
     .await;
-    let scrape = || async {
-        let response = reqwest::get(format!("{}/metrics", gw.leash.url))
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.text().await.unwrap()
-    };
-    let value = |text: &str, series: &str| -> f64 {
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("{series} is not in /metrics:\n{text}"))
-            .parse()
-            .unwrap()
-    };
+    let scrape = || scrape(&gw.leash);
+    let value = metric;
     let gateway = |decision: &str| {
         format!("leash_requests_total{{surface=\"gateway\",decision=\"{decision}\"}}")
     };
@@ -1026,4 +1032,70 @@ async fn metrics_count_requests_by_decision_and_read_live_grants() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// A committed request counts as allowed in `/metrics` whatever follows, as the audit says:
+/// an upstream that cannot be reached (502), and a client that hangs up while the upstream
+/// has yet to answer (the handler is dropped mid-way).
+#[tokio::test]
+async fn metrics_count_a_committed_request_as_allowed_when_the_upstream_fails_or_the_client_leaves()
+{
+    let allowed = "leash_requests_total{surface=\"gateway\",decision=\"allow\"}";
+    let denied = "leash_requests_total{surface=\"gateway\",decision=\"deny\"}";
+
+    let unreachable = setup_with(
+        "",
+        grant(&["mail:read"], &["mail"], json!({})),
+        Some("http://127.0.0.1:9"),
+    )
+    .await;
+    let before = scrape(&unreachable.leash).await;
+    let (status, _, body) = unreachable
+        .call(Method::GET, "/gw/mail/messages/1", &[])
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("bad_gateway")),
+        "{body}"
+    );
+    let after = scrape(&unreachable.leash).await;
+    assert_eq!(metric(&after, allowed) - metric(&before, allowed), 1.0);
+    assert_eq!(metric(&after, denied) - metric(&before, denied), 0.0);
+
+    // An upstream that accepts and never answers.
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stalled_url = format!("http://{}", stalled.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = stalled.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let gw = setup_with(
+        "",
+        grant(&["mail:read"], &["mail"], json!({})),
+        Some(&stalled_url),
+    )
+    .await;
+    let before = scrape(&gw.leash).await;
+    let gave_up = gw
+        .request(Method::GET, "/gw/mail/messages/1")
+        .timeout(std::time::Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the stalled upstream answered");
+    let started = std::time::Instant::now();
+    loop {
+        let now = scrape(&gw.leash).await;
+        if metric(&now, allowed) - metric(&before, allowed) == 1.0 {
+            assert_eq!(metric(&now, denied), metric(&before, denied));
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "a committed request whose client left is not counted:\n{now}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    held.abort();
 }

@@ -813,6 +813,15 @@ async fn unauthenticated_garbage_cannot_flood_the_audit_log() {
     assert_eq!(status, 200, "{body}");
     let (status, _, _) = gw.call(Method::GET, "/gw/mail/export", &[]).await;
     assert_eq!(status, 403);
+    // Each 429 is counted in `/metrics`.
+    let metrics = reqwest::get(format!("{}/metrics", gw.leash.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!("leash_rate_limited_total{{endpoint=\"unidentified\"}} {limited}\n");
+    assert!(metrics.contains(&series), "not {series}{metrics}");
 
     let mut leash = gw.leash;
     assert!(leash.terminate().await.success());

@@ -33,7 +33,7 @@ use crate::gateway::{
     UpstreamSocket, decide_for,
 };
 use crate::listener::StallTimed;
-use crate::metrics::{Decision, Surface};
+use crate::metrics::{Counted, Decision, Surface};
 use crate::overrides::{form_body, refuse_method_field};
 
 /// How often a held request looks whether its approval was decided.
@@ -97,22 +97,19 @@ pub(crate) async fn serve_tls(tunnel: Tunnel, upgraded: Upgraded, tls: Arc<rustl
 pub(crate) async fn handle(tunnel: &Tunnel, request: Request) -> Response {
     let state = &tunnel.proxy.state;
     let request_id = random_id("req_");
-    let arrived = std::time::Instant::now();
-    let mut trail = Trail::default();
-    trail.known.via = Some(VIA.into());
-    let (decision, response) = match proxied(tunnel, request, &request_id, &mut trail).await {
-        Ok(response) => (Decision::Allow, response),
-        Err(Stopped::Refused(e)) => (
-            Decision::of_refusal(&e),
-            page::refuse(state, &trail, &request_id, tunnel.source, e).await,
-        ),
-        Err(Stopped::NotApproved { approval, denied }) => {
-            (Decision::Deny, page::not_approved(&approval, denied))
+    let mut counted = Counted::new(&state.metrics.requests, Surface::Proxy);
+    counted.trail.known.via = Some(VIA.into());
+    match proxied(tunnel, request, &request_id, &mut counted.trail).await {
+        Ok(response) => response,
+        Err(Stopped::Refused(e)) => {
+            counted.refused_by(&e);
+            page::refuse(state, &counted.trail, &request_id, tunnel.source, e).await
         }
-    };
-    let requests = &state.metrics.requests;
-    requests.record(Surface::Proxy, decision, arrived.elapsed());
-    response
+        Err(Stopped::NotApproved { approval, denied }) => {
+            counted.refused(Decision::Deny);
+            page::not_approved(&approval, denied)
+        }
+    }
 }
 
 /// Why a request in a tunnel was not forwarded.
