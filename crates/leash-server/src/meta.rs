@@ -133,7 +133,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let gauges = store_gauges(&state).await;
     let _ = write!(
         body,
-        "# HELP leash_store_up Whether the database answered this scrape.\n\
+        "# HELP leash_store_up Whether the database answered its last reading (at most 1 s old).\n\
          # TYPE leash_store_up gauge\n\
          leash_store_up {}\n",
         u8::from(gauges.is_some())
@@ -141,7 +141,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     if let Some(gauges) = gauges {
         let _ = write!(
             body,
-            "# HELP leash_live_grants Grants active and not expired.\n\
+            "# HELP leash_live_grants Grants whose tokens may be used now (active, in time, budget left).\n\
              # TYPE leash_live_grants gauge\n\
              leash_live_grants {}\n\
              # HELP leash_audit_lag_events Audit events of stored changes not yet in the chain.\n\

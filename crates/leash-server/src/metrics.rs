@@ -27,7 +27,7 @@ const SURFACES: [(Surface, &str); 2] = [(Surface::Gateway, "gateway"), (Surface:
 /// What was decided for a request.
 #[derive(Debug, Clone, Copy)]
 pub enum Decision {
-    /// Forwarded.
+    /// Allowed: its allow event was committed (then forwarded, even if the upstream failed).
     Allow,
     /// Refused, at any step (or its approval was denied or not given in time).
     Deny,

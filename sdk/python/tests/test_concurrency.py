@@ -26,7 +26,15 @@ def test_fifty_threads_share_one_exchange_and_one_renewal(
     setup = set_up(leash, tmp_path, approval_required=[])
     with Agent.from_jwk_file(leash.url, setup.agent_id, setup.key_file) as agent:
         task = agent.task(setup.handle)
-        with httpx.Client(auth=task.auth) as client, ThreadPoolExecutor(50) as pool:
+        # As many kept-alive connections as threads, kept past the sleep below: httpx's
+        # defaults (20, 5 s) make its pool close connections it calls idle while another
+        # thread is about to use one, and that thread reads a closed socket (EBADF; httpcore
+        # issue 1110), a race of the client's, not of the SDK or Leash, seen under CI load.
+        limits = httpx.Limits(max_keepalive_connections=50, keepalive_expiry=30)
+        with (
+            httpx.Client(auth=task.auth, limits=limits) as client,
+            ThreadPoolExecutor(50) as pool,
+        ):
 
             def read(n: int) -> int:
                 return client.get(task.url("mail", f"/messages/{n}")).status_code
