@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Instructions Leash's process executes per gateway request, counted by valgrind's callgrind:
 # repeatable on the shared machines where wall time is not (two runs of one build agree within
-# 0.1 %), so it compares two builds' user-space cost without a load run's noise. The kernel's
-# share (system calls) is not counted, and SHA-256 runs without SHA-NI under valgrind.
+# 0.1 %; the difference per request, within about 1 %), so it compares two builds' user-space
+# cost without a load run's noise. The kernel's share (system calls) is not counted, and
+# SHA-256 runs without SHA-NI under valgrind.
 #
 # Usage: crates/leash-cli/benches/callgrind_gateway.sh [LEASH_BINARY]   (default: target/release/leash)
 #
@@ -38,9 +39,9 @@ count() {
   until grep -q "leash pid" "$log"; do sleep 0.1; done
   local pid
   pid=$(grep " serve " "$work/pids" | tail -1 | cut -d' ' -f1)
-  callgrind_control -z "$pid" > /dev/null
+  callgrind_control -z "$pid" > /dev/null 2>&1
   until grep -q "p50" "$log"; do sleep 0.1; done
-  callgrind_control -d "$pid" > /dev/null
+  callgrind_control -d "$pid" > /dev/null 2>&1
   kill "$pid"
   wait "$bench" || true
   grep -h "^summary:" "$work"/out."$pid".* | head -1 | awk '{print $2}'
