@@ -94,6 +94,20 @@ impl Gw {
         request.send().await.unwrap()
     }
 
+    /// The human revokes the grant (API §2); it must succeed.
+    pub async fn revoke(&self) {
+        let (status, body) = self
+            .leash
+            .call(
+                Method::POST,
+                &format!("/v1/grants/{}/revoke", self.s.grant_id()),
+                &self.s.user_key,
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
     pub async fn refused(&self, method: Method, target: &str, status: u16, code: &str) -> Value {
         let before = self.upstream.count();
         let (got, _, body) = self.call(method, target, &[]).await;
@@ -472,16 +486,7 @@ async fn revoking_between_two_requests_refuses_the_second() {
         gw.call(Method::GET, "/gw/mail/messages/1", &[]).await.0,
         200
     );
-    let (status, _) = gw
-        .leash
-        .call(
-            Method::POST,
-            &format!("/v1/grants/{}/revoke", gw.s.grant_id()),
-            &gw.s.user_key,
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    gw.revoke().await;
     gw.refused(Method::GET, "/gw/mail/messages/1", 401, "invalid_token")
         .await;
     assert_eq!(gw.upstream.count(), 1);
@@ -949,7 +954,7 @@ async fn an_upstream_reflecting_the_injected_credential_never_hands_it_to_the_ag
 }
 
 /// `GET /metrics` as text.
-async fn scrape(leash: &Leash) -> String {
+pub async fn scrape(leash: &Leash) -> String {
     let response = reqwest::get(format!("{}/metrics", leash.url))
         .await
         .unwrap();
@@ -958,7 +963,7 @@ async fn scrape(leash: &Leash) -> String {
 }
 
 /// The value of one series of a `/metrics` text.
-fn metric(text: &str, series: &str) -> f64 {
+pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .unwrap_or_else(|| panic!("{series} is not in /metrics:\n{text}"))
@@ -1013,16 +1018,7 @@ async fn metrics_count_requests_by_decision_and_read_live_grants() {
         0.0
     );
 
-    let (status, _) = gw
-        .leash
-        .call(
-            Method::POST,
-            &format!("/v1/grants/{}/revoke", gw.s.grant_id()),
-            &gw.s.user_key,
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    gw.revoke().await;
     // A reading of the store serves the scrapes of the next second.
     let started = std::time::Instant::now();
     while value(&scrape().await, "leash_live_grants") != 0.0 {

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::bin;
-use super::gateway::{Gw, grant, setup, setup_with};
+use super::gateway::{Gw, grant, metric, scrape, setup, setup_with};
 
 /// The `Retry-After` of a 429, checked to be whole seconds.
 fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
@@ -814,14 +814,9 @@ async fn unauthenticated_garbage_cannot_flood_the_audit_log() {
     let (status, _, _) = gw.call(Method::GET, "/gw/mail/export", &[]).await;
     assert_eq!(status, 403);
     // Each 429 is counted in `/metrics`.
-    let metrics = reqwest::get(format!("{}/metrics", gw.leash.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let series = format!("leash_rate_limited_total{{endpoint=\"unidentified\"}} {limited}\n");
-    assert!(metrics.contains(&series), "not {series}{metrics}");
+    let metrics = scrape(&gw.leash).await;
+    let series = "leash_rate_limited_total{endpoint=\"unidentified\"}";
+    assert_eq!(metric(&metrics, series), f64::from(limited));
 
     let mut leash = gw.leash;
     assert!(leash.terminate().await.success());

@@ -841,16 +841,7 @@ async fn the_postgres_procedure_pg_dump_pg_restore_and_the_mark_rolls_back_too()
         .expect("pg_dump (installed with PostgreSQL by .ci/postgres.sh)");
     assert!(status.success());
     // After the dump: the grant is revoked on the live deployment.
-    let (status, body) = gw
-        .leash
-        .call(
-            Method::POST,
-            &format!("/v1/grants/{}/revoke", gw.s.grant_id()),
-            &gw.s.user_key,
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    gw.revoke().await;
     gw.leash.kill9().await;
     let status = std::process::Command::new("pg_restore")
         .args(["--clean", "--if-exists", "--no-owner", "-d"])

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::audit::audit;
-use super::gateway::{Gw, grant, setup_with};
+use super::gateway::{Gw, grant, metric, scrape, setup_with};
 
 const PROXY_CREDENTIAL: &str = "urn:leash:params:oauth:token-type:proxy-credential";
 pub(super) const SESSION: &str = "sid=human-portal-session-0123456789";
@@ -270,27 +270,22 @@ async fn a_tunnel_reaches_the_upstream_as_the_human_and_the_browser_never_holds_
     }
 
     // Counted in `/metrics` as the proxy's, not the gateway's.
-    let metrics = reqwest::get(format!("{}/metrics", portal.leash().url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(portal.leash()).await;
     for (series, count) in [
         (
             "leash_requests_total{surface=\"proxy\",decision=\"allow\"}",
-            3,
+            3.0,
         ),
-        ("leash_request_duration_seconds_count{surface=\"proxy\"}", 3),
+        (
+            "leash_request_duration_seconds_count{surface=\"proxy\"}",
+            3.0,
+        ),
         (
             "leash_requests_total{surface=\"gateway\",decision=\"allow\"}",
-            0,
+            0.0,
         ),
     ] {
-        assert!(
-            metrics.contains(&format!("{series} {count}\n")),
-            "{series} is not {count}:\n{metrics}"
-        );
+        assert_eq!(metric(&metrics, series), count, "{series}");
     }
 }
 
