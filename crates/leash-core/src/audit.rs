@@ -3,6 +3,7 @@
 //! `seq`. Pure logic: the store assigns `seq` and the head; the caller brings the keys.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -203,11 +204,19 @@ impl AuditEvent {
             json(&open)?
         };
         // memchr's vectorised search: str::find's two-way search was a tenth of each append.
-        let find = |member: &str| {
-            memchr::memmem::find(canonical.as_bytes(), member.as_bytes())
-                .ok_or_else(|| CanonicalError(format!("no {member} in the canonical form")))
+        // The searchers are built once: `memmem::find` builds one on every call.
+        static OPEN_MEMBERS: LazyLock<[memchr::memmem::Finder<'static>; 3]> =
+            LazyLock::new(|| [OPEN_HASH, OPEN_PREV, OPEN_SEQ].map(memchr::memmem::Finder::new));
+        let find = |finder: &memchr::memmem::Finder<'_>| {
+            finder.find(canonical.as_bytes()).ok_or_else(|| {
+                CanonicalError(format!(
+                    "no {} in the canonical form",
+                    String::from_utf8_lossy(finder.needle())
+                ))
+            })
         };
-        let (hash_at, prev_at, seq_at) = (find(OPEN_HASH)?, find(OPEN_PREV)?, find(OPEN_SEQ)?);
+        let [open_hash, open_prev, open_seq] = &*OPEN_MEMBERS;
+        let (hash_at, prev_at, seq_at) = (find(open_hash)?, find(open_prev)?, find(open_seq)?);
         if !(hash_at < prev_at && prev_at < seq_at) {
             return Err(CanonicalError("members out of canonical order".into()));
         }
