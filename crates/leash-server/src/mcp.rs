@@ -48,6 +48,7 @@ use crate::gateway::{
     approval_step, ask_approval, attribute_refused_token, authenticate, evaluate_policy, forward,
     refuse, source_of,
 };
+use crate::metrics::{Counted, Surface};
 use crate::state::AppState;
 
 /// The audit kind of a `tools/call` decision.
@@ -252,15 +253,23 @@ pub async fn handle(
     Path(name): Path<String>,
     request: Request,
 ) -> Response {
+    let mut counted = Counted::new(&state.metrics.requests, Surface::Mcp);
     let request_id = random_id("req_");
-    let mut trail = Trail::default();
-    trail.known.upstream = Some(name.clone());
+    counted.trail.known.upstream = Some(name.clone());
     let source = source_of(&state, &request);
-    match endpoint(&state, &name, request, &request_id, &mut trail).await {
+    match endpoint(&state, &name, request, &request_id, &mut counted.trail).await {
         Ok(response) => response,
         Err(e) => {
-            let mut response =
-                refuse(&state, &trail, MCP_REQUEST_EVENT, &request_id, source, e).await;
+            counted.refused_by(&e);
+            let mut response = refuse(
+                &state,
+                &counted.trail,
+                MCP_REQUEST_EVENT,
+                &request_id,
+                source,
+                e,
+            )
+            .await;
             if response.status() == StatusCode::UNAUTHORIZED {
                 point_to_metadata(&state, &name, response.headers_mut());
             }

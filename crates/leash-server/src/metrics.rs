@@ -12,17 +12,23 @@ use std::time::{Duration, Instant};
 use crate::audit::Trail;
 use crate::error::ApiError;
 
-/// Where a request came in. MCP is not counted here: a tool call refused by policy is answered
-/// as a JSON-RPC error inside a `200`, which the handler's outcome does not tell from a result.
+/// Where a request came in.
 #[derive(Debug, Clone, Copy)]
 pub enum Surface {
     /// `/gw/{upstream}/…`.
     Gateway,
     /// A request in the forward proxy's tunnel.
     Proxy,
+    /// An MCP message that is decided (`tools/call`, `resources/*`, `prompts/*`); the messages
+    /// passed on without a decision (`initialize`, `tools/list`, notifications…) are not counted.
+    Mcp,
 }
 
-const SURFACES: [(Surface, &str); 2] = [(Surface::Gateway, "gateway"), (Surface::Proxy, "proxy")];
+const SURFACES: [(Surface, &str); 3] = [
+    (Surface::Gateway, "gateway"),
+    (Surface::Proxy, "proxy"),
+    (Surface::Mcp, "mcp"),
+];
 
 /// What was decided for a request.
 #[derive(Debug, Clone, Copy)]
@@ -140,7 +146,9 @@ impl RequestMetrics {
 /// that hangs up drops the handler mid-way. One whose commit stored it as allowed counts as
 /// allowed, whatever followed (the upstream failing or timing out, the client leaving: it was
 /// forwarded, or was about to be, and the audit says allow); a refused one as its refusal; one
-/// that ended before either (the client left while it was being decided) is not counted.
+/// refused inside a successful answer (an MCP tool call refused in a `200`, as a tool result)
+/// as denied, known by its stored refusal event; one that ended before any of these (the
+/// client left while it was being decided, a message that needed no decision) is not counted.
 pub struct Counted<'m> {
     requests: &'m RequestMetrics,
     surface: Surface,
@@ -179,6 +187,8 @@ impl Drop for Counted<'_> {
             Decision::Allow
         } else if let Some(refused) = self.refused {
             refused
+        } else if self.trail.recorded {
+            Decision::Deny
         } else {
             return;
         };
@@ -250,6 +260,47 @@ mod tests {
             "leash_requests_total{surface=\"proxy\",decision=\"approval_required\"} 1\n"
         ));
         assert!(text.contains("leash_requests_total{surface=\"proxy\",decision=\"allow\"} 0\n"));
+    }
+
+    #[test]
+    fn a_request_counts_by_what_its_trail_and_refusal_say() {
+        let metrics = RequestMetrics::default();
+        let count = |decision: &str| {
+            let mut text = String::new();
+            metrics.write(&mut text);
+            line(
+                &text,
+                &format!("leash_requests_total{{surface=\"mcp\",decision=\"{decision}\"}} "),
+            )
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+        };
+        // Refused in-band: only its stored refusal event tells.
+        let mut refused_in_band = Counted::new(&metrics, Surface::Mcp);
+        refused_in_band.trail.recorded = true;
+        drop(refused_in_band);
+        assert_eq!(count("deny"), "1");
+        // Committed as allowed, then refused (the upstream failed): allowed.
+        let mut committed = Counted::new(&metrics, Surface::Mcp);
+        committed.trail.recorded = true;
+        committed.trail.allowed = true;
+        committed.refused(Decision::Deny);
+        drop(committed);
+        assert_eq!(count("allow"), "1");
+        // Its approval request stored, then refused as such.
+        let mut asked = Counted::new(&metrics, Surface::Mcp);
+        asked.trail.recorded = true;
+        asked.refused(Decision::ApprovalRequired);
+        drop(asked);
+        assert_eq!(count("approval_required"), "1");
+        // Passed on without a decision, or left before one: not counted.
+        drop(Counted::new(&metrics, Surface::Mcp));
+        assert_eq!(
+            (count("allow"), count("deny"), count("approval_required")),
+            ("1".into(), "1".into(), "1".into())
+        );
     }
 
     #[test]

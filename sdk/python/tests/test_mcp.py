@@ -685,8 +685,15 @@ def test_a_policy_decides_on_a_tool_argument(crm: CrmServer, upstream: Any, tmp_
 
         with agent:
             allowed, large, fraction = asyncio.run(session())
+        metrics = httpx.get(f"{leash.url}/metrics").text
     finally:
         leash.stop()
+    # Decided tool calls are counted as the audit records them, the refused ones too though
+    # they are answered in a 200; initialize and tools/list, passed on undecided, are not.
+    for decision, count in (("allow", 1), ("deny", 2), ("approval_required", 0)):
+        series = f'leash_requests_total{{surface="mcp",decision="{decision}"}} {count}\n'
+        assert series in metrics, metrics
+    assert 'leash_request_duration_seconds_count{surface="mcp"} 3\n' in metrics
     assert not allowed.isError, text_of(allowed)
     assert large.isError
     assert "large-payments" in text_of(large) or "policy" in text_of(large)
