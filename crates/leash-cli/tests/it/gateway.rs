@@ -981,16 +981,15 @@ async fn metrics_count_requests_by_decision_and_read_live_grants() {
     )
     .await;
     let scrape = || scrape(&gw.leash);
-    let value = metric;
     let gateway = |decision: &str| {
         format!("leash_requests_total{{surface=\"gateway\",decision=\"{decision}\"}}")
     };
     let count = "leash_request_duration_seconds_count{surface=\"gateway\"}";
     let slowest = "leash_request_duration_seconds_bucket{surface=\"gateway\",le=\"+Inf\"}";
     let before = scrape().await;
-    assert_eq!(value(&before, "leash_store_up"), 1.0);
-    assert_eq!(value(&before, "leash_live_grants"), 1.0);
-    assert_eq!(value(&before, "leash_audit_lag_events"), 0.0);
+    assert_eq!(metric(&before, "leash_store_up"), 1.0);
+    assert_eq!(metric(&before, "leash_live_grants"), 1.0);
+    assert_eq!(metric(&before, "leash_audit_lag_events"), 0.0);
 
     for _ in 0..2 {
         let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
@@ -1006,7 +1005,7 @@ async fn metrics_count_requests_by_decision_and_read_live_grants() {
     assert_eq!(unauthenticated.status(), 401);
 
     let after = scrape().await;
-    let added = |series: &str| value(&after, series) - value(&before, series);
+    let added = |series: &str| metric(&after, series) - metric(&before, series);
     assert_eq!(added(&gateway("allow")), 2.0);
     assert_eq!(added(&gateway("approval_required")), 1.0);
     assert_eq!(added(&gateway("deny")), 2.0);
@@ -1021,7 +1020,7 @@ async fn metrics_count_requests_by_decision_and_read_live_grants() {
     gw.revoke().await;
     // A reading of the store serves the scrapes of the next second.
     let started = std::time::Instant::now();
-    while value(&scrape().await, "leash_live_grants") != 0.0 {
+    while metric(&scrape().await, "leash_live_grants") != 0.0 {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(3),
             "the revoked grant is still counted live"
