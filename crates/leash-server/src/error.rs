@@ -106,6 +106,8 @@ pub enum ApiError {
     ApprovalMismatch(String),
     /// 403 `approval_unsupported`: the request needs an approval, and the proxy asking
     /// `/v1/authorize` did not send the request's whole body, which an approval is bound to.
+    /// Also the audited reason of an MCP `resources/*` or `prompts/*` message that needs an
+    /// approval: only a tool call can be held open for one.
     #[error(
         "this action needs a human approval, which a proxy can only ask for when it sends the whole request body to /v1/authorize"
     )]

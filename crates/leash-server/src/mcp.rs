@@ -630,6 +630,10 @@ impl<'s> Exchange<'s> {
         match self.judge(method, &path, action, Risk::Normal, None, trail) {
             Ok(ApprovalState::NotNeeded) => {}
             Ok(_) => {
+                // Refused, so audited and its proof spent like any other refusal: only a tool
+                // call can be held open while the human decides.
+                self.audit_refused(trail, MCP_REQUEST_EVENT, &ApiError::ApprovalUnsupported)
+                    .await?;
                 return Ok(rpc_error(
                     id,
                     -32003,

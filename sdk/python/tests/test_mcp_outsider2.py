@@ -910,6 +910,36 @@ def call_raw(me: Side, name: str, marker: str, timeout: float = 30) -> dict[str,
     )
 
 
+@pytest.mark.parametrize(
+    ("method", "action"),
+    [("resources/read", "evil:resources"), ("prompts/get", "evil:prompts")],
+)
+def test_a_resource_or_prompt_needing_approval_is_refused_and_audited(
+    evil: Leash, hostile: Hostile, tmp_path: Path, method: str, action: str
+) -> None:
+    """Only a tool call can be held for the human: a `resources/*` or `prompts/*` message whose
+    grant wants an approval is refused with a JSON-RPC error, never forwarded, and the refusal is
+    in the audit log like any other."""
+    me = side(evil, tmp_path, actions=["evil:elicit", action], approval_required=[action])
+    marker = f"needs-approval-{time.time_ns()}"
+    member = "uri" if method == "resources/read" else "name"
+    try:
+        answer = last_message(
+            me.post({"jsonrpc": "2.0", "id": 5, "method": method, "params": {member: marker}})
+        )
+    finally:
+        me.close()
+    assert answer["error"]["code"] == -32003, answer
+    assert "approval" in answer["error"]["message"], answer
+    assert [r for r in hostile.requests() if marker in r["body"]] == []
+    refused = [
+        event
+        for event in evil.audit(me.setup.grant_id)
+        if event["kind"] == "mcp.request" and event.get("action") == action
+    ]
+    assert [(e["decision"], e["reason"]) for e in refused] == [("deny", "approval_unsupported")]
+
+
 def test_tools_list_shows_only_tools_the_token_may_call(
     evil: Leash, hostile: Hostile, tmp_path: Path
 ) -> None:
