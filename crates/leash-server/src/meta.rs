@@ -80,25 +80,6 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, A
     Ok(Json(json!({"status": "ready"})))
 }
 
-/// How long a scrape's reading of the store serves the scrapes after it.
-const STORE_GAUGES_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The store's gauges, read at most once per [`STORE_GAUGES_FRESH`]: `/metrics` answers anyone,
-/// and counting live grants reads the grants table, so a client scraping in a loop must not
-/// turn into as many table reads. `None` when the store did not answer (its gauges are left
-/// out, and `leash_store_up` says so; the scrape itself never fails for it).
-async fn store_gauges(state: &AppState) -> Option<leash_store::StoreGauges> {
-    let mut last = state.metrics.store_gauges.lock().await;
-    if let Some((read, gauges)) = *last
-        && read.elapsed() < STORE_GAUGES_FRESH
-    {
-        return gauges;
-    }
-    let gauges = state.store.gauges(state.clock.now()).await.ok();
-    *last = Some((std::time::Instant::now(), gauges));
-    gauges
-}
-
 /// `GET /metrics` in Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
@@ -130,10 +111,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         state.gateway_rates.tracked(),
     );
     m.requests.write(&mut body);
-    let gauges = store_gauges(&state).await;
+    let gauges = m.store_gauges.read(&state.store, state.clock.now()).await;
     let _ = write!(
         body,
-        "# HELP leash_store_up Whether the database answered its last reading (at most 1 s old).\n\
+        "# HELP leash_store_up Whether the database answered its last reading within 2 s (at most 1 s old).\n\
          # TYPE leash_store_up gauge\n\
          leash_store_up {}\n",
         u8::from(gauges.is_some())

@@ -1,13 +1,16 @@
 //! The request figures of `GET /metrics` (API §11): requests by surface and decision, and a
-//! latency histogram per surface.
+//! latency histogram per surface; and the reading of the store's gauges for it.
 //!
 //! Hand-written, like the rest of `/metrics` (a few counters do not need a registry): a
 //! fixed-bucket histogram of atomics costs the gateway two relaxed additions per request,
 //! where `prometheus-client`'s histogram takes a lock per observation.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use leash_store::{Store, StoreGauges, StoreResult};
 
 use crate::audit::Trail;
 use crate::error::ApiError;
@@ -205,6 +208,57 @@ fn seconds(micros: u64) -> String {
     }
     let fraction = format!("{fraction:06}");
     format!("{whole}.{}", fraction.trim_end_matches('0'))
+}
+
+/// How long a reading of the store's gauges serves the scrapes after it.
+const GAUGES_FRESH: Duration = Duration::from_secs(1);
+
+/// How long a scrape waits for the store's gauges. A store that hangs (a table locked by a
+/// migration, a database host gone silent) must not hang the scrape with it: the request
+/// counters are what an operator needs then, and a scraper's own timeout (Prometheus' default
+/// is 10 s) would drop them all.
+const GAUGES_WAIT: Duration = Duration::from_secs(2);
+
+/// The store's gauges as `/metrics` reads them: at most once per [`GAUGES_FRESH`] (`/metrics`
+/// answers anyone, and counting live grants reads the grants table, so a client scraping in a
+/// loop must not turn into as many table reads), and never waited on for longer than
+/// [`GAUGES_WAIT`]. Scrapes meanwhile wait for that one reading, not one each; a reading that
+/// outlasts the wait is kept, not dropped, and the next scrape waits on it instead of starting
+/// another, so a hung store never holds more than one of the pool's connections for it.
+#[derive(Debug, Default)]
+pub struct GaugeReadings(tokio::sync::Mutex<Readings>);
+
+#[derive(Debug, Default)]
+struct Readings {
+    /// The last reading (`None`: the store did not answer in time), and when it ended.
+    last: Option<(Instant, Option<StoreGauges>)>,
+    /// A reading still under way after the scrape that started it stopped waiting.
+    under_way: Option<tokio::task::JoinHandle<StoreResult<StoreGauges>>>,
+}
+
+impl GaugeReadings {
+    /// The gauges at `now`, `None` when the store did not answer (in time).
+    pub async fn read(&self, store: &Arc<dyn Store>, now: i64) -> Option<StoreGauges> {
+        let mut readings = self.0.lock().await;
+        if let Some((ended, gauges)) = readings.last
+            && ended.elapsed() < GAUGES_FRESH
+        {
+            return gauges;
+        }
+        let mut reading = readings.under_way.take().unwrap_or_else(|| {
+            let store = Arc::clone(store);
+            tokio::spawn(async move { store.gauges(now).await })
+        });
+        let gauges = match tokio::time::timeout(GAUGES_WAIT, &mut reading).await {
+            Ok(read) => read.ok().and_then(Result::ok),
+            Err(_) => {
+                readings.under_way = Some(reading);
+                None
+            }
+        };
+        readings.last = Some((Instant::now(), gauges));
+        gauges
+    }
 }
 
 #[cfg(test)]

@@ -29,9 +29,8 @@ pub struct Metrics {
     pub token_refusals: AtomicU64,
     /// Requests at the gateway and the forward proxy, by decision, and their latency.
     pub requests: crate::metrics::RequestMetrics,
-    /// The store's gauges as last read (`None`: it did not answer), and when.
-    pub store_gauges:
-        tokio::sync::Mutex<Option<(std::time::Instant, Option<leash_store::StoreGauges>)>>,
+    /// The store's gauges, as last read.
+    pub store_gauges: crate::metrics::GaugeReadings,
 }
 
 impl Metrics {

@@ -720,6 +720,28 @@ impl Leash {
         }
     }
 
+    /// Locks `table` from outside the server, as a migration or a stuck session would, until
+    /// the lock is released: every statement touching it waits. PostgreSQL only (`None` on
+    /// SQLite, whose readers cannot be held up from outside while the server keeps the file
+    /// open).
+    pub async fn lock_table(&self, table: &str) -> Option<TableLock> {
+        use sqlx::Connection as _;
+        let url = &self.database.as_ref()?.url;
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::query("BEGIN")
+            .execute(&mut conn)
+            .await
+            .expect("begin");
+        sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            .execute(&mut conn)
+            .await
+            .expect("lock");
+        Some(TableLock {
+            conn,
+            url: url.clone(),
+        })
+    }
+
     /// Makes every insert into `table` fail from outside the server (as a full or broken disk
     /// would), or, with `fail` false, undoes it; on either backend.
     pub async fn fail_inserts(&self, table: &str, fail: bool) {
@@ -954,6 +976,38 @@ pub fn form(pairs: &[(&str, &str)]) -> String {
         out.append_pair(k, v);
     }
     out.finish()
+}
+
+/// A table of the server's PostgreSQL database locked by [`Leash::lock_table`].
+pub struct TableLock {
+    conn: sqlx::PgConnection,
+    url: String,
+}
+
+impl TableLock {
+    /// How many sessions wait for a lock with a statement containing `text`.
+    pub async fn waiting(&self, text: &str) -> i64 {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.url)
+            .await
+            .expect("connect");
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND position($1 in query) > 0",
+        )
+        .bind(text)
+        .fetch_one(&mut conn)
+        .await
+        .expect("pg_stat_activity")
+    }
+
+    /// Releases the lock.
+    pub async fn release(mut self) {
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.conn)
+            .await
+            .expect("rollback");
+    }
 }
 
 /// A human, an agent and one active grant on a running server.

@@ -1094,3 +1094,52 @@ async fn metrics_count_a_committed_request_as_allowed_when_the_upstream_fails_or
     }
     held.abort();
 }
+
+/// A store that hangs does not hang `/metrics`: with the grants table locked (PostgreSQL; a
+/// migration or a stuck session would), scrapes answer within seconds with `leash_store_up 0`
+/// and the request counters, one reading at a time waits on the lock however often they come,
+/// and the gauges are back once the lock goes. SQLite's readers cannot be held up from outside
+/// while the server runs (its connections keep the file shared), so there it checks nothing.
+#[tokio::test]
+async fn metrics_answer_while_the_store_hangs_with_one_reading_waiting() {
+    let gw = setup("", grant(&["mail:read"], &["mail"], json!({}))).await;
+    let (status, _, body) = gw.call(Method::GET, "/gw/mail/messages/1", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let allowed = "leash_requests_total{surface=\"gateway\",decision=\"allow\"}";
+    let Some(lock) = gw.leash.lock_table("grants").await else {
+        return;
+    };
+    // Past the reading taken by the setup's scrapes, if any.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let scraped = tokio::time::timeout(std::time::Duration::from_secs(8), scrape(&gw.leash))
+            .await
+            .expect("/metrics hung with the store");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(metric(&scraped, "leash_store_up"), 0.0);
+        assert!(!scraped.contains("leash_live_grants"), "{scraped}");
+        assert_eq!(metric(&scraped, allowed), 1.0);
+        assert_eq!(
+            lock.waiting("FROM audit_outbox").await,
+            1,
+            "readings of the gauges piled up on the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    }
+
+    lock.release().await;
+    let started = std::time::Instant::now();
+    loop {
+        let scraped = scrape(&gw.leash).await;
+        if metric(&scraped, "leash_store_up") == 1.0 {
+            assert_eq!(metric(&scraped, "leash_live_grants"), 1.0);
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the gauges did not come back: {scraped}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
