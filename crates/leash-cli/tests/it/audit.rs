@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::bin;
-use super::gateway::{Gw, grant, setup};
+use super::gateway::{Gw, grant, metric, scrape, setup};
 
 /// `GET /v1/audit?…` as `key`: status and the events.
 pub async fn audit(leash: &Leash, key: &str, query: &str) -> (u16, Vec<Value>) {
@@ -532,8 +532,19 @@ async fn a_revocation_while_the_chain_cannot_be_written_stands_and_is_chained_la
         .await;
     let (_, events) = audit(&gw.leash, ADMIN_KEY, "").await;
     assert!(!events.iter().any(|e| e["kind"] == "grant.revoked"));
+    // `/metrics` tells the operator the trail lags behind the changes.
+    let lag = "leash_audit_lag_events";
+    assert_eq!(metric(&scrape(&gw.leash).await, lag), 1.0);
     gw.leash.fail_inserts("audit_events", false).await;
     let (bob, _) = gw.leash.create_user("bob").await;
+    let started = std::time::Instant::now();
+    while metric(&scrape(&gw.leash).await, lag) != 0.0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "the trail still lags once it can be written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let (_, events) = audit(&gw.leash, ADMIN_KEY, "").await;
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["kind"].as_str()).collect();
     let revoked = kinds.iter().position(|k| *k == "grant.revoked");
