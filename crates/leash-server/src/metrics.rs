@@ -237,7 +237,8 @@ struct Readings {
 }
 
 impl GaugeReadings {
-    /// The gauges at `now`, `None` when the store did not answer (in time).
+    /// The gauges at `now` (or at the time of the scrape that started a reading still under
+    /// way), `None` when the store did not answer in time.
     pub async fn read(&self, store: &Arc<dyn Store>, now: i64) -> Option<StoreGauges> {
         let mut readings = self.0.lock().await;
         if let Some((ended, gauges)) = readings.last

@@ -985,7 +985,8 @@ pub struct TableLock {
 }
 
 impl TableLock {
-    /// How many sessions wait for a lock with a statement containing `text`.
+    /// How many sessions of the server's database wait for a lock with a statement containing
+    /// `text`.
     pub async fn waiting(&self, text: &str) -> i64 {
         use sqlx::Connection as _;
         let mut conn = sqlx::PgConnection::connect(&self.url)
@@ -993,7 +994,8 @@ impl TableLock {
             .expect("connect");
         sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND position($1 in query) > 0",
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+             AND position($1 in query) > 0",
         )
         .bind(text)
         .fetch_one(&mut conn)
