@@ -919,16 +919,28 @@ def test_a_resource_or_prompt_needing_approval_is_refused_and_audited(
 ) -> None:
     """Only a tool call can be held for the human: a `resources/*` or `prompts/*` message whose
     grant wants an approval is refused with a JSON-RPC error, never forwarded, and the refusal is
-    in the audit log like any other."""
+    in the audit log like any other, its proof spent: sent again as it was, it is a replay."""
     me = side(evil, tmp_path, actions=["evil:elicit", action], approval_required=[action])
     marker = f"needs-approval-{time.time_ns()}"
     member = "uri" if method == "resources/read" else "name"
+    message = {"jsonrpc": "2.0", "id": 5, "method": method, "params": {member: marker}}
     try:
-        answer = last_message(
-            me.post({"jsonrpc": "2.0", "id": 5, "method": method, "params": {member: marker}})
+        first = me.post(message)
+        answer = last_message(first)
+        sent = first.request.headers
+        replayed = httpx.post(
+            me.url,
+            content=first.request.content,
+            headers={
+                **ACCEPT,
+                "Mcp-Session-Id": me.session,
+                "Authorization": sent["Authorization"],
+                "DPoP": sent["DPoP"],
+            },
         )
     finally:
         me.close()
+    assert replayed.status_code == 401, replayed.text
     assert answer["error"]["code"] == -32003, answer
     assert "approval" in answer["error"]["message"], answer
     assert [r for r in hostile.requests() if marker in r["body"]] == []
@@ -937,7 +949,10 @@ def test_a_resource_or_prompt_needing_approval_is_refused_and_audited(
         for event in evil.audit(me.setup.grant_id)
         if event["kind"] == "mcp.request" and event.get("action") == action
     ]
-    assert [(e["decision"], e["reason"]) for e in refused] == [("deny", "approval_unsupported")]
+    assert [(e["decision"], e["reason"]) for e in refused] == [
+        ("deny", "approval_unsupported"),
+        ("deny", "replayed"),
+    ]
 
 
 def test_tools_list_shows_only_tools_the_token_may_call(
